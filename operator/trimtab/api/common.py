@@ -1,0 +1,151 @@
+"""Types shared by ModelDeployment and TrainingJob: the strict base model, containers' bits
+(env, tolerations, resources) and the status condition.
+
+Field names are camelCase on the wire (aliases) and snake_case in Python."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.alias_generators import to_camel
+
+from trimtab.api.quantity import QUANTITY_PATTERN
+
+Quantity = Annotated[
+    str,
+    StringConstraints(pattern=QUANTITY_PATTERN),
+    Field(description='A Kubernetes quantity, e.g. "500m", "4", "16Gi".'),
+]
+DNSLabel = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+]
+# A duration as Go and Prometheus write it: "30s", "5m", "1h30m".
+Duration = Annotated[
+    str,
+    StringConstraints(pattern=r"^([0-9]+(ms|s|m|h))+$"),
+    Field(description='A duration such as "30s", "5m" or "1h30m".'),
+]
+
+
+class StrictModel(BaseModel):
+    """A spec fragment: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        validate_assignment=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON the API server stores: camelCase, unset fields left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class StatusModel(BaseModel):
+    """A status fragment: camelCase, lenient on read so an older operator survives newer status."""
+
+    model_config = ConfigDict(extra="ignore", alias_generator=to_camel, populate_by_name=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class KeyRef(StrictModel):
+    name: str = Field(description="Name of the Secret or ConfigMap.")
+    key: str = Field(description="Key within it.")
+    optional: bool | None = None
+
+
+class FieldRef(StrictModel):
+    field_path: str = Field(description='A pod field, e.g. "metadata.name" or "status.podIP".')
+
+
+class EnvVarSource(StrictModel):
+    secret_key_ref: KeyRef | None = None
+    config_map_key_ref: KeyRef | None = None
+    field_ref: FieldRef | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "[has(self.secretKeyRef), has(self.configMapKeyRef), "
+                    "has(self.fieldRef)].filter(x, x).size() == 1",
+                    "message": "valueFrom needs exactly one of secretKeyRef, configMapKeyRef, fieldRef",
+                }
+            ]
+        }
+    )
+
+
+class EnvVar(StrictModel):
+    name: str = Field(min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    value: str | None = None
+    value_from: EnvVarSource | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.value) && has(self.valueFrom))",
+                    "message": "env: set value or valueFrom, not both",
+                }
+            ]
+        }
+    )
+
+
+class Toleration(StrictModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Resources(StrictModel):
+    """Per-replica resources. Requests are what the scheduler reserves; trimtab right-sizes them."""
+
+    cpu: Quantity | None = Field(default=None, description="CPU request per replica.")
+    memory: Quantity | None = Field(default=None, description="Memory request per replica.")
+    cpu_limit: Quantity | None = Field(
+        default=None, description="CPU limit; unset by default so replicas are never throttled."
+    )
+    memory_limit: Quantity | None = Field(
+        default=None, description="Memory limit; defaults to the memory request."
+    )
+    gpu: int = Field(default=0, ge=0, le=64, description="Whole GPUs per replica.")
+    gpu_resource_name: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$",
+        description='Extended resource for GPUs; default "nvidia.com/gpu". MIG profiles too, '
+        'e.g. "nvidia.com/mig-1g.10gb".',
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.gpuResourceName) || self.gpu > 0",
+                    "message": "resources.gpuResourceName is set but resources.gpu is 0",
+                    "fieldPath": ".gpuResourceName",
+                },
+            ]
+        }
+    )
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(StatusModel):
+    """A Kubernetes-style condition; lastTransitionTime moves only when status changes."""
+
+    type: str
+    status: ConditionStatus
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None

@@ -1,0 +1,137 @@
+"""The ModelDeployment custom resource: a model server that trimtab sizes, scales and rolls out.
+
+`ModelDeploymentSpec.model_fields_for_revision` names the part of the spec whose change is a new revision."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, StringConstraints
+
+from trimtab.api.common import (
+    Condition,
+    EnvVar,
+    Resources,
+    StatusModel,
+    StrictModel,
+    Toleration,
+)
+from trimtab.api.servers import ServerPreset
+
+
+class Probes(StrictModel):
+    """Overrides for the preset's health checks. Model servers load weights for minutes, so a
+    startup probe guards liveness until the first success."""
+
+    readiness_path: str | None = Field(default=None, pattern=r"^/")
+    liveness_path: str | None = Field(default=None, pattern=r"^/")
+    startup_timeout_seconds: int = Field(
+        default=900, ge=10, le=7200, description="How long a replica may take to load its model."
+    )
+
+
+class ModelDeploymentSpec(StrictModel):
+    """What to serve and on what. Fields marked "model" define a revision."""
+
+    # The part of the spec that defines what runs in the pod; a change to any of these is a
+    # new revision. Replicas and policy fields (autoscaling, rollout) are not.
+    model_fields_for_revision: ClassVar[tuple[str, ...]] = (
+        "server",
+        "image",
+        "command",
+        "args",
+        "env",
+        "port",
+        "metrics_port",
+        "metrics_path",
+        "probes",
+        "resources",
+        "node_selector",
+        "tolerations",
+        "service_account_name",
+    )
+
+    server: ServerPreset = Field(
+        default="generic",
+        description="Model server preset: ports, probes and the metrics trimtab reads.",
+    )
+    image: str = Field(min_length=1, max_length=512, pattern=r"^[^\s]+$", description="(model) Container image.")
+    command: list[Annotated[str, StringConstraints(max_length=4096)]] | None = Field(
+        default=None, max_length=64, description="(model) Overrides the image entrypoint."
+    )
+    args: list[Annotated[str, StringConstraints(max_length=4096)]] = Field(
+        default_factory=list, max_length=256, description="(model) Arguments to the server."
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=256,
+        description="(model) Environment variables.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="(model) Serving port; defaults from the preset."
+    )
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="(model) Metrics port; defaults from the preset."
+    )
+    metrics_path: str | None = Field(default=None, pattern=r"^/", description="(model) Metrics path.")
+    probes: Probes = Field(default_factory=Probes, description="(model) Health check overrides.")
+    resources: Resources = Field(default_factory=Resources, description="(model) Per-replica resources.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="(model) Node labels.")
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=64, description="(model) Tolerations."
+    )
+    service_account_name: str | None = Field(default=None, description="(model) Pod service account.")
+    replicas: int = Field(
+        default=1, ge=0, le=1000, description="Replicas when autoscaling is off."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.metricsPort) || !has(self.port) || self.metricsPort == self.port "
+                    "|| self.server != 'vllm'",
+                    "message": "vllm serves metrics on its API port: metricsPort must equal port",
+                    "fieldPath": ".metricsPort",
+                },
+            ]
+        }
+    )
+
+    def model_part(self) -> dict[str, Any]:
+        """The revision-defining fields, as they are on the wire."""
+        wire = self.to_wire()
+        keys = {
+            (self.model_fields[f].alias or f) for f in self.model_fields_for_revision
+        }
+        return {k: v for k, v in wire.items() if k in keys}
+
+
+# Phases: one word for `kubectl get mdep`; conditions carry the detail.
+Phase = Literal[
+    "Pending",  # objects written; no replica of the current revision has been observed yet
+    "Progressing",  # the current revision is rolling out; fewer ready replicas than desired
+    "Ready",  # every desired replica of the current revision is ready and serving
+    "Degraded",  # the spec cannot work, or the rollout stopped making progress
+]
+
+# Condition types:
+CONDITION_READY = "Ready"  # True: all desired replicas of the current revision are ready
+CONDITION_PROGRESSING = "Progressing"  # True: a revision or scale change is still rolling out
+CONDITION_DEGRADED = "Degraded"  # True: trimtab cannot reach the desired state without a change
+
+
+class ModelDeploymentStatus(StatusModel):
+    phase: Phase | None = None
+    message: str | None = None
+    observed_generation: int | None = None
+    replicas: int | None = Field(default=None, description="Replicas of all revisions.")
+    ready_replicas: int | None = None
+    updated_replicas: int | None = Field(default=None, description="Replicas of the current revision.")
+    current_revision: str | None = None
+    selector: str | None = Field(default=None, description="Label selector (scale subresource).")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )

@@ -1,0 +1,185 @@
+"""Manifests for serving a ModelDeployment: one Deployment per revision and the Service in
+front of all of them.
+
+A revision is the hash of the model part of the spec; its Deployment's pod template never
+changes, so an old revision keeps serving until the new one is ready."""
+
+from __future__ import annotations
+
+import math
+
+from trimtab import constants as C
+from trimtab.api.modeldeployment import ModelDeploymentSpec
+from trimtab.api.servers import SERVER_DEFAULTS
+from trimtab.builders.common import Manifest, Owner, child_name, content_hash, object_meta
+
+CONTAINER_NAME = "server"
+# Model servers with GPUs use shared memory for NCCL and tokenizer workers; Docker's 64 MiB
+# /dev/shm default makes tensor-parallel vLLM and TGI crash at start.
+SHM_SERVERS = {"vllm", "tgi", "triton"}
+
+
+def revision_of(spec: ModelDeploymentSpec) -> str:
+    """The revision a spec defines: a hash of its model part only, so scaling or policy edits
+    never restart pods."""
+    return content_hash(spec.model_part())
+
+
+def deployment_name(owner_name: str, revision: str) -> str:
+    return child_name(owner_name, revision)
+
+
+def serving_ports(spec: ModelDeploymentSpec) -> tuple[int, int, str]:
+    """(serving port, metrics port, metrics path) after preset defaults."""
+    defaults = SERVER_DEFAULTS[spec.server]
+    port = spec.port or defaults.port
+    metrics_port = spec.metrics_port or (port if defaults.metrics_port == defaults.port else defaults.metrics_port)
+    return port, metrics_port, spec.metrics_path or defaults.metrics_path
+
+
+def revision_labels(owner: Owner, revision: str) -> dict[str, str]:
+    return {
+        C.LABEL_OWNER: owner.name,
+        C.LABEL_REVISION: revision,
+    }
+
+
+def build_container(spec: ModelDeploymentSpec) -> Manifest:
+    defaults = SERVER_DEFAULTS[spec.server]
+    port, metrics_port, _ = serving_ports(spec)
+    ports: list[Manifest] = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    if metrics_port != port:
+        ports.append({"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"})
+
+    res = spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu:
+        requests["cpu"] = res.cpu
+    if res.cpu_limit:
+        limits["cpu"] = res.cpu_limit
+    if res.memory:
+        requests["memory"] = res.memory
+    # Memory is not compressible: a limit above the request only hides an OOM kill until the
+    # node runs short, so the limit defaults to the request.
+    if res.memory_limit or res.memory:
+        limits["memory"] = res.memory_limit or res.memory or ""
+    if res.gpu:
+        gpu_name = res.gpu_resource_name or "nvidia.com/gpu"
+        requests[gpu_name] = str(res.gpu)
+        limits[gpu_name] = str(res.gpu)
+
+    readiness = spec.probes.readiness_path or defaults.readiness_path
+    liveness = spec.probes.liveness_path or defaults.liveness_path
+    container: Manifest = {
+        "name": CONTAINER_NAME,
+        "image": spec.image,
+        "ports": ports,
+        "readinessProbe": {
+            "httpGet": {"path": readiness, "port": "http"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": liveness, "port": "http"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+        # Liveness starts only after the model has loaded, however long that takes.
+        "startupProbe": {
+            "httpGet": {"path": liveness, "port": "http"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": max(1, math.ceil(spec.probes.startup_timeout_seconds / 10)),
+        },
+    }
+    if spec.command is not None:
+        container["command"] = list(spec.command)
+    if spec.args:
+        container["args"] = list(spec.args)
+    if spec.env:
+        container["env"] = [e.to_wire() for e in spec.env]
+    if requests or limits:
+        container["resources"] = {
+            k: v for k, v in (("requests", requests), ("limits", limits)) if v
+        }
+    if res.gpu and spec.server in SHM_SERVERS:
+        container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    return container
+
+
+def build_deployment(
+    owner: Owner, spec: ModelDeploymentSpec, revision: str, replicas: int
+) -> Manifest:
+    """The Deployment of one revision. Only `replicas` may differ between two builds of the same
+    revision; the pod template is a function of the revision alone."""
+    _, metrics_port, metrics_path = serving_ports(spec)
+    labels = revision_labels(owner, revision)
+    pod_spec: Manifest = {
+        "containers": [build_container(spec)],
+        # Model servers drain in-flight generations; 30 s cuts long completions.
+        "terminationGracePeriodSeconds": 60,
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in spec.tolerations]
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    if spec.resources.gpu and spec.server in SHM_SERVERS:
+        pod_spec["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": object_meta(
+            owner,
+            deployment_name(owner.name, revision),
+            labels={**labels, C.LABEL_NAME: owner.name, C.LABEL_COMPONENT: "model-server"},
+        ),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            # A model loads for minutes: the deadline starts counting after the startup timeout.
+            "progressDeadlineSeconds": spec.probes.startup_timeout_seconds + 300,
+            "revisionHistoryLimit": 2,
+            "template": {
+                "metadata": {
+                    "labels": {**labels, C.LABEL_MANAGED_BY: C.MANAGED_BY, C.LABEL_NAME: owner.name},
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(metrics_port),
+                        "prometheus.io/path": metrics_path,
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def build_service(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
+    """The Service named after the resource; it selects every revision's pods, so traffic keeps
+    flowing while revisions change."""
+    port, metrics_port, _ = serving_ports(spec)
+    ports: list[Manifest] = [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]
+    if metrics_port != port:
+        ports.append(
+            {"name": "metrics", "port": metrics_port, "targetPort": "metrics", "protocol": "TCP"}
+        )
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_meta(owner, owner.name, labels={C.LABEL_NAME: owner.name}),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {C.LABEL_OWNER: owner.name, C.LABEL_MANAGED_BY: C.MANAGED_BY},
+            "ports": ports,
+        },
+    }
+
+
+def selector_string(owner: Owner) -> str:
+    """status.selector for the scale subresource: every pod of every revision."""
+    return f"{C.LABEL_MANAGED_BY}={C.MANAGED_BY},{C.LABEL_OWNER}={owner.name}"

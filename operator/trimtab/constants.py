@@ -1,0 +1,31 @@
+"""Names shared by every layer: the API group, plurals, label keys and the field manager.
+
+Changing a value here changes what is written to clusters, so treat these as API."""
+
+from typing import Final
+
+GROUP: Final = "trimtab.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+
+MODELDEPLOYMENT_KIND: Final = "ModelDeployment"
+MODELDEPLOYMENT_PLURAL: Final = "modeldeployments"
+MODELDEPLOYMENT_SHORT: Final = "mdep"
+TRAININGJOB_KIND: Final = "TrainingJob"
+TRAININGJOB_PLURAL: Final = "trainingjobs"
+TRAININGJOB_SHORT: Final = "tj"
+
+FIELD_MANAGER: Final = "trimtab"
+
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY: Final = "trimtab"
+LABEL_OWNER: Final = "trimtab.io/owner"
+LABEL_REVISION: Final = "trimtab.io/revision"
+LABEL_OWNER_KIND: Final = "trimtab.io/owner-kind"
+LABEL_NAME: Final = "app.kubernetes.io/name"
+LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+
+# Annotation prefix for kopf's own bookkeeping (progress and diff-base), so kopf writes
+# nothing under .status that the CRD schema would prune.
+KOPF_ANNOTATION_PREFIX: Final = "trimtab.io"

@@ -1,0 +1,56 @@
+"""Kubernetes-style conditions: setting one keeps lastTransitionTime unless its status changes.
+
+Pure: the caller passes the current time as an RFC 3339 string."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from trimtab.api.common import Condition, ConditionStatus
+
+
+def set_condition(
+    conditions: Iterable[Condition],
+    type_: str,
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    now: str,
+    observed_generation: int | None = None,
+) -> list[Condition]:
+    """Return `conditions` with `type_` set. Its lastTransitionTime is `now` only when the status
+    flips (or the condition is new), so a steady state produces an identical list."""
+    out: list[Condition] = []
+    found = False
+    for cond in conditions:
+        if cond.type != type_:
+            out.append(cond)
+            continue
+        found = True
+        moved = cond.status != status
+        out.append(
+            Condition(
+                type=type_,
+                status=status,
+                reason=reason,
+                message=message,
+                last_transition_time=now if moved else cond.last_transition_time or now,
+                observed_generation=observed_generation,
+            )
+        )
+    if not found:
+        out.append(
+            Condition(
+                type=type_,
+                status=status,
+                reason=reason,
+                message=message,
+                last_transition_time=now,
+                observed_generation=observed_generation,
+            )
+        )
+    return out
+
+
+def get_condition(conditions: Iterable[Condition], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)

@@ -1,0 +1,207 @@
+"""What state a ModelDeployment is in, from its Deployments, and whether a spec can work at all.
+
+`serving_state` turns observed Deployment status into phase and conditions;
+`find_spec_problems` names what the schema cannot see but the server would trip on."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from trimtab.api.common import Condition
+from trimtab.api.modeldeployment import (
+    CONDITION_DEGRADED,
+    CONDITION_PROGRESSING,
+    CONDITION_READY,
+    ModelDeploymentSpec,
+    Phase,
+)
+from trimtab.api.quantity import parse_quantity
+from trimtab.decisions.conditions import set_condition
+
+_PARALLEL_FLAGS = {
+    "vllm": ("--tensor-parallel-size", "-tp"),
+    "tgi": ("--num-shard",),
+}
+
+
+def _flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
+    for i, arg in enumerate(args):
+        for name in names:
+            if arg == name and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def find_spec_problems(spec: ModelDeploymentSpec) -> list[str]:
+    """Reasons a schema-valid spec still cannot work, each naming the field. Empty means fine.
+
+    >>> from trimtab.api.modeldeployment import ModelDeploymentSpec as S
+    >>> find_spec_problems(S(server="vllm", image="v", args=["--tensor-parallel-size", "4"],
+    ...                      resources={"gpu": 2}))
+    ['spec.args: --tensor-parallel-size 4 needs 4 GPUs per replica but spec.resources.gpu is 2']
+    """
+    problems: list[str] = []
+    res = spec.resources
+    if res.cpu and res.cpu_limit and parse_quantity(res.cpu_limit) < parse_quantity(res.cpu):
+        problems.append(
+            f"spec.resources.cpuLimit: {res.cpu_limit} is below the request {res.cpu}"
+        )
+    if res.memory and res.memory_limit and parse_quantity(res.memory_limit) < parse_quantity(res.memory):
+        problems.append(
+            f"spec.resources.memoryLimit: {res.memory_limit} is below the request {res.memory}"
+        )
+    flags = _PARALLEL_FLAGS.get(spec.server)
+    if flags:
+        value = _flag_value(spec.args, flags)
+        if value is not None:
+            if not value.isdigit() or int(value) < 1:
+                problems.append(f"spec.args: {flags[0]} {value!r} is not a positive integer")
+            elif int(value) > res.gpu:
+                problems.append(
+                    f"spec.args: {flags[0]} {value} needs {value} GPUs per replica but "
+                    f"spec.resources.gpu is {res.gpu}"
+                )
+    names = [e.name for e in spec.env]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.append(f"spec.env: duplicate names {', '.join(dupes)}")
+    return problems
+
+
+@dataclass(frozen=True)
+class DeploymentObservation:
+    """What the Deployment controller reported for one revision's Deployment."""
+
+    revision: str
+    replicas: int  # spec.replicas
+    generation: int
+    observed_generation: int
+    status_replicas: int
+    ready_replicas: int
+    updated_replicas: int
+    available_replicas: int
+    # (type, status, reason, message) of the Deployment's conditions
+    conditions: tuple[tuple[str, str, str, str], ...] = ()
+
+    @classmethod
+    def from_manifest(cls, revision: str, obj: dict[str, Any]) -> DeploymentObservation:
+        spec = obj.get("spec") or {}
+        status = obj.get("status") or {}
+        meta = obj.get("metadata") or {}
+        return cls(
+            revision=revision,
+            replicas=int(spec.get("replicas", 1)),
+            generation=int(meta.get("generation", 0)),
+            observed_generation=int(status.get("observedGeneration", 0)),
+            status_replicas=int(status.get("replicas", 0)),
+            ready_replicas=int(status.get("readyReplicas", 0)),
+            updated_replicas=int(status.get("updatedReplicas", 0)),
+            available_replicas=int(status.get("availableReplicas", 0)),
+            conditions=tuple(
+                (
+                    str(c.get("type", "")),
+                    str(c.get("status", "")),
+                    str(c.get("reason", "")),
+                    str(c.get("message", "")),
+                )
+                for c in status.get("conditions") or []
+            ),
+        )
+
+    def condition(self, type_: str) -> tuple[str, str, str, str] | None:
+        return next((c for c in self.conditions if c[0] == type_), None)
+
+
+@dataclass(frozen=True)
+class ServingState:
+    phase: Phase
+    message: str
+    replicas: int
+    ready_replicas: int
+    updated_replicas: int
+    conditions: list[Condition]
+    # The current revision is fully ready: older revisions may now be retired.
+    current_ready: bool
+
+
+def serving_state(
+    current_revision: str,
+    deployments: Sequence[DeploymentObservation],
+    previous: Sequence[Condition],
+    generation: int,
+    now: str,
+) -> ServingState:
+    """Phase and conditions from the Deployments of every revision.
+
+    Worked examples (current revision "b", desired 2 replicas):
+      - no Deployment "b" observed yet            -> Pending
+      - "b" ready 1 of 2, "a" ready 2             -> Progressing ("1 of 2 ready")
+      - "b" ready 2 of 2                          -> Ready, current_ready
+      - "b" Progressing=False ProgressDeadlineExceeded -> Degraded, with the controller's message
+      - "b" scaled to 0                           -> Ready ("scaled to zero")
+    """
+    current = next((d for d in deployments if d.revision == current_revision), None)
+    total = sum(d.status_replicas for d in deployments)
+    ready = sum(d.ready_replicas for d in deployments)
+    updated = current.ready_replicas if current else 0
+
+    if current is None or current.observed_generation < current.generation:
+        phase: Phase = "Pending"
+        message = f"waiting for the Deployment of revision {current_revision}"
+    else:
+        deadline = current.condition("Progressing")
+        failure = current.condition("ReplicaFailure")
+        if deadline and deadline[1] == "False":
+            phase, message = "Degraded", f"revision {current_revision}: {deadline[2]}: {deadline[3]}"
+        elif failure and failure[1] == "True":
+            phase, message = "Degraded", f"revision {current_revision}: {failure[2]}: {failure[3]}"
+        elif current.replicas == 0:
+            phase, message = "Ready", "scaled to zero"
+        elif current.ready_replicas >= current.replicas and current.updated_replicas >= current.replicas:
+            phase, message = "Ready", f"{current.ready_replicas} of {current.replicas} replicas ready"
+        elif current.status_replicas == 0 and current.ready_replicas == 0 and ready == 0:
+            phase, message = "Pending", f"0 of {current.replicas} replicas started"
+        else:
+            phase, message = (
+                "Progressing",
+                f"{current.ready_replicas} of {current.replicas} replicas of revision "
+                f"{current_revision} ready",
+            )
+
+    conds = list(previous)
+    reason = {"Pending": "Waiting", "Progressing": "RollingOut", "Ready": "AllReplicasReady", "Degraded": "Failing"}[phase]
+    conds = set_condition(
+        conds, CONDITION_READY, "True" if phase == "Ready" else "False", reason, message, now, generation
+    )
+    conds = set_condition(
+        conds,
+        CONDITION_PROGRESSING,
+        "True" if phase in ("Pending", "Progressing") else "False",
+        reason,
+        message,
+        now,
+        generation,
+    )
+    conds = set_condition(
+        conds,
+        CONDITION_DEGRADED,
+        "True" if phase == "Degraded" else "False",
+        reason,
+        message if phase == "Degraded" else "",
+        now,
+        generation,
+    )
+    return ServingState(
+        phase=phase,
+        message=message,
+        replicas=total,
+        ready_replicas=ready,
+        updated_replicas=updated,
+        conditions=conds,
+        current_ready=phase == "Ready",
+    )

@@ -1,0 +1,127 @@
+"""Schema checks the tests share: built-in kinds through kubernetes-validate, custom objects
+through jsonschema on a CRD's openAPIV3Schema (unknown fields rejected), and CEL rules through
+cel-python, so a manifest that would fail in a cluster fails here first."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+THIRDPARTY = ROOT.parent / "shared" / "thirdparty-crds"
+K8S_VERSION = "1.37.0"
+
+
+def _closed(schema: Any) -> Any:
+    """A copy of `schema` with additionalProperties: false wherever properties are listed and
+    nothing else allows extras, since the API server would prune unknown fields silently."""
+    if isinstance(schema, dict):
+        out = {k: _closed(v) for k, v in schema.items()}
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        if out.get("type") == "object" and out.get("x-kubernetes-int-or-string"):
+            out.pop("type")
+        if out.get("x-kubernetes-int-or-string"):
+            out.pop("type", None)
+            out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        return out
+    if isinstance(schema, list):
+        return [_closed(v) for v in schema]
+    return schema
+
+
+@functools.cache
+def load_crd(path: Path) -> dict[str, Any]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert len(docs) == 1, path
+    crd: dict[str, Any] = docs[0]
+    return crd
+
+
+def crd_schema(path: Path, version: str | None = None) -> dict[str, Any]:
+    crd = load_crd(path)
+    versions = crd["spec"]["versions"]
+    chosen = next(
+        v for v in versions if (version is None and v.get("storage")) or v["name"] == version
+    )
+    return copy.deepcopy(chosen["schema"]["openAPIV3Schema"])
+
+
+def validate_custom(obj: dict[str, Any], crd_path: Path, version: str | None = None) -> None:
+    """Raise jsonschema.ValidationError when `obj` does not fit the CRD (unknown fields too),
+    and AssertionError when one of its CEL rules fails."""
+    if version is None:
+        version = obj.get("apiVersion", "").rsplit("/", 1)[-1] or None
+    schema = crd_schema(crd_path, version)
+    body = {k: v for k, v in obj.items() if k != "metadata"}
+    closed = _closed(schema)
+    closed["properties"]["metadata"] = {"type": "object"}
+    jsonschema.validate({**body, "metadata": obj.get("metadata", {})}, closed)
+    failures = list(cel_failures(schema, apply_defaults(schema, obj)))
+    assert not failures, failures
+
+
+def validate_builtin(obj: dict[str, Any]) -> None:
+    """kubernetes-validate --strict for built-in kinds: types and unknown fields."""
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@functools.cache
+def _program(rule: str) -> Any:
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
+def cel_failures(schema: dict[str, Any], value: Any, path: str = "") -> Iterator[str]:
+    """Evaluate every x-kubernetes-validations rule in `schema` against `value`, as the API
+    server does (rules on absent fields are not run). Yields 'path: message' per failure."""
+    for rule in schema.get("x-kubernetes-validations", []):
+        try:
+            result = _program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+        except celpy.CELEvalError as err:
+            yield f"{path or '.'}: rule {rule['rule']!r} errored: {err}"
+            continue
+        if not bool(result):
+            yield f"{path or '.'}: {rule.get('message', rule['rule'])}"
+    if isinstance(value, dict):
+        for name, sub in (schema.get("properties") or {}).items():
+            if name in value:
+                yield from cel_failures(sub, value[name], f"{path}.{name}")
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key, sub_value in value.items():
+                yield from cel_failures(extra, sub_value, f"{path}.{key}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            yield from cel_failures(schema["items"], item, f"{path}[{i}]")
+
+
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """Fill schema defaults as the API server does on admission (objects that are present)."""
+    if isinstance(value, dict):
+        out = dict(value)
+        for name, sub in (schema.get("properties") or {}).items():
+            if name not in out and "default" in sub:
+                out[name] = copy.deepcopy(sub["default"])
+            if name in out:
+                out[name] = apply_defaults(sub, out[name])
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [apply_defaults(schema["items"], v) for v in value]
+    return value
+
+
+def thirdparty(*parts: str) -> Path:
+    return THIRDPARTY.joinpath(*parts)
