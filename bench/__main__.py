@@ -1,6 +1,7 @@
 """Runs every benchmark (`make bench`), or the ones named: `python -m bench autoscaling canary`.
 
-Each bench/bench_<name>.py has `main() -> int`, prints a table and writes bench/results/<name>.json."""
+Each bench/bench_<name>.py has `main() -> int`: it prints a table and writes
+bench/results/<name>.json."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     here = Path(__file__).parent
-    names = sorted(m.name[len("bench_") :] for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
+    names = sorted(
+        m.name[len("bench_") :]
+        for m in pkgutil.iter_modules([str(here)])
+        if m.name.startswith("bench_")
+    )
     chosen = argv or names
     unknown = set(chosen) - set(names)
     if unknown:

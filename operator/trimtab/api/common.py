@@ -73,7 +73,8 @@ class EnvVarSource(StrictModel):
                 {
                     "rule": "[has(self.secretKeyRef), has(self.configMapKeyRef), "
                     "has(self.fieldRef)].filter(x, x).size() == 1",
-                    "message": "valueFrom needs exactly one of secretKeyRef, configMapKeyRef, fieldRef",
+                    "message": "valueFrom needs exactly one of secretKeyRef, configMapKeyRef, "
+                    "fieldRef",
                 }
             ]
         }

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus
+from trimtab.api.trainingjob import TrainingJobSpec, TrainingJobStatus
 
 JSON = dict[str, Any]
 
@@ -87,7 +88,9 @@ MODELDEPLOYMENT_CRD = CrdDefinition(
     "out safely.",
     scale=True,
     printer_columns=(
-        PrinterColumn("Phase", "string", ".status.phase", "Pending, Progressing, Ready or Degraded"),
+        PrinterColumn(
+            "Phase", "string", ".status.phase", "Pending, Progressing, Ready or Degraded"
+        ),
         PrinterColumn("Ready", "integer", ".status.readyReplicas", "Ready replicas"),
         PrinterColumn("Replicas", "integer", ".status.replicas", "Replicas of all revisions"),
         PrinterColumn("Revision", "string", ".status.currentRevision", "Current revision"),
@@ -95,8 +98,25 @@ MODELDEPLOYMENT_CRD = CrdDefinition(
     ),
 )
 
+TRAININGJOB_CRD = CrdDefinition(
+    kind=C.TRAININGJOB_KIND,
+    plural=C.TRAININGJOB_PLURAL,
+    short_names=(C.TRAININGJOB_SHORT,),
+    spec_model=TrainingJobSpec,
+    status_model=TrainingJobStatus,
+    description="A multi-node training job that trimtab gang-starts, queues through Kueue and "
+    "restarts as a whole from its checkpoint on failure.",
+    printer_columns=(
+        PrinterColumn("Phase", "string", ".status.phase", "Pending, Queued, Starting, Running, "
+                      "Restarting, Suspended, Succeeded or Failed"),
+        PrinterColumn("Workers ready", "integer", ".status.workersReady", "Running workers"),
+        PrinterColumn("Restarts", "integer", ".status.restarts", "Whole-job restarts"),
+        PrinterColumn("Age", "date", ".metadata.creationTimestamp"),
+    ),
+)
+
 # Every CRD the project ships; other kinds add themselves here.
-CRDS: list[CrdDefinition] = [MODELDEPLOYMENT_CRD]
+CRDS: list[CrdDefinition] = [MODELDEPLOYMENT_CRD, TRAININGJOB_CRD]
 
 
 class SchemaError(ValueError):
@@ -136,7 +156,9 @@ def _merge_union(schema: JSON, defs: JSON, path: str) -> JSON:
             props.setdefault(name, sub)
             owners.setdefault(name, []).extend(str(v) for v in tag_values)
         required = set(branch.get("required", []))
-        required_everywhere = required if required_everywhere is None else required_everywhere & required
+        required_everywhere = (
+            required if required_everywhere is None else required_everywhere & required
+        )
     merged: JSON = {
         "type": "object",
         "properties": {discriminator: {"type": "string", "enum": values}, **props},
@@ -180,7 +202,9 @@ def to_structural(schema: JSON, defs: JSON, path: str = "") -> JSON:
     if "anyOf" in schema:
         options = [o for o in schema["anyOf"] if o.get("type") != "null"]
         if len(options) != 1:
-            raise SchemaError(f"{path}: only Optional[X] unions are supported, got {schema['anyOf']}")
+            raise SchemaError(
+                f"{path}: only Optional[X] unions are supported, got {schema['anyOf']}"
+            )
         inner = dict(_resolve(options[0], defs))
         for key, value in schema.items():
             if key != "anyOf":

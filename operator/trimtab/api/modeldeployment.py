@@ -1,6 +1,7 @@
 """The ModelDeployment custom resource: a model server that trimtab sizes, scales and rolls out.
 
-`ModelDeploymentSpec.model_fields_for_revision` names the part of the spec whose change is a new revision."""
+`ModelDeploymentSpec.model_fields_for_revision` names the part of the spec whose change
+is a new revision."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints
 
+from trimtab.api.autoscaling import AutoscalingSpec, AutoscalingStatus, MetricsSpec, SLOSpec
 from trimtab.api.common import (
     Condition,
     EnvVar,
@@ -16,6 +18,8 @@ from trimtab.api.common import (
     StrictModel,
     Toleration,
 )
+from trimtab.api.rightsizing import RecommendationsStatus, RightsizingSpec
+from trimtab.api.rollout import RolloutSpec, RolloutStatus
 from trimtab.api.servers import ServerPreset
 
 
@@ -55,7 +59,9 @@ class ModelDeploymentSpec(StrictModel):
         default="generic",
         description="Model server preset: ports, probes and the metrics trimtab reads.",
     )
-    image: str = Field(min_length=1, max_length=512, pattern=r"^[^\s]+$", description="(model) Container image.")
+    image: str = Field(
+        min_length=1, max_length=512, pattern=r"^[^\s]+$", description="(model) Container image."
+    )
     command: list[Annotated[str, StringConstraints(max_length=4096)]] | None = Field(
         default=None, max_length=64, description="(model) Overrides the image entrypoint."
     )
@@ -74,26 +80,53 @@ class ModelDeploymentSpec(StrictModel):
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="(model) Metrics port; defaults from the preset."
     )
-    metrics_path: str | None = Field(default=None, pattern=r"^/", description="(model) Metrics path.")
+    metrics_path: str | None = Field(
+        default=None, pattern=r"^/", description="(model) Metrics path."
+    )
     probes: Probes = Field(default_factory=Probes, description="(model) Health check overrides.")
-    resources: Resources = Field(default_factory=Resources, description="(model) Per-replica resources.")
+    resources: Resources = Field(
+        default_factory=Resources, description="(model) Per-replica resources."
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="(model) Node labels.")
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=64, description="(model) Tolerations."
     )
-    service_account_name: str | None = Field(default=None, description="(model) Pod service account.")
-    replicas: int = Field(
-        default=1, ge=0, le=1000, description="Replicas when autoscaling is off."
+    service_account_name: str | None = Field(
+        default=None, description="(model) Pod service account."
+    )
+    replicas: int = Field(default=1, ge=0, le=1000, description="Replicas when autoscaling is off.")
+    rightsizing: RightsizingSpec = Field(
+        default_factory=RightsizingSpec,
+        description="Right-sizing of CPU, memory and GPU from usage (policy, not a revision).",
+    )
+    slo: SLOSpec | None = Field(
+        default=None, description="Service-level objective the autoscaler keeps (policy)."
+    )
+    autoscaling: AutoscalingSpec | None = Field(
+        default=None, description="Scaling from SLO signals; needs slo (policy)."
+    )
+    metrics: MetricsSpec | None = Field(
+        default=None, description="Where the SLO signals come from (policy)."
+    )
+    rollout: RolloutSpec | None = Field(
+        default=None,
+        description="Progressive delivery of new revisions; unset: a new revision replaces "
+        "the old one once ready (policy).",
     )
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "!has(self.metricsPort) || !has(self.port) || self.metricsPort == self.port "
-                    "|| self.server != 'vllm'",
+                    "rule": "self.server != 'vllm' || !has(self.metricsPort) || !has(self.port) "
+                    "|| self.metricsPort == self.port",
                     "message": "vllm serves metrics on its API port: metricsPort must equal port",
                     "fieldPath": ".metricsPort",
+                },
+                {
+                    "rule": "!has(self.autoscaling) || !self.autoscaling.enabled || has(self.slo)",
+                    "message": "autoscaling needs slo: trimtab scales to keep the SLO",
+                    "fieldPath": ".autoscaling",
                 },
             ]
         }
@@ -102,9 +135,7 @@ class ModelDeploymentSpec(StrictModel):
     def model_part(self) -> dict[str, Any]:
         """The revision-defining fields, as they are on the wire."""
         wire = self.to_wire()
-        keys = {
-            (self.model_fields[f].alias or f) for f in self.model_fields_for_revision
-        }
+        keys = {(self.model_fields[f].alias or f) for f in self.model_fields_for_revision}
         return {k: v for k, v in wire.items() if k in keys}
 
 
@@ -128,10 +159,21 @@ class ModelDeploymentStatus(StatusModel):
     observed_generation: int | None = None
     replicas: int | None = Field(default=None, description="Replicas of all revisions.")
     ready_replicas: int | None = None
-    updated_replicas: int | None = Field(default=None, description="Replicas of the current revision.")
+    updated_replicas: int | None = Field(
+        default=None, description="Replicas of the current revision."
+    )
     current_revision: str | None = None
     selector: str | None = Field(default=None, description="Label selector (scale subresource).")
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    recommendations: RecommendationsStatus | None = Field(
+        default=None, description="Right-sizing recommendations per container (rightsizing timer)."
+    )
+    autoscaling: AutoscalingStatus | None = Field(
+        default=None, description="The autoscaler's last decision and its inputs."
+    )
+    rollout: RolloutStatus | None = Field(
+        default=None, description="Revisions, weights, verdicts and known-good history."
     )

@@ -8,7 +8,9 @@ import re
 from decimal import Decimal, InvalidOperation
 
 # The grammar of resource.Quantity, without the sign (requests and limits are never negative).
-QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$"
+QUANTITY_PATTERN = (
+    r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$"
+)
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 
 _SUFFIXES: dict[str, Decimal] = {

@@ -70,3 +70,56 @@ def child_name(parent: str, suffix: str, limit: int = 63) -> str:
     """`parent-suffix`, trimming the parent so the result stays a valid DNS label."""
     room = limit - len(suffix) - 1
     return f"{parent[:room].rstrip('-')}-{suffix}"
+
+
+def _same_scalar(want: Any, have: Any, quantity: bool) -> bool:
+    if want == have:
+        return True
+    if quantity:
+        from trimtab.api.quantity import is_quantity, parse_quantity
+
+        if is_quantity(want) and is_quantity(have):
+            return parse_quantity(want) == parse_quantity(have)
+    # The API server writes ints where we wrote numeric strings only for IntOrString fields.
+    return (
+        isinstance(want, int | str)
+        and isinstance(have, int | str)
+        and str(want) == str(have)
+        and (isinstance(want, bool) == isinstance(have, bool))
+    )
+
+
+def is_applied(desired: Any, current: Any, _quantity: bool = False) -> bool:
+    """True when every field of `desired` already has that value in `current`.
+
+    The API server adds defaults and canonicalises quantities ("0.5" -> "500m"), so an applied
+    object is a superset of what we sent; lists must match item by item in order.
+    """
+    if isinstance(desired, dict):
+        if not isinstance(current, dict):
+            return False
+        return all(
+            key in current
+            and is_applied(value, current[key], _quantity or key in ("requests", "limits"))
+            for key, value in desired.items()
+        )
+    if isinstance(desired, list):
+        if not isinstance(current, list) or len(desired) != len(current):
+            return False
+        return all(is_applied(d, c, _quantity) for d, c in zip(desired, current, strict=True))
+    return _same_scalar(desired, current, _quantity)
+
+
+def merge_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns the `desired` keys of `current` into `desired`.
+    Keys only in `current` are left alone; an empty result means nothing to write."""
+    patch: dict[str, Any] = {}
+    for key, want in desired.items():
+        have = current.get(key)
+        if isinstance(want, dict) and isinstance(have, dict):
+            sub = merge_patch(have, want)
+            if sub:
+                patch[key] = sub
+        elif want != have:
+            patch[key] = want
+    return patch

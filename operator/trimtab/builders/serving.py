@@ -33,7 +33,9 @@ def serving_ports(spec: ModelDeploymentSpec) -> tuple[int, int, str]:
     """(serving port, metrics port, metrics path) after preset defaults."""
     defaults = SERVER_DEFAULTS[spec.server]
     port = spec.port or defaults.port
-    metrics_port = spec.metrics_port or (port if defaults.metrics_port == defaults.port else defaults.metrics_port)
+    metrics_port = spec.metrics_port or (
+        port if defaults.metrics_port == defaults.port else defaults.metrics_port
+    )
     return port, metrics_port, spec.metrics_path or defaults.metrics_path
 
 
@@ -146,7 +148,11 @@ def build_deployment(
             "revisionHistoryLimit": 2,
             "template": {
                 "metadata": {
-                    "labels": {**labels, C.LABEL_MANAGED_BY: C.MANAGED_BY, C.LABEL_NAME: owner.name},
+                    "labels": {
+                        **labels,
+                        C.LABEL_MANAGED_BY: C.MANAGED_BY,
+                        C.LABEL_NAME: owner.name,
+                    },
                     "annotations": {
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(metrics_port),
@@ -163,7 +169,9 @@ def build_service(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
     """The Service named after the resource; it selects every revision's pods, so traffic keeps
     flowing while revisions change."""
     port, metrics_port, _ = serving_ports(spec)
-    ports: list[Manifest] = [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]
+    ports: list[Manifest] = [
+        {"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}
+    ]
     if metrics_port != port:
         ports.append(
             {"name": "metrics", "port": metrics_port, "targetPort": "metrics", "protocol": "TCP"}

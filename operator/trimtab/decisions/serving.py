@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,10 +47,12 @@ def find_spec_problems(spec: ModelDeploymentSpec) -> list[str]:
     problems: list[str] = []
     res = spec.resources
     if res.cpu and res.cpu_limit and parse_quantity(res.cpu_limit) < parse_quantity(res.cpu):
-        problems.append(
-            f"spec.resources.cpuLimit: {res.cpu_limit} is below the request {res.cpu}"
-        )
-    if res.memory and res.memory_limit and parse_quantity(res.memory_limit) < parse_quantity(res.memory):
+        problems.append(f"spec.resources.cpuLimit: {res.cpu_limit} is below the request {res.cpu}")
+    if (
+        res.memory
+        and res.memory_limit
+        and parse_quantity(res.memory_limit) < parse_quantity(res.memory)
+    ):
         problems.append(
             f"spec.resources.memoryLimit: {res.memory_limit} is below the request {res.memory}"
         )
@@ -78,6 +79,7 @@ class DeploymentObservation:
     """What the Deployment controller reported for one revision's Deployment."""
 
     revision: str
+    name: str
     replicas: int  # spec.replicas
     generation: int
     observed_generation: int
@@ -95,6 +97,7 @@ class DeploymentObservation:
         meta = obj.get("metadata") or {}
         return cls(
             revision=revision,
+            name=str(meta.get("name", "")),
             replicas=int(spec.get("replicas", 1)),
             generation=int(meta.get("generation", 0)),
             observed_generation=int(status.get("observedGeneration", 0)),
@@ -157,13 +160,22 @@ def serving_state(
         deadline = current.condition("Progressing")
         failure = current.condition("ReplicaFailure")
         if deadline and deadline[1] == "False":
-            phase, message = "Degraded", f"revision {current_revision}: {deadline[2]}: {deadline[3]}"
+            phase, message = (
+                "Degraded",
+                f"revision {current_revision}: {deadline[2]}: {deadline[3]}",
+            )
         elif failure and failure[1] == "True":
             phase, message = "Degraded", f"revision {current_revision}: {failure[2]}: {failure[3]}"
         elif current.replicas == 0:
             phase, message = "Ready", "scaled to zero"
-        elif current.ready_replicas >= current.replicas and current.updated_replicas >= current.replicas:
-            phase, message = "Ready", f"{current.ready_replicas} of {current.replicas} replicas ready"
+        elif (
+            current.ready_replicas >= current.replicas
+            and current.updated_replicas >= current.replicas
+        ):
+            phase, message = (
+                "Ready",
+                f"{current.ready_replicas} of {current.replicas} replicas ready",
+            )
         elif current.status_replicas == 0 and current.ready_replicas == 0 and ready == 0:
             phase, message = "Pending", f"0 of {current.replicas} replicas started"
         else:
@@ -174,9 +186,20 @@ def serving_state(
             )
 
     conds = list(previous)
-    reason = {"Pending": "Waiting", "Progressing": "RollingOut", "Ready": "AllReplicasReady", "Degraded": "Failing"}[phase]
+    reason = {
+        "Pending": "Waiting",
+        "Progressing": "RollingOut",
+        "Ready": "AllReplicasReady",
+        "Degraded": "Failing",
+    }[phase]
     conds = set_condition(
-        conds, CONDITION_READY, "True" if phase == "Ready" else "False", reason, message, now, generation
+        conds,
+        CONDITION_READY,
+        "True" if phase == "Ready" else "False",
+        reason,
+        message,
+        now,
+        generation,
     )
     conds = set_condition(
         conds,

@@ -1,0 +1,428 @@
+"""B5: right-sizing. Seeded usage traces replayed through trimtab's recommender, a
+re-implementation of the VPA recommender and updater with their defaults, krr's simple strategy
+and static requests; reports slack, OOM kills, CPU time above the request and changes per day.
+
+Run: `python -m bench rightsizing` (writes bench/results/rightsizing.json)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from trimtab.decisions.rightsizing import (
+    DAY,
+    HOUR,
+    ContainerUsage,
+    CurrentResources,
+    DecayingHistogram,
+    GiB,
+    MiB,
+    Policy,
+    moved,
+    recommend_resources,
+)
+
+STEP = 300.0  # one sample per 5 minutes: a rate() / max_over_time() step over Prometheus data
+DAYS = 14
+SEED = 20240605
+STATIC_CPU = 2.0
+STATIC_MEMORY = 12 * GiB
+RESULTS = Path(__file__).parent / "results" / "rightsizing.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Traces: demand as a function of time and of the container's age (only the leak uses age).
+
+Demand = Callable[[float, float], tuple[float, float]]  # (t, age) -> (cores, bytes)
+
+
+def _diurnal(t: float) -> float:
+    """0 at 04:00, 1 at 16:00."""
+    return 0.5 * (1 + math.sin(2 * math.pi * (t / DAY - 10 / 24)))
+
+
+def make_traces(seed: int) -> dict[str, Demand]:
+    n = int(DAYS * DAY / STEP) + 1
+
+    def noise(sd: float, salt: int) -> list[float]:
+        rng = random.Random(seed * 1000 + salt)
+        return [rng.gauss(0.0, sd) for _ in range(n)]
+
+    def idx(t: float) -> int:
+        return min(n - 1, int(t / STEP))
+
+    steady_c, steady_m = noise(0.08, 1), noise(60 * MiB, 2)
+    daily_c, daily_m = noise(0.05, 3), noise(50 * MiB, 4)
+    leak_c = noise(0.05, 5)
+    step_c, step_m = noise(0.05, 6), noise(40 * MiB, 7)
+    burst_c, burst_m = noise(0.04, 8), noise(30 * MiB, 9)
+
+    # Bursts: about 6 a day, 5-60 minutes long, 1-2.5 extra cores and 0.5-1.5 GiB extra.
+    rng = random.Random(seed * 1000 + 10)
+    bursts_cpu = [0.0] * n
+    bursts_mem = [0.0] * n
+    t = 0.0
+    while t < DAYS * DAY:
+        t += rng.expovariate(6 / DAY)
+        length = rng.uniform(5 * 60, 60 * 60)
+        cpu, mem = rng.uniform(1.0, 2.5), rng.uniform(0.5, 1.5) * GiB
+        for i in range(idx(t), min(n, idx(t + length) + 1)):
+            bursts_cpu[i] = max(bursts_cpu[i], cpu)
+            bursts_mem[i] = max(bursts_mem[i], mem)
+
+    def steady(t: float, age: float) -> tuple[float, float]:
+        i = idx(t)
+        return max(0.05, 0.8 + steady_c[i]), 6 * GiB + steady_m[i]
+
+    def daily(t: float, age: float) -> tuple[float, float]:
+        i, d = idx(t), _diurnal(t)
+        return max(0.05, 0.3 + 1.2 * d + daily_c[i]), 4 * GiB + 3 * GiB * d + daily_m[i]
+
+    def bursty(t: float, age: float) -> tuple[float, float]:
+        i = idx(t)
+        return max(0.05, 0.4 + burst_c[i] + bursts_cpu[i]), 3 * GiB + burst_m[i] + bursts_mem[i]
+
+    def leak(t: float, age: float) -> tuple[float, float]:
+        # 30 MiB an hour since the process started; a nightly redeploy at 03:00 restarts it.
+        since_redeploy = (t - 3 * HOUR) % DAY
+        return max(0.05, 0.5 + leak_c[idx(t)]), 2 * GiB + 30 * MiB * min(age, since_redeploy) / HOUR
+
+    def step(t: float, age: float) -> tuple[float, float]:
+        i = idx(t)
+        if t < 5 * DAY:
+            c, m = 0.5, 3 * GiB
+        elif t < 10 * DAY:
+            c, m = 1.5, 6 * GiB
+        else:
+            c, m = 0.7, 4 * GiB
+        return max(0.05, c + step_c[i]), m + step_m[i]
+
+    return {"steady": steady, "daily": daily, "bursty": bursty, "memory-leak": leak, "step": step}
+
+
+# ---------------------------------------------------------------------------------------------
+# Recommenders
+
+
+class Recommender(Protocol):
+    name: str
+
+    def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None: ...
+
+    def oom(self, t: float, memory_limit: float) -> None: ...
+
+    def decide(
+        self, t: float, request: tuple[float, float], age: float
+    ) -> tuple[float, float] | None:
+        """New (cpu, memory) requests to restart the pod with, or None to keep it."""
+        ...
+
+
+class Static:
+    name = "static"
+
+    def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
+        pass
+
+    def oom(self, t: float, memory_limit: float) -> None:
+        pass
+
+    def decide(self, t: float, request: tuple[float, float], age: float) -> None:
+        return None
+
+
+@dataclass
+class Trimtab:
+    """trimtab in Auto mode: recompute hourly (and right after an OOM kill) over a 168 h window,
+    apply as a new revision when CPU or memory moves by more than 10%."""
+
+    name: str = "trimtab"
+    policy: Policy = field(default_factory=lambda: Policy(window_s=168 * HOUR))
+    cpu: list[tuple[float, float]] = field(default_factory=list)
+    memory: list[tuple[float, float]] = field(default_factory=list)
+    ooms: list[tuple[float, float]] = field(default_factory=list)
+    next_at: float = 0.0
+
+    def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
+        self.cpu.append((t, cpu))
+        self.memory.append((t, memory))
+
+    def oom(self, t: float, memory_limit: float) -> None:
+        self.ooms.append((t, memory_limit))
+        self.next_at = t  # the OOM kill is seen on the next timer tick
+
+    def decide(
+        self, t: float, request: tuple[float, float], age: float
+    ) -> tuple[float, float] | None:
+        if t < self.next_at:
+            return None
+        self.next_at = t + HOUR
+        start = t - self.policy.window_s
+        while self.cpu and self.cpu[0][0] <= start:
+            self.cpu.pop(0)
+            self.memory.pop(0)
+        usage = ContainerUsage("server", STEP, self.cpu, self.memory, self.ooms)
+        current = CurrentResources(cpu=request[0], memory=request[1], memory_limit=request[1])
+        rec = recommend_resources(usage, current, self.policy, t)
+        if rec.cpu is None or rec.memory is None or not moved(rec, self.policy.min_change):
+            return None
+        return rec.cpu, rec.memory
+
+
+@dataclass
+class Vpa:
+    """The VPA recommender (pkg/recommender/logic) and updater with their default flags:
+    CPU and memory histograms decaying with a 24 h half-life (buckets from 0.01 cores / 10 MB
+    growing 5%); CPU samples weighted by the CPU request (at least 0.1); memory as one peak per
+    24 h aggregation interval, 8 intervals kept; target p90 + 15% margin; lower bound p50 and
+    upper bound p95 (+15%) scaled by the confidence multipliers (1 + 0.001/days)^-2 and
+    (1 + 1/days); an OOM adds max(1.2x, +100 MiB) of max(request, peak) as a memory sample;
+    pod minimums 25m and 250 MiB. The updater evicts a pod whose request is outside
+    [lower, upper], or that lived 12 h and is more than 10% off target, or that was OOM-killed
+    in its first 10 minutes and is off target."""
+
+    name: str = "vpa"
+    cpu_hist: DecayingHistogram = field(
+        default_factory=lambda: DecayingHistogram(0.01, 1.05, 1000.0, DAY)
+    )
+    mem_hist: DecayingHistogram = field(
+        default_factory=lambda: DecayingHistogram(1e7, 1.05, 1e12, DAY)
+    )
+    first: float | None = None
+    last: float = 0.0
+    samples: int = 0
+    window_start: float | None = None
+    window_peak: float = 0.0
+    peaks: list[tuple[float, float]] = field(default_factory=list)
+    last_oom: float | None = None
+
+    def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
+        if self.first is None:
+            self.first = t
+        self.last = t
+        # VPA samples every minute; one 5-minute sample stands for five.
+        self.samples += int(STEP // 60)
+        self.cpu_hist.add(cpu, max(request[0], 0.1), t)
+        self._memory_sample(t, memory)
+
+    def _memory_sample(self, t: float, memory: float) -> None:
+        if self.window_start is None or t >= self.window_start + DAY:
+            if self.window_start is not None:
+                self.peaks.append((self.window_start, self.window_peak))
+            self.window_start = (
+                t if self.window_start is None else self.window_start + DAY * math.floor(
+                    (t - self.window_start) / DAY
+                )
+            )
+            self.window_peak = 0.0
+            # Eight aggregation intervals: peaks older than that leave the histogram.
+            while self.peaks and self.peaks[0][0] < self.window_start - 7 * DAY:
+                old_t, old_v = self.peaks.pop(0)
+                self.mem_hist.subtract(old_v, 1.0, old_t)
+        if memory > self.window_peak:
+            if self.window_peak > 0:
+                self.mem_hist.subtract(self.window_peak, 1.0, self.window_start)
+            self.mem_hist.add(memory, 1.0, self.window_start)
+            self.window_peak = memory
+
+    def oom(self, t: float, memory_limit: float) -> None:
+        used = max(memory_limit, self.window_peak)
+        self._memory_sample(t, max(used + 100 * MiB, used * 1.2))
+        self.last_oom = t
+
+    def _confidence(self) -> float:
+        if self.first is None:
+            return 0.0
+        return min((self.last - self.first) / DAY, self.samples / (60 * 24))
+
+    def bounds(self) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+        conf = self._confidence()
+        lower_mult = (1 + 0.001 / conf) ** -2 if conf > 0 else 0.0
+        upper_mult = 1 + 1 / conf if conf > 0 else math.inf
+
+        def est(pc: float, pm: float, mult: float) -> tuple[float, float]:
+            c = self.cpu_hist.percentile(pc) * 1.15 * mult
+            m = self.mem_hist.percentile(pm) * 1.15 * mult
+            return max(c, 0.025), max(m, 250 * MiB)
+
+        return est(0.9, 0.9, 1.0), est(0.5, 0.5, lower_mult), est(0.95, 0.95, upper_mult)
+
+    def decide(
+        self, t: float, request: tuple[float, float], age: float
+    ) -> tuple[float, float] | None:
+        if self.cpu_hist.is_empty():
+            return None
+        target, lower, upper = self.bounds()
+        outside = any(r < lo or r > up for r, lo, up in zip(request, lower, upper, strict=True))
+        off = any(abs(x - r) / r > 0.10 for x, r in zip(target, request, strict=True))
+        oom_young = self.last_oom is not None and t - self.last_oom < STEP * 2 and age < 600
+        if outside or (off and age >= 12 * HOUR) or (oom_young and target != request):
+            return target
+        return None
+
+
+@dataclass
+class Krr:
+    """krr's simple strategy run once a day (as a cron job whose output is applied): CPU p95 over
+    the 336 h history and no CPU limit; memory the max plus 15%, limit = request; needs 100
+    points. Applied when either moves by more than 10%."""
+
+    name: str = "krr"
+    cpu: list[tuple[float, float]] = field(default_factory=list)
+    memory: list[tuple[float, float]] = field(default_factory=list)
+    next_at: float = DAY
+
+    def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
+        self.cpu.append((t, cpu))
+        self.memory.append((t, memory))
+
+    def oom(self, t: float, memory_limit: float) -> None:
+        pass
+
+    def decide(
+        self, t: float, request: tuple[float, float], age: float
+    ) -> tuple[float, float] | None:
+        if t < self.next_at:
+            return None
+        self.next_at = t + DAY
+        recent_cpu = sorted(v for s, v in self.cpu if s > t - 336 * HOUR)
+        recent_mem = [v for s, v in self.memory if s > t - 336 * HOUR]
+        if len(recent_cpu) < 100:
+            return None
+        cpu = recent_cpu[min(len(recent_cpu) - 1, math.ceil(0.95 * len(recent_cpu)) - 1)]
+        mem = max(recent_mem) * 1.15
+        if abs(cpu - request[0]) / request[0] > 0.1 or abs(mem - request[1]) / request[1] > 0.1:
+            return cpu, mem
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay
+
+
+@dataclass
+class Outcome:
+    cpu_request_s: float = 0.0
+    cpu_used_s: float = 0.0
+    mem_request_s: float = 0.0
+    mem_used_s: float = 0.0
+    oom_events: int = 0
+    throttled_seconds: float = 0.0
+    cpu_shortfall_core_seconds: float = 0.0
+    changes: int = 0
+
+    def add(self, other: Outcome) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def report(self, days: float) -> dict[str, float]:
+        cpu_slack = 1 - self.cpu_used_s / self.cpu_request_s
+        mem_slack = 1 - self.mem_used_s / self.mem_request_s
+        return {
+            "slack_fraction": round((cpu_slack + mem_slack) / 2, 4),
+            "cpu_slack_fraction": round(cpu_slack, 4),
+            "memory_slack_fraction": round(mem_slack, 4),
+            "oom_events": self.oom_events,
+            "throttled_seconds": round(self.throttled_seconds),
+            "cpu_shortfall_core_seconds": round(self.cpu_shortfall_core_seconds),
+            "changes_per_day": round(self.changes / days, 3),
+        }
+
+
+def replay(demand: Demand, rec: Recommender) -> Outcome:
+    """One container, its requests set by `rec`. Memory limit = request. Demand above the limit
+    is an OOM kill (one per 5-minute step while it lasts: CrashLoopBackOff caps at 5 minutes);
+    CPU demand above the request counts as throttled time (no CPU limit, but on a full node a
+    container gets only its request). A change of requests restarts the container."""
+    out = Outcome()
+    request = (STATIC_CPU, STATIC_MEMORY)
+    started = 0.0
+    steps = int(DAYS * DAY / STEP)
+    for k in range(steps):
+        t = k * STEP
+        cpu, mem = demand(t, t - started)
+        cpu_req, mem_req = request
+        out.cpu_request_s += cpu_req * STEP
+        out.cpu_used_s += min(cpu, cpu_req) * STEP
+        out.mem_request_s += mem_req * STEP
+        out.mem_used_s += min(mem, mem_req) * STEP
+        if cpu > cpu_req:
+            out.throttled_seconds += STEP
+            out.cpu_shortfall_core_seconds += (cpu - cpu_req) * STEP
+        rec.observe(t, cpu, min(mem, mem_req), request)
+        if mem > mem_req:
+            out.oom_events += 1
+            started = t + STEP
+            rec.oom(t, mem_req)
+        new = rec.decide(t + STEP, request, t + STEP - started)
+        if new is not None and new != request:
+            request = new
+            started = t + STEP
+            out.changes += 1
+    return out
+
+
+def run(seed: int = SEED) -> dict[str, Any]:
+    traces = make_traces(seed)
+    makers: dict[str, Callable[[], Recommender]] = {
+        "trimtab": Trimtab,
+        "vpa": Vpa,
+        "krr": Krr,
+        "static": Static,
+    }
+    per_trace: dict[str, dict[str, Any]] = {}
+    totals = {name: Outcome() for name in makers}
+    for trace_name, demand in traces.items():
+        per_trace[trace_name] = {}
+        for name, make in makers.items():
+            outcome = replay(demand, make())
+            totals[name].add(outcome)
+            per_trace[trace_name][name] = outcome.report(DAYS)
+    overall = {name: o.report(DAYS * len(traces)) for name, o in totals.items()}
+    t, v = overall["trimtab"], overall["vpa"]
+    ratios = {
+        "slack_vs_vpa": round(t["slack_fraction"] / v["slack_fraction"], 3),
+        "oom_vs_vpa": (
+            round(t["oom_events"] / v["oom_events"], 3) if v["oom_events"] else
+            (0.0 if t["oom_events"] == 0 else math.inf)
+        ),
+    }
+    targets = {
+        "slack_le_0.75x_vpa": ratios["slack_vs_vpa"] <= 0.75,
+        "oom_le_1.0x_vpa": t["oom_events"] <= v["oom_events"],
+        "absolute_slack_le_0.25": t["slack_fraction"] <= 0.25,
+    }
+    return {
+        "seed": seed,
+        "days_per_trace": DAYS,
+        "step_seconds": STEP,
+        "static_requests": {"cpu": STATIC_CPU, "memory_bytes": STATIC_MEMORY},
+        "overall": overall,
+        "per_trace": per_trace,
+        "ratios": ratios,
+        "targets_met": targets,
+    }
+
+
+def main() -> int:
+    started = time.monotonic()
+    result = run()
+    result["runtime_seconds"] = round(time.monotonic() - started, 1)
+    keys = ["slack_fraction", "cpu_slack_fraction", "memory_slack_fraction", "oom_events",
+            "throttled_seconds", "changes_per_day"]
+    header = f"{'trace':<12} {'recommender':<9} " + " ".join(f"{k:>21}" for k in keys)
+    print(header)
+    for trace, rows in [*result["per_trace"].items(), ("ALL", result["overall"])]:
+        for name, row in rows.items():
+            print(f"{trace:<12} {name:<9} " + " ".join(f"{row[k]:>21}" for k in keys))
+    print(f"ratios: {result['ratios']}  targets met: {result['targets_met']}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS} in {result['runtime_seconds']} s")
+    return 0 if all(result["targets_met"].values()) else 1

@@ -1,0 +1,116 @@
+"""The `trimtab` command: `run` the operator, `simulate` a policy on a trace, `demo`,
+`gpu-agent` for GPU nodes, and `render` to show what the operator would create (a dry run).
+
+Each subcommand imports only what it needs, so `trimtab demo` starts without kopf."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+
+def _run(args: argparse.Namespace) -> int:
+    import kopf
+    from prometheus_client import start_http_server
+
+    import trimtab.handlers  # noqa: F401  # registers every handler with kopf
+    from trimtab.config import Settings
+
+    settings = Settings.from_env()
+    namespace = args.namespace if args.namespace is not None else settings.namespace
+    metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
+    health_port = args.health_port if args.health_port is not None else settings.health_port
+    peering = args.peering if args.peering is not None else settings.peering
+    kopf.configure(verbose=settings.log_level == "DEBUG", log_format=kopf.LogFormat.FULL)
+    logging.getLogger().setLevel(settings.log_level)
+    if metrics_port:
+        start_http_server(metrics_port)
+    memo = kopf.Memo(settings=settings)
+    liveness = f"http://0.0.0.0:{health_port}/healthz" if health_port else None
+    clusterwide = args.all_namespaces or not namespace
+    asyncio.run(
+        kopf.operator(
+            clusterwide=clusterwide,
+            namespaces=() if clusterwide else (namespace,),
+            standalone=not peering,
+            peering_name=peering or None,
+            liveness_endpoint=liveness,
+            memo=memo,
+        )
+    )
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    """What the reconcile would apply for a ModelDeployment file: a real dry run of the builders."""
+    from trimtab.render import render_modeldeployment
+
+    docs = [d for d in yaml.safe_load_all(Path(args.file).read_text()) if d]
+    out = []
+    for doc in docs:
+        out.extend(render_modeldeployment(doc))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(yaml.safe_dump_all(out, sort_keys=False), end="")
+    return 0
+
+
+def _simulate(argv: Sequence[str]) -> int:
+    from trimtab.simulate.cli import simulate_main
+
+    return simulate_main(list(argv))
+
+
+def _demo(argv: Sequence[str]) -> int:
+    from trimtab.simulate.cli import demo_main
+
+    return demo_main(list(argv))
+
+
+def _gpu_agent(argv: Sequence[str]) -> int:
+    from trimtab.gpu.agent import gpu_agent_main
+
+    return gpu_agent_main(list(argv))
+
+
+PASSTHROUGH = {"simulate": _simulate, "demo": _demo, "gpu-agent": _gpu_agent}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return PASSTHROUGH[argv[0]](argv[1:])
+    parser = argparse.ArgumentParser(prog="trimtab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the operator against the current cluster")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", help="watch only this namespace")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch all namespaces")
+    run.add_argument("--metrics-port", type=int, help="port for /metrics (0: off)")
+    run.add_argument("--health-port", type=int, help="port for the kopf liveness probe (0: off)")
+    run.add_argument("--peering", help="kopf peering name, for several replicas (one is active)")
+    render = sub.add_parser("render", help="print the objects the operator would create")
+    render.add_argument("-f", "--file", required=True, help="a ModelDeployment YAML file")
+    render.add_argument("--json", action="store_true")
+    for name, help_ in (
+        ("simulate", "replay a trace through trimtab's autoscaler and the baselines"),
+        ("demo", "the example ModelDeployment on the bundled trace, no cluster needed"),
+        ("gpu-agent", "export per-pod GPU usage from NVML on /metrics"),
+    ):
+        sub.add_parser(name, help=help_, add_help=False)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    return _render(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,377 @@
+"""The rollout part of a ModelDeployment (canary steps, shadow traffic, analysis, router,
+post-promotion watch) and the rollout's status (revisions, weights, verdicts, known-good history).
+
+Policy, not model: changing `spec.rollout` never starts a new revision."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from trimtab.api.common import Duration, StatusModel, StrictModel
+
+# Steps are bounded so the "weights increase" rule can be written out pairwise in CEL
+# (the API server's CEL has no index ranges, and cost limits want bounded lists).
+MAX_STEPS = 10
+
+# Annotation a person sets to act on a rollout by hand; trimtab removes it once acted on.
+#   promote       advance one step now (also ends a pause-until-promoted)
+#   promote-full  skip the remaining steps and promote the candidate
+#   abort         roll the candidate back; it is not retried until the spec changes again
+ROLLOUT_ACTION_ANNOTATION = "trimtab.io/rollout-action"
+ManualAction = Literal["promote", "promote-full", "abort"]
+MANUAL_ACTIONS: tuple[str, ...] = ("promote", "promote-full", "abort")
+
+Strategy = Literal["Canary", "ShadowThenCanary", "Immediate"]
+
+
+class StepPause(StrictModel):
+    """How long a step holds its weight: a duration, or until a person promotes."""
+
+    duration: Duration | None = Field(
+        default=None, description="Hold the step's weight at least this long (analysis runs)."
+    )
+    until_promoted: bool = Field(
+        default=False,
+        description="Hold until `kubectl annotate mdep NAME trimtab.io/rollout-action=promote`.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.duration) && has(self.untilPromoted) "
+                    "&& self.untilPromoted)",
+                    "message": "pause: set duration or untilPromoted, not both",
+                }
+            ]
+        }
+    )
+
+
+class RolloutStep(StrictModel):
+    """One canary step: the candidate's share of traffic, then a pause."""
+
+    weight: int = Field(ge=0, le=100, description="Percent of traffic sent to the candidate.")
+    pause: StepPause | None = Field(
+        default=None,
+        description="How long to hold this weight; unset: one analysis interval.",
+    )
+
+
+def _default_steps() -> list[RolloutStep]:
+    return [
+        RolloutStep(weight=10, pause=StepPause(duration="1m")),
+        RolloutStep(weight=25, pause=StepPause(duration="1m")),
+        RolloutStep(weight=50, pause=StepPause(duration="1m")),
+    ]
+
+
+class ShadowSpec(StrictModel):
+    """Mirrored traffic before any user sees the candidate: responses are discarded, the
+    candidate's errors and latency are analysed."""
+
+    mirror_percent: int = Field(
+        default=100, ge=1, le=100, description="Percent of requests copied to the candidate."
+    )
+    duration: Duration = Field(default="5m", description="Shadow at least this long.")
+    min_requests: int = Field(
+        default=500, ge=1, le=10_000_000, description="Mirrored requests needed before canary."
+    )
+
+
+class ErrorRateCheck(StrictModel):
+    """Failed requests: absolute against the SLO, relative against the stable revision."""
+
+    max: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Largest acceptable error rate; defaults to spec.slo.maxErrorRate.",
+    )
+    max_ratio_to_stable: float | None = Field(
+        default=1.5,
+        ge=1.0,
+        le=100.0,
+        description="The candidate's error rate may be at most this times the stable's; "
+        "unset: no relative check.",
+    )
+
+
+class LatencyCheck(StrictModel):
+    """p99 latency, tested as the share of requests slower than the SLO (p99 <= T means at
+    most 1% of requests take longer than T)."""
+
+    p99_latency_ms: int | None = Field(
+        default=None,
+        ge=1,
+        le=3_600_000,
+        description="The p99 bound; defaults to spec.slo.p99LatencyMs.",
+    )
+    max_ratio_to_stable: float | None = Field(
+        default=1.5,
+        ge=1.0,
+        le=100.0,
+        description="The candidate's share of requests over the bound may be at most this "
+        "times the stable's; unset: no relative check.",
+    )
+
+
+class AnalysisSpec(StrictModel):
+    """Sequential analysis of the candidate against the SLO and against the stable revision.
+    Checking every interval does not raise the false-rollback rate above the target."""
+
+    interval: Duration = Field(default="15s", description="How often metrics are judged.")
+    min_requests: int = Field(
+        default=100,
+        ge=1,
+        le=10_000_000,
+        description="Candidate requests a step needs before it may pass; fewer is never a pass.",
+    )
+    false_rollback_rate: float = Field(
+        default=0.01,
+        gt=0.0,
+        le=0.2,
+        description="Target probability that a candidate as good as the SLO and the stable "
+        "revision is rolled back.",
+    )
+    error_rate: ErrorRateCheck = Field(default_factory=ErrorRateCheck)
+    latency: LatencyCheck = Field(default_factory=LatencyCheck)
+
+
+class ParentRef(StrictModel):
+    """A Gateway (or other parent) the HTTPRoute attaches to."""
+
+    name: str = Field(min_length=1, max_length=253)
+    namespace: str | None = Field(default=None, max_length=63)
+    section_name: str | None = Field(default=None, max_length=253)
+    group: str | None = Field(default=None, max_length=253)
+    kind: str | None = Field(default=None, max_length=63)
+
+
+class GatewayApiRouterSpec(StrictModel):
+    """Gateway API: trimtab writes the rules (weighted backendRefs, a RequestMirror filter) of
+    an HTTPRoute. With parentRefs it creates the route; with only httpRoute it takes over the
+    rules of that existing route and leaves its parents and hostnames to you."""
+
+    type: Literal["gatewayApi"]
+    http_route: str | None = Field(
+        default=None, max_length=253, description="HTTPRoute name; default: the resource's name."
+    )
+    parent_refs: list[ParentRef] | None = Field(default=None, max_length=32)
+    hostnames: list[str] | None = Field(default=None, max_length=16)
+
+
+class IstioRouterSpec(StrictModel):
+    """Istio: trimtab writes a VirtualService with weighted destinations and a mirror."""
+
+    type: Literal["istio"]
+    host: str = Field(min_length=1, max_length=253, description="Host clients call.")
+    gateways: list[str] = Field(
+        default_factory=list, max_length=16, description="Gateways; empty: the mesh only."
+    )
+
+
+class ReplicasRouterSpec(StrictModel):
+    """No mesh: traffic splits by the ratio of ready replicas behind the one Service. It is
+    approximate (a 10% step with 3 replicas is 1 in 3) and cannot mirror."""
+
+    type: Literal["replicas"]
+
+
+RouterSpec = Annotated[
+    GatewayApiRouterSpec | IstioRouterSpec | ReplicasRouterSpec, Field(discriminator="type")
+]
+
+
+class PostPromotionSpec(StrictModel):
+    """After promotion the new stable revision stays watched against the SLO."""
+
+    watch_window: Duration = Field(default="10m", description="How long to keep watching.")
+    automatic_fallback: bool = Field(
+        default=True,
+        description="On an SLO breach in the window, go back to the last known-good revision.",
+    )
+
+
+def _increasing_rule() -> str:
+    pairs = [
+        f"(self.steps.size() <= {i + 1} || self.steps[{i}].weight < self.steps[{i + 1}].weight)"
+        for i in range(MAX_STEPS - 1)
+    ]
+    return "!has(self.steps) || (" + " && ".join(pairs) + ")"
+
+
+class RolloutSpec(StrictModel):
+    """How a new revision (a change to the model part of the spec) replaces the stable one."""
+
+    strategy: Strategy = Field(
+        default="Canary",
+        description="Canary: weighted steps with analysis. ShadowThenCanary: mirrored traffic "
+        "first. Immediate: switch once ready (the post-promotion watch still applies).",
+    )
+    steps: list[RolloutStep] = Field(
+        default_factory=_default_steps,
+        min_length=1,
+        max_length=MAX_STEPS,
+        description="Candidate weights, strictly increasing; after the last step: promotion.",
+    )
+    shadow: ShadowSpec | None = Field(
+        default=None, description="Mirroring before the canary steps (ShadowThenCanary)."
+    )
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    router: RouterSpec = Field(
+        default_factory=lambda: ReplicasRouterSpec(type="replicas"),
+        description="How traffic is split: gatewayApi, istio or replicas (no mesh).",
+    )
+    post_promotion: PostPromotionSpec = Field(default_factory=PostPromotionSpec)
+    progress_deadline: Duration = Field(
+        default="30m",
+        description="The candidate must be ready this long after it is created, or it is "
+        "rolled back.",
+    )
+    paused: bool = Field(
+        default=False,
+        description="Hold the current step (analysis still rolls back a failing candidate).",
+    )
+    known_good_history: int = Field(
+        default=3, ge=1, le=10, description="How many known-good revisions status keeps."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": _increasing_rule(),
+                    "message": "rollout.steps: weights must be strictly increasing",
+                    "fieldPath": ".steps",
+                },
+                {
+                    "rule": "!has(self.router) || self.router.type != 'replicas' || "
+                    "(!(has(self.strategy) && self.strategy == 'ShadowThenCanary') "
+                    "&& !has(self.shadow))",
+                    "message": "router replicas cannot mirror traffic (it splits by replica "
+                    "count behind one Service): shadow and ShadowThenCanary need router "
+                    "gatewayApi or istio",
+                    "fieldPath": ".router",
+                },
+                {
+                    "rule": "!has(self.router) || self.router.type != 'gatewayApi' "
+                    "|| has(self.router.httpRoute) || has(self.router.parentRefs)",
+                    "message": "router gatewayApi needs httpRoute (an existing route) or "
+                    "parentRefs (trimtab creates the route)",
+                    "fieldPath": ".router",
+                },
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _same_rules_as_cel(self) -> RolloutSpec:
+        """The CRD's CEL rules, again here, so objects built in Python obey them too."""
+        weights = [s.weight for s in self.steps]
+        if any(a >= b for a, b in zip(weights, weights[1:], strict=False)):
+            raise ValueError("rollout.steps: weights must be strictly increasing")
+        if self.router.type == "replicas" and (
+            self.strategy == "ShadowThenCanary" or self.shadow is not None
+        ):
+            raise ValueError(
+                "router replicas cannot mirror traffic (it splits by replica count behind one "
+                "Service): shadow and ShadowThenCanary need router gatewayApi or istio"
+            )
+        if (
+            self.router.type == "gatewayApi"
+            and self.router.http_route is None
+            and self.router.parent_refs is None
+        ):
+            raise ValueError(
+                "router gatewayApi needs httpRoute (an existing route) or parentRefs "
+                "(trimtab creates the route)"
+            )
+        return self
+
+    def shadow_or_default(self) -> ShadowSpec | None:
+        """The shadow phase that applies: ShadowThenCanary without a shadow block uses defaults."""
+        if self.strategy != "ShadowThenCanary":
+            return None
+        return self.shadow or ShadowSpec()
+
+
+# --- status -----------------------------------------------------------------------------
+
+RolloutPhase = Literal[
+    "Stable",  # one revision serves everything; no candidate, no watch window open
+    "Shadow",  # the candidate receives mirrored traffic only
+    "Canary",  # the candidate receives its step's weight and is being analysed
+    "Paused",  # a step holds until promoted by hand, or spec.rollout.paused is set
+    "Watching",  # promoted; the new stable revision is watched against the SLO
+    "RolledBack",  # the candidate failed (analysis, deadline or abort); stable serves all
+    "FellBack",  # a promoted revision breached its SLO; the last known-good one serves all
+]
+
+Verdict = Literal["Pass", "Fail", "Inconclusive"]
+
+
+class AnalysisVerdict(StatusModel):
+    """One check's verdict at one analysis round."""
+
+    metric: Literal["errorRate", "latency"]
+    against: Literal["slo", "stable"] = Field(description="Absolute SLO or the stable revision.")
+    value: float | None = Field(default=None, description="Candidate's observed share.")
+    baseline: float | None = Field(default=None, description="Stable's share (relative checks).")
+    threshold: float = Field(description="SLO share, or the allowed ratio to the stable's share.")
+    samples: int = Field(description="Candidate requests behind the verdict.")
+    evidence: float = Field(description="log e-value against 'the candidate is fine'.")
+    verdict: Verdict
+    time: str
+    revision: str | None = None
+    step: int | None = None
+
+
+class Weights(StatusModel):
+    stable: int = 100
+    candidate: int = 0
+    mirror_percent: int = 0
+
+
+class KnownGoodRevision(StatusModel):
+    """A revision that passed analysis, with the model part of the spec that rebuilds it."""
+
+    revision: str
+    model: dict[str, Any] = Field(description="The model part of the spec (image, args, ...).")
+    promoted_at: str | None = None
+
+
+class CheckEvidence(StatusModel):
+    """Sequential-test evidence carried over from finished steps (log e-value per check)."""
+
+    name: str
+    log_evidence: float = 0.0
+
+
+class RolloutStatus(StatusModel):
+    phase: RolloutPhase = "Stable"
+    reason: str | None = Field(default=None, description="Why the last action was taken.")
+    stable_revision: str | None = None
+    candidate_revision: str | None = None
+    candidate_model: dict[str, Any] | None = Field(
+        default=None, description="Model part of the candidate (to rebuild it after a restart)."
+    )
+    failed_revision: str | None = Field(
+        default=None,
+        description="Revision rolled back or fallen back from; not retried until the spec changes.",
+    )
+    weights: Weights = Field(default_factory=Weights)
+    step_index: int = Field(default=-1, description="-1: before the first step (or shadow).")
+    candidate_since: str | None = Field(default=None, description="Candidate created (deadline).")
+    step_since: str | None = Field(default=None, description="Current step (or shadow) began.")
+    promoted_at: str | None = Field(default=None, description="Watch window start.")
+    carried_evidence: list[CheckEvidence] = Field(default_factory=list)
+    verdicts: list[AnalysisVerdict] = Field(
+        default_factory=list,
+        description="Verdicts of this rollout, newest last (at most 100; older ones dropped).",
+    )
+    known_good: list[KnownGoodRevision] = Field(
+        default_factory=list, description="Newest first; [0] is the current stable when known."
+    )

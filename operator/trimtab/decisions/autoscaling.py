@@ -1,0 +1,258 @@
+"""The autoscaling decision: how many replicas a model server needs for its SLO, from the
+signals Prometheus shows (queue depth, arrival rate, service time, p99 latency). Pure.
+
+The operator's timer and the simulator (`trimtab simulate`, benchmark B1) both call
+`decide_replicas`; neither has a copy of this logic."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trimtab.api.autoscaling import AutoscalingSpec, SLOSpec
+
+Action = Literal["up", "down", "hold"]
+
+# Scale-up may always add this many replicas in one loop, whatever maxScaleUpRate says, so a
+# deployment at one replica is not held to doubling (the HPA uses the same floor).
+MIN_SCALE_UP_STEP = 4
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What the metrics source said this loop. None means "no data" (the query returned no
+    series); `source_unavailable` means the source itself could not be asked."""
+
+    queue_depth: float | None = None  # requests waiting, all replicas together
+    running: float | None = None  # requests being served, all replicas together
+    arrival_rate: float | None = None  # requests per second
+    service_time: float | None = None  # mean seconds in service, queue excluded
+    p99_latency: float | None = None  # seconds, end to end
+    error_rate: float | None = None  # share of requests failing
+    source_unavailable: bool = False
+    error: str = ""  # the source's error text, for the reason
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {
+            "queueDepth": self.queue_depth,
+            "running": self.running,
+            "arrivalRate": self.arrival_rate,
+            "serviceTime": self.service_time,
+            "p99Latency": self.p99_latency,
+            "errorRate": self.error_rate,
+        }
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One loop's raw recommendation (before stabilization, rate limits and bounds)."""
+
+    time: float
+    replicas: int
+
+
+@dataclass(frozen=True)
+class AutoscalingInput:
+    signals: Signals
+    current_replicas: int  # replicas asked for now (ready or starting)
+    ready_replicas: int  # replicas serving now
+    spec: AutoscalingSpec
+    slo: SLOSpec | None
+    now: float  # seconds on any clock the history uses too
+    history: tuple[Recommendation, ...] = ()  # earlier raw recommendations, oldest first
+    last_scale_up: float | None = None  # when replicas were last added
+
+
+@dataclass(frozen=True)
+class ReplicaDecision:
+    desired_replicas: int
+    action: Action
+    reason: str
+    recommendation: int | None  # the raw recommendation; None when the data was missing
+    history: tuple[Recommendation, ...]  # what to keep for the next loop
+    inputs: dict[str, float | None] = field(default_factory=dict)
+
+
+def _bounded(n: int, spec: AutoscalingSpec, floor: int) -> int:
+    return max(floor, min(spec.max_replicas, n))
+
+
+def _prune(history: tuple[Recommendation, ...], since: float) -> tuple[Recommendation, ...]:
+    return tuple(r for r in history if r.time >= since)
+
+
+def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
+    """Replicas the model server needs now, the action, and why.
+
+    Demand: by Little's law the concurrency in use is arrival rate x mean service time; the
+    requests already waiting add the slots needed to drain them within one service time. The
+    recommendation is that concurrency over what one replica should carry
+    (targetConcurrency x targetUtilization). p99 above the SLO while requests queue, with no
+    capacity still starting, adds replicas in proportion to the miss (feedback for a service
+    time the gauges underestimate). A p99 above the SLO with an empty queue is the service time
+    itself, which more replicas cannot fix, so it adds nothing.
+
+    Up is fast: at once (or after scaleUpStabilization), at most maxScaleUpRate times the
+    current replicas (and at least +4). Down is slow: only to the highest recommendation of
+    the scaleDownStabilization window, at most maxScaleDownRate of the replicas per loop, and
+    never while requests queue, p99 misses the SLO, or a signal is missing. Replicas still in
+    their cold start count as capacity, so a spike is not answered twice while they load.
+
+    Worked examples (targetConcurrency 8, targetUtilization 80% -> 6.4 requests a replica):
+
+    - 20 req/s x 1.0 s service time, no queue, 3 replicas: 20 / 6.4 -> 4: up to 4.
+    - Same, plus 16 requests waiting: (20 + 16) / 6.4 -> 6: up to 6 at once.
+    - 5 req/s x 1.0 s, 6 replicas, history in the window [6, 4, 1]: recommendation 1, held at
+      the window's highest (6): hold. Once the window holds only 1s: down to 3 (half of 6
+      per loop at maxScaleDownRate 0.5), then to 1.
+    - Prometheus down, 4 replicas, onMissingMetrics hold: stay at 4. With fallback and
+      fallbackReplicas 6: up to 6; with fallbackReplicas 2: stay at 4 (never down blind).
+    """
+    spec, sig = inp.spec, inp.signals
+    secs = spec.seconds()
+    current, ready = inp.current_replicas, inp.ready_replicas
+    starting = max(0, current - ready)
+    per_replica = spec.target_concurrency * spec.target_utilization / 100.0
+    slo_s = inp.slo.p99_latency_ms / 1000.0 if inp.slo else None
+    keep_for = max(secs.scale_down_stabilization, secs.scale_up_stabilization, secs.idle_window or 0)
+    history = _prune(inp.history, inp.now - keep_for - secs.interval)
+    used: dict[str, float | None] = {
+        **sig.as_dict(),
+        "currentReplicas": float(current),
+        "readyReplicas": float(ready),
+        "perReplicaConcurrency": per_replica,
+    }
+    # Bounds are the user's explicit limits, never a blind move.
+    floor = spec.min_replicas
+
+    # --- missing data: never scale down blind -------------------------------------------
+    have_littles = sig.arrival_rate is not None and sig.service_time is not None
+    have_inflight = sig.running is not None
+    if sig.source_unavailable or not (have_littles or have_inflight):
+        why = (
+            f"metrics source unavailable ({sig.error})"
+            if sig.source_unavailable and sig.error
+            else "metrics source unavailable"
+            if sig.source_unavailable
+            else "no data for arrival rate and service time, nor requests running"
+        )
+        target = current
+        if spec.on_missing_metrics == "fallback" and spec.fallback_replicas is not None:
+            target = max(current, spec.fallback_replicas)
+            why += f"; fallback to at least {spec.fallback_replicas}"
+        else:
+            why += "; holding"
+        desired = _bounded(target, spec, min(floor, current) if current else floor)
+        desired = max(desired, floor)
+        return ReplicaDecision(
+            desired, _action(desired, current), why, None, history, used
+        )
+
+    # --- demand ---------------------------------------------------------------------------
+    queue = sig.queue_depth or 0.0
+    running = sig.running or 0.0
+    in_use = running
+    if have_littles:
+        assert sig.arrival_rate is not None and sig.service_time is not None
+        in_use = max(sig.arrival_rate * sig.service_time, running)
+    # Waiting requests each need a slot for one service time to drain before they age further.
+    needed = in_use + queue
+    recommendation = math.ceil(needed / per_replica - 1e-9) if needed > 0 else 0
+    used["neededConcurrency"] = needed
+    notes = [
+        f"demand {needed:.1f} concurrent "
+        + (
+            f"({sig.arrival_rate:.2f} req/s x {sig.service_time:.2f}s"
+            if have_littles and sig.arrival_rate is not None and sig.service_time is not None
+            else f"({running:.0f} running"
+        )
+        + (f" + {queue:.0f} queued)" if queue else ")")
+        + f" / {per_replica:.1f} per replica = {recommendation}"
+    ]
+
+    slo_missed = slo_s is not None and sig.p99_latency is not None and sig.p99_latency > slo_s
+    queueing = sig.queue_depth is None or sig.queue_depth > 0
+    settled = starting == 0 and (
+        inp.last_scale_up is None or inp.now - inp.last_scale_up >= secs.cold_start + secs.interval
+    )
+    if slo_missed and queueing and settled:
+        assert slo_s is not None and sig.p99_latency is not None
+        miss = min(2.0, sig.p99_latency / slo_s)
+        feedback = max(ready + 1, math.ceil(ready * miss))
+        if feedback > recommendation:
+            recommendation = feedback
+            notes.append(
+                f"p99 {sig.p99_latency:.2f}s over SLO {slo_s:.2f}s with requests queued: "
+                f"{recommendation}"
+            )
+    elif slo_missed and not queueing:
+        notes.append("p99 over SLO with an empty queue: service time itself, no replicas added")
+
+    idle = needed == 0
+    history = (*history, Recommendation(inp.now, recommendation))
+
+    # --- scale to zero ----------------------------------------------------------------------
+    if secs.idle_window is not None and idle:
+        window = [r for r in history if r.time >= inp.now - secs.idle_window]
+        covered = history[0].time <= inp.now - secs.idle_window + secs.interval
+        if covered and all(r.replicas == 0 for r in window):
+            floor = 0
+            notes.append(f"idle for {spec.scale_to_zero.idle_window if spec.scale_to_zero else ''}")
+    if current == 0 and not idle:
+        floor = max(floor, 1)
+
+    # --- up: fast ---------------------------------------------------------------------------
+    if recommendation > current:
+        target = recommendation
+        if secs.scale_up_stabilization > 0:
+            window = [r.replicas for r in history if r.time >= inp.now - secs.scale_up_stabilization]
+            target = max(current, min(window))
+        limit = max(math.ceil(current * spec.max_scale_up_rate), current + MIN_SCALE_UP_STEP)
+        if target > limit:
+            notes.append(f"limited to {limit} by maxScaleUpRate")
+            target = limit
+        desired = _bounded(target, spec, floor)
+        if starting and desired > current:
+            notes.append(f"{starting} still starting counted as capacity")
+        return ReplicaDecision(
+            desired, _action(desired, current), "; ".join(notes), recommendation, history, used
+        )
+
+    # --- down: slow -------------------------------------------------------------------------
+    if recommendation < current:
+        blockers = []
+        if not have_littles:
+            blockers.append("arrival rate or service time missing")
+        if sig.queue_depth is None:
+            blockers.append("queue depth missing")
+        elif sig.queue_depth > 0:
+            blockers.append(f"{sig.queue_depth:.0f} requests queued")
+        if slo_missed:
+            blockers.append("p99 over SLO")
+        if blockers and current <= spec.max_replicas and current >= floor:
+            notes.append("no scale-down: " + ", ".join(blockers))
+            return ReplicaDecision(current, "hold", "; ".join(notes), recommendation, history, used)
+        window = [
+            r.replicas for r in history if r.time >= inp.now - secs.scale_down_stabilization
+        ]
+        target = max(window)
+        if target > recommendation:
+            notes.append(f"held at {target}, the highest recommendation in the stabilization window")
+        step = max(1, math.floor(current * spec.max_scale_down_rate))
+        if target < current - step:
+            target = current - step
+            notes.append(f"limited to -{step} per loop by maxScaleDownRate")
+        desired = _bounded(min(target, current), spec, floor)
+        return ReplicaDecision(
+            desired, _action(desired, current), "; ".join(notes), recommendation, history, used
+        )
+
+    desired = _bounded(current, spec, floor)
+    return ReplicaDecision(
+        desired, _action(desired, current), "; ".join(notes), recommendation, history, used
+    )
+
+
+def _action(desired: int, current: int) -> Action:
+    return "up" if desired > current else "down" if desired < current else "hold"

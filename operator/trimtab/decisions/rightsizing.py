@@ -1,0 +1,744 @@
+"""Right-sizing decisions: CPU and memory requests from decaying usage histograms, the GPU shape
+from peak GPU memory, and whether a recommendation moved enough to act on.
+
+Pure: usage, current resources, policy and the time `now` (unix seconds) are arguments."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from trimtab.api.common import Resources
+from trimtab.api.quantity import format_bytes, format_cpu, parse_quantity
+from trimtab.api.rightsizing import (
+    ContainerRecommendation,
+    GpuPolicy,
+    GpuShape,
+    RecommendationBasis,
+    RecommendationsStatus,
+    RecommendationState,
+    ResourceAmounts,
+    RightsizingSpec,
+)
+
+MiB = 1024**2
+GiB = 1024**3
+HOUR = 3600.0
+DAY = 24 * HOUR
+
+# Defaults when the spec leaves percentile or headroom unset. CPU has no limit, so a burst above
+# the request borrows idle CPU instead of failing: a high percentile with little headroom is
+# enough. Memory is not compressible: size for the highest recent peak plus headroom.
+DEFAULT_CPU_PERCENTILE = 0.95
+DEFAULT_CPU_HEADROOM = 0.05
+DEFAULT_MEMORY_PERCENTILE = 1.0
+DEFAULT_MEMORY_HEADROOM = 0.10
+# Half-life of usage weights: a sample a day old counts half as much as one taken now.
+HALF_LIFE_S = DAY
+# Memory is sized from the peak of each interval, so one quiet hour cannot hide a spike.
+PEAK_INTERVAL_S = HOUR
+# Peaks older than this many half-lives weigh under 1/16 and stop counting toward the max.
+PEAK_MAX_HALF_LIVES = 4.0
+# After an OOM kill the next request is at least this much above the memory it was killed at.
+OOM_BUMP_RATIO = 1.2
+OOM_MIN_BUMP = 100 * MiB
+# A recommendation needs a day of history (or the whole window when it is shorter).
+MIN_HISTORY_S = DAY
+# Requests below these are noise that only make a pod unschedulable after a restart spike.
+MIN_CPU = 0.01
+MIN_MEMORY = 16 * MiB
+
+
+# ---------------------------------------------------------------------------------------------
+# Decaying histogram
+
+
+class DecayingHistogram:
+    """A histogram with exponentially growing buckets whose samples lose half their weight every
+    `half_life` seconds, as in the Vertical Pod Autoscaler's recommender.
+
+    Instead of decaying every stored weight, a new sample's weight is multiplied by
+    2^((t - reference) / half_life); ratios between samples are what percentiles use.
+
+    >>> h = DecayingHistogram(first_bucket=0.01, ratio=1.05, max_value=1000.0, half_life=86400.0)
+    >>> for v in (0.2, 0.2, 0.2, 1.0):
+    ...     h.add(v, 1.0, 0.0)
+    >>> round(h.percentile(0.5), 3), round(h.percentile(0.95), 3)
+    (0.216, 1.016)
+    >>> h.add(0.2, 1.0, 86400.0 * 10)  # ten half-lives later: old samples weigh 1/1024
+    >>> round(h.percentile(0.95), 3)
+    0.216
+    """
+
+    def __init__(
+        self, first_bucket: float, ratio: float, max_value: float, half_life: float
+    ) -> None:
+        self.first_bucket = first_bucket
+        self.ratio = ratio
+        self.half_life = half_life
+        # Bucket i covers [start(i), start(i+1)), start(i) = first * (ratio^i - 1) / (ratio - 1).
+        top = math.log(max_value * (ratio - 1) / first_bucket + 1, ratio)
+        self.n_buckets = int(math.ceil(top)) + 1
+        self.weights = [0.0] * self.n_buckets
+        self.reference: float | None = None
+        self.total = 0.0
+
+    def bucket_start(self, i: int) -> float:
+        if i <= 0:
+            return 0.0
+        return self.first_bucket * (self.ratio**i - 1) / (self.ratio - 1)
+
+    def bucket_of(self, value: float) -> int:
+        if value < self.first_bucket:
+            return 0
+        i = int(math.floor(math.log(value * (self.ratio - 1) / self.first_bucket + 1, self.ratio)))
+        return min(max(i, 0), self.n_buckets - 1)
+
+    def _rescale(self, new_reference: float) -> None:
+        factor = 2.0 ** (((self.reference or 0.0) - new_reference) / self.half_life)
+        self.weights = [w * factor for w in self.weights]
+        self.total *= factor
+        self.reference = new_reference
+
+    def add(self, value: float, weight: float, t: float) -> None:
+        if self.reference is None:
+            self.reference = t
+        # Keep exponents small: move the reference forward once weights grow past 2^50.
+        if (t - self.reference) / self.half_life > 50:
+            self._rescale(t)
+        w = weight * 2.0 ** ((t - self.reference) / self.half_life)
+        self.weights[self.bucket_of(value)] += w
+        self.total += w
+
+    def subtract(self, value: float, weight: float, t: float) -> None:
+        """Undo an `add` of the same value, weight and time (VPA replaces a window's peak so)."""
+        if self.reference is None:
+            return
+        w = weight * 2.0 ** ((t - self.reference) / self.half_life)
+        i = self.bucket_of(value)
+        self.weights[i] = max(0.0, self.weights[i] - w)
+        self.total = max(0.0, self.total - w)
+
+    def is_empty(self) -> bool:
+        return self.total <= 0.0
+
+    def percentile(self, p: float) -> float:
+        """The upper end of the bucket where the cumulative weight reaches `p` of the total;
+        0.0 when empty. p = 1.0 is the upper end of the highest non-empty bucket."""
+        if self.total <= 0.0:
+            return 0.0
+        threshold = p * self.total
+        running = 0.0
+        last = 0
+        for i, w in enumerate(self.weights):
+            if w <= 0.0:
+                continue
+            running += w
+            last = i
+            if running >= threshold * (1 - 1e-12):
+                return self.bucket_start(i + 1)
+        return self.bucket_start(last + 1)
+
+
+def cpu_histogram(half_life: float = HALF_LIFE_S) -> DecayingHistogram:
+    """Buckets from 10 millicores growing by 5%, up to 1000 cores."""
+    return DecayingHistogram(first_bucket=0.01, ratio=1.05, max_value=1000.0, half_life=half_life)
+
+
+def memory_histogram(half_life: float = HALF_LIFE_S) -> DecayingHistogram:
+    """Buckets from 10 MB growing by 5%, up to 1 TB."""
+    return DecayingHistogram(first_bucket=1e7, ratio=1.05, max_value=1e12, half_life=half_life)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU shapes
+
+GpuModel = Literal["A100-40GB", "A100-80GB", "H100-80GB"]
+GB = 10**9
+
+
+@dataclass(frozen=True)
+class MigProfile:
+    name: str  # as in the resource name nvidia.com/mig-<name>
+    slices: int  # compute slices of 7
+    memory: int  # bytes: the decimal GB in the name, at or below what the profile really has
+
+
+def _profiles(*names: str) -> tuple[MigProfile, ...]:
+    out = []
+    for name in names:
+        slices, mem = name.split(".")
+        out.append(MigProfile(name, int(slices.rstrip("g")), int(mem.rstrip("gb")) * GB))
+    return tuple(out)
+
+
+# NVIDIA MIG user guide, "Supported MIG Profiles" (the +me media variants size the same).
+MIG_PROFILES: dict[GpuModel, tuple[MigProfile, ...]] = {
+    "A100-40GB": _profiles("1g.5gb", "1g.10gb", "2g.10gb", "3g.20gb", "4g.20gb", "7g.40gb"),
+    "A100-80GB": _profiles("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"),
+    "H100-80GB": _profiles("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"),
+}
+GPU_MEMORY: dict[GpuModel, int] = {"A100-40GB": 40 * GB, "A100-80GB": 80 * GB, "H100-80GB": 80 * GB}
+WHOLE_GPU = "nvidia.com/gpu"
+# The NVIDIA device plugin's name for a time-sliced GPU when renameByDefault is on.
+SHARED_GPU = "nvidia.com/gpu.shared"
+
+
+def gpu_model_from_name(name: str | None, memory_bytes: float | None = None) -> GpuModel | None:
+    """Map NVML's device name ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3") to a table key.
+
+    >>> gpu_model_from_name("NVIDIA A100-SXM4-40GB"), gpu_model_from_name("NVIDIA H100 80GB HBM3")
+    ('A100-40GB', 'H100-80GB')
+    >>> gpu_model_from_name("NVIDIA A100-PCIE", 85e9), gpu_model_from_name("Tesla T4") is None
+    ('A100-80GB', True)
+    """
+    if not name:
+        return None
+    upper = name.upper()
+    big = "80GB" in upper or (memory_bytes is not None and memory_bytes > 50 * GB)
+    if "A100" in upper:
+        return "A100-80GB" if big else "A100-40GB"
+    if "H100" in upper and ("80GB" in upper or memory_bytes is None or memory_bytes < 90 * GB):
+        return "H100-80GB"
+    return None
+
+
+def current_gpu_slices(gpu_count: int, resource_name: str | None) -> int:
+    """Compute slices (of 7 per GPU) the container has now: 7 per whole GPU, a MIG profile's."""
+    name = resource_name or WHOLE_GPU
+    if name.startswith("nvidia.com/mig-"):
+        profile = name.removeprefix("nvidia.com/mig-").split(".")[0]
+        return max(1, int(profile.rstrip("g") or 7)) * gpu_count
+    return 7 * gpu_count
+
+
+def suggest_gpu_shape(
+    peak_memory: float,
+    utilization_p95: float | None,
+    current_slices: int,
+    policy: GpuPolicy,
+    model: GpuModel | None,
+) -> GpuShape:
+    """The smallest GPU allocation that holds `peak_memory` (plus headroom) and the compute the
+    container used (p95 utilization of what it has now, plus headroom).
+
+    Worked examples (headroom 10%, sharing below 30% of one GPU):
+      - 7 GB peak, 20% of a whole H100 busy -> needs 7.7 GB and 1.5 of 7 slices: mig-1g.10gb
+      - 30 GB peak, 60% busy on an A100-80GB -> 33 GB and 4.6 slices: mig-7g.80gb is a whole GPU,
+        so "1 x nvidia.com/gpu"
+      - 120 GB peak on H100s -> 132 GB: 2 whole GPUs
+      - 6 GB peak, 10% busy, GPU model unknown -> no MIG table: a time-sliced GPU would do
+    """
+    needed_memory = peak_memory * (1 + policy.headroom)
+    util = utilization_p95 if utilization_p95 is not None else 1.0
+    needed_slices = util * current_slices * (1 + policy.headroom)
+    low_use = (
+        utilization_p95 is not None
+        and needed_slices < policy.sharing_utilization_threshold * 7
+        and policy.allow_sharing
+    )
+    memory_text = format_bytes(needed_memory)
+    gpu_memory = GPU_MEMORY[model] if model else None
+
+    if gpu_memory is not None and needed_memory > gpu_memory:
+        count = max(math.ceil(needed_memory / gpu_memory), math.ceil(needed_slices / 7))
+        return GpuShape(
+            kind="Whole",
+            resource_name=WHOLE_GPU,
+            count=count,
+            memory=format_bytes(gpu_memory),
+            reason=f"peak GPU memory {memory_text} with headroom needs {count} x {model}",
+        )
+    if model is not None and policy.allow_mig:
+        fits = [
+            p
+            for p in MIG_PROFILES[model]
+            if p.memory >= needed_memory and p.slices >= needed_slices and p.slices < 7
+        ]
+        if fits:
+            best = min(fits, key=lambda p: (p.slices, p.memory))
+            share = (
+                f"; utilization p95 {utilization_p95:.0%}: a time-sliced GPU would also do"
+                if low_use and utilization_p95 is not None
+                else ""
+            )
+            return GpuShape(
+                kind="Mig",
+                resource_name=f"nvidia.com/mig-{best.name}",
+                count=1,
+                memory=format_bytes(best.memory),
+                reason=f"peak GPU memory {memory_text} and {needed_slices:.1f} of 7 compute "
+                f"slices fit MIG {best.name} on {model}{share}",
+            )
+    if low_use and (gpu_memory is None or needed_memory <= gpu_memory / 2):
+        busy = f"{utilization_p95:.0%}" if utilization_p95 is not None else "unknown"
+        return GpuShape(
+            kind="TimeSliced",
+            resource_name=SHARED_GPU,
+            count=1,
+            memory=memory_text,
+            reason=f"utilization p95 {busy} of {current_slices / 7:g} GPU(s) and peak GPU memory "
+            f"{memory_text}: sharing a GPU would do",
+        )
+    count = max(1, math.ceil(needed_slices / 7))
+    return GpuShape(
+        kind="Whole",
+        resource_name=WHOLE_GPU,
+        count=count,
+        memory=format_bytes(gpu_memory) if gpu_memory else memory_text,
+        reason=f"peak GPU memory {memory_text} and {needed_slices:.1f} of 7 compute slices "
+        f"need {count} whole GPU(s)",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU and memory
+
+Sample = tuple[float, float]  # (unix seconds, value)
+
+
+@dataclass(frozen=True)
+class ContainerUsage:
+    """Usage of one container (all replicas, all revisions) over the window.
+
+    cpu: cores per sample; memory: working-set bytes, the max over each step; oom_kills: the
+    times of OOM kills and the memory the container had then (its limit when known)."""
+
+    container: str
+    step_seconds: float
+    cpu: Sequence[Sample] = ()
+    memory: Sequence[Sample] = ()
+    oom_kills: Sequence[Sample] = ()
+    gpu_memory: Sequence[Sample] = ()
+    gpu_utilization: Sequence[Sample] = ()
+    gpu_model: GpuModel | None = None
+    # Series a recommendation needs but the metrics source did not have; named in the condition.
+    missing_series: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CurrentResources:
+    """What a container runs with now, in numbers."""
+
+    cpu: float | None = None
+    memory: float | None = None
+    cpu_limit: float | None = None
+    memory_limit: float | None = None
+    gpu: int = 0
+    gpu_resource_name: str | None = None
+
+    @classmethod
+    def from_spec(cls, res: Resources) -> CurrentResources:
+        def num(q: str | None) -> float | None:
+            return float(parse_quantity(q)) if q else None
+
+        return cls(
+            cpu=num(res.cpu),
+            memory=num(res.memory),
+            cpu_limit=num(res.cpu_limit),
+            memory_limit=num(res.memory_limit) or num(res.memory),
+            gpu=res.gpu,
+            gpu_resource_name=res.gpu_resource_name,
+        )
+
+    def to_status(self) -> ResourceAmounts:
+        return ResourceAmounts(
+            cpu=format_cpu(self.cpu) if self.cpu else None,
+            memory=format_bytes(self.memory) if self.memory else None,
+            cpu_limit=format_cpu(self.cpu_limit) if self.cpu_limit else None,
+            memory_limit=format_bytes(self.memory_limit) if self.memory_limit else None,
+            gpu=self.gpu or None,
+            gpu_resource_name=self.gpu_resource_name if self.gpu else None,
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """RightsizingSpec with defaults filled in and quantities as numbers."""
+
+    window_s: float
+    cpu_percentile: float = DEFAULT_CPU_PERCENTILE
+    cpu_headroom: float = DEFAULT_CPU_HEADROOM
+    memory_percentile: float = DEFAULT_MEMORY_PERCENTILE
+    memory_headroom: float = DEFAULT_MEMORY_HEADROOM
+    cpu_min: float = MIN_CPU
+    cpu_max: float | None = None
+    memory_min: float = MIN_MEMORY
+    memory_max: float | None = None
+    min_change: float = 0.10
+    gpu: GpuPolicy = field(default_factory=GpuPolicy)
+    half_life_s: float = HALF_LIFE_S
+
+    @classmethod
+    def from_spec(cls, spec: RightsizingSpec) -> Policy:
+        def num(q: str | None) -> float | None:
+            return float(parse_quantity(q)) if q else None
+
+        return cls(
+            window_s=parse_duration(spec.window),
+            cpu_percentile=spec.cpu.percentile or DEFAULT_CPU_PERCENTILE,
+            cpu_headroom=(
+                spec.cpu.headroom if spec.cpu.headroom is not None else DEFAULT_CPU_HEADROOM
+            ),
+            memory_percentile=spec.memory.percentile or DEFAULT_MEMORY_PERCENTILE,
+            memory_headroom=(
+                spec.memory.headroom
+                if spec.memory.headroom is not None
+                else DEFAULT_MEMORY_HEADROOM
+            ),
+            cpu_min=max(MIN_CPU, num(spec.cpu.min) or 0.0),
+            cpu_max=num(spec.cpu.max),
+            memory_min=max(MIN_MEMORY, num(spec.memory.min) or 0.0),
+            memory_max=num(spec.memory.max),
+            min_change=spec.min_change,
+            gpu=spec.gpu,
+        )
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "1h30m", "168h", "500ms".
+
+    >>> parse_duration("1h30m"), parse_duration("168h"), parse_duration("500ms")
+    (5400.0, 604800.0, 0.5)
+    """
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    total, number = 0.0, ""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch.isdigit():
+            number += ch
+            i += 1
+            continue
+        unit = "ms" if text.startswith("ms", i) else ch
+        if unit not in units or not number:
+            raise ValueError(f"not a duration: {text!r}")
+        total += int(number) * units[unit]
+        number = ""
+        i += len(unit)
+    if number:
+        raise ValueError(f"not a duration: {text!r}")
+    return total
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """recommend_resources' answer for one container; numbers in cores and bytes."""
+
+    container: str
+    state: RecommendationState
+    message: str
+    current: CurrentResources
+    cpu: float | None = None
+    memory: float | None = None
+    gpu_shape: GpuShape | None = None
+    samples: int = 0
+    expected_samples: int = 0
+    confidence: float = 0.0
+    oom_kills: int = 0
+    peak_cpu: float | None = None
+    peak_memory: float | None = None
+    peak_gpu_memory: float | None = None
+    gpu_utilization_p95: float | None = None
+    missing_series: tuple[str, ...] = ()
+    policy: Policy | None = None
+
+    def resources(self) -> CurrentResources | None:
+        """The container's resources with this recommendation applied: memory limit = request,
+        CPU limit left as it was (none by default), GPUs unchanged (shapes are only suggested)."""
+        if self.state != "Recommended" or self.cpu is None or self.memory is None:
+            return None
+        return CurrentResources(
+            cpu=self.cpu,
+            memory=self.memory,
+            cpu_limit=self.current.cpu_limit,
+            memory_limit=self.memory,
+            gpu=self.current.gpu,
+            gpu_resource_name=self.current.gpu_resource_name,
+        )
+
+    def to_status(self, window: str) -> ContainerRecommendation:
+        p = self.policy
+        applied = self.resources()
+        basis = (
+            RecommendationBasis(
+                window=window,
+                samples=self.samples,
+                expected_samples=self.expected_samples,
+                cpu_percentile=p.cpu_percentile,
+                memory_percentile=p.memory_percentile,
+                cpu_headroom=p.cpu_headroom,
+                memory_headroom=p.memory_headroom,
+                confidence=round(self.confidence, 3),
+                oom_kills=self.oom_kills,
+                peak_cpu=format_cpu(self.peak_cpu) if self.peak_cpu else None,
+                peak_memory=format_bytes(self.peak_memory) if self.peak_memory else None,
+                peak_gpu_memory=(
+                    format_bytes(self.peak_gpu_memory) if self.peak_gpu_memory else None
+                ),
+                gpu_utilization_p95=(
+                    round(self.gpu_utilization_p95, 3)
+                    if self.gpu_utilization_p95 is not None
+                    else None
+                ),
+            )
+            if p is not None
+            else None
+        )
+        return ContainerRecommendation(
+            container=self.container,
+            state=self.state,
+            message=self.message,
+            current=self.current.to_status(),
+            recommended=applied.to_status() if applied else None,
+            basis=basis,
+            gpu_shape=self.gpu_shape,
+            missing_series=list(self.missing_series),
+        )
+
+
+def _in_window(samples: Iterable[Sample], start: float, now: float) -> list[Sample]:
+    return [(t, v) for t, v in samples if start < t <= now and math.isfinite(v) and v >= 0]
+
+
+def interval_peaks(samples: Iterable[Sample], interval: float) -> list[Sample]:
+    """The max of each `interval`-long bucket, stamped with the bucket's start.
+
+    >>> interval_peaks([(0, 1.0), (10, 3.0), (3600, 2.0)], 3600)
+    [(0.0, 3.0), (3600.0, 2.0)]
+    """
+    peaks: dict[float, float] = {}
+    for t, v in samples:
+        start = math.floor(t / interval) * interval
+        peaks[start] = max(v, peaks.get(start, v))
+    return sorted((float(k), v) for k, v in peaks.items())
+
+
+def oom_floor(oom_kills: Iterable[Sample]) -> float:
+    """The least memory that avoids a repeat of the OOM kills given: the memory at the kill
+    times 1.2, or plus 100 MiB, whichever is more (the VPA's bump).
+
+    >>> oom_floor([(0.0, 1000 * MiB)]) / MiB
+    1200.0
+    >>> oom_floor([(0.0, 200 * MiB)]) / MiB
+    300.0
+    """
+    return max(
+        (max(m * OOM_BUMP_RATIO, m + OOM_MIN_BUMP) for _, m in oom_kills), default=0.0
+    )
+
+
+def _clamp(value: float, low: float, high: float | None) -> float:
+    value = max(value, low)
+    return min(value, high) if high is not None else value
+
+
+def cpu_target(samples: Sequence[Sample], policy: Policy) -> float:
+    """The CPU percentile of a decaying histogram of the samples (each weighs 1 at its time)."""
+    hist = cpu_histogram(policy.half_life_s)
+    for t, v in samples:
+        hist.add(v, 1.0, t)
+    return hist.percentile(policy.cpu_percentile)
+
+
+def memory_target(samples: Sequence[Sample], policy: Policy, now: float) -> float:
+    """The memory percentile of hourly peaks, decayed. A peak older than four half-lives (1/16
+    of the weight) no longer counts, so the default percentile 1.0 (the max) still forgets a
+    level the workload left days ago."""
+    horizon = now - PEAK_MAX_HALF_LIVES * policy.half_life_s
+    peaks = interval_peaks(samples, PEAK_INTERVAL_S)
+    recent = [(t, v) for t, v in peaks if t + PEAK_INTERVAL_S > horizon] or peaks[-1:]
+    if policy.memory_percentile >= 1.0:
+        return max(v for _, v in recent)
+    hist = memory_histogram(policy.half_life_s)
+    for t, v in recent:
+        hist.add(v, 1.0, t)
+    return hist.percentile(policy.memory_percentile)
+
+
+def recommend_resources(
+    usage: ContainerUsage, current: CurrentResources, policy: Policy, now: float
+) -> Recommendation:
+    """Requests for one container from its usage over `policy.window_s` before `now`.
+
+    CPU request: the CPU percentile (default p95) of a decaying histogram (24 h half-life),
+    plus headroom (default 5%); no CPU limit is added. Memory request and limit: the highest
+    hourly working-set peak of the last four days (default percentile 1.0), plus headroom
+    (default 10%), and never less than 1.2x (or +100 MiB) the memory of an OOM kill in the
+    window. Bounds from the spec clamp both. GPUs: see `suggest_gpu_shape`.
+
+    Worked examples (window 168h, 5-minute samples, so 2016 expected and 288 needed):
+      - 100 samples -> InsufficientData, "insufficient data (100 of 288 samples)", nothing set
+      - a week at 0.5 cores, peaks 1.0, 2 GiB steady -> cpu ~0.53 (p95 of the samples, +5%),
+        memory 2.2 GiB (2 GiB peak +10%), confidence 1.0
+      - the same with an OOM kill at a 2 GiB limit -> memory >= 2.4 GiB (the bump)
+      - no working-set series -> MissingMetrics naming container_memory_working_set_bytes
+    """
+    start = now - policy.window_s
+    cpu = _in_window(usage.cpu, start, now)
+    memory = _in_window(usage.memory, start, now)
+    ooms = _in_window(usage.oom_kills, start, now)
+    step = max(usage.step_seconds, 1.0)
+    expected = max(1, int(policy.window_s // step))
+    needed = max(1, int(min(policy.window_s, MIN_HISTORY_S) // step))
+    samples = min(len(cpu), len(memory)) if cpu and memory else max(len(cpu), len(memory))
+    span = (cpu[-1][0] - cpu[0][0] + step) if cpu else 0.0
+    confidence = min(1.0, samples / expected, span / policy.window_s)
+    base = Recommendation(
+        container=usage.container,
+        state="InsufficientData",
+        message="",
+        current=current,
+        samples=samples,
+        expected_samples=expected,
+        confidence=confidence,
+        oom_kills=len(ooms),
+        missing_series=usage.missing_series,
+        policy=policy,
+    )
+
+    if usage.missing_series:
+        return replace(
+            base,
+            state="MissingMetrics",
+            message="no data for " + ", ".join(usage.missing_series),
+        )
+    if samples < needed:
+        return replace(base, message=f"insufficient data ({samples} of {needed} samples)")
+
+    cpu_value = cpu_target(cpu, policy) * (1 + policy.cpu_headroom)
+    cpu_value = _clamp(cpu_value, policy.cpu_min, policy.cpu_max)
+    memory_value = memory_target(memory, policy, now) * (1 + policy.memory_headroom)
+    memory_value = max(memory_value, oom_floor(ooms))
+    memory_value = _clamp(memory_value, policy.memory_min, policy.memory_max)
+    # Round as the API server would write them, so status and the next revision agree.
+    cpu_value = float(parse_quantity(format_cpu(cpu_value)))
+    memory_value = float(parse_quantity(format_bytes(memory_value)))
+
+    gpu_shape = None
+    peak_gpu = None
+    util_p95 = None
+    gpu_mem = _in_window(usage.gpu_memory, start, now)
+    if current.gpu and gpu_mem:
+        peak_gpu = max(v for _, v in gpu_mem)
+        utils = sorted(v for _, v in _in_window(usage.gpu_utilization, start, now))
+        util_p95 = utils[min(len(utils) - 1, int(0.95 * len(utils)))] if utils else None
+        model = policy.gpu.gpu_model or usage.gpu_model
+        gpu_shape = suggest_gpu_shape(
+            peak_gpu,
+            util_p95,
+            current_gpu_slices(current.gpu, current.gpu_resource_name),
+            policy.gpu,
+            model,
+        )
+    parts = [f"cpu {format_cpu(cpu_value)}", f"memory {format_bytes(memory_value)}"]
+    if ooms:
+        parts.append(f"after {len(ooms)} OOM kill(s)")
+    if gpu_shape is not None:
+        parts.append(f"GPU {gpu_shape.count} x {gpu_shape.resource_name}")
+    return replace(
+        base,
+        state="Recommended",
+        message=", ".join(parts),
+        cpu=cpu_value,
+        memory=memory_value,
+        gpu_shape=gpu_shape,
+        peak_cpu=max(v for _, v in cpu),
+        peak_memory=max(v for _, v in memory),
+        peak_gpu_memory=peak_gpu,
+        gpu_utilization_p95=util_p95,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Acting on a recommendation
+
+
+def relative_change(current: float | None, recommended: float | None) -> float:
+    """|recommended - current| / current; infinite when there is no current value.
+
+    >>> relative_change(1.0, 1.2), relative_change(None, 1.0)
+    (0.19999999999999996, inf)
+    """
+    if recommended is None:
+        return 0.0
+    if not current:
+        return math.inf
+    return abs(recommended - current) / current
+
+
+def moved(rec: Recommendation, min_change: float) -> bool:
+    """True when CPU or memory moves by more than `min_change` of what the container has now
+    (10% by default): worth an Event, and in Auto mode a new revision.
+
+    >>> r = Recommendation("c", "Recommended", "", CurrentResources(cpu=1.0, memory=1e9),
+    ...                    cpu=1.05, memory=1.2e9)
+    >>> moved(r, 0.10), moved(r, 0.25)
+    (True, False)
+    """
+    if rec.state != "Recommended":
+        return False
+    return (
+        relative_change(rec.current.cpu, rec.cpu) > min_change
+        or relative_change(rec.current.memory, rec.memory) > min_change
+    )
+
+
+def moved_since(
+    previous: ContainerRecommendation | None, rec: Recommendation, min_change: float
+) -> bool:
+    """True when the recommendation differs by more than `min_change` from the last one written
+    to status, so an Event is posted once per move, not on every timer tick."""
+    if rec.state != "Recommended":
+        return False
+    if previous is None or previous.recommended is None:
+        return True
+    prev = previous.recommended
+
+    def num(q: str | None) -> float | None:
+        return float(parse_quantity(q)) if q else None
+
+    return (
+        relative_change(num(prev.cpu), rec.cpu) > min_change
+        or relative_change(num(prev.memory), rec.memory) > min_change
+    )
+
+
+def resources_with(spec: Resources, applied: ResourceAmounts) -> Resources:
+    """spec.resources with an applied recommendation's CPU and memory (GPUs stay as specified)."""
+    return spec.model_copy(
+        update={
+            "cpu": applied.cpu or spec.cpu,
+            "memory": applied.memory or spec.memory,
+            "memory_limit": applied.memory_limit or applied.memory or spec.memory_limit,
+        }
+    )
+
+
+def resources_hash(spec: Resources) -> str:
+    """A short hash of spec.resources as on the wire, to notice a user's edit."""
+    canonical = json.dumps(spec.to_wire(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def effective_resources(
+    spec: Resources, mode: str, recommendations: RecommendationsStatus | None
+) -> Resources:
+    """The resources pods should run with: spec.resources, or in Auto mode the applied
+    recommendation from status as long as spec.resources has not been edited since (a user's
+    edit wins until the next recommendation moves).
+
+    Worked examples:
+      - mode Recommend, anything applied    -> spec.resources
+      - mode Auto, applied for this spec    -> spec.resources with the applied cpu and memory
+      - mode Auto, spec.resources edited    -> spec.resources (the hash no longer matches)
+    """
+    if mode != "Auto" or recommendations is None or recommendations.applied is None:
+        return spec
+    if recommendations.applied.spec_resources_hash != resources_hash(spec):
+        return spec
+    return resources_with(spec, recommendations.applied.resources)

@@ -1,0 +1,259 @@
+"""kopf handlers for ModelDeployment: apply the current revision's Deployment and the Service,
+and keep status in step with the Deployments, which kopf indexes as they change.
+
+Each handler parses, asks decisions/ and builders/, writes only what differs, and records why."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from typing import Any, cast
+
+import kopf
+from pydantic import ValidationError
+
+from trimtab import constants as C
+from trimtab.api.common import Condition
+from trimtab.api.modeldeployment import (
+    CONDITION_DEGRADED,
+    CONDITION_READY,
+    ModelDeploymentSpec,
+)
+from trimtab.builders.common import Owner, merge_patch
+from trimtab.builders.serving import (
+    build_deployment,
+    build_service,
+    revision_of,
+    selector_string,
+)
+from trimtab.decisions.conditions import get_condition, set_condition
+from trimtab.decisions.serving import DeploymentObservation, find_spec_problems, serving_state
+from trimtab.kube.client import KubeClient, KubeError
+from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS
+from trimtab.observability import RECONCILE_SECONDS, RECONCILES
+
+KIND = C.MODELDEPLOYMENT_KIND
+# Deployments of serving revisions; only these feed the index.
+SERVING_LABELS: dict[str, Any] = {
+    C.LABEL_MANAGED_BY: C.MANAGED_BY,
+    C.LABEL_OWNER: kopf.PRESENT,
+    C.LABEL_REVISION: kopf.PRESENT,
+}
+# Degraded reasons set by the reconcile; Deployment events do not clear them.
+SPEC_REASONS = ("InvalidSpec", "ApplyRejected")
+
+IndexKey = tuple[str, str]
+Log = logging.Logger | logging.LoggerAdapter[Any]
+
+
+def now_rfc3339() -> str:
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    return now.isoformat().replace("+00:00", "Z")
+
+
+def owner_of(body: kopf.Body) -> Owner:
+    meta = body["metadata"]
+    return Owner(C.API_VERSION, KIND, meta["name"], meta["namespace"], meta["uid"])
+
+
+def parse_spec(spec: Any) -> tuple[ModelDeploymentSpec | None, list[str]]:
+    """The parsed spec, or the problems that make it unusable, each naming the field."""
+    try:
+        parsed = ModelDeploymentSpec.model_validate(dict(spec))
+    except ValidationError as err:
+        return None, [
+            f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        ]
+    return parsed, find_spec_problems(parsed)
+
+
+def _conditions(status: Any) -> list[Condition]:
+    return [Condition.model_validate(c) for c in (status or {}).get("conditions") or []]
+
+
+@kopf.index("apps", "v1", "deployments", labels=SERVING_LABELS)
+def serving_deployments(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[IndexKey, DeploymentObservation]:
+    """Every serving Deployment's observed state, keyed by (namespace, ModelDeployment name)."""
+    return {
+        (namespace or "", labels[C.LABEL_OWNER]): DeploymentObservation.from_manifest(
+            labels[C.LABEL_REVISION], dict(body)
+        )
+    }
+
+
+def _observations(
+    index: kopf.Index[IndexKey, DeploymentObservation], key: IndexKey
+) -> list[DeploymentObservation]:
+    return list(index.get(key, []))
+
+
+def desired_status(
+    body: Any,
+    revision: str,
+    observations: list[DeploymentObservation],
+    generation: int,
+    now: str,
+) -> tuple[dict[str, Any], bool]:
+    """The status fields that follow the Deployments, and whether the current revision is ready."""
+    status = body.get("status") or {}
+    state = serving_state(revision, observations, _conditions(status), generation, now)
+    owner = owner_of(body)
+    return (
+        {
+            "phase": state.phase,
+            "message": state.message,
+            "replicas": state.replicas,
+            "readyReplicas": state.ready_replicas,
+            "updatedReplicas": state.updated_replicas,
+            "currentRevision": revision,
+            "selector": selector_string(owner),
+            "conditions": [c.to_wire() for c in state.conditions],
+        },
+        state.current_ready,
+    )
+
+
+async def _degrade(
+    body: kopf.Body, patch: kopf.Patch, reason: str, problems: list[str], generation: int
+) -> None:
+    message = "; ".join(problems)
+    now = now_rfc3339()
+    conds = _conditions(body.get("status"))
+    conds = set_condition(conds, CONDITION_DEGRADED, "True", reason, message, now, generation)
+    conds = set_condition(conds, CONDITION_READY, "False", reason, message, now, generation)
+    desired = {
+        "phase": "Degraded",
+        "message": message,
+        "observedGeneration": generation,
+        "conditions": [c.to_wire() for c in conds],
+    }
+    changes = merge_patch(dict(body.get("status") or {}), desired)
+    for key, value in changes.items():
+        patch.status[key] = value
+    kopf.warn(body, reason=reason, message=message)
+
+
+@kopf.on.resume(C.GROUP, C.VERSION, C.MODELDEPLOYMENT_PLURAL)
+@kopf.on.create(C.GROUP, C.VERSION, C.MODELDEPLOYMENT_PLURAL)
+@kopf.on.update(C.GROUP, C.VERSION, C.MODELDEPLOYMENT_PLURAL, field="spec")
+async def reconcile_modeldeployment(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    patch: kopf.Patch,
+    memo: Any,
+    logger: Log,
+    **kwargs: Any,
+) -> None:
+    """Apply the current revision's Deployment and the Service; write status if it changed."""
+    started = time.monotonic()
+    result = "error"
+    try:
+        await _reconcile(body, spec, patch, memo, logger, kwargs["serving_deployments"])
+        result = "ok"
+    except kopf.PermanentError:
+        result = "invalid"
+        raise
+    finally:
+        RECONCILES.labels(kind=KIND, result=result).inc()
+        RECONCILE_SECONDS.labels(kind=KIND).observe(time.monotonic() - started)
+
+
+async def _reconcile(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    patch: kopf.Patch,
+    memo: Any,
+    logger: Log,
+    index: kopf.Index[IndexKey, DeploymentObservation],
+) -> None:
+    kube: KubeClient = memo.kube
+    meta = body["metadata"]
+    generation = int(meta.get("generation") or 0)
+    parsed, problems = parse_spec(spec)
+    if parsed is None or problems:
+        await _degrade(body, patch, "InvalidSpec", problems, generation)
+        raise kopf.PermanentError("; ".join(problems))
+
+    owner = owner_of(body)
+    revision = revision_of(parsed)
+    key = (owner.namespace, owner.name)
+    observations = _observations(index, key)
+    is_new = all(o.revision != revision for o in observations)
+    try:
+        await kube.apply(build_deployment(owner, parsed, revision, parsed.replicas))
+        await kube.apply(build_service(owner, parsed))
+    except KubeError as err:
+        if err.invalid or err.status == 400:
+            await _degrade(body, patch, "ApplyRejected", [err.message], generation)
+            raise kopf.PermanentError(err.message) from err
+        raise kopf.TemporaryError(f"API server: {err}", delay=10) from err
+    if is_new:
+        kopf.info(
+            body, reason="RevisionCreated", message=f"revision {revision}: image {parsed.image}"
+        )
+        logger.info("revision %s applied", revision)
+
+    desired, _ = desired_status(body, revision, observations, generation, now_rfc3339())
+    desired["observedGeneration"] = generation
+    for key_, value in merge_patch(dict(body.get("status") or {}), desired).items():
+        patch.status[key_] = value
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)
+async def follow_serving_deployment(
+    namespace: str | None,
+    labels: kopf.Labels,
+    memo: Any,
+    logger: Log,
+    **kwargs: Any,
+) -> None:
+    """A Deployment changed: recompute its ModelDeployment's status, and retire old revisions
+    once the current one is fully ready."""
+    await sync_status(
+        memo.kube, namespace or "", labels[C.LABEL_OWNER], kwargs["serving_deployments"], logger
+    )
+
+
+async def sync_status(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    index: kopf.Index[IndexKey, DeploymentObservation],
+    logger: Log,
+) -> None:
+    body = await kube.get(MODELDEPLOYMENTS, namespace, name)
+    if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+        return
+    parsed, problems = parse_spec(body.get("spec") or {})
+    if parsed is None or problems:
+        return
+    status = body.get("status") or {}
+    degraded = get_condition(_conditions(status), CONDITION_DEGRADED)
+    generation = int(body["metadata"].get("generation") or 0)
+    if (
+        degraded
+        and degraded.status == "True"
+        and degraded.reason in SPEC_REASONS
+        and (degraded.observed_generation == generation)
+    ):
+        return
+    revision = revision_of(parsed)
+    observations = _observations(index, (namespace, name))
+    desired, current_ready = desired_status(
+        body, revision, observations, int(status.get("observedGeneration") or 0), now_rfc3339()
+    )
+    changes = merge_patch(dict(status), desired)
+    if changes:
+        await kube.patch_status(MODELDEPLOYMENTS, namespace, name, changes)
+    if current_ready:
+        for old in observations:
+            if old.revision != revision and await kube.delete(DEPLOYMENTS, namespace, old.name):
+                logger.info("retired revision %s of %s/%s", old.revision, namespace, name)
+                kopf.info(
+                    cast(kopf.Body, body),
+                    reason="RevisionRetired",
+                    message=f"revision {old.revision} removed; {revision} is ready",
+                )

@@ -1,0 +1,45 @@
+"""Operator-wide kopf settings and shared clients, set once at start-up and closed at exit.
+
+kopf keeps its bookkeeping in trimtab.io annotations so nothing lands in the CRDs' status."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from trimtab import constants as C
+from trimtab.config import Settings
+from trimtab.kube.client import KubeClient
+
+
+@kopf.on.startup()
+async def configure_operator(
+    settings: kopf.OperatorSettings,
+    memo: Any,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+    **_: Any,
+) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=C.KOPF_ANNOTATION_PREFIX
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=C.KOPF_ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{C.GROUP}/finalizer"
+    # Only explicit Events (scale actions, rollbacks, bad specs) reach users, not kopf's log.
+    settings.posting.level = logging.WARNING
+    settings.networking.request_timeout = 60
+    if getattr(memo, "settings", None) is None:
+        memo.settings = Settings.from_env()
+    if getattr(memo, "kube", None) is None:
+        memo.kube = KubeClient.from_environment()
+    logger.info("trimtab configured; Prometheus at %s", memo.settings.prometheus_url)
+
+
+@kopf.on.cleanup()
+async def close_clients(memo: Any, **_: Any) -> None:
+    kube = getattr(memo, "kube", None)
+    if kube is not None:
+        await kube.close()

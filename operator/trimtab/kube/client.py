@@ -1,0 +1,259 @@
+"""An async client for the Kubernetes REST API on aiohttp: get, list, server-side apply that
+skips no-op writes, status and scale patches, delete.
+
+Credentials come from the pod's service account or the kubeconfig, through the kubernetes
+package."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+
+from trimtab import constants as C
+from trimtab.builders.common import is_applied
+from trimtab.kube.resources import REGISTRY, Resource, for_manifest
+from trimtab.observability import API_REQUESTS
+
+log = logging.getLogger(__name__)
+Json = dict[str, Any]
+
+
+class KubeError(Exception):
+    """A non-2xx answer from the API server, with its Status message."""
+
+    def __init__(self, status: int, reason: str, message: str, body: Any = None) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.body = body
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409
+
+    @property
+    def invalid(self) -> bool:
+        return self.status == 422
+
+
+class ForbiddenCall(RuntimeError):
+    """trimtab tried a verb that its RBAC registry (kube/resources.py) does not list."""
+
+
+def _check(res: Resource, verb: str, sub: str | None = None) -> None:
+    if res not in REGISTRY:
+        raise ForbiddenCall(f"{res.plural} is not in trimtab's resource registry")
+    if sub is not None:
+        if sub not in res.subresources:
+            raise ForbiddenCall(f"{res.plural}/{sub} is not in trimtab's resource registry")
+    elif verb not in res.verbs:
+        raise ForbiddenCall(f"verb {verb} on {res.plural} is not in trimtab's resource registry")
+
+
+class KubeClient:
+    """One aiohttp session per event loop; every method is a single API call (apply: two)."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        ssl_context: ssl.SSLContext | bool = True,
+        token: Callable[[], str | None] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.host = host.rstrip("/")
+        self._ssl = ssl_context
+        self._token = token
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Writes sent, by (verb, kind): tests and the bench count them.
+        self.writes: Counter[tuple[str, str]] = Counter()
+
+    @classmethod
+    def from_environment(cls) -> KubeClient:
+        """In a pod: its service account. Elsewhere: the current kubeconfig context."""
+        from kubernetes import client as k8s_client
+        from kubernetes import config as k8s_config
+
+        cfg = k8s_client.Configuration()
+        try:
+            k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]  # untyped in the kubernetes package
+        except k8s_config.ConfigException:
+            k8s_config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]  # untyped in the kubernetes package
+        context: ssl.SSLContext | bool
+        if cfg.verify_ssl:
+            context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+            if cfg.cert_file:
+                context.load_cert_chain(cfg.cert_file, cfg.key_file)
+        else:
+            context = False
+
+        def token() -> str | None:
+            # get_api_key_with_prefix calls the refresh hook, so rotated tokens are picked up.
+            value = cfg.get_api_key_with_prefix("authorization")
+            return str(value) if value else None
+
+        return cls(cfg.host, ssl_context=context, token=token)
+
+    async def _get_session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            self._loop = loop
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> Json:
+        session = await self._get_session()
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        if self._token is not None and (token := self._token()):
+            headers["Authorization"] = token if " " in token else f"Bearer {token}"
+        data = json.dumps(body) if body is not None else None
+        async with session.request(
+            method, self.host + path, params=params, data=data, headers=headers, ssl=self._ssl
+        ) as resp:
+            text = await resp.text()
+            API_REQUESTS.labels(method=method, code=str(resp.status)).inc()
+            if resp.status >= 400:
+                try:
+                    status = json.loads(text)
+                    message = status.get("message", text)
+                except ValueError:
+                    status, message = None, text
+                raise KubeError(resp.status, resp.reason or "", str(message), status)
+            return json.loads(text) if text else {}
+
+    # --- reads -----------------------------------------------------------------------------
+
+    async def get(self, res: Resource, namespace: str, name: str) -> Json | None:
+        _check(res, "get")
+        try:
+            return await self.request("GET", res.path(namespace, name))
+        except KubeError as err:
+            if err.not_found:
+                return None
+            raise
+
+    async def list(
+        self, res: Resource, namespace: str | None, labels: Mapping[str, str] | None = None
+    ) -> list[Json]:
+        _check(res, "list")
+        params = {}
+        if labels:
+            params["labelSelector"] = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        result = await self.request("GET", res.path(namespace), params=params)
+        items: list[Json] = result.get("items") or []
+        # Filter here too: the selector is an optimisation, the check is ours.
+        if labels:
+            items = [
+                i
+                for i in items
+                if all(
+                    (i.get("metadata", {}).get("labels") or {}).get(k) == v
+                    for k, v in labels.items()
+                )
+            ]
+        return items
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def _count(self, verb: str, kind: str) -> None:
+        self.writes[(verb, kind)] += 1
+        from trimtab.observability import API_WRITES
+
+        API_WRITES.labels(verb=verb, kind=kind).inc()
+
+    async def apply(self, manifest: Json) -> Json:
+        """Server-side apply as field manager `trimtab`, unless the object already holds every
+        field we would set: then nothing is written and the current object is returned."""
+        res = for_manifest(manifest)
+        _check(res, "patch")
+        meta = manifest["metadata"]
+        current = await self.get(res, meta.get("namespace", ""), meta["name"])
+        if current is not None and is_applied(manifest, current):
+            return current
+        self._count("apply", res.kind)
+        return await self.request(
+            "PATCH",
+            res.path(meta.get("namespace"), meta["name"]),
+            params={"fieldManager": C.FIELD_MANAGER, "force": "true"},
+            body=manifest,
+            content_type="application/apply-patch+yaml",
+        )
+
+    async def patch(
+        self, res: Resource, namespace: str, name: str, patch: Json, subresource: str | None = None
+    ) -> Json:
+        """A JSON merge patch, of the object or of its status/scale subresource."""
+        _check(res, "patch", subresource)
+        self._count("patch" if subresource is None else f"patch/{subresource}", res.kind)
+        return await self.request(
+            "PATCH",
+            res.path(namespace, name, subresource),
+            body=patch,
+            content_type="application/merge-patch+json",
+        )
+
+    async def patch_status(self, res: Resource, namespace: str, name: str, status: Json) -> Json:
+        return await self.patch(res, namespace, name, {"status": status}, subresource="status")
+
+    async def scale(self, res: Resource, namespace: str, name: str, replicas: int) -> Json:
+        """Set replicas through the scale subresource, as `kubectl scale` does."""
+        return await self.patch(res, namespace, name, {"spec": {"replicas": replicas}}, "scale")
+
+    async def create(self, manifest: Json) -> Json:
+        res = for_manifest(manifest)
+        _check(res, "create")
+        self._count("create", res.kind)
+        return await self.request(
+            "POST", res.path(manifest["metadata"].get("namespace")), body=manifest
+        )
+
+    async def delete(
+        self, res: Resource, namespace: str, name: str, propagation: str = "Background"
+    ) -> bool:
+        """Delete; False when it was already gone."""
+        _check(res, "delete")
+        self._count("delete", res.kind)
+        try:
+            await self.request(
+                "DELETE",
+                res.path(namespace, name),
+                body={
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "propagationPolicy": propagation,
+                },
+            )
+        except KubeError as err:
+            if err.not_found:
+                return False
+            raise
+        return True

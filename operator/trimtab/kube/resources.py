@@ -1,0 +1,136 @@
+"""Every Kubernetes resource trimtab reads or writes, and the verbs it uses on each.
+
+The client refuses a call that is not listed here, so this table is also the operator's RBAC:
+the Helm chart's ClusterRole is tested against it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trimtab import constants as C
+
+
+@dataclass(frozen=True)
+class Resource:
+    group: str  # "" for the core API
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool = True
+    verbs: frozenset[str] = frozenset()
+    subresources: frozenset[str] = frozenset()
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(
+        self, namespace: str | None = None, name: str | None = None, sub: str | None = None
+    ) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if self.namespaced and namespace:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        if name:
+            base += f"/{name}"
+        if sub:
+            base += f"/{sub}"
+        return base
+
+
+def _verbs(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+MODELDEPLOYMENTS = Resource(
+    C.GROUP,
+    C.VERSION,
+    C.MODELDEPLOYMENT_PLURAL,
+    C.MODELDEPLOYMENT_KIND,
+    verbs=_verbs("get", "list", "watch", "patch"),
+    subresources=frozenset({"status"}),
+)
+TRAININGJOBS = Resource(
+    C.GROUP,
+    C.VERSION,
+    C.TRAININGJOB_PLURAL,
+    C.TRAININGJOB_KIND,
+    verbs=_verbs("get", "list", "watch", "patch"),
+    subresources=frozenset({"status"}),
+)
+DEPLOYMENTS = Resource(
+    "apps",
+    "v1",
+    "deployments",
+    "Deployment",
+    verbs=_verbs("get", "list", "watch", "create", "patch", "delete"),
+    subresources=frozenset({"scale"}),
+)
+SERVICES = Resource(
+    "",
+    "v1",
+    "services",
+    "Service",
+    verbs=_verbs("get", "list", "watch", "create", "patch", "delete"),
+)
+JOBS = Resource(
+    "batch", "v1", "jobs", "Job", verbs=_verbs("get", "list", "watch", "create", "patch", "delete")
+)
+PODS = Resource("", "v1", "pods", "Pod", verbs=_verbs("get", "list", "watch"))
+HTTPROUTES = Resource(
+    "gateway.networking.k8s.io",
+    "v1",
+    "httproutes",
+    "HTTPRoute",
+    verbs=_verbs("get", "list", "watch", "create", "patch", "delete"),
+)
+VIRTUALSERVICES = Resource(
+    "networking.istio.io",
+    "v1",
+    "virtualservices",
+    "VirtualService",
+    verbs=_verbs("get", "list", "watch", "create", "patch", "delete"),
+)
+PODGROUPS = Resource(
+    "scheduling.x-k8s.io",
+    "v1alpha1",
+    "podgroups",
+    "PodGroup",
+    verbs=_verbs("get", "list", "watch", "create", "patch", "delete"),
+)
+
+REGISTRY: tuple[Resource, ...] = (
+    MODELDEPLOYMENTS,
+    TRAININGJOBS,
+    DEPLOYMENTS,
+    SERVICES,
+    JOBS,
+    PODS,
+    HTTPROUTES,
+    VIRTUALSERVICES,
+    PODGROUPS,
+)
+
+
+def for_manifest(manifest: dict[str, object]) -> Resource:
+    """The registered resource of a manifest, by apiVersion and kind."""
+    api_version, kind = manifest.get("apiVersion"), manifest.get("kind")
+    for res in REGISTRY:
+        if res.api_version == api_version and res.kind == kind:
+            return res
+    raise LookupError(f"trimtab does not manage {kind} ({api_version})")
+
+
+def rbac_rules() -> list[dict[str, list[str]]]:
+    """The ClusterRole rules these resources need, one rule per resource (subresources apart)."""
+    rules: list[dict[str, list[str]]] = []
+    for res in REGISTRY:
+        rules.append(
+            {"apiGroups": [res.group], "resources": [res.plural], "verbs": sorted(res.verbs)}
+        )
+        for sub in sorted(res.subresources):
+            sub_verbs = ["get", "patch"] if sub in ("status", "scale") else ["get"]
+            rules.append(
+                {"apiGroups": [res.group], "resources": [f"{res.plural}/{sub}"], "verbs": sub_verbs}
+            )
+    return rules

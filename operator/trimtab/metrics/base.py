@@ -1,0 +1,154 @@
+"""What a metrics source answers and how: the MetricsProvider protocol, a three-state query
+result (a value, "no data", "source unavailable") and the autoscaling Signals read each loop.
+
+Every provider (Prometheus today) implements the protocol; callers never see an HTTP error."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any, Literal, Protocol, runtime_checkable
+
+# The signals trimtab scales on, spelled as in `spec.metrics.queries` (camelCase keys).
+SignalName = Literal[
+    "arrivalRate", "queueDepth", "running", "serviceTime", "p99Latency", "errorRate"
+]
+SIGNAL_NAMES: tuple[SignalName, ...] = (
+    "arrivalRate",
+    "queueDepth",
+    "running",
+    "serviceTime",
+    "p99Latency",
+    "errorRate",
+)
+
+
+class ResultState(StrEnum):
+    """What one query told us. Only VALUE carries a number."""
+
+    # The source answered with one finite or infinite number.
+    VALUE = "Value"
+    # The source answered, but there is nothing to read: the series is absent, every sample is
+    # stale, the ratio is 0/0 (no requests in the window), or the preset has no query for it.
+    NO_DATA = "NoData"
+    # The source did not answer usefully: unreachable, timed out, rejected the query (a PromQL
+    # parse error in an override), or answered with a shape trimtab cannot read.
+    UNAVAILABLE = "Unavailable"
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """One query's outcome. `message` says why there is no value (empty for VALUE)."""
+
+    state: ResultState
+    value: float | None = None
+    message: str = ""
+
+    @staticmethod
+    def of(value: float) -> QueryResult:
+        # NaN is what Prometheus answers for 0/0 and for a quantile over an empty histogram:
+        # it means "nothing happened in the window", never a number to act on.
+        if math.isnan(value):
+            return QueryResult(ResultState.NO_DATA, None, "NaN: no samples in the window")
+        return QueryResult(ResultState.VALUE, value, "")
+
+    @staticmethod
+    def no_data(message: str) -> QueryResult:
+        return QueryResult(ResultState.NO_DATA, None, message)
+
+    @staticmethod
+    def unavailable(message: str) -> QueryResult:
+        return QueryResult(ResultState.UNAVAILABLE, None, message)
+
+    @property
+    def has_value(self) -> bool:
+        return self.state is ResultState.VALUE
+
+    @property
+    def is_unavailable(self) -> bool:
+        return self.state is ResultState.UNAVAILABLE
+
+    def to_status(self) -> dict[str, Any]:
+        """The status form: `{"state": ..., "value": ..., "message": ...}`, unset keys left out.
+
+        Infinity (a p99 above the largest histogram bucket) is written as the string "+Inf",
+        because JSON has no infinity and the API server would reject the patch."""
+        out: dict[str, Any] = {"state": self.state.value}
+        if self.value is not None:
+            out["value"] = self.value if math.isfinite(self.value) else _inf_text(self.value)
+        if self.message:
+            out["message"] = self.message
+        return out
+
+
+def _inf_text(value: float) -> str:
+    return "+Inf" if value > 0 else "-Inf"
+
+
+@dataclass(frozen=True)
+class Signals:
+    """The autoscaling inputs of one loop, each with its own state.
+
+    Units: requests per second, requests, requests, seconds, seconds, fraction 0..1.
+    Queue depth and running are summed over the revision's pods."""
+
+    arrival_rate: QueryResult
+    queue_depth: QueryResult
+    running: QueryResult
+    service_time: QueryResult
+    p99_latency: QueryResult
+    error_rate: QueryResult
+
+    @staticmethod
+    def from_results(results: Mapping[str, QueryResult]) -> Signals:
+        """Signals from results keyed by signal name; a missing key is NO_DATA."""
+        missing = QueryResult.no_data("not queried")
+        return Signals(
+            arrival_rate=results.get("arrivalRate", missing),
+            queue_depth=results.get("queueDepth", missing),
+            running=results.get("running", missing),
+            service_time=results.get("serviceTime", missing),
+            p99_latency=results.get("p99Latency", missing),
+            error_rate=results.get("errorRate", missing),
+        )
+
+    def by_name(self) -> dict[SignalName, QueryResult]:
+        return {
+            "arrivalRate": self.arrival_rate,
+            "queueDepth": self.queue_depth,
+            "running": self.running,
+            "serviceTime": self.service_time,
+            "p99Latency": self.p99_latency,
+            "errorRate": self.error_rate,
+        }
+
+    def value(self, name: SignalName) -> float | None:
+        return self.by_name()[name].value
+
+    @property
+    def available(self) -> bool:
+        """False when any signal's source was unavailable: the loop must not scale down then."""
+        return not any(getattr(self, f.name).is_unavailable for f in fields(self))
+
+    def errors(self) -> dict[SignalName, str]:
+        """The error text of each unavailable signal, for the MetricsAvailable condition."""
+        return {n: r.message for n, r in self.by_name().items() if r.is_unavailable}
+
+    def to_status(self) -> dict[str, dict[str, Any]]:
+        return {n: r.to_status() for n, r in self.by_name().items()}
+
+
+@runtime_checkable
+class MetricsProvider(Protocol):
+    """A source of numbers, after Flagger's `RunQuery`/`IsOnline` provider interface.
+
+    `query_batch` runs every query of one loop together and never raises for a source
+    problem: each query's failure comes back as an UNAVAILABLE result with the source's text."""
+
+    async def query_batch(self, queries: Mapping[str, str]) -> dict[str, QueryResult]: ...
+
+    async def is_online(self) -> bool: ...
+
+    async def close(self) -> None: ...

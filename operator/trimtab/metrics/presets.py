@@ -1,0 +1,318 @@
+"""PromQL for each model-server preset (vLLM, Triton, TGI, TorchServe, generic), so users write
+no PromQL; and the rendering of users' per-signal overrides.
+
+Every query selects one ModelDeployment (namespace + owner label) and, when given, one revision,
+so a canary and its stable revision are measured apart. Each query answers one number."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from trimtab.metrics.base import SIGNAL_NAMES, SignalName
+
+SignalQueries = dict[SignalName, "str | None"]
+
+_DURATION = re.compile(r"^([0-9]+(ms|s|m|h))+$")
+_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_PLACEHOLDER = re.compile(r"\{\{\s*([a-zA-Z]+)\s*\}\}")
+
+
+class UnknownPresetError(ValueError):
+    """A preset name with no PromQL behind it. Never fall back to another preset silently."""
+
+
+@dataclass(frozen=True)
+class LabelNames:
+    """The Prometheus label names that carry a pod's namespace, owner and revision.
+
+    The defaults are what the usual scrape configs produce from the pod labels trimtab sets
+    (`trimtab.io/owner`, `trimtab.io/revision`): kubernetes_sd with a `labelmap` of
+    `__meta_kubernetes_pod_label_(trimtab_io_.+)`, or a PodMonitor with `podTargetLabels`."""
+
+    namespace: str = "namespace"
+    owner: str = "trimtab_io_owner"
+    revision: str = "trimtab_io_revision"
+
+    def __post_init__(self) -> None:
+        for name in (self.namespace, self.owner, self.revision):
+            if not _LABEL_NAME.match(name):
+                raise ValueError(f"invalid Prometheus label name {name!r}")
+
+
+@dataclass(frozen=True)
+class QueryTarget:
+    """Whose numbers to read: one ModelDeployment, optionally one of its revisions."""
+
+    namespace: str
+    owner: str
+    revision: str | None = None
+    # The rate() window. It must hold at least two scrapes; 4x the scrape interval is safe.
+    window: str = "1m"
+    labels: LabelNames = field(default_factory=LabelNames)
+
+    def __post_init__(self) -> None:
+        if not _DURATION.match(self.window):
+            raise ValueError(f"invalid rate window {self.window!r}; use e.g. '30s' or '1m'")
+
+    def matchers(self) -> str:
+        """The label matchers, without braces: `namespace="ns",trimtab_io_owner="llm"`."""
+        parts = [
+            f'{self.labels.namespace}="{_quote(self.namespace)}"',
+            f'{self.labels.owner}="{_quote(self.owner)}"',
+        ]
+        if self.revision is not None:
+            parts.append(f'{self.labels.revision}="{_quote(self.revision)}"')
+        return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class PresetOptions:
+    """Knobs some presets need. Unused ones are ignored by the others."""
+
+    # generic: the gauge of requests waiting, named by the user (None: no queue signal).
+    queue_metric: str | None = None
+    # generic: a gauge of requests in flight (None: no running signal).
+    running_metric: str | None = None
+    # generic: the label of http_requests_total holding the status ("status" or "code").
+    status_label: str = "status"
+    # vllm: which latency the p99 is of: end-to-end ("e2e") or time to first token ("ttft").
+    latency: str = "e2e"
+
+    def __post_init__(self) -> None:
+        for metric in (self.queue_metric, self.running_metric):
+            if metric is not None and not _METRIC_NAME.match(metric):
+                raise ValueError(f"invalid Prometheus metric name {metric!r}")
+        if not _LABEL_NAME.match(self.status_label):
+            raise ValueError(f"invalid Prometheus label name {self.status_label!r}")
+        if self.latency not in ("e2e", "ttft"):
+            raise ValueError(f"latency must be 'e2e' or 'ttft', not {self.latency!r}")
+
+
+def _quote(value: str) -> str:
+    """A PromQL double-quoted string body."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _series(name: str, t: QueryTarget, extra: str = "") -> str:
+    """A vector selector for one metric of the target, `name{matchers}`."""
+    matchers = t.matchers() + (f",{extra}" if extra else "")
+    return f"{name}{{{matchers}}}"
+
+
+def _series_matching(name_regex: str, t: QueryTarget, extra: str = "") -> str:
+    """A vector selector for every metric whose name matches `name_regex`."""
+    matchers = f'__name__=~"{name_regex}",' + t.matchers() + (f",{extra}" if extra else "")
+    return f"{{{matchers}}}"
+
+
+def _vllm_series(name: str, t: QueryTarget) -> str:
+    """vLLM's metric `vllm:<name>`, also matched as `vllm_<name>`.
+
+    prometheus_client (which vLLM uses) rewrites the colon to an underscore when Prometheus
+    negotiates OpenMetrics (client_python issue #1177), so which spelling is stored depends
+    on both versions. Only one spelling exists per pod, so summing both never double counts."""
+    return _series_matching(f"vllm[:_]{name}", t)
+
+
+def _rate(selector: str, t: QueryTarget) -> str:
+    return f"sum(rate({selector}[{t.window}]))"
+
+
+def _p99(bucket_selector: str, t: QueryTarget) -> str:
+    return f"histogram_quantile(0.99, sum by (le) (rate({bucket_selector}[{t.window}])))"
+
+
+def _mean(sum_selector: str, count_selector: str, t: QueryTarget) -> str:
+    return f"{_rate(sum_selector, t)} / {_rate(count_selector, t)}"
+
+
+def _plus_optional(required: str, optional: str, t: QueryTarget) -> str:
+    """The rate of `required` plus the rate of `optional`, which may have no series yet.
+
+    Two counters are never merged with one `__name__=~` selector: after rate() drops the
+    name, two series with the same labels make Prometheus fail the whole query."""
+    return f"({_rate(required, t)} + ({_rate(optional, t)} or vector(0)))"
+
+
+def _error_ratio(errors: str, total: str, t: QueryTarget) -> str:
+    # A server that never failed has no error series at all; `or vector(0)` turns that into
+    # 0 errors, while a missing total still yields no data.
+    return f"({_rate(errors, t)} or vector(0)) / {_rate(total, t)}"
+
+
+def vllm_queries(t: QueryTarget, o: PresetOptions) -> SignalQueries:
+    """vLLM's OpenAI server: scheduler gauges, request histograms, HTTP status counters."""
+    latency = "e2e_request_latency_seconds" if o.latency == "e2e" else "time_to_first_token_seconds"
+    e2e_sum = _vllm_series("e2e_request_latency_seconds_sum", t)
+    e2e_count = _vllm_series("e2e_request_latency_seconds_count", t)
+    run_sum = _vllm_series("request_inference_time_seconds_sum", t)
+    run_count = _vllm_series("request_inference_time_seconds_count", t)
+    return {
+        "queueDepth": f"sum({_vllm_series('num_requests_waiting', t)})",
+        "running": f"sum({_vllm_series('num_requests_running', t)})",
+        # Finished requests per second: equal to arrivals in steady state; under overload the
+        # queue depth, read alongside, carries the rest.
+        "arrivalRate": _rate(e2e_count, t),
+        # Time in the RUNNING phase (prefill + decode), without queueing; older vLLMs without
+        # that histogram fall back to the end-to-end mean.
+        "serviceTime": f"({_mean(run_sum, run_count, t)}) or ({_mean(e2e_sum, e2e_count, t)})",
+        "p99Latency": _p99(_vllm_series(f"{latency}_bucket", t), t),
+        # vLLM's API server counts responses by status class (prometheus-fastapi-instrumentator).
+        "errorRate": _error_ratio(
+            _series("http_requests_total", t, 'status="5xx"'),
+            _series("http_requests_total", t),
+            t,
+        ),
+    }
+
+
+def triton_queries(t: QueryTarget, o: PresetOptions) -> SignalQueries:
+    """NVIDIA Triton: the pending-request gauge and cumulative microsecond counters."""
+    success = _series("nv_inference_request_success", t)
+    failure = _series("nv_inference_request_failure", t)
+    busy_us = (
+        f"({_rate(_series('nv_inference_request_duration_us', t), t)}"
+        f" - {_rate(_series('nv_inference_queue_duration_us', t), t)})"
+    )
+    p99 = _series("nv_inference_request_summary_us", t, 'quantile="0.99"')
+    return {
+        "queueDepth": f"sum({_series('nv_inference_pending_request_count', t)})",
+        # Little's law on the counters: microseconds of compute per second / 1e6 = requests
+        # in service on average over the window.
+        "running": f"{busy_us} / 1e6",
+        "arrivalRate": _plus_optional(success, failure, t),
+        "serviceTime": f"{busy_us} / {_rate(success, t)} / 1e6",
+        # Triton has no latency histogram; its summaries need
+        # `--metrics-config summary_latencies=true`. Quantiles cannot be merged across pods,
+        # so take the worst pod.
+        "p99Latency": f"max({p99}) / 1e6",
+        "errorRate": f"({_rate(failure, t)} or vector(0)) / {_plus_optional(success, failure, t)}",
+    }
+
+
+def tgi_queries(t: QueryTarget, o: PresetOptions) -> SignalQueries:
+    """Hugging Face TGI: queue and batch gauges, request histograms (seconds), counters."""
+    return {
+        "queueDepth": f"sum({_series('tgi_queue_size', t)})",
+        "running": f"sum({_series('tgi_batch_current_size', t)})",
+        # TGI counts a request when it arrives, so this is the true arrival rate.
+        "arrivalRate": _rate(_series("tgi_request_count", t), t),
+        "serviceTime": _mean(
+            _series("tgi_request_inference_duration_sum", t),
+            _series("tgi_request_inference_duration_count", t),
+            t,
+        ),
+        "p99Latency": _p99(_series("tgi_request_duration_bucket", t), t),
+        "errorRate": _error_ratio(
+            _series("tgi_request_failure", t), _series("tgi_request_count", t), t
+        ),
+    }
+
+
+def torchserve_queries(t: QueryTarget, o: PresetOptions) -> SignalQueries:
+    """TorchServe (metrics_mode prometheus): cumulative microsecond counters, status counters.
+
+    It exports no queue gauge and no latency histogram: queue depth and running come from
+    Little's law on the cumulative counters, and p99 needs an override."""
+    queue_us = _rate(_series("ts_queue_latency_microseconds", t), t)
+    # ts_inference_latency_microseconds runs from arrival to response, queueing included.
+    busy_us = f"({_rate(_series('ts_inference_latency_microseconds', t), t)} - {queue_us})"
+    requests = _series("ts_inference_requests_total", t)
+    classes = ("Requests2XX", "Requests4XX", "Requests5XX")
+    errors = _series("Requests5XX", t)
+    return {
+        "queueDepth": f"{queue_us} / 1e6",
+        "running": f"{busy_us} / 1e6",
+        "arrivalRate": _rate(requests, t),
+        "serviceTime": f"{busy_us} / {_rate(requests, t)} / 1e6",
+        "p99Latency": None,
+        # Every response, by status class; any class may not have a series yet. With none at
+        # all the ratio is 0/0, which reads as no data.
+        "errorRate": f"({_rate(errors, t)} or vector(0)) / ("
+        + " + ".join(f"({_rate(_series(c, t), t)} or vector(0))" for c in classes)
+        + ")",
+    }
+
+
+def generic_queries(t: QueryTarget, o: PresetOptions) -> SignalQueries:
+    """Any HTTP server with an `http_request_duration_seconds` histogram, an
+    `http_requests_total` counter by status, and optionally a queue gauge the user names."""
+    hist = "http_request_duration_seconds"
+    status = o.status_label
+    return {
+        "queueDepth": f"sum({_series(o.queue_metric, t)})" if o.queue_metric else None,
+        "running": f"sum({_series(o.running_metric, t)})" if o.running_metric else None,
+        "arrivalRate": _rate(_series(f"{hist}_count", t), t),
+        # Includes any queueing inside the server: the best a plain HTTP histogram can tell.
+        "serviceTime": _mean(_series(f"{hist}_sum", t), _series(f"{hist}_count", t), t),
+        "p99Latency": _p99(_series(f"{hist}_bucket", t), t),
+        "errorRate": _error_ratio(
+            _series("http_requests_total", t, f'{status}=~"5.."'),
+            _series("http_requests_total", t),
+            t,
+        ),
+    }
+
+
+PresetBuilder = Callable[[QueryTarget, PresetOptions], SignalQueries]
+
+# The registry of presets, by the name `spec.server` uses.
+PRESETS: dict[str, PresetBuilder] = {
+    "vllm": vllm_queries,
+    "triton": triton_queries,
+    "tgi": tgi_queries,
+    "torchserve": torchserve_queries,
+    "generic": generic_queries,
+}
+
+
+def render_override(template: str, t: QueryTarget) -> str:
+    """A user's PromQL with `{{ namespace }}`, `{{ name }}`, `{{ revision }}`,
+    `{{ selector }}` (the label matchers, without braces) and `{{ window }}` filled in.
+
+    An unknown placeholder is left as written: Prometheus then rejects the query and the
+    signal reports its parse error, the same path as any other invalid override.
+
+    >>> render_override('sum(q{ {{selector}} })', QueryTarget("ns", "llm", window="30s"))
+    'sum(q{ namespace="ns",trimtab_io_owner="llm" })'
+    """
+    values = {
+        "namespace": _quote(t.namespace),
+        "name": _quote(t.owner),
+        "revision": _quote(t.revision or ""),
+        "selector": t.matchers(),
+        "window": t.window,
+    }
+
+    def fill(match: re.Match[str]) -> str:
+        return values.get(match.group(1), match.group(0))
+
+    return _PLACEHOLDER.sub(fill, template)
+
+
+def build_queries(
+    preset: str,
+    target: QueryTarget,
+    overrides: Mapping[str, str | None] | None = None,
+    options: PresetOptions | None = None,
+) -> SignalQueries:
+    """The PromQL of every signal for one target: the preset's, replaced per signal by the
+    user's override where one is given. None means the signal cannot be queried.
+
+    >>> q = build_queries("tgi", QueryTarget("prod", "chat", revision="7f3a", window="30s"))
+    >>> q["queueDepth"]
+    'sum(tgi_queue_size{namespace="prod",trimtab_io_owner="chat",trimtab_io_revision="7f3a"})'
+    """
+    builder = PRESETS.get(preset)
+    if builder is None:
+        raise UnknownPresetError(f"unknown metrics preset {preset!r}; known: {sorted(PRESETS)}")
+    queries = builder(target, options or PresetOptions())
+    for name, template in (overrides or {}).items():
+        if name not in SIGNAL_NAMES:
+            raise ValueError(f"unknown signal {name!r} in overrides; known: {SIGNAL_NAMES}")
+        if template:
+            queries[name] = render_override(template, target)
+    return queries

@@ -1,0 +1,37 @@
+"""The operator's own Prometheus metrics: reconciles, API calls and the decisions it takes.
+
+Served on /metrics by `trimtab run`; the Grafana dashboard in the chart charts these names."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECONCILES = Counter(
+    "trimtab_reconcile_total", "Reconciles by kind and result.", ["kind", "result"]
+)
+RECONCILE_SECONDS = Histogram(
+    "trimtab_reconcile_duration_seconds",
+    "Time to reconcile one object.",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+API_REQUESTS = Counter(
+    "trimtab_api_requests_total", "Requests to the Kubernetes API.", ["method", "code"]
+)
+API_WRITES = Counter(
+    "trimtab_api_writes_total", "Writes sent to the Kubernetes API.", ["verb", "kind"]
+)
+DESIRED_REPLICAS = Gauge(
+    "trimtab_autoscaling_desired_replicas",
+    "Replicas the autoscaler wants.",
+    ["namespace", "name"],
+)
+SCALE_ACTIONS = Counter(
+    "trimtab_scale_actions_total", "Scale actions taken.", ["namespace", "name", "direction"]
+)
+ROLLOUT_WEIGHT = Gauge(
+    "trimtab_rollout_weight", "Traffic weight per revision.", ["namespace", "name", "revision"]
+)
+ROLLBACKS = Counter(
+    "trimtab_rollbacks_total", "Rollbacks and fallbacks.", ["namespace", "name", "kind"]
+)

@@ -1,0 +1,310 @@
+"""The policies the simulator compares: trimtab's (through the operator's own
+`decide_replicas`), the Kubernetes HPA on CPU, KEDA on queue depth, Knative's KPA, and an oracle.
+
+Each baseline follows its project's algorithm and defaults; the docstrings name every parameter."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from trimtab.api.autoscaling import AutoscalingSpec, SLOSpec
+from trimtab.decisions.autoscaling import (
+    AutoscalingInput,
+    Recommendation,
+    Signals,
+    decide_replicas,
+)
+from trimtab.simulate.engine import Cluster, Decision, ServerModel
+from trimtab.simulate.traces import Trace
+
+
+class TrimtabPolicy:
+    """trimtab's control loop: every `autoscaling.interval` it reads the signals the vLLM
+    preset queries from Prometheus (queue depth and running gauges, arrival rate and mean
+    service time as rates over the rate window, p99 from the latency histogram) and applies
+    `decide_replicas`, keeping the recommendation history as the operator keeps it in status."""
+
+    name = "trimtab"
+
+    def __init__(self, spec: AutoscalingSpec, slo: SLOSpec) -> None:
+        self.spec = spec
+        self.slo = slo
+        self.interval = spec.seconds().interval
+        self.history: tuple[Recommendation, ...] = ()
+        self.last_scale_up: float | None = None
+
+    def signals(self, now: float, cluster: Cluster) -> Signals:
+        prom = cluster.prometheus
+        latest = prom.latest(now)
+        return Signals(
+            queue_depth=latest.waiting if latest else None,
+            running=latest.running if latest else None,
+            arrival_rate=prom.rate(now, "arrivals"),
+            service_time=prom.mean_service_time(now),
+            p99_latency=prom.quantile(now, 0.99),
+            error_rate=0.0 if latest else None,
+        )
+
+    def decide(self, now: float, cluster: Cluster) -> Decision | None:
+        decision = decide_replicas(
+            AutoscalingInput(
+                signals=self.signals(now, cluster),
+                current_replicas=cluster.replicas,
+                ready_replicas=cluster.ready,
+                spec=self.spec,
+                slo=self.slo,
+                now=now,
+                history=self.history,
+                last_scale_up=self.last_scale_up,
+            )
+        )
+        self.history = decision.history
+        if decision.action == "up":
+            self.last_scale_up = now
+        return Decision(now, decision.desired_replicas, f"{decision.action}: {decision.reason}")
+
+
+@dataclass
+class HpaBehavior:
+    """autoscaling/v2 behavior; the defaults are Kubernetes' own."""
+
+    scale_up_stabilization: float = 0.0
+    scale_down_stabilization: float = 300.0
+    # scaleUp policies (selectPolicy Max): 100% or 4 pods per 15 s.
+    scale_up_percent: float = 100.0
+    scale_up_pods: int = 4
+    scale_up_period: float = 15.0
+    # scaleDown policy: 100% per 15 s.
+    scale_down_percent: float = 100.0
+    scale_down_period: float = 15.0
+
+
+class _HpaAlgorithm:
+    """The HPA controller's replica calculation (pkg/controller/podautoscaler): the usage
+    ratio with a 10% tolerance, stabilization windows over past recommendations, and the
+    behavior's rate limits over their periods."""
+
+    tolerance = 0.1
+
+    def __init__(self, min_replicas: int, max_replicas: int, behavior: HpaBehavior) -> None:
+        self.min_replicas = min_replicas
+        self.max_replicas = max_replicas
+        self.behavior = behavior
+        self.recommendations: deque[tuple[float, int]] = deque()
+        self.events: deque[tuple[float, int]] = deque()  # (time, replica change)
+
+    def stabilize_and_limit(self, now: float, current: int, raw: int) -> int:
+        b = self.behavior
+        self.recommendations.append((now, raw))
+        keep = max(b.scale_up_stabilization, b.scale_down_stabilization)
+        while self.recommendations and self.recommendations[0][0] < now - keep:
+            self.recommendations.popleft()
+        up_window = [r for t, r in self.recommendations if t >= now - b.scale_up_stabilization]
+        down_window = [r for t, r in self.recommendations if t >= now - b.scale_down_stabilization]
+        up_floor = min(up_window) if up_window else raw
+        down_ceiling = max(down_window) if down_window else raw
+        desired = current
+        if desired < up_floor:
+            desired = up_floor
+        if desired > down_ceiling:
+            desired = down_ceiling
+        # Rate limits: replicas at the start of the period plus what the policy allows.
+        while self.events and self.events[0][0] < now - max(b.scale_up_period, b.scale_down_period):
+            self.events.popleft()
+        added = sum(d for t, d in self.events if d > 0 and t >= now - b.scale_up_period)
+        removed = -sum(d for t, d in self.events if d < 0 and t >= now - b.scale_down_period)
+        if desired > current:
+            start = current - added
+            limit = max(
+                math.ceil(start * (1 + b.scale_up_percent / 100.0)), start + b.scale_up_pods
+            )
+            desired = min(desired, limit)
+        elif desired < current:
+            start = current + removed
+            limit = start - math.ceil(start * b.scale_down_percent / 100.0)
+            desired = max(desired, limit)
+        desired = max(self.min_replicas, min(self.max_replicas, desired))
+        if desired != current:
+            self.events.append((now, desired - current))
+        return desired
+
+
+class HpaCpuPolicy:
+    """The Kubernetes HPA on CPU utilization (autoscaling/v2, Resource metric cpu,
+    averageUtilization `target`, default 80%): 15 s sync period, 10% tolerance, default
+    behavior (scale-up: no stabilization, max(100%, 4 pods) per 15 s; scale-down: 300 s
+    stabilization, 100% per 15 s). Utilization comes from metrics-server: the share of the last
+    resolution window (the scrape interval) each ready pod's engine was busy, which is how a
+    model server's CPU behaves (its scheduler loop spins while any request runs). Pods not yet
+    ready count as 0% when the ratio says scale up, as the controller does for CPU."""
+
+    name = "hpa_cpu"
+    interval = 15.0
+
+    def __init__(
+        self, min_replicas: int, max_replicas: int, target: float = 0.8,
+        behavior: HpaBehavior | None = None,
+    ) -> None:
+        self.target = target
+        self.hpa = _HpaAlgorithm(min_replicas, max_replicas, behavior or HpaBehavior())
+
+    def decide(self, now: float, cluster: Cluster) -> Decision | None:
+        current = cluster.replicas
+        measured = cluster.prometheus.cpu_utilization(now)
+        if measured is None:
+            return None
+        utilization, pods = measured
+        ratio = utilization / self.target
+        raw = current
+        if abs(ratio - 1.0) > self.hpa.tolerance:
+            unready = max(0, current - pods)
+            if ratio > 1.0 and unready:
+                ratio = utilization * pods / (self.target * (pods + unready))
+            if abs(ratio - 1.0) > self.hpa.tolerance:
+                raw = math.ceil(ratio * (pods + (unready if ratio > 1.0 else 0)))
+        desired = self.hpa.stabilize_and_limit(now, current, raw)
+        return Decision(now, desired, f"cpu {utilization:.0%} of target {self.target:.0%}")
+
+
+class KedaQueuePolicy:
+    """KEDA's Prometheus scaler on queue depth, through the HPA: the ScaledObject trigger
+    `sum(vllm:num_requests_waiting)` with metricType AverageValue and `threshold` 5 per replica
+    (the value the vLLM production-stack and vendor guides use), minReplicaCount as the floor.
+    The HPA (15 s sync, 10% tolerance, default behavior as in `HpaCpuPolicy`) asks KEDA's
+    metrics server, which queries Prometheus on each request: desired = ceil(total / threshold),
+    unchanged while total / (threshold x current) is within 10% of 1."""
+
+    name = "keda_queue"
+    interval = 15.0
+
+    def __init__(
+        self, min_replicas: int, max_replicas: int, threshold: float = 5.0,
+        behavior: HpaBehavior | None = None,
+    ) -> None:
+        self.threshold = threshold
+        self.hpa = _HpaAlgorithm(min_replicas, max_replicas, behavior or HpaBehavior())
+
+    def decide(self, now: float, cluster: Cluster) -> Decision | None:
+        current = cluster.replicas
+        latest = cluster.prometheus.latest(now)
+        if latest is None:
+            return None
+        total = latest.waiting
+        ratio = total / (self.threshold * max(current, 1))
+        raw = current if abs(ratio - 1.0) <= self.hpa.tolerance else math.ceil(total / self.threshold)
+        desired = self.hpa.stabilize_and_limit(now, current, raw)
+        return Decision(now, desired, f"queue {total:.0f} / threshold {self.threshold:g}")
+
+
+@dataclass
+class KpaConfig:
+    """Knative Serving's config-autoscaler defaults."""
+
+    container_concurrency: int = 8  # set to the server's slots, as one would for an LLM
+    target_utilization: float = 0.7  # container-concurrency-target-percentage
+    stable_window: float = 60.0
+    panic_window_percentage: float = 10.0  # panic window = 6 s
+    panic_threshold: float = 2.0  # 200%
+    max_scale_up_rate: float = 1000.0
+    max_scale_down_rate: float = 2.0
+    tick: float = 2.0
+
+
+class KnativeKpaPolicy:
+    """Knative's KPA: the autoscaler scrapes every pod's queue-proxy each second for requests
+    in flight (queued or served), averages them over a 60 s stable window and a 6 s panic
+    window, and wants ceil(average / target) pods, target = containerConcurrency x 70%.
+    When the panic window asks for 2x the ready pods it panics: it scales on the panic window
+    and never down until a stable window passes without panic. Scale-up is limited to 1000x
+    and scale-down to 1/2 of the ready pods per 2 s decision."""
+
+    name = "knative_kpa"
+    interval = 1.0  # the metric scrape; decisions every `config.tick`
+
+    def __init__(self, min_replicas: int, max_replicas: int, config: KpaConfig | None = None) -> None:
+        self.config = config or KpaConfig()
+        self.min_replicas = min_replicas
+        self.max_replicas = max_replicas
+        self.samples: deque[tuple[float, int]] = deque()
+        self.panic_since: float | None = None
+        self.max_panic_pods = 0
+        self.next_decision = 0.0
+
+    def decide(self, now: float, cluster: Cluster) -> Decision | None:
+        c = self.config
+        self.samples.append((now, cluster.in_flight()))
+        while self.samples and self.samples[0][0] <= now - c.stable_window:
+            self.samples.popleft()
+        if now < self.next_decision:
+            return None
+        self.next_decision = now + c.tick
+        panic_window = c.stable_window * c.panic_window_percentage / 100.0
+        stable = [v for _, v in self.samples]
+        panic = [v for t, v in self.samples if t > now - panic_window]
+        target = c.container_concurrency * c.target_utilization
+        stable_pods = math.ceil(sum(stable) / len(stable) / target)
+        panic_pods = math.ceil(sum(panic) / len(panic) / target) if panic else stable_pods
+        ready = max(1, cluster.ready)
+        current = cluster.replicas
+        up_limit = math.ceil(c.max_scale_up_rate * ready)
+        down_limit = math.floor(ready / c.max_scale_down_rate)
+        stable_pods = max(down_limit, min(up_limit, stable_pods))
+        panic_pods = max(down_limit, min(up_limit, panic_pods))
+        if panic_pods / ready >= c.panic_threshold:
+            if self.panic_since is None:
+                self.panic_since = now
+            self.max_panic_pods = max(self.max_panic_pods, current)
+        elif self.panic_since is not None and now - self.panic_since >= c.stable_window:
+            self.panic_since = None
+            self.max_panic_pods = 0
+        if self.panic_since is not None:
+            desired = max(panic_pods, self.max_panic_pods)
+            self.max_panic_pods = desired
+            reason = f"panic: {sum(panic) / len(panic):.1f} in flight (6 s)"
+        else:
+            desired = stable_pods
+            reason = f"stable: {sum(stable) / len(stable):.1f} in flight (60 s)"
+        desired = max(self.min_replicas, min(self.max_replicas, desired))
+        return Decision(now, desired, reason)
+
+
+@dataclass
+class OraclePolicy:
+    """A clairvoyant lower bound on cost: it knows every future request and its exact
+    service time, and so the concurrency the trace needs at each second if no request ever
+    waited. At each tick it asks for the fewest replicas whose slots cover that concurrency's
+    peak from now until a replica started now would be ready plus one tick, so new replicas
+    are ready just in time, and removes the rest at once."""
+
+    trace: Trace
+    server: ServerModel
+    min_replicas: int
+    max_replicas: int
+    services: list[float]
+    interval: float = 5.0
+    name: str = "oracle"
+    need: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        horizon = int(self.trace.duration + max(self.services, default=0.0)) + 2
+        events: list[tuple[float, int]] = []
+        for r, s in zip(self.trace.requests, self.services, strict=True):
+            events.append((r.arrival, 1))
+            events.append((r.arrival + s, -1))
+        events.sort(key=lambda e: (e[0], e[1]))
+        peak = [0] * (horizon + 1)
+        level = 0
+        for t, d in events:
+            level += d
+            second = min(int(t), horizon)
+            peak[second] = max(peak[second], level)
+        self.need = [math.ceil(p / self.server.max_concurrency) for p in peak]
+
+    def decide(self, now: float, cluster: Cluster) -> Decision | None:
+        lo = int(now)
+        hi = int(now + self.server.cold_start + self.interval) + 1
+        window = self.need[lo : hi + 1] or [0]
+        desired = max(self.min_replicas, min(self.max_replicas, max(window)))
+        return Decision(now, desired, "knows the future")

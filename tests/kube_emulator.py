@@ -1,0 +1,230 @@
+"""A kmock KubernetesEmulator that behaves enough like an API server for kopf and trimtab:
+it stamps uid, resourceVersion, generation, timestamps, apiVersion and kind, and implements
+the PATCH flavours (merge, JSON patch with `test`, server-side apply) and the status and scale
+subresources.
+
+It is a test fixture, not an API server: server-side apply is approximated by a merge of the
+applied object (lists replaced), which is what a single field manager sees."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import itertools
+import uuid
+from typing import Any
+
+import attrs
+import kmock
+from kmock._internal import enums  # the action enum kmock dispatches on
+
+from trimtab import constants as C
+
+_rv = itertools.count(1000)
+
+# (group/version/plural) -> kind, namespaced, verbs, subresources
+RESOURCES: dict[str, tuple[str, bool, set[str], set[str]]] = {
+    f"{C.GROUP}/{C.VERSION}/{C.MODELDEPLOYMENT_PLURAL}": (
+        C.MODELDEPLOYMENT_KIND, True, {"list", "watch", "get", "patch", "create", "delete"},
+        {"status", "scale"},
+    ),
+    f"{C.GROUP}/{C.VERSION}/{C.TRAININGJOB_PLURAL}": (
+        C.TRAININGJOB_KIND, True, {"list", "watch", "get", "patch", "create", "delete"}, {"status"},
+    ),
+    "apps/v1/deployments": ("Deployment", True, {"list", "watch", "get", "patch", "create", "delete"},
+                            {"status", "scale"}),
+    "v1/services": ("Service", True, {"list", "watch", "get", "patch", "create", "delete"}, set()),
+    "batch/v1/jobs": ("Job", True, {"list", "watch", "get", "patch", "create", "delete"}, {"status"}),
+    "v1/pods": ("Pod", True, {"list", "watch", "get", "patch", "create", "delete"}, {"status"}),
+    "v1/events": ("Event", True, {"list", "watch", "get", "create", "patch"}, set()),
+    "gateway.networking.k8s.io/v1/httproutes": (
+        "HTTPRoute", True, {"list", "watch", "get", "patch", "create", "delete"}, {"status"},
+    ),
+    "networking.istio.io/v1/virtualservices": (
+        "VirtualService", True, {"list", "watch", "get", "patch", "create", "delete"}, set(),
+    ),
+    "scheduling.x-k8s.io/v1alpha1/podgroups": (
+        "PodGroup", True, {"list", "watch", "get", "patch", "create", "delete"}, {"status"},
+    ),
+}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def merge(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge(out.get(key), value)
+    return out
+
+
+def diff(old: Any, new: Any) -> Any:
+    """The merge patch that turns `old` into `new` (keys removed become None)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return copy.deepcopy(new)
+    out: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        out[key] = None
+    for key, value in new.items():
+        if key not in old:
+            out[key] = copy.deepcopy(value)
+        elif old[key] != value:
+            out[key] = diff(old[key], value) if isinstance(value, dict) and isinstance(old[key], dict) else copy.deepcopy(value)
+    return out
+
+
+def _pointer(path: str) -> list[str]:
+    return [p.replace("~1", "/").replace("~0", "~") for p in path.lstrip("/").split("/")] if path else []
+
+
+def json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
+    """RFC 6902 add/remove/replace/test; a failed test is a 422, as on an API server."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        parts = _pointer(op["path"])
+        parent = doc
+        for part in parts[:-1]:
+            parent = parent[int(part)] if isinstance(parent, list) else parent.setdefault(part, {})
+        last = parts[-1] if parts else None
+        kind = op["op"]
+        if kind == "test":
+            actual = parent[int(last)] if isinstance(parent, list) else parent.get(last)  # type: ignore[arg-type]  # last is set for tests
+            if actual != op.get("value"):
+                raise kmock.KubernetesError(status=422, reason="Invalid", message=f"test failed at {op['path']}")
+        elif kind in ("add", "replace"):
+            if isinstance(parent, list):
+                idx = len(parent) if last == "-" else int(last)  # type: ignore[arg-type]  # list paths carry an index
+                if kind == "add":
+                    parent.insert(idx, op["value"])
+                else:
+                    parent[idx] = op["value"]
+            else:
+                parent[last] = op["value"]
+        elif kind == "remove":
+            if isinstance(parent, list):
+                parent.pop(int(last))  # type: ignore[arg-type]  # list paths carry an index
+            else:
+                parent.pop(last, None)
+        else:
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=f"unsupported op {kind}")
+    return doc
+
+
+def _alter(request: kmock.Request, **changes: Any) -> kmock.Request:
+    """Change the parsed request in place: kmock matches reactions against this very object."""
+    for key, value in changes.items():
+        object.__setattr__(request, key, value)
+    return request
+
+
+@attrs.define(kw_only=True)
+class ApiServerEmulator(kmock.KubernetesEmulator):
+    """kmock plus the parts of API-server behaviour kopf and trimtab rely on."""
+
+    # Writes as (method, path, content type): tests count them.
+    writes: list[tuple[str, str, str]] = attrs.field(factory=list)
+    # Watch requests as (group, plural): kopf is ready once it watches.
+    watches: list[tuple[str, str]] = attrs.field(factory=list)
+
+    def declare_resources(self) -> None:
+        self.resources.load_bundled()
+        for key, (kind, namespaced, verbs, subresources) in RESOURCES.items():
+            self.resources[key] = kmock.ResourceInfo(
+                kind=kind, namespaced=namespaced, verbs=verbs, subresources=subresources
+            )
+
+    def _kind(self, request: kmock.Request) -> tuple[str, str]:
+        res = request.resource
+        assert res is not None
+        api_version = f"{res.group}/{res.version}" if res.group else str(res.version)
+        key = f"{res.group + '/' if res.group else ''}{res.version}/{res.plural}"
+        kind = RESOURCES.get(key, ("",))[0] or str(getattr(self.resources.get(key), "kind", "") or "")
+        return api_version, kind
+
+    def _current(self, request: kmock.Request) -> dict[str, Any] | None:
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        return copy.deepcopy(self.objects[key].raw)
+
+    def _stamp_new(self, request: kmock.Request, data: dict[str, Any]) -> dict[str, Any]:
+        data = copy.deepcopy(data)
+        api_version, kind = self._kind(request)
+        data.setdefault("apiVersion", api_version)
+        data.setdefault("kind", kind)
+        meta = data.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        if request.namespace:
+            meta["namespace"] = request.namespace
+        meta["uid"] = str(uuid.uuid4())
+        meta["resourceVersion"] = str(next(_rv))
+        meta["generation"] = 1
+        meta["creationTimestamp"] = _now()
+        meta.setdefault("labels", {})
+        data.pop("status", None) if kind not in ("Event",) and request.resource and request.resource.plural != "events" else None
+        return data
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        if request.resource is not None and request.action == enums.action.WATCH:
+            self.watches.append((str(request.resource.group), str(request.resource.plural)))
+        if request.resource is None or request.action not in (enums.action.CREATE, enums.action.UPDATE):
+            return await super()._handle(request)
+        content_type = str(request.headers.get("Content-Type", ""))
+        self.writes.append((str(request.method), str(request.url.path), content_type))
+        try:
+            request = self._prepare(request, content_type)
+        except kmock.KubernetesError as err:
+            return await self._render_error(err)
+        return await super()._handle(request)
+
+    def _prepare(self, request: kmock.Request, content_type: str) -> kmock.Request:
+        if request.action == enums.action.CREATE:
+            data = self._stamp_new(request, request.data or {})
+            name = data["metadata"]["name"]
+            return _alter(request, data=data, name=None if request.name is None else name)
+
+        current = self._current(request)
+        if current is None:
+            if "apply-patch" in content_type and request.subresource is None:
+                data = self._stamp_new(request, request.data or {})
+                return _alter(request, action=enums.action.CREATE, data=data, name=None)
+            raise kmock.KubernetesObjectNotFoundError()
+
+        if "json-patch" in content_type:
+            new = json_patch(current, request.data)
+        elif request.subresource == "scale":
+            replicas = (request.data or {}).get("spec", {}).get("replicas")
+            new = merge(current, {"spec": {"replicas": replicas}})
+        else:  # merge, strategic merge (approximated) and apply: a merge of what was sent
+            new = merge(current, request.data or {})
+
+        if request.subresource == "status":
+            new = {**current, "status": new.get("status", {})}
+        elif request.subresource is None and "status" in current:
+            # The main resource ignores status, as with a status subresource.
+            new["status"] = current["status"]
+        elif request.subresource is None:
+            new.pop("status", None) if "status" not in current else None
+
+        meta = new.setdefault("metadata", {})
+        for key in ("uid", "creationTimestamp", "generation"):
+            if key in current.get("metadata", {}):
+                meta[key] = current["metadata"][key]
+        if new == current:
+            return _alter(request, data={}, subresource=None)
+        body_changed = {k: v for k, v in new.items() if k not in ("metadata", "status")} != {
+            k: v for k, v in current.items() if k not in ("metadata", "status")
+        }
+        if body_changed:
+            meta["generation"] = int(current.get("metadata", {}).get("generation", 1)) + 1
+        meta["resourceVersion"] = str(next(_rv))
+        return _alter(request, data=diff(current, new), subresource=None)

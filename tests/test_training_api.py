@@ -1,0 +1,163 @@
+"""TrainingJob spec validation: the generated CRD (schema and CEL) and the pydantic model accept
+good specs and reject bad ones naming the field, and the examples validate."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pydantic
+import pytest
+import yaml
+
+from tests.validation import ROOT, validate_custom
+from trimtab.api.trainingjob import TrainingJobSpec
+
+CRD = ROOT / "crds" / "trimtab.io_trainingjobs.yaml"
+
+
+def tj(**spec: Any) -> dict[str, Any]:
+    """A TrainingJob with `spec` over a minimal one; a None value removes that field."""
+    base: dict[str, Any] = {"image": "ghcr.io/acme/train:1", "command": ["train.py"], "workers": 2}
+    base.update(spec)
+    base = {k: v for k, v in base.items() if v is not None}
+    return {
+        "apiVersion": "trimtab.io/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": "llama", "namespace": "ml"},
+        "spec": base,
+    }
+
+
+def rejection(obj: dict[str, Any]) -> str:
+    """The CRD's complaint about `obj`, or '' when it is accepted."""
+    try:
+        validate_custom(obj, CRD)
+    except jsonschema.ValidationError as err:
+        return f"{'.'.join(str(p) for p in err.absolute_path)}: {err.message}"
+    except AssertionError as err:
+        return str(err)
+    return ""
+
+
+CKPT = {
+    "volumes": [{"name": "ckpt", "persistentVolumeClaim": {"claimName": "llama-ckpt"}}],
+    "volumeMounts": [{"name": "ckpt", "mountPath": "/ckpt"}],
+    "checkpoint": {"directory": "/ckpt/run1"},
+}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        pytest.param({}, id="minimal"),
+        pytest.param({"gpusPerWorker": 8, **CKPT}, id="gpus-and-checkpoint-on-pvc"),
+        pytest.param({"gpusPerWorker": 1, "gpuResourceName": "nvidia.com/mig-3g.40gb"}, id="mig"),
+        pytest.param({"checkpoint": {"directory": "s3://bucket/run"}}, id="checkpoint-uri"),
+        pytest.param(
+            {"failurePolicy": {"maxRestarts": -1}, "activeDeadlineSeconds": 86400},
+            id="unlimited-restarts-with-deadline",
+        ),
+        pytest.param(
+            {"scheduling": {"queueName": "team-a", "gang": {"enabled": True}}}, id="kueue-and-gang"
+        ),
+        pytest.param(
+            {"volumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}],
+             "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}]},
+            id="emptydir-shm",
+        ),
+        pytest.param({"resources": {"cpu": "16", "memory": "64Gi"}}, id="cpu-memory"),
+        pytest.param({"command": None, "distributed": {"launcher": "none"}},
+                     id="entrypoint-without-torchrun"),
+    ],
+)
+def test_accepted(spec: dict[str, Any]) -> None:
+    obj = tj(**spec)
+    assert rejection(obj) == ""
+    TrainingJobSpec.model_validate(obj["spec"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "names"),
+    [
+        pytest.param({"workers": 0}, "workers", id="zero-workers"),
+        pytest.param({"workers": None}, "workers", id="no-workers"),
+        pytest.param({"gpusPerWorker": 8, "gpuResourceName": ""}, "gpuResourceName",
+                     id="gpus-without-resource-name"),
+        pytest.param({"gpuResourceName": "nvidia.com/gpu"}, "gpuResourceName",
+                     id="resource-name-without-gpus"),
+        pytest.param({"resources": {"gpu": 8}}, "resources.gpu", id="gpus-in-resources"),
+        pytest.param({"failurePolicy": {"maxRestarts": -1}}, "maxRestarts",
+                     id="unlimited-restarts-never-finish"),
+        pytest.param({"failurePolicy": {"neverRetryExitCodes": [0]}}, "neverRetryExitCodes",
+                     id="exit-code-zero-never-retried"),
+        pytest.param({"failurePolicy": {"backoffSeconds": 60, "maxBackoffSeconds": 10}},
+                     "maxBackoffSeconds", id="backoff-cap-below-start"),
+        pytest.param({"checkpoint": {"directory": "/ckpt"}}, "checkpoint.directory",
+                     id="checkpoint-not-on-a-volume"),
+        pytest.param({"checkpoint": {"directory": "relative/dir"}}, "directory",
+                     id="checkpoint-relative"),
+        pytest.param({"volumeMounts": [{"name": "x", "mountPath": "/x"}]}, "volumeMounts",
+                     id="mount-without-volume"),
+        pytest.param({"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}, "hostPath",
+                     id="hostpath-not-allowed"),
+        pytest.param({"volumes": [{"name": "v", "emptyDir": {},
+                                   "persistentVolumeClaim": {"claimName": "c"}}]},
+                     "exactly one", id="two-volume-sources"),
+        pytest.param({"distributed": {"launcher": "mpirun"}}, "launcher", id="unknown-launcher"),
+        pytest.param({"distributed": {"rendezvousPort": 70000}}, "rendezvousPort", id="bad-port"),
+        pytest.param({"replicas": 3}, "replicas", id="unknown-field"),
+        pytest.param({"command": None}, "command", id="torchrun-without-a-script"),
+    ],
+)
+def test_rejected_naming_the_field(spec: dict[str, Any], names: str) -> None:
+    obj = tj(**spec)
+    complaint = rejection(obj)
+    assert names in complaint, complaint
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        pytest.param({"workers": 0}, id="zero-workers"),
+        pytest.param({"gpusPerWorker": 8, "gpuResourceName": ""}, id="empty-resource-name"),
+        pytest.param({"failurePolicy": {"neverRetryExitCodes": [0]}}, id="exit-code-zero"),
+        pytest.param({"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}, id="hostpath"),
+        pytest.param({"replicas": 3}, id="unknown-field"),
+    ],
+)
+def test_model_rejects_schema_errors_too(spec: dict[str, Any]) -> None:
+    """The operator parses with the same types, so a spec the schema refuses never reaches a
+    builder through another path (a test, the simulator) either."""
+    with pytest.raises(pydantic.ValidationError):
+        TrainingJobSpec.model_validate(tj(**spec)["spec"])
+
+
+def test_printer_columns_and_short_name() -> None:
+    crd = yaml.safe_load(CRD.read_text().split("\n", 1)[1])
+    assert crd["spec"]["names"]["shortNames"] == ["tj"]
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase", "Workers ready", "Restarts", "Age",
+    ]
+
+
+def examples() -> list[Path]:
+    return sorted((ROOT / "examples").glob("trainingjob*.yaml"))
+
+
+@pytest.mark.parametrize("path", examples(), ids=lambda p: p.name)
+def test_examples_validate(path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    found = [d for d in docs if d.get("kind") == "TrainingJob"]
+    assert found
+    for doc in found:
+        assert rejection(copy.deepcopy(doc)) == ""
+        TrainingJobSpec.model_validate(doc["spec"])
+
+
+def test_there_is_an_example() -> None:
+    assert examples()
