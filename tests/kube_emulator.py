@@ -25,32 +25,60 @@ _rv = itertools.count(1000)
 # (group/version/plural) -> kind, namespaced, verbs, subresources
 RESOURCES: dict[str, tuple[str, bool, set[str], set[str]]] = {
     f"{C.GROUP}/{C.VERSION}/{C.MODELDEPLOYMENT_PLURAL}": (
-        C.MODELDEPLOYMENT_KIND, True, {"list", "watch", "get", "patch", "create", "delete"},
+        C.MODELDEPLOYMENT_KIND,
+        True,
+        {"list", "watch", "get", "patch", "create", "delete"},
         {"status", "scale"},
     ),
     f"{C.GROUP}/{C.VERSION}/{C.TRAININGJOB_PLURAL}": (
-        C.TRAININGJOB_KIND, True, {"list", "watch", "get", "patch", "create", "delete"}, {"status"},
+        C.TRAININGJOB_KIND,
+        True,
+        {"list", "watch", "get", "patch", "create", "delete"},
+        {"status"},
     ),
-    "apps/v1/deployments": ("Deployment", True, {"list", "watch", "get", "patch", "create", "delete"},
-                            {"status", "scale"}),
+    "apps/v1/deployments": (
+        "Deployment",
+        True,
+        {"list", "watch", "get", "patch", "create", "delete"},
+        {"status", "scale"},
+    ),
     "v1/services": ("Service", True, {"list", "watch", "get", "patch", "create", "delete"}, set()),
-    "batch/v1/jobs": ("Job", True, {"list", "watch", "get", "patch", "create", "delete"}, {"status"}),
+    "batch/v1/jobs": (
+        "Job",
+        True,
+        {"list", "watch", "get", "patch", "create", "delete"},
+        {"status"},
+    ),
     "v1/pods": ("Pod", True, {"list", "watch", "get", "patch", "create", "delete"}, {"status"}),
     "v1/events": ("Event", True, {"list", "watch", "get", "create", "patch"}, set()),
     "gateway.networking.k8s.io/v1/httproutes": (
-        "HTTPRoute", True, {"list", "watch", "get", "patch", "create", "delete"}, {"status"},
+        "HTTPRoute",
+        True,
+        {"list", "watch", "get", "patch", "create", "delete"},
+        {"status"},
     ),
     "networking.istio.io/v1/virtualservices": (
-        "VirtualService", True, {"list", "watch", "get", "patch", "create", "delete"}, set(),
+        "VirtualService",
+        True,
+        {"list", "watch", "get", "patch", "create", "delete"},
+        set(),
     ),
     "scheduling.x-k8s.io/v1alpha1/podgroups": (
-        "PodGroup", True, {"list", "watch", "get", "patch", "create", "delete"}, {"status"},
+        "PodGroup",
+        True,
+        {"list", "watch", "get", "patch", "create", "delete"},
+        {"status"},
     ),
 }
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return (
+        datetime.datetime.now(datetime.UTC)
+        .replace(microsecond=0)
+        .isoformat()
+        .replace("+00:00", "Z")
+    )
 
 
 def merge(target: Any, patch: Any) -> Any:
@@ -77,12 +105,20 @@ def diff(old: Any, new: Any) -> Any:
         if key not in old:
             out[key] = copy.deepcopy(value)
         elif old[key] != value:
-            out[key] = diff(old[key], value) if isinstance(value, dict) and isinstance(old[key], dict) else copy.deepcopy(value)
+            out[key] = (
+                diff(old[key], value)
+                if isinstance(value, dict) and isinstance(old[key], dict)
+                else copy.deepcopy(value)
+            )
     return out
 
 
 def _pointer(path: str) -> list[str]:
-    return [p.replace("~1", "/").replace("~0", "~") for p in path.lstrip("/").split("/")] if path else []
+    return (
+        [p.replace("~1", "/").replace("~0", "~") for p in path.lstrip("/").split("/")]
+        if path
+        else []
+    )
 
 
 def json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
@@ -98,7 +134,9 @@ def json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
         if kind == "test":
             actual = parent[int(last)] if isinstance(parent, list) else parent.get(last)  # type: ignore[arg-type]  # last is set for tests
             if actual != op.get("value"):
-                raise kmock.KubernetesError(status=422, reason="Invalid", message=f"test failed at {op['path']}")
+                raise kmock.KubernetesError(
+                    status=422, reason="Invalid", message=f"test failed at {op['path']}"
+                )
         elif kind in ("add", "replace"):
             if isinstance(parent, list):
                 idx = len(parent) if last == "-" else int(last)  # type: ignore[arg-type]  # list paths carry an index
@@ -114,7 +152,9 @@ def json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
             else:
                 parent.pop(last, None)
         else:
-            raise kmock.KubernetesError(status=422, reason="Invalid", message=f"unsupported op {kind}")
+            raise kmock.KubernetesError(
+                status=422, reason="Invalid", message=f"unsupported op {kind}"
+            )
     return doc
 
 
@@ -146,7 +186,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         assert res is not None
         api_version = f"{res.group}/{res.version}" if res.group else str(res.version)
         key = f"{res.group + '/' if res.group else ''}{res.version}/{res.plural}"
-        kind = RESOURCES.get(key, ("",))[0] or str(getattr(self.resources.get(key), "kind", "") or "")
+        kind = RESOURCES.get(key, ("",))[0] or str(
+            getattr(self.resources.get(key), "kind", "") or ""
+        )
         return api_version, kind
 
     def _current(self, request: kmock.Request) -> dict[str, Any] | None:
@@ -170,13 +212,18 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         meta["generation"] = 1
         meta["creationTimestamp"] = _now()
         meta.setdefault("labels", {})
-        data.pop("status", None) if kind not in ("Event",) and request.resource and request.resource.plural != "events" else None
+        data.pop("status", None) if kind not in (
+            "Event",
+        ) and request.resource and request.resource.plural != "events" else None
         return data
 
     async def _handle(self, request: kmock.Request) -> Any:
         if request.resource is not None and request.action == enums.action.WATCH:
             self.watches.append((str(request.resource.group), str(request.resource.plural)))
-        if request.resource is None or request.action not in (enums.action.CREATE, enums.action.UPDATE):
+        if request.resource is None or request.action not in (
+            enums.action.CREATE,
+            enums.action.UPDATE,
+        ):
             return await super()._handle(request)
         content_type = str(request.headers.get("Content-Type", ""))
         self.writes.append((str(request.method), str(request.url.path), content_type))

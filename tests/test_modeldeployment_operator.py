@@ -39,7 +39,8 @@ def model(name: str = "llama", **spec: Any) -> dict[str, Any]:
 async def serving_deployments(cluster: Cluster, owner: str) -> list[dict[str, Any]]:
     listing = await cluster.get(DEPLOY_PATH) or {}
     return [
-        d for d in listing.get("items", [])
+        d
+        for d in listing.get("items", [])
         if d["metadata"].get("labels", {}).get(C.LABEL_OWNER) == owner
     ]
 
@@ -158,9 +159,7 @@ async def test_invalid_spec_degrades_with_event_while_others_reconcile(
 ) -> None:
     async with run_operator():
         # Passes the schema but cannot work: 4-way tensor parallel on 1 GPU.
-        await cluster.create(
-            MD_PATH, model("broken", args=["--tensor-parallel-size", "4"])
-        )
+        await cluster.create(MD_PATH, model("broken", args=["--tensor-parallel-size", "4"]))
         await cluster.create(MD_PATH, model("healthy"))
 
         async def degraded() -> dict[str, Any] | None:
@@ -177,8 +176,10 @@ async def test_invalid_spec_degrades_with_event_while_others_reconcile(
         async def warning_event() -> list[dict[str, Any]]:
             events = await cluster.get(f"/api/v1/namespaces/{NS}/events") or {}
             return [
-                e for e in events.get("items", [])
-                if e.get("type") == "Warning" and e.get("reason") == "InvalidSpec"
+                e
+                for e in events.get("items", [])
+                if e.get("type") == "Warning"
+                and e.get("reason") == "InvalidSpec"
                 and e.get("involvedObject", {}).get("name") == "broken"
             ]
 
@@ -204,6 +205,7 @@ async def test_repeated_reconcile_writes_nothing(
     # A restart resumes every object: with nothing changed, nothing is written.
     writes_before = len(api.writes)
     async with run_operator() as kube:
+
         async def resumed() -> bool:
             return kube.writes.total() == 0 and len(api.writes) == writes_before
 

@@ -64,13 +64,16 @@ CKPT = {
             {"scheduling": {"queueName": "team-a", "gang": {"enabled": True}}}, id="kueue-and-gang"
         ),
         pytest.param(
-            {"volumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}],
-             "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}]},
+            {
+                "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}],
+                "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
+            },
             id="emptydir-shm",
         ),
         pytest.param({"resources": {"cpu": "16", "memory": "64Gi"}}, id="cpu-memory"),
-        pytest.param({"command": None, "distributed": {"launcher": "none"}},
-                     id="entrypoint-without-torchrun"),
+        pytest.param(
+            {"command": None, "distributed": {"launcher": "none"}}, id="entrypoint-without-torchrun"
+        ),
     ],
 )
 def test_accepted(spec: dict[str, Any]) -> None:
@@ -84,28 +87,59 @@ def test_accepted(spec: dict[str, Any]) -> None:
     [
         pytest.param({"workers": 0}, "workers", id="zero-workers"),
         pytest.param({"workers": None}, "workers", id="no-workers"),
-        pytest.param({"gpusPerWorker": 8, "gpuResourceName": ""}, "gpuResourceName",
-                     id="gpus-without-resource-name"),
-        pytest.param({"gpuResourceName": "nvidia.com/gpu"}, "gpuResourceName",
-                     id="resource-name-without-gpus"),
+        pytest.param(
+            {"gpusPerWorker": 8, "gpuResourceName": ""},
+            "gpuResourceName",
+            id="gpus-without-resource-name",
+        ),
+        pytest.param(
+            {"gpuResourceName": "nvidia.com/gpu"},
+            "gpuResourceName",
+            id="resource-name-without-gpus",
+        ),
         pytest.param({"resources": {"gpu": 8}}, "resources.gpu", id="gpus-in-resources"),
-        pytest.param({"failurePolicy": {"maxRestarts": -1}}, "maxRestarts",
-                     id="unlimited-restarts-never-finish"),
-        pytest.param({"failurePolicy": {"neverRetryExitCodes": [0]}}, "neverRetryExitCodes",
-                     id="exit-code-zero-never-retried"),
-        pytest.param({"failurePolicy": {"backoffSeconds": 60, "maxBackoffSeconds": 10}},
-                     "maxBackoffSeconds", id="backoff-cap-below-start"),
-        pytest.param({"checkpoint": {"directory": "/ckpt"}}, "checkpoint.directory",
-                     id="checkpoint-not-on-a-volume"),
-        pytest.param({"checkpoint": {"directory": "relative/dir"}}, "directory",
-                     id="checkpoint-relative"),
-        pytest.param({"volumeMounts": [{"name": "x", "mountPath": "/x"}]}, "volumeMounts",
-                     id="mount-without-volume"),
-        pytest.param({"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}, "hostPath",
-                     id="hostpath-not-allowed"),
-        pytest.param({"volumes": [{"name": "v", "emptyDir": {},
-                                   "persistentVolumeClaim": {"claimName": "c"}}]},
-                     "exactly one", id="two-volume-sources"),
+        pytest.param(
+            {"failurePolicy": {"maxRestarts": -1}},
+            "maxRestarts",
+            id="unlimited-restarts-never-finish",
+        ),
+        pytest.param(
+            {"failurePolicy": {"neverRetryExitCodes": [0]}},
+            "neverRetryExitCodes",
+            id="exit-code-zero-never-retried",
+        ),
+        pytest.param(
+            {"failurePolicy": {"backoffSeconds": 60, "maxBackoffSeconds": 10}},
+            "maxBackoffSeconds",
+            id="backoff-cap-below-start",
+        ),
+        pytest.param(
+            {"checkpoint": {"directory": "/ckpt"}},
+            "checkpoint.directory",
+            id="checkpoint-not-on-a-volume",
+        ),
+        pytest.param(
+            {"checkpoint": {"directory": "relative/dir"}}, "directory", id="checkpoint-relative"
+        ),
+        pytest.param(
+            {"volumeMounts": [{"name": "x", "mountPath": "/x"}]},
+            "volumeMounts",
+            id="mount-without-volume",
+        ),
+        pytest.param(
+            {"volumes": [{"name": "h", "hostPath": {"path": "/"}}]},
+            "hostPath",
+            id="hostpath-not-allowed",
+        ),
+        pytest.param(
+            {
+                "volumes": [
+                    {"name": "v", "emptyDir": {}, "persistentVolumeClaim": {"claimName": "c"}}
+                ]
+            },
+            "exactly one",
+            id="two-volume-sources",
+        ),
         pytest.param({"distributed": {"launcher": "mpirun"}}, "launcher", id="unknown-launcher"),
         pytest.param({"distributed": {"rendezvousPort": 70000}}, "rendezvousPort", id="bad-port"),
         pytest.param({"replicas": 3}, "replicas", id="unknown-field"),
@@ -141,7 +175,10 @@ def test_printer_columns_and_short_name() -> None:
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Phase", "Workers ready", "Restarts", "Age",
+        "Phase",
+        "Workers ready",
+        "Restarts",
+        "Age",
     ]
 
 

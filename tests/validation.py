@@ -33,6 +33,14 @@ def _closed(schema: Any) -> Any:
             out["additionalProperties"] = False
         if out.get("type") == "object" and out.get("x-kubernetes-int-or-string"):
             out.pop("type")
+        # OpenAPI v3.0 (what CRDs use) spells exclusive bounds as booleans; JSON Schema as numbers.
+        for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            if out.get(bound) is True:
+                out[bound] = out.pop(limit)
+            elif out.get(bound) is False:
+                out.pop(bound)
+        if out.get("nullable") and isinstance(out.get("type"), str):
+            out["type"] = [out["type"], "null"]
         if out.get("x-kubernetes-int-or-string"):
             out.pop("type", None)
             out["anyOf"] = [{"type": "integer"}, {"type": "string"}]

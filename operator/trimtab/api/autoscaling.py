@@ -31,6 +31,11 @@ class SLOSpec(StrictModel):
     p99_latency_ms: int = Field(
         ge=1, le=3_600_000, description="Target for the 99th percentile of request latency (ms)."
     )
+    latency: Literal["e2e", "ttft"] = Field(
+        default="e2e",
+        description="Which latency the target is of: end to end (e2e), or time to first token "
+        "(ttft) for servers that stream tokens (vLLM, TGI).",
+    )
     max_error_rate: float | None = Field(
         default=None, ge=0.0, le=1.0, description="Largest acceptable share of failed requests."
     )
@@ -234,6 +239,9 @@ class ReplicaRecommendation(StatusModel):
 
     time: str
     replicas: int
+    queue_depth: float | None = Field(
+        default=None, description="Queue depth seen then, to tell a growing queue."
+    )
 
 
 class AutoscalingStatus(StatusModel):

@@ -133,8 +133,9 @@ class ModelDeploymentSpec(StrictModel):
     )
 
     def model_part(self) -> dict[str, Any]:
-        """The revision-defining fields, as they are on the wire."""
-        wire = self.to_wire()
+        """The revision-defining fields as they are on the wire, defaults left out: a field
+        added in a later trimtab version must not change every existing revision's hash."""
+        wire = self.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True, mode="json")
         keys = {(self.model_fields[f].alias or f) for f in self.model_fields_for_revision}
         return {k: v for k, v in wire.items() if k in keys}
 

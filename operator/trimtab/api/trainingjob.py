@@ -19,6 +19,7 @@ from trimtab.api.common import (
     StrictModel,
     Toleration,
 )
+from trimtab.api.rightsizing import RecommendationsStatus, RightsizingSpec
 
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_RENDEZVOUS_PORT = 29500
@@ -259,6 +260,10 @@ class TrainingJobSpec(StrictModel):
     suspend: bool = Field(
         default=False, description="Stop the workers (the checkpoint stays); false resumes."
     )
+    rightsizing: RightsizingSpec = Field(
+        default_factory=RightsizingSpec,
+        description="Right-sizing of CPU, memory and GPU from the workers' usage.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -329,7 +334,7 @@ Phase = Literal[
     "Restarting",  # an attempt failed; trimtab waits out the backoff, then starts the next one
     "Suspended",  # spec.suspend is true: no worker runs, the checkpoint and Service stay
     "Succeeded",  # every worker exited 0; terminal
-    "Failed",  # gave up: a never-retry exit code, restarts exhausted, deadline or bad spec; terminal
+    "Failed",  # gave up (never-retry exit code, restarts exhausted, deadline, bad spec); terminal
 ]
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
 
@@ -389,6 +394,9 @@ class TrainingJobStatus(StatusModel):
     )
     last_failure: WorkerFailure | None = None
     diagnosis: Diagnosis | None = None
+    recommendations: RecommendationsStatus | None = Field(
+        default=None, description="Right-sizing recommendations for the workers."
+    )
     cleaned_up: bool | None = Field(
         default=None, description="TTL clean-up deleted the Job, Service and PodGroup."
     )

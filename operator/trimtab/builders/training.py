@@ -166,7 +166,9 @@ def build_container(owner: Owner, spec: TrainingJobSpec, restarts: int) -> Manif
         container["args"] = args
     requests, limits = _requests_limits(spec)
     if requests or limits:
-        container["resources"] = {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+        container["resources"] = {
+            k: v for k, v in (("requests", requests), ("limits", limits)) if v
+        }
     mounts = [m.to_wire() for m in spec.volume_mounts]
     if _wants_shm(spec):
         mounts.append({"name": "dshm", "mountPath": SHM_PATH})

@@ -50,6 +50,7 @@ class Recommendation:
 
     time: float
     replicas: int
+    queue_depth: float | None = None  # what the queue held then, to see it grow
 
 
 @dataclass(frozen=True)
@@ -152,24 +153,35 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     # --- demand ---------------------------------------------------------------------------
     queue = sig.queue_depth or 0.0
     running = sig.running or 0.0
-    in_use = running
+    notes: list[str] = []
     if have_littles:
         assert sig.arrival_rate is not None and sig.service_time is not None
-        in_use = max(sig.arrival_rate * sig.service_time, running)
-    # Waiting requests each need a slot for one service time to drain before they age further.
-    needed = in_use + queue
+        service = max(sig.service_time, 1e-3)
+        arrivals = sig.arrival_rate
+        # A rate over a window trails a step. A queue that grew since the last loop shows
+        # the true arrival rate sooner: what the busy replicas finish plus the growth.
+        previous = next((r for r in reversed(history) if r.queue_depth is not None), None)
+        if previous is not None and previous.queue_depth is not None and inp.now > previous.time:
+            growth = (queue - previous.queue_depth) / (inp.now - previous.time)
+            if growth > 0 and queue > 0:
+                arrivals = max(arrivals, running / service + growth)
+        used["estimatedArrivalRate"] = arrivals
+        in_use = max(arrivals * service, running)
+        # The backlog must drain within one cold start, the time new capacity takes anyway;
+        # counting each waiting request as a slot would overshoot on every spike.
+        drain = queue * service / max(secs.cold_start, secs.interval, service)
+        source = f"{arrivals:.2f} req/s x {service:.2f}s"
+    else:
+        in_use, drain = running, queue
+        source = f"{running:.0f} running"
+    needed = in_use + drain
     recommendation = math.ceil(needed / per_replica - 1e-9) if needed > 0 else 0
     used["neededConcurrency"] = needed
-    notes = [
-        f"demand {needed:.1f} concurrent "
-        + (
-            f"({sig.arrival_rate:.2f} req/s x {sig.service_time:.2f}s"
-            if have_littles and sig.arrival_rate is not None and sig.service_time is not None
-            else f"({running:.0f} running"
-        )
-        + (f" + {queue:.0f} queued)" if queue else ")")
-        + f" / {per_replica:.1f} per replica = {recommendation}"
-    ]
+    notes.append(
+        f"demand {needed:.1f} concurrent ({source}"
+        + (f" + {queue:.0f} queued" if queue else "")
+        + f") / {per_replica:.1f} per replica = {recommendation}"
+    )
 
     slo_missed = slo_s is not None and sig.p99_latency is not None and sig.p99_latency > slo_s
     queueing = sig.queue_depth is None or sig.queue_depth > 0
@@ -190,7 +202,7 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         notes.append("p99 over SLO with an empty queue: service time itself, no replicas added")
 
     idle = needed == 0
-    history = (*history, Recommendation(inp.now, recommendation))
+    history = (*history, Recommendation(inp.now, recommendation, sig.queue_depth))
 
     # --- scale to zero ----------------------------------------------------------------------
     if secs.idle_window is not None and idle:

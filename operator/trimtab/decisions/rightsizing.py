@@ -46,6 +46,9 @@ PEAK_MAX_HALF_LIVES = 4.0
 # After an OOM kill the next request is at least this much above the memory it was killed at.
 OOM_BUMP_RATIO = 1.2
 OOM_MIN_BUMP = 100 * MiB
+OOM_MAX_BUMP_RATIO = 2.5
+# Kills closer together than this are one episode: the previous bump was not enough.
+OOM_CHAIN_S = HOUR
 # A recommendation needs a day of history (or the whole window when it is shorter).
 MIN_HISTORY_S = DAY
 # Requests below these are noise that only make a pod unschedulable after a restart spike.
@@ -145,13 +148,14 @@ class DecayingHistogram:
 
 
 def cpu_histogram(half_life: float = HALF_LIFE_S) -> DecayingHistogram:
-    """Buckets from 10 millicores growing by 5%, up to 1000 cores."""
-    return DecayingHistogram(first_bucket=0.01, ratio=1.05, max_value=1000.0, half_life=half_life)
+    """Buckets from 10 millicores growing by 1%, up to 1000 cores: the VPA's 5% buckets round
+    every percentile up by 2.5% on average, which is pure slack."""
+    return DecayingHistogram(first_bucket=0.01, ratio=1.01, max_value=1000.0, half_life=half_life)
 
 
 def memory_histogram(half_life: float = HALF_LIFE_S) -> DecayingHistogram:
-    """Buckets from 10 MB growing by 5%, up to 1 TB."""
-    return DecayingHistogram(first_bucket=1e7, ratio=1.05, max_value=1e12, half_life=half_life)
+    """Buckets from 10 MB growing by 1%, up to 1 TB."""
+    return DecayingHistogram(first_bucket=1e7, ratio=1.01, max_value=1e12, half_life=half_life)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,17 +523,29 @@ def interval_peaks(samples: Iterable[Sample], interval: float) -> list[Sample]:
 
 
 def oom_floor(oom_kills: Iterable[Sample]) -> float:
-    """The least memory that avoids a repeat of the OOM kills given: the memory at the kill
-    times 1.2, or plus 100 MiB, whichever is more (the VPA's bump).
+    """The least memory that avoids a repeat of the OOM kills given (time, memory at the kill).
+
+    A kill says only that the container wanted more than it had, not how much more. The first
+    bump is the VPA's (1.2x, or +100 MiB, whichever is more); a kill within an hour of the
+    previous one means the bump was too small, so the ratio squares each time (1.2, 1.44,
+    2.07, capped at 2.5): a step change costs two or three kills, not one per 20%.
 
     >>> oom_floor([(0.0, 1000 * MiB)]) / MiB
     1200.0
     >>> oom_floor([(0.0, 200 * MiB)]) / MiB
     300.0
+    >>> round(oom_floor([(0.0, 1000 * MiB), (600.0, 1200 * MiB)]) / MiB)
+    1728
     """
-    return max(
-        (max(m * OOM_BUMP_RATIO, m + OOM_MIN_BUMP) for _, m in oom_kills), default=0.0
-    )
+    floor = 0.0
+    ratio = OOM_BUMP_RATIO
+    previous: float | None = None
+    for t, memory in sorted(oom_kills):
+        chained = previous is not None and t - previous <= OOM_CHAIN_S
+        ratio = min(ratio * ratio, OOM_MAX_BUMP_RATIO) if chained else OOM_BUMP_RATIO
+        floor = max(floor, memory * ratio, memory + OOM_MIN_BUMP)
+        previous = t
+    return floor
 
 
 def _clamp(value: float, low: float, high: float | None) -> float:
@@ -612,8 +628,12 @@ def recommend_resources(
 
     cpu_value = cpu_target(cpu, policy) * (1 + policy.cpu_headroom)
     cpu_value = _clamp(cpu_value, policy.cpu_min, policy.cpu_max)
-    memory_value = memory_target(memory, policy, now) * (1 + policy.memory_headroom)
-    memory_value = max(memory_value, oom_floor(ooms))
+    # Kills older than the peak horizon are covered by the peaks seen since (the container
+    # ran with the bumped limit), so they stop holding memory up.
+    horizon = now - PEAK_MAX_HALF_LIVES * policy.half_life_s
+    recent_ooms = [(t, m) for t, m in ooms if t > horizon]
+    memory_value = max(memory_target(memory, policy, now), oom_floor(recent_ooms))
+    memory_value *= 1 + policy.memory_headroom
     memory_value = _clamp(memory_value, policy.memory_min, policy.memory_max)
     # Round as the API server would write them, so status and the next revision agree.
     cpu_value = float(parse_quantity(format_cpu(cpu_value)))

@@ -65,9 +65,9 @@ def log_evalue_vs_share(counts: Counts, p0: float) -> float:
     """log e-value against "the share of bad requests is at most p0".
 
     Worked examples (p0 = 1%):
-    - 0 bad of 1000: about -5.2 (evidence for the null; a later breach must make up for it)
-    - 10 bad of 1000: about -0.6 (exactly at the SLO: no case against it)
-    - 50 bad of 1000: about 40 (5x the SLO: far past log(1/0.01) = 4.6)
+    - 0 bad of 1000: about -4.4 (evidence for the null; a later breach must make up for it)
+    - 10 bad of 1000: about -1.8 (exactly at the SLO: no case against it)
+    - 50 bad of 1000: about 39 (5x the SLO: far past log(1/0.01) = 4.6)
     """
     p0 = min(max(p0, MIN_NULL_SHARE), 1.0 - MIN_NULL_SHARE)
     x, n = counts.bad, counts.requests
@@ -87,8 +87,8 @@ def log_evalue_vs_stable(candidate: Counts, stable: Counts, max_ratio: float) ->
     total number of bad requests (so the stable share need not be known).
 
     Worked examples (max_ratio = 1.5, 10% of traffic on the candidate):
-    - candidate 1 bad of 1000, stable 9 bad of 9000: about -0.7 (same share: no case)
-    - candidate 10 bad of 1000, stable 9 bad of 9000: about 7.7 (10x: past log(1/0.01))
+    - candidate 1 bad of 1000, stable 9 bad of 9000: about -1.0 (same share: no case)
+    - candidate 10 bad of 1000, stable 9 bad of 9000: about 6.3 (10x: past log(1/0.01))
     - no bad requests anywhere: 0.0 (no information either way)
     """
     if candidate.requests <= 0 or stable.requests <= 0:

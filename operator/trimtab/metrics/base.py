@@ -152,3 +152,21 @@ class MetricsProvider(Protocol):
     async def is_online(self) -> bool: ...
 
     async def close(self) -> None: ...
+
+
+async def read_signals(
+    provider: MetricsProvider, queries: Mapping[SignalName, str | None], source: str = ""
+) -> Signals:
+    """One loop's Signals: every signal that has a query, in one batch.
+
+    A signal without a query (a preset that cannot derive it and no override) is NO_DATA
+    with a message saying how to supply one."""
+    batch: dict[str, str] = {name: q for name, q in queries.items() if q}
+    results = await provider.query_batch(batch)
+    for name, query in queries.items():
+        if not query:
+            where = f"the {source} preset" if source else "this preset"
+            results[name] = QueryResult.no_data(
+                f"{where} has no query for {name}; set spec.metrics.queries.{name}"
+            )
+    return Signals.from_results(results)

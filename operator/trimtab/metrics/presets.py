@@ -24,6 +24,22 @@ class UnknownPresetError(ValueError):
     """A preset name with no PromQL behind it. Never fall back to another preset silently."""
 
 
+# The relabeling trimtab expects in the scrape job for model-server pods
+# (`kubernetes_sd_configs: [{role: pod}]`); the README shows it as YAML and the tests scrape
+# through it. It keeps trimtab's pods and turns their namespace, name and trimtab.io/* labels
+# into the `namespace`, `pod`, `trimtab_io_owner` and `trimtab_io_revision` labels.
+SCRAPE_RELABEL_CONFIGS: list[dict[str, object]] = [
+    {
+        "action": "keep",
+        "source_labels": ["__meta_kubernetes_pod_labelpresent_trimtab_io_owner"],
+        "regex": "true",
+    },
+    {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_(trimtab_io_.+)"},
+    {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+]
+
+
 @dataclass(frozen=True)
 class LabelNames:
     """The Prometheus label names that carry a pod's namespace, owner and revision.

@@ -12,7 +12,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from trimtab.simulate.prometheus import VLLM_LATENCY_BUCKETS, PrometheusView, Sample
+from trimtab.simulate.prometheus import (
+    VLLM_LATENCY_BUCKETS,
+    VLLM_TTFT_BUCKETS,
+    PrometheusView,
+    Sample,
+)
 from trimtab.simulate.traces import Trace
 
 
@@ -32,11 +37,32 @@ class ServerModel:
         return prompt_tokens / self.prefill_tokens_per_s + output_tokens / self.decode_tokens_per_s
 
 
+def draw_jitter(trace: Trace, server: ServerModel, seed: int) -> list[float]:
+    """Each request's seeded service-time factor (mean 1); the same for every policy."""
+    rng = random.Random(f"service-{seed}")
+    sigma = server.service_noise
+    if sigma <= 0:
+        return [1.0] * len(trace.requests)
+    return [math.exp(rng.gauss(-sigma * sigma / 2, sigma)) for _ in trace.requests]
+
+
+def draw_service_times(trace: Trace, server: ServerModel, seed: int) -> list[float]:
+    """Each request's service time with the seeded jitter; the same for every policy."""
+    return [
+        server.service_time(r.prompt_tokens, r.output_tokens) * j
+        for r, j in zip(trace.requests, draw_jitter(trace, server, seed), strict=True)
+    ]
+
+
 @dataclass(frozen=True)
 class MetricsPath:
     scrape_interval: float = 15.0
     rate_window: float = 60.0
-    buckets: tuple[float, ...] = VLLM_LATENCY_BUCKETS
+    latency: str = "e2e"  # which latency the histogram (and the SLO) measures: e2e or ttft
+
+    @property
+    def buckets(self) -> tuple[float, ...]:
+        return VLLM_LATENCY_BUCKETS if self.latency == "e2e" else VLLM_TTFT_BUCKETS
 
 
 class Replica:
@@ -102,7 +128,7 @@ class RunResult:
     policy: str
     trace: str
     horizon: float
-    latencies: list[tuple[float, float]]  # (arrival, latency) per request
+    latencies: list[tuple[float, float]]  # (arrival, latency the SLO measures) per request
     replica_seconds: float
     scale_actions: int
     timeline: list[TimelinePoint]
@@ -134,8 +160,8 @@ class Simulation:
         )
         self._replicas: dict[int, Replica] = {}
         self._next_id = 0
-        self._queue: deque[tuple[float, float]] = deque()  # (arrival, service time)
-        self._events: list[tuple[float, int, int, int, float, float]] = []
+        self._queue: deque[tuple[float, float, float]] = deque()  # (arrival, service, prefill)
+        self._events: list[tuple[float, int, int, int, float, float, float]] = []
         self._seq = 0
         self._arrivals = 0
         self._completed = 0
@@ -147,7 +173,6 @@ class Simulation:
         self._alive = 0
         self._scale_actions = 0
         self._latencies: list[tuple[float, float]] = []
-        self._busy_retired: dict[int, float] = {}
 
     # --- the view policies get -------------------------------------------------------------
     @property
@@ -162,9 +187,11 @@ class Simulation:
         return self._running + len(self._queue)
 
     # --- bookkeeping ------------------------------------------------------------------------
-    def _push(self, time: float, kind: int, arg: int = 0, a: float = 0.0, b: float = 0.0) -> None:
+    def _push(
+        self, time: float, kind: int, arg: int = 0, a: float = 0.0, b: float = 0.0, c: float = 0.0
+    ) -> None:
         self._seq += 1
-        heapq.heappush(self._events, (time, kind, self._seq, arg, a, b))
+        heapq.heappush(self._events, (time, kind, self._seq, arg, a, b, c))
 
     def _account(self, now: float) -> None:
         end = min(now, self.horizon)
@@ -206,12 +233,15 @@ class Simulation:
             else:
                 replica.state = "draining"
 
-    def _start(self, now: float, replica: Replica, arrival: float, service: float) -> None:
+    def _start(
+        self, now: float, replica: Replica, arrival: float, service: float, prefill: float
+    ) -> None:
         if replica.busy == 0:
             replica.busy_since = now
         replica.busy += 1
         self._running += 1
-        self._push(now + service, _FINISH, replica.id, arrival, service)
+        measured = service if self._e2e else prefill
+        self._push(now + service, _FINISH, replica.id, arrival, service, now - arrival + measured)
 
     def _dispatch(self, now: float) -> None:
         while self._queue:
@@ -223,10 +253,12 @@ class Simulation:
                     best = r
             if best is None:
                 return
-            arrival, service = self._queue.popleft()
-            self._start(now, best, arrival, service)
+            arrival, service, prefill = self._queue.popleft()
+            self._start(now, best, arrival, service, prefill)
 
-    def _finish(self, now: float, rid: int, arrival: float, service: float) -> None:
+    def _finish(
+        self, now: float, rid: int, arrival: float, service: float, latency: float
+    ) -> None:
         replica = self._replicas[rid]
         replica.busy -= 1
         self._running -= 1
@@ -234,7 +266,6 @@ class Simulation:
             replica.busy_seconds += now - replica.busy_since
         self._completed += 1
         self._service_sum += service
-        latency = now - arrival
         self._latencies.append((arrival, latency))
         i = 0
         bounds = self.metrics.buckets
@@ -242,7 +273,6 @@ class Simulation:
             i += 1
         self._bucket_counts[i] += 1
         if replica.state == "draining" and replica.busy == 0:
-            self._busy_retired[rid] = replica.busy_seconds
             self._remove(now, replica)
 
     def _scrape(self, now: float) -> None:
@@ -270,12 +300,14 @@ class Simulation:
     def run(self) -> RunResult:
         rng = random.Random(self.seed)
         requests = self.trace.requests
-        sigma = self.server.service_noise
+        jitter = draw_jitter(self.trace, self.server, self.seed)
+        server = self.server
         services = [
-            self.server.service_time(r.prompt_tokens, r.output_tokens)
-            * (math.exp(rng.gauss(-sigma * sigma / 2, sigma)) if sigma > 0 else 1.0)
-            for r in requests
+            server.service_time(r.prompt_tokens, r.output_tokens) * j
+            for r, j in zip(requests, jitter, strict=True)
         ]
+        prefills = [r.prompt_tokens / server.prefill_tokens_per_s * j for r, j in zip(requests, jitter, strict=True)]
+        self._e2e = self.metrics.latency == "e2e"
         self.horizon = self.trace.duration + self.tail
         for _ in range(self.initial_replicas):
             self._add_replica(0.0, ready=True)
@@ -292,20 +324,20 @@ class Simulation:
         while True:
             next_arrival = requests[nxt].arrival if nxt < n else math.inf
             if self._events and self._events[0][0] <= next_arrival:
-                now, kind, _, arg, a, b = heapq.heappop(self._events)
+                now, kind, _, arg, a, b, c = heapq.heappop(self._events)
             elif nxt < n:
-                now, kind, arg, a, b = next_arrival, _ARRIVAL, nxt, 0.0, 0.0
+                now, kind, arg, a, b, c = next_arrival, _ARRIVAL, nxt, 0.0, 0.0, 0.0
                 nxt += 1
             else:
                 break
             if now > limit:
                 break
             if kind == _FINISH:
-                self._finish(now, arg, a, b)
+                self._finish(now, arg, a, b, c)
                 self._dispatch(now)
             elif kind == _ARRIVAL:
                 self._arrivals += 1
-                self._queue.append((now, services[arg]))
+                self._queue.append((now, services[arg], prefills[arg]))
                 self._dispatch(now)
             elif kind == _READY:
                 replica = self._replicas.get(arg)

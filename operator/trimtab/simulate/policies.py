@@ -158,12 +158,16 @@ class HpaCpuPolicy:
         utilization, pods = measured
         ratio = utilization / self.target
         raw = current
-        if abs(ratio - 1.0) > self.hpa.tolerance:
-            unready = max(0, current - pods)
-            if ratio > 1.0 and unready:
-                ratio = utilization * pods / (self.target * (pods + unready))
-            if abs(ratio - 1.0) > self.hpa.tolerance:
-                raw = math.ceil(ratio * (pods + (unready if ratio > 1.0 else 0)))
+        unready = max(0, current - pods)
+        if ratio > 1.0 + self.hpa.tolerance:
+            # Scale-up: pods still starting count as 0% used; if that flips or dampens the
+            # ratio into the tolerance, the controller keeps the current count.
+            ratio = utilization * pods / (self.target * (pods + unready))
+            if ratio > 1.0 + self.hpa.tolerance:
+                raw = math.ceil(ratio * (pods + unready))
+        elif ratio < 1.0 - self.hpa.tolerance:
+            # Scale-down: pods not ready are set aside.
+            raw = math.ceil(ratio * pods)
         desired = self.hpa.stabilize_and_limit(now, current, raw)
         return Decision(now, desired, f"cpu {utilization:.0%} of target {self.target:.0%}")
 
@@ -247,15 +251,14 @@ class KnativeKpaPolicy:
         stable_pods = math.ceil(sum(stable) / len(stable) / target)
         panic_pods = math.ceil(sum(panic) / len(panic) / target) if panic else stable_pods
         ready = max(1, cluster.ready)
-        current = cluster.replicas
         up_limit = math.ceil(c.max_scale_up_rate * ready)
         down_limit = math.floor(ready / c.max_scale_down_rate)
         stable_pods = max(down_limit, min(up_limit, stable_pods))
         panic_pods = max(down_limit, min(up_limit, panic_pods))
         if panic_pods / ready >= c.panic_threshold:
             if self.panic_since is None:
-                self.panic_since = now
-            self.max_panic_pods = max(self.max_panic_pods, current)
+                self.max_panic_pods = ready
+            self.panic_since = now  # every tick over the threshold extends the panic
         elif self.panic_since is not None and now - self.panic_since >= c.stable_window:
             self.panic_since = None
             self.max_panic_pods = 0
@@ -296,9 +299,14 @@ class OraclePolicy:
         events.sort(key=lambda e: (e[0], e[1]))
         peak = [0] * (horizon + 1)
         level = 0
+        filled = 0  # seconds before this one already hold their peak
         for t, d in events:
-            level += d
             second = min(int(t), horizon)
+            # Requests still in service carry their level into the seconds without events.
+            for s in range(filled, second + 1):
+                peak[s] = max(peak[s], level)
+            filled = second + 1
+            level += d
             peak[second] = max(peak[second], level)
         self.need = [math.ceil(p / self.server.max_concurrency) for p in peak]
 

@@ -14,6 +14,12 @@ VLLM_LATENCY_BUCKETS: tuple[float, ...] = (
     120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 )
 
+# vLLM's buckets for vllm:time_to_first_token_seconds.
+VLLM_TTFT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Sample:

@@ -1,0 +1,174 @@
+"""Manifests that split traffic between a ModelDeployment's stable and candidate revisions:
+per-revision Services, a Gateway API HTTPRoute and an Istio VirtualService.
+
+Pure. Weights are percentages of the candidate and stable; a mirror copies a percentage of
+requests to the candidate and discards its answers (shadow traffic)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trimtab import constants as C
+from trimtab.api.rollout import GatewayApiRouterSpec, IstioRouterSpec
+from trimtab.builders.common import Manifest, Owner, child_name, object_meta
+
+GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
+ISTIO_API_VERSION = "networking.istio.io/v1"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Where traffic goes: revisions, their serving port, weights and the mirror share."""
+
+    stable_revision: str
+    candidate_revision: str | None
+    port: int
+    stable_weight: int = 100
+    candidate_weight: int = 0
+    mirror_percent: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stable_weight + self.candidate_weight != 100:
+            raise ValueError(
+                f"weights must sum to 100: {self.stable_weight}+{self.candidate_weight}"
+            )
+        if self.candidate_revision is None and (self.candidate_weight or self.mirror_percent):
+            raise ValueError("a candidate weight or mirror needs a candidate revision")
+        if not 0 <= self.mirror_percent <= 100:
+            raise ValueError(f"mirror percent out of 0..100: {self.mirror_percent}")
+
+
+def revision_service_name(owner_name: str, revision: str) -> str:
+    """The Service that selects one revision's pods (same name as its Deployment)."""
+    return child_name(owner_name, revision)
+
+
+def build_revision_service(owner: Owner, revision: str, port: int) -> Manifest:
+    """A ClusterIP Service for one revision, so a mesh can weigh revisions separately."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_meta(
+            owner,
+            revision_service_name(owner.name, revision),
+            labels={C.LABEL_REVISION: revision, C.LABEL_NAME: owner.name},
+        ),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {C.LABEL_OWNER: owner.name, C.LABEL_REVISION: revision},
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def http_route_name(owner: Owner, router: GatewayApiRouterSpec) -> str:
+    return router.http_route or owner.name
+
+
+def build_http_route(owner: Owner, router: GatewayApiRouterSpec, split: Split) -> Manifest:
+    """An HTTPRoute with weighted backendRefs and, for shadow traffic, a RequestMirror filter.
+
+    With parentRefs trimtab owns the whole route. With only `httpRoute` the route is the
+    user's: the manifest carries just `spec.rules`, which server-side apply merges into it
+    (trimtab owns the rules, the user keeps parents and hostnames; no ownerReference, so
+    deleting the ModelDeployment never deletes the user's route)."""
+    stable_svc = revision_service_name(owner.name, split.stable_revision)
+    backends: list[Manifest] = [
+        {"name": stable_svc, "port": split.port, "weight": split.stable_weight}
+    ]
+    rule: Manifest = {"backendRefs": backends}
+    if split.candidate_revision is not None:
+        cand_svc = revision_service_name(owner.name, split.candidate_revision)
+        backends.append({"name": cand_svc, "port": split.port, "weight": split.candidate_weight})
+        if split.mirror_percent:
+            rule["filters"] = [
+                {
+                    "type": "RequestMirror",
+                    "requestMirror": {
+                        "backendRef": {"name": cand_svc, "port": split.port},
+                        "percent": split.mirror_percent,
+                    },
+                }
+            ]
+    name = http_route_name(owner, router)
+    spec: Manifest = {"rules": [rule]}
+    if router.parent_refs is not None:
+        spec = {"parentRefs": [p.to_wire() for p in router.parent_refs], **spec}
+        if router.hostnames:
+            spec["hostnames"] = list(router.hostnames)
+        metadata = object_meta(owner, name, labels={C.LABEL_NAME: owner.name})
+    else:
+        metadata = {"name": name, "namespace": owner.namespace}
+    return {
+        "apiVersion": GATEWAY_API_VERSION,
+        "kind": "HTTPRoute",
+        "metadata": metadata,
+        "spec": spec,
+    }
+
+
+def _fqdn(owner: Owner, service: str) -> str:
+    return f"{service}.{owner.namespace}.svc.cluster.local"
+
+
+def build_virtual_service(owner: Owner, router: IstioRouterSpec, split: Split) -> Manifest:
+    """An Istio VirtualService for `router.host`: weighted destinations (the per-revision
+    Services) and, for shadow traffic, `mirror` with `mirrorPercentage`."""
+    stable_host = _fqdn(owner, revision_service_name(owner.name, split.stable_revision))
+    route: list[Manifest] = [
+        {
+            "destination": {"host": stable_host, "port": {"number": split.port}},
+            "weight": split.stable_weight,
+        }
+    ]
+    http: Manifest = {"name": "trimtab", "route": route}
+    if split.candidate_revision is not None:
+        cand_host = _fqdn(owner, revision_service_name(owner.name, split.candidate_revision))
+        route.append(
+            {
+                "destination": {"host": cand_host, "port": {"number": split.port}},
+                "weight": split.candidate_weight,
+            }
+        )
+        if split.mirror_percent:
+            http["mirror"] = {"host": cand_host, "port": {"number": split.port}}
+            http["mirrorPercentage"] = {"value": float(split.mirror_percent)}
+    spec: Manifest = {"hosts": [router.host], "http": [http]}
+    if router.gateways:
+        spec["gateways"] = list(router.gateways)
+    return {
+        "apiVersion": ISTIO_API_VERSION,
+        "kind": "VirtualService",
+        "metadata": object_meta(owner, owner.name, labels={C.LABEL_NAME: owner.name}),
+        "spec": spec,
+    }
+
+
+def weights_from_http_route(route: Manifest, owner_name: str) -> tuple[dict[str, int], int]:
+    """({revision service: weight}, mirror percent) as an HTTPRoute currently says."""
+    weights: dict[str, int] = {}
+    mirror = 0
+    prefix = f"{owner_name}-"
+    for rule in route.get("spec", {}).get("rules", []):
+        for ref in rule.get("backendRefs", []):
+            if str(ref.get("name", "")).startswith(prefix):
+                weights[ref["name"]] = int(ref.get("weight", 1))
+        for f in rule.get("filters", []):
+            if f.get("type") == "RequestMirror":
+                mirror = int(f.get("requestMirror", {}).get("percent", 100))
+    return weights, mirror
+
+
+def weights_from_virtual_service(vs: Manifest) -> tuple[dict[str, int], int]:
+    """({revision service: weight}, mirror percent) as a VirtualService currently says."""
+    weights: dict[str, int] = {}
+    mirror = 0
+    for http in vs.get("spec", {}).get("http", []):
+        if http.get("name") != "trimtab":
+            continue
+        for r in http.get("route", []):
+            service = str(r["destination"]["host"]).split(".", 1)[0]
+            weights[service] = int(r.get("weight", 0))
+        if "mirror" in http:
+            mirror = round(float(http.get("mirrorPercentage", {}).get("value", 100.0)))
+    return weights, mirror

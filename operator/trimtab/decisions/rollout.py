@@ -1,0 +1,524 @@
+"""The rollout state machine: which traffic action comes next for a ModelDeployment's
+revisions (`next_rollout_step`), how status changes once it is done (`apply_action`), and how
+replicas split between stable and candidate (`split_replicas`).
+
+Pure: the clock, the candidate's readiness and the analysis verdict are arguments."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from trimtab.api.autoscaling import SLOSpec, duration_seconds
+from trimtab.api.rollout import (
+    AnalysisVerdict,
+    CheckEvidence,
+    KnownGoodRevision,
+    ManualAction,
+    RolloutPhase,
+    RolloutSpec,
+    RolloutStatus,
+    Weights,
+)
+from trimtab.decisions.statistics import AnalysisResult, Check
+
+# Verdicts kept in status; a rollout of hours at 15 s would otherwise outgrow an object.
+MAX_VERDICTS = 100
+# p99 <= T means at most 1% of requests are slower than T.
+LATENCY_SHARE = 0.01
+
+
+# --- actions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetWeights:
+    """Send `candidate` percent to the candidate. With `start`, a new candidate revision begins
+    (created beside the stable one at weight 0)."""
+
+    stable: int
+    candidate: int
+    step_index: int
+    reason: str
+    start: str | None = None
+    kind: Literal["SetWeights"] = "SetWeights"
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """Copy `percent` of requests to the candidate; responses to copies are discarded."""
+
+    percent: int
+    reason: str
+    kind: Literal["Mirror"] = "Mirror"
+
+
+@dataclass(frozen=True)
+class Promote:
+    """The candidate (or the first revision) becomes stable and takes all traffic."""
+
+    revision: str
+    reason: str
+    kind: Literal["Promote"] = "Promote"
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """All traffic back to stable; the candidate is removed. `mark_failed`: not retried until
+    the spec changes (False when the spec itself went back to the stable revision)."""
+
+    reason: str
+    mark_failed: bool = True
+    kind: Literal["Rollback"] = "Rollback"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Weights stay as they are. `end_watch`: the post-promotion window closed cleanly."""
+
+    reason: str
+    end_watch: bool = False
+    kind: Literal["Hold"] = "Hold"
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Weights stay until a person acts (promote annotation, or spec.rollout.paused unset)."""
+
+    reason: str
+    kind: Literal["Pause"] = "Pause"
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """The promoted revision breached its SLO in the watch window: go back to `to_revision`."""
+
+    to_revision: str
+    reason: str
+    kind: Literal["Fallback"] = "Fallback"
+
+
+RolloutAction = SetWeights | Mirror | Promote | Rollback | Hold | Pause | Fallback
+
+
+@dataclass(frozen=True)
+class RolloutInputs:
+    """What the control loop observed this round.
+
+    analysis: the verdict on the subject (candidate, or the promoted revision while watched);
+    None when metrics are unavailable. manual: the rollout-action annotation, if set."""
+
+    desired_revision: str
+    now: datetime
+    candidate_ready: bool = False
+    analysis: AnalysisResult | None = None
+    manual: ManualAction | None = None
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def format_time(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _elapsed(since: str | None, now: datetime) -> float:
+    return 0.0 if since is None else max(0.0, (now - parse_time(since)).total_seconds())
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def checks_for(spec: RolloutSpec, slo: SLOSpec | None) -> list[Check]:
+    """The checks a rollout runs: absolute ones need a bound (analysis or spec.slo), relative
+    ones a ratio. Latency is judged as the share of requests over the p99 bound."""
+    checks: list[Check] = []
+    err = spec.analysis.error_rate
+    max_error = err.max if err.max is not None else (slo.max_error_rate if slo else None)
+    if max_error is not None:
+        checks.append(Check("errorRate", "slo", max_error))
+    if err.max_ratio_to_stable is not None:
+        checks.append(Check("errorRate", "stable", err.max_ratio_to_stable))
+    lat = spec.analysis.latency
+    p99 = (
+        lat.p99_latency_ms
+        if lat.p99_latency_ms is not None
+        else (slo.p99_latency_ms if slo else None)
+    )
+    if p99 is not None:
+        checks.append(Check("latency", "slo", LATENCY_SHARE))
+        if lat.max_ratio_to_stable is not None:
+            checks.append(Check("latency", "stable", lat.max_ratio_to_stable))
+    return checks
+
+
+def latency_bound_seconds(spec: RolloutSpec, slo: SLOSpec | None) -> float | None:
+    ms = spec.analysis.latency.p99_latency_ms
+    if ms is None and slo is not None:
+        ms = slo.p99_latency_ms
+    return None if ms is None else ms / 1000.0
+
+
+def carried_evidence(status: RolloutStatus) -> dict[str, float]:
+    return {e.name: e.log_evidence for e in status.carried_evidence}
+
+
+def _step_weights(spec: RolloutSpec, index: int, reason: str) -> SetWeights:
+    weight = spec.steps[index].weight
+    return SetWeights(100 - weight, weight, index, reason)
+
+
+def _advance(spec: RolloutSpec, status: RolloutStatus, why: str) -> RolloutAction:
+    nxt = status.step_index + 1
+    if nxt >= len(spec.steps):
+        assert status.candidate_revision is not None
+        return Promote(status.candidate_revision, f"{why}; all {len(spec.steps)} steps done")
+    return _step_weights(
+        spec, nxt, f"{why}; step {nxt + 1} of {len(spec.steps)}: {spec.steps[nxt].weight}%"
+    )
+
+
+# --- the state machine ----------------------------------------------------------------------
+
+
+def next_rollout_step(
+    spec: RolloutSpec, status: RolloutStatus, inputs: RolloutInputs
+) -> RolloutAction:
+    """Decide the next traffic action. Safety first: an abort, a missed progress deadline or a
+    failing analysis roll back before anything else is considered, and missing metrics freeze
+    the weights (never promote blind).
+
+    Worked examples (steps 10% / 50%, each pausing 1m; analysis every 15s):
+    - no stable revision yet -> Promote (the first revision has nothing to compare with)
+    - spec revision b, stable a, no candidate -> SetWeights(100, 0, start=b): b starts at 0%
+    - candidate b not ready after progressDeadline 30m -> Rollback("... not ready ...")
+    - candidate ready, step -1 -> SetWeights(90, 10, step 0)
+    - step 0 for 20s, analysis Pass -> Hold("step 1: 20s of 1m00s")
+    - step 0 for 70s, analysis Inconclusive (40 of 100 requests) -> Hold(too few requests)
+    - step 0 for 70s, analysis Pass -> SetWeights(50, 50, step 1)
+    - step 1 (the last) for 70s, Pass -> Promote(b)
+    - any step, analysis Fail -> Rollback(with the failing checks)
+    - any step, metrics unavailable -> Hold("metrics unavailable: weights frozen at 10%")
+    - promoted 3m ago (watch 10m), analysis Fail, known-good [b, a] -> Fallback(to a)
+    """
+    desired = inputs.desired_revision
+    now = inputs.now
+    candidate = status.candidate_revision
+    stable = status.stable_revision
+
+    if stable is None:
+        return Promote(desired, f"first revision {desired}: nothing to compare with")
+
+    if candidate is None:
+        if desired != stable and desired != status.failed_revision:
+            return SetWeights(
+                100, 0, -1, f"new revision {desired}: starts beside stable {stable}", start=desired
+            )
+        return _watch(spec, status, inputs)
+
+    # A candidate is in flight.
+    if desired == stable:
+        return Rollback(
+            f"spec went back to stable revision {stable}: candidate {candidate} removed",
+            mark_failed=False,
+        )
+    if desired != candidate:
+        return SetWeights(
+            100, 0, -1, f"new revision {desired} replaces candidate {candidate}", start=desired
+        )
+    if inputs.manual == "abort":
+        return Rollback(f"candidate {candidate} aborted by hand")
+    if not inputs.candidate_ready:
+        waited = _elapsed(status.candidate_since, now)
+        deadline = duration_seconds(spec.progress_deadline)
+        if waited >= deadline:
+            return Rollback(
+                f"candidate {candidate} not ready within progressDeadline {spec.progress_deadline}"
+            )
+        return Hold(
+            f"waiting for candidate {candidate} to be ready ({_fmt(waited)} of "
+            f"{spec.progress_deadline})"
+        )
+    if spec.strategy == "Immediate":
+        return Promote(candidate, "strategy Immediate: candidate is ready")
+    analysis = inputs.analysis
+    if analysis is not None and analysis.verdict == "Fail":
+        return Rollback(f"analysis failed: {analysis.reason}")
+    if inputs.manual == "promote-full":
+        return Promote(candidate, "promoted by hand (promote-full)")
+
+    shadow = spec.shadow_or_default()
+    in_shadow = shadow is not None and status.step_index == -1
+    if in_shadow and shadow is not None:
+        if status.weights.mirror_percent != shadow.mirror_percent:
+            return Mirror(
+                shadow.mirror_percent,
+                f"candidate ready: mirroring {shadow.mirror_percent}% of requests to {candidate}",
+            )
+        if inputs.manual == "promote":
+            return _step_weights(spec, 0, "shadow ended by hand; step 1")
+        if analysis is None:
+            return Hold("metrics unavailable: mirroring continues, weights frozen")
+        if spec.paused:
+            return Pause("paused by spec.rollout.paused (shadow)")
+        elapsed = _elapsed(status.step_since, now)
+        needed = duration_seconds(shadow.duration)
+        if elapsed < needed:
+            return Hold(f"shadow: {_fmt(elapsed)} of {shadow.duration}")
+        samples = min((r.samples for r in analysis.results), default=0)
+        if samples < shadow.min_requests:
+            return Hold(f"shadow: too few mirrored requests: {samples} of {shadow.min_requests}")
+        if analysis.verdict != "Pass":
+            return Hold(f"shadow: {analysis.reason}")
+        return _step_weights(
+            spec,
+            0,
+            f"shadow passed ({samples} requests); step 1 of {len(spec.steps)}: "
+            f"{spec.steps[0].weight}%",
+        )
+
+    if status.step_index == -1:
+        return _step_weights(
+            spec,
+            0,
+            f"candidate {candidate} ready; step 1 of {len(spec.steps)}: {spec.steps[0].weight}%",
+        )
+    if inputs.manual == "promote":
+        return _advance(spec, status, f"step {status.step_index + 1} promoted by hand")
+    weight = status.weights.candidate
+    if analysis is None:
+        return Hold(f"metrics unavailable: weights frozen at {weight}%")
+    if spec.paused:
+        return Pause(f"paused by spec.rollout.paused at {weight}%")
+    step = spec.steps[status.step_index]
+    label = f"step {status.step_index + 1} of {len(spec.steps)} ({weight}%)"
+    if step.pause is not None and step.pause.until_promoted:
+        return Pause(f"{label} waits to be promoted by hand")
+    pause = (
+        step.pause.duration
+        if step.pause is not None and step.pause.duration is not None
+        else spec.analysis.interval
+    )
+    elapsed = _elapsed(status.step_since, now)
+    if elapsed < duration_seconds(pause):
+        return Hold(f"{label}: {_fmt(elapsed)} of {pause}")
+    if analysis.verdict != "Pass":
+        return Hold(f"{label}: {analysis.reason}")
+    return _advance(spec, status, f"{label} passed")
+
+
+def _watch(spec: RolloutSpec, status: RolloutStatus, inputs: RolloutInputs) -> RolloutAction:
+    """No candidate: the stable revision serves all, and may still be inside its watch."""
+    stable = status.stable_revision
+    if status.promoted_at is None:
+        if status.failed_revision is not None and inputs.desired_revision == status.failed_revision:
+            return Hold(
+                f"revision {status.failed_revision} failed and is not retried; stable {stable} "
+                "serves all traffic; change the spec to try again"
+            )
+        return Hold(f"stable revision {stable} serves all traffic")
+    window = duration_seconds(spec.post_promotion.watch_window)
+    elapsed = _elapsed(status.promoted_at, inputs.now)
+    if elapsed >= window:
+        return Hold(
+            f"watch window {spec.post_promotion.watch_window} passed: {stable} is known-good",
+            end_watch=True,
+        )
+    analysis = inputs.analysis
+    if analysis is None:
+        return Hold(
+            f"metrics unavailable while watching {stable} ({_fmt(elapsed)} of "
+            f"{spec.post_promotion.watch_window})"
+        )
+    if analysis.verdict != "Fail":
+        return Hold(f"watching {stable}: {_fmt(elapsed)} of {spec.post_promotion.watch_window}")
+    if not spec.post_promotion.automatic_fallback:
+        return Hold(f"{stable} breaches its SLO ({analysis.reason}); automatic fallback is off")
+    earlier = [k for k in status.known_good if k.revision != stable]
+    if not earlier:
+        return Hold(
+            f"{stable} breaches its SLO ({analysis.reason}); no earlier known-good "
+            "revision to fall back to"
+        )
+    return Fallback(
+        earlier[0].revision,
+        f"{stable} breached its SLO {_fmt(elapsed)} after promotion: {analysis.reason}",
+    )
+
+
+# --- status after an action -----------------------------------------------------------------
+
+
+def _verdicts(
+    status: RolloutStatus, analysis: AnalysisResult | None, now: str, subject: str | None
+) -> list[AnalysisVerdict]:
+    out = list(status.verdicts)
+    if analysis is not None:
+        for r in analysis.results:
+            out.append(
+                AnalysisVerdict(
+                    metric=r.check.metric,
+                    against=r.check.against,
+                    value=None if r.value is None else round(r.value, 6),
+                    baseline=None if r.baseline is None else round(r.baseline, 6),
+                    threshold=r.check.threshold,
+                    samples=r.samples,
+                    evidence=round(r.log_evidence, 3),
+                    verdict=r.verdict,
+                    time=now,
+                    revision=subject,
+                    step=status.step_index if status.candidate_revision else None,
+                )
+            )
+    return out[-MAX_VERDICTS:]
+
+
+def _phase_in_flight(weights: Weights) -> RolloutPhase:
+    return "Shadow" if weights.mirror_percent and not weights.candidate else "Canary"
+
+
+def apply_action(
+    spec: RolloutSpec,
+    status: RolloutStatus,
+    action: RolloutAction,
+    *,
+    now: datetime,
+    desired_model: dict[str, Any],
+    analysis: AnalysisResult | None = None,
+) -> RolloutStatus:
+    """The status after `action` was carried out (weights set, objects written). Everything a
+    restarted operator needs to resume lives here.
+
+    Worked example: status step 0 at 10% with carried evidence {} and an analysis whose
+    errorRate/slo step evidence is -1.2; action SetWeights(50, 50, 1) -> step 1, weights
+    50/50, step_since now, carried {errorRate/slo: -1.2}, verdicts + this round's."""
+    stamp = format_time(now)
+    subject = status.candidate_revision or status.stable_revision
+    data = status.model_copy(deep=True)
+    data.verdicts = _verdicts(status, analysis, stamp, subject)
+    data.reason = action.reason
+    if isinstance(action, SetWeights):
+        if action.start is not None:
+            data.candidate_revision = action.start
+            data.candidate_model = desired_model
+            data.candidate_since = stamp
+            data.carried_evidence = []
+            data.verdicts = []
+            data.promoted_at = None
+        elif analysis is not None:
+            # The finished step's evidence is carried into the next as a product (log sum).
+            carried = carried_evidence(status)
+            for r in analysis.results:
+                carried[r.check.name] = carried.get(r.check.name, 0.0) + r.step_log_evidence
+            data.carried_evidence = [
+                CheckEvidence(name=k, log_evidence=round(v, 6)) for k, v in sorted(carried.items())
+            ]
+        data.weights = Weights(stable=action.stable, candidate=action.candidate, mirror_percent=0)
+        data.step_index = action.step_index
+        data.step_since = stamp
+        data.phase = "Canary"
+    elif isinstance(action, Mirror):
+        data.weights = Weights(stable=100, candidate=0, mirror_percent=action.percent)
+        data.step_since = stamp
+        data.phase = "Shadow"
+    elif isinstance(action, Promote):
+        model = status.candidate_model if status.candidate_revision else desired_model
+        entry = KnownGoodRevision(
+            revision=action.revision, model=model or desired_model, promoted_at=stamp
+        )
+        rest = [k for k in status.known_good if k.revision != action.revision]
+        data.known_good = [entry, *rest][: spec.known_good_history]
+        data.stable_revision = action.revision
+        data.failed_revision = None
+        _clear_candidate(data)
+        data.promoted_at = stamp
+        data.phase = "Watching"
+    elif isinstance(action, Rollback):
+        if action.mark_failed:
+            data.failed_revision = status.candidate_revision
+        _clear_candidate(data)
+        data.phase = "RolledBack" if action.mark_failed else "Stable"
+    elif isinstance(action, Fallback):
+        data.failed_revision = status.stable_revision
+        data.known_good = [k for k in status.known_good if k.revision != status.stable_revision]
+        data.stable_revision = action.to_revision
+        data.promoted_at = None
+        data.weights = Weights()
+        data.phase = "FellBack"
+    elif isinstance(action, Pause):
+        data.phase = "Paused"
+    elif isinstance(action, Hold):
+        if action.end_watch:
+            data.promoted_at = None
+            data.phase = "Stable"
+        elif status.candidate_revision is not None:
+            data.phase = _phase_in_flight(status.weights)
+    return data
+
+
+def _clear_candidate(data: RolloutStatus) -> None:
+    data.candidate_revision = None
+    data.candidate_model = None
+    data.candidate_since = None
+    data.step_since = None
+    data.step_index = -1
+    data.carried_evidence = []
+    data.weights = Weights()
+
+
+def stable_model(status: RolloutStatus) -> dict[str, Any] | None:
+    """The model part that rebuilds the stable revision (the spec may describe the candidate)."""
+    return next((k.model for k in status.known_good if k.revision == status.stable_revision), None)
+
+
+# --- replicas -------------------------------------------------------------------------------
+
+
+def split_replicas(
+    total: int, weights: Weights, *, exact_weights: bool, in_rollout: bool
+) -> tuple[int, int]:
+    """(stable, candidate) replicas for `total` replicas of capacity chosen by the autoscaler.
+
+    With a mesh (exact_weights) traffic follows the weights, so each revision gets capacity in
+    proportion to the traffic it receives (mirrored copies count for the candidate), rounded
+    up so neither is starved. Without a mesh the replica ratio IS the traffic split, so the
+    candidate gets round(total * weight) and the stable the rest. During a rollout each side
+    keeps at least one replica (the candidate must become ready before it gets traffic).
+
+    Worked examples:
+    - total 10, 90/10, mesh -> (9, 1); total 3, 90/10, mesh -> (3, 1) (ceil: stable not starved)
+    - total 10, 90/10, replicas router -> (9, 1); total 4, 75/25 -> (3, 1)
+    - total 4, shadow 100% mirror, mesh -> (4, 4): the candidate sees every request as a copy
+    - total 0 (scaled to zero), in rollout -> (1, 1); no rollout, total 5 -> (5, 0)
+    """
+    if not in_rollout:
+        return total, 0
+    if exact_weights:
+        cand_share = max(weights.candidate, weights.mirror_percent) / 100.0
+        stable_n = math.ceil(total * weights.stable / 100.0 - 1e-9)
+        cand_n = math.ceil(total * cand_share - 1e-9)
+    else:
+        cand_n = round(total * weights.candidate / 100.0)
+        stable_n = total - cand_n
+    if weights.stable > 0 or weights.candidate < 100:
+        stable_n = max(stable_n, 1)
+    return stable_n, max(cand_n, 1)
+
+
+def effective_weights(stable_replicas: int, candidate_replicas: int) -> Weights:
+    """The split a replica-ratio router achieves with these ready replica counts."""
+    total = stable_replicas + candidate_replicas
+    if total == 0:
+        return Weights()
+    cand = round(100 * candidate_replicas / total)
+    return Weights(stable=100 - cand, candidate=cand, mirror_percent=0)

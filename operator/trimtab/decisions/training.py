@@ -1,0 +1,596 @@
+"""The TrainingJob phase machine (Pending -> Queued -> Starting -> Running -> Succeeded | Failed,
+with Restarting and Suspended), the restart backoff, and the diagnosis from GPU metrics.
+
+Pure: the caller passes what it observed (the current attempt's Job, its failed pods) and the
+time; `decide_training` says what the status is and what to create or delete."""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from trimtab.api.common import ConditionStatus
+from trimtab.api.quantity import parse_quantity
+from trimtab.api.trainingjob import (
+    CONDITION_FAILED,
+    CONDITION_QUEUED,
+    CONDITION_RESTARTING,
+    CONDITION_RUNNING,
+    CONDITION_SUCCEEDED,
+    CONDITION_SUSPENDED,
+    TERMINAL_PHASES,
+    Diagnosis,
+    FailurePolicy,
+    Phase,
+    TrainingJobSpec,
+    TrainingJobStatus,
+    WorkerFailure,
+)
+from trimtab.decisions.conditions import get_condition, set_condition
+
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+# A Job whose deletion is still in progress is looked at again after this long.
+WAIT_SECONDS = 5.0
+# Job condition reasons (batch/v1).
+REASON_DEADLINE = "DeadlineExceeded"
+REASON_POD_FAILURE_POLICY = "PodFailurePolicy"
+_EXIT_CODE_RE = re.compile(r"pod [^/\s]+/(?P<pod>\S+) failed with exit code (?P<code>\d+)")
+_INDEX_RE = re.compile(r"at index (?P<index>\d+)")
+
+
+def parse_time(text: str | None) -> datetime.datetime | None:
+    if not text:
+        return None
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def format_time(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+# --- observations -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobObservation:
+    """What the Job controller (and Kueue, through `suspend`) reports for one attempt's Job."""
+
+    name: str
+    suspended: bool = False
+    deleting: bool = False
+    active: int = 0
+    ready: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
+    complete: bool = False
+    failed_condition: bool = False
+    failure_reason: str = ""
+    failure_message: str = ""
+
+    @staticmethod
+    def from_manifest(job: Mapping[str, Any]) -> JobObservation:
+        meta = job.get("metadata") or {}
+        spec = job.get("spec") or {}
+        status = job.get("status") or {}
+        conds = {c.get("type"): c for c in status.get("conditions") or []}
+
+        def true(kind: str) -> bool:
+            return str((conds.get(kind) or {}).get("status")) == "True"
+
+        # FailureTarget comes first (1.31+), while the Job controller still stops the pods.
+        failing = conds.get("Failed") if true("Failed") else conds.get("FailureTarget")
+        return JobObservation(
+            name=str(meta.get("name", "")),
+            suspended=bool(spec.get("suspend")),
+            deleting=bool(meta.get("deletionTimestamp")),
+            active=int(status.get("active") or 0),
+            ready=int(status.get("ready") or 0),
+            succeeded=int(status.get("succeeded") or 0),
+            failed=int(status.get("failed") or 0),
+            start_time=status.get("startTime"),
+            completion_time=status.get("completionTime"),
+            complete=true("Complete") or true("SuccessCriteriaMet"),
+            failed_condition=true("Failed") or true("FailureTarget"),
+            failure_reason=str((failing or {}).get("reason") or ""),
+            failure_message=str((failing or {}).get("message") or ""),
+        )
+
+
+def first_worker_failure(pods: Iterable[Mapping[str, Any]]) -> WorkerFailure | None:
+    """The worker that failed first among a Job's pods: the earliest terminated container with a
+    non-zero exit code. The others' later exits (143 after the Job controller stops them) are
+    consequences, not causes.
+
+    >>> pod = {"metadata": {"name": "llama-r0-1-x", "annotations": {COMPLETION_INDEX: "1"}},
+    ...        "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state":
+    ...        {"terminated": {"exitCode": 137, "reason": "OOMKilled",
+    ...                        "finishedAt": "2025-01-01T00:00:00Z"}}}]}}
+    >>> f = first_worker_failure([pod]); (f.worker, f.exit_code, f.reason)
+    (1, 137, 'OOMKilled')
+    """
+    found: list[tuple[str, int, WorkerFailure]] = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        status = pod.get("status") or {}
+        index_text = (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (
+            meta.get("labels") or {}
+        ).get(COMPLETION_INDEX)
+        worker = int(index_text) if index_text and str(index_text).isdigit() else None
+        for cs in status.get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or (
+                cs.get("lastState") or {}
+            ).get("terminated")
+            if not term or int(term.get("exitCode") or 0) == 0:
+                continue
+            code = int(term["exitCode"])
+            failure = WorkerFailure(
+                worker=worker,
+                pod=meta.get("name"),
+                exit_code=code,
+                reason=str(term.get("reason") or "Error"),
+                message=str(term.get("message") or "")[:512],
+                time=term.get("finishedAt"),
+            )
+            # SIGTERM (143) is what the Job controller sends the survivors: rank it last.
+            found.append((str(term.get("finishedAt") or ""), 1 if code == 143 else 0, failure))
+        if status.get("phase") == "Failed" and not status.get("containerStatuses"):
+            found.append(
+                (
+                    "",
+                    2,
+                    WorkerFailure(
+                        worker=worker,
+                        pod=meta.get("name"),
+                        reason=str(status.get("reason") or "Failed"),
+                        message=str(status.get("message") or "")[:512],
+                    ),
+                )
+            )
+    if not found:
+        return None
+    found.sort(key=lambda item: (item[1], item[0] or "~"))
+    return found[0][2]
+
+
+def failure_from_job(job: JobObservation) -> WorkerFailure:
+    """What the Job's own Failed condition says, for when the pods are already gone.
+
+    >>> failure_from_job(JobObservation("j", failed_condition=True, failure_reason=
+    ...     "PodFailurePolicy", failure_message="Container trainer for pod ml/j-0-abc failed "
+    ...     "with exit code 3 matching FailJob rule at index 0")).exit_code
+    3
+    """
+    code_match = _EXIT_CODE_RE.search(job.failure_message)
+    index_match = _INDEX_RE.search(job.failure_message)
+    return WorkerFailure(
+        worker=int(index_match["index"]) if index_match else None,
+        pod=code_match["pod"] if code_match else None,
+        exit_code=int(code_match["code"]) if code_match else None,
+        reason=job.failure_reason or "Failed",
+        message=job.failure_message[:512],
+    )
+
+
+# --- policy -----------------------------------------------------------------------------------
+
+
+def restart_backoff(policy: FailurePolicy, restart: int) -> int:
+    """Seconds to wait before restart number `restart` (1-based): doubling, capped.
+
+    >>> p = FailurePolicy(backoff_seconds=10, max_backoff_seconds=60)
+    >>> [restart_backoff(p, n) for n in (1, 2, 3, 4, 5)]
+    [10, 20, 40, 60, 60]
+    """
+    if policy.backoff_seconds == 0:
+        return 0
+    exponent = min(max(0, restart - 1), 30)
+    wait: int = policy.backoff_seconds * (1 << exponent)
+    return min(policy.max_backoff_seconds, wait)
+
+
+def find_spec_problems(spec: TrainingJobSpec) -> list[str]:
+    """Reasons a schema-valid spec still cannot work, each naming the field. Empty means fine.
+
+    >>> problems = find_spec_problems(
+    ...     TrainingJobSpec(image="i", workers=2, command=["python", "t.py"]))
+    >>> problems[0].split(":")[0], "drop 'python' from command" in problems[0]
+    ('spec.command', True)
+    """
+    problems: list[str] = []
+    res = spec.resources
+    if res.cpu and res.cpu_limit and parse_quantity(res.cpu_limit) < parse_quantity(res.cpu):
+        problems.append(f"spec.resources.cpuLimit: {res.cpu_limit} is below the request {res.cpu}")
+    if res.memory and res.memory_limit and parse_quantity(res.memory_limit) < parse_quantity(
+        res.memory
+    ):
+        problems.append(
+            f"spec.resources.memoryLimit: {res.memory_limit} is below the request {res.memory}"
+        )
+    if spec.distributed.launcher == "torchrun" and spec.command:
+        head = spec.command[0].rsplit("/", 1)[-1]
+        if re.fullmatch(r"python[0-9.]*|torchrun", head):
+            problems.append(
+                f"spec.command: trimtab already runs torchrun, which takes a script or -m module, "
+                f"not {head!r}: drop {head!r} from command, or set distributed.launcher to none"
+            )
+    if spec.gpus_per_worker and any(v.name == "dshm" for v in spec.volumes) and all(
+        m.mount_path != "/dev/shm" for m in spec.volume_mounts
+    ):
+        problems.append('spec.volumes: the name "dshm" is taken by the /dev/shm trimtab adds')
+    return problems
+
+
+# --- the phase machine ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingInputs:
+    spec: TrainingJobSpec
+    status: TrainingJobStatus
+    # The Job of attempt `status.restarts`, if it exists.
+    job: JobObservation | None
+    # The first failed worker of that Job, from its pods (None when none failed or pods are gone).
+    failure: WorkerFailure | None
+    now: datetime.datetime
+    generation: int = 0
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainingDecision:
+    """The new status and what to do. At most one Job is created or deleted per decision."""
+
+    status: TrainingJobStatus
+    # Create the Job (and PodGroup) of attempt `status.restarts`.
+    create_job: bool = False
+    # Seconds left of spec.activeDeadlineSeconds, for the Job to enforce while trimtab is down.
+    active_deadline_seconds: int | None = None
+    # Delete this attempt's Job (and PodGroup): it failed, or the job is suspended or overdue.
+    delete_job: str | None = None
+    # TTL: delete everything trimtab made for this TrainingJob.
+    cleanup: bool = False
+    # Look again after this many seconds even if nothing changes (backoff, deadline, TTL).
+    requeue_after: float | None = None
+    # An Event for a transition worth telling: (type "Normal"|"Warning", reason, message).
+    events: tuple[tuple[str, str, str], ...] = field(default_factory=tuple)
+
+
+class _Builder:
+    """Accumulates status changes for one decision."""
+
+    def __init__(self, inputs: TrainingInputs) -> None:
+        self.inputs = inputs
+        self.now_text = format_time(inputs.now)
+        self.status = inputs.status.model_copy(deep=True)
+        self.status.observed_generation = inputs.generation or self.status.observed_generation
+        self.status.workers = inputs.spec.workers
+        self.events: list[tuple[str, str, str]] = []
+
+    def cond(self, type_: str, status: ConditionStatus, reason: str, message: str = "") -> None:
+        self.status.conditions = set_condition(
+            self.status.conditions,
+            type_,
+            status,
+            reason,
+            message,
+            self.now_text,
+            self.inputs.generation or None,
+        )
+
+    def clear(self, type_: str, reason: str, message: str = "") -> None:
+        """Set a condition False, but only if it exists: a fresh job lists only what happened."""
+        if get_condition(self.status.conditions, type_) is not None:
+            self.cond(type_, "False", reason, message)
+
+    def phase(self, phase: Phase, message: str) -> None:
+        old = self.inputs.status.phase
+        self.status.phase = phase
+        self.status.message = message
+        if old != phase and phase in ("Restarting", "Failed"):
+            self.events.append(("Warning", phase, message))
+        elif old != phase and phase in ("Running", "Succeeded", "Suspended", "Queued"):
+            self.events.append(("Normal", phase, message))
+
+    def done(self, **kwargs: Any) -> TrainingDecision:
+        return TrainingDecision(status=self.status, events=tuple(self.events), **kwargs)
+
+
+def _describe(failure: WorkerFailure) -> str:
+    who = f"worker {failure.worker}" if failure.worker is not None else "a worker"
+    if failure.exit_code is not None:
+        text = f"{who} exited with code {failure.exit_code}"
+        if failure.reason and failure.reason != "Error":
+            text += f" ({failure.reason})"
+        return text
+    return f"{who} failed: {failure.reason}" + (f": {failure.message}" if failure.message else "")
+
+
+def _deadline(inputs: TrainingInputs) -> datetime.datetime | None:
+    start = parse_time(inputs.status.start_time)
+    if inputs.spec.active_deadline_seconds is None or start is None:
+        return None
+    return start + datetime.timedelta(seconds=inputs.spec.active_deadline_seconds)
+
+
+def _remaining_deadline(inputs: TrainingInputs) -> int | None:
+    if inputs.spec.active_deadline_seconds is None:
+        return None
+    due = _deadline(inputs)
+    if due is None:
+        return inputs.spec.active_deadline_seconds
+    return max(1, int((due - inputs.now).total_seconds()))
+
+
+def _finish(b: _Builder, phase: Phase, reason: str, message: str) -> None:
+    b.phase(phase, message)
+    b.status.completion_time = b.status.completion_time or b.now_text
+    b.status.next_restart_time = None
+    if phase == "Succeeded":
+        b.cond(CONDITION_SUCCEEDED, "True", reason, message)
+    else:
+        b.cond(CONDITION_FAILED, "True", reason, message)
+    b.clear(CONDITION_RUNNING, reason, message)
+    b.clear(CONDITION_RESTARTING, reason, message)
+    b.clear(CONDITION_QUEUED, reason, message)
+
+
+def _ttl(b: _Builder) -> TrainingDecision:
+    """A finished job: clean up once its TTL has passed, exactly once."""
+    ttl = b.inputs.spec.ttl_seconds_after_finished
+    finished = parse_time(b.status.completion_time)
+    if ttl is None or b.status.cleaned_up or finished is None:
+        return b.done()
+    due = finished + datetime.timedelta(seconds=ttl)
+    if b.inputs.now >= due:
+        b.status.cleaned_up = True
+        b.events.append(
+            ("Normal", "CleanedUp", f"ttlSecondsAfterFinished {ttl}: deleted the Job and Service")
+        )
+        return b.done(cleanup=True)
+    return b.done(requeue_after=(due - b.inputs.now).total_seconds())
+
+
+def decide_training(inputs: TrainingInputs) -> TrainingDecision:
+    """One step of the phase machine.
+
+    Worked examples (spec: 2 workers, maxRestarts 3, backoff 10 s doubling):
+    - no Job yet -> Pending, create attempt 0's Job.
+    - Job suspended with a Kueue queue -> Queued (Kueue admits by unsuspending it).
+    - Job running with 1 of 2 workers ready -> Starting; 2 of 2 -> Running.
+    - Job Failed, worker 1 exit 137 (OOMKilled), restarts 0 -> Restarting, restarts 1, delete
+      the Job, next attempt due in 10 s; once due -> create attempt 1's Job (`<name>-r1`).
+    - same with restarts 3 -> Failed, reason RestartsExhausted.
+    - Job Failed, exit code 2 listed in neverRetryExitCodes -> Failed, reason
+      NonRetryableExitCode, whatever the restart count.
+    - Job Complete -> Succeeded; ttlSecondsAfterFinished later -> cleanup.
+    - spec.suspend -> Suspended, delete the Job; suspend false -> create it again (same
+      attempt: a suspension is not a failure).
+    """
+    b = _Builder(inputs)
+    spec, status, job, now = inputs.spec, b.status, inputs.job, inputs.now
+
+    # An invalid spec blocks everything until the spec changes; it is terminal for this
+    # generation only.
+    # A running attempt keeps the spec it started with; the problem stops the next one.
+    failed = get_condition(status.conditions, CONDITION_FAILED)
+    if inputs.problems:
+        if job is None and status.phase not in TERMINAL_PHASES:
+            _finish(b, "Failed", "InvalidSpec", "; ".join(inputs.problems))
+            return b.done()
+    elif (
+        status.phase == "Failed"
+        and failed is not None
+        and failed.reason == "InvalidSpec"
+    ):
+        # Fixed: start over.
+        b.status.completion_time = None
+        b.clear(CONDITION_FAILED, "SpecFixed", "the spec was corrected")
+        status.phase = None
+
+    if status.phase in TERMINAL_PHASES:
+        return _ttl(b)
+
+    # Suspend: stop the workers, keep everything else.
+    if spec.suspend:
+        b.phase("Suspended", "spec.suspend is true: workers stopped; the checkpoint is kept")
+        b.cond(CONDITION_SUSPENDED, "True", "SuspendedBySpec", "spec.suspend is true")
+        b.clear(CONDITION_RUNNING, "Suspended")
+        b.clear(CONDITION_QUEUED, "Suspended")
+        status.workers_ready = 0
+        status.next_restart_time = None
+        if job is not None and not job.deleting:
+            return b.done(delete_job=job.name)
+        return b.done()
+    if status.phase == "Suspended":
+        b.cond(CONDITION_SUSPENDED, "False", "Resumed", "spec.suspend is false")
+
+    # The overall deadline counts from the first start, across restarts.
+    due = _deadline(inputs)
+    if due is not None and now >= due and not (job is not None and job.complete):
+        message = f"activeDeadlineSeconds {spec.active_deadline_seconds} passed"
+        _finish(b, "Failed", REASON_DEADLINE, message)
+        b.status.workers_ready = 0
+        # Stop the workers; the Job controller has done so already if its own deadline hit.
+        delete = job.name if job is not None and not job.failed_condition else None
+        return b.done(delete_job=delete)
+
+    # Waiting out the backoff before the next attempt.
+    next_at = parse_time(status.next_restart_time)
+    if status.phase == "Restarting" and job is None:
+        if next_at is not None and now < next_at:
+            return b.done(requeue_after=(next_at - now).total_seconds())
+        status.next_restart_time = None
+        b.phase("Pending", f"starting attempt {status.restarts} from the checkpoint")
+        return b.done(create_job=True, active_deadline_seconds=_remaining_deadline(inputs))
+
+    if job is None:
+        if status.phase not in (None, "Pending", "Suspended"):
+            # Someone deleted the running attempt's Job: run the same attempt again.
+            b.events.append(("Warning", "JobMissing", "the Job was deleted; creating it again"))
+        b.phase("Pending", "creating the Job")
+        return b.done(create_job=True, active_deadline_seconds=_remaining_deadline(inputs))
+
+    if job.deleting:
+        return b.done(requeue_after=WAIT_SECONDS)
+
+    status.workers_ready = job.ready
+    if job.complete:
+        status.completion_time = job.completion_time or b.now_text
+        status.workers_ready = 0
+        _finish(b, "Succeeded", "Completed", f"all {spec.workers} workers completed")
+        return _ttl(b)
+
+    if job.failed_condition:
+        return _on_failure(b, inputs, job)
+
+    if job.suspended:
+        queue = spec.scheduling.queue_name
+        message = (
+            f"waiting for Kueue to admit the Job in LocalQueue {queue}"
+            if queue
+            else "the Job is suspended"
+        )
+        b.phase("Queued", message)
+        reason = "WaitingForAdmission" if queue else "JobSuspended"
+        b.cond(CONDITION_QUEUED, "True", reason, message)
+        b.clear(CONDITION_RUNNING, "Queued", message)
+        return b.done()
+
+    # Admitted (or never queued): workers are starting or running.
+    if get_condition(status.conditions, CONDITION_QUEUED) is not None:
+        b.cond(CONDITION_QUEUED, "False", "Admitted", "the Job was admitted")
+    if status.start_time is None:
+        status.start_time = job.start_time or b.now_text
+    requeue = None
+    if spec.active_deadline_seconds is not None:
+        left = _deadline(inputs)
+        requeue = (left - now).total_seconds() if left is not None else None
+    running = job.ready + job.succeeded
+    if running >= spec.workers:
+        message = f"{spec.workers}/{spec.workers} workers running"
+        if status.restarts:
+            message += f" (attempt {status.restarts}, resumed from the checkpoint)"
+        b.phase("Running", message)
+        b.cond(CONDITION_RUNNING, "True", "AllWorkersRunning", message)
+        b.clear(CONDITION_RESTARTING, "Recovered", message)
+        return b.done(requeue_after=requeue)
+    message = f"{running}/{spec.workers} workers running"
+    b.phase("Starting", message)
+    b.cond(CONDITION_RUNNING, "False", "WorkersStarting", message)
+    return b.done(requeue_after=requeue)
+
+
+def _on_failure(b: _Builder, inputs: TrainingInputs, job: JobObservation) -> TrainingDecision:
+    spec, status, now = inputs.spec, b.status, inputs.now
+    failure = inputs.failure or failure_from_job(job)
+    from_job = failure_from_job(job)
+    if failure.exit_code is None and from_job.exit_code is not None:
+        failure = from_job
+    failure = failure.model_copy(
+        update={"restart": status.restarts, "time": failure.time or b.now_text}
+    )
+    status.last_failure = failure
+    status.workers_ready = 0
+    what = _describe(failure)
+    policy = spec.failure_policy
+
+    if job.failure_reason == REASON_DEADLINE:
+        _finish(b, "Failed", REASON_DEADLINE, f"activeDeadlineSeconds passed: {what}")
+        return _ttl(b)
+    never = failure.exit_code is not None and failure.exit_code in policy.never_retry_exit_codes
+    if never or job.failure_reason == REASON_POD_FAILURE_POLICY:
+        _finish(
+            b,
+            "Failed",
+            "NonRetryableExitCode",
+            f"{what}, which failurePolicy.neverRetryExitCodes does not retry",
+        )
+        return _ttl(b)
+    if 0 <= policy.max_restarts <= status.restarts:
+        _finish(
+            b,
+            "Failed",
+            "RestartsExhausted",
+            f"{what}; gave up after {status.restarts} restarts (failurePolicy.maxRestarts "
+            f"{policy.max_restarts})",
+        )
+        return _ttl(b)
+
+    status.restarts += 1
+    wait = restart_backoff(policy, status.restarts)
+    status.next_restart_time = format_time(now + datetime.timedelta(seconds=wait))
+    limit = "unlimited" if policy.max_restarts < 0 else str(policy.max_restarts)
+    resume = f" from {spec.checkpoint.directory}" if spec.checkpoint is not None else ""
+    message = f"{what}; restart {status.restarts} of {limit}{resume} in {wait}s"
+    b.phase("Restarting", message)
+    b.cond(CONDITION_RESTARTING, "True", "WorkerFailed", message)
+    b.cond(CONDITION_RUNNING, "False", "WorkerFailed", what)
+    return b.done(delete_job=job.name, requeue_after=float(wait))
+
+
+# --- diagnosis --------------------------------------------------------------------------------
+
+LOW_UTILIZATION = 0.5
+LOW_MEMORY_USE = 0.5
+
+
+def _window_text(seconds: int) -> str:
+    if seconds % 3600 == 0 and seconds >= 3600:
+        hours = seconds // 3600
+        return f"{hours} h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"
+
+
+def diagnose(
+    gpu_utilization: float | None,
+    memory_used_ratio: float | None,
+    window_seconds: int,
+    now: datetime.datetime,
+) -> Diagnosis | None:
+    """A plain sentence about how well the job uses its GPUs, from the mean utilization (0..1)
+    and the peak share of GPU memory used (0..1) over the window. None without data.
+
+    >>> diagnose(0.23, 0.9, 600, datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)).message
+    'input-bound: GPU utilization 23% over 10 min; the GPUs wait for data, CPU work or the network'
+    >>> diagnose(0.95, 0.3, 600, datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)).message
+    'memory headroom: at most 30% of GPU memory used over 10 min; a larger batch would fit'
+    >>> diagnose(0.95, 0.9, 600, datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)).message
+    'GPU-bound: GPU utilization 95% over 10 min'
+    """
+    if gpu_utilization is None and memory_used_ratio is None:
+        return None
+    window = _window_text(window_seconds)
+    sentences: list[str] = []
+    if gpu_utilization is not None and gpu_utilization < LOW_UTILIZATION:
+        sentences.append(
+            f"input-bound: GPU utilization {round(gpu_utilization * 100)}% over {window}; "
+            "the GPUs wait for data, CPU work or the network"
+        )
+    if memory_used_ratio is not None and memory_used_ratio < LOW_MEMORY_USE:
+        sentences.append(
+            f"memory headroom: at most {round(memory_used_ratio * 100)}% of GPU memory used over "
+            f"{window}; a larger batch would fit"
+        )
+    if not sentences and gpu_utilization is not None:
+        sentences.append(
+            f"GPU-bound: GPU utilization {round(gpu_utilization * 100)}% over {window}"
+        )
+    elif not sentences and memory_used_ratio is not None:
+        sentences.append(
+            f"GPU memory: at most {round(memory_used_ratio * 100)}% used over {window}"
+        )
+    return Diagnosis(
+        gpu_utilization=gpu_utilization,
+        memory_used_ratio=memory_used_ratio,
+        window_seconds=window_seconds,
+        message="; ".join(sentences),
+        time=format_time(now),
+    )
+

@@ -1,0 +1,161 @@
+"""PrometheusProvider: the MetricsProvider that runs instant PromQL queries on a Prometheus
+HTTP API through prometheus-api-client, one concurrent batch per control loop.
+
+The client is synchronous; each query runs in a worker thread under a deadline, so a slow or
+dead Prometheus costs the loop at most `timeout_s` and never blocks the event loop."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import requests
+from prometheus_api_client import PrometheusConnect
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from urllib3.util.retry import Retry
+
+from trimtab.metrics.base import QueryResult
+
+_ERRNO = re.compile(r"\[Errno -?\d+\][^'\")]*")
+_BYTES_BODY = re.compile(r"\((b(?P<q>['\"]).*(?P=q))\)\s*$", re.S)
+
+
+class PrometheusProvider:
+    """Reads numbers from one Prometheus server.
+
+    `query_batch` sends every query of a loop at once and waits for all of them; each comes
+    back as a value, "no data" (no series, or NaN) or "unavailable" with Prometheus's own
+    words: a PromQL parse error, an HTTP status, a refused connection, a timeout."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 5.0,
+        retries: int = 1,
+        headers: Mapping[str, str] | None = None,
+        verify_tls: bool = True,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        # One quick retry absorbs a dropped keep-alive connection; more would only delay the
+        # "unavailable" answer the loop needs to stop scaling down.
+        retry = Retry(
+            total=retries,
+            connect=retries,
+            read=0,
+            status=retries,
+            backoff_factor=0.05,
+            status_forcelist=(502, 503, 504),
+            allowed_methods=frozenset({"GET"}),
+            raise_on_status=False,
+        )
+        self._client = PrometheusConnect(
+            url=self.url,
+            headers=dict(headers) if headers else None,
+            disable_ssl=not verify_tls,
+            retry=retry,
+            timeout=timeout_s,
+        )
+
+    def __repr__(self) -> str:
+        return f"PrometheusProvider({self.url!r})"
+
+    async def query_batch(self, queries: Mapping[str, str]) -> dict[str, QueryResult]:
+        """Run all `queries` concurrently; the result has the same keys."""
+        keys = list(queries)
+        results = await asyncio.gather(*(self._query(queries[k]) for k in keys))
+        return dict(zip(keys, results, strict=True))
+
+    async def is_online(self) -> bool:
+        """Whether Prometheus evaluates a query, as Flagger checks it: `vector(1)` must be 1."""
+        result = await self._query("vector(1)")
+        return result.has_value and result.value == 1.0
+
+    async def close(self) -> None:
+        self._client._session.close()
+
+    async def _query(self, promql: str) -> QueryResult:
+        try:
+            data = await asyncio.wait_for(
+                asyncio.to_thread(self._client.custom_query, promql), timeout=self.timeout_s
+            )
+        except TimeoutError:
+            return QueryResult.unavailable(
+                f"Prometheus at {self.url} did not answer within {self.timeout_s:g}s"
+            )
+        except PrometheusApiClientException as exc:
+            return QueryResult.unavailable(_api_error_text(str(exc)))
+        except requests.RequestException as exc:
+            return QueryResult.unavailable(f"cannot reach Prometheus at {self.url}: {_reason(exc)}")
+        except (ValueError, KeyError) as exc:
+            # A 200 answer that is not Prometheus's JSON (a proxy's HTML page, say).
+            return QueryResult.unavailable(f"unreadable answer from {self.url}: {exc}")
+        return parse_result(data)
+
+
+def parse_result(data: Any) -> QueryResult:
+    """One number from the `data.result` of an instant query.
+
+    >>> parse_result([{"metric": {}, "value": [1700000000.0, "4"]}])
+    QueryResult(state=<ResultState.VALUE: 'Value'>, value=4.0, message='')
+    >>> parse_result([]).state.value
+    'NoData'
+    >>> parse_result([1700000000.0, "NaN"]).message
+    'NaN: no samples in the window'
+    """
+    if isinstance(data, list) and len(data) == 2 and isinstance(data[0], int | float):
+        return _number(data[1])  # a scalar: [time, "value"]
+    if not isinstance(data, list):
+        return QueryResult.unavailable(f"unexpected query result {data!r:.200}")
+    if not data:
+        return QueryResult.no_data("no series matched")
+    if len(data) > 1:
+        labels = ", ".join(json.dumps(s.get("metric", {}), sort_keys=True) for s in data[:3])
+        return QueryResult.unavailable(
+            f"query returned {len(data)} series ({labels}...); aggregate it to one number, "
+            "e.g. with sum(...) or max(...)"
+        )
+    sample = data[0]
+    if "value" not in sample:
+        return QueryResult.unavailable("query returned a range vector; use an instant vector")
+    return _number(sample["value"][1])
+
+
+def _number(text: Any) -> QueryResult:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return QueryResult.unavailable(f"not a number: {text!r:.100}")
+    return QueryResult.of(value)
+
+
+def _api_error_text(message: str) -> str:
+    """Prometheus's own error from prometheus-api-client's exception text.
+
+    The client wraps the body as `HTTP Status Code 400 (b'{"status":"error",...}')`; the
+    useful part is `errorType: error`, e.g. `bad_data: ... parse error: unexpected <EOF>`."""
+    match = _BYTES_BODY.search(message)
+    if match:
+        try:
+            body = json.loads(ast.literal_eval(match.group(1)))
+            status = message.split("(", 1)[0].strip()
+            return f"{status}: {body.get('errorType', 'error')}: {body.get('error', '')}".strip()
+        except (ValueError, SyntaxError, AttributeError):
+            pass
+    return message
+
+
+def _reason(exc: requests.RequestException) -> str:
+    """The cause of a connection failure without urllib3's object reprs."""
+    text = str(exc)
+    if isinstance(exc, requests.Timeout):
+        return f"timed out ({type(exc).__name__})"
+    match = _ERRNO.search(text)
+    return match.group(0).strip() if match else text[:300]

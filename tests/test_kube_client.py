@@ -1,0 +1,67 @@
+"""The kube layer's pure parts and its RBAC registry: what counts as already applied, merge
+patches, and refusing calls the registry does not list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from trimtab.builders.common import is_applied, merge_patch
+from trimtab.kube.client import ForbiddenCall, KubeClient
+from trimtab.kube.resources import DEPLOYMENTS, PODS, rbac_rules
+
+APPLIED = [
+    pytest.param({"a": 1}, {"a": 1, "b": 2}, True, id="server-added-defaults"),
+    pytest.param({"a": 1}, {"a": 2}, False, id="changed-value"),
+    pytest.param({"a": {"b": [1, 2]}}, {"a": {"b": [1, 2], "c": 0}}, True, id="nested"),
+    pytest.param({"l": [{"x": 1}]}, {"l": [{"x": 1, "y": 2}]}, True, id="list-items-with-defaults"),
+    pytest.param({"l": [1]}, {"l": [1, 2]}, False, id="list-longer"),
+    pytest.param(
+        {"resources": {"requests": {"cpu": "0.5"}}},
+        {"resources": {"requests": {"cpu": "500m"}}},
+        True,
+        id="canonical-quantity",
+    ),
+    pytest.param(
+        {"resources": {"limits": {"memory": "1Gi"}}},
+        {"resources": {"limits": {"memory": "1G"}}},
+        False,
+        id="different-quantity",
+    ),
+    pytest.param({"image": "0.5"}, {"image": "500m"}, False, id="quantities-only-under-resources"),
+    pytest.param({"a": 1}, None, False, id="missing-object"),
+]
+
+
+@pytest.mark.parametrize(("desired", "current", "expected"), APPLIED)
+def test_is_applied(desired: dict[str, Any], current: Any, expected: bool) -> None:
+    assert is_applied(desired, current) is expected
+
+
+def test_merge_patch_only_differences() -> None:
+    current = {"phase": "Ready", "replicas": 2, "other": "kept"}
+    assert merge_patch(current, {"phase": "Ready", "replicas": 2}) == {}
+    assert merge_patch(current, {"phase": "Degraded", "replicas": 2}) == {"phase": "Degraded"}
+    assert merge_patch({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3}}
+
+
+async def test_client_refuses_calls_outside_its_rbac() -> None:
+    client = KubeClient("http://127.0.0.1:9")
+    with pytest.raises(ForbiddenCall):
+        await client.delete(PODS, "ns", "p")  # pods are read-only for trimtab
+    with pytest.raises(ForbiddenCall):
+        await client.patch(PODS, "ns", "p", {}, subresource="status")
+    await client.close()
+
+
+def test_rbac_rules_cover_subresources() -> None:
+    rules = rbac_rules()
+    assert {
+        "apiGroups": ["apps"],
+        "resources": ["deployments/scale"],
+        "verbs": ["get", "patch"],
+    } in rules
+    deploy = next(r for r in rules if r["resources"] == ["deployments"])
+    assert set(deploy["verbs"]) == set(DEPLOYMENTS.verbs)
+    assert not any("secrets" in r["resources"] for r in rules)

@@ -1,0 +1,133 @@
+"""`trimtab run` as a real process against the API server emulator: it finds the cluster through
+KUBECONFIG, serves kopf's liveness probe and /metrics, and reconciles."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from tests.conftest import Cluster, wait_for
+from tests.kube_emulator import ApiServerEmulator
+from tests.test_modeldeployment_operator import MD_PATH, model, serving_deployments
+from tests.validation import ROOT
+from trimtab.config import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def kubeconfig(path: Path, server: str) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "emu", "cluster": {"server": server}}],
+                "users": [{"name": "emu", "user": {"token": "test-token"}}],
+                "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "emu"}}],
+                "current-context": "emu",
+            }
+        )
+    )
+    return path
+
+
+async def _get_text(url: str) -> str | None:
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r,
+        ):
+            return await r.text() if r.status == 200 else None
+    except aiohttp.ClientError:
+        return None
+
+
+async def test_trimtab_run_serves_health_metrics_and_reconciles(
+    api: ApiServerEmulator, cluster: Cluster, tmp_path: Path
+) -> None:
+    metrics_port, health_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig(tmp_path / "kubeconfig", str(api.url).rstrip("/"))),
+        "TRIMTAB_LOG_LEVEL": "INFO",
+    }
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trimtab",
+            "run",
+            "--all-namespaces",
+            "--metrics-port",
+            str(metrics_port),
+            "--health-port",
+            str(health_port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        health = await wait_for(lambda: _get_text(f"http://127.0.0.1:{health_port}/healthz"), 30)
+        assert health is not None
+
+        async def watching() -> bool:
+            return any(p == "modeldeployments" for _, p in api.watches)
+
+        await wait_for(watching, 30)
+        await cluster.create(MD_PATH, model("proc"))
+        assert await wait_for(lambda: serving_deployments(cluster, "proc"), 30)
+
+        async def reconciled() -> str | None:
+            text = await _get_text(f"http://127.0.0.1:{metrics_port}/metrics")
+            ok = 'trimtab_reconcile_total{kind="ModelDeployment",result="ok"}'
+            return text if text and ok in text else None
+
+        metrics = await wait_for(reconciled, 30)
+        assert "trimtab_reconcile_duration_seconds_bucket" in metrics
+        assert 'trimtab_api_writes_total{kind="Deployment",verb="apply"} 1.0' in metrics
+    finally:
+        proc.terminate()
+        try:
+            out, _ = await asyncio.to_thread(proc.communicate, timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode is not None
+
+
+def test_settings_from_env() -> None:
+    settings = Settings.from_env({"TRIMTAB_NAMESPACE": "ml", "TRIMTAB_METRICS_PORT": "9999"})
+    assert settings.namespace == "ml" and settings.metrics_port == 9999
+    assert Settings.from_env({}).health_port == 8081
+
+
+def test_bad_setting_exits_with_its_name() -> None:
+    try:
+        Settings.from_env({"TRIMTAB_METRICS_PORT": "many"})
+    except SystemExit as exc:
+        assert "metrics_port" in str(exc)
+    else:
+        raise AssertionError("accepted a bad port")
+
+
+def test_render_cli_prints_manifests(capsys: Any) -> None:
+    from trimtab.__main__ import main
+
+    assert main(["render", "-f", str(ROOT / "examples" / "modeldeployment.yaml")]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["kind"] for d in docs] == ["Deployment", "Service"]

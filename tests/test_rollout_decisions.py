@@ -1,0 +1,461 @@
+"""The rollout state machine (`next_rollout_step`), its status transitions (`apply_action`) and
+the replica split, as named tables; plus a walk through a whole canary and a restart."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from trimtab.api.autoscaling import SLOSpec
+from trimtab.api.rollout import (
+    KnownGoodRevision,
+    RolloutSpec,
+    RolloutStatus,
+    Weights,
+)
+from trimtab.decisions.rollout import (
+    Fallback,
+    Hold,
+    Mirror,
+    Pause,
+    Promote,
+    Rollback,
+    RolloutInputs,
+    SetWeights,
+    apply_action,
+    checks_for,
+    effective_weights,
+    next_rollout_step,
+    split_replicas,
+    stable_model,
+)
+from trimtab.decisions.statistics import AnalysisResult, Check, CheckResult
+
+T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+MODEL_A = {"image": "srv:a"}
+MODEL_B = {"image": "srv:b"}
+
+
+def ts(seconds: float) -> str:
+    return (T0 + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
+
+
+def spec(**kw: Any) -> RolloutSpec:
+    base: dict[str, Any] = {
+        "steps": [
+            {"weight": 10, "pause": {"duration": "1m"}},
+            {"weight": 50, "pause": {"duration": "1m"}},
+        ]
+    }
+    base.update(kw)
+    return RolloutSpec.model_validate(base)
+
+
+def verdict(v: str, samples: int = 500, step_ev: float = -1.0) -> AnalysisResult:
+    check = Check("errorRate", "slo", 0.01)
+    result = CheckResult(check, 0.001, None, samples, step_ev, step_ev, v)  # type: ignore[arg-type]  # literal from the table
+    return AnalysisResult(v, (result,), f"verdict {v}")  # type: ignore[arg-type]  # literal from the table
+
+
+PASS = verdict("Pass")
+FAIL = verdict("Fail")
+SHORT = verdict("Inconclusive", samples=40)
+
+STABLE_A = RolloutStatus(
+    stable_revision="a",
+    known_good=[KnownGoodRevision(revision="a", model=MODEL_A, promoted_at=ts(-3600))],
+)
+
+
+def in_flight(step: int, since: float = 0.0, weight: int = 10, **kw: Any) -> RolloutStatus:
+    return STABLE_A.model_copy(
+        update={
+            "candidate_revision": "b",
+            "candidate_model": MODEL_B,
+            "candidate_since": ts(-120),
+            "step_index": step,
+            "step_since": ts(since),
+            "weights": Weights(stable=100 - weight, candidate=weight),
+            "phase": "Canary",
+            **kw,
+        }
+    )
+
+
+CASES = [
+    pytest.param(
+        spec(),
+        RolloutStatus(),
+        dict(desired_revision="a"),
+        Promote,
+        "first revision",
+        id="first-revision-promotes-at-once",
+    ),
+    pytest.param(
+        spec(),
+        STABLE_A,
+        dict(desired_revision="a"),
+        Hold,
+        "serves all traffic",
+        id="steady-state-holds",
+    ),
+    pytest.param(
+        spec(),
+        STABLE_A,
+        dict(desired_revision="b"),
+        SetWeights,
+        "starts beside stable a",
+        id="new-revision-starts-candidate-at-zero",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(-1, weight=0),
+        dict(desired_revision="b", candidate_ready=False),
+        Hold,
+        "waiting for candidate b",
+        id="candidate-not-ready-waits",
+    ),
+    pytest.param(
+        spec(progressDeadline="1m"),
+        in_flight(-1, weight=0),
+        dict(desired_revision="b", candidate_ready=False),
+        Rollback,
+        "progressDeadline",
+        id="progress-deadline-rolls-back",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(-1, weight=0),
+        dict(desired_revision="b", candidate_ready=True),
+        SetWeights,
+        "step 1 of 2: 10%",
+        id="ready-candidate-enters-step-1",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-20),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        Hold,
+        "20s of 1m",
+        id="step-pause-duration-holds",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-70),
+        dict(desired_revision="b", candidate_ready=True, analysis=SHORT),
+        Hold,
+        "Inconclusive",
+        id="too-few-samples-holds-never-passes",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-70),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        SetWeights,
+        "step 2 of 2: 50%",
+        id="passing-step-advances",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(1, since=-70, weight=50),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        Promote,
+        "all 2 steps done",
+        id="last-step-promotes",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-5),
+        dict(desired_revision="b", candidate_ready=True, analysis=FAIL),
+        Rollback,
+        "analysis failed",
+        id="failing-analysis-rolls-back",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-70),
+        dict(desired_revision="b", candidate_ready=True, analysis=None),
+        Hold,
+        "metrics unavailable: weights frozen at 10%",
+        id="no-metrics-freezes-weights",
+    ),
+    pytest.param(
+        spec(paused=True),
+        in_flight(0, since=-70),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        Pause,
+        "spec.rollout.paused",
+        id="paused-spec-pauses",
+    ),
+    pytest.param(
+        spec(paused=True),
+        in_flight(0, since=-70),
+        dict(desired_revision="b", candidate_ready=True, analysis=FAIL),
+        Rollback,
+        "analysis failed",
+        id="paused-still-rolls-back-on-failure",
+    ),
+    pytest.param(
+        spec(steps=[{"weight": 10, "pause": {"untilPromoted": True}}, {"weight": 50}]),
+        in_flight(0, since=-600),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        Pause,
+        "promoted by hand",
+        id="until-promoted-pauses",
+    ),
+    pytest.param(
+        spec(steps=[{"weight": 10, "pause": {"untilPromoted": True}}, {"weight": 50}]),
+        in_flight(0, since=-600),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS, manual="promote"),
+        SetWeights,
+        "promoted by hand",
+        id="manual-promote-advances",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-1),
+        dict(desired_revision="b", candidate_ready=True, analysis=None, manual="promote-full"),
+        Promote,
+        "promote-full",
+        id="manual-promote-full-promotes",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-1),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS, manual="abort"),
+        Rollback,
+        "aborted by hand",
+        id="manual-abort-rolls-back",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-1),
+        dict(desired_revision="a", candidate_ready=True),
+        Rollback,
+        "spec went back",
+        id="spec-reverted-to-stable-removes-candidate",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-1),
+        dict(desired_revision="c", candidate_ready=True),
+        SetWeights,
+        "replaces candidate b",
+        id="newer-revision-replaces-candidate",
+    ),
+    pytest.param(
+        spec(strategy="Immediate"),
+        in_flight(-1, weight=0),
+        dict(desired_revision="b", candidate_ready=True),
+        Promote,
+        "Immediate",
+        id="immediate-promotes-when-ready",
+    ),
+    pytest.param(
+        spec(strategy="ShadowThenCanary", router={"type": "istio", "host": "m.example"}),
+        in_flight(-1, weight=0),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        Mirror,
+        "mirroring 100%",
+        id="shadow-starts-mirroring",
+    ),
+    pytest.param(
+        spec(strategy="ShadowThenCanary", router={"type": "istio", "host": "m.example"}),
+        in_flight(-1, since=-60, weight=0, weights=Weights(stable=100, mirror_percent=100)),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        Hold,
+        "shadow: 1m00s of 5m",
+        id="shadow-holds-for-duration",
+    ),
+    pytest.param(
+        spec(strategy="ShadowThenCanary", router={"type": "istio", "host": "m.example"}),
+        in_flight(-1, since=-400, weight=0, weights=Weights(stable=100, mirror_percent=100)),
+        dict(desired_revision="b", candidate_ready=True, analysis=verdict("Pass", samples=200)),
+        Hold,
+        "too few mirrored requests: 200 of 500",
+        id="shadow-needs-min-requests",
+    ),
+    pytest.param(
+        spec(strategy="ShadowThenCanary", router={"type": "istio", "host": "m.example"}),
+        in_flight(-1, since=-400, weight=0, weights=Weights(stable=100, mirror_percent=100)),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        SetWeights,
+        "shadow passed",
+        id="shadow-passes-into-step-1",
+    ),
+    pytest.param(
+        spec(),
+        STABLE_A.model_copy(update={"failed_revision": "b"}),
+        dict(desired_revision="b"),
+        Hold,
+        "not retried",
+        id="failed-revision-not-retried",
+    ),
+    pytest.param(
+        spec(),
+        RolloutStatus(
+            stable_revision="b",
+            promoted_at=ts(-180),
+            known_good=[
+                KnownGoodRevision(revision="b", model=MODEL_B),
+                KnownGoodRevision(revision="a", model=MODEL_A),
+            ],
+        ),
+        dict(desired_revision="b", analysis=FAIL),
+        Fallback,
+        "breached its SLO",
+        id="breach-in-watch-window-falls-back",
+    ),
+    pytest.param(
+        spec(postPromotion={"automaticFallback": False}),
+        RolloutStatus(
+            stable_revision="b",
+            promoted_at=ts(-180),
+            known_good=[
+                KnownGoodRevision(revision="b", model=MODEL_B),
+                KnownGoodRevision(revision="a", model=MODEL_A),
+            ],
+        ),
+        dict(desired_revision="b", analysis=FAIL),
+        Hold,
+        "automatic fallback is off",
+        id="fallback-off-only-reports",
+    ),
+    pytest.param(
+        spec(),
+        RolloutStatus(
+            stable_revision="a",
+            promoted_at=ts(-180),
+            known_good=[KnownGoodRevision(revision="a", model=MODEL_A)],
+        ),
+        dict(desired_revision="a", analysis=FAIL),
+        Hold,
+        "no earlier known-good",
+        id="breach-without-earlier-revision-holds",
+    ),
+    pytest.param(
+        spec(),
+        RolloutStatus(stable_revision="b", promoted_at=ts(-180)),
+        dict(desired_revision="b", analysis=None),
+        Hold,
+        "metrics unavailable while watching",
+        id="watch-without-metrics-holds",
+    ),
+    pytest.param(
+        spec(),
+        RolloutStatus(stable_revision="b", promoted_at=ts(-601)),
+        dict(desired_revision="b", analysis=PASS),
+        Hold,
+        "known-good",
+        id="watch-window-ends",
+    ),
+]
+
+
+@pytest.mark.parametrize(("rollout", "status", "inputs", "kind", "reason"), CASES)
+def test_next_rollout_step(
+    rollout: RolloutSpec, status: RolloutStatus, inputs: dict[str, Any], kind: type, reason: str
+) -> None:
+    action = next_rollout_step(rollout, status, RolloutInputs(now=T0, **inputs))
+    assert isinstance(action, kind), action
+    assert reason in action.reason
+
+
+@pytest.mark.parametrize(
+    ("total", "weights", "exact", "in_rollout", "expected"),
+    [
+        pytest.param(10, Weights(stable=90, candidate=10), True, True, (9, 1), id="mesh-90-10"),
+        pytest.param(3, Weights(stable=90, candidate=10), True, True, (3, 1), id="mesh-rounds-up"),
+        pytest.param(10, Weights(stable=90, candidate=10), False, True, (9, 1), id="replica-90"),
+        pytest.param(4, Weights(stable=75, candidate=25), False, True, (3, 1), id="replicas-75-25"),
+        pytest.param(
+            4, Weights(stable=100, mirror_percent=100), True, True, (4, 4), id="shadow-full-copy"
+        ),
+        pytest.param(0, Weights(stable=90, candidate=10), True, True, (1, 1), id="zero-in-rollout"),
+        pytest.param(5, Weights(), True, False, (5, 0), id="no-rollout"),
+        pytest.param(
+            2, Weights(stable=90, candidate=10), False, True, (2, 1), id="replicas-min-one-each"
+        ),
+    ],
+)
+def test_split_replicas(
+    total: int, weights: Weights, exact: bool, in_rollout: bool, expected: tuple[int, int]
+) -> None:
+    assert split_replicas(total, weights, exact_weights=exact, in_rollout=in_rollout) == expected
+
+
+def test_effective_weights_of_replica_ratio() -> None:
+    assert effective_weights(9, 1) == Weights(stable=90, candidate=10)
+    assert effective_weights(0, 0) == Weights()
+
+
+def test_checks_come_from_the_slo_unless_overridden() -> None:
+    slo = SLOSpec(p99_latency_ms=500, max_error_rate=0.02)
+    names = {(c.name, c.threshold) for c in checks_for(spec(), slo)}
+    assert names == {
+        ("errorRate/slo", 0.02),
+        ("errorRate/stable", 1.5),
+        ("latency/slo", 0.01),
+        ("latency/stable", 1.5),
+    }
+    only_relative = checks_for(spec(), None)
+    assert [c.name for c in only_relative] == ["errorRate/stable"]
+
+
+def drive(
+    rollout: RolloutSpec,
+    status: RolloutStatus,
+    seconds: float,
+    analysis: AnalysisResult | None,
+    **kw: Any,
+) -> tuple[RolloutStatus, Any]:
+    now = T0 + timedelta(seconds=seconds)
+    inputs = RolloutInputs(desired_revision="b", now=now, analysis=analysis, **kw)
+    action = next_rollout_step(rollout, status, inputs)
+    return (
+        apply_action(rollout, status, action, now=now, desired_model=MODEL_B, analysis=analysis),
+        action,
+    )
+
+
+def test_a_whole_canary_then_a_fallback() -> None:
+    rollout = spec()
+    status, action = drive(rollout, STABLE_A, 0, None)
+    assert isinstance(action, SetWeights) and status.candidate_revision == "b"
+    assert status.candidate_model == MODEL_B and stable_model(status) == MODEL_A
+    status, action = drive(rollout, status, 15, PASS, candidate_ready=True)
+    assert status.weights == Weights(stable=90, candidate=10) and status.step_index == 0
+    status, action = drive(rollout, status, 30, PASS, candidate_ready=True)
+    assert isinstance(action, Hold)
+    # Restart: status is all the state; a round-trip through the wire form changes nothing.
+    status = RolloutStatus.model_validate(status.to_wire())
+    status, action = drive(rollout, status, 80, PASS, candidate_ready=True)
+    assert status.weights.candidate == 50 and status.step_index == 1
+    assert {e.name for e in status.carried_evidence} == {"errorRate/slo"}
+    status, action = drive(rollout, status, 150, PASS, candidate_ready=True)
+    assert isinstance(action, Promote)
+    assert status.stable_revision == "b" and status.candidate_revision is None
+    assert [k.revision for k in status.known_good] == ["b", "a"]
+    assert status.phase == "Watching" and status.weights == Weights()
+    assert len(status.verdicts) >= 4
+    status, action = drive(rollout, status, 200, FAIL)
+    assert isinstance(action, Fallback) and action.to_revision == "a"
+    assert status.stable_revision == "a" and status.failed_revision == "b"
+    assert status.phase == "FellBack" and stable_model(status) == MODEL_A
+    status, action = drive(rollout, status, 215, PASS)
+    assert isinstance(action, Hold) and "not retried" in action.reason
+
+
+def test_rollback_marks_the_candidate_failed() -> None:
+    status, _ = drive(spec(), in_flight(0), 10, FAIL, candidate_ready=True)
+    assert status.failed_revision == "b" and status.candidate_revision is None
+    assert status.weights == Weights() and status.phase == "RolledBack"
+
+
+def test_verdicts_are_capped() -> None:
+    status = in_flight(0, since=0)
+    for i in range(120):
+        status, _ = drive(spec(), status, 1 + i * 0.1, PASS, candidate_ready=True)
+    assert len(status.verdicts) == 100

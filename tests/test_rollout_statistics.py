@@ -1,0 +1,199 @@
+"""The sequential tests behind canary analysis: worked values, verdict rules, the
+false-rollback rate over many seeded good canaries, and power on a 1% -> 2% error increase."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from trimtab.decisions.statistics import (
+    Check,
+    Counts,
+    evaluate_checks,
+    fail_threshold,
+    log_evalue_vs_share,
+    log_evalue_vs_stable,
+)
+
+
+def binomial(rng: random.Random, n: int, p: float) -> int:
+    """Exact binomial draw by geometric skips: O(n p), cheap for the small shares used here."""
+    if n <= 0 or p <= 0.0:
+        return 0
+    if p >= 1.0:
+        return n
+    log_q = math.log1p(-p)
+    hits, position = 0, 0
+    while True:
+        position += int(math.log(1.0 - rng.random()) / log_q) + 1
+        if position > n:
+            return hits
+        hits += 1
+
+
+@pytest.mark.parametrize(
+    ("counts", "p0", "low", "high"),
+    [
+        pytest.param(Counts(1000, 0), 0.01, -6.0, -3.0, id="clean-candidate-is-evidence-for-null"),
+        pytest.param(Counts(1000, 10), 0.01, -3.0, 0.0, id="exactly-at-slo-no-case"),
+        pytest.param(Counts(1000, 50), 0.01, 30.0, 50.0, id="five-times-slo-strong-case"),
+        pytest.param(Counts(0, 0), 0.01, 0.0, 0.0, id="no-requests-no-evidence"),
+        pytest.param(Counts(10, 1), 0.0, 1.0, 20.0, id="zero-slo-floored-not-infinite"),
+    ],
+)
+def test_log_evalue_vs_share(counts: Counts, p0: float, low: float, high: float) -> None:
+    value = log_evalue_vs_share(counts, p0)
+    assert low <= value <= high
+
+
+@pytest.mark.parametrize(
+    ("candidate", "stable", "ratio", "low", "high"),
+    [
+        pytest.param(Counts(1000, 1), Counts(9000, 9), 1.5, -3.0, 0.0, id="same-share"),
+        pytest.param(Counts(1000, 10), Counts(9000, 9), 1.5, 5.3, 10.0, id="ten-times-stable"),
+        pytest.param(Counts(1000, 0), Counts(9000, 0), 1.5, 0.0, 0.0, id="no-bad-requests"),
+        pytest.param(Counts(0, 0), Counts(9000, 9), 1.5, 0.0, 0.0, id="no-candidate-traffic"),
+        pytest.param(Counts(1000, 3), Counts(9000, 18), 1.5, -3.0, 0.0, id="within-ratio"),
+    ],
+)
+def test_log_evalue_vs_stable(
+    candidate: Counts, stable: Counts, ratio: float, low: float, high: float
+) -> None:
+    assert low <= log_evalue_vs_stable(candidate, stable, ratio) <= high
+
+
+CHECKS = [
+    Check("errorRate", "slo", 0.01),
+    Check("errorRate", "stable", 1.5),
+    Check("latency", "slo", 0.01),
+    Check("latency", "stable", 1.5),
+]
+
+
+@pytest.mark.parametrize(
+    ("candidate", "stable", "carried", "expected", "reason_part"),
+    [
+        pytest.param(
+            {"errorRate": Counts(1000, 1), "latency": Counts(1000, 5)},
+            {"errorRate": Counts(9000, 9), "latency": Counts(9000, 45)},
+            {},
+            "Pass",
+            "4 checks pass",
+            id="good-candidate-passes",
+        ),
+        pytest.param(
+            {"errorRate": Counts(40, 0), "latency": Counts(40, 0)},
+            {"errorRate": Counts(360, 0), "latency": Counts(360, 2)},
+            {},
+            "Inconclusive",
+            "40 of 100",
+            id="too-few-samples-is-never-a-pass",
+        ),
+        pytest.param(
+            {"errorRate": Counts(60, 20), "latency": Counts(60, 0)},
+            {"errorRate": Counts(540, 1), "latency": Counts(540, 2)},
+            {},
+            "Fail",
+            "errorRate",
+            id="outage-fails-before-the-sample-floor",
+        ),
+        pytest.param(
+            {"errorRate": Counts(1000, 1), "latency": Counts(1000, 90)},
+            {"errorRate": Counts(9000, 9), "latency": Counts(9000, 45)},
+            {},
+            "Fail",
+            "latency",
+            id="slow-candidate-fails-latency",
+        ),
+        pytest.param(
+            {"errorRate": Counts(1000, 1)},
+            {"errorRate": Counts(9000, 9)},
+            {},
+            "Pass",
+            "2 checks pass",
+            id="latency-without-data-is-skipped",
+        ),
+        pytest.param(
+            # 2% errors alone (about 2.5 nats) stay under log(400) = 6; with 4 nats carried
+            # from the previous step they cross it.
+            {"errorRate": Counts(1000, 20), "latency": Counts(1000, 5)},
+            {"errorRate": Counts(9000, 180), "latency": Counts(9000, 45)},
+            {"errorRate/slo": 4.0},
+            "Fail",
+            "errorRate",
+            id="carried-evidence-from-earlier-steps-counts",
+        ),
+        pytest.param({}, None, {}, "Inconclusive", "no metric", id="no-data-at-all"),
+    ],
+)
+def test_evaluate_checks(
+    candidate: dict[str, Counts],
+    stable: dict[str, Counts] | None,
+    carried: dict[str, float],
+    expected: str,
+    reason_part: str,
+) -> None:
+    result = evaluate_checks(
+        CHECKS,
+        candidate,  # type: ignore[arg-type]  # literal keys in test tables
+        stable,  # type: ignore[arg-type]  # literal keys in test tables
+        carried=carried,
+        false_rollback_rate=0.01,
+        min_requests=100,
+    )
+    assert result.verdict == expected
+    assert reason_part in result.reason
+
+
+def test_fail_threshold_splits_the_rate_over_checks() -> None:
+    assert fail_threshold(0.01, 4) == pytest.approx(math.log(400))
+    assert fail_threshold(0.01, 0) == pytest.approx(math.log(100))
+
+
+def simulate(seed: int, p_candidate: float, p_stable: float, seconds: int = 600) -> int | None:
+    """A canary at 10% of 100 rps judged every 15 s on counts since it started; returns the
+    second of the first Fail, or None."""
+    rng = random.Random(seed)
+    cand, stab = Counts(0, 0), Counts(0, 0)
+    checks = [Check("errorRate", "slo", 0.01), Check("errorRate", "stable", 1.5)]
+    for t in range(15, seconds + 1, 15):
+        n_c = binomial(rng, 1500, 0.1)
+        n_s = 1500 - n_c
+        cand = Counts(cand.requests + n_c, cand.bad + binomial(rng, n_c, p_candidate))
+        stab = Counts(stab.requests + n_s, stab.bad + binomial(rng, n_s, p_stable))
+        result = evaluate_checks(
+            checks,
+            {"errorRate": cand},
+            {"errorRate": stab},
+            carried={},
+            false_rollback_rate=0.01,
+            min_requests=100,
+        )
+        if result.verdict == "Fail":
+            return t
+    return None
+
+
+@pytest.mark.parametrize(
+    "share", [pytest.param(0.001, id="errors-0.1pct"), pytest.param(0.01, id="errors-at-slo-1pct")]
+)
+def test_false_rollback_rate_stays_under_target(share: float) -> None:
+    # 400 seeded good canaries, each checked 40 times: a fixed-sample test at 1% per look
+    # would roll back far more than 1% of them; the sequential test must not.
+    runs = 400
+    rollbacks = sum(simulate(seed, share, share) is not None for seed in range(runs))
+    assert rollbacks / runs <= 0.01
+
+
+def test_power_on_errors_1pct_to_2pct_within_10_minutes() -> None:
+    runs = 100
+    detected = [simulate(10_000 + seed, 0.02, 0.01) for seed in range(runs)]
+    assert sum(t is not None for t in detected) / runs >= 0.95
+
+
+def test_outage_detected_in_the_first_intervals() -> None:
+    times = sorted(t for s in range(50) if (t := simulate(20_000 + s, 0.05, 0.001)) is not None)
+    assert len(times) == 50
+    assert times[len(times) // 2] <= 30

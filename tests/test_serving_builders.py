@@ -1,0 +1,100 @@
+"""Serving manifests: golden output for the example, and every preset's Deployment and Service
+valid for the Kubernetes API (kubernetes-validate --strict)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.validation import ROOT, validate_builtin
+from trimtab import constants as C
+from trimtab.api.modeldeployment import ModelDeploymentSpec
+from trimtab.api.servers import SERVER_DEFAULTS
+from trimtab.builders.common import Owner, child_name
+from trimtab.builders.serving import build_deployment, build_service, revision_of
+from trimtab.render import RenderError, render_modeldeployment
+
+OWNER = Owner(C.API_VERSION, C.MODELDEPLOYMENT_KIND, "llama-8b", "default", "uid-1")
+GOLDEN = ROOT / "tests" / "golden" / "modeldeployment-render.yaml"
+
+
+def test_example_renders_to_golden_manifests() -> None:
+    doc = yaml.safe_load((ROOT / "examples" / "modeldeployment.yaml").read_text())
+    rendered = yaml.safe_dump_all(render_modeldeployment(doc), sort_keys=False)
+    if os.environ.get("UPDATE_GOLDEN") or not GOLDEN.exists():
+        GOLDEN.write_text(rendered)
+    assert rendered == GOLDEN.read_text(), "set UPDATE_GOLDEN=1 to accept a deliberate change"
+
+
+@pytest.mark.parametrize("server", sorted(SERVER_DEFAULTS))
+@pytest.mark.parametrize("gpu", [0, 2], ids=["cpu", "gpu"])
+def test_every_preset_builds_valid_objects(server: str, gpu: int) -> None:
+    spec = ModelDeploymentSpec.model_validate(
+        {
+            "server": server,
+            "image": "example/server:1",
+            "resources": {"cpu": "500m", "memory": "2Gi", "gpu": gpu},
+            "env": [{"name": "A", "value": "1"}],
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+        }
+    )
+    revision = revision_of(spec)
+    deploy = build_deployment(OWNER, spec, revision, replicas=3)
+    service = build_service(OWNER, spec)
+    validate_builtin(deploy)
+    validate_builtin(service)
+    defaults = SERVER_DEFAULTS[server]
+    pod = deploy["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == defaults.readiness_path
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(defaults.metrics_port)
+    assert deploy["spec"]["selector"]["matchLabels"] == {
+        C.LABEL_OWNER: "llama-8b",
+        C.LABEL_REVISION: revision,
+    }
+    # The Service selects every revision's pods.
+    assert set(service["spec"]["selector"].items()) <= set(pod["metadata"]["labels"].items())
+    limits = container["resources"]["limits"]
+    assert limits["memory"] == "2Gi"  # memory limit = request
+    assert "cpu" not in limits  # no CPU limit by default
+    if gpu:
+        assert limits["nvidia.com/gpu"] == "2"
+    else:
+        assert "nvidia.com/gpu" not in limits
+
+
+def test_mig_profile_and_explicit_limits() -> None:
+    spec = ModelDeploymentSpec.model_validate(
+        {
+            "image": "x",
+            "resources": {
+                "gpu": 1,
+                "gpuResourceName": "nvidia.com/mig-3g.40gb",
+                "memory": "8Gi",
+                "memoryLimit": "12Gi",
+                "cpu": "2",
+                "cpuLimit": "4",
+            },
+        }
+    )
+    container = build_deployment(OWNER, spec, "r", 1)["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {
+        "cpu": "4",
+        "memory": "12Gi",
+        "nvidia.com/mig-3g.40gb": "1",
+    }
+
+
+def test_names_stay_dns_labels() -> None:
+    name = child_name("a" * 80, "0123456789")
+    assert len(name) <= 63 and name.endswith("-0123456789")
+
+
+def test_render_refuses_what_the_operator_would_degrade() -> None:
+    doc: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "modeldeployment.yaml").read_text())
+    doc["spec"]["args"] = ["--tensor-parallel-size", "8"]
+    with pytest.raises(RenderError, match="tensor-parallel-size 8"):
+        render_modeldeployment(doc)

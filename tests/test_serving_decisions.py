@@ -1,0 +1,144 @@
+"""Tables for the serving decisions: phase and conditions from Deployments, feasibility of a
+spec, and condition bookkeeping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from trimtab.api.common import Condition
+from trimtab.api.modeldeployment import ModelDeploymentSpec
+from trimtab.decisions.conditions import set_condition
+from trimtab.decisions.serving import DeploymentObservation, find_spec_problems, serving_state
+
+NOW = "2026-01-01T00:00:00Z"
+
+
+def obs(
+    revision: str,
+    replicas: int = 2,
+    ready: int = 0,
+    updated: int | None = None,
+    observed: int = 1,
+    conditions: tuple[tuple[str, str, str, str], ...] = (),
+) -> DeploymentObservation:
+    return DeploymentObservation(
+        revision=revision,
+        name=f"m-{revision}",
+        replicas=replicas,
+        generation=1,
+        observed_generation=observed,
+        status_replicas=max(ready, replicas if observed else 0),
+        ready_replicas=ready,
+        updated_replicas=ready if updated is None else updated,
+        available_replicas=ready,
+        conditions=conditions,
+    )
+
+
+STATES = [
+    pytest.param([], "Pending", False, id="no-deployment-yet"),
+    pytest.param([obs("b", observed=0)], "Pending", False, id="controller-not-caught-up"),
+    pytest.param([obs("b", ready=1), obs("a", ready=2)], "Progressing", False, id="half-ready"),
+    pytest.param([obs("b", ready=2), obs("a", ready=2)], "Ready", True, id="current-ready"),
+    pytest.param([obs("b", replicas=0)], "Ready", True, id="scaled-to-zero"),
+    pytest.param(
+        [
+            obs(
+                "b",
+                ready=0,
+                conditions=(("Progressing", "False", "ProgressDeadlineExceeded", "x"),),
+            )
+        ],
+        "Degraded",
+        False,
+        id="deadline-exceeded",
+    ),
+    pytest.param(
+        [obs("b", ready=1, conditions=(("ReplicaFailure", "True", "FailedCreate", "quota"),))],
+        "Degraded",
+        False,
+        id="replica-failure",
+    ),
+    pytest.param([obs("a", ready=2)], "Pending", False, id="only-old-revision"),
+]
+
+
+@pytest.mark.parametrize(("deployments", "phase", "current_ready"), STATES)
+def test_serving_state(
+    deployments: list[DeploymentObservation], phase: str, current_ready: bool
+) -> None:
+    state = serving_state("b", deployments, [], 3, NOW)
+    assert state.phase == phase
+    assert state.current_ready is current_ready
+    conds = {c.type: c for c in state.conditions}
+    assert conds["Ready"].status == ("True" if phase == "Ready" else "False")
+    assert conds["Degraded"].status == ("True" if phase == "Degraded" else "False")
+    assert conds["Progressing"].status == (
+        "True" if phase in ("Pending", "Progressing") else "False"
+    )
+    assert all(c.observed_generation == 3 for c in state.conditions)
+
+
+def test_steady_state_keeps_transition_times() -> None:
+    first = serving_state("b", [obs("b", ready=2)], [], 1, NOW)
+    again = serving_state("b", [obs("b", ready=2)], first.conditions, 1, "2026-01-02T00:00:00Z")
+    assert again.conditions == first.conditions
+
+
+def test_condition_transition_time_moves_only_on_flip() -> None:
+    conds = set_condition([], "Ready", "False", "Waiting", "", "t1")
+    conds = set_condition(conds, "Ready", "False", "Waiting", "still", "t2")
+    assert conds[0].last_transition_time == "t1"
+    conds = set_condition(conds, "Ready", "True", "Ok", "", "t3")
+    assert conds == [
+        Condition(type="Ready", status="True", reason="Ok", message="", last_transition_time="t3")
+    ]
+
+
+PROBLEMS: list[Any] = [
+    pytest.param(
+        {"server": "vllm", "args": ["--tensor-parallel-size", "2"], "resources": {"gpu": 2}},
+        [],
+        id="tp-fits",
+    ),
+    pytest.param(
+        {"server": "vllm", "args": ["--tensor-parallel-size=4"], "resources": {"gpu": 2}},
+        ["spec.args: --tensor-parallel-size 4 needs 4 GPUs"],
+        id="tp-too-large",
+    ),
+    pytest.param(
+        {"server": "vllm", "args": ["-tp", "two"], "resources": {"gpu": 2}},
+        ["is not a positive integer"],
+        id="tp-not-a-number",
+    ),
+    pytest.param(
+        {"server": "tgi", "args": ["--num-shard", "2"], "resources": {"gpu": 1}},
+        ["--num-shard 2 needs 2 GPUs"],
+        id="tgi-shards",
+    ),
+    pytest.param(
+        {"resources": {"memory": "8Gi", "memoryLimit": "4Gi"}},
+        ["spec.resources.memoryLimit: 4Gi is below the request 8Gi"],
+        id="memory-limit-low",
+    ),
+    pytest.param(
+        {"resources": {"cpu": "2", "cpuLimit": "1500m"}},
+        ["spec.resources.cpuLimit"],
+        id="cpu-limit-low",
+    ),
+    pytest.param(
+        {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]},
+        ["spec.env: duplicate names A"],
+        id="duplicate-env",
+    ),
+]
+
+
+@pytest.mark.parametrize(("spec", "expected"), PROBLEMS)
+def test_find_spec_problems(spec: dict[str, Any], expected: list[str]) -> None:
+    problems = find_spec_problems(ModelDeploymentSpec.model_validate({"image": "x", **spec}))
+    assert len(problems) == len(expected)
+    for problem, fragment in zip(problems, expected, strict=True):
+        assert fragment in problem

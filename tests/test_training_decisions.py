@@ -1,0 +1,621 @@
+"""The TrainingJob phase machine, restart backoff, failure detection and GPU diagnosis: tables of
+named cases over the pure functions in decisions/training.py."""
+
+from __future__ import annotations
+
+import datetime
+import doctest
+from typing import Any
+
+import pytest
+
+import trimtab.decisions.training as D
+from trimtab.api.trainingjob import FailurePolicy, TrainingJobSpec, TrainingJobStatus, WorkerFailure
+from trimtab.decisions.conditions import get_condition
+
+T0 = datetime.datetime(2025, 6, 1, 12, 0, 0, tzinfo=datetime.UTC)
+
+
+def at(seconds: float) -> datetime.datetime:
+    return T0 + datetime.timedelta(seconds=seconds)
+
+
+def ts(seconds: float) -> str:
+    return D.format_time(at(seconds))
+
+
+def spec(**over: Any) -> TrainingJobSpec:
+    base: dict[str, Any] = {
+        "image": "train:1",
+        "command": ["train.py"],
+        "workers": 2,
+        "gpusPerWorker": 8,
+        "failurePolicy": {"maxRestarts": 3, "neverRetryExitCodes": [2], "backoffSeconds": 10},
+        "volumes": [{"name": "ckpt", "persistentVolumeClaim": {"claimName": "c"}}],
+        "volumeMounts": [{"name": "ckpt", "mountPath": "/ckpt"}],
+        "checkpoint": {"directory": "/ckpt"},
+    }
+    base.update(over)
+    return TrainingJobSpec.model_validate(base)
+
+
+def status(**over: Any) -> TrainingJobStatus:
+    return TrainingJobStatus.model_validate(over)
+
+
+def job(**over: Any) -> D.JobObservation:
+    return D.JobObservation(name=over.pop("name", "llama-r0"), **over)
+
+
+OOM = WorkerFailure(worker=1, pod="llama-r0-1-abc", exit_code=137, reason="OOMKilled")
+BAD_CONFIG = WorkerFailure(worker=0, pod="llama-r0-0-abc", exit_code=2, reason="Error")
+FAILED = {"failed_condition": True, "failure_reason": "BackoffLimitExceeded", "failed": 1}
+
+
+@pytest.mark.parametrize(
+    ("s", "st", "j", "failure", "now", "want"),
+    [
+        pytest.param(
+            spec(),
+            status(),
+            None,
+            None,
+            0,
+            {"phase": "Pending", "create": True, "restarts": 0},
+            id="new-creates-attempt-0",
+        ),
+        pytest.param(
+            spec(scheduling={"queueName": "team-a"}),
+            status(phase="Pending"),
+            job(suspended=True),
+            None,
+            1,
+            {"phase": "Queued", "cond": ("Queued", "True", "WaitingForAdmission")},
+            id="kueue-suspended-is-queued",
+        ),
+        pytest.param(
+            spec(scheduling={"queueName": "team-a"}),
+            status(phase="Queued", conditions=[{"type": "Queued", "status": "True"}]),
+            job(active=2, ready=1, start_time=ts(5)),
+            None,
+            6,
+            {"phase": "Starting", "cond": ("Queued", "False", "Admitted"), "start": ts(5)},
+            id="admitted-is-starting",
+        ),
+        pytest.param(
+            spec(),
+            status(phase="Starting", start_time=ts(5)),
+            job(active=2, ready=2),
+            None,
+            9,
+            {"phase": "Running", "cond": ("Running", "True", "AllWorkersRunning"), "ready": 2},
+            id="all-workers-ready-is-running",
+        ),
+        pytest.param(
+            spec(),
+            status(phase="Running", start_time=ts(0)),
+            job(active=1, ready=1, succeeded=1),
+            None,
+            100,
+            {"phase": "Running"},
+            id="one-worker-done-still-running",
+        ),
+        pytest.param(
+            spec(),
+            status(phase="Running", start_time=ts(0)),
+            job(complete=True, succeeded=2, completion_time=ts(500)),
+            None,
+            501,
+            {
+                "phase": "Succeeded",
+                "cond": ("Succeeded", "True", "Completed"),
+                "completion": ts(500),
+            },
+            id="complete-is-succeeded",
+        ),
+        pytest.param(
+            spec(),
+            status(phase="Running", start_time=ts(0)),
+            job(**FAILED),
+            OOM,
+            100,
+            {
+                "phase": "Restarting",
+                "restarts": 1,
+                "delete": "llama-r0",
+                "requeue": 10,
+                "next": ts(110),
+                "cond": ("Restarting", "True", "WorkerFailed"),
+                "failure": (1, 137, "OOMKilled", 0),
+            },
+            id="worker-failure-restarts-whole-job",
+        ),
+        pytest.param(
+            spec(),
+            status(phase="Running", start_time=ts(0), restarts=2),
+            job(name="llama-r2", **FAILED),
+            OOM,
+            100,
+            {"phase": "Restarting", "restarts": 3, "requeue": 40, "next": ts(140)},
+            id="backoff-doubles",
+        ),
+        pytest.param(
+            spec(),
+            status(phase="Restarting", restarts=1, next_restart_time=ts(110), start_time=ts(0)),
+            None,
+            None,
+            105,
+            {"phase": "Restarting", "create": False, "requeue": 5},
+            id="waits-out-the-backoff",
+        ),
+        pytest.param(
+            spec(),
+            status(phase="Restarting", restarts=1, next_restart_time=ts(110), start_time=ts(0)),
+            None,
+            None,
+            110,
+            {"phase": "Pending", "create": True, "restarts": 1},
+            id="backoff-over-creates-next-attempt",
+        ),
+        pytest.param(
+            spec(),
+            status(
+                phase="Running",
+                restarts=1,
+                start_time=ts(0),
+                conditions=[{"type": "Restarting", "status": "True"}],
+            ),
+            job(name="llama-r1", active=2, ready=2),
+            None,
+            200,
+            {"phase": "Running", "cond": ("Restarting", "False", "Recovered")},
+            id="recovered-clears-restarting",
+        ),
+        pytest.param(
+            spec(),
+            status(phase="Running", restarts=3, start_time=ts(0)),
+            job(name="llama-r3", **FAILED),
+            OOM,
+            100,
+            {
+                "phase": "Failed",
+                "restarts": 3,
+                "delete": None,
+                "cond": ("Failed", "True", "RestartsExhausted"),
+            },
+            id="restarts-exhausted-fails",
+        ),
+        pytest.param(
+            spec(failurePolicy={"maxRestarts": 0}),
+            status(phase="Running", start_time=ts(0)),
+            job(**FAILED),
+            OOM,
+            100,
+            {"phase": "Failed", "cond": ("Failed", "True", "RestartsExhausted")},
+            id="max-restarts-zero-fails-first-time",
+        ),
+        pytest.param(
+            spec(failurePolicy={"maxRestarts": -1}, activeDeadlineSeconds=10**6),
+            status(phase="Running", restarts=500, start_time=ts(0)),
+            job(name="llama-r500", **FAILED),
+            OOM,
+            100,
+            {"phase": "Restarting", "restarts": 501, "requeue": 300},
+            id="unlimited-restarts-capped-backoff",
+        ),
+        pytest.param(
+            spec(),
+            status(phase="Running", start_time=ts(0)),
+            job(**FAILED),
+            BAD_CONFIG,
+            100,
+            {"phase": "Failed", "restarts": 0, "cond": ("Failed", "True", "NonRetryableExitCode")},
+            id="never-retry-exit-code-fails-at-once",
+        ),
+        pytest.param(
+            spec(),
+            status(phase="Running", start_time=ts(0)),
+            job(
+                failed_condition=True,
+                failure_reason="PodFailurePolicy",
+                failure_message="Container trainer for pod ml/llama-r0-1-xyz failed with exit "
+                "code 2 matching FailJob rule at index 1",
+            ),
+            None,
+            100,
+            {
+                "phase": "Failed",
+                "cond": ("Failed", "True", "NonRetryableExitCode"),
+                "failure": (1, 2, "PodFailurePolicy", 0),
+            },
+            id="never-retry-from-job-condition-when-pods-are-gone",
+        ),
+        pytest.param(
+            spec(activeDeadlineSeconds=3600),
+            status(phase="Running", start_time=ts(0)),
+            job(active=2, ready=2),
+            None,
+            3600,
+            {
+                "phase": "Failed",
+                "delete": "llama-r0",
+                "cond": ("Failed", "True", "DeadlineExceeded"),
+            },
+            id="active-deadline-stops-the-job",
+        ),
+        pytest.param(
+            spec(activeDeadlineSeconds=3600),
+            status(phase="Running", start_time=ts(0)),
+            job(active=2, ready=2),
+            None,
+            600,
+            {"phase": "Running", "requeue": 3000},
+            id="deadline-requeues",
+        ),
+        pytest.param(
+            spec(activeDeadlineSeconds=3600),
+            status(phase="Restarting", restarts=1, next_restart_time=ts(1000), start_time=ts(0)),
+            None,
+            None,
+            1000,
+            {"phase": "Pending", "create": True, "deadline_left": 2600},
+            id="next-attempt-gets-the-rest-of-the-deadline",
+        ),
+        pytest.param(
+            spec(activeDeadlineSeconds=3600),
+            status(phase="Running", start_time=ts(0)),
+            job(failed_condition=True, failure_reason="DeadlineExceeded"),
+            None,
+            3601,
+            {"phase": "Failed", "delete": None, "cond": ("Failed", "True", "DeadlineExceeded")},
+            id="job-deadline-fails-without-restart",
+        ),
+        pytest.param(
+            spec(suspend=True),
+            status(phase="Running", start_time=ts(0)),
+            job(active=2, ready=2),
+            None,
+            50,
+            {
+                "phase": "Suspended",
+                "delete": "llama-r0",
+                "ready": 0,
+                "cond": ("Suspended", "True", "SuspendedBySpec"),
+            },
+            id="suspend-deletes-the-job",
+        ),
+        pytest.param(
+            spec(suspend=True),
+            status(phase="Suspended"),
+            job(deleting=True),
+            None,
+            51,
+            {"phase": "Suspended", "delete": None},
+            id="suspended-while-deleting",
+        ),
+        pytest.param(
+            spec(),
+            status(
+                phase="Suspended",
+                start_time=ts(0),
+                conditions=[{"type": "Suspended", "status": "True"}],
+            ),
+            None,
+            None,
+            60,
+            {
+                "phase": "Pending",
+                "create": True,
+                "restarts": 0,
+                "cond": ("Suspended", "False", "Resumed"),
+            },
+            id="resume-recreates-same-attempt",
+        ),
+        pytest.param(
+            spec(),
+            status(phase="Suspended"),
+            job(deleting=True),
+            None,
+            60,
+            {"create": False, "requeue": 5},
+            id="resume-waits-for-the-old-job-to-go",
+        ),
+        pytest.param(
+            spec(suspend=True),
+            status(phase="Succeeded", completion_time=ts(0)),
+            None,
+            None,
+            10,
+            {"phase": "Succeeded", "delete": None},
+            id="terminal-ignores-suspend",
+        ),
+        pytest.param(
+            spec(ttlSecondsAfterFinished=60),
+            status(phase="Succeeded", completion_time=ts(0)),
+            job(complete=True),
+            None,
+            30,
+            {"phase": "Succeeded", "cleanup": False, "requeue": 30},
+            id="ttl-not-yet",
+        ),
+        pytest.param(
+            spec(ttlSecondsAfterFinished=60),
+            status(phase="Failed", completion_time=ts(0)),
+            job(**FAILED),
+            None,
+            60,
+            {"phase": "Failed", "cleanup": True, "cleaned": True},
+            id="ttl-cleans-up",
+        ),
+        pytest.param(
+            spec(ttlSecondsAfterFinished=60),
+            status(phase="Failed", completion_time=ts(0), cleaned_up=True),
+            None,
+            None,
+            600,
+            {"phase": "Failed", "cleanup": False, "create": False},
+            id="ttl-cleans-up-once",
+        ),
+        pytest.param(
+            spec(),
+            status(phase="Running", start_time=ts(0)),
+            None,
+            None,
+            100,
+            {"phase": "Pending", "create": True, "restarts": 0},
+            id="job-deleted-by-someone-is-recreated",
+        ),
+    ],
+)
+def test_phase_machine(
+    s: TrainingJobSpec,
+    st: TrainingJobStatus,
+    j: D.JobObservation | None,
+    failure: WorkerFailure | None,
+    now: float,
+    want: dict[str, Any],
+) -> None:
+    d = D.decide_training(D.TrainingInputs(s, st, j, failure, at(now), generation=1))
+    out = d.status
+    if "phase" in want:
+        assert out.phase == want["phase"], out.message
+    if "create" in want:
+        assert d.create_job is want["create"]
+    if "restarts" in want:
+        assert out.restarts == want["restarts"]
+    if "delete" in want:
+        assert d.delete_job == want["delete"]
+    if "requeue" in want:
+        assert d.requeue_after == pytest.approx(want["requeue"])
+    if "next" in want:
+        assert out.next_restart_time == want["next"]
+    if "start" in want:
+        assert out.start_time == want["start"]
+    if "completion" in want:
+        assert out.completion_time == want["completion"]
+    if "ready" in want:
+        assert out.workers_ready == want["ready"]
+    if "cleanup" in want:
+        assert d.cleanup is want["cleanup"]
+    if "cleaned" in want:
+        assert out.cleaned_up is want["cleaned"]
+    if "deadline_left" in want:
+        assert d.active_deadline_seconds == want["deadline_left"]
+    if "cond" in want:
+        kind, cstatus, reason = want["cond"]
+        cond = get_condition(out.conditions, kind)
+        assert cond is not None, [c.type for c in out.conditions]
+        assert (cond.status, cond.reason) == (cstatus, reason), cond.message
+    if "failure" in want:
+        lf = out.last_failure
+        assert lf is not None
+        assert (lf.worker, lf.exit_code, lf.reason, lf.restart) == want["failure"]
+
+
+def test_restarting_message_names_worker_exit_code_and_checkpoint() -> None:
+    d = D.decide_training(
+        D.TrainingInputs(
+            spec(), status(phase="Running", start_time=ts(0)), job(**FAILED), OOM, at(100)
+        )
+    )
+    assert d.status.message == (
+        "worker 1 exited with code 137 (OOMKilled); restart 1 of 3 from /ckpt in 10s"
+    )
+    assert d.events == (("Warning", "Restarting", d.status.message),)
+
+
+def test_exhausted_message_says_why() -> None:
+    d = D.decide_training(
+        D.TrainingInputs(
+            spec(),
+            status(phase="Running", restarts=3, start_time=ts(0)),
+            job(name="llama-r3", **FAILED),
+            OOM,
+            at(100),
+        )
+    )
+    assert d.status.message == (
+        "worker 1 exited with code 137 (OOMKilled); gave up after 3 restarts "
+        "(failurePolicy.maxRestarts 3)"
+    )
+
+
+def test_full_run_through_restarts_to_success() -> None:
+    """Drive the machine as the handler does: attempt 0 fails, attempt 1 succeeds."""
+    s = spec()
+    st = status()
+    trace: list[str] = []
+
+    def step(j: D.JobObservation | None, now: float, failure: WorkerFailure | None = None) -> Any:
+        nonlocal st
+        d = D.decide_training(D.TrainingInputs(s, st, j, failure, at(now)))
+        st = d.status
+        trace.append(str(st.phase))
+        return d
+
+    assert step(None, 0).create_job
+    step(job(active=2, ready=0), 1)
+    step(job(active=2, ready=2), 2)
+    assert step(job(**FAILED), 50, OOM).delete_job == "llama-r0"
+    step(None, 55)
+    assert step(None, 60).create_job and st.restarts == 1
+    step(job(name="llama-r1", active=2, ready=2), 70)
+    step(job(name="llama-r1", complete=True, succeeded=2), 80)
+    assert trace == [
+        "Pending",
+        "Starting",
+        "Running",
+        "Restarting",
+        "Restarting",
+        "Pending",
+        "Running",
+        "Succeeded",
+    ]
+    assert st.start_time == ts(1)
+    types = {c.type: (c.status, c.reason) for c in st.conditions}
+    assert types == {
+        "Running": ("False", "Completed"),
+        "Restarting": ("False", "Completed"),
+        "Succeeded": ("True", "Completed"),
+    }
+
+
+def test_invalid_spec_fails_until_fixed() -> None:
+    problems = ("spec.command: nope",)
+    d = D.decide_training(D.TrainingInputs(spec(), status(), None, None, at(0), 1, problems))
+    assert d.status.phase == "Failed" and not d.create_job
+    cond = get_condition(d.status.conditions, "Failed")
+    assert cond is not None and cond.reason == "InvalidSpec"
+    fixed = D.decide_training(D.TrainingInputs(spec(), d.status, None, None, at(5), 2))
+    assert fixed.status.phase == "Pending" and fixed.create_job
+
+
+@pytest.mark.parametrize(
+    ("policy", "restart", "want"),
+    [
+        pytest.param({"backoffSeconds": 10, "maxBackoffSeconds": 300}, 1, 10, id="first"),
+        pytest.param({"backoffSeconds": 10, "maxBackoffSeconds": 300}, 4, 80, id="fourth"),
+        pytest.param({"backoffSeconds": 10, "maxBackoffSeconds": 300}, 9, 300, id="capped"),
+        pytest.param({"backoffSeconds": 10, "maxBackoffSeconds": 300}, 10**6, 300, id="huge"),
+        pytest.param({"backoffSeconds": 0, "maxBackoffSeconds": 0}, 3, 0, id="no-backoff"),
+    ],
+)
+def test_restart_backoff(policy: dict[str, int], restart: int, want: int) -> None:
+    assert D.restart_backoff(FailurePolicy.model_validate(policy), restart) == want
+
+
+def pod(index: int, code: int, finished: str, reason: str = "Error") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": f"llama-r0-{index}-x",
+            "annotations": {D.COMPLETION_INDEX: str(index)},
+        },
+        "status": {
+            "phase": "Failed" if code else "Succeeded",
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "state": {
+                        "terminated": {"exitCode": code, "reason": reason, "finishedAt": finished}
+                    },
+                }
+            ],
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("pods", "want"),
+    [
+        pytest.param([], None, id="no-pods"),
+        pytest.param([pod(0, 0, ts(5))], None, id="only-success"),
+        pytest.param(
+            [pod(0, 143, ts(9)), pod(1, 137, ts(10), "OOMKilled")],
+            (1, 137),
+            id="sigterm-of-survivor-is-not-the-cause",
+        ),
+        pytest.param([pod(0, 1, ts(9)), pod(1, 3, ts(10))], (0, 1), id="earliest-wins"),
+        pytest.param(
+            [
+                {
+                    "metadata": {"name": "p", "labels": {D.COMPLETION_INDEX: "3"}},
+                    "status": {"phase": "Failed", "reason": "Evicted", "message": "node drained"},
+                }
+            ],
+            (3, None),
+            id="evicted-without-container-status",
+        ),
+    ],
+)
+def test_first_worker_failure(pods: list[dict[str, Any]], want: tuple[int, int] | None) -> None:
+    got = D.first_worker_failure(pods)
+    assert (None if got is None else (got.worker, got.exit_code)) == want
+
+
+@pytest.mark.parametrize(
+    ("util", "mem", "window", "want"),
+    [
+        pytest.param(0.23, 0.9, 600, "input-bound: GPU utilization 23% over 10 min", id="low-util"),
+        pytest.param(
+            0.95,
+            0.2,
+            3600,
+            "memory headroom: at most 20% of GPU memory used over 1 h",
+            id="memory-headroom",
+        ),
+        pytest.param(
+            0.3,
+            0.3,
+            600,
+            "input-bound: GPU utilization 30% over 10 min; "
+            "the GPUs wait for data, CPU work or the network; memory headroom",
+            id="both",
+        ),
+        pytest.param(0.9, None, 90, "GPU-bound: GPU utilization 90% over 90 s", id="busy"),
+        pytest.param(None, 0.8, 600, "GPU memory: at most 80% used over 10 min", id="memory-only"),
+    ],
+)
+def test_diagnosis(util: float | None, mem: float | None, window: int, want: str) -> None:
+    d = D.diagnose(util, mem, window, T0)
+    assert d is not None
+    assert d.message.startswith(want)
+
+
+def test_no_metrics_no_diagnosis() -> None:
+    assert D.diagnose(None, None, 600, T0) is None
+
+
+@pytest.mark.parametrize(
+    ("over", "field"),
+    [
+        pytest.param(
+            {"command": ["python", "train.py"]}, "spec.command", id="python-under-torchrun"
+        ),
+        pytest.param(
+            {"command": ["/usr/bin/torchrun", "t.py"]}, "spec.command", id="torchrun-twice"
+        ),
+        pytest.param(
+            {"resources": {"memory": "8Gi", "memoryLimit": "4Gi"}},
+            "spec.resources.memoryLimit",
+            id="limit-below-request",
+        ),
+        pytest.param(
+            {"volumes": [{"name": "dshm", "emptyDir": {}}], "volumeMounts": [], "checkpoint": None},
+            "spec.volumes",
+            id="dshm-name-taken",
+        ),
+    ],
+)
+def test_spec_problems(over: dict[str, Any], field: str) -> None:
+    problems = D.find_spec_problems(spec(**over))
+    assert problems and problems[0].startswith(field + ":"), problems
+
+
+def test_no_problems_in_a_good_spec() -> None:
+    assert D.find_spec_problems(spec()) == []
+    assert D.find_spec_problems(spec(command=["python"], distributed={"launcher": "none"})) == []
+
+
+def test_docstring_examples() -> None:
+    result = doctest.testmod(D)
+    assert result.attempted > 0 and result.failed == 0
