@@ -1,0 +1,2 @@
+"""Where numbers come from: the MetricsProvider protocol, the Prometheus provider and the
+PromQL presets per model server."""
