@@ -117,7 +117,9 @@ def make_traces(seed: int) -> dict[str, Demand]:
 class Recommender(Protocol):
     name: str
 
-    def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None: ...
+    def observe(
+        self, t: float, cpu: float, memory: float, request: tuple[float, float]
+    ) -> None: ...
 
     def oom(self, t: float, memory_limit: float) -> None: ...
 

@@ -131,3 +131,13 @@ def test_render_cli_prints_manifests(capsys: Any) -> None:
     assert main(["render", "-f", str(ROOT / "examples" / "modeldeployment.yaml")]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [d["kind"] for d in docs] == ["Deployment", "Service"]
+
+
+def test_peers_get_distinct_priorities(monkeypatch: Any) -> None:
+    from trimtab.__main__ import peer_priority
+
+    seen = set()
+    for pod in ("trimtab-7d9c-abcde", "trimtab-7d9c-fghij", "trimtab-7d9c-klmno"):
+        monkeypatch.setenv("POD_ID", pod)
+        seen.add(peer_priority())
+    assert len(seen) == 3 and all(p > 0 for p in seen)

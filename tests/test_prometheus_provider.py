@@ -283,7 +283,8 @@ def test_unknown_provider_is_an_error() -> None:
 
 
 def test_prometheus_stopped_mid_test_is_unavailable(
-    prometheus_server: Callable[..., PrometheusServer], tmp_path: Path
+    prometheus_server: Callable[..., PrometheusServer],  # noqa: F811  (the fixture)
+    tmp_path: Path,
 ) -> None:
     with MetricsExporter("tgi").start() as exporter:
         exporter.set_queue(4)

@@ -12,8 +12,12 @@ import pydantic
 import pytest
 import yaml
 
-from tests.validation import ROOT, validate_custom
+from tests.validation import ROOT, thirdparty, validate_builtin, validate_custom
+from trimtab import constants as C
 from trimtab.api.trainingjob import TrainingJobSpec
+from trimtab.builders.common import Owner
+from trimtab.builders.training import build_all
+from trimtab.decisions.training import find_spec_problems
 
 CRD = ROOT / "crds" / "trimtab.io_trainingjobs.yaml"
 
@@ -193,7 +197,16 @@ def test_examples_validate(path: Path) -> None:
     assert found
     for doc in found:
         assert rejection(copy.deepcopy(doc)) == ""
-        TrainingJobSpec.model_validate(doc["spec"])
+        spec = TrainingJobSpec.model_validate(doc["spec"])
+        # The operator would run it: no spec problem, and what it builds is valid.
+        assert find_spec_problems(spec) == []
+        owner = Owner(C.API_VERSION, C.TRAININGJOB_KIND, doc["metadata"]["name"], "default", "u")
+        for obj in build_all(owner, spec, restarts=0):
+            if obj["kind"] == "PodGroup":
+                validate_custom(obj, thirdparty("scheduler-plugins",
+                                                "scheduling.x-k8s.io_podgroups.yaml"))
+            else:
+                validate_builtin(obj)
 
 
 def test_there_is_an_example() -> None:

@@ -56,7 +56,7 @@ def env_of(job: dict[str, Any]) -> dict[str, Any]:
                 command=["sh", "-c", "true"],
                 workers=1,
                 distributed={"launcher": "none"},
-            ),  # type: ignore[arg-type]  # alias input
+            ),
             id="minimal-no-launcher",
         ),
         pytest.param(spec(gpusPerWorker=0, scheduling={}, failurePolicy={}), id="cpu-only"),

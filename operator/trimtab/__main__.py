@@ -35,17 +35,55 @@ def _run(args: argparse.Namespace) -> int:
     memo = kopf.Memo(settings=settings)
     liveness = f"http://0.0.0.0:{health_port}/healthz" if health_port else None
     clusterwide = args.all_namespaces or not namespace
+    priority = args.priority if args.priority is not None else peer_priority()
+    if peering:
+        asyncio.run(_ensure_peering(peering, None if clusterwide else namespace))
     asyncio.run(
         kopf.operator(
             clusterwide=clusterwide,
             namespaces=() if clusterwide else (namespace,),
             standalone=not peering,
             peering_name=peering or None,
+            priority=priority,
             liveness_endpoint=liveness,
             memo=memo,
         )
     )
     return 0
+
+
+def peer_priority() -> int:
+    """A priority distinct per replica: kopf pauses every peer that shares the top priority, so
+    two replicas at the default priority would both stand still."""
+    import os
+    import zlib
+
+    identity = os.environ.get("POD_ID") or os.environ.get("HOSTNAME") or str(os.getpid())
+    return 1 + zlib.crc32(identity.encode()) % 10_000
+
+
+async def _ensure_peering(name: str, namespace: str | None) -> None:
+    """kopf watches its peering object but never creates it; without one, replicas would not
+    see each other and would both act."""
+    from trimtab.kube.client import KubeClient
+
+    kube = KubeClient.from_environment()
+    try:
+        if namespace is None:
+            manifest = {
+                "apiVersion": "kopf.dev/v1",
+                "kind": "ClusterKopfPeering",
+                "metadata": {"name": name},
+            }
+        else:
+            manifest = {
+                "apiVersion": "kopf.dev/v1",
+                "kind": "KopfPeering",
+                "metadata": {"name": name, "namespace": namespace},
+            }
+        await kube.ensure(manifest)
+    finally:
+        await kube.close()
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -97,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--metrics-port", type=int, help="port for /metrics (0: off)")
     run.add_argument("--health-port", type=int, help="port for the kopf liveness probe (0: off)")
     run.add_argument("--peering", help="kopf peering name, for several replicas (one is active)")
+    run.add_argument(
+        "--priority", type=int, help="kopf peering priority (default: derived from POD_ID)"
+    )
     render = sub.add_parser("render", help="print the objects the operator would create")
     render.add_argument("-f", "--file", required=True, help="a ModelDeployment YAML file")
     render.add_argument("--json", action="store_true")

@@ -75,7 +75,7 @@ class AutoscalingSpec(StrictModel):
         "at once.",
     )
     scale_down_stabilization: Duration = Field(
-        default="120s",
+        default="300s",
         description="Scale down only to the highest recommendation seen in this window.",
     )
     max_scale_up_rate: float = Field(

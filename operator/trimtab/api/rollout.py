@@ -49,6 +49,12 @@ class StepPause(StrictModel):
         }
     )
 
+    @model_validator(mode="after")
+    def _not_both(self) -> StepPause:
+        if self.duration is not None and self.until_promoted:
+            raise ValueError("pause: set duration or untilPromoted, not both")
+        return self
+
 
 class RolloutStep(StrictModel):
     """One canary step: the candidate's share of traffic, then a pause."""

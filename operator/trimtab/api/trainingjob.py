@@ -384,7 +384,6 @@ class TrainingJobStatus(StatusModel):
     message: str | None = None
     observed_generation: int | None = None
     restarts: int = Field(default=0, description="Whole-job restarts so far.")
-    active_job: str | None = Field(default=None, description="The Job of the current attempt.")
     workers: int | None = None
     workers_ready: int | None = None
     start_time: str | None = Field(default=None, description="When workers first ran.")

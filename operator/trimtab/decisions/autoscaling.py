@@ -17,6 +17,10 @@ Action = Literal["up", "down", "hold"]
 # Scale-up may always add this many replicas in one loop, whatever maxScaleUpRate says, so a
 # deployment at one replica is not held to doubling (the HPA uses the same floor).
 MIN_SCALE_UP_STEP = 4
+# A backlog should be gone this long after the capacity asked for it is ready: short enough
+# that few requests arriving behind it miss the SLO, long enough not to buy replicas that
+# only ever drain a queue.
+DRAIN_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,9 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     starting = max(0, current - ready)
     per_replica = spec.target_concurrency * spec.target_utilization / 100.0
     slo_s = inp.slo.p99_latency_ms / 1000.0 if inp.slo else None
-    keep_for = max(secs.scale_down_stabilization, secs.scale_up_stabilization, secs.idle_window or 0)
+    keep_for = max(
+        secs.scale_down_stabilization, secs.scale_up_stabilization, secs.idle_window or 0
+    )
     history = _prune(inp.history, inp.now - keep_for - secs.interval)
     used: dict[str, float | None] = {
         **sig.as_dict(),
@@ -146,9 +152,7 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
             why += "; holding"
         desired = _bounded(target, spec, min(floor, current) if current else floor)
         desired = max(desired, floor)
-        return ReplicaDecision(
-            desired, _action(desired, current), why, None, history, used
-        )
+        return ReplicaDecision(desired, _action(desired, current), why, None, history, used)
 
     # --- demand ---------------------------------------------------------------------------
     queue = sig.queue_depth or 0.0
@@ -161,15 +165,18 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         # A rate over a window trails a step. A queue that grew since the last loop shows
         # the true arrival rate sooner: what the busy replicas finish plus the growth.
         previous = next((r for r in reversed(history) if r.queue_depth is not None), None)
+        growth = 0.0
         if previous is not None and previous.queue_depth is not None and inp.now > previous.time:
-            growth = (queue - previous.queue_depth) / (inp.now - previous.time)
+            growth = max(0.0, (queue - previous.queue_depth) / (inp.now - previous.time))
             if growth > 0 and queue > 0:
                 arrivals = max(arrivals, running / service + growth)
         used["estimatedArrivalRate"] = arrivals
         in_use = max(arrivals * service, running)
-        # The backlog must drain within one cold start, the time new capacity takes anyway;
-        # counting each waiting request as a slot would overshoot on every spike.
-        drain = queue * service / max(secs.cold_start, secs.interval, service)
+        # Replicas asked for now serve only after a cold start, and the queue keeps growing
+        # until then: plan to drain that backlog within DRAIN_SECONDS once they are ready.
+        backlog = queue + (growth * secs.cold_start if queue > 0 else 0.0)
+        drain = backlog * service / max(DRAIN_SECONDS, service)
+        used["projectedBacklog"] = backlog
         source = f"{arrivals:.2f} req/s x {service:.2f}s"
     else:
         in_use, drain = running, queue
@@ -206,9 +213,9 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
 
     # --- scale to zero ----------------------------------------------------------------------
     if secs.idle_window is not None and idle:
-        window = [r for r in history if r.time >= inp.now - secs.idle_window]
+        quiet = [r for r in history if r.time >= inp.now - secs.idle_window]
         covered = history[0].time <= inp.now - secs.idle_window + secs.interval
-        if covered and all(r.replicas == 0 for r in window):
+        if covered and all(r.replicas == 0 for r in quiet):
             floor = 0
             notes.append(f"idle for {spec.scale_to_zero.idle_window if spec.scale_to_zero else ''}")
     if current == 0 and not idle:
@@ -218,7 +225,9 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     if recommendation > current:
         target = recommendation
         if secs.scale_up_stabilization > 0:
-            window = [r.replicas for r in history if r.time >= inp.now - secs.scale_up_stabilization]
+            window = [
+                r.replicas for r in history if r.time >= inp.now - secs.scale_up_stabilization
+            ]
             target = max(current, min(window))
         limit = max(math.ceil(current * spec.max_scale_up_rate), current + MIN_SCALE_UP_STEP)
         if target > limit:
@@ -245,12 +254,12 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         if blockers and current <= spec.max_replicas and current >= floor:
             notes.append("no scale-down: " + ", ".join(blockers))
             return ReplicaDecision(current, "hold", "; ".join(notes), recommendation, history, used)
-        window = [
-            r.replicas for r in history if r.time >= inp.now - secs.scale_down_stabilization
-        ]
+        window = [r.replicas for r in history if r.time >= inp.now - secs.scale_down_stabilization]
         target = max(window)
         if target > recommendation:
-            notes.append(f"held at {target}, the highest recommendation in the stabilization window")
+            notes.append(
+                f"held at {target}, the highest recommendation in the stabilization window"
+            )
         step = max(1, math.floor(current * spec.max_scale_down_rate))
         if target < current - step:
             target = current - step

@@ -8,11 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from trimtab.api.common import Resources
+from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.quantity import format_bytes, format_cpu, parse_quantity
 from trimtab.api.rightsizing import (
     ContainerRecommendation,
@@ -231,15 +232,20 @@ def suggest_gpu_shape(
     container used (p95 utilization of what it has now, plus headroom).
 
     Worked examples (headroom 10%, sharing below 30% of one GPU):
-      - 7 GB peak, 20% of a whole H100 busy -> needs 7.7 GB and 1.5 of 7 slices: mig-1g.10gb
+      - 7 GB peak, 12% of a whole H100 busy -> needs 7.7 GB and 0.9 of 7 slices: mig-1g.10gb
+      - 7 GB peak, 20% busy -> 1.5 slices: mig-2g.20gb (the smallest with two slices)
       - 30 GB peak, 60% busy on an A100-80GB -> 33 GB and 4.6 slices: mig-7g.80gb is a whole GPU,
         so "1 x nvidia.com/gpu"
       - 120 GB peak on H100s -> 132 GB: 2 whole GPUs
       - 6 GB peak, 10% busy, GPU model unknown -> no MIG table: a time-sliced GPU would do
     """
     needed_memory = peak_memory * (1 + policy.headroom)
-    util = utilization_p95 if utilization_p95 is not None else 1.0
-    needed_slices = util * current_slices * (1 + policy.headroom)
+    # Without utilization samples (MIG devices have none) keep the compute it has now.
+    needed_slices = (
+        utilization_p95 * current_slices * (1 + policy.headroom)
+        if utilization_p95 is not None
+        else float(current_slices)
+    )
     low_use = (
         utilization_p95 is not None
         and needed_slices < policy.sharing_utilization_threshold * 7
@@ -322,6 +328,8 @@ class ContainerUsage:
     gpu_model: GpuModel | None = None
     # Series a recommendation needs but the metrics source did not have; named in the condition.
     missing_series: tuple[str, ...] = ()
+    # GPU series that were absent: CPU and memory are still recommended, the GPU shape is not.
+    missing_gpu_series: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -613,7 +621,7 @@ def recommend_resources(
         expected_samples=expected,
         confidence=confidence,
         oom_kills=len(ooms),
-        missing_series=usage.missing_series,
+        missing_series=usage.missing_series + usage.missing_gpu_series,
         policy=policy,
     )
 
@@ -621,7 +629,7 @@ def recommend_resources(
         return replace(
             base,
             state="MissingMetrics",
-            message="no data for " + ", ".join(usage.missing_series),
+            message="no data for " + ", ".join(base.missing_series),
         )
     if samples < needed:
         return replace(base, message=f"insufficient data ({samples} of {needed} samples)")
@@ -660,6 +668,8 @@ def recommend_resources(
         parts.append(f"after {len(ooms)} OOM kill(s)")
     if gpu_shape is not None:
         parts.append(f"GPU {gpu_shape.count} x {gpu_shape.resource_name}")
+    elif current.gpu and usage.missing_gpu_series:
+        parts.append("no GPU shape: no data for " + ", ".join(usage.missing_gpu_series))
     return replace(
         base,
         state="Recommended",
@@ -762,3 +772,17 @@ def effective_resources(
     if recommendations.applied.spec_resources_hash != resources_hash(spec):
         return spec
     return resources_with(spec, recommendations.applied.resources)
+
+
+def effective_spec(
+    spec: ModelDeploymentSpec, status: Mapping[str, Any] | None
+) -> ModelDeploymentSpec:
+    """The spec pods run with: `spec` with `effective_resources` in place of spec.resources.
+    Reconcile and status must both take the revision from this, so an applied recommendation
+    is a new revision that goes through the normal rollout."""
+    raw = (status or {}).get("recommendations")
+    recs = RecommendationsStatus.model_validate(raw) if raw else None
+    resources = effective_resources(spec.resources, spec.rightsizing.mode, recs)
+    if resources == spec.resources:
+        return spec
+    return spec.model_copy(update={"resources": resources})

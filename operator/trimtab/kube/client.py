@@ -228,6 +228,16 @@ class KubeClient:
         """Set replicas through the scale subresource, as `kubectl scale` does."""
         return await self.patch(res, namespace, name, {"spec": {"replicas": replicas}}, "scale")
 
+    async def ensure(self, manifest: Json) -> bool:
+        """Create unless it exists; True when this call created it."""
+        try:
+            await self.create(manifest)
+        except KubeError as err:
+            if err.conflict:
+                return False
+            raise
+        return True
+
     async def create(self, manifest: Json) -> Json:
         res = for_manifest(manifest)
         _check(res, "create")

@@ -99,6 +99,24 @@ PODGROUPS = Resource(
     verbs=_verbs("get", "list", "watch", "create", "patch", "delete"),
 )
 
+# kopf's peering objects: trimtab creates the one its replicas share (kopf only lists, watches
+# and patches it), so that two replicas never both act.
+CLUSTERKOPFPEERINGS = Resource(
+    "kopf.dev",
+    "v1",
+    "clusterkopfpeerings",
+    "ClusterKopfPeering",
+    namespaced=False,
+    verbs=_verbs("create"),
+)
+KOPFPEERINGS = Resource(
+    "kopf.dev",
+    "v1",
+    "kopfpeerings",
+    "KopfPeering",
+    verbs=_verbs("create"),
+)
+
 REGISTRY: tuple[Resource, ...] = (
     MODELDEPLOYMENTS,
     TRAININGJOBS,
@@ -109,6 +127,8 @@ REGISTRY: tuple[Resource, ...] = (
     HTTPROUTES,
     VIRTUALSERVICES,
     PODGROUPS,
+    CLUSTERKOPFPEERINGS,
+    KOPFPEERINGS,
 )
 
 
@@ -121,10 +141,17 @@ def for_manifest(manifest: dict[str, object]) -> Resource:
     raise LookupError(f"trimtab does not manage {kind} ({api_version})")
 
 
+# Granted only when peering is on, beside what kopf needs on the same objects.
+PEERING = (CLUSTERKOPFPEERINGS, KOPFPEERINGS)
+
+
 def rbac_rules() -> list[dict[str, list[str]]]:
-    """The ClusterRole rules these resources need, one rule per resource (subresources apart)."""
+    """The ClusterRole rules these resources need, one rule per resource (subresources apart);
+    the peering objects are left to the chart's peering rules."""
     rules: list[dict[str, list[str]]] = []
     for res in REGISTRY:
+        if res in PEERING:
+            continue
         rules.append(
             {"apiGroups": [res.group], "resources": [res.plural], "verbs": sorted(res.verbs)}
         )

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from trimtab.decisions import autoscaling as decide
+
 # The signals trimtab scales on, spelled as in `spec.metrics.queries` (camelCase keys).
 SignalName = Literal[
     "arrivalRate", "queueDepth", "running", "serviceTime", "p99Latency", "errorRate"
@@ -138,6 +140,27 @@ class Signals:
 
     def to_status(self) -> dict[str, dict[str, Any]]:
         return {n: r.to_status() for n, r in self.by_name().items()}
+
+    def error_text(self) -> str:
+        """The unavailable signals' errors in one line, each distinct text once."""
+        by_text: dict[str, list[str]] = {}
+        for name, message in self.errors().items():
+            by_text.setdefault(message, []).append(name)
+        return "; ".join(f"{', '.join(names)}: {text}" for text, names in by_text.items())
+
+    def to_decision(self) -> decide.Signals:
+        """The plain numbers `decide_replicas` takes; any unavailable signal marks the source
+        unavailable, so the decision never scales down on a partial picture."""
+        return decide.Signals(
+            queue_depth=self.queue_depth.value,
+            running=self.running.value,
+            arrival_rate=self.arrival_rate.value,
+            service_time=self.service_time.value,
+            p99_latency=self.p99_latency.value,
+            error_rate=self.error_rate.value,
+            source_unavailable=not self.available,
+            error=self.error_text(),
+        )
 
 
 @runtime_checkable

@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from trimtab.api.autoscaling import MetricQueries
 from trimtab.metrics.base import SIGNAL_NAMES, SignalName
 
 SignalQueries = dict[SignalName, "str | None"]
@@ -307,6 +308,14 @@ def render_override(template: str, t: QueryTarget) -> str:
         return values.get(match.group(1), match.group(0))
 
     return _PLACEHOLDER.sub(fill, template)
+
+
+def overrides_from_spec(queries: MetricQueries | None) -> dict[str, str]:
+    """`spec.metrics.queries` as {signal name: PromQL}, unset signals left out."""
+    if queries is None:
+        return {}
+    wire: dict[str, str] = queries.model_dump(by_alias=True, exclude_none=True)
+    return wire
 
 
 def build_queries(

@@ -1,2 +1,2 @@
-"""How traffic is split between a stable and a candidate revision: a TrafficRouter protocol
-and one router per mesh (Gateway API, Istio) or none (replica ratio)."""
+"""How traffic is split between a ModelDeployment's stable and candidate revisions: the
+TrafficRouter protocol, one router per mesh, and the registry keyed by router type."""

@@ -1,2 +1,2 @@
-"""A discrete-event simulator of model servers under a request trace, and the baseline
-autoscalers trimtab is measured against."""
+"""The autoscaling simulator: model servers under a request trace, the baselines trimtab is
+measured against, and the `trimtab simulate` / `trimtab demo` commands (simulate/cli.py)."""

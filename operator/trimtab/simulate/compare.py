@@ -20,6 +20,7 @@ from trimtab.simulate.engine import (
     draw_service_times,
 )
 from trimtab.simulate.policies import (
+    CpuModel,
     HpaCpuPolicy,
     KedaQueuePolicy,
     KnativeKpaPolicy,
@@ -29,7 +30,9 @@ from trimtab.simulate.policies import (
 )
 from trimtab.simulate.traces import Trace
 
+# What `trimtab simulate` compares. The benchmark adds the HPA with the engine-busy CPU model.
 POLICIES = ("trimtab", "hpa_cpu", "keda_queue", "knative_kpa", "oracle")
+ALL_POLICIES = (*POLICIES, "hpa_cpu_engine_busy")
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,9 @@ class Scenario:
             autoscaling=autoscaling,
             server=server,
             metrics=MetricsPath(scrape_interval=scrape_interval, latency=spec.slo.latency),
-            initial_replicas=max(autoscaling.min_replicas, min(spec.replicas, autoscaling.max_replicas)),
+            initial_replicas=max(
+                autoscaling.min_replicas, min(spec.replicas, autoscaling.max_replicas)
+            ),
         )
 
     def policy(self, name: str, trace: Trace, seed: int) -> Policy:
@@ -76,19 +81,26 @@ class Scenario:
         if name == "trimtab":
             return TrimtabPolicy(a, self.slo)
         if name == "hpa_cpu":
-            return HpaCpuPolicy(a.min_replicas, a.max_replicas)
+            return HpaCpuPolicy(a.min_replicas, a.max_replicas, cpu=CpuModel(busy="slots"))
+        if name == "hpa_cpu_engine_busy":
+            return HpaCpuPolicy(a.min_replicas, a.max_replicas, cpu=CpuModel(busy="engine"))
         if name == "keda_queue":
             return KedaQueuePolicy(a.min_replicas, a.max_replicas)
         if name == "knative_kpa":
             return KnativeKpaPolicy(
-                a.min_replicas, a.max_replicas, KpaConfig(container_concurrency=a.target_concurrency)
+                a.min_replicas,
+                a.max_replicas,
+                KpaConfig(container_concurrency=a.target_concurrency),
             )
         if name == "oracle":
             return OraclePolicy(
-                trace, self.server, a.min_replicas, a.max_replicas,
+                trace,
+                self.server,
+                a.min_replicas,
+                a.max_replicas,
                 draw_service_times(trace, self.server, seed),
             )
-        raise ValueError(f"unknown policy {name!r}; have {', '.join(POLICIES)}")
+        raise ValueError(f"unknown policy {name!r}; have {', '.join(ALL_POLICIES)}")
 
     def run(self, name: str, trace: Trace, seed: int) -> RunResult:
         return Simulation(
@@ -111,13 +123,15 @@ class Score:
     p99_latency_s: float  # over the whole run
     requests: int
 
-    def to_json(self) -> dict[str, float | int]:
+    def to_json(self) -> dict[str, float | int | None]:
         return {
             "slo_violation_seconds": self.slo_violation_seconds,
             "requests_over_slo": round(self.requests_over_slo, 6),
             "replica_seconds": round(self.replica_seconds, 1),
             "scale_actions": self.scale_actions,
-            "p99_latency_s": round(self.p99_latency_s, 3) if math.isfinite(self.p99_latency_s) else None,
+            "p99_latency_s": round(self.p99_latency_s, 3)
+            if math.isfinite(self.p99_latency_s)
+            else None,
             "requests": self.requests,
         }
 

@@ -66,7 +66,19 @@ class MetricsPath:
 
 
 class Replica:
-    __slots__ = ("id", "state", "busy", "created", "busy_seconds", "busy_since")
+    """One replica's state and its two busy counters: seconds with at least one request in
+    flight (engine busy), and slot-seconds (the integral of requests in flight)."""
+
+    __slots__ = (
+        "id",
+        "state",
+        "busy",
+        "created",
+        "busy_seconds",
+        "busy_since",
+        "slot_seconds",
+        "slot_mark",
+    )
 
     def __init__(self, rid: int, state: str, created: float) -> None:
         self.id = rid
@@ -75,9 +87,24 @@ class Replica:
         self.created = created
         self.busy_seconds = 0.0
         self.busy_since = 0.0
+        self.slot_seconds = 0.0
+        self.slot_mark = created
 
     def busy_until(self, now: float) -> float:
         return self.busy_seconds + (now - self.busy_since if self.busy else 0.0)
+
+    def slots_until(self, now: float) -> float:
+        return self.slot_seconds + self.busy * (now - self.slot_mark)
+
+    def set_busy(self, now: float, busy: int) -> None:
+        """Change the requests in flight, keeping both counters exact."""
+        self.slot_seconds += self.busy * (now - self.slot_mark)
+        self.slot_mark = now
+        if self.busy == 0 and busy > 0:
+            self.busy_since = now
+        elif self.busy > 0 and busy == 0:
+            self.busy_seconds += now - self.busy_since
+        self.busy = busy
 
 
 @dataclass(frozen=True)
@@ -224,9 +251,7 @@ class Simulation:
             return
         surplus = len(current) - wanted
         # Newest starting replicas first, then idle ready ones, then the least busy.
-        order = sorted(
-            current, key=lambda r: (r.state != "starting", r.busy, -r.created)
-        )
+        order = sorted(current, key=lambda r: (r.state != "starting", r.busy, -r.created))
         for replica in order[:surplus]:
             if replica.state == "starting" or replica.busy == 0:
                 self._remove(now, replica)
@@ -236,9 +261,7 @@ class Simulation:
     def _start(
         self, now: float, replica: Replica, arrival: float, service: float, prefill: float
     ) -> None:
-        if replica.busy == 0:
-            replica.busy_since = now
-        replica.busy += 1
+        replica.set_busy(now, replica.busy + 1)
         self._running += 1
         measured = service if self._e2e else prefill
         self._push(now + service, _FINISH, replica.id, arrival, service, now - arrival + measured)
@@ -247,8 +270,10 @@ class Simulation:
         while self._queue:
             best: Replica | None = None
             for r in self._replicas.values():
-                if r.state == "ready" and r.busy < self.server.max_concurrency and (
-                    best is None or r.busy < best.busy
+                if (
+                    r.state == "ready"
+                    and r.busy < self.server.max_concurrency
+                    and (best is None or r.busy < best.busy)
                 ):
                     best = r
             if best is None:
@@ -256,14 +281,10 @@ class Simulation:
             arrival, service, prefill = self._queue.popleft()
             self._start(now, best, arrival, service, prefill)
 
-    def _finish(
-        self, now: float, rid: int, arrival: float, service: float, latency: float
-    ) -> None:
+    def _finish(self, now: float, rid: int, arrival: float, service: float, latency: float) -> None:
         replica = self._replicas[rid]
-        replica.busy -= 1
+        replica.set_busy(now, replica.busy - 1)
         self._running -= 1
-        if replica.busy == 0:
-            replica.busy_seconds += now - replica.busy_since
         self._completed += 1
         self._service_sum += service
         self._latencies.append((arrival, latency))
@@ -293,6 +314,11 @@ class Simulation:
                 busy={
                     r.id: r.busy_until(now) for r in self._replicas.values() if r.state == "ready"
                 },
+                slot_busy={
+                    r.id: r.slots_until(now) / self.server.max_concurrency
+                    for r in self._replicas.values()
+                    if r.state == "ready"
+                },
             )
         )
 
@@ -306,7 +332,10 @@ class Simulation:
             server.service_time(r.prompt_tokens, r.output_tokens) * j
             for r, j in zip(requests, jitter, strict=True)
         ]
-        prefills = [r.prompt_tokens / server.prefill_tokens_per_s * j for r, j in zip(requests, jitter, strict=True)]
+        prefills = [
+            r.prompt_tokens / server.prefill_tokens_per_s * j
+            for r, j in zip(requests, jitter, strict=True)
+        ]
         self._e2e = self.metrics.latency == "e2e"
         self.horizon = self.trace.duration + self.tail
         for _ in range(self.initial_replicas):
@@ -368,9 +397,12 @@ class Simulation:
         unfinished = n - len(latencies)
         if unfinished > 0:
             finished = {round(a, 9) for a, _ in latencies}
-            latencies = latencies + [
-                (r.arrival, math.inf) for r in requests if round(r.arrival, 9) not in finished
-            ][:unfinished]
+            latencies = (
+                latencies
+                + [(r.arrival, math.inf) for r in requests if round(r.arrival, 9) not in finished][
+                    :unfinished
+                ]
+            )
         return RunResult(
             policy=self.policy.name,
             trace=self.trace.name,

@@ -1,23 +1,63 @@
 """What Prometheus would show a policy: samples scraped every scrape interval from the
 simulated servers, and the few PromQL functions autoscalers use (rate, histogram_quantile, gauges).
 
-A policy never sees the simulator's exact state through this path, only scraped, windowed numbers."""
+A policy never sees the simulator's exact state this way, only scraped, windowed numbers."""
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Literal
 
 # vLLM's buckets for vllm:e2e_request_latency_seconds.
 VLLM_LATENCY_BUCKETS: tuple[float, ...] = (
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
 )
 
 # vLLM's buckets for vllm:time_to_first_token_seconds.
 VLLM_TTFT_BUCKETS: tuple[float, ...] = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
 )
 
 
@@ -33,6 +73,10 @@ class Sample:
     waiting: float  # gauge: requests queued
     running: float  # gauge: requests in service
     busy: dict[int, float]  # counter per ready replica: seconds its engine was busy
+    # Counter per ready replica: slot-seconds in use over its slots (requests in flight
+    # integrated over time, divided by max concurrency), so one busy second of a full
+    # replica adds 1.
+    slot_busy: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,16 +132,20 @@ class PrometheusView:
         counts = [b - a for a, b in zip(got[0].buckets, got[-1].buckets, strict=True)]
         return histogram_quantile(q, self.buckets, counts)
 
-    def cpu_utilization(self, now: float) -> tuple[float, int] | None:
-        """Average busy share of the replicas in the last two samples (metrics-server's view:
-        one resolution window), and how many replicas it averaged."""
+    def busy_share(
+        self, now: float, counter: Literal["busy", "slot_busy"] = "busy"
+    ) -> tuple[float, int] | None:
+        """Average share of the last resolution window (the last two samples, as
+        metrics-server sees a pod) that the ready replicas were busy, by one of the two busy
+        counters, and how many replicas it averaged."""
         hi = bisect.bisect_right(self._times, now)
         if hi < 2:
             return None
         a, b = self.samples[hi - 2], self.samples[hi - 1]
         span = b.time - a.time
+        before, after = getattr(a, counter), getattr(b, counter)
         shares = [
-            min(1.0, (b.busy[i] - a.busy[i]) / span) for i in b.busy if i in a.busy and span > 0
+            min(1.0, (after[i] - before[i]) / span) for i in after if i in before and span > 0
         ]
         if not shares:
             return None

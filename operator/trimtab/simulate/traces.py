@@ -1,7 +1,7 @@
 """Request traces for the simulator: the Azure LLM inference trace CSV (TIMESTAMP,
 ContextTokens, GeneratedTokens), time-scaling, and seeded synthetic step and burst traces.
 
-Synthetic traces draw their token counts from the bundled Azure trace, so only arrivals are made up."""
+Synthetic traces draw token counts from the bundled Azure trace; only arrivals are made up."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ class Trace:
         """The same requests arriving `factor` times faster (factor 4: an hour in 15 minutes)."""
         if factor <= 0:
             raise ValueError("time scale must be positive")
-        scaled = tuple(Request(r.arrival / factor, r.prompt_tokens, r.output_tokens) for r in self.requests)
+        scaled = tuple(
+            Request(r.arrival / factor, r.prompt_tokens, r.output_tokens) for r in self.requests
+        )
         return Trace(f"{self.name} x{factor:g}", scaled)
 
 
@@ -83,9 +85,7 @@ def bundled_trace() -> Trace:
     return parse_azure_csv(text.splitlines(), BUNDLED_TRACE)
 
 
-def _poisson_arrivals(
-    rng: random.Random, segments: Sequence[tuple[float, float]]
-) -> list[float]:
+def _poisson_arrivals(rng: random.Random, segments: Sequence[tuple[float, float]]) -> list[float]:
     """Arrival times of a piecewise-constant Poisson process; segments are (length s, rate/s)."""
     times: list[float] = []
     start = 0.0

@@ -1,0 +1,130 @@
+"""TrainingJob on a real API server: the CRD accepts the examples and rejects bad specs with the
+field named; the operator creates the Indexed Job and the headless Service with owner
+references and the torchrun environment, and follows the Job's suspend flag (Kueue's admission)
+in status. Pods never need to run: a control plane without GPU nodes is enough."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import trimtab.handlers.trainingjob  # noqa: F401  # registers the TrainingJob handlers with kopf
+from e2e.conftest import server_side_apply, wait_until
+from trimtab import constants as C
+from trimtab.kube.client import KubeClient, KubeError
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = yaml.safe_load((ROOT / "examples" / "trainingjob.yaml").read_text())
+
+
+def tj_path(ns: str, name: str = "") -> str:
+    base = f"/apis/{C.GROUP}/{C.VERSION}/namespaces/{ns}/{C.TRAININGJOB_PLURAL}"
+    return f"{base}/{name}" if name else base
+
+
+def example(ns: str, **spec: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = copy.deepcopy(EXAMPLE)
+    doc["metadata"]["namespace"] = ns
+    doc["spec"].update(spec)
+    return doc
+
+
+async def _get(kube: KubeClient, path: str) -> dict[str, Any] | None:
+    try:
+        return await kube.request("GET", path)
+    except KubeError as err:
+        if err.not_found:
+            return None
+        raise
+
+
+async def test_example_runs_as_indexed_job_with_service_and_status(
+    operator: KubeClient, namespace: str
+) -> None:
+    kube = operator
+    doc = example(namespace)
+    name = doc["metadata"]["name"]
+    created = await kube.request("POST", tj_path(namespace), body=doc)
+    uid = created["metadata"]["uid"]
+
+    jobs = f"/apis/batch/v1/namespaces/{namespace}/jobs"
+    job = await wait_until(lambda: _get(kube, f"{jobs}/{name}-r0"))
+    assert job["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    assert job["spec"]["backoffLimit"] == 0
+    pod = job["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["MASTER_ADDR"]["value"] == f"{name}-r0-0.{name}"
+    assert env["WORLD_SIZE"]["value"] == "16"
+    assert pod["subdomain"] == name
+
+    service = await kube.request("GET", f"/api/v1/namespaces/{namespace}/services/{name}")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["metadata"]["ownerReferences"][0]["uid"] == uid
+
+    async def phase(want: str) -> dict[str, Any] | None:
+        body = await kube.request("GET", tj_path(namespace, name))
+        status = body.get("status") or {}
+        return status if status.get("phase") == want else None
+
+    # Kueue (if installed) has not admitted it: no LocalQueue team-a exists in this namespace.
+    status = await wait_until(lambda: phase("Queued"))
+    assert {c["type"] for c in status["conditions"]} >= {"Queued"}
+
+    # Play Kueue's admission where Kueue is not installed (it would suspend the Job again):
+    # the Job is unsuspended; no node runs the pods, so the job is Starting.
+    if job["spec"].get("suspend") and not await _get(kube, "/apis/kueue.x-k8s.io"):
+        await kube.request(
+            "PATCH",
+            f"{jobs}/{name}-r0",
+            body={"spec": {"suspend": False}},
+            content_type="application/merge-patch+json",
+        )
+        status = await wait_until(lambda: phase("Starting"))
+        assert status["workersReady"] == 0
+        assert status["startTime"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        pytest.param({"workers": 0}, "spec.workers", id="zero-workers"),
+        pytest.param({"failurePolicy": {"maxRestarts": -1}}, "maxRestarts",
+                     id="unlimited-restarts-without-deadline"),
+        pytest.param({"checkpoint": {"directory": "/elsewhere"}}, "checkpoint.directory",
+                     id="checkpoint-not-on-a-volume"),
+        pytest.param({"gpuResourceName": ""}, "gpuResourceName", id="empty-gpu-resource"),
+    ],
+)
+async def test_crd_rejects_bad_specs_naming_the_field(
+    crds: list[str], kube: KubeClient, namespace: str, spec: dict[str, Any], field: str
+) -> None:
+    doc = example(namespace, **spec)
+    if "failurePolicy" in spec:
+        # Unlimited restarts are refused only without a deadline.
+        del doc["spec"]["activeDeadlineSeconds"]
+    with pytest.raises(KubeError) as err:
+        await server_side_apply(
+            kube, tj_path(namespace, doc["metadata"]["name"]), doc, dry_run=True
+        )
+    assert err.value.status == 422
+    assert field in err.value.message
+
+
+async def test_every_example_is_accepted(
+    crds: list[str], kube: KubeClient, namespace: str
+) -> None:
+    for path in sorted((ROOT / "examples").glob("trainingjob*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc:
+                continue
+            doc["metadata"]["namespace"] = namespace
+            await server_side_apply(
+                kube, tj_path(namespace, doc["metadata"]["name"]), doc, dry_run=True
+            )

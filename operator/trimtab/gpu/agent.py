@@ -1,0 +1,284 @@
+"""`trimtab gpu-agent`: a node agent that reads per-process GPU memory and utilization from NVML
+and serves them per namespace/pod/container on /metrics for right-sizing.
+
+Runs as a DaemonSet with hostPID (to read /proc/<pid>/cgroup of GPU processes). Without a GPU or
+driver it logs why once and serves an empty /metrics: it never exits into a crash loop."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pynvml
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from trimtab.gpu.cgroup import container_of
+from trimtab.gpu.pods import PodDirectory, kubernetes_pod_lister
+
+log = logging.getLogger("trimtab.gpu.agent")
+
+LABELS = (
+    "namespace", "pod", "container", "gpu", "gpu_model", "mig_profile", "pod_uid", "container_id"
+)
+# Retry NVML initialisation this often when it failed (a driver can be installed after boot).
+INIT_RETRY_S = 300.0
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """One process on one GPU (or MIG device)."""
+
+    pid: int
+    gpu: str  # "0" for a whole GPU, "0/mig1" for MIG device 1 of GPU 0
+    gpu_model: str  # NVML's device name of the parent GPU
+    mig_profile: str  # "3g.40gb", or "" for a whole GPU
+    memory_bytes: int
+    utilization: float | None  # 0..1 of the (MIG) device over the last interval; None: unknown
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _mig_profile(name: str) -> str:
+    """ "NVIDIA A100-SXM4-80GB MIG 3g.40gb" -> "3g.40gb"."""
+    marker = " MIG "
+    return name.split(marker, 1)[1].strip() if marker in name else ""
+
+
+class NvmlReader:
+    """Reads GPU processes through pynvml. Keeps, per device, the timestamp of the last
+    utilization sample it saw so each read covers the interval since the previous one."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.reason = ""
+        self._last_init_try = -1e18
+        self._last_seen: dict[str, int] = {}
+
+    def ensure_init(self) -> bool:
+        if self.ready:
+            return True
+        now = time.monotonic()
+        if now - self._last_init_try < INIT_RETRY_S:
+            return False
+        self._last_init_try = now
+        try:
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError as err:
+            self.reason = f"NVML unavailable ({err}): no NVIDIA driver or GPU on this node"
+            log.warning("%s; serving empty /metrics, retrying every %ds", self.reason, INIT_RETRY_S)
+            return False
+        if count == 0:
+            self.reason = "NVML found no GPU on this node"
+            log.warning("%s; serving empty /metrics", self.reason)
+            pynvml.nvmlShutdown()
+            return False
+        self.ready = True
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        log.info("NVML ready: %d GPU(s), driver %s", count, driver)
+        return True
+
+    def shutdown(self) -> None:
+        if self.ready:
+            pynvml.nvmlShutdown()
+            self.ready = False
+
+    def _devices(self) -> Iterator[tuple[str, Any, str, str]]:
+        """(gpu label, handle, parent model, MIG profile) for each GPU, or for each MIG device of
+        a GPU in MIG mode (processes and memory live on the MIG devices then)."""
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            model = _text(pynvml.nvmlDeviceGetName(handle))
+            try:
+                current, _pending = pynvml.nvmlDeviceGetMigMode(handle)
+            except pynvml.NVMLError:
+                current = pynvml.NVML_DEVICE_MIG_DISABLE  # GPUs without MIG answer NOT_SUPPORTED
+            if current != pynvml.NVML_DEVICE_MIG_ENABLE:
+                yield str(i), handle, model, ""
+                continue
+            for m in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+                try:
+                    mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, m)
+                except pynvml.NVMLError:
+                    continue  # an empty slot
+                profile = _mig_profile(_text(pynvml.nvmlDeviceGetName(mig)))
+                yield f"{i}/mig{m}", mig, model, profile
+
+    def _utilization(self, label: str, handle: Any) -> dict[int, float] | None:
+        """Mean SM utilization per PID since the last read; None where NVML has none (MIG)."""
+        since = self._last_seen.get(label, 0)
+        try:
+            samples = pynvml.nvmlDeviceGetProcessUtilization(handle, since)
+        except pynvml.NVMLError as err:
+            if getattr(err, "value", None) == pynvml.NVML_ERROR_NOT_FOUND:
+                return {}  # no process ran a kernel since `since`
+            return None
+        sums: dict[int, list[float]] = {}
+        for s in samples:
+            sums.setdefault(int(s.pid), []).append(float(s.smUtil))
+            self._last_seen[label] = max(self._last_seen.get(label, 0), int(s.timeStamp))
+        return {pid: min(1.0, sum(v) / len(v) / 100.0) for pid, v in sums.items()}
+
+    def read(self) -> list[GpuProcess]:
+        if not self.ensure_init():
+            return []
+        out: list[GpuProcess] = []
+        for label, handle, model, profile in self._devices():
+            try:
+                procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except pynvml.NVMLError as err:
+                log.debug("GPU %s: cannot list processes: %s", label, err)
+                continue
+            util = self._utilization(label, handle)
+            for p in procs:
+                used = p.usedGpuMemory
+                out.append(
+                    GpuProcess(
+                        pid=int(p.pid),
+                        gpu=label,
+                        gpu_model=model,
+                        mig_profile=profile,
+                        # NVML reports "not available" (None) without per-process accounting.
+                        memory_bytes=int(used) if isinstance(used, int) else 0,
+                        utilization=None if util is None else util.get(int(p.pid), 0.0),
+                    )
+                )
+        return out
+
+
+class GpuUsageCollector(Collector):
+    """A prometheus_client collector: each scrape reads NVML, maps PIDs to containers and sums
+    per (container, GPU)."""
+
+    def __init__(
+        self,
+        reader: NvmlReader,
+        pods: PodDirectory | None,
+        proc_root: Path = Path("/proc"),
+    ) -> None:
+        self.reader = reader
+        self.pods = pods
+        self.proc_root = proc_root
+        self._lock = threading.Lock()
+
+    def per_container(self) -> dict[tuple[str, ...], tuple[int, float | None]]:
+        """Label values -> (memory bytes, utilization), summed over a container's processes.
+        Processes outside Kubernetes containers are left out."""
+        with self._lock:
+            processes = self.reader.read()
+        totals: dict[tuple[str, ...], tuple[int, float | None]] = {}
+        for proc in processes:
+            ref = container_of(proc.pid, self.proc_root)
+            if ref is None:
+                continue
+            name = self.pods.lookup(ref.pod_uid, ref.container_id) if self.pods else None
+            key = (
+                name.namespace if name else "",
+                name.pod if name else "",
+                name.container if name else "",
+                proc.gpu,
+                proc.gpu_model,
+                proc.mig_profile,
+                ref.pod_uid,
+                ref.container_id,
+            )
+            memory, util = totals.get(key, (0, None))
+            if proc.utilization is not None:
+                util = min(1.0, (util or 0.0) + proc.utilization)
+            totals[key] = (memory + proc.memory_bytes, util)
+        return totals
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        memory = GaugeMetricFamily(
+            "trimtab_gpu_memory_used_bytes",
+            "GPU memory used by a container's processes on one GPU or MIG device.",
+            labels=LABELS,
+        )
+        util = GaugeMetricFamily(
+            "trimtab_gpu_utilization_ratio",
+            "SM utilization (0..1) of one GPU by a container's processes, mean since the last "
+            "scrape; absent on MIG devices, where NVML has no per-process samples.",
+            labels=LABELS,
+        )
+        up = GaugeMetricFamily(
+            "trimtab_gpu_agent_nvml_up", "1 when NVML is initialised and GPUs are visible."
+        )
+        for key, (mem, ratio) in sorted(self.per_container().items()):
+            memory.add_metric(list(key), float(mem))
+            if ratio is not None:
+                util.add_metric(list(key), ratio)
+        up.add_metric([], 1.0 if self.reader.ready else 0.0)
+        yield memory
+        yield util
+        yield up
+
+
+def build_registry(collector: GpuUsageCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def serve(collector: GpuUsageCollector, address: str, port: int) -> tuple[Any, threading.Thread]:
+    """Serve /metrics; returns (server, thread). Port 0 picks a free port (server.server_port)."""
+    server, thread = start_http_server(port, addr=address, registry=build_registry(collector))
+    return server, thread
+
+
+def gpu_agent_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `trimtab gpu-agent`. Runs until SIGTERM or SIGINT; returns 0."""
+    parser = argparse.ArgumentParser(prog="trimtab gpu-agent", description=__doc__)
+    parser.add_argument("--address", default="0.0.0.0", help="listen address")
+    parser.add_argument("--port", type=int, default=9835, help="listen port for /metrics")
+    parser.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME", ""),
+        help="this node (downward API spec.nodeName); pods are listed for it",
+    )
+    parser.add_argument(
+        "--no-kube",
+        action="store_true",
+        help="do not list pods: export pod_uid and container_id with empty names",
+    )
+    parser.add_argument("--proc-root", type=Path, default=Path("/proc"), help="the host's /proc")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    pods: PodDirectory | None = None
+    if not args.no_kube:
+        if not args.node_name:
+            log.warning("no --node-name or NODE_NAME: exporting pod UIDs and container IDs only")
+        else:
+            try:
+                pods = PodDirectory(kubernetes_pod_lister(args.node_name))
+            except Exception as err:  # no config at all: still export UIDs and IDs
+                log.warning("no Kubernetes API access (%s): exporting pod UIDs only", err)
+    reader = NvmlReader()
+    reader.ensure_init()
+    collector = GpuUsageCollector(reader, pods, args.proc_root)
+    server, _ = serve(collector, args.address, args.port)
+    log.info("serving /metrics on %s:%d", args.address, server.server_port)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(3600):
+        pass
+    server.shutdown()
+    reader.shutdown()
+    return 0

@@ -1,0 +1,411 @@
+"""kopf handlers for TrainingJob: one daemon per TrainingJob runs the phase machine in
+decisions/training.py and does what it says; changes to the spec and to its Jobs wake it.
+
+Status is written before acting, so an operator restart never loses a restart count; every
+create and delete touches only objects this TrainingJob owns (by ownerReference uid)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kopf
+from pydantic import ValidationError
+
+from trimtab import constants as C
+from trimtab.api.trainingjob import Diagnosis, TrainingJobSpec, TrainingJobStatus
+from trimtab.builders.common import Manifest, Owner
+from trimtab.builders.training import (
+    COMPONENT,
+    LABEL_RESTART,
+    build_job,
+    build_podgroup,
+    build_service,
+    job_name,
+)
+from trimtab.decisions.conditions import set_condition
+from trimtab.decisions.training import (
+    JobObservation,
+    TrainingDecision,
+    TrainingInputs,
+    decide_training,
+    diagnose,
+    find_spec_problems,
+    first_worker_failure,
+    format_time,
+    parse_time,
+)
+from trimtab.kube.client import KubeClient, KubeError
+from trimtab.kube.resources import JOBS, PODGROUPS, PODS, SERVICES, TRAININGJOBS, Resource
+from trimtab.metrics.base import MetricsProvider
+from trimtab.metrics.factory import ProviderConfig, create_provider
+from trimtab.observability import RECONCILE_SECONDS, RECONCILES
+
+KIND = C.TRAININGJOB_KIND
+# The Jobs trimtab runs workers in; only these wake a TrainingJob.
+WORKER_JOB_LABELS: dict[str, Any] = {
+    C.LABEL_MANAGED_BY: C.MANAGED_BY,
+    C.LABEL_OWNER: kopf.PRESENT,
+    C.LABEL_COMPONENT: COMPONENT,
+}
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+# After an API error, try again this soon; never loop faster than MIN_SLEEP.
+RETRY_SECONDS = 10.0
+MIN_SLEEP_SECONDS = 0.2
+# GPU diagnosis: the window it averages over, and how often it is refreshed.
+DIAGNOSIS_WINDOW_SECONDS = 600
+
+Key = tuple[str, str]
+Log = logging.Logger | logging.LoggerAdapter[Any]
+# The status keys this module owns; a key it no longer sets is removed (merge patch null).
+OWNED_STATUS_KEYS = frozenset(
+    (f.alias or name) for name, f in TrainingJobStatus.model_fields.items()
+)
+
+
+def now_utc() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+def owner_of(body: Mapping[str, Any]) -> Owner:
+    meta = body["metadata"]
+    return Owner(C.API_VERSION, KIND, meta["name"], meta["namespace"], meta["uid"])
+
+
+def owned_by(obj: Mapping[str, Any], owner: Owner) -> bool:
+    """True only for an object whose ownerReferences name this very TrainingJob (by uid), so a
+    same-named object of another tenant, or a PVC, is never touched."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == owner.uid and r.get("kind") == KIND for r in refs)
+
+
+def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch that makes the owned keys of `current` equal `desired`: changed keys
+    replaced, keys no longer set removed (null), nested objects replaced key by key."""
+    patch: dict[str, Any] = {}
+    for key in OWNED_STATUS_KEYS | set(desired):
+        have, want = current.get(key), desired.get(key)
+        if key not in desired:
+            if key in current:
+                patch[key] = None
+        elif isinstance(want, dict) and isinstance(have, dict):
+            sub = {k: None for k in have if k not in want}
+            sub.update({k: v for k, v in want.items() if have.get(k) != v})
+            if sub:
+                patch[key] = sub
+        elif have != want:
+            patch[key] = want
+    return patch
+
+
+# --- wake-ups ---------------------------------------------------------------------------------
+
+
+@kopf.on.startup()
+async def init_training(memo: Any, **_: Any) -> None:
+    # Per-resource memos are shallow copies of this one: the dict is shared by all of them.
+    if getattr(memo, "training_wakeups", None) is None:
+        memo.training_wakeups = {}
+    settings = getattr(memo, "settings", None)
+    if getattr(memo, "metrics", None) is None and settings is not None:
+        # The diagnosis reads GPU metrics from the operator's Prometheus.
+        memo.metrics = create_provider("prometheus", ProviderConfig(url=settings.prometheus_url))
+        memo.training_owns_metrics = True
+
+
+@kopf.on.cleanup()
+async def close_training(memo: Any, **_: Any) -> None:
+    if getattr(memo, "training_owns_metrics", False):
+        await memo.metrics.close()
+
+
+def _wakeup(memo: Any, key: Key) -> asyncio.Event:
+    wakeups: dict[Key, asyncio.Event] | None = getattr(memo, "training_wakeups", None)
+    if wakeups is None:
+        wakeups = {}
+        memo.training_wakeups = wakeups
+    if key not in wakeups:
+        wakeups[key] = asyncio.Event()
+    return wakeups[key]
+
+
+@kopf.on.update(C.GROUP, C.VERSION, C.TRAININGJOB_PLURAL, field="spec")
+async def on_trainingjob_spec_change(
+    namespace: str | None, name: str | None, memo: Any, **_: Any
+) -> None:
+    """suspend, resume or any other spec change: the daemon looks again now."""
+    _wakeup(memo, (namespace or "", name or "")).set()
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=WORKER_JOB_LABELS)
+async def follow_training_job(
+    namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any
+) -> None:
+    """A worker Job changed (Kueue admitted it, a worker is ready, it failed or finished)."""
+    _wakeup(memo, (namespace or "", labels[C.LABEL_OWNER])).set()
+
+
+async def _sleep(wake: asyncio.Event, stopped: Any, seconds: float) -> None:
+    """Until woken, stopped, or `seconds` pass."""
+
+    async def stop() -> None:
+        await stopped.wait()
+
+    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop())]
+    try:
+        await asyncio.wait(waiters, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        for waiter in waiters:
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+
+
+@kopf.daemon(C.GROUP, C.VERSION, C.TRAININGJOB_PLURAL, cancellation_timeout=5.0)
+async def run_trainingjob(
+    namespace: str | None, name: str | None, memo: Any, stopped: Any, logger: Log, **_: Any
+) -> None:
+    """The control loop of one TrainingJob, for as long as it exists."""
+    key = (namespace or "", name or "")
+    wake = _wakeup(memo, key)
+    resync = float(getattr(getattr(memo, "settings", None), "resync_seconds", 60.0))
+    metrics: MetricsProvider | None = getattr(memo, "metrics", None)
+    try:
+        while not stopped:
+            wake.clear()
+            started = time.monotonic()
+            result = "error"
+            try:
+                delay = await sync_trainingjob(memo.kube, key[0], key[1], logger, metrics)
+                result = "ok"
+            except KubeError as err:
+                logger.warning("TrainingJob %s/%s: API error, retrying: %s", *key, err)
+                delay = RETRY_SECONDS
+            finally:
+                RECONCILES.labels(kind=KIND, result=result).inc()
+                RECONCILE_SECONDS.labels(kind=KIND).observe(time.monotonic() - started)
+            if delay is None:
+                return
+            await _sleep(wake, stopped, max(MIN_SLEEP_SECONDS, min(delay, resync)))
+    finally:
+        wakeups = getattr(memo, "training_wakeups", None)
+        if wakeups is not None:
+            wakeups.pop(key, None)
+
+
+# --- one step ---------------------------------------------------------------------------------
+
+
+def _parse(spec: Any) -> tuple[TrainingJobSpec | None, list[str]]:
+    try:
+        parsed = TrainingJobSpec.model_validate(dict(spec or {}))
+    except ValidationError as err:
+        return None, [
+            f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        ]
+    return parsed, find_spec_problems(parsed)
+
+
+async def sync_trainingjob(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    logger: Log,
+    metrics: MetricsProvider | None = None,
+    now: datetime.datetime | None = None,
+) -> float | None:
+    """Observe, decide, write status, act. Returns seconds until it wants to look again (inf:
+    only when something changes), or None when the TrainingJob is gone."""
+    body = await kube.get(TRAININGJOBS, namespace, name)
+    if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+        return None
+    now = now or now_utc()
+    generation = int(body["metadata"].get("generation") or 0)
+    current_status = dict(body.get("status") or {})
+    status = TrainingJobStatus.model_validate(current_status)
+    spec, problems = _parse(body.get("spec"))
+    owner = owner_of(body)
+    if spec is None:
+        await _write_invalid(kube, body, status, problems, generation, now)
+        return float("inf")
+
+    name_now = job_name(name, status.restarts)
+    raw_job = await kube.get(JOBS, namespace, name_now)
+    if raw_job is not None and not owned_by(raw_job, owner):
+        problems.append(f"a Job named {name_now} exists that this TrainingJob does not own")
+        raw_job = None
+    job = JobObservation.from_manifest(raw_job) if raw_job is not None else None
+    failure = None
+    if job is not None and job.failed_condition:
+        pods = await kube.list(PODS, namespace, {JOB_NAME_LABEL: name_now})
+        failure = first_worker_failure(pods)
+
+    decision = decide_training(
+        TrainingInputs(spec, status, job, failure, now, generation, tuple(problems))
+    )
+    new_status = decision.status
+    if metrics is not None and new_status.phase == "Running" and job is not None:
+        await _refresh_diagnosis(metrics, namespace, job.name, new_status, now, logger)
+
+    # Status first: if acting fails, the next step still knows the attempt it is on.
+    patch = status_patch(current_status, new_status.to_wire())
+    if patch:
+        await kube.patch_status(TRAININGJOBS, namespace, name, patch)
+    await _act(kube, owner, spec, decision, logger)
+    for kind, reason, message in decision.events:
+        kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message)
+    return float("inf") if decision.requeue_after is None else decision.requeue_after
+
+
+async def _write_invalid(
+    kube: KubeClient,
+    body: Mapping[str, Any],
+    status: TrainingJobStatus,
+    problems: list[str],
+    generation: int,
+    now: datetime.datetime,
+) -> None:
+    """A spec the model refuses (the CRD schema was bypassed or is older): say so, do nothing."""
+    message = "; ".join(problems)
+    if status.phase == "Failed" and status.message == message:
+        return
+    status.phase = "Failed"
+    status.message = message
+    status.observed_generation = generation
+    status.conditions = set_condition(
+        status.conditions, "Failed", "True", "InvalidSpec", message, format_time(now), generation
+    )
+    meta = body["metadata"]
+    await kube.patch_status(
+        TRAININGJOBS, meta["namespace"], meta["name"],
+        status_patch(dict(body.get("status") or {}), status.to_wire()),
+    )
+    kopf.warn(cast(kopf.Body, body), reason="InvalidSpec", message=message)
+
+
+async def _act(
+    kube: KubeClient,
+    owner: Owner,
+    spec: TrainingJobSpec,
+    decision: TrainingDecision,
+    logger: Log,
+) -> None:
+    restarts = decision.status.restarts
+    if decision.delete_job is not None:
+        await _delete_owned(kube, JOBS, owner, decision.delete_job, "Foreground")
+        if spec.scheduling.gang.enabled:
+            await _delete_owned(kube, PODGROUPS, owner, decision.delete_job)
+        logger.info("deleted Job %s", decision.delete_job)
+    if decision.create_job:
+        # An earlier attempt left behind (the operator stopped between status and delete).
+        for old in await _owned_jobs(kube, owner):
+            label = (old["metadata"].get("labels") or {}).get(LABEL_RESTART, "")
+            if label.isdigit() and int(label) < restarts:
+                await _delete_owned(kube, JOBS, owner, old["metadata"]["name"], "Foreground")
+        await kube.apply(build_service(owner, spec))
+        if spec.scheduling.gang.enabled:
+            await kube.apply(build_podgroup(owner, spec, restarts))
+        job = build_job(owner, spec, restarts, decision.active_deadline_seconds)
+        try:
+            # Created once, never applied again: Kueue owns `suspend` and the pod template is
+            # immutable, so a later apply would fight Kueue or be rejected.
+            await kube.create(job)
+            logger.info("created Job %s", job["metadata"]["name"])
+        except KubeError as err:
+            if not err.conflict:
+                raise
+    if decision.cleanup:
+        await cleanup(kube, owner, spec, logger)
+
+
+async def _owned_jobs(kube: KubeClient, owner: Owner) -> list[Manifest]:
+    labels = {C.LABEL_MANAGED_BY: C.MANAGED_BY, C.LABEL_OWNER: owner.name}
+    return [j for j in await kube.list(JOBS, owner.namespace, labels) if owned_by(j, owner)]
+
+
+async def _delete_owned(
+    kube: KubeClient, res: Resource, owner: Owner, name: str, propagation: str = "Background"
+) -> bool:
+    """Delete `name` only if this TrainingJob owns it."""
+    current = await kube.get(res, owner.namespace, name)
+    if current is None or not owned_by(current, owner):
+        return False
+    return await kube.delete(res, owner.namespace, name, propagation)
+
+
+async def cleanup(kube: KubeClient, owner: Owner, spec: TrainingJobSpec, logger: Log) -> list[str]:
+    """TTL clean-up: every Job, Service and PodGroup this TrainingJob owns, nothing else (its
+    checkpoint PVC, ConfigMaps and Secrets are the user's). Returns what it deleted."""
+    labels = {C.LABEL_MANAGED_BY: C.MANAGED_BY, C.LABEL_OWNER: owner.name}
+    kinds: list[Resource] = [JOBS, SERVICES]
+    if spec.scheduling.gang.enabled:
+        kinds.append(PODGROUPS)
+    deleted: list[str] = []
+    for res in kinds:
+        for obj in await kube.list(res, owner.namespace, labels):
+            if not owned_by(obj, owner):
+                continue
+            name = obj["metadata"]["name"]
+            if await kube.delete(res, owner.namespace, name, "Background"):
+                deleted.append(f"{res.kind}/{name}")
+    logger.info("TTL clean-up deleted %s", ", ".join(deleted) or "nothing")
+    return deleted
+
+
+# --- diagnosis --------------------------------------------------------------------------------
+
+
+def diagnosis_queries(namespace: str, job: str, window_seconds: int) -> dict[str, str]:
+    """PromQL for a Job's workers: mean GPU utilization (0..1), from dcgm-exporter or else
+    trimtab's GPU agent, and peak GPU memory used over total (0..1), from dcgm-exporter only
+    (the agent exports memory used but not the device's total)."""
+    sel = f'namespace="{namespace}",pod=~"{job}-[0-9]+-.+"'
+    w = f"{window_seconds}s"
+    util = (
+        f"avg(avg_over_time(DCGM_FI_DEV_GPU_UTIL{{{sel}}}[{w}])) / 100"
+        f" or avg(avg_over_time(trimtab_gpu_utilization_ratio{{{sel}}}[{w}]))"
+    )
+    # used + free is the device's memory, so peak used over (peak used + least free) is the
+    # peak share used, with no subquery (whose aligned steps would miss short peaks).
+    used = f"max_over_time(DCGM_FI_DEV_FB_USED{{{sel}}}[{w}])"
+    memory = f"max({used} / ({used} + min_over_time(DCGM_FI_DEV_FB_FREE{{{sel}}}[{w}])))"
+    return {"gpuUtilization": util, "memoryUsedRatio": memory}
+
+
+async def _refresh_diagnosis(
+    metrics: MetricsProvider,
+    namespace: str,
+    job: str,
+    status: TrainingJobStatus,
+    now: datetime.datetime,
+    logger: Log,
+) -> None:
+    """Once per window while Running: the diagnosis sentence from GPU metrics."""
+    last = parse_time(status.diagnosis.time) if status.diagnosis is not None else None
+    if last is not None and (now - last).total_seconds() < DIAGNOSIS_WINDOW_SECONDS:
+        return
+    results = await metrics.query_batch(
+        diagnosis_queries(namespace, job, DIAGNOSIS_WINDOW_SECONDS)
+    )
+    util, memory = results.get("gpuUtilization"), results.get("memoryUsedRatio")
+    found = diagnose(
+        util.value if util is not None and util.has_value else None,
+        memory.value if memory is not None and memory.has_value else None,
+        DIAGNOSIS_WINDOW_SECONDS,
+        now,
+    )
+    if found is None:
+        # Said in status too, so "no diagnosis" is never mistaken for "nothing to say".
+        logger.debug("no GPU metrics for Job %s/%s", namespace, job)
+        found = Diagnosis(
+            window_seconds=DIAGNOSIS_WINDOW_SECONDS,
+            message="no GPU metrics for the workers (dcgm-exporter or the trimtab GPU agent)",
+            time=format_time(now),
+        )
+    status.diagnosis = found

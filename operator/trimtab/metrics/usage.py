@@ -1,0 +1,242 @@
+"""Container usage history for right-sizing: range queries over the window against cAdvisor,
+kube-state-metrics and a GPU source (trimtab's gpu-agent, else dcgm-exporter).
+
+A series that is absent is named in the answer, never filled in; an unreachable Prometheus is
+"unavailable", so the caller keeps what it had rather than sizing from nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from prometheus_api_client import PrometheusConnect
+from prometheus_api_client.exceptions import PrometheusApiClientException
+
+from trimtab.decisions.rightsizing import ContainerUsage, GpuModel, gpu_model_from_name
+
+CPU_SERIES = "container_cpu_usage_seconds_total"
+MEMORY_SERIES = "container_memory_working_set_bytes"
+OOM_SERIES = "kube_pod_container_status_last_terminated_reason"
+RESTARTS_SERIES = "kube_pod_container_status_restarts_total"
+AGENT_GPU_MEMORY = "trimtab_gpu_memory_used_bytes"
+AGENT_GPU_UTIL = "trimtab_gpu_utilization_ratio"
+DCGM_GPU_MEMORY = "DCGM_FI_DEV_FB_USED"  # MiB
+DCGM_GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"  # percent
+# A window is read in about this many steps (168h -> 5-minute steps).
+TARGET_POINTS = 2016
+MIN_STEP_S = 1
+
+
+@dataclass(frozen=True)
+class UsageTarget:
+    """Which container to read: pods of one workload by a regular expression on their names."""
+
+    namespace: str
+    pod_regex: str
+    container: str
+
+
+def _q(value: str) -> str:
+    """A PromQL string literal."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def step_for(window_s: float) -> int:
+    """Seconds per point so a window is about TARGET_POINTS points.
+
+    >>> step_for(168 * 3600), step_for(20)
+    (300, 1)
+    """
+    return max(MIN_STEP_S, int(window_s // TARGET_POINTS))
+
+
+def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[str, str]:
+    """The PromQL for one container, evaluated at each step of a range query.
+
+    CPU: the busiest replica's rate; memory: the busiest replica's working-set peak within the
+    step (max_over_time, so a spike between points is not lost); OOM kills: a restart whose last
+    termination reason is OOMKilled; GPU: trimtab's agent in bytes and 0..1, or dcgm-exporter
+    in MiB and percent (its pod-mapping labels namespace/pod/container)."""
+    sel = (
+        f"namespace={_q(target.namespace)},pod=~{_q(target.pod_regex)},"
+        f"container={_q(target.container)}"
+    )
+    step = f"{step_s}s"
+    return {
+        "cpu": f"max(rate({CPU_SERIES}{{{sel}}}[{rate_window}]))",
+        "memory": f"max(max_over_time({MEMORY_SERIES}{{{sel}}}[{step}]))",
+        "oom": (
+            f"max((increase({RESTARTS_SERIES}{{{sel}}}[{step}]) > 0)"
+            f" and on(namespace,pod,container)"
+            f" ({OOM_SERIES}{{{sel},reason=\"OOMKilled\"}} == 1))"
+        ),
+        "gpu_memory_agent": f"max(sum by (pod) ({AGENT_GPU_MEMORY}{{{sel}}}))",
+        "gpu_util_agent": f"max(max by (pod) ({AGENT_GPU_UTIL}{{{sel}}}))",
+        "gpu_model_agent": f"count by (gpu_model) ({AGENT_GPU_MEMORY}{{{sel}}})",
+        "gpu_memory_dcgm": f"max(sum by (pod) ({DCGM_GPU_MEMORY}{{{sel}}})) * 1048576",
+        "gpu_util_dcgm": f"max(avg by (pod) ({DCGM_GPU_UTIL}{{{sel}}})) / 100",
+        "gpu_model_dcgm": f"count by (modelName) ({DCGM_GPU_MEMORY}{{{sel}}})",
+    }
+
+
+@dataclass(frozen=True)
+class UsageAnswer:
+    """The usage, or why there is none: `unavailable` holds the source's error text."""
+
+    usage: ContainerUsage | None
+    unavailable: str = ""
+
+
+Points = list[tuple[float, float]]
+
+
+def _points(result: Any) -> Points:
+    """The points of a range query answer with at most one series (after max())."""
+    out: Points = []
+    for series in result or []:
+        for t, v in series.get("values") or []:
+            value = float(v)
+            if math.isfinite(value):
+                out.append((float(t), value))
+    return sorted(out)
+
+
+def _label_values(result: Any, label: str) -> list[str]:
+    values = (s.get("metric", {}).get(label) for s in result or [])
+    return [str(v) for v in values if v]
+
+
+class UsageReader:
+    """Range queries on one Prometheus, run in worker threads under a deadline."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 10.0,
+        rate_window: str = "2m",
+        headers: Mapping[str, str] | None = None,
+        verify_tls: bool = True,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.rate_window = rate_window
+        self._client = PrometheusConnect(
+            url=self.url,
+            headers=dict(headers) if headers else None,
+            disable_ssl=not verify_tls,
+            timeout=timeout_s,
+        )
+
+    async def close(self) -> None:
+        self._client._session.close()
+
+    async def _range(self, promql: str, start: float, end: float, step_s: int) -> Any:
+        return await asyncio.wait_for(
+            asyncio.to_thread(
+                self._client.custom_query_range,
+                promql,
+                datetime.datetime.fromtimestamp(start, datetime.UTC),
+                datetime.datetime.fromtimestamp(end, datetime.UTC),
+                f"{step_s}s",
+            ),
+            timeout=self.timeout_s,
+        )
+
+    async def read(
+        self,
+        target: UsageTarget,
+        window_s: float,
+        now: float,
+        memory_limit: float | None = None,
+        wants_gpu: bool = False,
+    ) -> UsageAnswer:
+        """Usage of `target` over (now - window_s, now]. `memory_limit` stands for the memory
+        at an OOM kill (the limit the container was killed at)."""
+        step_s = step_for(window_s)
+        # The rate needs a few scrapes inside its window, whatever the step.
+        queries = usage_queries(target, step_s, self.rate_window)
+        if not wants_gpu:
+            queries = {k: v for k, v in queries.items() if not k.startswith("gpu_")}
+        start = now - window_s
+        keys = list(queries)
+        try:
+            results = await asyncio.gather(
+                *(self._range(queries[k], start, now, step_s) for k in keys)
+            )
+        except TimeoutError:
+            return UsageAnswer(
+                None, f"Prometheus at {self.url} did not answer within {self.timeout_s:g}s"
+            )
+        except PrometheusApiClientException as exc:
+            return UsageAnswer(None, f"Prometheus rejected a usage query: {exc}")
+        except requests.RequestException as exc:
+            return UsageAnswer(None, f"cannot reach Prometheus at {self.url}: {type(exc).__name__}")
+        except (ValueError, KeyError) as exc:
+            return UsageAnswer(None, f"unreadable answer from {self.url}: {exc}")
+        by_key = dict(zip(keys, results, strict=True))
+
+        cpu = _points(by_key["cpu"])
+        memory = _points(by_key["memory"])
+        missing = []
+        if not cpu:
+            missing.append(CPU_SERIES)
+        if not memory:
+            missing.append(MEMORY_SERIES)
+        ooms = [
+            (t, memory_limit if memory_limit else _nearest(memory, t))
+            for t, _ in _points(by_key["oom"])
+        ]
+        gpu_memory: Points = []
+        gpu_util: Points = []
+        gpu_model: GpuModel | None = None
+        missing_gpu: list[str] = []
+        if wants_gpu:
+            gpu_memory = _points(by_key["gpu_memory_agent"])
+            if gpu_memory:
+                gpu_util = _points(by_key["gpu_util_agent"])
+                names = _label_values(by_key["gpu_model_agent"], "gpu_model")
+            else:
+                gpu_memory = _points(by_key["gpu_memory_dcgm"])
+                gpu_util = _points(by_key["gpu_util_dcgm"])
+                names = _label_values(by_key["gpu_model_dcgm"], "modelName")
+            gpu_model = next((m for m in map(gpu_model_from_name, names) if m), None)
+            if not gpu_memory:
+                missing_gpu = [f"{AGENT_GPU_MEMORY} or {DCGM_GPU_MEMORY}"]
+        usage = ContainerUsage(
+            container=target.container,
+            step_seconds=float(step_s),
+            cpu=cpu,
+            memory=memory,
+            oom_kills=ooms,
+            gpu_memory=gpu_memory,
+            gpu_utilization=gpu_util,
+            gpu_model=gpu_model,
+            missing_series=tuple(missing),
+            missing_gpu_series=tuple(missing_gpu),
+        )
+        return UsageAnswer(usage)
+
+
+def _nearest(points: Points, t: float) -> float:
+    if not points:
+        return 0.0
+    return min(points, key=lambda p: abs(p[0] - t))[1]
+
+
+def pod_regex_for(deployment_prefix: str) -> str:
+    """Pods of the Deployments whose names are `<prefix>-<revision>`: the ReplicaSet hash and the
+    pod suffix follow.
+
+    >>> import re; bool(re.fullmatch(pod_regex_for("chat"), "chat-0123456789-7d9f8c6b5-x2x9z"))
+    True
+    >>> bool(re.fullmatch(pod_regex_for("chat"), "chatty-0123456789-7d9f8c6b5-x2x9z"))
+    False
+    """
+    return re.escape(deployment_prefix).replace("\\-", "-") + r"-[0-9a-f]{10}-[a-z0-9]+-[a-z0-9]+"

@@ -1,0 +1,98 @@
+"""What the Gateway API and Istio routers share: per-revision Services and a route object
+rebuilt from the target at every write, so a restarted operator converges from status alone."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from trimtab.api.rollout import Weights
+from trimtab.builders.routing import Split, build_revision_service, revision_service_name
+from trimtab.routing.base import Json, RouterClient, RouteTarget
+
+
+class MeshRouter:
+    """Base of the routers whose weights are exact. Subclasses build and read the route."""
+
+    exact_weights = True
+
+    def __init__(self, target: RouteTarget, client: RouterClient) -> None:
+        self.target = target
+        self.client = client
+
+    # --- to implement ---------------------------------------------------------------------
+    def build_route(self, split: Split) -> Json:
+        raise NotImplementedError
+
+    def read_route(self, route: Json) -> tuple[dict[str, int], int]:
+        raise NotImplementedError
+
+    def route_owned(self) -> bool:
+        return True
+
+    # --- shared ---------------------------------------------------------------------------
+    def _split(self, weights: Weights) -> Split:
+        t = self.target
+        return Split(
+            stable_revision=t.stable_revision,
+            candidate_revision=t.candidate_revision,
+            port=t.port,
+            stable_weight=weights.stable,
+            candidate_weight=weights.candidate,
+            mirror_percent=weights.mirror_percent,
+        )
+
+    async def _apply_services(self) -> None:
+        t = self.target
+        for revision in (t.stable_revision, t.candidate_revision):
+            if revision is not None:
+                await self.client.apply(build_revision_service(t.owner, revision, t.port))
+
+    async def reconcile(self) -> None:
+        await self._apply_services()
+        await self.client.apply(self.build_route(self._split(self.target.weights)))
+
+    async def set_weights(self, stable: int, candidate: int, mirror_percent: int) -> None:
+        weights = Weights(stable=stable, candidate=candidate, mirror_percent=mirror_percent)
+        # Services first: a route pointing at a Service that does not exist yet drops traffic.
+        await self._apply_services()
+        await self.client.apply(self.build_route(self._split(weights)))
+        self.target = replace(self.target, weights=weights)
+
+    async def get_weights(self) -> Weights | None:
+        route = self.build_route(self._split(self.target.weights))
+        meta = route["metadata"]
+        current = await self.client.get_object(
+            route["apiVersion"], route["kind"], meta["namespace"], meta["name"]
+        )
+        if current is None:
+            return None
+        by_service, mirror = self.read_route(current)
+        t = self.target
+        stable = by_service.get(revision_service_name(t.owner.name, t.stable_revision), 0)
+        candidate = (
+            by_service.get(revision_service_name(t.owner.name, t.candidate_revision), 0)
+            if t.candidate_revision
+            else 0
+        )
+        total = stable + candidate
+        if total == 0:
+            return Weights(stable=0, candidate=0, mirror_percent=mirror)
+        cand_pct = round(100 * candidate / total)
+        return Weights(stable=100 - cand_pct, candidate=cand_pct, mirror_percent=mirror)
+
+    async def finalize(self) -> None:
+        """All traffic to stable, then the candidate's Service goes."""
+        t = self.target
+        await self.client.apply(
+            self.build_route(
+                Split(t.stable_revision, None, t.port, stable_weight=100, candidate_weight=0)
+            )
+        )
+        if t.candidate_revision is not None:
+            await self.client.delete_object(
+                "v1",
+                "Service",
+                t.owner.namespace,
+                revision_service_name(t.owner.name, t.candidate_revision),
+            )
+        self.target = replace(self.target, candidate_revision=None, weights=Weights())

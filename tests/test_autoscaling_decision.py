@@ -1,0 +1,512 @@
+"""decide_replicas, table-driven: each case names the situation and the expected replicas,
+action and a fragment of the reason; plus the spec's CEL rules and the revision hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.validation import cel_failures, validate_custom
+from trimtab.api.autoscaling import AutoscalingSpec, SLOSpec, duration_seconds
+from trimtab.api.crdgen import MODELDEPLOYMENT_CRD, model_schema
+from trimtab.api.modeldeployment import ModelDeploymentSpec
+from trimtab.decisions.autoscaling import (
+    AutoscalingInput,
+    Recommendation,
+    Signals,
+    decide_replicas,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CRD = ROOT / "crds" / "trimtab.io_modeldeployments.yaml"
+SLO = SLOSpec(p99_latency_ms=2000)
+NOW = 10_000.0
+
+
+def spec(**kw: Any) -> AutoscalingSpec:
+    base: dict[str, Any] = {
+        "min_replicas": 1,
+        "max_replicas": 20,
+        "scale_down_stabilization": "120s",
+    }
+    return AutoscalingSpec(**{**base, **kw})
+
+
+def sig(**kw: Any) -> Signals:
+    base: dict[str, Any] = {
+        "queue_depth": 0.0,
+        "running": 5.0,
+        "arrival_rate": 5.0,
+        "service_time": 1.0,
+        "p99_latency": 1.0,
+        "error_rate": 0.0,
+    }
+    return Signals(**{**base, **kw})
+
+
+def hist(*pairs: tuple[float, int]) -> tuple[Recommendation, ...]:
+    return tuple(Recommendation(NOW - ago, n) for ago, n in pairs)
+
+
+CASES = [
+    pytest.param(
+        sig(arrival_rate=20.0, running=20.0),
+        3,
+        3,
+        spec(),
+        (),
+        None,
+        4,
+        "up",
+        "20.00 req/s",
+        id="littles-law-scales-up",
+    ),
+    pytest.param(
+        sig(arrival_rate=20.0, running=20.0, queue_depth=96.0),
+        3,
+        3,
+        spec(),
+        (),
+        None,
+        4,
+        "up",
+        "96 queued",
+        id="queue-adds-drain-capacity",
+    ),
+    pytest.param(
+        sig(arrival_rate=10.0, running=8.0, queue_depth=60.0),
+        2,
+        1,
+        spec(),
+        (Recommendation(NOW - 15, 2, 0.0),),
+        None,
+        4,
+        "up",
+        "12.00 req/s",
+        id="growing-queue-projects-backlog-over-cold-start",
+    ),
+    pytest.param(
+        sig(arrival_rate=100.0, running=100.0),
+        2,
+        2,
+        spec(max_scale_up_rate=2.0),
+        (),
+        None,
+        6,
+        "up",
+        "limited to 6",
+        id="scale-up-rate-limited-but-at-least-plus-4",
+    ),
+    pytest.param(
+        sig(arrival_rate=500.0, running=500.0),
+        3,
+        3,
+        spec(),
+        (),
+        None,
+        12,
+        "up",
+        "maxScaleUpRate",
+        id="max-rate-4x",
+    ),
+    pytest.param(
+        sig(arrival_rate=1000.0, running=1000.0),
+        10,
+        10,
+        spec(),
+        (),
+        None,
+        20,
+        "up",
+        "",
+        id="bounded-by-max",
+    ),
+    pytest.param(
+        sig(arrival_rate=30.0, running=30.0),
+        5,
+        3,
+        spec(),
+        (),
+        NOW - 20,
+        5,
+        "hold",
+        "",
+        id="starting-capacity-counts",
+    ),
+    pytest.param(
+        sig(arrival_rate=5.0, running=5.0),
+        6,
+        6,
+        spec(),
+        hist((100, 6), (50, 4)),
+        None,
+        6,
+        "hold",
+        "highest recommendation",
+        id="down-held-by-stabilization-window",
+    ),
+    pytest.param(
+        sig(arrival_rate=5.0, running=5.0),
+        6,
+        6,
+        spec(),
+        hist((200, 6), (130, 4)),
+        None,
+        3,
+        "down",
+        "maxScaleDownRate",
+        id="down-rate-limited-after-window",
+    ),
+    pytest.param(
+        sig(arrival_rate=5.0, running=5.0),
+        2,
+        2,
+        spec(),
+        hist((200, 2)),
+        None,
+        1,
+        "down",
+        "",
+        id="down-to-demand",
+    ),
+    pytest.param(
+        sig(arrival_rate=5.0, running=5.0, queue_depth=3.0),
+        6,
+        6,
+        spec(),
+        hist((200, 6)),
+        None,
+        6,
+        "hold",
+        "3 requests queued",
+        id="never-down-while-queueing",
+    ),
+    pytest.param(
+        sig(arrival_rate=5.0, running=5.0, p99_latency=3.0, queue_depth=None),
+        6,
+        6,
+        spec(),
+        hist((200, 6)),
+        None,
+        9,
+        "up",
+        "p99",
+        id="never-down-while-p99-over-slo-and-queue-unknown",
+    ),
+    pytest.param(
+        sig(arrival_rate=5.0, running=5.0, queue_depth=1.0, p99_latency=4.0),
+        4,
+        4,
+        spec(),
+        (),
+        NOW - 600,
+        8,
+        "up",
+        "over SLO",
+        id="p99-feedback-while-queueing",
+    ),
+    pytest.param(
+        sig(arrival_rate=5.0, running=5.0, queue_depth=1.0, p99_latency=4.0),
+        4,
+        4,
+        spec(),
+        (),
+        NOW - 30,
+        4,
+        "hold",
+        "",
+        id="no-p99-feedback-within-cold-start-of-last-scale-up",
+    ),
+    pytest.param(
+        sig(arrival_rate=5.0, running=5.0, p99_latency=4.0),
+        1,
+        1,
+        spec(),
+        (),
+        None,
+        1,
+        "hold",
+        "empty queue",
+        id="p99-over-slo-with-empty-queue-adds-nothing",
+    ),
+    pytest.param(
+        Signals(source_unavailable=True, error="connection refused"),
+        4,
+        4,
+        spec(),
+        (),
+        None,
+        4,
+        "hold",
+        "connection refused",
+        id="source-down-holds",
+    ),
+    pytest.param(
+        Signals(source_unavailable=True),
+        4,
+        4,
+        spec(on_missing_metrics="fallback", fallback_replicas=6),
+        (),
+        None,
+        6,
+        "up",
+        "fallback",
+        id="source-down-fallback-up",
+    ),
+    pytest.param(
+        Signals(source_unavailable=True),
+        8,
+        8,
+        spec(on_missing_metrics="fallback", fallback_replicas=6),
+        (),
+        None,
+        8,
+        "hold",
+        "fallback",
+        id="fallback-never-scales-down-blind",
+    ),
+    pytest.param(
+        Signals(),
+        3,
+        3,
+        spec(),
+        (),
+        None,
+        3,
+        "hold",
+        "no data",
+        id="no-data-holds",
+    ),
+    pytest.param(
+        sig(arrival_rate=None, service_time=None, running=2.0),
+        5,
+        5,
+        spec(),
+        hist((200, 5)),
+        None,
+        5,
+        "hold",
+        "arrival rate or service time missing",
+        id="partial-data-never-down",
+    ),
+    pytest.param(
+        sig(arrival_rate=None, service_time=None, running=30.0),
+        2,
+        2,
+        spec(),
+        (),
+        None,
+        5,
+        "up",
+        "30 running",
+        id="partial-data-may-scale-up",
+    ),
+    pytest.param(
+        sig(arrival_rate=0.0, running=0.0),
+        1,
+        1,
+        spec(scale_to_zero={"idle_window": "60s"}),
+        tuple(Recommendation(NOW - a, 0) for a in (75, 60, 45, 30, 15)),
+        None,
+        0,
+        "down",
+        "idle",
+        id="scale-to-zero-after-idle-window",
+    ),
+    pytest.param(
+        sig(arrival_rate=0.0, running=0.0),
+        1,
+        1,
+        spec(scale_to_zero={"idle_window": "60s"}),
+        tuple(Recommendation(NOW - a, n) for a, n in ((75, 0), (60, 1), (15, 0))),
+        None,
+        1,
+        "hold",
+        "",
+        id="no-zero-if-any-traffic-in-window",
+    ),
+    pytest.param(
+        sig(arrival_rate=0.0, running=0.0),
+        1,
+        1,
+        spec(),
+        tuple(Recommendation(NOW - a, 0) for a in (900, 600, 300, 15)),
+        None,
+        1,
+        "hold",
+        "",
+        id="min-replicas-floor-without-scale-to-zero",
+    ),
+    pytest.param(
+        sig(arrival_rate=2.0, running=0.0, queue_depth=2.0),
+        0,
+        0,
+        spec(scale_to_zero={"idle_window": "60s"}),
+        (),
+        None,
+        1,
+        "up",
+        "",
+        id="wake-from-zero",
+    ),
+    pytest.param(
+        sig(arrival_rate=20.0, running=20.0),
+        3,
+        3,
+        spec(scale_up_stabilization="30s"),
+        hist((20, 3)),
+        None,
+        3,
+        "hold",
+        "",
+        id="scale-up-stabilization-waits",
+    ),
+    pytest.param(
+        sig(arrival_rate=5.0, running=5.0),
+        25,
+        25,
+        spec(),
+        (),
+        None,
+        13,
+        "down",
+        "maxScaleDown",
+        id="above-max-comes-down-rate-limited",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("signals", "current", "ready", "aspec", "history", "last_up", "want", "action", "reason"),
+    CASES,
+)
+def test_decide_replicas(
+    signals: Signals,
+    current: int,
+    ready: int,
+    aspec: AutoscalingSpec,
+    history: tuple[Recommendation, ...],
+    last_up: float | None,
+    want: int,
+    action: str,
+    reason: str,
+) -> None:
+    decision = decide_replicas(
+        AutoscalingInput(signals, current, ready, aspec, SLO, NOW, history, last_up)
+    )
+    assert (decision.desired_replicas, decision.action) == (want, action), decision.reason
+    assert reason in decision.reason
+    assert aspec.min_replicas <= decision.desired_replicas or decision.desired_replicas == 0
+    assert decision.desired_replicas <= max(aspec.max_replicas, 0)
+
+
+def test_history_is_pruned_and_carries_queue() -> None:
+    old = hist((10_000, 9), (20, 3))
+    d = decide_replicas(AutoscalingInput(sig(queue_depth=0.0), 3, 3, spec(), SLO, NOW, old))
+    assert [r.time for r in d.history] == [NOW - 20, NOW]
+    assert d.history[-1].queue_depth == 0.0
+    assert d.inputs["arrivalRate"] == 5.0 and d.inputs["neededConcurrency"] == 5.0
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("15s", 15.0), ("1m30s", 90.0), ("250ms", 0.25), ("2h", 7200.0), ("0s", 0.0)],
+)
+def test_duration_seconds(text: str, seconds: float) -> None:
+    assert duration_seconds(text) == seconds
+
+
+def test_duration_rejects_garbage() -> None:
+    with pytest.raises(ValueError):
+        duration_seconds("15 s")
+
+
+def _mdep(autoscaling: dict[str, Any], slo: dict[str, Any] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"image": "x:1", "autoscaling": autoscaling}
+    if slo is not False:
+        spec["slo"] = slo or {"p99LatencyMs": 500}
+    return {
+        "apiVersion": "trimtab.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "m"},
+        "spec": spec,
+    }
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "message"),
+    [
+        pytest.param(
+            {"minReplicas": 5, "maxReplicas": 2}, "minReplicas must not exceed", id="min>max"
+        ),
+        pytest.param(
+            {"onMissingMetrics": "fallback"}, "needs fallbackReplicas", id="fallback-no-n"
+        ),
+        pytest.param({"fallbackReplicas": 2}, "applies only when", id="n-without-fallback"),
+        pytest.param(
+            {"onMissingMetrics": "fallback", "fallbackReplicas": 50, "maxReplicas": 10},
+            "within minReplicas..maxReplicas",
+            id="fallback-out-of-bounds",
+        ),
+        pytest.param({"interval": "500ms"}, "between 1s and 10m", id="interval-too-short"),
+        pytest.param({"scaleDownStabilization": "2h"}, "at most 1h", id="window-too-long"),
+        pytest.param({"scaleToZero": {"idleWindow": "5s"}}, "at least 30s", id="idle-too-short"),
+    ],
+)
+def test_cel_rejects_nonsense(autoscaling: dict[str, Any], message: str) -> None:
+    with pytest.raises(AssertionError, match=message):
+        validate_custom(_mdep(autoscaling), CRD)
+
+
+def test_autoscaling_needs_slo() -> None:
+    obj = _mdep({"maxReplicas": 3})
+    del obj["spec"]["slo"]
+    with pytest.raises(AssertionError, match="autoscaling needs slo"):
+        validate_custom(obj, CRD)
+
+
+def test_sensible_spec_passes_and_crd_is_current() -> None:
+    validate_custom(
+        _mdep(
+            {
+                "minReplicas": 2,
+                "maxReplicas": 8,
+                "onMissingMetrics": "fallback",
+                "fallbackReplicas": 4,
+                "scaleToZero": {"idleWindow": "15m"},
+            },
+            {"p99LatencyMs": 800, "latency": "ttft", "maxErrorRate": 0.01},
+        ),
+        CRD,
+    )
+    schema = model_schema(MODELDEPLOYMENT_CRD.spec_model)
+    assert "autoscaling" in schema["properties"] and "metrics" in schema["properties"]
+    assert not list(
+        cel_failures(
+            schema["properties"]["autoscaling"],
+            {
+                "minReplicas": 1,
+                "maxReplicas": 1,
+                "interval": "15s",
+                "scaleUpStabilization": "0s",
+                "scaleDownStabilization": "300s",
+                "coldStart": "60s",
+                "onMissingMetrics": "hold",
+            },
+        )
+    )
+
+
+def test_policy_fields_are_not_part_of_the_revision() -> None:
+    a = ModelDeploymentSpec.model_validate({"image": "x:1"})
+    b = ModelDeploymentSpec.model_validate(
+        {
+            "image": "x:1",
+            "slo": {"p99LatencyMs": 100},
+            "autoscaling": {"maxReplicas": 4},
+            "metrics": {"prometheusUrl": "http://prom:9090", "queries": {"queueDepth": "sum(q)"}},
+        }
+    )
+    assert a.model_part() == b.model_part()

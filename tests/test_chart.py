@@ -1,0 +1,435 @@
+"""The Helm chart: lint, render with default and non-default values, every object valid for the
+API server (kubernetes-validate --strict, or the published CRD for ServiceMonitor), restricted
+pod security, the operator's args and env as the real CLI and settings parse them, and the
+values file, its schema and the pydantic model in step."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import helm_python as helm
+import pydantic
+import pytest
+import yaml
+
+from tests.chart_render import CHART, NAMESPACE, RELEASE, by_kind, one, render, render_files
+from tests.validation import ROOT, thirdparty, validate_builtin, validate_custom
+from trimtab.api.chartvalues import ChartValues, render_schema
+from trimtab.config import Settings
+
+SERVICEMONITOR_CRD = thirdparty("prometheus-operator", "monitoring.coreos.com_servicemonitors.yaml")
+
+EVERYTHING: dict[str, Any] = {
+    "fullnameOverride": "tt",
+    "image": {"repository": "registry.example.com/trimtab", "digest": "sha256:" + "a" * 64},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "crds": {"install": False},
+    "operator": {
+        "replicas": 3,
+        "prometheusUrl": "https://prometheus.example.com:9090",
+        "logLevel": "DEBUG",
+        "metricsPort": 9090,
+        "healthPort": 9091,
+        "extraEnv": [{"name": "TRIMTAB_RESYNC_SECONDS", "value": "30"}],
+        "nodeSelector": {"node-role.kubernetes.io/control-plane": ""},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["ops"]}]}
+                    ]
+                }
+            }
+        },
+        "priorityClassName": "system-cluster-critical",
+        "podAnnotations": {"example.com/team": "ml-platform"},
+        "podLabels": {"team": "ml-platform"},
+    },
+    "peering": {"name": "trimtab-prod"},
+    "serviceAccount": {"name": "trimtab-sa", "annotations": {"example.com/role": "trimtab"}},
+    "podDisruptionBudget": {"minAvailable": 2},
+    "serviceMonitor": {
+        "enabled": True,
+        "interval": "15s",
+        "scrapeTimeout": "5s",
+        "labels": {"release": "kube-prometheus-stack"},
+    },
+    "networkPolicy": {
+        "enabled": True,
+        "metricsFrom": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ],
+        "egress": [
+            {
+                "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}],
+                "ports": [{"port": 443, "protocol": "TCP"}],
+            }
+        ],
+    },
+    "grafanaDashboard": {"enabled": True, "namespace": "monitoring"},
+    "gpuAgent": {"enabled": True, "port": 9500, "runtimeClassName": "nvidia-cdi"},
+}
+NAMESPACED: dict[str, Any] = {"operator": {"watchNamespace": "ml"}}
+MINIMAL: dict[str, Any] = {
+    "operator": {"replicas": 1},
+    "peering": {"enabled": False},
+    "rbac": {"create": False},
+    "serviceAccount": {"create": False, "name": "existing"},
+    "podDisruptionBudget": {"enabled": False},
+}
+VALUE_SETS = [
+    pytest.param({}, id="defaults"),
+    pytest.param(EVERYTHING, id="everything"),
+    pytest.param(NAMESPACED, id="one-namespace"),
+    pytest.param(MINIMAL, id="minimal"),
+]
+
+
+def operator_deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(
+        d
+        for d in by_kind(docs, "Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    )
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", []) if "value" in e}
+
+
+@pytest.mark.parametrize("values", VALUE_SETS)
+def test_chart_lints_clean(values: dict[str, Any]) -> None:
+    report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    # Severity 2 is a warning, 3 an error; 1 (info) is only "icon is recommended".
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("values", VALUE_SETS)
+def test_every_rendered_object_is_valid(values: dict[str, Any]) -> None:
+    docs = render(values)
+    assert docs
+    for doc in docs:
+        if doc["apiVersion"] == "monitoring.coreos.com/v1":
+            validate_custom(doc, SERVICEMONITOR_CRD)
+        else:
+            validate_builtin(doc)
+        name = doc["metadata"]["name"]
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) and len(name) <= 253, name
+
+
+def test_defaults_install_the_operator_with_crds() -> None:
+    docs = render()
+    kinds = sorted({d["kind"] for d in docs})
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Service",
+        "ServiceAccount",
+    ]
+    crds = by_kind(docs, "CustomResourceDefinition")
+    names = sorted(c["metadata"]["name"] for c in crds)
+    assert names == [
+        "clusterkopfpeerings.kopf.dev",
+        "kopfpeerings.kopf.dev",
+        "modeldeployments.trimtab.io",
+        "trainingjobs.trimtab.io",
+    ]
+    for crd in crds:
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    scopes = {c["metadata"]["name"]: c["spec"]["scope"] for c in crds}
+    assert scopes["kopfpeerings.kopf.dev"] == "Namespaced"
+    assert scopes["clusterkopfpeerings.kopf.dev"] == "Cluster"
+    assert operator_deployment(docs)["spec"]["replicas"] == 2
+
+
+def test_chart_crds_are_the_generated_ones() -> None:
+    """The chart installs exactly the CRDs in crds/ (plus kopf's), so both install paths agree."""
+    rendered = {
+        c["metadata"]["name"]: c
+        for c in by_kind(render(), "CustomResourceDefinition")
+        if c["spec"]["group"] == "trimtab.io"
+    }
+    generated = {}
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        generated[crd["metadata"]["name"]] = crd
+    assert rendered.keys() == generated.keys()
+    for name, crd in rendered.items():
+        crd = json.loads(json.dumps(crd))
+        crd["metadata"].pop("annotations")
+        assert crd == generated[name], name
+
+
+def test_crds_install_false_renders_no_crds() -> None:
+    assert by_kind(render({"crds": {"install": False}}), "CustomResourceDefinition") == []
+
+
+@pytest.mark.parametrize("values", VALUE_SETS)
+def test_pods_meet_the_restricted_profile(values: dict[str, Any]) -> None:
+    for doc in render(values):
+        if doc["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            ctx = container["securityContext"]
+            assert ctx["runAsNonRoot"] is True
+            assert ctx["runAsUser"] != 0
+            assert ctx["readOnlyRootFilesystem"] is True
+            assert ctx["allowPrivilegeEscalation"] is False
+            assert ctx["capabilities"] == {"drop": ["ALL"]}
+            assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert "privileged" not in ctx
+            assert container["resources"]["requests"]
+            assert container["resources"]["limits"]["memory"]
+        # Only the GPU agent may see host PIDs; nothing mounts host paths.
+        assert pod.get("hostPID", False) == (doc["kind"] == "DaemonSet")
+        assert not pod.get("hostNetwork") and not pod.get("hostIPC")
+        assert all("hostPath" not in v for v in pod.get("volumes", []))
+
+
+def _parsed_cli_args(args: list[str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The namespace `trimtab run` would start kopf with, parsed by the real CLI."""
+    import trimtab.__main__ as cli
+
+    seen: list[Any] = []
+
+    def fake_run(parsed: Any) -> int:
+        seen.append(parsed)
+        return 0
+
+    monkeypatch.setattr(cli, "_run", fake_run)
+    assert cli.main(args) == 0
+    return seen[0]
+
+
+@pytest.mark.parametrize(
+    ("values", "namespace", "peering"),
+    [
+        pytest.param({}, "", "trimtab", id="cluster-wide-peered"),
+        pytest.param(NAMESPACED, "ml", "trimtab", id="one-namespace"),
+        pytest.param(MINIMAL, "", "", id="standalone"),
+        pytest.param(EVERYTHING, "", "trimtab-prod", id="named-peering"),
+    ],
+)
+def test_operator_args_and_env_agree(
+    values: dict[str, Any], namespace: str, peering: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = operator_deployment(render(values))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["trimtab"]
+    args = container["args"]
+    parsed = _parsed_cli_args(args, monkeypatch)
+    assert parsed.command == "run"
+    assert (parsed.namespace or "") == namespace
+    assert parsed.all_namespaces is (not namespace)
+    assert (parsed.peering or "") == peering
+
+    env = container_env(container)
+    settings = Settings.from_env({k: v for k, v in env.items() if k.startswith("TRIMTAB_")})
+    merged = ChartValues.model_validate(values).operator
+    assert settings.namespace == namespace
+    assert settings.peering == peering
+    assert settings.prometheus_url == merged.prometheusUrl
+    assert settings.metrics_port == merged.metricsPort
+    assert settings.health_port == merged.healthPort
+    assert settings.log_level == merged.logLevel
+    # kopf's peering identity: the pod name, so the peering status names real pods.
+    pod_id = next(e for e in container["env"] if e["name"] == "POD_ID")
+    assert pod_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+@pytest.mark.parametrize("values", VALUE_SETS)
+def test_ports_probes_and_service_line_up(values: dict[str, Any]) -> None:
+    docs = render(values)
+    merged = ChartValues.model_validate(values).operator
+    container = operator_deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": merged.metricsPort, "health": merged.healthPort}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    service = one(docs, "Service", f"{values.get('fullnameOverride', RELEASE)}-metrics")
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": merged.metricsPort, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    pod_labels = operator_deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_pdb_keeps_a_replica_through_drains() -> None:
+    docs = render()
+    pdb = one(docs, "PodDisruptionBudget")
+    deployment = operator_deployment(docs)
+    assert pdb["spec"]["minAvailable"] == 1 < deployment["spec"]["replicas"]
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert by_kind(render(MINIMAL), "PodDisruptionBudget") == []
+    # A budget that no eviction could meet would block node drains: not rendered.
+    assert by_kind(render({"operator": {"replicas": 1}}), "PodDisruptionBudget") == []
+    too_strict = {"podDisruptionBudget": {"minAvailable": 2}}
+    assert by_kind(render(too_strict), "PodDisruptionBudget") == []
+
+
+def test_everything_renders_its_optional_parts() -> None:
+    docs = render(EVERYTHING)
+    deployment = operator_deployment(docs)
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "registry.example.com/trimtab@sha256:" + "a" * 64
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["serviceAccountName"] == "trimtab-sa"
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["affinity"] == EVERYTHING["operator"]["affinity"]
+    assert container_env(container)["TRIMTAB_RESYNC_SECONDS"] == "30"
+    assert deployment["spec"]["template"]["metadata"]["labels"]["team"] == "ml-platform"
+    assert by_kind(docs, "CustomResourceDefinition") == []
+
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    endpoints = {e["port"]: e for e in monitor["spec"]["endpoints"]}
+    assert endpoints.keys() == {"metrics", "gpu-metrics"}
+    assert endpoints["metrics"]["interval"] == "15s"
+    # Each endpoint's port name exists on a Service the monitor's selector matches.
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    service_ports = {
+        p["name"]
+        for s in by_kind(docs, "Service")
+        if selector.items() <= s["metadata"]["labels"].items()
+        for p in s["spec"]["ports"]
+    }
+    assert endpoints.keys() <= service_ports
+
+    policy = one(docs, "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["ingress"] == [
+        {
+            "ports": [{"port": "metrics", "protocol": "TCP"}],
+            "from": EVERYTHING["networkPolicy"]["metricsFrom"],
+        }
+    ]
+    assert {"port": 53, "protocol": "UDP"} in policy["spec"]["egress"][0]["ports"]
+    assert policy["spec"]["egress"][1:] == EVERYTHING["networkPolicy"]["egress"]
+
+    dashboard = one(docs, "ConfigMap")
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = (CHART / "dashboards" / "trimtab.json").read_text()
+    assert json.loads(dashboard["data"]["trimtab.json"]) == json.loads(shipped)
+
+
+def test_network_policy_without_egress_rules_leaves_egress_open() -> None:
+    docs = render({"networkPolicy": {"enabled": True}})
+    policy = one(docs, "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert "egress" not in policy["spec"]
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+
+
+def test_gpu_agent_runs_on_gpu_nodes_with_host_pids() -> None:
+    docs = render({"gpuAgent": {"enabled": True}})
+    agent = one(docs, "DaemonSet")
+    pod = agent["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["trimtab"]
+    assert container["args"] == ["gpu-agent", "--port=9400"]
+    assert container_env(container)["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert pod["hostPID"] is True
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["serviceAccountName"] == f"{RELEASE}-gpu-agent"
+    node_name = next(e for e in container["env"] if e["name"] == "NODE_NAME")
+    assert node_name["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    # It must not request a GPU: that would take one away from the workloads it measures.
+    assert not any("nvidia.com" in k for k in container["resources"].get("limits", {}))
+    assert container["ports"] == [{"name": "gpu-metrics", "containerPort": 9400, "protocol": "TCP"}]
+    service = one(docs, "Service", f"{RELEASE}-gpu-agent")
+    assert service["spec"]["clusterIP"] == "None"
+    no_runtime = one(render({"gpuAgent": {"enabled": True, "runtimeClassName": ""}}), "DaemonSet")
+    assert "runtimeClassName" not in no_runtime["spec"]["template"]["spec"]
+
+
+def test_image_tag_defaults_to_app_version() -> None:
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    image = operator_deployment(render())["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == f"ghcr.io/trimtab/trimtab:{app_version}"
+    tagged = operator_deployment(render({"image": {"tag": "0.2.0-rc1"}}))
+    assert tagged["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.2.0-rc1")
+
+
+def test_chart_version_matches_the_package() -> None:
+    import tomllib
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert chart["apiVersion"] == "v2"
+    assert chart["appVersion"] == project["version"]
+
+
+def test_values_yaml_is_the_model_defaults() -> None:
+    """values.yaml (the commented one people read) and the pydantic defaults say the same."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    defaults = ChartValues().model_dump(by_alias=True)
+    defaults.pop("global")
+    assert values == defaults
+
+
+def test_values_schema_is_generated_from_the_model() -> None:
+    assert (CHART / "values.schema.json").read_text() == render_schema(), (
+        "values.schema.json is stale: run `python -m trimtab.api.chartvalues`"
+    )
+
+
+BAD_VALUES = [
+    pytest.param({"operator": {"replica": 2}}, id="misspelt-key"),
+    pytest.param({"operator": {"replicas": "two"}}, id="wrong-type"),
+    pytest.param({"operator": {"replicas": 0}}, id="below-minimum"),
+    pytest.param({"operator": {"logLevel": "TRACE"}}, id="not-an-enum-value"),
+    pytest.param({"operator": {"prometheusUrl": "prometheus:9090"}}, id="url-without-scheme"),
+    pytest.param({"operator": {"watchNamespace": "ML_Team"}}, id="bad-namespace-name"),
+    pytest.param({"image": {"digest": "latest"}}, id="bad-digest"),
+    pytest.param({"serviceMonitor": {"interval": "30 seconds"}}, id="bad-duration"),
+    pytest.param({"gpuAgent": {"port": 70000}}, id="port-out-of-range"),
+    pytest.param({"crds": "yes"}, id="section-not-an-object"),
+    pytest.param({"tolerations": []}, id="unknown-top-level-key"),
+]
+
+
+@pytest.mark.parametrize("values", BAD_VALUES)
+def test_bad_values_are_rejected_by_the_schema(values: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        render_files(values)
+    with pytest.raises(pydantic.ValidationError):
+        ChartValues.model_validate(values)
+
+
+def test_bad_values_file_is_rejected(tmp_path: Any) -> None:
+    """A values file as a user writes it (`-f my-values.yaml`): one typo fails the install."""
+    path = tmp_path / "my-values.yaml"
+    path.write_text("operator:\n  replicas: 2\n  prometheusURL: http://prom:9090\n")
+    values = helm.values_from_yaml(path.read_text())
+    with pytest.raises(helm.HelmValuesError, match="prometheusURL"):
+        helm.Chart.load(str(CHART)).validate_schema(values)
+
+
+def test_notes_tell_the_user_what_to_do_next() -> None:
+    notes = render_files()[f"{CHART.name}/templates/NOTES.txt"]
+    assert f"rollout status deployment/{RELEASE}" in notes
+    assert "kopf peering" in notes
+    for path in re.findall(r"\b((?:examples|charts)/[\w./-]+\.yaml)", notes):
+        assert (ROOT / path).exists(), f"NOTES.txt names {path}, which does not exist"
+    gpu_notes = render_files({"gpuAgent": {"enabled": True}, "crds": {"install": False}})
+    text = gpu_notes[f"{CHART.name}/templates/NOTES.txt"]
+    assert "pod-security.kubernetes.io/enforce=privileged" in text
+    assert "install the CRDs yourself" in text
+    standalone = render_files(MINIMAL)[f"{CHART.name}/templates/NOTES.txt"]
+    assert "--standalone" in standalone

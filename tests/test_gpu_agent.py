@@ -1,0 +1,395 @@
+"""The GPU agent: cgroup parsing, pod naming, and /metrics over real HTTP with NVML faked at the
+pynvml boundary; plus a `gpu` test against a real NVIDIA GPU when there is one."""
+
+from __future__ import annotations
+
+import ctypes.util
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pynvml
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from trimtab.gpu import agent as agent_mod
+from trimtab.gpu.agent import GpuUsageCollector, NvmlReader, serve
+from trimtab.gpu.cgroup import parse_cgroup
+from trimtab.gpu.pods import PodDirectory
+
+CID_A = "a" * 64
+CID_B = "b" * 64
+CID_C = "c" * 64
+UID_A = "1b2c3d4e-0000-1111-2222-333344445555"
+UID_B = "99999999-8888-7777-6666-555544443333"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+            f"{UID_A.replace('-', '_')}.slice/cri-containerd-{CID_A}.scope\n",
+            (UID_A, CID_A),
+            id="v2-systemd-containerd",
+        ),
+        pytest.param(
+            f"0::/kubepods.slice/kubepods-pod{UID_A.replace('-', '_')}.slice/crio-{CID_A}.scope",
+            (UID_A, CID_A),
+            id="v2-systemd-crio-guaranteed",
+        ),
+        pytest.param(
+            f"0::/kubepods/besteffort/pod{UID_A}/{CID_A}", (UID_A, CID_A), id="v2-cgroupfs"
+        ),
+        pytest.param(
+            f"12:pids:/kubepods/burstable/pod{UID_A}/{CID_A}\n"
+            f"11:memory:/kubepods/burstable/pod{UID_A}/{CID_A}\n1:name=systemd:/\n",
+            (UID_A, CID_A),
+            id="v1-cgroupfs",
+        ),
+        pytest.param(
+            f"4:memory:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod"
+            f"{UID_A.replace('-', '_')}.slice/docker-{CID_A}.scope",
+            (UID_A, CID_A),
+            id="v1-systemd-docker",
+        ),
+        pytest.param(
+            f"0::/kubepods.slice/kubepods-pod{UID_A.replace('-', '_')}.slice/"
+            f"crio-conmon-{CID_A}.scope",
+            None,
+            id="crio-conmon-is-not-a-container",
+        ),
+        pytest.param(
+            f"0::/kubepods.slice/kubepods-pod{UID_A.replace('-', '_')}.slice", None, id="pod-slice"
+        ),
+        pytest.param("0::/system.slice/containerd.service", None, id="host-process"),
+        pytest.param("", None, id="empty"),
+    ],
+)
+def test_parse_cgroup(text: str, expected: tuple[str, str] | None) -> None:
+    ref = parse_cgroup(text)
+    assert (None if ref is None else (ref.pod_uid, ref.container_id)) == expected
+
+
+def test_pod_directory_refreshes_on_miss_and_survives_api_errors() -> None:
+    calls: list[int] = []
+    pods: list[dict[str, Any]] = []
+
+    def lister() -> list[dict[str, Any]]:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("API down")
+        return pods
+
+    directory = PodDirectory(lister, ttl=60, miss_interval=0)
+    assert directory.lookup(UID_A, CID_A) is None
+    pods.append(_pod("ml", "llm-abc", UID_A, {"server": CID_A}))
+    found = directory.lookup(UID_A, CID_A)
+    assert found is not None and (found.namespace, found.pod, found.container) == (
+        "ml",
+        "llm-abc",
+        "server",
+    )
+    # An API failure keeps what was known.
+    assert directory.lookup(UID_B, CID_B) is None
+    assert directory.lookup(UID_A, CID_A) is not None
+
+
+def _pod(ns: str, name: str, uid: str, containers: dict[str, str]) -> dict[str, Any]:
+    return {
+        "metadata": {"namespace": ns, "name": name, "uid": uid},
+        "status": {
+            "containerStatuses": [
+                {"name": n, "containerID": f"containerd://{cid}"} for n, cid in containers.items()
+            ]
+        },
+    }
+
+
+# --- a fake NVML, patched over pynvml's functions only ----------------------------------------
+
+
+class FakeNvml:
+    """Two GPUs: GPU 0 whole (an H100), GPU 1 an A100-80GB in MIG mode with two MIG devices."""
+
+    def __init__(self) -> None:
+        self.gpus: dict[int, dict[str, Any]] = {
+            0: {"name": "NVIDIA H100 80GB HBM3", "mig": False},
+            1: {"name": "NVIDIA A100-SXM4-80GB", "mig": True},
+        }
+        self.migs = {
+            (1, 0): "NVIDIA A100-SXM4-80GB MIG 3g.40gb",
+            (1, 2): "NVIDIA A100-SXM4-80GB MIG 1g.10gb",
+        }
+        # handle -> [(pid, bytes)]
+        self.processes: dict[Any, list[tuple[int, int | None]]] = {
+            ("gpu", 0): [(101, 3 * 2**30), (102, 1 * 2**30), (999, 2**30)],
+            ("mig", 1, 0): [(201, 20 * 2**30)],
+            ("mig", 1, 2): [],
+        }
+        self.samples: dict[Any, list[tuple[int, int, int]]] = {  # pid, timestamp, smUtil
+            ("gpu", 0): [(101, 10, 40), (101, 20, 60), (102, 15, 10)],
+        }
+        self.since: list[int] = []
+        self.fail_init: int | None = None
+
+    def patch(self, mp: pytest.MonkeyPatch) -> None:
+        def init() -> None:
+            if self.fail_init is not None:
+                raise pynvml.NVMLError(self.fail_init)
+
+        def proc_util(handle: Any, since: int) -> list[Any]:
+            if handle[0] == "mig":
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            self.since.append(since)
+            found = [
+                SimpleNamespace(pid=p, timeStamp=ts, smUtil=u, memUtil=0)
+                for p, ts, u in self.samples.get(handle, [])
+                if ts > since
+            ]
+            if not found:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+            return found
+
+        def mig_mode(handle: Any) -> tuple[int, int]:
+            on = self.gpus[handle[1]]["mig"]
+            return (pynvml.NVML_DEVICE_MIG_ENABLE, pynvml.NVML_DEVICE_MIG_ENABLE) if on else (0, 0)
+
+        def mig_handle(handle: Any, index: int) -> Any:
+            if (handle[1], index) not in self.migs:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+            return ("mig", handle[1], index)
+
+        def name(handle: Any) -> str:
+            if handle[0] == "mig":
+                return self.migs[(handle[1], handle[2])]
+            return str(self.gpus[handle[1]]["name"])
+
+        def running(handle: Any) -> list[Any]:
+            return [
+                SimpleNamespace(pid=p, usedGpuMemory=m) for p, m in self.processes.get(handle, [])
+            ]
+
+        mp.setattr(pynvml, "nvmlInit", init)
+        mp.setattr(pynvml, "nvmlShutdown", lambda: None)
+        mp.setattr(pynvml, "nvmlSystemGetDriverVersion", lambda: "570.00")
+        mp.setattr(pynvml, "nvmlDeviceGetCount", lambda: len(self.gpus))
+        mp.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: ("gpu", i))
+        mp.setattr(pynvml, "nvmlDeviceGetName", name)
+        mp.setattr(pynvml, "nvmlDeviceGetMigMode", mig_mode)
+        mp.setattr(pynvml, "nvmlDeviceGetMaxMigDeviceCount", lambda h: 7)
+        mp.setattr(pynvml, "nvmlDeviceGetMigDeviceHandleByIndex", mig_handle)
+        mp.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses", running)
+        mp.setattr(pynvml, "nvmlDeviceGetProcessUtilization", proc_util)
+
+
+def _proc(root: Path, pid: int, cgroup: str) -> None:
+    (root / str(pid)).mkdir(parents=True)
+    (root / str(pid) / "cgroup").write_text(cgroup)
+
+
+def _systemd(uid: str, cid: str) -> str:
+    return (
+        f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+        f"{uid.replace('-', '_')}.slice/cri-containerd-{cid}.scope\n"
+    )
+
+
+@pytest.fixture
+def proc_root(tmp_path: Path) -> Path:
+    root = tmp_path / "proc"
+    _proc(root, 101, _systemd(UID_A, CID_A))  # two processes of one container
+    _proc(root, 102, _systemd(UID_A, CID_A))
+    _proc(root, 201, f"0::/kubepods/besteffort/pod{UID_B}/{CID_B}")  # on a MIG device
+    _proc(root, 999, "0::/system.slice/some-host-daemon.service")  # not in a pod
+    return root
+
+
+def _scrape(port: int) -> dict[str, list[Any]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        body = resp.read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(body)}
+
+
+@pytest.fixture
+def served(
+    monkeypatch: pytest.MonkeyPatch, proc_root: Path
+) -> Iterator[tuple[FakeNvml, int, GpuUsageCollector]]:
+    fake = FakeNvml()
+    fake.patch(monkeypatch)
+    pods = PodDirectory(
+        lambda: [_pod("ml", "llm-0", UID_A, {"server": CID_A})], ttl=60, miss_interval=0
+    )
+    collector = GpuUsageCollector(NvmlReader(), pods, proc_root)
+    server, thread = serve(collector, "127.0.0.1", 0)
+    try:
+        yield fake, server.server_port, collector
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+
+
+def test_metrics_per_container_over_http(served: tuple[FakeNvml, int, GpuUsageCollector]) -> None:
+    fake, port, _ = served
+    families = _scrape(port)
+    memory = {
+        (s.labels["namespace"], s.labels["pod"], s.labels["container"], s.labels["gpu"]): s
+        for s in families["trimtab_gpu_memory_used_bytes"]
+    }
+    # Processes 101 and 102 are one container: their memory adds up. 999 is not in a pod.
+    assert memory[("ml", "llm-0", "server", "0")].value == 4 * 2**30
+    assert memory[("ml", "llm-0", "server", "0")].labels["gpu_model"] == "NVIDIA H100 80GB HBM3"
+    # Pod B is not in the pod list: exported by UID and container ID, names empty.
+    mig = memory[("", "", "", "1/mig0")]
+    assert mig.value == 20 * 2**30
+    assert (mig.labels["pod_uid"], mig.labels["container_id"]) == (UID_B, CID_B)
+    assert mig.labels["mig_profile"] == "3g.40gb"
+    assert len(memory) == 2
+
+    util = {s.labels["gpu"]: s.value for s in families["trimtab_gpu_utilization_ratio"]}
+    # Mean of 101's samples (50%) plus 102's 10%; none for MIG (NVML has no samples there).
+    assert util == {"0": pytest.approx(0.6)}
+    assert families["trimtab_gpu_agent_nvml_up"][0].value == 1.0
+
+    # The next scrape asks only for samples newer than the last one seen.
+    _scrape(port)
+    assert fake.since[-1] == 20
+    util2 = {s.labels["gpu"]: s.value for s in _scrape(port)["trimtab_gpu_utilization_ratio"]}
+    assert util2 == {"0": 0.0}
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, id="no-library"),
+        pytest.param(pynvml.NVML_ERROR_DRIVER_NOT_LOADED, id="driver-not-loaded"),
+    ],
+)
+def test_no_driver_serves_empty_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+    proc_root: Path,
+    error: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeNvml()
+    fake.fail_init = error
+    fake.patch(monkeypatch)
+    reader = NvmlReader()
+    collector = GpuUsageCollector(reader, None, proc_root)
+    server, thread = serve(collector, "127.0.0.1", 0)
+    try:
+        families = _scrape(server.server_port)
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+    assert families["trimtab_gpu_memory_used_bytes"] == []
+    assert families["trimtab_gpu_agent_nvml_up"][0].value == 0.0
+    assert "no NVIDIA driver or GPU" in caplog.text
+
+
+def test_gpu_agent_main_runs_without_a_driver_until_stopped(tmp_path: Path) -> None:
+    """The real entry point in a child process, with the real (absent or present) driver:
+    it must keep serving, not exit, and stop cleanly on SIGTERM."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "import sys; from trimtab.gpu.agent import gpu_agent_main; "
+        f"sys.exit(gpu_agent_main(['--address', '127.0.0.1', '--port', '{port}', '--no-kube']))"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        families: dict[str, list[Any]] | None = None
+        while time.monotonic() < deadline and families is None:
+            try:
+                families = _scrape(port)
+            except OSError:
+                time.sleep(0.1)
+        assert families is not None, "agent did not serve /metrics"
+        assert child.poll() is None
+        assert "trimtab_gpu_agent_nvml_up" in families
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=5)
+    assert child.stderr is not None
+    log = child.stderr.read()
+    assert "serving /metrics" in log
+
+
+def _have_gpu() -> bool:
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return False
+    try:
+        return int(pynvml.nvmlDeviceGetCount()) > 0
+    finally:
+        pynvml.nvmlShutdown()
+
+
+ALLOCATE = textwrap.dedent(
+    """
+    import ctypes, sys, time
+    cuda = ctypes.CDLL(sys.argv[1])
+    def check(rc, what):
+        if rc != 0:
+            raise SystemExit(f"{what} failed: {rc}")
+    check(cuda.cuInit(0), "cuInit")
+    dev = ctypes.c_int()
+    check(cuda.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
+    ctx = ctypes.c_void_p()
+    check(cuda.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev), "cuCtxCreate")
+    ptr = ctypes.c_uint64()
+    check(cuda.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(int(sys.argv[2]))), "cuMemAlloc")
+    print("allocated", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.gpu
+def test_real_gpu_attributes_memory_to_the_allocating_process() -> None:
+    """A child process allocates 512 MiB through the CUDA driver API (libcuda via ctypes, no
+    framework needed); the agent's NVML reader must list that PID with at least that much."""
+    if not _have_gpu():
+        pytest.skip("no NVIDIA GPU or driver")
+    libcuda = ctypes.util.find_library("cuda") or "libcuda.so.1"
+    size = 512 * 2**20
+    child = subprocess.Popen(
+        [sys.executable, "-c", ALLOCATE, libcuda, str(size)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reader = NvmlReader()
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line.strip() == "allocated", child.stderr.read() if child.stderr else line
+        deadline = time.monotonic() + 15
+        mine: list[agent_mod.GpuProcess] = []
+        while time.monotonic() < deadline and not mine:
+            mine = [p for p in reader.read() if p.pid == child.pid]
+            if not mine:
+                time.sleep(0.2)
+        print("NVML processes of the child:", mine)
+        assert mine, f"PID {child.pid} not among {reader.read()}"
+        assert sum(p.memory_bytes for p in mine) >= size
+        assert all(p.gpu_model for p in mine)
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        reader.shutdown()

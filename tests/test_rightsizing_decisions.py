@@ -1,0 +1,355 @@
+"""Table tests for decisions/rightsizing.py and the rightsizing API fields."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.validation import ROOT, validate_custom
+from trimtab.api.common import Resources
+from trimtab.api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus
+from trimtab.api.rightsizing import (
+    AppliedResources,
+    GpuPolicy,
+    RecommendationsStatus,
+    ResourceAmounts,
+    RightsizingSpec,
+)
+from trimtab.builders.serving import revision_of
+from trimtab.decisions.rightsizing import (
+    DAY,
+    GB,
+    HOUR,
+    MIG_PROFILES,
+    ContainerUsage,
+    CurrentResources,
+    GiB,
+    MiB,
+    Policy,
+    cpu_histogram,
+    effective_resources,
+    gpu_model_from_name,
+    moved,
+    oom_floor,
+    parse_duration,
+    recommend_resources,
+    resources_hash,
+    suggest_gpu_shape,
+)
+
+STEP = 300.0
+WEEK = 7 * DAY
+NOW = 1_700_000_000.0
+CRD = ROOT / "crds" / "trimtab.io_modeldeployments.yaml"
+
+
+def series(
+    values: Sequence[float], end: float = NOW, step: float = STEP
+) -> list[tuple[float, float]]:
+    start = end - step * (len(values) - 1)
+    return [(start + i * step, v) for i, v in enumerate(values)]
+
+
+def steady(n: int, cpu: float, mem: float, seed: int = 1) -> ContainerUsage:
+    rng = random.Random(seed)
+    return ContainerUsage(
+        "server",
+        STEP,
+        cpu=series([max(0.0, cpu + rng.gauss(0, cpu * 0.05)) for _ in range(n)]),
+        memory=series([mem + rng.uniform(0, mem * 0.01) for _ in range(n)]),
+    )
+
+
+POLICY = Policy(window_s=WEEK)
+CURRENT = CurrentResources(cpu=2.0, memory=8 * GiB, memory_limit=8 * GiB)
+
+
+@pytest.mark.parametrize(
+    ("usage", "policy", "state", "cpu_range", "mem_range", "message"),
+    [
+        pytest.param(
+            steady(100, 0.5, 2 * GiB), POLICY, "InsufficientData", None, None,
+            "insufficient data (100 of 288 samples)", id="too-little-history",
+        ),
+        pytest.param(
+            steady(2016, 0.5, 2 * GiB), POLICY, "Recommended", (0.54, 0.58),
+            (2.2 * GiB, 2.25 * GiB), "cpu", id="steady-week",
+        ),
+        pytest.param(
+            steady(300, 0.5, 2 * GiB), POLICY, "Recommended", (0.54, 0.58),
+            (2.2 * GiB, 2.25 * GiB), "", id="just-over-a-day",
+        ),
+        pytest.param(
+            ContainerUsage(
+                "server", STEP, cpu=steady(2016, 0.5, GiB).cpu,
+                missing_series=("container_memory_working_set_bytes",),
+            ),
+            POLICY, "MissingMetrics", None, None,
+            "no data for container_memory_working_set_bytes", id="missing-series-named",
+        ),
+        pytest.param(
+            steady(2016, 0.5, 2 * GiB),
+            Policy(window_s=WEEK, cpu_percentile=0.5, cpu_headroom=0.0, memory_headroom=0.0),
+            "Recommended", (0.49, 0.52), (2.0 * GiB, 2.03 * GiB), "", id="percentile-override",
+        ),
+        pytest.param(
+            steady(2016, 0.5, 2 * GiB),
+            Policy(window_s=WEEK, cpu_min=1.0, memory_max=1.5 * GiB),
+            "Recommended", (1.0, 1.0), (1.5 * GiB, 1.5 * GiB), "", id="bounds-clamp",
+        ),
+        pytest.param(
+            steady(2016, 0.001, 1 * MiB), POLICY, "Recommended", (0.01, 0.01),
+            (16 * MiB, 16 * MiB), "", id="floors-for-idle",
+        ),
+    ],
+)
+def test_recommend_resources(
+    usage: ContainerUsage,
+    policy: Policy,
+    state: str,
+    cpu_range: tuple[float, float] | None,
+    mem_range: tuple[float, float] | None,
+    message: str,
+) -> None:
+    rec = recommend_resources(usage, CURRENT, policy, NOW)
+    assert rec.state == state
+    assert message in rec.message
+    if cpu_range is None:
+        assert rec.cpu is None and rec.memory is None and rec.resources() is None
+        return
+    assert rec.cpu is not None and rec.memory is not None and mem_range is not None
+    assert cpu_range[0] <= rec.cpu <= cpu_range[1]
+    assert mem_range[0] <= rec.memory <= mem_range[1]
+    res = rec.resources()
+    assert res is not None and res.memory_limit == res.memory  # limit = request for memory
+    assert res.cpu_limit is None  # no CPU limit is added
+
+
+def test_oom_kill_bumps_memory_above_the_limit() -> None:
+    usage = steady(2016, 0.5, 2 * GiB)
+    killed = ContainerUsage(
+        "server", STEP, usage.cpu, usage.memory, oom_kills=[(NOW - HOUR, 2 * GiB)]
+    )
+    plain = recommend_resources(usage, CURRENT, POLICY, NOW)
+    bumped = recommend_resources(killed, CURRENT, POLICY, NOW)
+    assert plain.memory is not None and bumped.memory is not None
+    assert bumped.memory >= 2 * GiB * 1.2 * 1.1 > plain.memory
+    assert bumped.oom_kills == 1 and "OOM" in bumped.message
+    # Five days later the kill is past the peak horizon and the peaks speak for themselves.
+    later = recommend_resources(killed, CURRENT, POLICY, NOW + 5 * DAY - STEP)
+    assert later.state == "InsufficientData" or (later.memory or 0) < bumped.memory
+
+
+def test_memory_forgets_a_level_left_days_ago() -> None:
+    """Memory at 6 GiB until five days ago, 3 GiB since: sized for 3 GiB, not the old peak."""
+    n = 2016
+    values = [6 * GiB if i < n - 5 * 288 else 3 * GiB for i in range(n)]
+    usage = ContainerUsage("server", STEP, series([0.5] * n), series(values))
+    rec = recommend_resources(usage, CURRENT, POLICY, NOW)
+    assert rec.memory is not None and rec.memory < 3.5 * GiB
+
+
+def test_daily_peak_is_kept() -> None:
+    """A one-hour daily spike to 5 GiB over a 2 GiB base is what memory is sized for."""
+    values = [5 * GiB if (i % 288) < 12 else 2 * GiB for i in range(2016)]
+    usage = ContainerUsage("server", STEP, series([0.5] * 2016), series(values))
+    rec = recommend_resources(usage, CURRENT, POLICY, NOW)
+    assert rec.memory is not None and rec.memory >= 5 * GiB * 1.1
+
+
+@pytest.mark.parametrize(
+    ("kills", "expected_mib"),
+    [
+        pytest.param([], 0, id="none"),
+        pytest.param([(0.0, 1000 * MiB)], 1200, id="ratio-1.2"),
+        pytest.param([(0.0, 200 * MiB)], 300, id="min-100MiB"),
+        pytest.param([(0.0, 1000 * MiB), (600.0, 1200 * MiB)], 1728, id="chained-squares"),
+        pytest.param(
+            [(0.0, 1000 * MiB), (600.0, 1200 * MiB), (1200.0, 1728 * MiB)],
+            1728 * 2.0736, id="third-in-a-row",
+        ),
+        pytest.param([(0.0, 1000 * MiB), (7200.0, 1000 * MiB)], 1200, id="apart-no-chain"),
+    ],
+)
+def test_oom_floor(kills: list[tuple[float, float]], expected_mib: float) -> None:
+    assert oom_floor(kills) / MiB == pytest.approx(expected_mib)
+
+
+GPU_POLICY = GpuPolicy()
+
+
+@pytest.mark.parametrize(
+    ("peak_gb", "util", "slices", "model", "policy", "kind", "resource", "count"),
+    [
+        pytest.param(7, 0.12, 7, "H100-80GB", GPU_POLICY, "Mig", "nvidia.com/mig-1g.10gb", 1,
+                     id="small-model-on-h100-mig-1g"),
+        pytest.param(7, 0.2, 7, "H100-80GB", GPU_POLICY, "Mig", "nvidia.com/mig-2g.20gb", 1,
+                     id="two-slices-of-compute-mig-2g"),
+        pytest.param(7, 0.5, 7, "H100-80GB", GPU_POLICY, "Mig", "nvidia.com/mig-4g.40gb", 1,
+                     id="compute-bound-needs-4-slices"),
+        pytest.param(15, 0.2, 7, "A100-40GB", GPU_POLICY, "Mig", "nvidia.com/mig-3g.20gb", 1,
+                     id="a100-40-3g.20gb"),
+        pytest.param(4, 0.1, 7, "A100-40GB", GPU_POLICY, "Mig", "nvidia.com/mig-1g.5gb", 1,
+                     id="a100-40-1g.5gb"),
+        pytest.param(17, 0.1, 7, "A100-80GB", GPU_POLICY, "Mig", "nvidia.com/mig-1g.20gb", 1,
+                     id="a100-80-1g.20gb"),
+        pytest.param(30, 0.6, 7, "A100-80GB", GPU_POLICY, "Whole", "nvidia.com/gpu", 1,
+                     id="busy-needs-whole-gpu"),
+        pytest.param(120, 0.9, 14, "H100-80GB", GPU_POLICY, "Whole", "nvidia.com/gpu", 2,
+                     id="two-gpus-by-memory"),
+        pytest.param(30, 0.9, 28, "H100-80GB", GPU_POLICY, "Whole", "nvidia.com/gpu", 4,
+                     id="four-gpus-by-compute"),
+        pytest.param(6, 0.1, 7, None, GPU_POLICY, "TimeSliced", "nvidia.com/gpu.shared", 1,
+                     id="unknown-model-low-use-shares"),
+        pytest.param(6, 0.1, 7, "H100-80GB", GpuPolicy(allow_mig=False), "TimeSliced",
+                     "nvidia.com/gpu.shared", 1, id="mig-disallowed-shares"),
+        pytest.param(6, 0.1, 7, "H100-80GB", GpuPolicy(allow_mig=False, allow_sharing=False),
+                     "Whole", "nvidia.com/gpu", 1, id="nothing-allowed-whole"),
+        pytest.param(6, 1.0, 3, "A100-80GB", GPU_POLICY, "Mig", "nvidia.com/mig-4g.40gb", 1,
+                     id="mig-3g-saturated-grows-to-4g"),
+        pytest.param(6, None, 3, "A100-80GB", GPU_POLICY, "Mig", "nvidia.com/mig-3g.40gb", 1,
+                     id="mig-without-samples-keeps-its-slices"),
+        pytest.param(6, None, 7, "H100-80GB", GPU_POLICY, "Whole", "nvidia.com/gpu", 1,
+                     id="no-utilization-assumes-busy"),
+    ],
+)
+def test_suggest_gpu_shape(
+    peak_gb: float, util: float | None, slices: int, model: str | None, policy: GpuPolicy,
+    kind: str, resource: str, count: int,
+) -> None:
+    shape = suggest_gpu_shape(peak_gb * GB, util, slices, policy, model)  # type: ignore[arg-type]  # str for the Literal
+    assert (shape.kind, shape.resource_name, shape.count) == (kind, resource, count), shape.reason
+
+
+def test_low_use_mig_also_mentions_sharing() -> None:
+    shape = suggest_gpu_shape(7 * GB, 0.12, 7, GPU_POLICY, "H100-80GB")
+    assert shape.kind == "Mig" and "time-sliced GPU would also do" in shape.reason
+
+
+def test_mig_tables_have_the_real_profile_names() -> None:
+    assert [p.name for p in MIG_PROFILES["A100-40GB"]] == [
+        "1g.5gb", "1g.10gb", "2g.10gb", "3g.20gb", "4g.20gb", "7g.40gb"
+    ]
+    for model in ("A100-80GB", "H100-80GB"):  # a tuple of Literals: indexes the table typed
+        assert [p.name for p in MIG_PROFILES[model]] == [
+            "1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"
+        ]
+
+
+@pytest.mark.parametrize(
+    ("name", "memory", "expected"),
+    [
+        pytest.param("NVIDIA A100-SXM4-40GB", None, "A100-40GB", id="a100-40"),
+        pytest.param("NVIDIA A100 80GB PCIe", None, "A100-80GB", id="a100-80-pcie"),
+        pytest.param("NVIDIA H100 80GB HBM3", None, "H100-80GB", id="h100"),
+        pytest.param("NVIDIA H100 NVL", 100e9, None, id="h100-nvl-94gb-not-tabled"),
+        pytest.param("Tesla T4", None, None, id="no-mig"),
+    ],
+)
+def test_gpu_model_from_name(name: str, memory: float | None, expected: str | None) -> None:
+    assert gpu_model_from_name(name, memory) == expected
+
+
+def test_gpu_shape_in_recommendation() -> None:
+    usage = steady(2016, 0.5, 2 * GiB)
+    with_gpu = ContainerUsage(
+        "server", STEP, usage.cpu, usage.memory,
+        gpu_memory=series([6 * GB] * 2016), gpu_utilization=series([0.12] * 2016),
+        gpu_model="H100-80GB",
+    )
+    current = CurrentResources(cpu=2.0, memory=8 * GiB, gpu=1)
+    rec = recommend_resources(with_gpu, current, POLICY, NOW)
+    assert rec.gpu_shape is not None and rec.gpu_shape.resource_name == "nvidia.com/mig-1g.10gb"
+    status = rec.to_status("168h")
+    assert status.basis is not None and status.basis.peak_gpu_memory is not None
+    assert status.recommended is not None and status.recommended.gpu == 1  # shape only suggested
+
+
+@pytest.mark.parametrize(
+    ("current", "cpu", "memory", "expected"),
+    [
+        pytest.param(CurrentResources(cpu=1.0, memory=GiB), 1.05, GiB, False, id="5pct-no"),
+        pytest.param(CurrentResources(cpu=1.0, memory=GiB), 1.11, GiB, True, id="11pct-cpu"),
+        pytest.param(CurrentResources(cpu=1.0, memory=GiB), 1.0, 0.85 * GiB, True, id="down-15"),
+        pytest.param(CurrentResources(), 1.0, GiB, True, id="nothing-set-before"),
+    ],
+)
+def test_moved(current: CurrentResources, cpu: float, memory: float, expected: bool) -> None:
+    from trimtab.decisions.rightsizing import Recommendation
+
+    rec = Recommendation("c", "Recommended", "", current, cpu=cpu, memory=memory)
+    assert moved(rec, 0.10) is expected
+
+
+def test_effective_resources_and_revision() -> None:
+    spec = ModelDeploymentSpec(image="i", resources=Resources(cpu="2", memory="8Gi"))
+    applied = RecommendationsStatus(
+        applied=AppliedResources(
+            resources=ResourceAmounts(cpu="600m", memory="2253Mi", memory_limit="2253Mi"),
+            applied_at="2024-01-01T00:00:00Z",
+            spec_resources_hash=resources_hash(spec.resources),
+        )
+    )
+    assert effective_resources(spec.resources, "Recommend", applied) == spec.resources
+    auto = effective_resources(spec.resources, "Auto", applied)
+    assert (auto.cpu, auto.memory, auto.memory_limit) == ("600m", "2253Mi", "2253Mi")
+    # The resized spec is a new revision; the rightsizing policy itself never is.
+    resized = spec.model_copy(update={"resources": auto})
+    assert revision_of(resized) != revision_of(spec)
+    policy_only = spec.model_copy(update={"rightsizing": RightsizingSpec(mode="Auto")})
+    assert revision_of(policy_only) == revision_of(spec)
+    # A user's edit of spec.resources wins over the applied recommendation.
+    edited = Resources(cpu="3", memory="8Gi")
+    assert effective_resources(edited, "Auto", applied) == edited
+
+
+def test_histogram_decay_and_resolution() -> None:
+    h = cpu_histogram()
+    for i in range(100):
+        h.add(1.0, 1.0, i * 60.0)
+    assert 1.0 <= h.percentile(0.95) <= 1.011
+    h.add(3.0, 1.0, 30 * DAY)  # much later: the old samples have nearly no weight
+    assert h.percentile(0.5) > 2.9
+    assert math.isclose(cpu_histogram().percentile(0.9), 0.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [pytest.param("168h", 604800, id="week"), pytest.param("1h30m", 5400, id="compound"),
+     pytest.param("250ms", 0.25, id="millis")],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_crd_accepts_rightsizing_and_recommendations(tmp_path: Path) -> None:
+    rec = recommend_resources(steady(2016, 0.5, 2 * GiB), CURRENT, POLICY, NOW)
+    status = ModelDeploymentStatus(
+        recommendations=RecommendationsStatus(
+            updated_at="2024-01-01T00:00:00Z", containers=[rec.to_status("168h")]
+        )
+    )
+    obj = {
+        "apiVersion": "trimtab.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "m", "namespace": "ml"},
+        "spec": {
+            "image": "i",
+            "rightsizing": {
+                "mode": "Auto",
+                "window": "72h",
+                "cpu": {"percentile": 0.9, "headroom": 0.1, "min": "100m", "max": "8"},
+                "memory": {"max": "64Gi"},
+                "gpu": {"allowSharing": False, "gpuModel": "H100-80GB"},
+            },
+        },
+        "status": status.to_wire(),
+    }
+    validate_custom(obj, CRD)
+    bad = {**obj, "spec": {"image": "i", "rightsizing": {"mode": "Sometimes"}}}
+    with pytest.raises(Exception, match="Sometimes"):
+        validate_custom(bad, CRD)

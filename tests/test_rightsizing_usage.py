@@ -1,0 +1,187 @@
+"""metrics/usage.py against a real Prometheus scraping an exporter that replays container usage
+as cAdvisor, kube-state-metrics and trimtab's gpu-agent expose it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.prometheus_fixture import (
+    MetricsExporter,
+    PodTarget,
+    PrometheusServer,
+    prometheus_bin,  # noqa: F401  # a fixture
+    wait_until,
+)
+from trimtab.decisions.rightsizing import CurrentResources, GiB, Policy, recommend_resources
+from trimtab.metrics.usage import (
+    AGENT_GPU_MEMORY,
+    CPU_SERIES,
+    DCGM_GPU_MEMORY,
+    MEMORY_SERIES,
+    UsageReader,
+    UsageTarget,
+    pod_regex_for,
+)
+
+pytestmark = pytest.mark.prometheus
+
+NS = "ml"
+POD = "chat-0123456789-7d9f8c6b5-x2x9z"
+OTHER_POD = "chatty-0123456789-7d9f8c6b5-aaaaa"
+
+
+class HonorLabelsPrometheus(PrometheusServer):
+    """Scrapes the exporter as Prometheus scrapes the kubelet's cAdvisor endpoint: the series
+    carry their own namespace/pod/container labels (honor_labels)."""
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {
+                    "job_name": "usage",
+                    "honor_labels": True,
+                    "scrape_interval": self.scrape_interval,
+                    "scrape_timeout": self.scrape_interval,
+                    "static_configs": [{"targets": [t.address for t in self.targets]}],
+                }
+            ],
+        }
+
+
+class UsageReplayer:
+    """Moves the exporter's series every 100 ms: CPU seconds at `cores`, working set at
+    `memory`, GPU memory from the agent; `oom()` records an OOM-killed restart."""
+
+    def __init__(self, exporter: MetricsExporter) -> None:
+        self.e = exporter
+        self.cores = 0.5
+        self.memory = 2 * GiB
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        labels = {"namespace": NS, "pod": POD, "container": "server"}
+        self.labels = labels
+        exporter.declare(CPU_SERIES, "counter")
+        exporter.declare(MEMORY_SERIES, "gauge")
+        exporter.declare("kube_pod_container_status_restarts_total", "counter")
+        exporter.declare("kube_pod_container_status_last_terminated_reason", "gauge")
+        exporter.declare(AGENT_GPU_MEMORY, "gauge")
+        exporter.declare("trimtab_gpu_utilization_ratio", "gauge")
+        exporter.inc_counter("kube_pod_container_status_restarts_total", 0.0, **labels)
+        # A pod of another workload with a similar name must not be read.
+        exporter.set_gauge(MEMORY_SERIES, 50 * GiB, namespace=NS, pod=OTHER_POD, container="server")
+
+    def start(self) -> UsageReplayer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(0.1):
+            now = time.monotonic()
+            self.e.inc_counter(CPU_SERIES, self.cores * (now - last), **self.labels)
+            self.e.set_gauge(MEMORY_SERIES, self.memory, **self.labels)
+            self.e.set_gauge(
+                AGENT_GPU_MEMORY, 6e9, gpu="0", gpu_model="NVIDIA H100 80GB HBM3", **self.labels
+            )
+            self.e.set_gauge("trimtab_gpu_utilization_ratio", 0.1, gpu="0", **self.labels)
+            last = now
+
+    def oom(self) -> None:
+        self.e.set_gauge(
+            "kube_pod_container_status_last_terminated_reason", 1, reason="OOMKilled", **self.labels
+        )
+        self.e.inc_counter("kube_pod_container_status_restarts_total", 1, **self.labels)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture
+def replay(prometheus_bin: str, tmp_path: Path) -> Iterator[tuple[UsageReplayer, PrometheusServer]]:
+    exporter = MetricsExporter("generic").start()
+    replayer = UsageReplayer(exporter).start()
+    prom = HonorLabelsPrometheus(
+        [PodTarget(exporter.address)], tmp_path / "prom", scrape_interval="200ms"
+    ).start()
+    try:
+        prom.wait_for_scrapes()
+        yield replayer, prom
+    finally:
+        prom.stop()
+        replayer.stop()
+        exporter.stop()
+
+
+TARGET = UsageTarget(NS, pod_regex_for("chat"), "server")
+
+
+async def test_reads_usage_oom_and_gpu_and_recommends(
+    replay: tuple[UsageReplayer, PrometheusServer],
+) -> None:
+    replayer, prom = replay
+    reader = UsageReader(prom.url, rate_window="2s")
+    try:
+        wait_until(lambda: bool(prom.query(f"{MEMORY_SERIES}{{pod={POD!r}}}")), 20, what="data")
+        await asyncio.sleep(3)
+        replayer.oom()
+        wait_until(
+            lambda: bool(prom.query('kube_pod_container_status_last_terminated_reason == 1')),
+            10,
+            what="OOM series",
+        )
+        await asyncio.sleep(2.5)
+        now = time.time()
+        answer = await reader.read(TARGET, 10.0, now, memory_limit=2 * GiB, wants_gpu=True)
+    finally:
+        await reader.close()
+    assert answer.usage is not None, answer.unavailable
+    usage = answer.usage
+    assert usage.missing_series == () and usage.missing_gpu_series == ()
+    assert usage.step_seconds == 1.0
+    cpus = [v for _, v in usage.cpu]
+    assert cpus and all(0.3 < v < 0.7 for v in cpus[-3:]), cpus
+    # The other workload's 50 GiB pod is not ours.
+    assert max(v for _, v in usage.memory) == 2 * GiB
+    assert len(usage.oom_kills) >= 1 and usage.oom_kills[0][1] == 2 * GiB
+    assert max(v for _, v in usage.gpu_memory) == 6e9
+    assert usage.gpu_model == "H100-80GB"
+
+    rec = recommend_resources(
+        usage, CurrentResources(cpu=2.0, memory=8 * GiB, gpu=1), Policy(window_s=6.0), now
+    )
+    assert rec.state == "Recommended", rec.message
+    assert rec.memory is not None and rec.memory >= 2 * GiB * 1.2  # the OOM bump
+    assert rec.gpu_shape is not None and rec.gpu_shape.resource_name == "nvidia.com/mig-1g.10gb"
+
+
+async def test_missing_series_are_named(replay: tuple[UsageReplayer, PrometheusServer]) -> None:
+    _, prom = replay
+    reader = UsageReader(prom.url, rate_window="2s")
+    try:
+        answer = await reader.read(
+            UsageTarget(NS, pod_regex_for("absent"), "server"), 10.0, time.time(), wants_gpu=True
+        )
+    finally:
+        await reader.close()
+    assert answer.usage is not None
+    assert answer.usage.missing_series == (CPU_SERIES, MEMORY_SERIES)
+    assert DCGM_GPU_MEMORY in answer.usage.missing_gpu_series[0]
+
+
+async def test_unreachable_prometheus_is_unavailable() -> None:
+    reader = UsageReader("http://127.0.0.1:9", timeout_s=3)
+    try:
+        answer = await reader.read(TARGET, 60.0, time.time())
+    finally:
+        await reader.close()
+    assert answer.usage is None
+    assert "127.0.0.1:9" in answer.unavailable

@@ -1,0 +1,247 @@
+"""Traffic routing: HTTPRoute and VirtualService manifests checked against the published
+Gateway API and Istio CRDs; the routers (through a fake cluster) and their registry; the
+rollout spec's CEL rules against the generated CRD."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+import pytest
+
+from tests.validation import (
+    ROOT,
+    cel_failures,
+    crd_schema,
+    thirdparty,
+    validate_builtin,
+    validate_custom,
+)
+from trimtab.api.rollout import (
+    GatewayApiRouterSpec,
+    IstioRouterSpec,
+    ReplicasRouterSpec,
+    RolloutSpec,
+    Weights,
+)
+from trimtab.builders.common import Owner
+from trimtab.builders.routing import (
+    Split,
+    build_http_route,
+    build_revision_service,
+    build_virtual_service,
+)
+from trimtab.routing.base import CannotMirror, RouteTarget
+from trimtab.routing.registry import ROUTERS, UnknownRouterError, build_router
+
+OWNER = Owner("trimtab.io/v1alpha1", "ModelDeployment", "chat", "prod", "uid-1")
+HTTPROUTE_CRD = thirdparty("gateway-api", "standard", "gateway.networking.k8s.io_httproutes.yaml")
+VS_CRD = thirdparty("istio", "virtualservices.networking.istio.io.yaml")
+MDEP_CRD = ROOT / "crds" / "trimtab.io_modeldeployments.yaml"
+
+GW_OWNED = GatewayApiRouterSpec(
+    type="gatewayApi",
+    parent_refs=[{"name": "public", "namespace": "gateways", "sectionName": "https"}],  # type: ignore[list-item]  # validated from wire form
+    hostnames=["chat.example.com"],
+)
+GW_EXISTING = GatewayApiRouterSpec(type="gatewayApi", http_route="chat-route")
+ISTIO = IstioRouterSpec(type="istio", host="chat.example.com", gateways=["istio-system/public"])
+
+SPLITS = [
+    pytest.param(Split("aaa", None, 8000), id="stable-only"),
+    pytest.param(Split("aaa", "bbb", 8000, 90, 10), id="canary-10"),
+    pytest.param(Split("aaa", "bbb", 8000, 100, 0, 50), id="shadow-50"),
+    pytest.param(Split("aaa", "bbb", 8000, 50, 50, 100), id="canary-and-mirror"),
+]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize(
+    "router", [pytest.param(GW_OWNED, id="owned"), pytest.param(GW_EXISTING, id="existing")]
+)
+def test_http_route_fits_the_published_schema(split: Split, router: GatewayApiRouterSpec) -> None:
+    route = build_http_route(OWNER, router, split)
+    validate_custom(route, HTTPROUTE_CRD)
+    refs = route["spec"]["rules"][0]["backendRefs"]
+    assert sum(r["weight"] for r in refs) == 100
+    filters = route["spec"]["rules"][0].get("filters", [])
+    assert bool(filters) == bool(split.mirror_percent)
+    if filters:
+        assert filters[0]["requestMirror"]["percent"] == split.mirror_percent
+        assert filters[0]["requestMirror"]["backendRef"]["name"] == "chat-bbb"
+    # Someone else's route: no ownerReference, only the rules are ours.
+    assert ("ownerReferences" in route["metadata"]) == (router.parent_refs is not None)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_virtual_service_fits_the_published_schema(split: Split) -> None:
+    vs = build_virtual_service(OWNER, ISTIO, split)
+    # Istio's published schema lists no apiVersion/kind properties; check the rest strictly.
+    assert (vs["apiVersion"], vs["kind"]) == ("networking.istio.io/v1", "VirtualService")
+    body = {k: v for k, v in vs.items() if k not in ("apiVersion", "kind")}
+    validate_custom(body, VS_CRD, version="v1")
+    http = vs["spec"]["http"][0]
+    assert sum(r["weight"] for r in http["route"]) == 100
+    assert ("mirror" in http) == bool(split.mirror_percent)
+    if split.mirror_percent:
+        assert http["mirrorPercentage"] == {"value": float(split.mirror_percent)}
+        assert http["mirror"]["host"] == "chat-bbb.prod.svc.cluster.local"
+
+
+def test_revision_service_is_a_valid_service() -> None:
+    svc = build_revision_service(OWNER, "bbb", 8000)
+    validate_builtin(svc)
+    assert svc["spec"]["selector"] == {"trimtab.io/owner": "chat", "trimtab.io/revision": "bbb"}
+
+
+def test_split_rejects_inconsistent_weights() -> None:
+    with pytest.raises(ValueError, match="sum to 100"):
+        Split("a", "b", 80, 90, 20)
+    with pytest.raises(ValueError, match="needs a candidate"):
+        Split("a", None, 80, 90, 10)
+
+
+class FakeCluster:
+    """Stores applied objects by (kind, name) and records scales, as the API server would."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.scales: dict[str, int] = {}
+        self.deleted: list[tuple[str, str]] = []
+
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        key = (manifest["kind"], manifest["metadata"]["name"])
+        self.objects[key] = manifest
+        return manifest
+
+    async def get_object(
+        self, api_version: str, kind: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        return self.objects.get((kind, name))
+
+    async def delete_object(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        self.deleted.append((kind, name))
+        return self.objects.pop((kind, name), None) is not None
+
+    async def scale(self, kind: str, namespace: str, name: str, replicas: int) -> None:
+        self.scales[name] = replicas
+        self.objects[(kind, name)] = {"status": {"readyReplicas": replicas}}
+
+
+def target(total: int = 10) -> RouteTarget:
+    return RouteTarget(OWNER, 8000, "aaa", "bbb", Weights(), total_replicas=total)
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind"),
+    [
+        pytest.param(GW_OWNED, "HTTPRoute", id="gateway-api"),
+        pytest.param(ISTIO, "VirtualService", id="istio"),
+    ],
+)
+async def test_mesh_routers_set_and_read_weights(spec: Any, kind: str) -> None:
+    cluster = FakeCluster()
+    router = build_router(spec, target(), cluster)
+    assert router.exact_weights
+    assert await router.get_weights() is None
+    await router.reconcile()
+    assert ("Service", "chat-aaa") in cluster.objects and ("Service", "chat-bbb") in cluster.objects
+    await router.set_weights(75, 25, 0)
+    assert await router.get_weights() == Weights(stable=75, candidate=25)
+    await router.set_weights(100, 0, 40)
+    assert await router.get_weights() == Weights(stable=100, candidate=0, mirror_percent=40)
+    await router.finalize()
+    assert await router.get_weights() == Weights()
+    assert ("Service", "chat-bbb") in cluster.deleted
+
+
+async def test_replica_router_splits_by_replicas_and_cannot_mirror() -> None:
+    cluster = FakeCluster()
+    router = build_router(ReplicasRouterSpec(type="replicas"), target(10), cluster)
+    assert not router.exact_weights
+    await router.set_weights(75, 25, 0)
+    assert cluster.scales == {"chat-aaa": 8, "chat-bbb": 2}
+    assert await router.get_weights() == Weights(stable=80, candidate=20)
+    with pytest.raises(CannotMirror, match="cannot mirror"):
+        await router.set_weights(100, 0, 50)
+    await router.finalize()
+    assert cluster.scales == {"chat-aaa": 10, "chat-bbb": 0}
+
+
+def test_registry_is_explicit() -> None:
+    assert sorted(ROUTERS) == ["gatewayApi", "istio", "replicas"]
+    bogus = ReplicasRouterSpec.model_construct(type="linkerd")  # type: ignore[arg-type]  # a type no model allows
+    with pytest.raises(UnknownRouterError, match="linkerd"):
+        build_router(bogus, target(), FakeCluster())
+
+
+# --- the rollout spec's CEL rules, run on the generated CRD --------------------------------
+
+
+def rollout_failures(rollout: dict[str, Any]) -> list[str]:
+    schema = crd_schema(MDEP_CRD)["properties"]["spec"]["properties"]["rollout"]
+    return list(cel_failures(schema, rollout))
+
+
+@pytest.mark.parametrize(
+    ("rollout", "message"),
+    [
+        pytest.param({"steps": [{"weight": 10}, {"weight": 50}]}, None, id="increasing-ok"),
+        pytest.param({}, None, id="all-defaults-ok"),
+        pytest.param(
+            {"steps": [{"weight": 50}, {"weight": 10}]}, "strictly increasing", id="decreasing"
+        ),
+        pytest.param(
+            {"steps": [{"weight": 20}, {"weight": 20}]}, "strictly increasing", id="equal"
+        ),
+        pytest.param(
+            {"strategy": "ShadowThenCanary", "router": {"type": "replicas"}},
+            "cannot mirror",
+            id="replicas-cannot-shadow",
+        ),
+        pytest.param(
+            {"shadow": {"mirrorPercent": 50}, "router": {"type": "replicas"}},
+            "cannot mirror",
+            id="replicas-with-shadow-block",
+        ),
+        pytest.param(
+            {"strategy": "ShadowThenCanary", "router": {"type": "istio", "host": "m"}},
+            None,
+            id="istio-can-shadow",
+        ),
+        pytest.param(
+            {"router": {"type": "gatewayApi"}}, "needs httpRoute", id="gateway-needs-route"
+        ),
+        pytest.param({"router": {"type": "istio"}}, "needs host", id="istio-needs-host"),
+        pytest.param(
+            {"router": {"type": "replicas", "host": "m"}}, "host applies only", id="foreign-field"
+        ),
+        pytest.param(
+            {"steps": [{"weight": 10, "pause": {"duration": "1m", "untilPromoted": True}}]},
+            "not both",
+            id="pause-both",
+        ),
+    ],
+)
+def test_rollout_cel_rules(rollout: dict[str, Any], message: str | None) -> None:
+    failures = rollout_failures(rollout)
+    if message is None:
+        assert failures == []
+        RolloutSpec.model_validate(rollout)  # the model agrees
+    else:
+        assert any(message in f for f in failures), failures
+        with pytest.raises(pydantic.ValidationError):
+            RolloutSpec.model_validate(rollout)
+
+
+def test_weights_outside_0_100_rejected_by_schema() -> None:
+    doc = {
+        "apiVersion": "trimtab.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "m", "namespace": "d"},
+        "spec": {"image": "srv:1", "rollout": {"steps": [{"weight": 101}]}},
+    }
+    with pytest.raises(Exception, match="101"):
+        validate_custom(doc, MDEP_CRD)
+    doc["spec"]["rollout"] = {"steps": [{"weight": 10}, {"weight": 100}]}
+    validate_custom(doc, MDEP_CRD)

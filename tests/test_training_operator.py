@@ -1,0 +1,313 @@
+"""The real kopf operator against the API server emulator for TrainingJob: create -> Job and
+Service with the torchrun env; a failed Job -> a new Job with the restart count incremented;
+restarts exhausted -> Failed; Kueue suspend -> Queued, admission -> Running; suspend and resume;
+TTL clean-up that leaves what trimtab does not own."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import trimtab.handlers.trainingjob  # noqa: F401  # registers the TrainingJob handlers with kopf
+from tests.conftest import Cluster, wait_for
+from tests.kube_emulator import ApiServerEmulator
+from trimtab import constants as C
+
+NS = "ml"
+TJ_PATH = f"/apis/{C.GROUP}/{C.VERSION}/namespaces/{NS}/{C.TRAININGJOB_PLURAL}"
+JOB_PATH = f"/apis/batch/v1/namespaces/{NS}/jobs"
+SVC_PATH = f"/api/v1/namespaces/{NS}/services"
+POD_PATH = f"/api/v1/namespaces/{NS}/pods"
+PVC_PATH = f"/api/v1/namespaces/{NS}/persistentvolumeclaims"
+
+TJ: dict[str, Any] = {
+    "apiVersion": C.API_VERSION,
+    "kind": C.TRAININGJOB_KIND,
+    "metadata": {"name": "llama", "namespace": NS},
+    "spec": {
+        "image": "ghcr.io/acme/train:1",
+        "command": ["train.py"],
+        "workers": 2,
+        "gpusPerWorker": 8,
+        "volumes": [{"name": "ckpt", "persistentVolumeClaim": {"claimName": "llama-ckpt"}}],
+        "volumeMounts": [{"name": "ckpt", "mountPath": "/ckpt"}],
+        "checkpoint": {"directory": "/ckpt/run1"},
+        "failurePolicy": {"maxRestarts": 1, "backoffSeconds": 1, "maxBackoffSeconds": 1},
+    },
+}
+
+
+def trainingjob(**spec: Any) -> dict[str, Any]:
+    body = copy.deepcopy(TJ)
+    body["spec"].update(spec)
+    return body
+
+
+async def status_of(cluster: Cluster, name: str = "llama") -> dict[str, Any]:
+    body = await cluster.get(f"{TJ_PATH}/{name}") or {}
+    return dict(body.get("status") or {})
+
+
+def phase_is(cluster: Cluster, phase: str, **fields: Any) -> Any:
+    async def probe() -> dict[str, Any] | None:
+        status = await status_of(cluster)
+        if status.get("phase") != phase:
+            return None
+        return status if all(status.get(k) == v for k, v in fields.items()) else None
+
+    return probe
+
+
+async def set_job_status(cluster: Cluster, name: str, status: dict[str, Any]) -> None:
+    """Play the Job controller."""
+    await cluster.merge(f"{JOB_PATH}/{name}/status", {"status": status})
+
+
+async def fail_worker(cluster: Cluster, job: str, index: int, code: int, reason: str) -> None:
+    """Play the kubelet and the Job controller: worker `index` exits with `code`, the Job fails."""
+    pod = f"{job}-{index}-abcde"
+    await cluster.create(
+        POD_PATH,
+        {
+            "metadata": {
+                "name": pod,
+                "labels": {"batch.kubernetes.io/job-name": job},
+                "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+            },
+            "spec": {"containers": [{"name": "trainer", "image": "x"}]},
+        },
+    )
+    await cluster.merge(
+        f"{POD_PATH}/{pod}/status",
+        {
+            "status": {
+                "phase": "Failed",
+                "containerStatuses": [
+                    {
+                        "name": "trainer",
+                        "state": {
+                            "terminated": {
+                                "exitCode": code,
+                                "reason": reason,
+                                "finishedAt": "2025-06-01T12:00:00Z",
+                            }
+                        },
+                    }
+                ],
+            }
+        },
+    )
+    await set_job_status(
+        cluster,
+        job,
+        {
+            "failed": 1,
+            "conditions": [
+                {"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded"},
+                {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"},
+            ],
+        },
+    )
+
+
+def env_of(job: dict[str, Any]) -> dict[str, Any]:
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+async def test_create_builds_job_and_service_then_runs(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any
+) -> None:
+    async with run_operator():
+        created = await cluster.create(TJ_PATH, trainingjob())
+        uid = created["metadata"]["uid"]
+        job = await wait_for(lambda: cluster.get(f"{JOB_PATH}/llama-r0"))
+        assert job["metadata"]["ownerReferences"][0]["uid"] == uid
+        assert job["spec"]["completionMode"] == "Indexed"
+        assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+        assert job["spec"]["backoffLimit"] == 0
+        assert job["spec"]["suspend"] is False
+        env = env_of(job)
+        assert env["MASTER_ADDR"] == "llama-r0-0.llama"
+        assert env["MASTER_PORT"] == "29500"
+        assert env["WORLD_SIZE"] == "16"
+        assert env["NPROC_PER_NODE"] == "8"
+        assert env["TRIMTAB_CHECKPOINT_DIR"] == "/ckpt/run1"
+        assert "job-completion-index" in env["NODE_RANK"]["fieldRef"]["fieldPath"]
+
+        service = await wait_for(lambda: cluster.get(f"{SVC_PATH}/llama"))
+        assert service["spec"]["clusterIP"] == "None"
+        assert service["metadata"]["ownerReferences"][0]["uid"] == uid
+
+        # The Job exists and no worker runs yet.
+        await wait_for(phase_is(cluster, "Starting", restarts=0, workers=2, workersReady=0))
+        await set_job_status(cluster, "llama-r0", {"active": 2, "ready": 1,
+                                                   "startTime": "2025-06-01T12:00:00Z"})
+        await wait_for(phase_is(cluster, "Starting", workersReady=1))
+        await set_job_status(cluster, "llama-r0", {"active": 2, "ready": 2})
+        status = await wait_for(phase_is(cluster, "Running", workersReady=2))
+        assert status["startTime"]  # first seen admitted, before the Job controller said so
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["Running"]["status"] == "True"
+        assert status["observedGeneration"] == 1
+
+
+async def test_failed_job_restarts_then_exhausts(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any
+) -> None:
+    async with run_operator():
+        await cluster.create(TJ_PATH, trainingjob())
+        await wait_for(lambda: cluster.get(f"{JOB_PATH}/llama-r0"))
+        await set_job_status(cluster, "llama-r0", {"active": 2, "ready": 2})
+        await wait_for(phase_is(cluster, "Running"))
+
+        await fail_worker(cluster, "llama-r0", index=1, code=137, reason="OOMKilled")
+        status = await wait_for(phase_is(cluster, "Restarting", restarts=1))
+        assert status["lastFailure"]["worker"] == 1
+        assert status["lastFailure"]["exitCode"] == 137
+        assert status["lastFailure"]["reason"] == "OOMKilled"
+        assert "restart 1 of 1 from /ckpt/run1" in status["message"]
+
+        # The failed attempt's Job goes; after the backoff the next attempt is a new Job.
+        async def replaced() -> dict[str, Any] | None:
+            old = await cluster.get(f"{JOB_PATH}/llama-r0")
+            new = await cluster.get(f"{JOB_PATH}/llama-r1")
+            return new if old is None and new is not None else None
+
+        new = await wait_for(replaced)
+        assert env_of(new)["TRIMTAB_RESTART_COUNT"] == "1"
+        assert env_of(new)["MASTER_ADDR"] == "llama-r1-0.llama"
+        assert new["metadata"]["labels"]["trimtab.io/restart"] == "1"
+
+        await set_job_status(cluster, "llama-r1", {"active": 2, "ready": 2})
+        status = await wait_for(phase_is(cluster, "Running", restarts=1))
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["Restarting"]["status"] == "False"
+
+        await fail_worker(cluster, "llama-r1", index=0, code=1, reason="Error")
+        status = await wait_for(phase_is(cluster, "Failed"))
+        assert status["restarts"] == 1
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["Failed"]["reason"] == "RestartsExhausted"
+        assert "worker 0 exited with code 1" in conditions["Failed"]["message"]
+        assert "gave up after 1 restarts" in status["message"]
+        # The failed Job stays for its logs; no third attempt.
+        assert await cluster.get(f"{JOB_PATH}/llama-r1") is not None
+        assert await cluster.get(f"{JOB_PATH}/llama-r2") is None
+
+
+async def test_kueue_suspend_is_queued_and_admission_runs(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any
+) -> None:
+    async with run_operator():
+        await cluster.create(TJ_PATH, trainingjob(scheduling={"queueName": "team-a"}))
+        job = await wait_for(lambda: cluster.get(f"{JOB_PATH}/llama-r0"))
+        assert job["spec"]["suspend"] is True
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        status = await wait_for(phase_is(cluster, "Queued"))
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["Queued"]["reason"] == "WaitingForAdmission"
+
+        # Kueue admits the workload by unsuspending the Job; the Job controller starts pods.
+        await cluster.merge(f"{JOB_PATH}/llama-r0", {"spec": {"suspend": False}})
+        await set_job_status(cluster, "llama-r0", {"active": 2, "ready": 2})
+        status = await wait_for(phase_is(cluster, "Running", workersReady=2))
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["Queued"]["status"] == "False"
+        assert conditions["Queued"]["reason"] == "Admitted"
+
+
+async def test_suspend_deletes_the_job_and_resume_recreates_it(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any
+) -> None:
+    async with run_operator():
+        await cluster.create(TJ_PATH, trainingjob())
+        await wait_for(lambda: cluster.get(f"{JOB_PATH}/llama-r0"))
+        await cluster.merge(f"{TJ_PATH}/llama", {"spec": {"suspend": True}})
+        await wait_for(phase_is(cluster, "Suspended"))
+
+        async def gone() -> bool:
+            return await cluster.get(f"{JOB_PATH}/llama-r0") is None
+
+        await wait_for(gone)
+        assert await cluster.get(f"{SVC_PATH}/llama") is not None
+        await cluster.merge(f"{TJ_PATH}/llama", {"spec": {"suspend": False}})
+        await wait_for(lambda: cluster.get(f"{JOB_PATH}/llama-r0"))
+        status = await wait_for(phase_is(cluster, "Starting", restarts=0))
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["Suspended"]["status"] == "False"
+
+
+async def test_ttl_cleans_up_only_what_it_owns(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any
+) -> None:
+    async with run_operator():
+        await cluster.create(
+            PVC_PATH,
+            {
+                "metadata": {"name": "llama-ckpt", "labels": {C.LABEL_OWNER: "llama"}},
+                "spec": {"accessModes": ["ReadWriteMany"],
+                         "resources": {"requests": {"storage": "1Ti"}}},
+            },
+        )
+        # Same labels, not owned: a user's Service that happens to match the selector.
+        await cluster.create(
+            SVC_PATH,
+            {
+                "metadata": {
+                    "name": "llama-tensorboard",
+                    "labels": {C.LABEL_MANAGED_BY: C.MANAGED_BY, C.LABEL_OWNER: "llama"},
+                },
+                "spec": {"ports": [{"port": 6006}]},
+            },
+        )
+        await cluster.create(TJ_PATH, trainingjob(ttlSecondsAfterFinished=1))
+        await wait_for(lambda: cluster.get(f"{JOB_PATH}/llama-r0"))
+        await wait_for(lambda: cluster.get(f"{SVC_PATH}/llama"))
+        await set_job_status(
+            cluster,
+            "llama-r0",
+            {
+                "succeeded": 2,
+                "completionTime": "2025-06-01T13:00:00Z",
+                "conditions": [{"type": "Complete", "status": "True"}],
+            },
+        )
+        status = await wait_for(phase_is(cluster, "Succeeded"))
+        assert status["completionTime"] == "2025-06-01T13:00:00Z"
+
+        # The completion time above is long past, so the TTL is due on the next step.
+        status = await wait_for(phase_is(cluster, "Succeeded", cleanedUp=True))
+
+        async def cleaned() -> bool:
+            return (
+                await cluster.get(f"{JOB_PATH}/llama-r0") is None
+                and await cluster.get(f"{SVC_PATH}/llama") is None
+            )
+
+        await wait_for(cleaned)
+        assert await cluster.get(f"{PVC_PATH}/llama-ckpt") is not None
+        assert await cluster.get(f"{SVC_PATH}/llama-tensorboard") is not None
+        assert await cluster.get(f"{TJ_PATH}/llama") is not None
+
+
+async def test_gang_podgroup_per_attempt(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any
+) -> None:
+    pg_path = f"/apis/scheduling.x-k8s.io/v1alpha1/namespaces/{NS}/podgroups"
+    async with run_operator():
+        await cluster.create(TJ_PATH, trainingjob(scheduling={"gang": {"enabled": True}}))
+        pg = await wait_for(lambda: cluster.get(f"{pg_path}/llama-r0"))
+        assert pg["spec"]["minMember"] == 2
+        job = await wait_for(lambda: cluster.get(f"{JOB_PATH}/llama-r0"))
+        pod = job["spec"]["template"]
+        assert pod["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] == "llama-r0"
+        assert pod["spec"]["schedulerName"] == "scheduler-plugins-scheduler"
+
+        await fail_worker(cluster, "llama-r0", index=0, code=1, reason="Error")
+        await wait_for(lambda: cluster.get(f"{pg_path}/llama-r1"))
+
+        async def old_gone() -> bool:
+            return await cluster.get(f"{pg_path}/llama-r0") is None
+
+        await wait_for(old_gone)
