@@ -5,7 +5,8 @@ Triton, TGI, TorchServe or a generic HTTP server export; the test sets gauges, o
 histograms, increments counters, or sets a steady load that the counters follow at scrape time.
 `PrometheusServer` runs the `prometheus` binary (on PATH, or $PROMETHEUS_BIN) on a random
 127.0.0.1 port with a temp data dir, scraping exporters as if kubernetes_sd had found them in
-pods, through the relabeling the README asks users for.
+pods (static targets carrying kubernetes_sd's meta labels: no cluster is needed, and the
+Debian build of Prometheus has no kubernetes_sd), through the relabeling the README documents.
 
 The pytest fixtures at the bottom are plain; register them by importing them into conftest.py."""
 

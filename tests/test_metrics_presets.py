@@ -15,6 +15,7 @@ from trimtab.metrics.base import (
     MetricsProvider,
     QueryResult,
     ResultState,
+    SignalName,
     Signals,
     read_signals,
 )
@@ -154,10 +155,10 @@ PRESET_QUERIES = [
     ("preset", "signal", "expected"),
     [pytest.param(p, s, e, id=f"{p}-{s}") for p, s, e in PRESET_QUERIES],
 )
-def test_preset_promql(preset: str, signal: str, expected: str | None) -> None:
+def test_preset_promql(preset: str, signal: SignalName, expected: str | None) -> None:
     options = PresetOptions(queue_metric="inference_queue_length")
     queries = build_queries(preset, TARGET, options=options)
-    assert queries[signal] == (q(expected) if expected is not None else None)  # type: ignore[literal-required]
+    assert queries[signal] == (q(expected) if expected is not None else None)
 
 
 def test_every_preset_answers_every_signal_and_the_table_covers_them() -> None:
@@ -198,7 +199,7 @@ def test_selectors(target: QueryTarget, matchers: str) -> None:
 def test_window_reaches_every_rate() -> None:
     queries = build_queries("vllm", QueryTarget("ns", "m", window="30s"))
     for name in ("arrivalRate", "serviceTime", "p99Latency", "errorRate"):
-        text = queries[name]  # type: ignore[literal-required]
+        text = queries[name]
         assert text is not None and "[30s]" in text and "[1m]" not in text, name
 
 

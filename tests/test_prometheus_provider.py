@@ -198,7 +198,8 @@ def test_preset_reads_every_signal(fleet: Fleet, preset: str, expected: dict[str
         signals = _read(
             fleet.prometheus.url, preset, _target(f"{preset}-app", "r1"), options=options
         )
-        seen.update(signals.by_name())
+        for name, result in signals.by_name().items():
+            seen[name] = result
         return all(check(seen[name]) for name, check in expected.items())
 
     try:

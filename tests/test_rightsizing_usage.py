@@ -106,7 +106,10 @@ class UsageReplayer:
 
 
 @pytest.fixture
-def replay(prometheus_bin: str, tmp_path: Path) -> Iterator[tuple[UsageReplayer, PrometheusServer]]:
+def replay(
+    prometheus_bin: str,  # noqa: F811  # the fixture imported above
+    tmp_path: Path,
+) -> Iterator[tuple[UsageReplayer, PrometheusServer]]:
     exporter = MetricsExporter("generic").start()
     replayer = UsageReplayer(exporter).start()
     prom = HonorLabelsPrometheus(

@@ -227,11 +227,29 @@ class MetricsSpec(StrictModel):
         description="Prometheus base URL; defaults to the operator's setting.",
     )
     queries: MetricQueries | None = Field(default=None, description="PromQL overrides per signal.")
+    rate_window: Duration = Field(
+        default="1m",
+        description="Window of rate() and histogram_quantile(); at least 4 scrape intervals.",
+    )
+    queue_metric: str | None = Field(
+        default=None,
+        pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",
+        description="generic preset: the gauge of requests waiting.",
+    )
+    running_metric: str | None = Field(
+        default=None,
+        pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",
+        description="generic preset: the gauge of requests in flight.",
+    )
 
 
 class SignalStatus(StatusModel):
     name: str
     value: float | None = Field(default=None, description="Unset when there was no data.")
+    state: Literal["value", "noData", "unavailable"] | None = Field(
+        default=None, description="value, noData (no series), or unavailable (source error)."
+    )
+    message: str | None = Field(default=None, description="Why there is no value; +Inf etc.")
 
 
 class ReplicaRecommendation(StatusModel):

@@ -152,6 +152,9 @@ Phase = Literal[
 CONDITION_READY = "Ready"  # True: all desired replicas of the current revision are ready
 CONDITION_PROGRESSING = "Progressing"  # True: a revision or scale change is still rolling out
 CONDITION_DEGRADED = "Degraded"  # True: trimtab cannot reach the desired state without a change
+# True: the autoscaler's last loop read its signals; False: the source failed (message has the
+# error) and no scale-down happens until it is back.
+CONDITION_METRICS_AVAILABLE = "MetricsAvailable"
 
 
 class ModelDeploymentStatus(StatusModel):

@@ -50,7 +50,10 @@ class Signals:
 
 @dataclass(frozen=True)
 class Recommendation:
-    """One loop's raw recommendation (before stabilization, rate limits and bounds)."""
+    """One loop's recommendation for the load: what the arrival rate (and p99 feedback)
+    needs, before stabilization, rate limits and bounds. Replicas asked for only to drain a
+    backlog are left out: once the backlog is gone they are not needed again, so the
+    scale-down window must not hold them."""
 
     time: float
     replicas: int
@@ -157,7 +160,9 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     # --- demand ---------------------------------------------------------------------------
     queue = sig.queue_depth or 0.0
     running = sig.running or 0.0
+    growth = 0.0  # queue growth since the last loop, requests/s
     notes: list[str] = []
+    drained = ""
     if have_littles:
         assert sig.arrival_rate is not None and sig.service_time is not None
         service = max(sig.service_time, 1e-3)
@@ -165,17 +170,28 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         # A rate over a window trails a step. A queue that grew since the last loop shows
         # the true arrival rate sooner: what the busy replicas finish plus the growth.
         previous = next((r for r in reversed(history) if r.queue_depth is not None), None)
-        growth = 0.0
         if previous is not None and previous.queue_depth is not None and inp.now > previous.time:
-            growth = max(0.0, (queue - previous.queue_depth) / (inp.now - previous.time))
+            growth = (queue - previous.queue_depth) / (inp.now - previous.time)
             if growth > 0 and queue > 0:
                 arrivals = max(arrivals, running / service + growth)
         used["estimatedArrivalRate"] = arrivals
-        in_use = max(arrivals * service, running)
+        # With an empty queue the requests running are demand the rate window may not show
+        # yet; with a queue they are only the slots there are, so they say nothing of demand
+        # (counting them would ask for more replicas the longer a backlog drains).
+        in_use = arrivals * service if queue > 0 else max(arrivals * service, running)
         # Replicas asked for now serve only after a cold start, and the queue keeps growing
-        # until then: plan to drain that backlog within DRAIN_SECONDS once they are ready.
-        backlog = queue + (growth * secs.cold_start if queue > 0 else 0.0)
+        # until then: plan to drain that backlog within DRAIN_SECONDS once they are ready,
+        # unless the ready replicas' spare slots drain it before a new one could serve
+        # (replicas still starting may take a whole cold start, so they are not counted).
+        backlog = queue + (max(0.0, growth) * secs.cold_start if queue > 0 else 0.0)
+        spare = ready * spec.target_concurrency - in_use
         drain = backlog * service / max(DRAIN_SECONDS, service)
+        if backlog > 0 and spare > 0 and backlog * service / spare <= secs.cold_start:
+            drain = 0.0
+            drained = (
+                f"{backlog:.0f} queued drain in {backlog * service / spare:.0f}s on the "
+                f"{ready} ready replicas, before a new one could serve"
+            )
         used["projectedBacklog"] = backlog
         source = f"{arrivals:.2f} req/s x {service:.2f}s"
     else:
@@ -183,33 +199,45 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         source = f"{running:.0f} running"
     needed = in_use + drain
     recommendation = math.ceil(needed / per_replica - 1e-9) if needed > 0 else 0
+    for_load = math.ceil(in_use / per_replica - 1e-9) if in_use > 0 else 0
     used["neededConcurrency"] = needed
     notes.append(
         f"demand {needed:.1f} concurrent ({source}"
         + (f" + {queue:.0f} queued" if queue else "")
         + f") / {per_replica:.1f} per replica = {recommendation}"
     )
+    if drained:
+        notes.append(drained)
 
     slo_missed = slo_s is not None and sig.p99_latency is not None and sig.p99_latency > slo_s
     queueing = sig.queue_depth is None or sig.queue_depth > 0
+    # p99 is over a rate window, so it still shows a backlog the replicas are now draining;
+    # only a queue that is not shrinking says the capacity is short.
+    shrinking = queueing and growth < 0
     settled = starting == 0 and (
         inp.last_scale_up is None or inp.now - inp.last_scale_up >= secs.cold_start + secs.interval
     )
-    if slo_missed and queueing and settled:
+    if slo_missed and queueing and settled and not shrinking:
         assert slo_s is not None and sig.p99_latency is not None
         miss = min(2.0, sig.p99_latency / slo_s)
         feedback = max(ready + 1, math.ceil(ready * miss))
         if feedback > recommendation:
             recommendation = feedback
+            for_load = max(for_load, feedback)
             notes.append(
                 f"p99 {sig.p99_latency:.2f}s over SLO {slo_s:.2f}s with requests queued: "
                 f"{recommendation}"
             )
     elif slo_missed and not queueing:
-        notes.append("p99 over SLO with an empty queue: service time itself, no replicas added")
+        notes.append(
+            "p99 over SLO with an empty queue (a drained backlog still in the window, or the "
+            "service time itself): no replicas added"
+        )
+    elif slo_missed and shrinking:
+        notes.append("p99 over SLO while the queue shrinks: the backlog is draining")
 
     idle = needed == 0
-    history = (*history, Recommendation(inp.now, recommendation, sig.queue_depth))
+    history = (*history, Recommendation(inp.now, for_load, sig.queue_depth))
 
     # --- scale to zero ----------------------------------------------------------------------
     if secs.idle_window is not None and idle:
@@ -226,9 +254,9 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         target = recommendation
         if secs.scale_up_stabilization > 0:
             window = [
-                r.replicas for r in history if r.time >= inp.now - secs.scale_up_stabilization
+                r.replicas for r in history[:-1] if r.time >= inp.now - secs.scale_up_stabilization
             ]
-            target = max(current, min(window))
+            target = max(current, min([*window, recommendation]))
         limit = max(math.ceil(current * spec.max_scale_up_rate), current + MIN_SCALE_UP_STEP)
         if target > limit:
             notes.append(f"limited to {limit} by maxScaleUpRate")
@@ -255,7 +283,7 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
             notes.append("no scale-down: " + ", ".join(blockers))
             return ReplicaDecision(current, "hold", "; ".join(notes), recommendation, history, used)
         window = [r.replicas for r in history if r.time >= inp.now - secs.scale_down_stabilization]
-        target = max(window)
+        target = max([*window, recommendation])
         if target > recommendation:
             notes.append(
                 f"held at {target}, the highest recommendation in the stabilization window"

@@ -2,6 +2,11 @@
 
 Importing this package registers every handler with kopf (`kopf run -m trimtab.handlers`)."""
 
-from trimtab.handlers import modeldeployment, operator_setup
+from trimtab.handlers import (
+    autoscaling,
+    modeldeployment,
+    operator_setup,  # first: its start-up handler sets up memo
+    trainingjob,
+)
 
-__all__ = ["modeldeployment", "operator_setup"]
+__all__ = ["autoscaling", "modeldeployment", "operator_setup", "trainingjob"]

@@ -20,6 +20,7 @@ from trimtab.api.modeldeployment import (
     CONDITION_READY,
     ModelDeploymentSpec,
 )
+from trimtab.builders.autoscaling import replicas_for_revision
 from trimtab.builders.common import Owner, merge_patch
 from trimtab.builders.serving import (
     build_deployment,
@@ -152,6 +153,7 @@ async def reconcile_modeldeployment(
     result = "error"
     try:
         await _reconcile(body, spec, patch, memo, logger, kwargs["serving_deployments"])
+        _explain_ignored_replicas(body, spec, kwargs.get("diff") or ())
         result = "ok"
     except kopf.PermanentError:
         result = "invalid"
@@ -159,6 +161,22 @@ async def reconcile_modeldeployment(
     finally:
         RECONCILES.labels(kind=KIND, result=result).inc()
         RECONCILE_SECONDS.labels(kind=KIND).observe(time.monotonic() - started)
+
+
+def _explain_ignored_replicas(body: kopf.Body, spec: kopf.Spec, diff: Any) -> None:
+    """`kubectl scale mdep` writes spec.replicas; while the autoscaler owns the count, say that
+    it was noted and left to the autoscaler rather than silently doing nothing."""
+    auto = spec.get("autoscaling")
+    if not isinstance(auto, dict) or auto.get("enabled", True) is False:
+        return
+    if any(tuple(d[1]) == ("spec", "replicas") for d in diff if len(d) > 1):
+        kopf.event(
+            body,
+            type="Normal",
+            reason="ReplicasIgnored",
+            message="spec.replicas is not applied while spec.autoscaling is enabled; "
+            "set autoscaling.minReplicas/maxReplicas or disable autoscaling to pin a count",
+        )
 
 
 async def _reconcile(
@@ -183,7 +201,8 @@ async def _reconcile(
     observations = _observations(index, key)
     is_new = all(o.revision != revision for o in observations)
     try:
-        await kube.apply(build_deployment(owner, parsed, revision, parsed.replicas))
+        replicas = replicas_for_revision(parsed, dict(body.get("status") or {}))
+        await kube.apply(build_deployment(owner, parsed, revision, replicas))
         await kube.apply(build_service(owner, parsed))
     except KubeError as err:
         if err.invalid or err.status == 400:
@@ -191,8 +210,11 @@ async def _reconcile(
             raise kopf.PermanentError(err.message) from err
         raise kopf.TemporaryError(f"API server: {err}", delay=10) from err
     if is_new:
-        kopf.info(
-            body, reason="RevisionCreated", message=f"revision {revision}: image {parsed.image}"
+        kopf.event(
+            body,
+            type="Normal",
+            reason="RevisionCreated",
+            message=f"revision {revision}: image {parsed.image}",
         )
         logger.info("revision %s applied", revision)
 
@@ -252,8 +274,9 @@ async def sync_status(
         for old in observations:
             if old.revision != revision and await kube.delete(DEPLOYMENTS, namespace, old.name):
                 logger.info("retired revision %s of %s/%s", old.revision, namespace, name)
-                kopf.info(
+                kopf.event(
                     cast(kopf.Body, body),
+                    type="Normal",
                     reason="RevisionRetired",
                     message=f"revision {old.revision} removed; {revision} is ready",
                 )

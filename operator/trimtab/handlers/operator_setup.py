@@ -12,6 +12,7 @@ import kopf
 from trimtab import constants as C
 from trimtab.config import Settings
 from trimtab.kube.client import KubeClient
+from trimtab.metrics.factory import ProviderPool
 
 
 @kopf.on.startup()
@@ -28,13 +29,19 @@ async def configure_operator(
         prefix=C.KOPF_ANNOTATION_PREFIX, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{C.GROUP}/finalizer"
-    # Only explicit Events (scale actions, rollbacks, bad specs) reach users, not kopf's log.
+    # Only explicit Events (kopf.event: scale actions, rollbacks, bad specs) and warnings reach
+    # users as Events, not kopf's info-level log lines.
     settings.posting.level = logging.WARNING
     settings.networking.request_timeout = 60
     if getattr(memo, "settings", None) is None:
         memo.settings = Settings.from_env()
     if getattr(memo, "kube", None) is None:
         memo.kube = KubeClient.from_environment()
+    if getattr(memo, "metrics_pool", None) is None:
+        memo.metrics_pool = ProviderPool(memo.settings.prometheus_url)
+    if getattr(memo, "metrics", None) is None:
+        # The operator's default source, for loops that name no Prometheus of their own.
+        memo.metrics = memo.metrics_pool.get()
     logger.info("trimtab configured; Prometheus at %s", memo.settings.prometheus_url)
 
 
@@ -43,3 +50,6 @@ async def close_clients(memo: Any, **_: Any) -> None:
     kube = getattr(memo, "kube", None)
     if kube is not None:
         await kube.close()
+    pool = getattr(memo, "metrics_pool", None)
+    if pool is not None:
+        await pool.close()

@@ -146,8 +146,12 @@ async def rightsize_modeldeployment(
     if answer.usage is None:
         # Keep the last recommendation: the source is down, the workload has not changed.
         conditions = set_condition(
-            conditions, CONDITION_USAGE_AVAILABLE, "False", "SourceUnavailable",
-            answer.unavailable, stamp,
+            conditions,
+            CONDITION_USAGE_AVAILABLE,
+            "False",
+            "SourceUnavailable",
+            answer.unavailable,
+            stamp,
         )
         out = out.model_copy(update={"conditions": conditions})
         patch.status["recommendations"] = out.to_wire()
@@ -157,12 +161,19 @@ async def rightsize_modeldeployment(
     rec = recommend_resources(answer.usage, current, policy, now)
     if rec.missing_series:
         conditions = set_condition(
-            conditions, CONDITION_USAGE_AVAILABLE, "False", "MissingSeries",
-            "no data for " + ", ".join(rec.missing_series), stamp,
+            conditions,
+            CONDITION_USAGE_AVAILABLE,
+            "False",
+            "MissingSeries",
+            "no data for " + ", ".join(rec.missing_series),
+            stamp,
         )
     else:
         conditions = set_condition(
-            conditions, CONDITION_USAGE_AVAILABLE, "True", "SeriesPresent",
+            conditions,
+            CONDITION_USAGE_AVAILABLE,
+            "True",
+            "SeriesPresent",
             f"{rec.samples} of {rec.expected_samples} samples in {parsed.rightsizing.window}",
             stamp,
         )
@@ -189,8 +200,12 @@ async def rightsize_modeldeployment(
             spec_resources_hash=resources_hash(parsed.resources),
         )
         conditions = set_condition(
-            conditions, CONDITION_RECOMMENDATION_APPLIED, "True", "NewRevision",
-            f"{_summary(container)}: rolled out as a new revision", stamp,
+            conditions,
+            CONDITION_RECOMMENDATION_APPLIED,
+            "True",
+            "NewRevision",
+            f"{_summary(container)}: rolled out as a new revision",
+            stamp,
         )
         message = f"{container.container}: {_summary(container)}"
         kopf.event(body, type="Normal", reason=EVENT_APPLIED, message=message)

@@ -43,7 +43,6 @@ from trimtab.decisions.training import (
 from trimtab.kube.client import KubeClient, KubeError
 from trimtab.kube.resources import JOBS, PODGROUPS, PODS, SERVICES, TRAININGJOBS, Resource
 from trimtab.metrics.base import MetricsProvider
-from trimtab.metrics.factory import ProviderConfig, create_provider
 from trimtab.observability import RECONCILE_SECONDS, RECONCILES
 
 KIND = C.TRAININGJOB_KIND
@@ -111,17 +110,8 @@ async def init_training(memo: Any, **_: Any) -> None:
     # Per-resource memos are shallow copies of this one: the dict is shared by all of them.
     if getattr(memo, "training_wakeups", None) is None:
         memo.training_wakeups = {}
-    settings = getattr(memo, "settings", None)
-    if getattr(memo, "metrics", None) is None and settings is not None:
-        # The diagnosis reads GPU metrics from the operator's Prometheus.
-        memo.metrics = create_provider("prometheus", ProviderConfig(url=settings.prometheus_url))
-        memo.training_owns_metrics = True
-
-
-@kopf.on.cleanup()
-async def close_training(memo: Any, **_: Any) -> None:
-    if getattr(memo, "training_owns_metrics", False):
-        await memo.metrics.close()
+    # The diagnosis reads GPU metrics from the operator's Prometheus: memo.metrics, set up
+    # (and closed) by handlers/operator_setup.py.
 
 
 def _wakeup(memo: Any, key: Key) -> asyncio.Event:
@@ -283,7 +273,9 @@ async def _write_invalid(
     )
     meta = body["metadata"]
     await kube.patch_status(
-        TRAININGJOBS, meta["namespace"], meta["name"],
+        TRAININGJOBS,
+        meta["namespace"],
+        meta["name"],
         status_patch(dict(body.get("status") or {}), status.to_wire()),
     )
     kopf.warn(cast(kopf.Body, body), reason="InvalidSpec", message=message)
@@ -390,9 +382,7 @@ async def _refresh_diagnosis(
     last = parse_time(status.diagnosis.time) if status.diagnosis is not None else None
     if last is not None and (now - last).total_seconds() < DIAGNOSIS_WINDOW_SECONDS:
         return
-    results = await metrics.query_batch(
-        diagnosis_queries(namespace, job, DIAGNOSIS_WINDOW_SECONDS)
-    )
+    results = await metrics.query_batch(diagnosis_queries(namespace, job, DIAGNOSIS_WINDOW_SECONDS))
     util, memory = results.get("gpuUtilization"), results.get("memoryUsedRatio")
     found = diagnose(
         util.value if util is not None and util.has_value else None,

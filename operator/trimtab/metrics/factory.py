@@ -52,3 +52,27 @@ def create_provider(kind: str, config: ProviderConfig) -> MetricsProvider:
             f"unknown metrics provider {kind!r}; known: {', '.join(sorted(PROVIDERS))}"
         )
     return factory(config)
+
+
+class ProviderPool:
+    """One provider per source URL, shared by every loop of the operator: a ModelDeployment
+    may name its own Prometheus, and each source keeps one connection pool."""
+
+    def __init__(self, default_url: str, kind: str = "prometheus", timeout_s: float = 5.0) -> None:
+        self.default_url = default_url
+        self.kind = kind
+        self.timeout_s = timeout_s
+        self._providers: dict[str, MetricsProvider] = {}
+
+    def get(self, url: str | None = None) -> MetricsProvider:
+        key = (url or self.default_url).rstrip("/")
+        if key not in self._providers:
+            self._providers[key] = create_provider(
+                self.kind, ProviderConfig(url=key, timeout_s=self.timeout_s)
+            )
+        return self._providers[key]
+
+    async def close(self) -> None:
+        for provider in self._providers.values():
+            await provider.close()
+        self._providers.clear()

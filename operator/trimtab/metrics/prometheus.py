@@ -79,6 +79,7 @@ class PrometheusProvider:
         return result.has_value and result.value == 1.0
 
     async def close(self) -> None:
+        # prometheus-api-client has no close(); its requests session holds the pooled sockets.
         self._client._session.close()
 
     async def _query(self, promql: str) -> QueryResult:

@@ -1,0 +1,222 @@
+"""The autoscaling control loop: one kopf daemon per ModelDeployment with spec.autoscaling
+(a timer whose interval each resource sets), reading one batch of signals from Prometheus,
+asking decide_replicas, scaling the Deployment and recording the decision and why.
+
+The loop never scales down blind: when the source fails, MetricsAvailable goes False with the
+source's error text and the decision holds (or falls back up, if so configured)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, cast
+
+import kopf
+from pydantic import ValidationError
+
+from trimtab import constants as C
+from trimtab.api.autoscaling import AutoscalingStatus
+from trimtab.api.common import Condition
+from trimtab.api.modeldeployment import CONDITION_METRICS_AVAILABLE, ModelDeploymentSpec
+from trimtab.builders.autoscaling import (
+    build_autoscaling_status,
+    history_from_status,
+    parse_rfc3339,
+)
+from trimtab.builders.common import merge_patch
+from trimtab.builders.serving import deployment_name, revision_of
+from trimtab.decisions.autoscaling import AutoscalingInput, decide_replicas
+from trimtab.decisions.conditions import set_condition
+from trimtab.handlers.modeldeployment import Log, now_rfc3339
+from trimtab.kube.client import KubeClient
+from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS
+from trimtab.metrics.base import QueryResult, ResultState, Signals, read_signals
+from trimtab.metrics.factory import ProviderPool
+from trimtab.metrics.presets import (
+    PresetOptions,
+    QueryTarget,
+    build_queries,
+    overrides_from_spec,
+)
+from trimtab.observability import DESIRED_REPLICAS, SCALE_ACTIONS
+
+DEFAULT_INTERVAL = 15.0
+
+
+def autoscaling_enabled(spec: kopf.Spec, **_: Any) -> bool:
+    auto = spec.get("autoscaling")
+    return isinstance(auto, dict) and auto.get("enabled", True) is not False
+
+
+@kopf.daemon(
+    C.GROUP,
+    C.VERSION,
+    C.MODELDEPLOYMENT_PLURAL,
+    when=autoscaling_enabled,
+    cancellation_timeout=5.0,
+)
+async def autoscaling_loop(
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    memo: Any,
+    logger: Log,
+    **_: Any,
+) -> None:
+    """Run the loop until the resource goes or turns autoscaling off (kopf stops the daemon)."""
+    while not stopped:
+        interval = DEFAULT_INTERVAL
+        try:
+            interval = await autoscale_once(memo.kube, memo.metrics_pool, body, logger)
+        except Exception:  # one bad loop must not end the daemon; the next one retries
+            logger.exception("autoscaling loop failed; retrying in %.0fs", interval)
+        await stopped.wait(interval)
+
+
+_STATE = {
+    ResultState.VALUE: "value",
+    ResultState.NO_DATA: "noData",
+    ResultState.UNAVAILABLE: "unavailable",
+}
+
+
+def _readings(signals: Signals) -> dict[str, tuple[str, float | None, str]]:
+    return {
+        name: (_STATE[result.state], result.value, result.message)
+        for name, result in signals.by_name().items()
+    }
+
+
+async def autoscale_once(kube: KubeClient, pool: ProviderPool, body: Any, logger: Log) -> float:
+    """One loop: read, decide, act, record. Returns the seconds until the next loop."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    try:
+        spec = ModelDeploymentSpec.model_validate(dict(body.get("spec") or {}))
+    except ValidationError:
+        return DEFAULT_INTERVAL  # the reconcile reports the bad spec
+    auto = spec.autoscaling
+    if auto is None or not auto.enabled:
+        return DEFAULT_INTERVAL
+    interval = auto.seconds().interval
+    revision = revision_of(spec)
+    deploy_name = deployment_name(name, revision)
+    deploy = await kube.get(DEPLOYMENTS, namespace, deploy_name)
+    if deploy is None:
+        return interval  # the reconcile has not created this revision yet
+    current = int((deploy.get("spec") or {}).get("replicas", 0))
+    ready = int((deploy.get("status") or {}).get("readyReplicas", 0))
+
+    signals = await _read(pool, spec, namespace, name, revision)
+    status = dict(body.get("status") or {})
+    previous = AutoscalingStatus.model_validate(status.get("autoscaling") or {})
+    now = time.time()
+    last_up = previous.last_scale_up_time
+    decision = decide_replicas(
+        AutoscalingInput(
+            signals=signals.to_decision(),
+            current_replicas=current,
+            ready_replicas=ready,
+            spec=auto,
+            slo=spec.slo,
+            now=now,
+            history=history_from_status(previous),
+            last_scale_up=parse_rfc3339(last_up) if last_up else None,
+        )
+    )
+    DESIRED_REPLICAS.labels(namespace=namespace, name=name).set(decision.desired_replicas)
+    scaled = decision.desired_replicas != current
+    if scaled:
+        await kube.scale(DEPLOYMENTS, namespace, deploy_name, decision.desired_replicas)
+        direction = "up" if decision.desired_replicas > current else "down"
+        SCALE_ACTIONS.labels(namespace=namespace, name=name, direction=direction).inc()
+        message = f"{current} -> {decision.desired_replicas}: {decision.reason}"
+        kopf.event(
+            cast(kopf.Body, body),
+            type="Normal",
+            reason=f"Scaled{direction.title()}",
+            message=message,
+        )
+        logger.info("scaled %s", message)
+
+    desired: dict[str, Any] = {
+        "autoscaling": build_autoscaling_status(
+            auto, decision, _readings(signals), current, ready, now, previous, scaled
+        )
+    }
+    conditions = [Condition.model_validate(c) for c in status.get("conditions") or []]
+    if signals.available:
+        cond = set_condition(
+            conditions,
+            CONDITION_METRICS_AVAILABLE,
+            "True",
+            "SignalsRead",
+            "every queried signal was read",
+            now_rfc3339(),
+        )
+    else:
+        cond = set_condition(
+            conditions,
+            CONDITION_METRICS_AVAILABLE,
+            "False",
+            "SourceUnavailable",
+            signals.error_text()[:1000],
+            now_rfc3339(),
+        )
+        if status_changed(conditions, cond):
+            kopf.warn(
+                cast(kopf.Body, body),
+                reason="MetricsUnavailable",
+                message=f"no scale-down until metrics are back: {signals.error_text()}"[:1000],
+            )
+    desired["conditions"] = [c.to_wire() for c in cond]
+    changes = merge_patch(status, desired)
+    if changes:
+        await kube.patch_status(MODELDEPLOYMENTS, namespace, name, changes)
+    return interval
+
+
+def status_changed(before: list[Condition], after: list[Condition]) -> bool:
+    """Whether MetricsAvailable flipped (Events only on a change, not every loop)."""
+
+    def get(conds: list[Condition]) -> str | None:
+        return next((c.status for c in conds if c.type == CONDITION_METRICS_AVAILABLE), None)
+
+    return get(before) != get(after)
+
+
+async def _read(
+    pool: ProviderPool, spec: ModelDeploymentSpec, namespace: str, name: str, revision: str
+) -> Signals:
+    metrics = spec.metrics
+    try:
+        target = QueryTarget(
+            namespace, name, revision=revision, window=metrics.rate_window if metrics else "1m"
+        )
+        options = PresetOptions(
+            queue_metric=metrics.queue_metric if metrics else None,
+            running_metric=metrics.running_metric if metrics else None,
+            latency=spec.slo.latency if spec.slo else "e2e",
+        )
+        queries = build_queries(
+            spec.server, target, overrides_from_spec(metrics.queries if metrics else None), options
+        )
+    except ValueError as err:
+        # An override that cannot even be rendered is as good as a source that is down.
+        return Signals.from_results(
+            {
+                n: QueryResult.unavailable(str(err))
+                for n in (
+                    "arrivalRate",
+                    "queueDepth",
+                    "running",
+                    "serviceTime",
+                    "p99Latency",
+                    "errorRate",
+                )
+            }
+        )
+    provider = pool.get(metrics.prometheus_url if metrics else None)
+    try:
+        return await read_signals(provider, queries, source=spec.server)
+    except asyncio.CancelledError:
+        raise

@@ -1,0 +1,124 @@
+"""The autoscaling loop in the real kopf operator, against the API server emulator and a real
+Prometheus scraping a real vLLM-style exporter: a queue builds -> the Deployment is scaled up
+through its scale subresource, status.autoscaling explains why, an Event is posted; Prometheus
+stops -> MetricsAvailable goes False with the error text and nothing scales down."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Cluster, wait_for
+from tests.kube_emulator import ApiServerEmulator
+from tests.prometheus_fixture import MetricsExporter, PodTarget, PrometheusServer, require_prometheus
+from tests.test_modeldeployment_operator import DEPLOY_PATH, MD_PATH, NS, mark_ready, model
+from trimtab import constants as C
+from trimtab.api.modeldeployment import ModelDeploymentSpec
+from trimtab.builders.serving import deployment_name, revision_of
+
+pytestmark = pytest.mark.prometheus
+
+
+def autoscaled_model(prometheus_url: str) -> dict[str, Any]:
+    return model(
+        "chat",
+        replicas=1,
+        slo={"p99LatencyMs": 2000, "latency": "e2e"},
+        autoscaling={
+            "minReplicas": 1,
+            "maxReplicas": 8,
+            "interval": "1s",
+            "coldStart": "5s",
+            "scaleDownStabilization": "2s",
+        },
+        metrics={"prometheusUrl": prometheus_url, "rateWindow": "2s"},
+    )
+
+
+async def test_queue_scales_up_and_a_dead_prometheus_freezes_scale_down(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any, tmp_path: Path
+) -> None:
+    binary = require_prometheus()
+    exporter = MetricsExporter("vllm", model="m").start()
+    placeholder = autoscaled_model("http://127.0.0.1:9")
+    revision = revision_of(ModelDeploymentSpec.model_validate(placeholder["spec"]))
+    target = PodTarget(
+        exporter.address,
+        namespace=NS,
+        pod=f"chat-{revision}-0",
+        labels={C.LABEL_OWNER: "chat", C.LABEL_REVISION: revision, C.LABEL_MANAGED_BY: "trimtab"},
+    )
+    prometheus = PrometheusServer([target], tmp_path / "prom", binary=binary).start()
+    try:
+        # Quiet at first: a little load, nothing waiting.
+        exporter.set_queue(0)
+        exporter.set_running(1)
+        exporter.set_load(1.0, 0.5)
+        await asyncio.to_thread(prometheus.wait_for_scrapes)
+        deploy_path = f"{DEPLOY_PATH}/{deployment_name('chat', revision)}"
+
+        async with run_operator():
+            await cluster.create(MD_PATH, autoscaled_model(prometheus.url))
+            deploy = await wait_for(lambda: cluster.get(deploy_path))
+            assert deploy["spec"]["replicas"] == 1
+            await mark_ready(cluster, deploy)
+
+            async def first_decision() -> dict[str, Any] | None:
+                body = await cluster.get(f"{MD_PATH}/chat") or {}
+                auto = body.get("status", {}).get("autoscaling")
+                return auto if auto and auto.get("lastDecisionTime") else None
+
+            auto = await wait_for(first_decision, timeout=20)
+            signals = {s["name"]: s for s in auto["signals"]}
+            assert signals["queueDepth"]["state"] == "value"
+            assert signals["queueDepth"]["value"] == 0
+
+            # A burst: 40 waiting, 8 running, 20 req/s at 1 s each.
+            exporter.set_queue(40)
+            exporter.set_running(8)
+            exporter.set_load(20.0, 1.0)
+
+            async def scaled_up() -> dict[str, Any] | None:
+                d = await cluster.get(deploy_path) or {}
+                return d if d.get("spec", {}).get("replicas", 0) > 1 else None
+
+            scaled = await wait_for(scaled_up, timeout=20)
+            replicas = scaled["spec"]["replicas"]
+            assert 1 < replicas <= 8
+            body = await cluster.get(f"{MD_PATH}/chat") or {}
+            auto = body["status"]["autoscaling"]
+            assert auto["desiredReplicas"] >= replicas or auto["action"] in ("up", "hold")
+            assert auto["lastScaleUpTime"] and auto["reason"]
+            conds = {c["type"]: c for c in body["status"]["conditions"]}
+            assert conds["MetricsAvailable"]["status"] == "True"
+
+            async def scale_event() -> list[dict[str, Any]]:
+                events = await cluster.get(f"/api/v1/namespaces/{NS}/events") or {}
+                return [e for e in events.get("items", []) if e.get("reason") == "ScaledUp"]
+
+            assert await wait_for(scale_event)
+
+            # The queue drains and Prometheus dies: no scale-down may follow.
+            exporter.set_queue(0)
+            exporter.set_running(0)
+            exporter.set_load(0.1, 0.2)
+            prometheus.stop()
+
+            async def unavailable() -> dict[str, Any] | None:
+                b = await cluster.get(f"{MD_PATH}/chat") or {}
+                c = {c["type"]: c for c in b.get("status", {}).get("conditions", [])}
+                cond = c.get("MetricsAvailable")
+                return cond if cond and cond["status"] == "False" else None
+
+            cond = await wait_for(unavailable, timeout=20)
+            assert "refused" in cond["message"].lower() or "reach" in cond["message"].lower()
+            before = (await cluster.get(deploy_path) or {})["spec"]["replicas"]
+            await asyncio.sleep(3.5)  # three more loops without metrics
+            after = (await cluster.get(deploy_path) or {})["spec"]["replicas"]
+            assert after >= before
+    finally:
+        prometheus.stop()
+        exporter.stop()
