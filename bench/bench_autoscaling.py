@@ -67,9 +67,9 @@ def main() -> int:
     for seed in SEEDS:
         for trace in traces(seed):
             kind = trace.name.split(" ")[0].split(".")[0]
-            out = run_all(scenario, trace, seed, ALL_POLICIES)
-            scores = {name: score for name, (score, _) in out.items()}
-            for name, score in scores.items():
+            ran = run_all(scenario, trace, seed, ALL_POLICIES)
+            by_name = {name: score for name, (score, _) in ran.items()}
+            for name, score in by_name.items():
                 runs.setdefault(kind, {}).setdefault(name, []).append(score)
     elapsed = time.perf_counter() - started
     rng = random.Random(0)
@@ -128,6 +128,11 @@ def main() -> int:
         "autoscaling": scenario.autoscaling.to_wire(),
         "server": vars(scenario.server),
         "scrape_interval_s": scenario.metrics.scrape_interval,
+        # The HPA baselines' CPU models (trimtab.simulate.policies.CpuModel).
+        "hpa_cpu_models": {
+            "hpa_cpu": "cpu = 5% + 95% x busy request slots (in flight / max concurrency)",
+            "hpa_cpu_engine_busy": "cpu = 5% + 95% x share of time >= 1 request in flight",
+        },
         "elapsed_s": round(elapsed, 1),
         "groups": summary,
         "targets_met_overall": met,

@@ -64,28 +64,102 @@ CASES = [
         id="littles-law-scales-up",
     ),
     pytest.param(
-        sig(arrival_rate=20.0, running=20.0, queue_depth=96.0),
+        # 400 queued would take 100 s on the 4 spare slots: drain it in 15 s once new
+        # replicas are ready: 20 + 400 / 15 = 46.7 concurrent -> 8.
+        sig(arrival_rate=20.0, running=24.0, queue_depth=400.0),
         3,
         3,
         spec(),
         (),
         None,
-        4,
+        8,
         "up",
-        "96 queued",
+        "400 queued",
         id="queue-adds-drain-capacity",
     ),
     pytest.param(
+        # Queue 30 -> 60 in 15 s: 8 finishing + 2/s growth = 10 req/s; backlog over a cold
+        # start 60 + 2 x 60 = 180, drained in 15 s: 12 more slots -> 22 / 6.4 -> 4.
+        sig(arrival_rate=10.0, running=8.0, queue_depth=60.0),
+        2,
+        1,
+        spec(),
+        (Recommendation(NOW - 15, 2, 30.0),),
+        None,
+        4,
+        "up",
+        "10.00 req/s",
+        id="growing-queue-projects-backlog-over-cold-start",
+    ),
+    pytest.param(
+        # Queue 0 -> 60 since the last loop: it began mid-interval on average, 8/s growth,
+        # so 16 req/s; backlog 60 + 8 x 60 = 540 over 15 s: 36 + 16 = 52 -> 9, limited to 8.
         sig(arrival_rate=10.0, running=8.0, queue_depth=60.0),
         2,
         1,
         spec(),
         (Recommendation(NOW - 15, 2, 0.0),),
         None,
-        4,
+        8,
         "up",
-        "12.00 req/s",
-        id="growing-queue-projects-backlog-over-cold-start",
+        "16.00 req/s",
+        id="queue-out-of-nothing-assumes-mid-interval-onset",
+    ),
+    pytest.param(
+        # 9 ready replicas draining 600 queued: running (72, every slot) is capacity, not
+        # demand; 52 spare slots drain it in 12 s, before a new replica could serve.
+        sig(arrival_rate=20.0, running=72.0, queue_depth=600.0, p99_latency=30.0),
+        9,
+        9,
+        spec(),
+        (Recommendation(NOW - 15, 4, 700.0),),
+        NOW - 200,
+        9,
+        "hold",
+        "drain in 12s on the 9 replicas",
+        id="backlog-drained-by-ready-capacity-adds-nothing",
+    ),
+    pytest.param(
+        # 1 ready, 7 starting (asked 30 s ago, ready in 30 s at the latest): the queue grows
+        # at 12/s to 460 by then, and 44 spare slots take 10 s more: 40 s < the cold start.
+        sig(arrival_rate=20.0, running=8.0, queue_depth=100.0),
+        8,
+        1,
+        spec(),
+        (Recommendation(NOW - 15, 8, 100.0),),
+        NOW - 30,
+        8,
+        "hold",
+        "drain in 40s on the 8 replicas asked for",
+        id="backlog-drained-by-starting-capacity-adds-nothing",
+    ),
+    pytest.param(
+        # The queue shrank 700 -> 600 since the last loop: p99 (over a rate window) still
+        # shows the backlog, which the replicas are draining; no feedback replicas.
+        sig(arrival_rate=20.0, running=72.0, queue_depth=600.0, p99_latency=30.0),
+        9,
+        9,
+        spec(),
+        (Recommendation(NOW - 15, 4, 700.0),),
+        NOW - 200,
+        9,
+        "hold",
+        "p99 over SLO while the queue shrinks",
+        id="no-p99-feedback-while-queue-shrinks",
+    ),
+    pytest.param(
+        # A backlog bought 12 replicas, but the load alone needed 4 (kept in the history):
+        # once the queue is gone the window holds 4, not 12; at most half go per loop.
+        sig(arrival_rate=20.0, running=20.0),
+        12,
+        12,
+        spec(),
+        (Recommendation(NOW - 60, 4, 500.0), Recommendation(NOW - 30, 4, 100.0)),
+        NOW - 100,
+        6,
+        "down",
+        "maxScaleDownRate",
+        id="window-ignores-replicas-bought-to-drain-a-backlog",
     ),
     pytest.param(
         sig(arrival_rate=100.0, running=100.0),
@@ -408,6 +482,18 @@ def test_history_is_pruned_and_carries_queue() -> None:
     assert [r.time for r in d.history] == [NOW - 20, NOW]
     assert d.history[-1].queue_depth == 0.0
     assert d.inputs["arrivalRate"] == 5.0 and d.inputs["neededConcurrency"] == 5.0
+
+
+def test_history_keeps_what_the_load_needs_not_the_backlog() -> None:
+    # 20 req/s x 1 s needs 4 replicas; the 400 queued add 4 more for a while. The window
+    # must remember 4, or it would hold the backlog's replicas for the whole window.
+    d = decide_replicas(
+        AutoscalingInput(
+            sig(arrival_rate=20.0, running=24.0, queue_depth=400.0), 3, 3, spec(), SLO, NOW
+        )
+    )
+    assert d.recommendation == 8 and d.desired_replicas == 8
+    assert d.history[-1].replicas == 4 and d.history[-1].queue_depth == 400.0
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,12 @@ import pytest
 
 from tests.conftest import Cluster, wait_for
 from tests.kube_emulator import ApiServerEmulator
-from tests.prometheus_fixture import MetricsExporter, PodTarget, PrometheusServer, require_prometheus
+from tests.prometheus_fixture import (
+    MetricsExporter,
+    PodTarget,
+    PrometheusServer,
+    require_prometheus,
+)
 from tests.test_modeldeployment_operator import DEPLOY_PATH, MD_PATH, NS, mark_ready, model
 from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec

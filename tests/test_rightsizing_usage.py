@@ -151,10 +151,10 @@ async def test_reads_usage_oom_and_gpu_and_recommends(
     assert usage.missing_series == () and usage.missing_gpu_series == ()
     assert usage.step_seconds == 1.0
     cpus = [v for _, v in usage.cpu]
-    assert cpus and all(0.3 < v < 0.7 for v in cpus[-3:]), cpus
+    assert cpus and 0.3 < sorted(cpus)[len(cpus) // 2] < 0.7, cpus
     # The other workload's 50 GiB pod is not ours.
     assert max(v for _, v in usage.memory) == 2 * GiB
-    assert len(usage.oom_kills) >= 1 and usage.oom_kills[0][1] == 2 * GiB
+    assert len(usage.oom_kills) == 1 and usage.oom_kills[0][1] == 2 * GiB
     assert max(v for _, v in usage.gpu_memory) == 6e9
     assert usage.gpu_model == "H100-80GB"
 

@@ -12,6 +12,7 @@ from trimtab.api.autoscaling import AutoscalingSpec, SLOSpec
 from trimtab.simulate.compare import Scenario, score
 from trimtab.simulate.engine import Decision, MetricsPath, ServerModel, Simulation
 from trimtab.simulate.policies import (
+    CpuModel,
     HpaCpuPolicy,
     KedaQueuePolicy,
     KnativeKpaPolicy,
@@ -107,8 +108,24 @@ def test_histogram_quantile_matches_prometheus() -> None:
     assert histogram_quantile(0.99, (1.0,), [0, 0]) is None
 
 
-def _sample(t: float, arrivals: float, busy: dict[int, float], waiting: float = 0.0) -> Sample:
-    return Sample(t, arrivals, arrivals, (arrivals, arrivals), arrivals, waiting, 0.0, busy)
+def _sample(
+    t: float,
+    arrivals: float,
+    busy: dict[int, float],
+    waiting: float = 0.0,
+    slot_busy: dict[int, float] | None = None,
+) -> Sample:
+    return Sample(
+        t,
+        arrivals,
+        arrivals,
+        (arrivals, arrivals),
+        arrivals,
+        waiting,
+        0.0,
+        busy,
+        slot_busy if slot_busy is not None else dict(busy),
+    )
 
 
 def test_prometheus_rate_and_gauge_lookback() -> None:
@@ -116,7 +133,7 @@ def test_prometheus_rate_and_gauge_lookback() -> None:
     for i in range(6):
         view.add(_sample(15.0 * i, 30.0 * i, {0: 7.5 * i}))
     assert view.rate(75.0, "arrivals") == pytest.approx(2.0)
-    assert view.cpu_utilization(75.0) == (0.5, 1)
+    assert view.busy_share(75.0) == (0.5, 1)
     assert view.latest(75.0 + 299) is not None and view.latest(75.0 + 301) is None
 
 
@@ -130,22 +147,60 @@ class _Cluster:
 
 
 @pytest.mark.parametrize(
-    ("busy_share", "replicas", "ready", "want"),
+    ("model", "engine_share", "slot_share", "replicas", "ready", "want"),
     [
-        pytest.param(1.0, 2, 2, 3, id="saturated-ratio-1.25"),
-        pytest.param(0.85, 4, 4, 4, id="within-tolerance"),
-        pytest.param(0.2, 4, 4, 1, id="down-to-ratio"),
-        pytest.param(1.0, 4, 2, 4, id="unready-pods-count-as-zero"),
-        pytest.param(1.0, 10, 10, 13, id="up-13"),
+        # Slot model: cpu = 5% + 95% x slot share.
+        pytest.param("slots", 1.0, 1.0, 2, 2, 3, id="slots-saturated-ratio-1.25"),
+        pytest.param("slots", 1.0, 0.8, 4, 4, 4, id="slots-80pct-busy-within-tolerance"),
+        pytest.param("slots", 1.0, 0.2, 4, 4, 2, id="slots-engine-busy-but-slots-idle-down"),
+        pytest.param("slots", 1.0, 0.0, 4, 4, 1, id="slots-idle-base-5pct"),
+        pytest.param("slots", 1.0, 1.0, 4, 2, 4, id="slots-unready-pods-count-as-zero"),
+        pytest.param("slots", 1.0, 1.0, 10, 10, 13, id="slots-up-13"),
+        # Engine model: cpu = 5% + 95% x share of time with a request in flight.
+        pytest.param("engine", 1.0, 0.2, 2, 2, 3, id="engine-one-request-saturates"),
+        pytest.param("engine", 0.95, 0.1, 4, 4, 5, id="engine-95pct-busy-up"),
+        pytest.param("engine", 0.2, 0.05, 4, 4, 2, id="engine-down-to-ratio"),
+        pytest.param("engine", 1.0, 0.2, 4, 2, 4, id="engine-unready-pods-count-as-zero"),
     ],
 )
-def test_hpa_cpu_table(busy_share: float, replicas: int, ready: int, want: int) -> None:
+def test_hpa_cpu_table(
+    model: str, engine_share: float, slot_share: float, replicas: int, ready: int, want: int
+) -> None:
     view = PrometheusView(15.0, 60.0, (1.0,))
-    view.add(_sample(0.0, 0, {i: 0.0 for i in range(ready)}))
-    view.add(_sample(15.0, 0, {i: 15.0 * busy_share for i in range(ready)}))
-    policy = HpaCpuPolicy(1, 20)
+    zero = {i: 0.0 for i in range(ready)}
+    view.add(_sample(0.0, 0, zero, slot_busy=zero))
+    view.add(
+        _sample(
+            15.0,
+            0,
+            {i: 15.0 * engine_share for i in range(ready)},
+            slot_busy={i: 15.0 * slot_share for i in range(ready)},
+        )
+    )
+    policy = HpaCpuPolicy(1, 20, cpu=CpuModel(busy=model))  # type: ignore[arg-type]  # a Literal from the table
+    assert policy.name == ("hpa_cpu" if model == "slots" else "hpa_cpu_engine_busy")
     decision = policy.decide(15.0, _Cluster(view, replicas, ready))
-    assert decision is not None and decision.replicas == want
+    assert decision is not None and decision.replicas == want, decision
+
+
+def test_engine_counts_busy_slot_seconds() -> None:
+    # Two slots; two 4 s requests at t=0 then one 2 s request at t=4: slot-seconds 4+4+2 = 10
+    # over 2 slots = 5 "full" seconds, while the engine was busy for 6 s.
+    reqs = [Request(0.0, 0, 4), Request(0.0, 0, 4), Request(4.0, 0, 2)]
+    sim = Simulation(
+        Trace("t", tuple(reqs)),
+        Fixed(),
+        SERVER,  # type: ignore[arg-type]  # duck-typed policy
+        MetricsPath(scrape_interval=1.0, rate_window=10.0),
+        1,
+        seed=0,
+        slo_s=5.0,
+        tail=3.0,
+    )
+    sim.run()
+    last = sim.prometheus.samples[-1]
+    assert last.time >= 6.0
+    assert last.busy[0] == pytest.approx(6.0) and last.slot_busy[0] == pytest.approx(5.0)
 
 
 def test_hpa_scale_down_stabilization_and_scale_up_limit() -> None:

@@ -26,6 +26,10 @@ LABEL_NAME: Final = "app.kubernetes.io/name"
 LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
 LABEL_COMPONENT: Final = "app.kubernetes.io/component"
 
+# Set by right-sizing in Auto mode when it applies new resources (kept in status, never in
+# spec, so GitOps sees no drift): the annotation change makes the reconcile build the revision.
+ANNOTATION_RESOURCES_APPLIED: Final = "trimtab.io/resources-applied"
+
 # Annotation prefix for kopf's own bookkeeping (progress and diff-base), so kopf writes
 # nothing under .status that the CRD schema would prune.
 KOPF_ANNOTATION_PREFIX: Final = "trimtab.io"

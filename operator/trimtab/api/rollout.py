@@ -318,6 +318,20 @@ RolloutPhase = Literal[
 
 Verdict = Literal["Pass", "Fail", "Inconclusive"]
 
+# Condition types the rollout loop sets on the ModelDeployment:
+# True: a candidate is in flight and moves as analysis allows; False: none is, or its weights
+# are frozen (reason MetricsUnavailable: nothing is promoted until metrics are back) or paused.
+CONDITION_ROLLOUT_PROGRESSING = "RolloutProgressing"
+# True: the weights hold until a person acts (spec.rollout.paused, or an untilPromoted step);
+# a failing candidate is still rolled back.
+CONDITION_ROLLOUT_PAUSED = "RolloutPaused"
+# True: the last candidate failed (analysis, progressDeadline or abort); the stable revision
+# serves all traffic and the failed revision is not retried until the spec changes.
+CONDITION_ROLLED_BACK = "RolledBack"
+# True: a promoted revision breached its SLO in the watch window and the last known-good
+# revision, rebuilt from status, serves all traffic instead.
+CONDITION_FALLBACK_APPLIED = "FallbackApplied"
+
 
 class AnalysisVerdict(StatusModel):
     """One check's verdict at one analysis round."""

@@ -20,7 +20,7 @@ MIN_SCALE_UP_STEP = 4
 # A backlog should be gone this long after the capacity asked for it is ready: short enough
 # that few requests arriving behind it miss the SLO, long enough not to buy replicas that
 # only ever drain a queue.
-DRAIN_SECONDS = 30.0
+DRAIN_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,39 @@ def _bounded(n: int, spec: AutoscalingSpec, floor: int) -> int:
 
 def _prune(history: tuple[Recommendation, ...], since: float) -> tuple[Recommendation, ...]:
     return tuple(r for r in history if r.time >= since)
+
+
+def _backlog_done_by(
+    *,
+    queue: float,
+    arrivals: float,
+    service: float,
+    in_use: float,
+    slots: int,
+    ready: int,
+    current: int,
+    starting_for: float,
+) -> float:
+    """Seconds until `queue` is gone on the replicas already asked for, if the ready ones
+    serve from now and the starting ones from `starting_for` seconds on; inf if never.
+
+    >>> _backlog_done_by(queue=600, arrivals=20, service=1, in_use=20, slots=8, ready=9,
+    ...                  current=9, starting_for=0)  # 52 spare slots from now
+    11.538...
+    >>> _backlog_done_by(queue=100, arrivals=20, service=1, in_use=20, slots=8, ready=1,
+    ...                  current=8, starting_for=30)  # +12/s for 30 s, then 44 spare slots
+    40.454...
+    """
+    if queue <= 0:
+        return 0.0
+    net = arrivals - ready * slots / service  # the queue's growth until the starting are ready
+    at_ready = queue + net * starting_for
+    if at_ready <= 0:
+        return queue / -net  # drains before the starting replicas are even needed
+    spare = current * slots - in_use
+    if spare <= 0:
+        return math.inf
+    return starting_for + at_ready * service / spare
 
 
 def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
@@ -162,7 +195,7 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     running = sig.running or 0.0
     growth = 0.0  # queue growth since the last loop, requests/s
     notes: list[str] = []
-    drained = ""
+    asides = ""
     if have_littles:
         assert sig.arrival_rate is not None and sig.service_time is not None
         service = max(sig.service_time, 1e-3)
@@ -171,7 +204,12 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         # the true arrival rate sooner: what the busy replicas finish plus the growth.
         previous = next((r for r in reversed(history) if r.queue_depth is not None), None)
         if previous is not None and previous.queue_depth is not None and inp.now > previous.time:
-            growth = (queue - previous.queue_depth) / (inp.now - previous.time)
+            elapsed = inp.now - previous.time
+            if previous.queue_depth == 0 and queue > 0:
+                # A queue out of nothing began at an unknown moment since the last loop:
+                # expect the middle, not the start, or a step is underestimated by half.
+                elapsed /= 2
+            growth = (queue - previous.queue_depth) / elapsed
             if growth > 0 and queue > 0:
                 arrivals = max(arrivals, running / service + growth)
         used["estimatedArrivalRate"] = arrivals
@@ -180,20 +218,43 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         # (counting them would ask for more replicas the longer a backlog drains).
         in_use = arrivals * service if queue > 0 else max(arrivals * service, running)
         # Replicas asked for now serve only after a cold start, and the queue keeps growing
-        # until then: plan to drain that backlog within DRAIN_SECONDS once they are ready,
-        # unless the ready replicas' spare slots drain it before a new one could serve
-        # (replicas still starting may take a whole cold start, so they are not counted).
+        # until then: plan to drain that backlog within DRAIN_SECONDS once they are ready.
+        # Unless the replicas already asked for drain it before a new one could serve: the
+        # ready ones from now, the starting ones from when they are ready at the latest (one
+        # cold start after the last scale-up).
         backlog = queue + (max(0.0, growth) * secs.cold_start if queue > 0 else 0.0)
-        spare = ready * spec.target_concurrency - in_use
         drain = backlog * service / max(DRAIN_SECONDS, service)
-        if backlog > 0 and spare > 0 and backlog * service / spare <= secs.cold_start:
+        done_by = _backlog_done_by(
+            queue=queue,
+            arrivals=arrivals,
+            service=service,
+            in_use=in_use,
+            slots=spec.target_concurrency,
+            ready=ready,
+            current=current,
+            starting_for=(
+                0.0
+                if starting == 0
+                else secs.cold_start
+                if inp.last_scale_up is None
+                else min(secs.cold_start, max(0.0, inp.last_scale_up + secs.cold_start - inp.now))
+            ),
+        )
+        if queue > 0 and done_by <= secs.cold_start:
             drain = 0.0
-            drained = (
-                f"{backlog:.0f} queued drain in {backlog * service / spare:.0f}s on the "
-                f"{ready} ready replicas, before a new one could serve"
+            asides += ("; " if asides else "") + (
+                f"{queue:.0f} queued drain in {done_by:.0f}s on the {current} replicas asked "
+                "for, before a new one could serve"
             )
         used["projectedBacklog"] = backlog
         source = f"{arrivals:.2f} req/s x {service:.2f}s"
+        if arrivals > sig.arrival_rate:
+            asides = (
+                f"arrivals {arrivals:.2f} req/s from the queue's growth (the rate window "
+                f"says {sig.arrival_rate:.2f})" + ("; " if asides else "") + asides
+            )
+        if in_use > arrivals * service:
+            source = f"{running:.0f} running, above {source}"
     else:
         in_use, drain = running, queue
         source = f"{running:.0f} running"
@@ -206,8 +267,8 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         + (f" + {queue:.0f} queued" if queue else "")
         + f") / {per_replica:.1f} per replica = {recommendation}"
     )
-    if drained:
-        notes.append(drained)
+    if asides:
+        notes.append(asides)
 
     slo_missed = slo_s is not None and sig.p99_latency is not None and sig.p99_latency > slo_s
     queueing = sig.queue_depth is None or sig.queue_depth > 0

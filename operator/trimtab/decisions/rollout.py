@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from trimtab.api.autoscaling import SLOSpec, duration_seconds
+from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.rollout import (
     AnalysisVerdict,
     CheckEvidence,
@@ -522,3 +523,101 @@ def effective_weights(stable_replicas: int, candidate_replicas: int) -> Weights:
         return Weights()
     cand = round(100 * candidate_replicas / total)
     return Weights(stable=100 - cand, candidate=cand, mirror_percent=0)
+
+
+# --- which revisions run --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RevisionPlan:
+    """The revisions that run for a ModelDeployment and how traffic splits between them, from
+    the spec's revision and status.rollout. The reconcile, the autoscaler and the rollout loop
+    all build Deployments and replica counts from this one answer, so they never disagree.
+
+    stable_model: the model part that rebuilds the stable revision when the spec describes
+    another one (None when the spec is the stable revision, or when status lacks it)."""
+
+    stable: str
+    candidate: str | None
+    weights: Weights
+    rollout: bool
+    exact_weights: bool
+    stable_from_spec: bool
+    stable_model: dict[str, Any] | None = None
+    # A candidate that status still names but the spec no longer does; it keeps running
+    # until the rollout loop replaces or removes it.
+    outgoing: str | None = None
+
+    @property
+    def status_revision(self) -> str:
+        """The revision whose readiness the phase and Ready condition report."""
+        return self.candidate or self.stable
+
+    @property
+    def keep(self) -> frozenset[str]:
+        return frozenset(r for r in (self.stable, self.candidate, self.outgoing) if r)
+
+    def replicas(self, total: int) -> tuple[int, int]:
+        """(stable, candidate) replicas for `total` replicas of capacity."""
+        return split_replicas(
+            total, self.weights, exact_weights=self.exact_weights, in_rollout=bool(self.candidate)
+        )
+
+
+def plan_revisions(
+    desired: str, rollout: bool, status: RolloutStatus, *, exact_weights: bool = False
+) -> RevisionPlan:
+    """Which revisions run, from the spec's revision `desired` and status.rollout.
+
+    Worked examples:
+    - no spec.rollout -> stable = desired, no candidate (a new revision replaces the old once
+      ready, as without progressive delivery)
+    - rollout, status has no stable yet -> stable = desired: the first revision is stable at once
+    - stable a, desired a -> stable a, no candidate
+    - stable a, desired b -> candidate b beside a, at status's weights when status already
+      names b as the candidate, else at 100/0 (b starts without traffic)
+    - stable a, desired b, failedRevision b -> no candidate: b is not retried
+    - stable a, candidate b in status, desired c -> candidate c at 100/0; b is `outgoing`
+    """
+    if not rollout or status.stable_revision is None:
+        return RevisionPlan(desired, None, Weights(), rollout, exact_weights, True)
+    stable = status.stable_revision
+    candidate = desired if desired not in (stable, status.failed_revision) else None
+    weights = (
+        status.weights
+        if candidate is not None and status.candidate_revision == candidate
+        else Weights()
+    )
+    outgoing = (
+        status.candidate_revision if status.candidate_revision not in (candidate, None) else None
+    )
+    from_spec = stable == desired
+    return RevisionPlan(
+        stable,
+        candidate,
+        weights,
+        rollout,
+        exact_weights,
+        from_spec,
+        None if from_spec else stable_model(status),
+        outgoing,
+    )
+
+
+def spec_with_model(spec: ModelDeploymentSpec, model: dict[str, Any]) -> ModelDeploymentSpec:
+    """`spec` with its model part replaced by `model` (a known-good revision's, from status):
+    the policy parts (replicas, autoscaling, rollout) stay the spec's own.
+
+    >>> from trimtab.builders.common import content_hash
+    >>> old = ModelDeploymentSpec(image="a:1", replicas=2)
+    >>> new = ModelDeploymentSpec(image="a:2", replicas=5)
+    >>> back = spec_with_model(new, old.model_part())
+    >>> (back.image, back.replicas, back.model_part() == old.model_part())
+    ('a:1', 5, True)
+    """
+    wire = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    model_keys = {
+        spec.model_fields[f].alias or f for f in ModelDeploymentSpec.model_fields_for_revision
+    }
+    policy = {k: v for k, v in wire.items() if k not in model_keys}
+    return ModelDeploymentSpec.model_validate({**policy, **model})

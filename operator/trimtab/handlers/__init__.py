@@ -6,7 +6,8 @@ from trimtab.handlers import (
     autoscaling,
     modeldeployment,
     operator_setup,  # first: its start-up handler sets up memo
+    rollout,
     trainingjob,
 )
 
-__all__ = ["autoscaling", "modeldeployment", "operator_setup", "trainingjob"]
+__all__ = ["autoscaling", "modeldeployment", "operator_setup", "rollout", "trainingjob"]

@@ -24,10 +24,10 @@ from trimtab.builders.autoscaling import (
     parse_rfc3339,
 )
 from trimtab.builders.common import merge_patch
-from trimtab.builders.serving import deployment_name, revision_of
+from trimtab.builders.serving import deployment_name
 from trimtab.decisions.autoscaling import AutoscalingInput, decide_replicas
 from trimtab.decisions.conditions import set_condition
-from trimtab.handlers.modeldeployment import Log, now_rfc3339
+from trimtab.handlers.modeldeployment import Log, now_rfc3339, plan_for
 from trimtab.kube.client import KubeClient
 from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS
 from trimtab.metrics.base import QueryResult, ResultState, Signals, read_signals
@@ -98,17 +98,29 @@ async def autoscale_once(kube: KubeClient, pool: ProviderPool, body: Any, logger
     if auto is None or not auto.enabled:
         return DEFAULT_INTERVAL
     interval = auto.seconds().interval
-    revision = revision_of(spec)
+    status = dict(body.get("status") or {})
+    previous = AutoscalingStatus.model_validate(status.get("autoscaling") or {})
+    # With a candidate beside the stable revision, capacity is decided for both together from
+    # signals across both, then split by traffic weight (see split_replicas).
+    plan = plan_for(spec, status)
+    revision = plan.stable
     deploy_name = deployment_name(name, revision)
     deploy = await kube.get(DEPLOYMENTS, namespace, deploy_name)
     if deploy is None:
         return interval  # the reconcile has not created this revision yet
     current = int((deploy.get("spec") or {}).get("replicas", 0))
     ready = int((deploy.get("status") or {}).get("readyReplicas", 0))
+    candidate = None
+    if plan.candidate is not None:
+        candidate = await kube.get(DEPLOYMENTS, namespace, deployment_name(name, plan.candidate))
+        if previous.desired_replicas is not None:
+            current = previous.desired_replicas
+        ready += int(((candidate or {}).get("status") or {}).get("readyReplicas", 0))
+        ready = min(ready, current)
 
-    signals = await _read(pool, spec, namespace, name, revision)
-    status = dict(body.get("status") or {})
-    previous = AutoscalingStatus.model_validate(status.get("autoscaling") or {})
+    signals = await _read(
+        pool, spec, namespace, name, revision if plan.candidate is None else None
+    )
     now = time.time()
     last_up = previous.last_scale_up_time
     decision = decide_replicas(
@@ -125,8 +137,15 @@ async def autoscale_once(kube: KubeClient, pool: ProviderPool, body: Any, logger
     )
     DESIRED_REPLICAS.labels(namespace=namespace, name=name).set(decision.desired_replicas)
     scaled = decision.desired_replicas != current
-    if scaled:
+    if plan.candidate is not None:
+        stable_n, candidate_n = plan.replicas(decision.desired_replicas)
+        for obj, want in ((deploy, stable_n), (candidate, candidate_n)):
+            have = int(((obj or {}).get("spec") or {}).get("replicas", -1))
+            if obj is not None and have != want:
+                await kube.scale(DEPLOYMENTS, namespace, obj["metadata"]["name"], want)
+    elif scaled:
         await kube.scale(DEPLOYMENTS, namespace, deploy_name, decision.desired_replicas)
+    if scaled:
         direction = "up" if decision.desired_replicas > current else "down"
         SCALE_ACTIONS.labels(namespace=namespace, name=name, direction=direction).inc()
         message = f"{current} -> {decision.desired_replicas}: {decision.reason}"
@@ -185,7 +204,11 @@ def status_changed(before: list[Condition], after: list[Condition]) -> bool:
 
 
 async def _read(
-    pool: ProviderPool, spec: ModelDeploymentSpec, namespace: str, name: str, revision: str
+    pool: ProviderPool,
+    spec: ModelDeploymentSpec,
+    namespace: str,
+    name: str,
+    revision: str | None,
 ) -> Signals:
     metrics = spec.metrics
     try:

@@ -1,5 +1,6 @@
-"""kopf handlers for ModelDeployment: apply the current revision's Deployment and the Service,
-and keep status in step with the Deployments, which kopf indexes as they change.
+"""kopf handlers for ModelDeployment: apply the Deployments of the revisions that run (the
+spec's own; with spec.rollout, the stable one and the candidate beside it) and the Service, and
+keep status in step with the Deployments, which kopf indexes as they change.
 
 Each handler parses, asks decisions/ and builders/, writes only what differs, and records why."""
 
@@ -20,6 +21,7 @@ from trimtab.api.modeldeployment import (
     CONDITION_READY,
     ModelDeploymentSpec,
 )
+from trimtab.api.rollout import RolloutStatus
 from trimtab.builders.autoscaling import replicas_for_revision
 from trimtab.builders.common import Owner, merge_patch
 from trimtab.builders.serving import (
@@ -29,6 +31,7 @@ from trimtab.builders.serving import (
     selector_string,
 )
 from trimtab.decisions.conditions import get_condition, set_condition
+from trimtab.decisions.rollout import RevisionPlan, plan_revisions, spec_with_model
 from trimtab.decisions.serving import DeploymentObservation, find_spec_problems, serving_state
 from trimtab.kube.client import KubeClient, KubeError
 from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS
@@ -148,7 +151,7 @@ async def reconcile_modeldeployment(
     logger: Log,
     **kwargs: Any,
 ) -> None:
-    """Apply the current revision's Deployment and the Service; write status if it changed."""
+    """Apply the running revisions' Deployments and the Service; write status if it changed."""
     started = time.monotonic()
     result = "error"
     try:
@@ -201,27 +204,62 @@ async def _reconcile(
     observations = _observations(index, key)
     is_new = all(o.revision != revision for o in observations)
     try:
-        replicas = replicas_for_revision(parsed, dict(body.get("status") or {}))
-        await kube.apply(build_deployment(owner, parsed, revision, replicas))
-        await kube.apply(build_service(owner, parsed))
+        plan = await apply_revisions(kube, owner, parsed, dict(body.get("status") or {}))
     except KubeError as err:
         if err.invalid or err.status == 400:
             await _degrade(body, patch, "ApplyRejected", [err.message], generation)
             raise kopf.PermanentError(err.message) from err
         raise kopf.TemporaryError(f"API server: {err}", delay=10) from err
-    if is_new:
+    if is_new and revision in plan.keep:
+        role = (
+            f" (candidate beside stable {plan.stable})" if plan.candidate == revision else ""
+        )
         kopf.event(
             body,
             type="Normal",
             reason="RevisionCreated",
-            message=f"revision {revision}: image {parsed.image}",
+            message=f"revision {revision}: image {parsed.image}{role}",
         )
         logger.info("revision %s applied", revision)
 
-    desired, _ = desired_status(body, revision, observations, generation, now_rfc3339())
+    desired, _ = desired_status(
+        body, plan.status_revision, observations, generation, now_rfc3339()
+    )
     desired["observedGeneration"] = generation
     for key_, value in merge_patch(dict(body.get("status") or {}), desired).items():
         patch.status[key_] = value
+
+
+def plan_for(spec: ModelDeploymentSpec, status: dict[str, Any]) -> RevisionPlan:
+    """The revisions that run now and their traffic split (see `plan_revisions`)."""
+    rollout = spec.rollout
+    return plan_revisions(
+        revision_of(spec),
+        rollout is not None,
+        RolloutStatus.model_validate(status.get("rollout") or {}),
+        exact_weights=rollout is not None and rollout.router.type != "replicas",
+    )
+
+
+async def apply_revisions(
+    kube: KubeClient, owner: Owner, spec: ModelDeploymentSpec, status: dict[str, Any]
+) -> RevisionPlan:
+    """Apply the Deployment of every revision that runs, with the replicas the autoscaler (or
+    spec.replicas) chose split by traffic weight, and the Service. No-op applies write nothing.
+
+    The stable revision's pods come from its known-good model part in status when the spec
+    describes a candidate; a stable revision status cannot rebuild is left as it is."""
+    plan = plan_for(spec, status)
+    stable_n, candidate_n = plan.replicas(replicas_for_revision(spec, status))
+    stable_spec = spec if plan.stable_from_spec else None
+    if stable_spec is None and plan.stable_model is not None:
+        stable_spec = spec_with_model(spec, plan.stable_model)
+    if stable_spec is not None:
+        await kube.apply(build_deployment(owner, stable_spec, plan.stable, stable_n))
+    if plan.candidate is not None:
+        await kube.apply(build_deployment(owner, spec, plan.candidate, candidate_n))
+    await kube.apply(build_service(owner, spec))
+    return plan
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)
@@ -232,8 +270,8 @@ async def follow_serving_deployment(
     logger: Log,
     **kwargs: Any,
 ) -> None:
-    """A Deployment changed: recompute its ModelDeployment's status, and retire old revisions
-    once the current one is fully ready."""
+    """A Deployment changed: recompute its ModelDeployment's status, and (without spec.rollout)
+    retire old revisions once the current one is fully ready."""
     await sync_status(
         memo.kube, namespace or "", labels[C.LABEL_OWNER], kwargs["serving_deployments"], logger
     )
@@ -262,7 +300,8 @@ async def sync_status(
         and (degraded.observed_generation == generation)
     ):
         return
-    revision = revision_of(parsed)
+    plan = plan_for(parsed, dict(status))
+    revision = plan.status_revision
     observations = _observations(index, (namespace, name))
     desired, current_ready = desired_status(
         body, revision, observations, int(status.get("observedGeneration") or 0), now_rfc3339()
@@ -270,7 +309,9 @@ async def sync_status(
     changes = merge_patch(dict(status), desired)
     if changes:
         await kube.patch_status(MODELDEPLOYMENTS, namespace, name, changes)
-    if current_ready:
+    # With spec.rollout, revisions retire when the rollout promotes or rolls back, not when
+    # the newest is ready: handlers/rollout.py removes them.
+    if current_ready and not plan.rollout:
         for old in observations:
             if old.revision != revision and await kube.delete(DEPLOYMENTS, namespace, old.name):
                 logger.info("retired revision %s of %s/%s", old.revision, namespace, name)

@@ -210,6 +210,8 @@ async def rightsize_modeldeployment(
         message = f"{container.container}: {_summary(container)}"
         kopf.event(body, type="Normal", reason=EVENT_APPLIED, message=message)
         logger.info("right-sizing applied: %s", _summary(container))
+        # Status changes fire no handler; this annotation makes the reconcile roll it out.
+        patch.metadata.annotations[C.ANNOTATION_RESOURCES_APPLIED] = stamp
     elif parsed.rightsizing.mode != "Auto":
         applied = None
         conditions = [c for c in conditions if c.type != CONDITION_RECOMMENDATION_APPLIED]

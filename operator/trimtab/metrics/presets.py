@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from trimtab.api.autoscaling import MetricQueries
 from trimtab.metrics.base import SIGNAL_NAMES, SignalName
@@ -341,3 +342,121 @@ def build_queries(
         if template:
             queries[name] = render_override(template, target)
     return queries
+
+
+# --- counts for canary analysis ----------------------------------------------------------------
+
+# What the rollout loop counts per revision over the analysis window (`QueryTarget.window`):
+# requests served, failed requests, requests the latency histogram saw, and those of them
+# within the latency bound. Counts, not rates: the sequential tests weigh evidence by sample
+# size.
+CountName = Literal["requests", "errors", "latencyRequests", "latencyFast"]
+COUNT_NAMES: tuple[CountName, ...] = ("requests", "errors", "latencyRequests", "latencyFast")
+CountQueries = dict[CountName, "str | None"]
+
+
+def le_matcher(bound_s: float) -> str:
+    r"""A `le` matcher for the histogram bucket whose upper bound is `bound_s`, in every way
+    exporters spell that number (Go writes "2" and "1e+06", Python's client "2.0").
+
+    >>> le_matcher(0.5)
+    'le=~"0\\\\.5"'
+    >>> le_matcher(2.0)
+    'le=~"2|2\\\\.0"'
+    """
+    spellings = [format(bound_s, "g"), repr(float(bound_s))]
+    if float(bound_s).is_integer():
+        spellings.append(str(int(bound_s)))
+    unique = sorted(set(spellings), key=spellings.index)
+    body = "|".join(re.escape(s).replace("\\", "\\\\") for s in unique)
+    return f'le=~"{body}"'
+
+
+def _increase(selector: str, t: QueryTarget) -> str:
+    return f"sum(increase({selector}[{t.window}]))"
+
+
+def _zero_if_absent(expr: str) -> str:
+    # A server that never failed has no error series: that is 0 errors, not missing data.
+    return f"({expr} or vector(0))"
+
+
+def _latency_counts(hist: str, t: QueryTarget, bound_s: float | None) -> CountQueries:
+    if bound_s is None:
+        return {"latencyRequests": None, "latencyFast": None}
+    return {
+        "latencyRequests": _increase(_series(f"{hist}_count", t), t),
+        "latencyFast": _increase(_series(f"{hist}_bucket", t, le_matcher(bound_s)), t),
+    }
+
+
+def count_queries(
+    preset: str, target: QueryTarget, latency_bound_s: float | None, options: PresetOptions
+) -> CountQueries:
+    """PromQL for the counts of one revision over `target.window`; None: cannot be counted.
+
+    Latency is counted from a histogram bucket at exactly the bound (a bound between two
+    buckets has no exact count: the query then finds no series and latency is not judged).
+    Triton and TorchServe export no latency histogram.
+
+    >>> q = count_queries("tgi", QueryTarget("p", "c", revision="r1", window="30s"), 0.5,
+    ...                   PresetOptions())
+    >>> q["requests"]
+    'sum(increase(tgi_request_count{namespace="p",trimtab_io_owner="c",trimtab_io_revision="r1"}[30s]))'
+    """
+    t = target
+    if preset == "vllm":
+        hist = (
+            "e2e_request_latency_seconds"
+            if options.latency == "e2e"
+            else "time_to_first_token_seconds"
+        )
+        return {
+            "requests": _increase(_series("http_requests_total", t), t),
+            "errors": _zero_if_absent(
+                _increase(_series("http_requests_total", t, 'status="5xx"'), t)
+            ),
+            **(
+                {"latencyRequests": None, "latencyFast": None}
+                if latency_bound_s is None
+                else {
+                    "latencyRequests": _increase(_vllm_series(f"{hist}_count", t), t),
+                    "latencyFast": _increase(
+                        _series_matching(
+                            f"vllm[:_]{hist}_bucket", t, le_matcher(latency_bound_s)
+                        ),
+                        t,
+                    ),
+                }
+            ),
+        }
+    if preset == "tgi":
+        return {
+            "requests": _increase(_series("tgi_request_count", t), t),
+            "errors": _zero_if_absent(_increase(_series("tgi_request_failure", t), t)),
+            **_latency_counts("tgi_request_duration", t, latency_bound_s),
+        }
+    if preset == "generic":
+        return {
+            "requests": _increase(_series("http_requests_total", t), t),
+            "errors": _zero_if_absent(
+                _increase(_series("http_requests_total", t, f'{options.status_label}=~"5.."'), t)
+            ),
+            **_latency_counts("http_request_duration_seconds", t, latency_bound_s),
+        }
+    if preset == "triton":
+        failure = _zero_if_absent(_increase(_series("nv_inference_request_failure", t), t))
+        return {
+            "requests": f"({_increase(_series('nv_inference_request_success', t), t)} + {failure})",
+            "errors": failure,
+            "latencyRequests": None,
+            "latencyFast": None,
+        }
+    if preset == "torchserve":
+        return {
+            "requests": _increase(_series("ts_inference_requests_total", t), t),
+            "errors": _zero_if_absent(_increase(_series("Requests5XX", t), t)),
+            "latencyRequests": None,
+            "latencyFast": None,
+        }
+    raise UnknownPresetError(f"unknown metrics preset {preset!r}; known: {sorted(PRESETS)}")

@@ -68,11 +68,14 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
         f"container={_q(target.container)}"
     )
     step = f"{step_s}s"
+    # A restart needs two scrapes of the counter inside the window to show; a window of at least
+    # the rate window makes one kill visible at several steps, which `_distinct_kills` merges.
+    oom_window = f"{max(step_s, _seconds(rate_window))}s"
     return {
         "cpu": f"max(rate({CPU_SERIES}{{{sel}}}[{rate_window}]))",
         "memory": f"max(max_over_time({MEMORY_SERIES}{{{sel}}}[{step}]))",
         "oom": (
-            f"max((increase({RESTARTS_SERIES}{{{sel}}}[{step}]) > 0)"
+            f"max((increase({RESTARTS_SERIES}{{{sel}}}[{oom_window}]) > 0)"
             f" and on(namespace,pod,container)"
             f" ({OOM_SERIES}{{{sel},reason=\"OOMKilled\"}} == 1))"
         ),
@@ -191,7 +194,9 @@ class UsageReader:
             missing.append(MEMORY_SERIES)
         ooms = [
             (t, memory_limit if memory_limit else _nearest(memory, t))
-            for t, _ in _points(by_key["oom"])
+            for t, _ in _distinct_kills(
+                _points(by_key["oom"]), max(step_s, _seconds(self.rate_window))
+            )
         ]
         gpu_memory: Points = []
         gpu_util: Points = []
@@ -222,6 +227,26 @@ class UsageReader:
             missing_gpu_series=tuple(missing_gpu),
         )
         return UsageAnswer(usage)
+
+
+def _seconds(duration: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return int(duration[:-1]) * units[duration[-1]] if duration[-1] in units else int(duration)
+
+
+def _distinct_kills(points: Points, window_s: float) -> Points:
+    """One point per kill: points closer than the increase() window are the same restart.
+
+    >>> _distinct_kills([(0.0, 1.0), (1.0, 1.0), (2.0, 1.0), (60.0, 1.0)], 5)
+    [(0.0, 1.0), (60.0, 1.0)]
+    """
+    out: Points = []
+    last: float | None = None
+    for t, v in points:
+        if last is None or t - last > window_s:
+            out.append((t, v))
+        last = t
+    return out
 
 
 def _nearest(points: Points, t: float) -> float:

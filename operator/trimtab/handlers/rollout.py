@@ -1,0 +1,615 @@
+"""The rollout control loop: one kopf daemon per ModelDeployment with spec.rollout. Every
+analysis interval it reads per-revision request counts in one batch, asks next_rollout_step,
+acts through the traffic router, retires revisions the rollout is done with, and records why
+(status.rollout, conditions, Events, the trimtab_rollout_* metrics).
+
+All state lives in status.rollout, so a restarted operator resumes at the same step."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+from typing import Any, cast
+
+import kopf
+
+from trimtab import constants as C
+from trimtab.api.autoscaling import duration_seconds
+from trimtab.api.common import Condition, ConditionStatus
+from trimtab.api.modeldeployment import ModelDeploymentSpec
+from trimtab.api.rollout import (
+    CONDITION_FALLBACK_APPLIED,
+    CONDITION_ROLLED_BACK,
+    CONDITION_ROLLOUT_PAUSED,
+    CONDITION_ROLLOUT_PROGRESSING,
+    MANUAL_ACTIONS,
+    ROLLOUT_ACTION_ANNOTATION,
+    ManualAction,
+    RolloutSpec,
+    RolloutStatus,
+    Weights,
+)
+from trimtab.builders.autoscaling import replicas_for_revision
+from trimtab.builders.common import Owner, owner_labels
+from trimtab.builders.serving import revision_of, serving_ports
+from trimtab.decisions.conditions import get_condition, set_condition
+from trimtab.decisions.rollout import (
+    Fallback,
+    Hold,
+    Mirror,
+    Pause,
+    Promote,
+    Rollback,
+    RolloutAction,
+    RolloutInputs,
+    SetWeights,
+    apply_action,
+    carried_evidence,
+    checks_for,
+    latency_bound_seconds,
+    next_rollout_step,
+    parse_time,
+)
+from trimtab.decisions.serving import DeploymentObservation
+from trimtab.decisions.statistics import AnalysisResult, Counts, Metric, evaluate_checks
+from trimtab.handlers.modeldeployment import (
+    Log,
+    apply_revisions,
+    now_rfc3339,
+    owner_of,
+    parse_spec,
+    plan_for,
+)
+from trimtab.kube.client import KubeClient
+from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS, SERVICES, for_manifest
+from trimtab.metrics.base import QueryResult
+from trimtab.metrics.factory import ProviderPool
+from trimtab.metrics.presets import PresetOptions, QueryTarget, count_queries
+from trimtab.observability import ROLLBACKS, ROLLOUT_WEIGHT
+from trimtab.routing.base import Json, RouteTarget, TrafficRouter
+from trimtab.routing.registry import build_router
+
+DEFAULT_INTERVAL = 15.0
+
+
+def rollout_configured(spec: kopf.Spec, **_: Any) -> bool:
+    return isinstance(spec.get("rollout"), dict)
+
+
+@kopf.daemon(
+    C.GROUP,
+    C.VERSION,
+    C.MODELDEPLOYMENT_PLURAL,
+    when=rollout_configured,
+    cancellation_timeout=5.0,
+)
+async def rollout_loop(
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    memo: Any,
+    logger: Log,
+    **_: Any,
+) -> None:
+    """Run the loop until the resource goes or drops spec.rollout (kopf stops the daemon)."""
+    meta = body["metadata"]
+    while not stopped:
+        interval = DEFAULT_INTERVAL
+        try:
+            interval = await rollout_once(
+                memo.kube, memo.metrics_pool, meta["namespace"], meta["name"], logger
+            )
+        except Exception:  # one bad loop must not end the daemon; the next one retries
+            logger.exception("rollout loop failed; retrying in %.0fs", interval)
+        await stopped.wait(interval)
+
+
+class KubeRouterClient:
+    """trimtab.kube's client as the RouterClient the routers write through."""
+
+    def __init__(self, kube: KubeClient) -> None:
+        self.kube = kube
+
+    async def apply(self, manifest: Json) -> Json:
+        return await self.kube.apply(manifest)
+
+    async def get_object(
+        self, api_version: str, kind: str, namespace: str, name: str
+    ) -> Json | None:
+        res = for_manifest({"apiVersion": api_version, "kind": kind})
+        return await self.kube.get(res, namespace, name)
+
+    async def delete_object(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        res = for_manifest({"apiVersion": api_version, "kind": kind})
+        return await self.kube.delete(res, namespace, name)
+
+    async def scale(self, kind: str, namespace: str, name: str, replicas: int) -> None:
+        res = for_manifest({"apiVersion": "apps/v1", "kind": kind})
+        await self.kube.scale(res, namespace, name, replicas)
+
+
+def serving(obs: DeploymentObservation | None) -> bool:
+    """A revision serves once its Deployment's current generation has a ready replica. Later
+    steps' extra replicas need not all be ready: the deadline is for starting, not scaling."""
+    return (
+        obs is not None and obs.observed_generation >= obs.generation and obs.ready_replicas >= 1
+    )
+
+
+# --- reading the counts ---------------------------------------------------------------------
+
+
+def _counts(results: dict[str, QueryResult], role: str) -> dict[Metric, Counts]:
+    def value(name: str) -> int | None:
+        r = results.get(f"{role}.{name}")
+        if r is None or not r.has_value or r.value is None or not math.isfinite(r.value):
+            return None
+        return max(0, round(r.value))
+
+    out: dict[Metric, Counts] = {}
+    requests, errors = value("requests"), value("errors")
+    if requests is not None:
+        out["errorRate"] = Counts(requests, min(requests, errors or 0))
+    seen, fast = value("latencyRequests"), value("latencyFast")
+    if seen is not None and fast is not None:
+        out["latency"] = Counts(seen, max(0, seen - fast))
+    return out
+
+
+async def analyse(
+    pool: ProviderPool,
+    spec: ModelDeploymentSpec,
+    rollout: RolloutSpec,
+    status: RolloutStatus,
+    owner: Owner,
+    subject: str,
+    baseline: str | None,
+    since: str,
+    now: datetime.datetime,
+) -> tuple[AnalysisResult | None, str, str]:
+    """(verdict, metrics error, note) on `subject`'s requests since `since`, against the SLO
+    and, with a `baseline` revision, against it over the same window. The verdict is None when
+    the source failed: the caller must not move weights then."""
+    elapsed = max(1, math.ceil((now - parse_time(since)).total_seconds()))
+    bound = latency_bound_seconds(rollout, spec.slo)
+    options = PresetOptions(latency=spec.slo.latency if spec.slo else "e2e")
+    queries: dict[str, str] = {}
+    for role, revision in (("candidate", subject), ("stable", baseline)):
+        if revision is None:
+            continue
+        target = QueryTarget(owner.namespace, owner.name, revision=revision, window=f"{elapsed}s")
+        for name, query in count_queries(spec.server, target, bound, options).items():
+            if query:
+                queries[f"{role}.{name}"] = query
+    metrics = spec.metrics
+    provider = pool.get(metrics.prometheus_url if metrics else None)
+    results = await provider.query_batch(queries)
+    failures = sorted({r.message for r in results.values() if r.is_unavailable})
+    if failures:
+        return None, "; ".join(failures)[:1000], ""
+    candidate = _counts(results, "candidate")
+    stable = _counts(results, "stable") if baseline else None
+    note = ""
+    if bound is not None and "latency" not in candidate and "errorRate" in candidate:
+        note = (
+            f"latency not judged: the {spec.server} metrics have no histogram bucket at "
+            f"{bound:g}s for {subject}"
+        )
+    result = evaluate_checks(
+        checks_for(rollout, spec.slo),
+        candidate,
+        stable,
+        carried=carried_evidence(status),
+        false_rollback_rate=rollout.analysis.false_rollback_rate,
+        min_requests=rollout.analysis.min_requests,
+    )
+    return result, "", note
+
+
+# --- one loop -------------------------------------------------------------------------------
+
+
+async def rollout_once(
+    kube: KubeClient,
+    pool: ProviderPool,
+    namespace: str,
+    name: str,
+    logger: Log,
+    now: datetime.datetime | None = None,
+) -> float:
+    """One loop: observe, decide, act, record. Returns the seconds until the next loop."""
+    body = await kube.get(MODELDEPLOYMENTS, namespace, name)
+    if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+        return DEFAULT_INTERVAL
+    parsed, problems = parse_spec(body.get("spec") or {})
+    if parsed is None or problems or parsed.rollout is None:
+        return DEFAULT_INTERVAL  # the reconcile reports a bad spec
+    rollout = parsed.rollout
+    interval = duration_seconds(rollout.analysis.interval)
+    now = now or datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    status = dict(body.get("status") or {})
+    before = RolloutStatus.model_validate(status.get("rollout") or {})
+    owner = owner_of(cast(kopf.Body, body))
+    annotations = body["metadata"].get("annotations") or {}
+    raw_manual = annotations.get(ROLLOUT_ACTION_ANNOTATION)
+    manual = cast(ManualAction, raw_manual) if raw_manual in MANUAL_ACTIONS else None
+
+    listed = await kube.list(DEPLOYMENTS, namespace, owner_labels(owner))
+    observed = {
+        o.revision: o
+        for o in (
+            DeploymentObservation.from_manifest(
+                d["metadata"].get("labels", {}).get(C.LABEL_REVISION, ""), d
+            )
+            for d in listed
+        )
+        if o.revision
+    }
+    candidate = before.candidate_revision
+    candidate_ready = candidate is not None and serving(observed.get(candidate))
+
+    analysis: AnalysisResult | None = None
+    metrics_error, note = "", ""
+    judged = False
+    if (
+        candidate is not None
+        and candidate_ready
+        and rollout.strategy != "Immediate"
+        and (before.step_index >= 0 or before.weights.mirror_percent > 0)
+        and before.step_since is not None
+    ):
+        judged = True
+        analysis, metrics_error, note = await analyse(
+            pool, parsed, rollout, before, owner, candidate, before.stable_revision,
+            before.step_since, now,
+        )  # fmt: skip
+    elif candidate is None and before.promoted_at is not None and before.stable_revision:
+        judged = True
+        analysis, metrics_error, note = await analyse(
+            pool, parsed, rollout, before, owner, before.stable_revision, None,
+            before.promoted_at, now,
+        )  # fmt: skip
+
+    action = next_rollout_step(
+        rollout,
+        before,
+        RolloutInputs(
+            desired_revision=revision_of(parsed),
+            now=now,
+            candidate_ready=candidate_ready,
+            analysis=analysis,
+            manual=manual,
+        ),
+    )
+    after = apply_action(
+        rollout, before, action, now=now, desired_model=parsed.model_part(), analysis=analysis
+    )
+    status_after = {**status, "rollout": after.to_wire()}
+    plan_after = plan_for(parsed, status_after)
+    total = replicas_for_revision(parsed, status)
+
+    moved = not isinstance(action, Hold | Pause)
+    if moved:
+        await apply_revisions(kube, owner, parsed, status_after)
+        await _route(kube, parsed, rollout, owner, before, after, action, total)
+
+    conditions = rollout_conditions(
+        [Condition.model_validate(c) for c in status.get("conditions") or []],
+        after,
+        action,
+        metrics_error if judged else "",
+        note,
+        now_rfc3339(),
+    )
+    patch: dict[str, Any] = {}
+    rollout_patch = replace_patch(status.get("rollout") or {}, after.to_wire())
+    if rollout_patch:
+        patch["rollout"] = rollout_patch
+    wire_conditions = [c.to_wire() for c in conditions]
+    if wire_conditions != status.get("conditions"):
+        patch["conditions"] = wire_conditions
+    if patch:
+        await kube.patch_status(MODELDEPLOYMENTS, namespace, name, patch)
+
+    stale = set(observed) - plan_after.keep
+    if stale or moved:
+        await retire(
+            kube, owner, plan_after.keep, observed, serving(observed.get(plan_after.stable)),
+            mesh=rollout.router.type != "replicas", logger=logger,
+        )  # fmt: skip
+    _record(body, namespace, name, before, after, action, metrics_error, logger)
+    if raw_manual is not None and _manual_done(raw_manual, manual, action, before, after):
+        await kube.patch(
+            MODELDEPLOYMENTS,
+            namespace,
+            name,
+            {"metadata": {"annotations": {ROLLOUT_ACTION_ANNOTATION: None}}},
+        )
+    return interval
+
+
+async def _route(
+    kube: KubeClient,
+    spec: ModelDeploymentSpec,
+    rollout: RolloutSpec,
+    owner: Owner,
+    before: RolloutStatus,
+    after: RolloutStatus,
+    action: RolloutAction,
+    total: int,
+) -> None:
+    """Carry out `action` on the traffic router (the Deployments are applied already)."""
+    client = KubeRouterClient(kube)
+    port = serving_ports(spec)[0]
+
+    def router(stable: str, candidate: str | None, weights: Weights) -> TrafficRouter:
+        target = RouteTarget(owner, port, stable, candidate, weights, total_replicas=total)
+        return build_router(rollout.router, target, client)
+
+    mesh = rollout.router.type != "replicas"
+    if isinstance(action, SetWeights | Mirror):
+        assert after.stable_revision is not None
+        old = before.candidate_revision
+        if before.stable_revision and old is not None and old != after.candidate_revision:
+            await router(before.stable_revision, old, before.weights).finalize()
+        w = after.weights
+        await router(after.stable_revision, after.candidate_revision, w).set_weights(
+            w.stable, w.candidate, w.mirror_percent
+        )
+    elif isinstance(action, Rollback):
+        if before.stable_revision and before.candidate_revision:
+            await router(
+                before.stable_revision, before.candidate_revision, before.weights
+            ).finalize()
+    elif isinstance(action, Promote | Fallback):
+        assert after.stable_revision is not None
+        first = before.stable_revision is None
+        # The replica router only scales, which apply_revisions has done for a first revision.
+        if mesh or not first:
+            await router(after.stable_revision, None, Weights()).reconcile()
+
+
+async def retire(
+    kube: KubeClient,
+    owner: Owner,
+    keep: frozenset[str],
+    observed: dict[str, DeploymentObservation],
+    stable_serving: bool,
+    *,
+    mesh: bool,
+    logger: Log,
+) -> list[str]:
+    """Delete the Deployments (and per-revision Services) of revisions the rollout is done
+    with, once the stable revision serves: after a fallback, the broken revision keeps
+    answering until the known-good one it was rebuilt from is up."""
+    if not stable_serving:
+        return []
+    gone: list[str] = []
+    for revision, obs in sorted(observed.items()):
+        if revision not in keep and await kube.delete(DEPLOYMENTS, owner.namespace, obs.name):
+            gone.append(revision)
+            logger.info("retired revision %s of %s/%s", revision, owner.namespace, owner.name)
+    if mesh:
+        for svc in await kube.list(SERVICES, owner.namespace, owner_labels(owner)):
+            svc_revision = (svc["metadata"].get("labels") or {}).get(C.LABEL_REVISION)
+            if svc_revision and svc_revision not in keep:
+                await kube.delete(SERVICES, owner.namespace, svc["metadata"]["name"])
+    return gone
+
+
+def _manual_done(
+    raw: str,
+    manual: ManualAction | None,
+    action: RolloutAction,
+    before: RolloutStatus,
+    after: RolloutStatus,
+) -> bool:
+    """Whether the rollout-action annotation has been acted on (or can never be)."""
+    if manual is None:
+        return True  # not a known action: removed, with a warning Event from _record
+    if before.candidate_revision is None:
+        return True  # nothing in flight to act on
+    if manual == "abort":
+        return isinstance(action, Rollback)
+    if manual == "promote-full":
+        return isinstance(action, Promote)
+    return isinstance(action, SetWeights | Promote) or after.candidate_revision is None
+
+
+# --- status, conditions, Events, metrics ------------------------------------------------------
+
+
+def replace_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch that makes `current` equal `desired`: keys only in `current` are
+    removed (null), dicts are patched key by key, anything else is replaced."""
+    patch: dict[str, Any] = {k: None for k in current if k not in desired}
+    for key, want in desired.items():
+        have = current.get(key)
+        if isinstance(want, dict) and isinstance(have, dict):
+            sub = replace_patch(have, want)
+            if sub:
+                patch[key] = sub
+        elif want != have:
+            patch[key] = want
+    return patch
+
+
+def rollout_conditions(
+    conditions: list[Condition],
+    after: RolloutStatus,
+    action: RolloutAction,
+    metrics_error: str,
+    note: str,
+    now: str,
+) -> list[Condition]:
+    """The four rollout conditions after this loop (their meaning is in api/rollout.py)."""
+    in_flight = after.candidate_revision is not None
+    reason_text = (after.reason or "")[:1000]
+    status: ConditionStatus = "True" if in_flight else "False"
+    if in_flight and metrics_error:
+        status, reason = "False", "MetricsUnavailable"
+        message = (
+            f"weights frozen at {after.weights.candidate}% (mirror "
+            f"{after.weights.mirror_percent}%), nothing is promoted until metrics are back: "
+            f"{metrics_error}"
+        )
+    elif in_flight and isinstance(action, Pause):
+        status, reason, message = "False", "Paused", reason_text
+    elif in_flight:
+        reason = "Analysing" if after.step_index >= 0 else "Starting"
+        message = f"{reason_text}; {note}" if note else reason_text
+    else:
+        reason, message = after.phase, reason_text
+    conds = set_condition(
+        conditions, CONDITION_ROLLOUT_PROGRESSING, status, reason, message[:1000], now
+    )
+    paused = after.phase == "Paused"
+    conds = set_condition(
+        conds,
+        CONDITION_ROLLOUT_PAUSED,
+        "True" if paused else "False",
+        "Paused" if paused else "NotPaused",
+        reason_text if paused else "",
+        now,
+    )
+    conds = _sticky(
+        conds,
+        CONDITION_ROLLED_BACK,
+        after.phase == "RolledBack",
+        "RolledBack",
+        reason_text if isinstance(action, Rollback) else None,
+        now,
+    )
+    return _sticky(
+        conds,
+        CONDITION_FALLBACK_APPLIED,
+        after.phase == "FellBack",
+        "FellBack",
+        reason_text if isinstance(action, Fallback) else None,
+        now,
+    )
+
+
+def _sticky(
+    conds: list[Condition],
+    type_: str,
+    active: bool,
+    reason: str,
+    fresh_message: str | None,
+    now: str,
+) -> list[Condition]:
+    """A condition whose message says why it became True and keeps saying so while it holds
+    (the rollout's reason moves on to "not retried" while the cause stays the same)."""
+    if not active:
+        return set_condition(conds, type_, "False", "NotApplied", "", now)
+    current = get_condition(conds, type_)
+    message = fresh_message
+    if message is None:
+        message = current.message if current and current.status == "True" else ""
+    return set_condition(conds, type_, "True", reason, message or "", now)
+
+
+def _record(
+    body: Json,
+    namespace: str,
+    name: str,
+    before: RolloutStatus,
+    after: RolloutStatus,
+    action: RolloutAction,
+    metrics_error: str,
+    logger: Log,
+) -> None:
+    """Events for every weight change, promotion, rollback and fallback, and the metrics."""
+    obj = cast(kopf.Body, body)
+    stable, candidate = after.stable_revision, after.candidate_revision
+
+    def weights(status: RolloutStatus) -> None:
+        if status.stable_revision:
+            ROLLOUT_WEIGHT.labels(namespace, name, status.stable_revision).set(
+                status.weights.stable
+            )
+        if status.candidate_revision:
+            ROLLOUT_WEIGHT.labels(namespace, name, status.candidate_revision).set(
+                status.weights.candidate
+            )
+
+    def forget(revision: str | None) -> None:
+        if revision and revision not in (stable, candidate):
+            with contextlib.suppress(KeyError):
+                ROLLOUT_WEIGHT.remove(namespace, name, revision)
+
+    weights(after)
+    forget(before.stable_revision)
+    forget(before.candidate_revision)
+    reason_text = action.reason[:1000]
+    if isinstance(action, SetWeights):
+        w = after.weights
+        if action.start is not None:
+            kopf.event(
+                obj,
+                type="Normal",
+                reason="RolloutStarted",
+                message=f"candidate {candidate} beside stable {stable} at 0%: {reason_text}",
+            )
+        else:
+            kopf.event(
+                obj,
+                type="Normal",
+                reason="TrafficShifted",
+                message=f"stable {stable} {w.stable}% / candidate {candidate} {w.candidate}%: "
+                f"{reason_text}",
+            )
+    elif isinstance(action, Mirror):
+        kopf.event(
+            obj,
+            type="Normal",
+            reason="TrafficMirrored",
+            message=f"{action.percent}% of requests copied to {candidate}: {reason_text}",
+        )
+    elif isinstance(action, Promote):
+        kopf.event(
+            obj,
+            type="Normal",
+            reason="RolloutPromoted",
+            message=f"{action.revision} is stable and takes 100%: {reason_text}",
+        )
+    elif isinstance(action, Rollback):
+        if action.mark_failed:
+            ROLLBACKS.labels(namespace, name, "rollback").inc()
+        kopf.event(
+            obj,
+            type="Warning" if action.mark_failed else "Normal",
+            reason="RolledBack",
+            message=f"{before.candidate_revision} removed, {stable} takes 100%: {reason_text}",
+        )
+    elif isinstance(action, Fallback):
+        ROLLBACKS.labels(namespace, name, "fallback").inc()
+        kopf.event(
+            obj,
+            type="Warning",
+            reason="FallbackApplied",
+            message=f"{before.stable_revision} -> known-good {action.to_revision}: {reason_text}",
+        )
+    elif isinstance(action, Pause) and before.phase != "Paused":
+        kopf.event(obj, type="Normal", reason="RolloutPaused", message=reason_text)
+    elif isinstance(action, Hold) and action.end_watch:
+        kopf.event(obj, type="Normal", reason="RevisionKnownGood", message=reason_text)
+    was_frozen = before.reason is not None and before.reason.startswith("metrics unavailable")
+    if metrics_error and candidate and not was_frozen:
+        kopf.event(
+            obj,
+            type="Warning",
+            reason="RolloutMetricsUnavailable",
+            message=f"weights frozen at {after.weights.candidate}%: {metrics_error}"[:1000],
+        )
+    raw = ((body.get("metadata") or {}).get("annotations") or {}).get(ROLLOUT_ACTION_ANNOTATION)
+    if raw is not None and raw not in MANUAL_ACTIONS:
+        kopf.event(
+            obj,
+            type="Warning",
+            reason="UnknownRolloutAction",
+            message=f"{ROLLOUT_ACTION_ANNOTATION}={raw!r} removed; use one of "
+            f"{', '.join(MANUAL_ACTIONS)}",
+        )
+    if not isinstance(action, Hold | Pause):
+        logger.info("rollout %s/%s: %s: %s", namespace, name, action.kind, action.reason)
