@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         f"-> {'met' if result['met'] else 'MISSED'}"
     )
     print(f"wrote {RESULTS}")
-    return 0 if result["met"] else 1
+    # A missed target is a result, reported above and in the JSON; not a failure of the run.
+    return 0
 
 
 if __name__ == "__main__":

@@ -78,6 +78,20 @@ CASES = [
         id="queue-adds-drain-capacity",
     ),
     pytest.param(
+        # No queue, but 30 running while the rate window still says 5 req/s: a rise the
+        # window has not caught up with; 30 / 6.4 -> 5.
+        sig(arrival_rate=5.0, running=30.0),
+        3,
+        3,
+        spec(),
+        (),
+        None,
+        5,
+        "up",
+        "30 running, above 5.00 req/s",
+        id="running-counts-as-demand-with-empty-queue",
+    ),
+    pytest.param(
         # Queue 30 -> 60 in 15 s: 8 finishing + 2/s growth = 10 req/s; backlog over a cold
         # start 60 + 2 x 60 = 180, drained in 15 s: 12 more slots -> 22 / 6.4 -> 4.
         sig(arrival_rate=10.0, running=8.0, queue_depth=60.0),

@@ -126,24 +126,34 @@ def _backlog_done_by(
 def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     """Replicas the model server needs now, the action, and why.
 
-    Demand: by Little's law the concurrency in use is arrival rate x mean service time; the
-    requests already waiting add the slots needed to drain them within one service time. The
-    recommendation is that concurrency over what one replica should carry
-    (targetConcurrency x targetUtilization). p99 above the SLO while requests queue, with no
-    capacity still starting, adds replicas in proportion to the miss (feedback for a service
-    time the gauges underestimate). A p99 above the SLO with an empty queue is the service time
-    itself, which more replicas cannot fix, so it adds nothing.
+    Demand: by Little's law the concurrency in use is arrival rate x mean service time. With
+    an empty queue the requests running count too (a rise the rate window does not show yet);
+    with a queue they only fill the slots there are, so they are not demand. A queue that grew
+    since the last loop raises the arrival estimate to what the replicas finish plus the growth
+    (a queue out of nothing began, on average, mid-interval). The backlog projected over one
+    cold start adds the slots to drain it within DRAIN_SECONDS of new replicas being ready,
+    unless the replicas already asked for drain it before a new one could serve. The
+    recommendation is that concurrency over what one replica should carry (targetConcurrency x
+    targetUtilization). p99 above the SLO while the queue is not shrinking, with no capacity
+    still starting, adds replicas in proportion to the miss (feedback for a service time the
+    gauges underestimate). p99 above the SLO while the queue shrinks is a backlog draining, and
+    with an empty queue a drained backlog still in the window (or the service time itself,
+    which more replicas cannot fix): neither adds anything.
 
     Up is fast: at once (or after scaleUpStabilization), at most maxScaleUpRate times the
     current replicas (and at least +4). Down is slow: only to the highest recommendation of
-    the scaleDownStabilization window, at most maxScaleDownRate of the replicas per loop, and
+    the scaleDownStabilization window (the history keeps what the load needed, not replicas
+    bought to drain a backlog), at most maxScaleDownRate of the replicas per loop, and
     never while requests queue, p99 misses the SLO, or a signal is missing. Replicas still in
     their cold start count as capacity, so a spike is not answered twice while they load.
 
     Worked examples (targetConcurrency 8, targetUtilization 80% -> 6.4 requests a replica):
 
     - 20 req/s x 1.0 s service time, no queue, 3 replicas: 20 / 6.4 -> 4: up to 4.
-    - Same, plus 16 requests waiting: (20 + 16) / 6.4 -> 6: up to 6 at once.
+    - Same, plus 400 requests waiting (the 4 spare slots would take 100 s): drain them in
+      15 s, (20 + 400 / 15) / 6.4 -> 8: up to 8 at once; the history records 4, the load's
+      need. With 9 replicas ready and 600 waiting, the 52 spare slots drain them in 12 s,
+      sooner than a new replica could start: no replicas added for them.
     - 5 req/s x 1.0 s, 6 replicas, history in the window [6, 4, 1]: recommendation 1, held at
       the window's highest (6): hold. Once the window holds only 1s: down to 3 (half of 6
       per loop at maxScaleDownRate 0.5), then to 1.

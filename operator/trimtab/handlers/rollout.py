@@ -131,9 +131,7 @@ class KubeRouterClient:
 def serving(obs: DeploymentObservation | None) -> bool:
     """A revision serves once its Deployment's current generation has a ready replica. Later
     steps' extra replicas need not all be ready: the deadline is for starting, not scaling."""
-    return (
-        obs is not None and obs.observed_generation >= obs.generation and obs.ready_replicas >= 1
-    )
+    return obs is not None and obs.observed_generation >= obs.generation and obs.ready_replicas >= 1
 
 
 # --- reading the counts ---------------------------------------------------------------------
