@@ -9,12 +9,14 @@ from typing import Any
 import pytest
 
 from trimtab.api.autoscaling import SLOSpec
+from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.rollout import (
     KnownGoodRevision,
     RolloutSpec,
     RolloutStatus,
     Weights,
 )
+from trimtab.builders.serving import revision_of
 from trimtab.decisions.rollout import (
     Fallback,
     Hold,
@@ -28,6 +30,8 @@ from trimtab.decisions.rollout import (
     checks_for,
     effective_weights,
     next_rollout_step,
+    plan_revisions,
+    spec_with_model,
     split_replicas,
     stable_model,
 )
@@ -459,3 +463,100 @@ def test_verdicts_are_capped() -> None:
     for i in range(120):
         status, _ = drive(spec(), status, 1 + i * 0.1, PASS, candidate_ready=True)
     assert len(status.verdicts) == 100
+
+
+# --- which revisions run (plan_revisions) and rebuilding the stable one -----------------------
+
+
+def _plan_status(**fields: Any) -> RolloutStatus:
+    return RolloutStatus.model_validate(fields)
+
+
+@pytest.mark.parametrize(
+    ("desired", "rollout", "status", "stable", "candidate", "weights", "keep"),
+    [
+        pytest.param(
+            "b", False, {"stableRevision": "a"}, "b", None, (100, 0), {"b"}, id="no-rollout"
+        ),
+        pytest.param("a", True, {}, "a", None, (100, 0), {"a"}, id="first-revision-stable"),
+        pytest.param("a", True, {"stableRevision": "a"}, "a", None, (100, 0), {"a"}, id="steady"),
+        pytest.param(
+            "b", True, {"stableRevision": "a"}, "a", "b", (100, 0), {"a", "b"}, id="new-at-zero"
+        ),
+        pytest.param(
+            "b",
+            True,
+            {
+                "stableRevision": "a",
+                "candidateRevision": "b",
+                "weights": {"stable": 75, "candidate": 25},
+            },
+            "a",
+            "b",
+            (75, 25),
+            {"a", "b"},
+            id="in-flight-keeps-weights",
+        ),  # fmt: skip
+        pytest.param(
+            "b",
+            True,
+            {"stableRevision": "a", "failedRevision": "b"},
+            "a",
+            None,
+            (100, 0),
+            {"a"},
+            id="failed-not-retried",
+        ),  # fmt: skip
+        pytest.param(
+            "c",
+            True,
+            {
+                "stableRevision": "a",
+                "candidateRevision": "b",
+                "weights": {"stable": 50, "candidate": 50},
+            },
+            "a",
+            "c",
+            (100, 0),
+            {"a", "b", "c"},
+            id="replaced-candidate-outgoing",
+        ),  # fmt: skip
+    ],
+)
+def test_plan_revisions(
+    desired: str,
+    rollout: bool,
+    status: dict[str, Any],
+    stable: str,
+    candidate: str | None,
+    weights: tuple[int, int],
+    keep: set[str],
+) -> None:
+    plan = plan_revisions(desired, rollout, _plan_status(**status))
+    assert (plan.stable, plan.candidate) == (stable, candidate)
+    assert (plan.weights.stable, plan.weights.candidate) == weights
+    assert plan.keep == keep
+    assert plan.status_revision == (candidate or stable)
+
+
+def test_plan_rebuilds_stable_from_known_good_model() -> None:
+    old = ModelDeploymentSpec(image="srv:1", replicas=4, args=["--x"])
+    new = ModelDeploymentSpec(image="srv:2", replicas=4)
+    status = _plan_status(
+        stableRevision="a",
+        knownGood=[{"revision": "a", "model": old.model_part()}],
+    )
+    plan = plan_revisions("b", True, status)
+    assert not plan.stable_from_spec and plan.stable_model == old.model_part()
+    rebuilt = spec_with_model(new, plan.stable_model)
+    assert (rebuilt.image, rebuilt.args, rebuilt.replicas) == ("srv:1", ["--x"], 4)
+    assert revision_of(rebuilt) == revision_of(old)
+    # 4 replicas at 75/25 without a mesh: the replica ratio is the traffic split.
+    in_flight = plan_revisions(
+        "b",
+        True,
+        _plan_status(
+            stableRevision="a", candidateRevision="b", weights={"stable": 75, "candidate": 25}
+        ),
+    )
+    assert in_flight.replicas(4) == (3, 1)

@@ -263,7 +263,7 @@ async def test_bad_candidate_rolls_back_and_dead_prometheus_freezes_weights(
     api: ApiServerEmulator, cluster: Cluster, run_operator: Any, tmp_path: Path
 ) -> None:
     a, b, c = (revision(i) for i in IMAGES)
-    steps = [{"weight": 20, "pause": {"duration": "4s"}}, {"weight": 50}]
+    steps: list[dict[str, Any]] = [{"weight": 20, "pause": {"duration": "4s"}}, {"weight": 50}]
     async with revisions_scraped(tmp_path) as scraped, deployment_controller(cluster):
         prometheus = scraped.prometheus
         scraped.exporters[IMAGES[1]].set_load(40.0, 0.05, error_ratio=0.3)
