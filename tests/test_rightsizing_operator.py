@@ -21,7 +21,7 @@ from tests.prometheus_fixture import (
 from tests.test_rightsizing_usage import HonorLabelsPrometheus, UsageReplayer
 from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec
-from trimtab.builders.serving import revision_of
+from trimtab.builders.serving import deployment_name, revision_of
 from trimtab.decisions.rightsizing import effective_spec
 from trimtab.metrics.usage import UsageReader
 
@@ -118,6 +118,16 @@ async def test_recommend_then_auto(
                 ]
 
             assert await wait_for(applied_event)
+
+            # The applied resources are a new revision: its Deployment appears beside the old.
+            new_name = deployment_name("chat", revision_of(effective))
+
+            async def resized() -> dict[str, Any] | None:
+                return await cluster.get(f"/apis/apps/v1/namespaces/{NS}/deployments/{new_name}")
+
+            deploy = await wait_for(resized, timeout=20, interval=0.5)
+            container = deploy["spec"]["template"]["spec"]["containers"][0]
+            assert container["resources"]["requests"]["memory"] == applied_res["memory"]
     finally:
         prom.stop()
         replayer.stop()

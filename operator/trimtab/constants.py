@@ -32,4 +32,6 @@ ANNOTATION_RESOURCES_APPLIED: Final = "trimtab.io/resources-applied"
 
 # Annotation prefix for kopf's own bookkeeping (progress and diff-base), so kopf writes
 # nothing under .status that the CRD schema would prune.
-KOPF_ANNOTATION_PREFIX: Final = "trimtab.io"
+# Not trimtab.io itself: kopf leaves its prefix out of the diffs that fire update handlers, and
+# trimtab's own annotations (right-sizing, rollout actions) must fire them.
+KOPF_ANNOTATION_PREFIX: Final = "kopf.trimtab.io"

@@ -14,7 +14,6 @@ import time
 from typing import Any, cast
 
 import kopf
-from pydantic import ValidationError
 
 from trimtab import constants as C
 from trimtab.api.autoscaling import AutoscalingStatus
@@ -29,7 +28,7 @@ from trimtab.builders.common import merge_patch
 from trimtab.builders.serving import deployment_name
 from trimtab.decisions.autoscaling import AutoscalingInput, decide_replicas
 from trimtab.decisions.conditions import set_condition
-from trimtab.handlers.modeldeployment import Log, now_rfc3339, plan_for
+from trimtab.handlers.modeldeployment import Log, now_rfc3339, parse_spec, plan_for
 from trimtab.kube.client import KubeClient
 from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS
 from trimtab.metrics.base import QueryResult, ResultState, Signals, read_signals
@@ -92,9 +91,8 @@ async def autoscale_once(kube: KubeClient, pool: ProviderPool, body: Any, logger
     """One loop: read, decide, act, record. Returns the seconds until the next loop."""
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    try:
-        spec = ModelDeploymentSpec.model_validate(dict(body.get("spec") or {}))
-    except ValidationError:
+    spec, problems = parse_spec(body.get("spec") or {}, body.get("status") or {})
+    if spec is None or problems:
         return DEFAULT_INTERVAL  # the reconcile reports the bad spec
     auto = spec.autoscaling
     if auto is None or not auto.enabled:
@@ -120,9 +118,7 @@ async def autoscale_once(kube: KubeClient, pool: ProviderPool, body: Any, logger
         ready += int(((candidate or {}).get("status") or {}).get("readyReplicas", 0))
         ready = min(ready, current)
 
-    signals = await _read(
-        pool, spec, namespace, name, revision if plan.candidate is None else None
-    )
+    signals = await _read(pool, spec, namespace, name, revision if plan.candidate is None else None)
     now = time.time()
     last_up = previous.last_scale_up_time
     decision = decide_replicas(

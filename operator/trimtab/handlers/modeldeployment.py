@@ -31,6 +31,7 @@ from trimtab.builders.serving import (
     selector_string,
 )
 from trimtab.decisions.conditions import get_condition, set_condition
+from trimtab.decisions.rightsizing import effective_spec
 from trimtab.decisions.rollout import RevisionPlan, plan_revisions, spec_with_model
 from trimtab.decisions.serving import DeploymentObservation, find_spec_problems, serving_state
 from trimtab.kube.client import KubeClient, KubeError
@@ -61,15 +62,22 @@ def owner_of(body: kopf.Body) -> Owner:
     return Owner(C.API_VERSION, KIND, meta["name"], meta["namespace"], meta["uid"])
 
 
-def parse_spec(spec: Any) -> tuple[ModelDeploymentSpec | None, list[str]]:
-    """The parsed spec, or the problems that make it unusable, each naming the field."""
+def parse_spec(spec: Any, status: Any = None) -> tuple[ModelDeploymentSpec | None, list[str]]:
+    """The spec pods run with, or the problems that make it unusable, each naming the field.
+
+    With `status`, resources that right-sizing applied in Auto mode replace spec.resources:
+    every handler takes the revision from this, so an applied recommendation is a new revision
+    that goes through the normal rollout."""
     try:
         parsed = ModelDeploymentSpec.model_validate(dict(spec))
     except ValidationError as err:
         return None, [
             f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
         ]
-    return parsed, find_spec_problems(parsed)
+    problems = find_spec_problems(parsed)
+    if status is not None and not problems:
+        parsed = effective_spec(parsed, dict(status))
+    return parsed, problems
 
 
 def _conditions(status: Any) -> list[Condition]:
@@ -142,7 +150,9 @@ async def _degrade(
 
 @kopf.on.resume(C.GROUP, C.VERSION, C.MODELDEPLOYMENT_PLURAL)
 @kopf.on.create(C.GROUP, C.VERSION, C.MODELDEPLOYMENT_PLURAL)
-@kopf.on.update(C.GROUP, C.VERSION, C.MODELDEPLOYMENT_PLURAL, field="spec")
+# Any change to spec, labels or annotations (kopf's own excluded): right-sizing in Auto mode
+# signals an applied recommendation through an annotation, since status changes fire nothing.
+@kopf.on.update(C.GROUP, C.VERSION, C.MODELDEPLOYMENT_PLURAL)
 async def reconcile_modeldeployment(
     body: kopf.Body,
     spec: kopf.Spec,
@@ -193,7 +203,7 @@ async def _reconcile(
     kube: KubeClient = memo.kube
     meta = body["metadata"]
     generation = int(meta.get("generation") or 0)
-    parsed, problems = parse_spec(spec)
+    parsed, problems = parse_spec(spec, body.get("status") or {})
     if parsed is None or problems:
         await _degrade(body, patch, "InvalidSpec", problems, generation)
         raise kopf.PermanentError("; ".join(problems))
@@ -211,9 +221,7 @@ async def _reconcile(
             raise kopf.PermanentError(err.message) from err
         raise kopf.TemporaryError(f"API server: {err}", delay=10) from err
     if is_new and revision in plan.keep:
-        role = (
-            f" (candidate beside stable {plan.stable})" if plan.candidate == revision else ""
-        )
+        role = f" (candidate beside stable {plan.stable})" if plan.candidate == revision else ""
         kopf.event(
             body,
             type="Normal",
@@ -222,9 +230,7 @@ async def _reconcile(
         )
         logger.info("revision %s applied", revision)
 
-    desired, _ = desired_status(
-        body, plan.status_revision, observations, generation, now_rfc3339()
-    )
+    desired, _ = desired_status(body, plan.status_revision, observations, generation, now_rfc3339())
     desired["observedGeneration"] = generation
     for key_, value in merge_patch(dict(body.get("status") or {}), desired).items():
         patch.status[key_] = value
@@ -287,7 +293,7 @@ async def sync_status(
     body = await kube.get(MODELDEPLOYMENTS, namespace, name)
     if body is None or body.get("metadata", {}).get("deletionTimestamp"):
         return
-    parsed, problems = parse_spec(body.get("spec") or {})
+    parsed, problems = parse_spec(body.get("spec") or {}, body.get("status") or {})
     if parsed is None or problems:
         return
     status = body.get("status") or {}

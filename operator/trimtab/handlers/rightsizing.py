@@ -37,6 +37,7 @@ from trimtab.decisions.rightsizing import (
     recommend_resources,
     resources_hash,
 )
+from trimtab.kube.resources import MODELDEPLOYMENTS
 from trimtab.metrics.usage import UsageReader, UsageTarget, pod_regex_for
 
 # kopf wakes the timer every TICK_S; a pass runs when the last one (status.recommendations.
@@ -189,6 +190,7 @@ async def rightsize_modeldeployment(
         )
 
     applied = previous.applied
+    write_status_first = False
     if (
         parsed.rightsizing.mode == "Auto"
         and moved(rec, policy.min_change)
@@ -211,7 +213,10 @@ async def rightsize_modeldeployment(
         kopf.event(body, type="Normal", reason=EVENT_APPLIED, message=message)
         logger.info("right-sizing applied: %s", _summary(container))
         # Status changes fire no handler; this annotation makes the reconcile roll it out.
+        # kopf patches metadata before status, so status is written here first: the event the
+        # annotation causes must already carry the applied resources.
         patch.metadata.annotations[C.ANNOTATION_RESOURCES_APPLIED] = stamp
+        write_status_first = True
     elif parsed.rightsizing.mode != "Auto":
         applied = None
         conditions = [c for c in conditions if c.type != CONDITION_RECOMMENDATION_APPLIED]
@@ -223,7 +228,12 @@ async def rightsize_modeldeployment(
     wire = out.to_wire()
     if applied is None and previous.applied is not None:
         wire["applied"] = None  # merge patch: null removes it
-    patch.status["recommendations"] = wire
+    if write_status_first:
+        await memo.kube.patch_status(
+            MODELDEPLOYMENTS, meta["namespace"], meta["name"], {"recommendations": wire}
+        )
+    else:
+        patch.status["recommendations"] = wire
 
 
 def _summary(c: ContainerRecommendation) -> str:

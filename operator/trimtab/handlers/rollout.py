@@ -219,7 +219,7 @@ async def rollout_once(
     body = await kube.get(MODELDEPLOYMENTS, namespace, name)
     if body is None or body.get("metadata", {}).get("deletionTimestamp"):
         return DEFAULT_INTERVAL
-    parsed, problems = parse_spec(body.get("spec") or {})
+    parsed, problems = parse_spec(body.get("spec") or {}, body.get("status") or {})
     if parsed is None or problems or parsed.rollout is None:
         return DEFAULT_INTERVAL  # the reconcile reports a bad spec
     rollout = parsed.rollout
