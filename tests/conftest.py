@@ -46,7 +46,8 @@ class Cluster:
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
-        self.kube = KubeClient(self.url, ssl_context=False)
+        # A fresh connection per request: a pooled one could outlive an operator restart.
+        self.kube = KubeClient(self.url, ssl_context=False, timeout=10, keepalive=False)
 
     async def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self.kube.request("POST", path, body=body)

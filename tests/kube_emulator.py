@@ -246,6 +246,16 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 return _alter(request, action=enums.action.CREATE, data=data, name=None)
             raise kmock.KubernetesObjectNotFoundError()
 
+        wanted_rv = (
+            ((request.data or {}).get("metadata") or {}).get("resourceVersion")
+            if (isinstance(request.data, dict))
+            else None
+        )
+        if wanted_rv and wanted_rv != current.get("metadata", {}).get("resourceVersion"):
+            # As the API server: a resourceVersion in a patch is a precondition.
+            raise kmock.KubernetesError(
+                status=409, reason="Conflict", message="the object has been modified"
+            )
         if "json-patch" in content_type:
             new = json_patch(current, request.data)
         elif request.subresource == "scale":

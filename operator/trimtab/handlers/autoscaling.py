@@ -29,7 +29,7 @@ from trimtab.builders.serving import deployment_name
 from trimtab.decisions.autoscaling import AutoscalingInput, decide_replicas
 from trimtab.decisions.conditions import set_condition
 from trimtab.handlers.modeldeployment import Log, now_rfc3339, parse_spec, plan_for
-from trimtab.kube.client import KubeClient
+from trimtab.kube.client import KubeClient, KubeError
 from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS
 from trimtab.metrics.base import QueryResult, ResultState, Signals, read_signals
 from trimtab.metrics.factory import ProviderPool
@@ -188,7 +188,14 @@ async def autoscale_once(kube: KubeClient, pool: ProviderPool, body: Any, logger
     desired["conditions"] = [c.to_wire() for c in cond]
     changes = merge_patch(status, desired)
     if changes:
-        await kube.patch_status(MODELDEPLOYMENTS, namespace, name, changes)
+        try:
+            await kube.patch_status(
+                MODELDEPLOYMENTS, namespace, name, changes, meta.get("resourceVersion")
+            )
+        except KubeError as err:
+            if not err.conflict:
+                raise
+            return min(interval, 1.0)  # status moved under us: redo the loop from fresh
     return interval
 
 

@@ -290,6 +290,24 @@ async def sync_status(
     index: kopf.Index[IndexKey, DeploymentObservation],
     logger: Log,
 ) -> None:
+    # Another loop may write status between our read and our patch: retry from a fresh read.
+    for _ in range(3):
+        try:
+            await _sync_status_once(kube, namespace, name, index, logger)
+            return
+        except KubeError as err:
+            if not err.conflict:
+                raise
+    logger.debug("status of %s/%s kept changing; the next event retries", namespace, name)
+
+
+async def _sync_status_once(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    index: kopf.Index[IndexKey, DeploymentObservation],
+    logger: Log,
+) -> None:
     body = await kube.get(MODELDEPLOYMENTS, namespace, name)
     if body is None or body.get("metadata", {}).get("deletionTimestamp"):
         return
@@ -314,7 +332,9 @@ async def sync_status(
     )
     changes = merge_patch(dict(status), desired)
     if changes:
-        await kube.patch_status(MODELDEPLOYMENTS, namespace, name, changes)
+        await kube.patch_status(
+            MODELDEPLOYMENTS, namespace, name, changes, body["metadata"].get("resourceVersion")
+        )
     # With spec.rollout, revisions retire when the rollout promotes or rolls back, not when
     # the newest is ready: handlers/rollout.py removes them.
     if current_ready and not plan.rollout:

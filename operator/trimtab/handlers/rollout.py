@@ -61,7 +61,7 @@ from trimtab.handlers.modeldeployment import (
     parse_spec,
     plan_for,
 )
-from trimtab.kube.client import KubeClient
+from trimtab.kube.client import KubeClient, KubeError
 from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS, SERVICES, for_manifest
 from trimtab.metrics.base import QueryResult
 from trimtab.metrics.factory import ProviderPool
@@ -307,7 +307,14 @@ async def rollout_once(
     if wire_conditions != status.get("conditions"):
         patch["conditions"] = wire_conditions
     if patch:
-        await kube.patch_status(MODELDEPLOYMENTS, namespace, name, patch)
+        try:
+            await kube.patch_status(
+                MODELDEPLOYMENTS, namespace, name, patch, body["metadata"].get("resourceVersion")
+            )
+        except KubeError as err:
+            if not err.conflict:
+                raise
+            return 1.0  # status moved under us: redo the loop from a fresh read
 
     stale = set(observed) - plan_after.keep
     if stale or moved:

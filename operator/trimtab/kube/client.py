@@ -72,8 +72,10 @@ class KubeClient:
         ssl_context: ssl.SSLContext | bool = True,
         token: Callable[[], str | None] | None = None,
         timeout: float = 30.0,
+        keepalive: bool = True,
     ) -> None:
         self.host = host.rstrip("/")
+        self._keepalive = keepalive
         self._ssl = ssl_context
         self._token = token
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -111,7 +113,8 @@ class KubeClient:
     async def _get_session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            connector = aiohttp.TCPConnector(force_close=not self._keepalive)
+            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
             self._loop = loop
         return self._session
 
@@ -221,8 +224,21 @@ class KubeClient:
             content_type="application/merge-patch+json",
         )
 
-    async def patch_status(self, res: Resource, namespace: str, name: str, status: Json) -> Json:
-        return await self.patch(res, namespace, name, {"status": status}, subresource="status")
+    async def patch_status(
+        self,
+        res: Resource,
+        namespace: str,
+        name: str,
+        status: Json,
+        resource_version: str | None = None,
+    ) -> Json:
+        """Merge-patch status. With `resource_version`, the API server refuses (409) a patch
+        computed from an object that has changed since: several loops write the conditions
+        list, which a merge patch replaces whole, so none may write from a stale read."""
+        body: Json = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return await self.patch(res, namespace, name, body, subresource="status")
 
     async def scale(self, res: Resource, namespace: str, name: str, replicas: int) -> Json:
         """Set replicas through the scale subresource, as `kubectl scale` does."""
