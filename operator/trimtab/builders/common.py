@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,16 +111,47 @@ def is_applied(desired: Any, current: Any, _quantity: bool = False) -> bool:
     return _same_scalar(desired, current, _quantity)
 
 
-def merge_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
+def merge_patch(
+    current: Mapping[str, Any], desired: Mapping[str, Any], remove_missing: bool = False
+) -> dict[str, Any]:
     """The JSON merge patch (RFC 7386) that turns the `desired` keys of `current` into `desired`.
-    Keys only in `current` are left alone; an empty result means nothing to write."""
-    patch: dict[str, Any] = {}
+    Keys only in `current` are left alone, or with `remove_missing` removed (null), at every
+    depth; an empty result means nothing to write."""
+    patch: dict[str, Any] = {k: None for k in current if k not in desired} if remove_missing else {}
     for key, want in desired.items():
         have = current.get(key)
         if isinstance(want, dict) and isinstance(have, dict):
-            sub = merge_patch(have, want)
+            sub = merge_patch(have, want, remove_missing)
             if sub:
                 patch[key] = sub
         elif want != have:
             patch[key] = want
     return patch
+
+
+def container_resources(
+    cpu: str | None,
+    memory: str | None,
+    cpu_limit: str | None,
+    memory_limit: str | None,
+    gpu_name: str,
+    gpus: int,
+) -> Manifest:
+    """A container's resources. No CPU limit unless asked (a throttled model server or trainer
+    is slower, never safer); the memory limit defaults to the request, since memory cannot be
+    compressed and a limit above the request only defers the OOM kill to a worse moment; GPUs
+    as an extended resource, whose request must equal its limit."""
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if cpu:
+        requests["cpu"] = cpu
+    if cpu_limit:
+        limits["cpu"] = cpu_limit
+    if memory:
+        requests["memory"] = memory
+    if memory_limit or memory:
+        limits["memory"] = memory_limit or memory or ""
+    if gpus:
+        requests[gpu_name] = str(gpus)
+        limits[gpu_name] = str(gpus)
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}

@@ -11,7 +11,14 @@ import math
 from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.servers import SERVER_DEFAULTS
-from trimtab.builders.common import Manifest, Owner, child_name, content_hash, object_meta
+from trimtab.builders.common import (
+    Manifest,
+    Owner,
+    child_name,
+    container_resources,
+    content_hash,
+    object_meta,
+)
 
 CONTAINER_NAME = "server"
 # Model servers with GPUs use shared memory for NCCL and tokenizer workers; Docker's 64 MiB
@@ -54,22 +61,10 @@ def build_container(spec: ModelDeploymentSpec) -> Manifest:
         ports.append({"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"})
 
     res = spec.resources
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    if res.cpu:
-        requests["cpu"] = res.cpu
-    if res.cpu_limit:
-        limits["cpu"] = res.cpu_limit
-    if res.memory:
-        requests["memory"] = res.memory
-    # Memory is not compressible: a limit above the request only hides an OOM kill until the
-    # node runs short, so the limit defaults to the request.
-    if res.memory_limit or res.memory:
-        limits["memory"] = res.memory_limit or res.memory or ""
-    if res.gpu:
-        gpu_name = res.gpu_resource_name or "nvidia.com/gpu"
-        requests[gpu_name] = str(res.gpu)
-        limits[gpu_name] = str(res.gpu)
+    resources = container_resources(
+        res.cpu, res.memory, res.cpu_limit, res.memory_limit,
+        res.gpu_resource_name or "nvidia.com/gpu", res.gpu,
+    )  # fmt: skip
 
     readiness = spec.probes.readiness_path or defaults.readiness_path
     liveness = spec.probes.liveness_path or defaults.liveness_path
@@ -103,10 +98,8 @@ def build_container(spec: ModelDeploymentSpec) -> Manifest:
         container["args"] = list(spec.args)
     if spec.env:
         container["env"] = [e.to_wire() for e in spec.env]
-    if requests or limits:
-        container["resources"] = {
-            k: v for k, v in (("requests", requests), ("limits", limits)) if v
-        }
+    if resources:
+        container["resources"] = resources
     if res.gpu and spec.server in SHM_SERVERS:
         container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
     return container

@@ -12,7 +12,13 @@ from decimal import Decimal
 from trimtab import constants as C
 from trimtab.api.quantity import format_bytes, format_cpu, parse_quantity
 from trimtab.api.trainingjob import TrainingJobSpec
-from trimtab.builders.common import Manifest, Owner, child_name, object_meta
+from trimtab.builders.common import (
+    Manifest,
+    Owner,
+    child_name,
+    container_resources,
+    object_meta,
+)
 
 CONTAINER_NAME = "trainer"
 COMPONENT = "training-worker"
@@ -66,24 +72,14 @@ def worker_labels(owner: Owner, restarts: int) -> dict[str, str]:
     }
 
 
-def _requests_limits(spec: TrainingJobSpec) -> tuple[dict[str, str], dict[str, str]]:
+def _resources(spec: TrainingJobSpec) -> Manifest:
+    # An OOM kill of one worker restarts the whole job: the memory limit defaults to the
+    # request, so a worker is never the one the node picks when it runs short.
     res = spec.resources
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    if res.cpu:
-        requests["cpu"] = res.cpu
-    if res.cpu_limit:
-        limits["cpu"] = res.cpu_limit
-    if res.memory:
-        requests["memory"] = res.memory
-    # An OOM kill of one worker restarts the whole job, so the memory limit defaults to the
-    # request: a worker is never the one the node picks when it runs short.
-    if res.memory_limit or res.memory:
-        limits["memory"] = res.memory_limit or res.memory or ""
-    if spec.gpus_per_worker:
-        requests[spec.gpu_resource] = str(spec.gpus_per_worker)
-        limits[spec.gpu_resource] = str(spec.gpus_per_worker)
-    return requests, limits
+    return container_resources(
+        res.cpu, res.memory, res.cpu_limit, res.memory_limit,
+        spec.gpu_resource, spec.gpus_per_worker,
+    )  # fmt: skip
 
 
 def distributed_env(owner: Owner, spec: TrainingJobSpec, restarts: int) -> list[Manifest]:
@@ -156,19 +152,20 @@ def build_container(owner: Owner, spec: TrainingJobSpec, restarts: int) -> Manif
         "image": spec.image,
         "env": env,
         "ports": [
-            {"name": "rendezvous", "containerPort": spec.distributed.rendezvous_port,
-             "protocol": "TCP"}
+            {
+                "name": "rendezvous",
+                "containerPort": spec.distributed.rendezvous_port,
+                "protocol": "TCP",
+            }
         ],
     }
     if command is not None:
         container["command"] = command
     if args:
         container["args"] = args
-    requests, limits = _requests_limits(spec)
-    if requests or limits:
-        container["resources"] = {
-            k: v for k, v in (("requests", requests), ("limits", limits)) if v
-        }
+    resources = _resources(spec)
+    if resources:
+        container["resources"] = resources
     mounts = [m.to_wire() for m in spec.volume_mounts]
     if _wants_shm(spec):
         mounts.append({"name": "dshm", "mountPath": SHM_PATH})
@@ -263,8 +260,9 @@ def build_service(owner: Owner, spec: TrainingJobSpec) -> Manifest:
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": object_meta(
-            owner, service_name(owner.name), labels={C.LABEL_NAME: owner.name,
-                                                     C.LABEL_COMPONENT: COMPONENT}
+            owner,
+            service_name(owner.name),
+            labels={C.LABEL_NAME: owner.name, C.LABEL_COMPONENT: COMPONENT},
         ),
         "spec": {
             "clusterIP": "None",
@@ -274,9 +272,7 @@ def build_service(owner: Owner, spec: TrainingJobSpec) -> Manifest:
                 C.LABEL_OWNER: owner.name,
                 C.LABEL_COMPONENT: COMPONENT,
             },
-            "ports": [
-                {"name": "rendezvous", "port": port, "targetPort": port, "protocol": "TCP"}
-            ],
+            "ports": [{"name": "rendezvous", "port": port, "targetPort": port, "protocol": "TCP"}],
         },
     }
 
@@ -284,7 +280,7 @@ def build_service(owner: Owner, spec: TrainingJobSpec) -> Manifest:
 def _gang_min_resources(spec: TrainingJobSpec) -> dict[str, str]:
     """What the whole gang requests, so the coscheduler rejects a gang that cannot fit before
     it binds any pod."""
-    requests, _ = _requests_limits(spec)
+    requests: dict[str, str] = _resources(spec).get("requests", {})
     out: dict[str, str] = {}
     for name, value in requests.items():
         total = parse_quantity(value) * Decimal(spec.workers)

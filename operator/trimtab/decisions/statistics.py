@@ -8,21 +8,20 @@ analysis interval does not inflate false rollbacks the way repeated fixed-sample
 The two tests:
 
 * against the SLO (one sample): the candidate's n requests hold x bad ones; the null is
-  "share <= p0". The statistic is a mixture over alternatives p1 = m * p0 of the binomial
+  "share <= p0". The statistic is a weighted mixture over alternatives p1 = m * p0 of the binomial
   likelihood ratio (p1/p0)^x ((1-p1)/(1-p0))^(n-x); for any true share <= p0 each factor has
   expectation <= 1, so the mixture is a nonnegative supermartingale that starts at 1.
 * against stable (two samples): treat bad requests as Poisson counts with means
   p_c*N_c and p_s*N_s. Given the total K = x_c + x_s, the candidate's part is
   Binomial(K, pi) with pi = p_c N_c / (p_c N_c + p_s N_s); the unknown stable share drops
   out. The null "p_c <= r * p_s" becomes "pi <= pi0 = r N_c / (r N_c + N_s)", tested with the
-  same mixture over ratios rho1 = m * r. The traffic split must be fixed while counts
+  same prior over ratios rho1 = m * r. The traffic split must be fixed while counts
   accumulate, so each canary step is its own test and finished steps' evidence is carried
   as a product (a restarted martingale multiplied onto a stopped one stays valid).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,12 +37,10 @@ MULTIPLIERS: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 30.0)
 WEIGHTS: tuple[float, ...] = (0.10, 0.15, 0.40, 0.20, 0.15)
 # A null share of exactly 0 would make one bad request infinite evidence; floor it.
 MIN_NULL_SHARE = 1e-6
-# The relative test's null share is rounded up to this grid (about 2% relative steps), so its
-# calibrated threshold can be cached; rounding up only widens the null, which stays valid.
-NULL_SHARE_STEPS_PER_NAT = 50
-# The relative test's first step is calibrated exactly over its first this-many bad requests
-# (see `stable_fail_threshold`); past them, and in later steps, Ville's threshold applies.
-CALIBRATED_EVENTS = 200
+
+Verdict = Literal["Pass", "Fail", "Inconclusive"]
+Against = Literal["slo", "stable"]
+Metric = Literal["errorRate", "latency"]
 
 
 @dataclass(frozen=True)
@@ -91,9 +88,9 @@ def log_evalue_vs_share(counts: Counts, p0: float) -> float:
     """log e-value against "the share of bad requests is at most p0".
 
     Worked examples (p0 = 1%):
-    - 0 bad of 1000: about -3.9 (evidence for the null; a later breach must make up for it)
-    - 10 bad of 1000: about -1.4 (exactly at the SLO: no case against it)
-    - 50 bad of 1000: about 38 (5x the SLO: far past log(1/0.01) = 4.6)
+    - 0 bad of 1000: about -7.4 (evidence for the null; a later breach must make up for it)
+    - 10 bad of 1000: about -3.3 (exactly at the SLO: no case against it)
+    - 50 bad of 1000: about 39 (5x the SLO: far past log(1/0.01) = 4.6)
     """
     p0 = min(max(p0, MIN_NULL_SHARE), 1.0 - MIN_NULL_SHARE)
     x, n = counts.bad, counts.requests
@@ -107,15 +104,11 @@ def log_evalue_vs_share(counts: Counts, p0: float) -> float:
 
 def null_share(candidate: Counts, stable: Counts, max_ratio: float) -> float:
     """The relative test's null: the candidate's largest share of all bad requests when its
-    bad share is max_ratio times the stable's, pi0 = r Nc / (r Nc + Ns), rounded up to a grid
-    of 2% steps in odds (a wider null, so still valid) so thresholds can be cached.
+    bad share is max_ratio times the stable's, pi0 = r Nc / (r Nc + Ns).
 
-    Worked example: 1000 candidate and 9000 stable requests, r = 1.5: 1500 / 10500 = 0.1429,
-    rounded up to 0.1436."""
+    Worked example: 1000 candidate and 9000 stable requests, r = 1.5: 1500 / 10500 = 0.143."""
     nc, ns = float(max(candidate.requests, 1)), float(max(stable.requests, 1))
-    log_odds = math.log(max_ratio * nc / ns)
-    grid = math.ceil(log_odds * NULL_SHARE_STEPS_PER_NAT - 1e-9) / NULL_SHARE_STEPS_PER_NAT
-    return 1.0 / (1.0 + math.exp(-grid))
+    return max_ratio * nc / (max_ratio * nc + ns)
 
 
 def log_evalue_vs_stable(candidate: Counts, stable: Counts, max_ratio: float) -> float:
@@ -123,8 +116,8 @@ def log_evalue_vs_stable(candidate: Counts, stable: Counts, max_ratio: float) ->
     total number of bad requests (so the stable share need not be known).
 
     Worked examples (max_ratio = 1.5, 10% of traffic on the candidate):
-    - candidate 1 bad of 1000, stable 9 bad of 9000: about -1.0 (same share: no case)
-    - candidate 10 bad of 1000, stable 9 bad of 9000: about 6.9 (10x: past log(1/0.01))
+    - candidate 1 bad of 1000, stable 9 bad of 9000: about -2.1 (same share: no case)
+    - candidate 10 bad of 1000, stable 9 bad of 9000: about 7.0 (10x: past log(1/0.01))
     - no bad requests anywhere: 0.0 (no information either way)
     """
     if candidate.requests <= 0 or stable.requests <= 0:
@@ -134,77 +127,6 @@ def log_evalue_vs_stable(candidate: Counts, stable: Counts, max_ratio: float) ->
         return 0.0
     pi0 = null_share(candidate, stable, max_ratio)
     return _log_mixture(candidate.bad, total, pi0, _alternatives(pi0, odds_scale=True))
-
-
-def _relative_false_fail_bound(
-    pi0: float, alternatives: Alternatives, log_early: float, log_late: float, events: int
-) -> float:
-    """Largest chance, over when the step may end, that a candidate whose share of bad
-    requests is pi0 fails: the e-process crosses exp(log_early) within the first `events` bad
-    requests, or crosses exp(log_late) at any later time (this step or, carried, the next).
-
-    Exact dynamic programming over (bad requests K, the candidate's part x), the crossing set
-    x >= b(K) removed as it is reached. After K requests without a crossing the rest is bounded
-    by Ville's inequality from where the e-process stands: E[M_K; no crossing] / exp(log_late).
-    A step ends on the clock, which under the null is independent of which revision each bad
-    request came from, so the maximum over K bounds every ending. A true share below pi0 only
-    lowers x, hence the e-process, hence the bound."""
-    terms = [
-        (math.log(w), math.log(p1 / pi0), math.log((1.0 - p1) / (1.0 - pi0)))
-        for p1, w in alternatives
-    ]
-
-    def log_m(k: int, x: int) -> float:
-        values = [lw + x * a + (k - x) * b for lw, a, b in terms]
-        top = max(values)
-        return top + math.log(sum(math.exp(v - top) for v in values))
-
-    alive = [1.0]  # alive[x]: P(K requests so far, x of them the candidate's, no crossing yet)
-    crossed = 0.0
-    worst = math.exp(-log_late)
-    for k in range(1, events + 1):
-        step = [0.0] * (len(alive) + 1)
-        for x, p in enumerate(alive):
-            step[x] += p * (1.0 - pi0)
-            step[x + 1] += p * pi0
-        logs = [log_m(k, x) for x in range(len(step))]
-        # The e-process rises with x, so the crossing set is a tail x >= boundary.
-        boundary = next((x for x, lm in enumerate(logs) if lm >= log_early), len(step))
-        crossed += sum(step[boundary:])
-        alive = step[:boundary]
-        rest = sum(p * math.exp(lm - log_late) for p, lm in zip(alive, logs, strict=False))
-        worst = max(worst, crossed + rest)
-    return worst
-
-
-@functools.lru_cache(maxsize=512)
-def stable_fail_threshold(pi0: float, alpha: float) -> float:
-    """log threshold for the relative test's first step, calibrated exactly instead of by
-    Ville's inequality.
-
-    Ville's log(1/alpha) is what a continuous e-process needs; counts move it in jumps (one
-    candidate error multiplies it by about pi1/pi0, 3x-5x), so it lands well past the line
-    and the real chance of crossing is far below alpha. `_relative_false_fail_bound` computes
-    that chance exactly for the first CALIBRATED_EVENTS bad requests and bounds the rest; the
-    threshold is lowered (bisection, never below log(1/alpha) - 3) while the bound stays
-    within alpha. Later steps, and this step after CALIBRATED_EVENTS bad requests, keep
-    log(1/alpha), which the bound assumes.
-
-    Worked example: pi0 0.1436 (10% of traffic, ratio 1.5) and alpha 0.25% (1% over four
-    checks): about 5.5 instead of log(400) = 5.99.
-    """
-    alternatives = _alternatives(pi0, odds_scale=True)
-    late = math.log(1.0 / alpha)
-    low, high = late - 3.0, late
-    if _relative_false_fail_bound(pi0, alternatives, low, late, CALIBRATED_EVENTS) <= alpha:
-        return low
-    for _ in range(10):  # high stays valid throughout: about 0.003 nats from the best
-        mid = (low + high) / 2.0
-        if _relative_false_fail_bound(pi0, alternatives, mid, late, CALIBRATED_EVENTS) <= alpha:
-            high = mid
-        else:
-            low = mid
-    return high
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,13 @@ from trimtab.decisions.conditions import set_condition
 from trimtab.handlers.modeldeployment import Log, now_rfc3339, parse_spec, plan_for
 from trimtab.kube.client import KubeClient, KubeError
 from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS
-from trimtab.metrics.base import QueryResult, ResultState, Signals, read_signals
+from trimtab.metrics.base import (
+    SIGNAL_NAMES,
+    QueryResult,
+    ResultState,
+    Signals,
+    read_signals,
+)
 from trimtab.metrics.factory import ProviderPool
 from trimtab.metrics.presets import (
     PresetOptions,
@@ -230,19 +236,7 @@ async def _read(
         )
     except ValueError as err:
         # An override that cannot even be rendered is as good as a source that is down.
-        return Signals.from_results(
-            {
-                n: QueryResult.unavailable(str(err))
-                for n in (
-                    "arrivalRate",
-                    "queueDepth",
-                    "running",
-                    "serviceTime",
-                    "p99Latency",
-                    "errorRate",
-                )
-            }
-        )
+        return Signals.from_results({n: QueryResult.unavailable(str(err)) for n in SIGNAL_NAMES})
     provider = pool.get(metrics.prometheus_url if metrics else None)
     try:
         return await read_signals(provider, queries, source=spec.server)

@@ -31,7 +31,7 @@ from trimtab.api.rollout import (
     Weights,
 )
 from trimtab.builders.autoscaling import replicas_for_revision
-from trimtab.builders.common import Owner, owner_labels
+from trimtab.builders.common import Owner, merge_patch, owner_labels
 from trimtab.builders.serving import revision_of, serving_ports
 from trimtab.decisions.conditions import get_condition, set_condition
 from trimtab.decisions.rollout import (
@@ -425,18 +425,8 @@ def _manual_done(
 
 
 def replace_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
-    """The merge patch that makes `current` equal `desired`: keys only in `current` are
-    removed (null), dicts are patched key by key, anything else is replaced."""
-    patch: dict[str, Any] = {k: None for k in current if k not in desired}
-    for key, want in desired.items():
-        have = current.get(key)
-        if isinstance(want, dict) and isinstance(have, dict):
-            sub = replace_patch(have, want)
-            if sub:
-                patch[key] = sub
-        elif want != have:
-            patch[key] = want
-    return patch
+    """The merge patch that makes `current` equal `desired`: keys only in `current` removed."""
+    return merge_patch(current, desired, remove_missing=True)
 
 
 def rollout_conditions(

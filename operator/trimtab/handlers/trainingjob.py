@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from trimtab import constants as C
 from trimtab.api.trainingjob import Diagnosis, TrainingJobSpec, TrainingJobStatus
-from trimtab.builders.common import Manifest, Owner
+from trimtab.builders.common import Manifest, Owner, merge_patch
 from trimtab.builders.training import (
     COMPONENT,
     LABEL_RESTART,
@@ -85,21 +85,9 @@ def owned_by(obj: Mapping[str, Any], owner: Owner) -> bool:
 
 def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
     """The merge patch that makes the owned keys of `current` equal `desired`: changed keys
-    replaced, keys no longer set removed (null), nested objects replaced key by key."""
-    patch: dict[str, Any] = {}
-    for key in OWNED_STATUS_KEYS | set(desired):
-        have, want = current.get(key), desired.get(key)
-        if key not in desired:
-            if key in current:
-                patch[key] = None
-        elif isinstance(want, dict) and isinstance(have, dict):
-            sub = {k: None for k in have if k not in want}
-            sub.update({k: v for k, v in want.items() if have.get(k) != v})
-            if sub:
-                patch[key] = sub
-        elif have != want:
-            patch[key] = want
-    return patch
+    replaced, keys no longer set removed (null), nested objects patched key by key."""
+    owned = {k: v for k, v in current.items() if k in OWNED_STATUS_KEYS or k in desired}
+    return merge_patch(owned, desired, remove_missing=True)
 
 
 # --- wake-ups ---------------------------------------------------------------------------------
