@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -20,6 +21,8 @@ from trimtab.config import Settings
 from trimtab.kube.client import KubeClient
 
 MDEP_RESOURCE = (C.GROUP, C.VERSION, C.MODELDEPLOYMENT_PLURAL)
+# Set before any test imports the handlers: the right-sizing timers tick every second in tests.
+os.environ.setdefault("TRIMTAB_RIGHTSIZING_TICK_SECONDS", "1")
 _LOGIN_URL: dict[str, str] = {}
 
 

@@ -47,6 +47,31 @@ def job_name(owner_name: str, restarts: int) -> str:
     return child_name(_dns_label(owner_name), f"r{restarts}", limit=JOB_NAME_LIMIT)
 
 
+# The Job controller names an Indexed Job's pods `<job>-<index>-<5 random>`, cutting the job
+# name so that `<job>-<index>-` stays within 58 characters. Up to this many characters of the
+# name the cut never happens (47 + "-r1000" + "-999-" = 58), so the pattern is exact.
+EXACT_POD_PREFIX = 47
+
+
+def worker_pod_regex(owner_name: str) -> str:
+    """A regular expression (full match) for the worker pods of every attempt of a TrainingJob,
+    as cAdvisor and kube-state-metrics name them.
+
+    >>> rx = worker_pod_regex("llama")
+    >>> [bool(re.fullmatch(rx, p)) for p in ("llama-r0-0-x2x9z", "llama-r12-3-abcde")]
+    [True, True]
+    >>> [bool(re.fullmatch(rx, p)) for p in ("llama-r1-r0-0-abcde", "llama2-r0-0-abcde")]
+    [False, False]
+
+    A name longer than EXACT_POD_PREFIX may be cut by the Job controller anywhere after that
+    point, so only its first EXACT_POD_PREFIX characters are matched exactly."""
+    label = _dns_label(owner_name)
+    tail = r"-[0-9]+-[a-z0-9]{5}"
+    if len(label) <= EXACT_POD_PREFIX:
+        return re.escape(label).replace("\\-", "-") + r"-r[0-9]+" + tail
+    return re.escape(label[:EXACT_POD_PREFIX]).replace("\\-", "-") + r"[-a-z0-9]*" + tail
+
+
 def service_name(owner_name: str) -> str:
     """The headless Service; also the pods' `subdomain`."""
     return _dns_label(owner_name)

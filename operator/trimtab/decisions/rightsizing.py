@@ -5,6 +5,7 @@ Pure: usage, current resources, policy and the time `now` (unix seconds) are arg
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ from trimtab.api.rightsizing import (
     ResourceAmounts,
     RightsizingSpec,
 )
+from trimtab.api.trainingjob import TrainingJobSpec, WorkerFailure
 
 MiB = 1024**2
 GiB = 1024**3
@@ -774,15 +776,98 @@ def effective_resources(
     return resources_with(spec, recommendations.applied.resources)
 
 
+def _recommendations(status: Mapping[str, Any] | None) -> RecommendationsStatus | None:
+    raw = (status or {}).get("recommendations")
+    return RecommendationsStatus.model_validate(raw) if raw else None
+
+
 def effective_spec(
     spec: ModelDeploymentSpec, status: Mapping[str, Any] | None
 ) -> ModelDeploymentSpec:
     """The spec pods run with: `spec` with `effective_resources` in place of spec.resources.
     Reconcile and status must both take the revision from this, so an applied recommendation
     is a new revision that goes through the normal rollout."""
-    raw = (status or {}).get("recommendations")
-    recs = RecommendationsStatus.model_validate(raw) if raw else None
+    recs = _recommendations(status)
     resources = effective_resources(spec.resources, spec.rightsizing.mode, recs)
     if resources == spec.resources:
         return spec
     return spec.model_copy(update={"resources": resources})
+
+
+# ---------------------------------------------------------------------------------------------
+# TrainingJob workers
+
+# A kill the operator saw (status.lastFailure) and one Prometheus saw are the same when
+# Prometheus' is this close after it: kube-state-metrics is scraped every 30-60 s.
+KILL_MATCH_S = 120.0
+
+
+def effective_training_spec(
+    spec: TrainingJobSpec, status: Mapping[str, Any] | None
+) -> TrainingJobSpec:
+    """The spec the NEXT attempt's Job is built from: `spec` with `effective_resources` in
+    place of spec.resources. A Job's pod template is immutable and a running job is never
+    restarted only to resize, so an applied recommendation waits for the next Job the operator
+    creates anyway (after a failure, or on resume after a suspend).
+
+    Worked examples (spec.resources cpu 4, memory 32Gi; applied cpu 1500m, memory 12Gi):
+      - mode Recommend                     -> spec unchanged
+      - mode Auto, applied for this spec   -> cpu 1500m, memory 12Gi, memoryLimit 12Gi
+      - mode Auto, spec.resources edited   -> spec unchanged (the user's edit wins)
+      - mode Auto, nothing applied yet     -> spec unchanged
+    """
+    resources = effective_resources(
+        spec.resources, spec.rightsizing.mode, _recommendations(status)
+    )
+    if resources == spec.resources:
+        return spec
+    return spec.model_copy(update={"resources": resources})
+
+
+def worker_resources(spec: TrainingJobSpec) -> CurrentResources:
+    """What one worker container requests: CPU and memory from spec.resources, GPUs from
+    gpusPerWorker (a TrainingJob's resources.gpu is always 0).
+
+    >>> s = TrainingJobSpec.model_validate({"image": "i", "command": ["t.py"], "workers": 4,
+    ...     "gpusPerWorker": 8, "resources": {"cpu": "16", "memory": "64Gi"}})
+    >>> r = worker_resources(s); (r.cpu, r.memory / GiB, r.gpu, r.gpu_resource_name)
+    (16.0, 64.0, 8, 'nvidia.com/gpu')
+    """
+    return replace(
+        CurrentResources.from_spec(spec.resources),
+        gpu=spec.gpus_per_worker,
+        gpu_resource_name=spec.gpu_resource if spec.gpus_per_worker else None,
+    )
+
+
+def with_failure_kill(
+    usage: ContainerUsage, failure: WorkerFailure | None, memory: float | None
+) -> ContainerUsage:
+    """`usage` with the TrainingJob's last worker failure added as an OOM kill when it was one
+    and Prometheus did not see it. A Job's pods are deleted when the attempt fails, often
+    before kube-state-metrics scrapes the terminated pod, so the operator's own record of the
+    failure is the one that does not get lost. `memory` is the limit the worker had (else the
+    working set nearest the kill).
+
+    Worked examples (a kill at 12:00:00 of a worker with a 16 GiB limit):
+      - lastFailure OOMKilled 12:00:00, Prometheus saw none   -> one kill at 12:00:00, 16 GiB
+      - the same, Prometheus saw one at 12:00:45              -> still one kill (the same one)
+      - lastFailure reason Error (exit 1)                     -> usage unchanged
+    """
+    if failure is None or failure.reason != "OOMKilled" or not failure.time:
+        return usage
+    try:
+        stamp = datetime.datetime.fromisoformat(failure.time.replace("Z", "+00:00"))
+    except ValueError:
+        return usage
+    t = stamp.timestamp()
+    match_s = max(KILL_MATCH_S, usage.step_seconds)
+    if any(t - 1.0 <= seen <= t + match_s for seen, _ in usage.oom_kills):
+        return usage
+    at_kill = memory
+    if at_kill is None:
+        near = sorted(usage.memory, key=lambda p: abs(p[0] - t))
+        if not near:
+            return usage
+        at_kill = near[0][1]
+    return replace(usage, oom_kills=sorted([*usage.oom_kills, (t, at_kill)]))

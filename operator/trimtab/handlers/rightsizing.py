@@ -1,22 +1,25 @@
-"""The right-sizing timer: per ModelDeployment, read usage, recommend, write
-status.recommendations, post an Event when a recommendation moves, and in Auto mode apply it.
+"""The right-sizing timers: per ModelDeployment and per TrainingJob, read usage, recommend,
+write status.recommendations, post an Event when a recommendation moves, and in Auto mode apply it.
 
 Auto writes the applied resources to status.recommendations.applied, never to spec: spec stays
-what Git says (Argo CD sees no drift and does not fight trimtab), and reconcile takes the
-revision from `effective_spec`, so a resize is a new revision that goes through the rollout."""
+what Git says (Argo CD sees no drift and does not fight trimtab). A ModelDeployment's reconcile
+takes the revision from `effective_spec`, so a resize is a new revision that goes through the
+rollout; a TrainingJob's next attempt is built from `effective_training_spec`, so a running job
+is never restarted only to resize."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
 from trimtab import constants as C
-from trimtab.api.common import Condition
+from trimtab.api.common import Condition, Resources
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.rightsizing import (
     CONDITION_RECOMMENDATION_APPLIED,
@@ -24,26 +27,35 @@ from trimtab.api.rightsizing import (
     AppliedResources,
     ContainerRecommendation,
     RecommendationsStatus,
+    RightsizingSpec,
 )
+from trimtab.api.trainingjob import TERMINAL_PHASES, TrainingJobSpec, WorkerFailure
 from trimtab.builders.common import child_name
 from trimtab.builders.serving import CONTAINER_NAME
+from trimtab.builders.training import CONTAINER_NAME as TRAINER_CONTAINER
+from trimtab.builders.training import worker_pod_regex
 from trimtab.decisions.conditions import set_condition
 from trimtab.decisions.rightsizing import (
     CurrentResources,
     Policy,
     effective_resources,
+    effective_training_spec,
     moved,
     moved_since,
     recommend_resources,
     resources_hash,
+    with_failure_kill,
+    worker_resources,
 )
-from trimtab.kube.resources import MODELDEPLOYMENTS
+from trimtab.kube.resources import MODELDEPLOYMENTS, TRAININGJOBS, Resource
 from trimtab.metrics.usage import UsageReader, UsageTarget, pod_regex_for
 
 # kopf wakes the timer every TICK_S; a pass runs when the last one (status.recommendations.
 # updatedAt, so it survives restarts) is older than the interval. Right-sizing follows days of
 # history, so minutes are plenty and keep Prometheus at a few range queries per object.
-TICK_S = 10.0
+# TRIMTAB_RIGHTSIZING_TICK_SECONDS, read once at start: kopf fixes a timer's interval when it
+# registers the handler.
+TICK_S = float(os.environ.get("TRIMTAB_RIGHTSIZING_TICK_SECONDS", "10"))
 DEFAULT_INTERVAL_S = 300.0
 # The first pass waits this long after creation: there is no usage to read before.
 FIRST_PASS_DELAY_S = 60.0
@@ -100,6 +112,26 @@ def _previous(status: Any) -> RecommendationsStatus:
         return RecommendationsStatus()
 
 
+@dataclass(frozen=True)
+class Sizing:
+    """One workload to size: what differs between a ModelDeployment and a TrainingJob."""
+
+    resource: Resource
+    rightsizing: RightsizingSpec
+    # spec.resources as written (its hash marks an applied recommendation as still current).
+    spec_resources: Resources
+    # What the pods run with (ModelDeployment) or the next attempt gets (TrainingJob).
+    current: CurrentResources
+    target: UsageTarget
+    # How an applied recommendation takes effect: the condition's reason and a sentence.
+    applied_reason: str
+    applied_note: str
+    # ModelDeployment: fire the reconcile now, which rolls the new revision out.
+    fire_reconcile: bool
+    # TrainingJob: the operator's own record of the last failed worker (an OOM kill counts).
+    last_failure: WorkerFailure | None = None
+
+
 @kopf.timer(
     C.GROUP,
     C.VERSION,
@@ -129,17 +161,111 @@ async def rightsize_modeldeployment(
     now = time.time()
     if not due(body, now):
         return
-    stamp = _now_rfc3339(now)
     meta = body["metadata"]
     previous = _previous(status)
-    policy = Policy.from_spec(parsed.rightsizing)
     running = effective_resources(parsed.resources, parsed.rightsizing.mode, previous)
-    current = CurrentResources.from_spec(running)
     # Pods are named <name>-<revision>-<replicaset hash>-<suffix>; child_name trims long names.
     prefix = child_name(meta["name"], "0" * 10)[: -len("-" + "0" * 10)]
-    target = UsageTarget(meta["namespace"], pod_regex_for(prefix), CONTAINER_NAME)
+    sizing = Sizing(
+        resource=MODELDEPLOYMENTS,
+        rightsizing=parsed.rightsizing,
+        spec_resources=parsed.resources,
+        current=CurrentResources.from_spec(running),
+        target=UsageTarget(meta["namespace"], pod_regex_for(prefix), CONTAINER_NAME),
+        applied_reason="NewRevision",
+        applied_note="rolled out as a new revision",
+        fire_reconcile=True,
+    )
+    await _rightsize(body, previous, patch, memo, logger, sizing, now)
+
+
+@kopf.timer(
+    C.GROUP,
+    C.VERSION,
+    C.TRAININGJOB_PLURAL,
+    interval=TICK_S,
+    sharp=False,
+)
+async def rightsize_trainingjob(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: Any,
+    logger: Any,
+    **_: Any,
+) -> None:
+    """One right-sizing pass for the worker container of one TrainingJob: one worker is sized
+    from the usage of every worker of every attempt (the busiest worker at each step, since a
+    throttled or killed worker stalls or restarts all of them)."""
+    try:
+        parsed = TrainingJobSpec.model_validate(dict(spec))
+    except ValidationError:
+        return  # the daemon reports an invalid spec; nothing to size
+    current_status = dict(status or {})
+    if parsed.rightsizing.mode == "Off":
+        if current_status.get("recommendations"):
+            patch.status["recommendations"] = None
+        return
+    if current_status.get("phase") in TERMINAL_PHASES:
+        # No attempt will follow: one last pass after the job ended, then none.
+        last = _parse_time((current_status.get("recommendations") or {}).get("updatedAt"))
+        ended = _parse_time(current_status.get("completionTime"))
+        if last is not None and (ended is None or last >= ended):
+            return
+
+    now = time.time()
+    if not due(body, now):
+        return
+    meta = body["metadata"]
+    previous = _previous(status)
+    next_attempt = effective_training_spec(parsed, current_status)
+    failure_raw = current_status.get("lastFailure")
+    try:
+        failure = WorkerFailure.model_validate(failure_raw) if failure_raw else None
+    except ValidationError:
+        failure = None
+    sizing = Sizing(
+        resource=TRAININGJOBS,
+        rightsizing=parsed.rightsizing,
+        spec_resources=parsed.resources,
+        current=worker_resources(next_attempt),
+        target=UsageTarget(
+            meta["namespace"],
+            worker_pod_regex(meta["name"]),
+            TRAINER_CONTAINER,
+            restarts_in_place=False,
+        ),
+        applied_reason="NextAttempt",
+        applied_note="takes effect at the next attempt's Job (after a failure or a resume); "
+        "running workers are not restarted to resize",
+        fire_reconcile=False,
+        last_failure=failure,
+    )
+    await _rightsize(body, previous, patch, memo, logger, sizing, now)
+
+
+async def _rightsize(
+    body: kopf.Body,
+    previous: RecommendationsStatus,
+    patch: kopf.Patch,
+    memo: Any,
+    logger: Any,
+    sizing: Sizing,
+    now: float,
+) -> None:
+    """Read usage, recommend, write status.recommendations, post Events, apply in Auto."""
+    stamp = _now_rfc3339(now)
+    meta = body["metadata"]
+    rightsizing = sizing.rightsizing
+    policy = Policy.from_spec(rightsizing)
+    current = sizing.current
     answer = await make_reader(memo).read(
-        target, policy.window_s, now, memory_limit=current.memory_limit, wants_gpu=current.gpu > 0
+        sizing.target,
+        policy.window_s,
+        now,
+        memory_limit=current.memory_limit,
+        wants_gpu=current.gpu > 0,
     )
 
     conditions: list[Condition] = list(previous.conditions)
@@ -159,7 +285,8 @@ async def rightsize_modeldeployment(
         logger.warning("right-sizing: %s", answer.unavailable)
         return
 
-    rec = recommend_resources(answer.usage, current, policy, now)
+    usage = with_failure_kill(answer.usage, sizing.last_failure, current.memory_limit)
+    rec = recommend_resources(usage, current, policy, now)
     if rec.missing_series:
         conditions = set_condition(
             conditions,
@@ -175,10 +302,10 @@ async def rightsize_modeldeployment(
             CONDITION_USAGE_AVAILABLE,
             "True",
             "SeriesPresent",
-            f"{rec.samples} of {rec.expected_samples} samples in {parsed.rightsizing.window}",
+            f"{rec.samples} of {rec.expected_samples} samples in {rightsizing.window}",
             stamp,
         )
-    container = rec.to_status(parsed.rightsizing.window)
+    container = rec.to_status(rightsizing.window)
     before = next((c for c in previous.containers if c.container == container.container), None)
     if moved_since(before, rec, policy.min_change) and moved(rec, policy.min_change):
         # kopf.event, not kopf.info: operator_setup posts only WARNING and above from kopf.info.
@@ -191,33 +318,30 @@ async def rightsize_modeldeployment(
 
     applied = previous.applied
     write_status_first = False
-    if (
-        parsed.rightsizing.mode == "Auto"
-        and moved(rec, policy.min_change)
-        and container.recommended is not None
-    ):
+    if rightsizing.mode == "Auto" and moved(rec, policy.min_change) and container.recommended:
         applied = AppliedResources(
             resources=container.recommended,
             applied_at=stamp,
-            spec_resources_hash=resources_hash(parsed.resources),
+            spec_resources_hash=resources_hash(sizing.spec_resources),
         )
         conditions = set_condition(
             conditions,
             CONDITION_RECOMMENDATION_APPLIED,
             "True",
-            "NewRevision",
-            f"{_summary(container)}: rolled out as a new revision",
+            sizing.applied_reason,
+            f"{_summary(container)}: {sizing.applied_note}",
             stamp,
         )
-        message = f"{container.container}: {_summary(container)}"
+        message = f"{container.container}: {_summary(container)}: {sizing.applied_note}"
         kopf.event(body, type="Normal", reason=EVENT_APPLIED, message=message)
         logger.info("right-sizing applied: %s", _summary(container))
-        # Status changes fire no handler; this annotation makes the reconcile roll it out.
-        # kopf patches metadata before status, so status is written here first: the event the
-        # annotation causes must already carry the applied resources.
-        patch.metadata.annotations[C.ANNOTATION_RESOURCES_APPLIED] = stamp
-        write_status_first = True
-    elif parsed.rightsizing.mode != "Auto":
+        if sizing.fire_reconcile:
+            # Status changes fire no handler; this annotation makes the reconcile roll it out.
+            # kopf patches metadata before status, so status is written here first: the event
+            # the annotation causes must already carry the applied resources.
+            patch.metadata.annotations[C.ANNOTATION_RESOURCES_APPLIED] = stamp
+            write_status_first = True
+    elif rightsizing.mode != "Auto":
         applied = None
         conditions = [c for c in conditions if c.type != CONDITION_RECOMMENDATION_APPLIED]
 
@@ -230,7 +354,7 @@ async def rightsize_modeldeployment(
         wire["applied"] = None  # merge patch: null removes it
     if write_status_first:
         await memo.kube.patch_status(
-            MODELDEPLOYMENTS, meta["namespace"], meta["name"], {"recommendations": wire}
+            sizing.resource, meta["namespace"], meta["name"], {"recommendations": wire}
         )
     else:
         patch.status["recommendations"] = wire

@@ -29,6 +29,7 @@ from trimtab.builders.training import (
     job_name,
 )
 from trimtab.decisions.conditions import set_condition
+from trimtab.decisions.rightsizing import effective_training_spec
 from trimtab.decisions.training import (
     JobObservation,
     TrainingDecision,
@@ -235,7 +236,9 @@ async def sync_trainingjob(
     patch = status_patch(current_status, new_status.to_wire())
     if patch:
         await kube.patch_status(TRAININGJOBS, namespace, name, patch)
-    await _act(kube, owner, spec, decision, logger)
+    # A Job is created once per attempt, so right-sizing's applied resources (Auto) reach the
+    # workers at the next attempt and never restart a running one.
+    await _act(kube, owner, effective_training_spec(spec, current_status), decision, logger)
     for kind, reason, message in decision.events:
         kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message)
     return float("inf") if decision.requeue_after is None else decision.requeue_after

@@ -23,6 +23,9 @@ from trimtab.decisions.rightsizing import ContainerUsage, GpuModel, gpu_model_fr
 CPU_SERIES = "container_cpu_usage_seconds_total"
 MEMORY_SERIES = "container_memory_working_set_bytes"
 OOM_SERIES = "kube_pod_container_status_last_terminated_reason"
+# The reason of a container that stays terminated: a Job pod (restartPolicy Never) is never
+# restarted, so an OOM kill there shows here and never in the restart counter.
+TERMINATED_SERIES = "kube_pod_container_status_terminated_reason"
 RESTARTS_SERIES = "kube_pod_container_status_restarts_total"
 AGENT_GPU_MEMORY = "trimtab_gpu_memory_used_bytes"
 AGENT_GPU_UTIL = "trimtab_gpu_utilization_ratio"
@@ -40,6 +43,9 @@ class UsageTarget:
     namespace: str
     pod_regex: str
     container: str
+    # False for Job pods (restartPolicy Never): an OOM kill ends the pod instead of restarting
+    # the container, so kills are read from the terminated reason of each pod.
+    restarts_in_place: bool = True
 
 
 def _q(value: str) -> str:
@@ -61,8 +67,9 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
 
     CPU: the busiest replica's rate; memory: the busiest replica's working-set peak within the
     step (max_over_time, so a spike between points is not lost); OOM kills: a restart whose last
-    termination reason is OOMKilled; GPU: trimtab's agent in bytes and 0..1, or dcgm-exporter
-    in MiB and percent (its pod-mapping labels namespace/pod/container)."""
+    termination reason is OOMKilled (for Job pods: a pod terminated OOMKilled); GPU: trimtab's
+    agent in bytes and 0..1, or dcgm-exporter in MiB and percent (its pod-mapping labels
+    namespace/pod/container)."""
     sel = (
         f"namespace={_q(target.namespace)},pod=~{_q(target.pod_regex)},"
         f"container={_q(target.container)}"
@@ -71,14 +78,18 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
     # A restart needs two scrapes of the counter inside the window to show; a window of at least
     # the rate window makes one kill visible at several steps, which `_distinct_kills` merges.
     oom_window = f"{max(step_s, _seconds(rate_window))}s"
+    oom = (
+        f"max((increase({RESTARTS_SERIES}{{{sel}}}[{oom_window}]) > 0)"
+        f" and on(namespace,pod,container)"
+        f" ({OOM_SERIES}{{{sel},reason=\"OOMKilled\"}} == 1))"
+    )
+    if not target.restarts_in_place:
+        # One series per killed pod, present from the kill until the pod is deleted.
+        oom = f"max by (pod) ({TERMINATED_SERIES}{{{sel},reason=\"OOMKilled\"}} == 1)"
     return {
         "cpu": f"max(rate({CPU_SERIES}{{{sel}}}[{rate_window}]))",
         "memory": f"max(max_over_time({MEMORY_SERIES}{{{sel}}}[{step}]))",
-        "oom": (
-            f"max((increase({RESTARTS_SERIES}{{{sel}}}[{oom_window}]) > 0)"
-            f" and on(namespace,pod,container)"
-            f" ({OOM_SERIES}{{{sel},reason=\"OOMKilled\"}} == 1))"
-        ),
+        "oom": oom,
         "gpu_memory_agent": f"max(sum by (pod) ({AGENT_GPU_MEMORY}{{{sel}}}))",
         "gpu_util_agent": f"max(max by (pod) ({AGENT_GPU_UTIL}{{{sel}}}))",
         "gpu_model_agent": f"count by (gpu_model) ({AGENT_GPU_MEMORY}{{{sel}}})",
@@ -192,12 +203,12 @@ class UsageReader:
             missing.append(CPU_SERIES)
         if not memory:
             missing.append(MEMORY_SERIES)
-        ooms = [
-            (t, memory_limit if memory_limit else _nearest(memory, t))
-            for t, _ in _distinct_kills(
-                _points(by_key["oom"]), max(step_s, _seconds(self.rate_window))
-            )
-        ]
+        kills = (
+            _distinct_kills(_points(by_key["oom"]), max(step_s, _seconds(self.rate_window)))
+            if target.restarts_in_place
+            else _first_points(by_key["oom"])
+        )
+        ooms = [(t, memory_limit if memory_limit else _nearest(memory, t)) for t, _ in kills]
         gpu_memory: Points = []
         gpu_util: Points = []
         gpu_model: GpuModel | None = None
@@ -247,6 +258,16 @@ def _distinct_kills(points: Points, window_s: float) -> Points:
             out.append((t, v))
         last = t
     return out
+
+
+def _first_points(result: Any) -> Points:
+    """The first point of each series: when each killed pod was first seen terminated.
+
+    >>> _first_points([{"values": [[5, "1"], [6, "1"]]}, {"values": [[9, "1"]]}, {"values": []}])
+    [(5.0, 1.0), (9.0, 1.0)]
+    """
+    firsts = [_points([series])[:1] for series in result or []]
+    return sorted(p[0] for p in firsts if p)
 
 
 def _nearest(points: Points, t: float) -> float:

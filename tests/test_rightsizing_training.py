@@ -1,0 +1,192 @@
+"""Right-sizing of TrainingJob workers, the pure parts: the spec the next attempt is built from
+(`effective_training_spec`), a worker's resources, the operator's own record of an OOM kill,
+the pod pattern of every attempt's workers, and the Job those resources reach."""
+
+from __future__ import annotations
+
+import datetime
+import re
+from typing import Any
+
+import pytest
+
+from trimtab.api.rightsizing import AppliedResources, RecommendationsStatus, ResourceAmounts
+from trimtab.api.trainingjob import TrainingJobSpec, WorkerFailure
+from trimtab.builders.common import Owner
+from trimtab.builders.training import build_job, build_podgroup, job_name, worker_pod_regex
+from trimtab.decisions.rightsizing import (
+    ContainerUsage,
+    GiB,
+    effective_training_spec,
+    resources_hash,
+    with_failure_kill,
+    worker_resources,
+)
+from trimtab.metrics.usage import TERMINATED_SERIES, UsageTarget, usage_queries
+
+OWNER = Owner("trimtab.io/v1alpha1", "TrainingJob", "llama", "ml", "uid-1")
+APPLIED = ResourceAmounts(cpu="1500m", memory="12Gi", memory_limit="12Gi")
+
+
+def spec(mode: str = "Auto", **resources: Any) -> TrainingJobSpec:
+    return TrainingJobSpec.model_validate(
+        {
+            "image": "ghcr.io/acme/train:1",
+            "command": ["train.py"],
+            "workers": 4,
+            "gpusPerWorker": 8,
+            "resources": resources or {"cpu": "4", "memory": "32Gi"},
+            "rightsizing": {"mode": mode},
+        }
+    )
+
+
+def status_applied_for(written: TrainingJobSpec) -> dict[str, Any]:
+    recs = RecommendationsStatus(
+        applied=AppliedResources(
+            resources=APPLIED,
+            applied_at="2025-06-01T12:00:00Z",
+            spec_resources_hash=resources_hash(written.resources),
+        )
+    )
+    return {"phase": "Running", "recommendations": recs.to_wire()}
+
+
+@pytest.mark.parametrize(
+    ("tj", "status", "want"),
+    [
+        pytest.param(spec("Recommend"), status_applied_for(spec()), ("4", "32Gi", None),
+                     id="recommend-ignores-applied"),
+        pytest.param(spec("Off"), status_applied_for(spec()), ("4", "32Gi", None),
+                     id="off-ignores-applied"),
+        pytest.param(spec(), status_applied_for(spec()), ("1500m", "12Gi", "12Gi"),
+                     id="auto-applied-for-this-spec"),
+        pytest.param(spec(cpu="8", memory="32Gi"), status_applied_for(spec()),
+                     ("8", "32Gi", None), id="auto-spec-edited-since-user-wins"),
+        pytest.param(spec(), {"phase": "Running"}, ("4", "32Gi", None),
+                     id="auto-nothing-applied-yet"),
+        pytest.param(spec(), None, ("4", "32Gi", None), id="auto-no-status"),
+    ],
+)  # fmt: skip
+def test_effective_training_spec(
+    tj: TrainingJobSpec, status: dict[str, Any] | None, want: tuple[str, str, str | None]
+) -> None:
+    out = effective_training_spec(tj, status)
+    assert (out.resources.cpu, out.resources.memory, out.resources.memory_limit) == want
+    # Only the resources change: the rest of the attempt is the spec as written.
+    assert out.model_copy(update={"resources": tj.resources}) == tj
+
+
+@pytest.mark.parametrize(
+    ("extra", "want"),
+    [
+        pytest.param({}, (4.0, 32 * GiB, 32 * GiB, 8, "nvidia.com/gpu"), id="gpus-per-worker"),
+        pytest.param({"gpusPerWorker": 0}, (4.0, 32 * GiB, 32 * GiB, 0, None), id="cpu-only"),
+        pytest.param({"gpusPerWorker": 1, "gpuResourceName": "nvidia.com/mig-3g.40gb"},
+                     (4.0, 32 * GiB, 32 * GiB, 1, "nvidia.com/mig-3g.40gb"), id="mig-profile"),
+        pytest.param({"resources": {"cpu": "2", "memory": "8Gi", "memoryLimit": "10Gi"}},
+                     (2.0, 8 * GiB, 10 * GiB, 8, "nvidia.com/gpu"), id="explicit-memory-limit"),
+    ],
+)  # fmt: skip
+def test_worker_resources(extra: dict[str, Any], want: tuple[Any, ...]) -> None:
+    raw = spec().model_dump(by_alias=True, exclude_none=True)
+    raw.update(extra)
+    r = worker_resources(TrainingJobSpec.model_validate(raw))
+    assert (r.cpu, r.memory, r.memory_limit, r.gpu, r.gpu_resource_name) == want
+
+
+KILL = datetime.datetime(2025, 6, 1, 12, 0, tzinfo=datetime.UTC).timestamp()
+
+
+def oom(reason: str = "OOMKilled", time: str | None = "2025-06-01T12:00:00Z") -> WorkerFailure:
+    return WorkerFailure(worker=1, pod="llama-r0-1-abcde", exit_code=137, reason=reason, time=time)
+
+
+def usage(kills: list[tuple[float, float]]) -> ContainerUsage:
+    return ContainerUsage(
+        container="trainer",
+        step_seconds=300.0,
+        memory=[(KILL - 600, 10 * GiB), (KILL - 10, 15 * GiB)],
+        oom_kills=kills,
+    )
+
+
+@pytest.mark.parametrize(
+    ("failure", "seen", "memory", "want"),
+    [
+        pytest.param(oom(), [], 16 * GiB, [(KILL, 16 * GiB)], id="unseen-kill-added-at-limit"),
+        pytest.param(oom(), [(KILL + 45, 16 * GiB)], 16 * GiB, [(KILL + 45, 16 * GiB)],
+                     id="prometheus-saw-it-same-kill"),
+        pytest.param(oom(), [(KILL - 7200, 12 * GiB)], 16 * GiB,
+                     [(KILL - 7200, 12 * GiB), (KILL, 16 * GiB)], id="earlier-kill-kept-both"),
+        pytest.param(oom(), [], None, [(KILL, 15 * GiB)], id="no-limit-nearest-working-set"),
+        pytest.param(oom(reason="Error"), [], 16 * GiB, [], id="not-an-oom"),
+        pytest.param(oom(time=None), [], 16 * GiB, [], id="no-time"),
+        pytest.param(None, [], 16 * GiB, [], id="no-failure"),
+    ],
+)  # fmt: skip
+def test_with_failure_kill(
+    failure: WorkerFailure | None,
+    seen: list[tuple[float, float]],
+    memory: float | None,
+    want: list[tuple[float, float]],
+) -> None:
+    assert list(with_failure_kill(usage(seen), failure, memory).oom_kills) == want
+
+
+def controller_pod_name(job: str, index: int, suffix: str = "x2x9z") -> str:
+    """The Job controller's naming of an Indexed Job's pods (podGenerateNameWithIndex)."""
+    append = f"-{index}-"
+    prefix = job + append
+    if len(prefix) > 58:
+        prefix = prefix[: 58 - len(append)] + append
+    return prefix + suffix
+
+
+LONG = "a-very-long-training-job-name-for-the-llama-3-70b-finetune"  # 58 characters
+
+
+@pytest.mark.parametrize(
+    ("owner", "pod", "matches"),
+    [
+        pytest.param("llama", controller_pod_name(job_name("llama", 0), 0), True, id="r0-w0"),
+        pytest.param("llama", controller_pod_name(job_name("llama", 7), 15), True, id="r7-w15"),
+        pytest.param("llama", "llama-r1-r0-0-abcde", False, id="another-tj-llama-r1"),
+        pytest.param("llama", "llama2-r0-0-abcde", False, id="another-tj-llama2"),
+        pytest.param("llama", "llama-0123456789-7d9f8c6b5-x2x9z", False, id="a-modeldeployment"),
+        pytest.param("llama", "llama-r0-0", False, id="no-random-suffix"),
+        pytest.param(LONG, controller_pod_name(job_name(LONG, 0), 0), True, id="long-name-r0"),
+        pytest.param(LONG, controller_pod_name(job_name(LONG, 12), 999), True,
+                     id="long-name-cut-by-job-controller"),
+        pytest.param("Llama.v2", controller_pod_name(job_name("Llama.v2", 0), 1), True,
+                     id="name-made-dns-label"),
+    ],
+)  # fmt: skip
+def test_worker_pod_regex(owner: str, pod: str, matches: bool) -> None:
+    assert bool(re.fullmatch(worker_pod_regex(owner), pod)) is matches
+
+
+def test_job_pods_read_oom_kills_from_terminated_reason() -> None:
+    """A Job pod is never restarted: its kill shows in the terminated reason, not restarts."""
+    job_pods = UsageTarget("ml", worker_pod_regex("llama"), "trainer", restarts_in_place=False)
+    oom = usage_queries(job_pods, 300, "2m")["oom"]
+    assert TERMINATED_SERIES in oom and "restarts_total" not in oom
+    served = usage_queries(UsageTarget("ml", "chat-.*", "server"), 300, "2m")["oom"]
+    assert TERMINATED_SERIES not in served and "restarts_total" in served
+
+
+def test_next_attempt_job_and_podgroup_carry_the_applied_resources() -> None:
+    raw = spec().model_dump(by_alias=True, exclude_none=True)
+    raw["scheduling"] = {"gang": {"enabled": True}}
+    gang = TrainingJobSpec.model_validate(raw)
+    effective = effective_training_spec(gang, status_applied_for(gang))
+    job = build_job(OWNER, effective, restarts=1)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"]["cpu"] == "1500m"
+    assert container["resources"]["requests"]["memory"] == "12Gi"
+    assert container["resources"]["limits"]["memory"] == "12Gi"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    # The gang's minimum is four workers of the applied size.
+    group = build_podgroup(OWNER, effective, restarts=1)
+    assert group["spec"]["minResources"]["memory"] == "48Gi"
+    assert group["spec"]["minResources"]["cpu"] == "6"
