@@ -32,7 +32,9 @@ TJ: dict[str, Any] = {
         "volumes": [{"name": "ckpt", "persistentVolumeClaim": {"claimName": "llama-ckpt"}}],
         "volumeMounts": [{"name": "ckpt", "mountPath": "/ckpt"}],
         "checkpoint": {"directory": "/ckpt/run1"},
-        "failurePolicy": {"maxRestarts": 1, "backoffSeconds": 1, "maxBackoffSeconds": 1},
+        # The backoff is the window in which the test sees phase Restarting: wide enough for a
+        # poll on a loaded machine, short enough for a quick test.
+        "failurePolicy": {"maxRestarts": 1, "backoffSeconds": 4, "maxBackoffSeconds": 4},
     },
 }
 
