@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from trimtab.api.rollout import RolloutStatus
-from trimtab.decisions.rollout import Hold, Pause, Rollback
-from trimtab.handlers.rollout import replace_patch, rollout_conditions
+from trimtab.decisions.rollout import Hold, Pause, Rollback, rollout_conditions
+from trimtab.handlers.rollout import replace_patch
 from trimtab.metrics.presets import (
     COUNT_NAMES,
     PRESETS,

@@ -12,8 +12,13 @@ from datetime import datetime
 from typing import Any, Literal
 
 from trimtab.api.autoscaling import SLOSpec, duration_seconds
+from trimtab.api.common import Condition, ConditionStatus
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.rollout import (
+    CONDITION_FALLBACK_APPLIED,
+    CONDITION_ROLLED_BACK,
+    CONDITION_ROLLOUT_PAUSED,
+    CONDITION_ROLLOUT_PROGRESSING,
     AnalysisVerdict,
     CheckEvidence,
     KnownGoodRevision,
@@ -23,6 +28,7 @@ from trimtab.api.rollout import (
     RolloutStatus,
     Weights,
 )
+from trimtab.decisions.conditions import get_condition, set_condition
 from trimtab.decisions.statistics import AnalysisResult, Check
 
 # Verdicts kept in status; a rollout of hours at 15 s would otherwise outgrow an object.
@@ -621,3 +627,100 @@ def spec_with_model(spec: ModelDeploymentSpec, model: dict[str, Any]) -> ModelDe
     }
     policy = {k: v for k, v in wire.items() if k not in model_keys}
     return ModelDeploymentSpec.model_validate({**policy, **model})
+
+
+# --- conditions and manual actions -----------------------------------------------------------
+
+
+def manual_action_done(
+    raw: str,
+    manual: ManualAction | None,
+    action: RolloutAction,
+    before: RolloutStatus,
+    after: RolloutStatus,
+) -> bool:
+    """Whether the rollout-action annotation has been acted on (or can never be)."""
+    if manual is None:
+        return True  # not a known action: removed, with a warning Event from _record
+    if before.candidate_revision is None:
+        return True  # nothing in flight to act on
+    if manual == "abort":
+        return isinstance(action, Rollback)
+    if manual == "promote-full":
+        return isinstance(action, Promote)
+    return isinstance(action, SetWeights | Promote) or after.candidate_revision is None
+
+
+def rollout_conditions(
+    conditions: list[Condition],
+    after: RolloutStatus,
+    action: RolloutAction,
+    metrics_error: str,
+    note: str,
+    now: str,
+) -> list[Condition]:
+    """The four rollout conditions after this loop (their meaning is in api/rollout.py)."""
+    in_flight = after.candidate_revision is not None
+    reason_text = (after.reason or "")[:1000]
+    status: ConditionStatus = "True" if in_flight else "False"
+    if in_flight and metrics_error:
+        status, reason = "False", "MetricsUnavailable"
+        message = (
+            f"weights frozen at {after.weights.candidate}% (mirror "
+            f"{after.weights.mirror_percent}%), nothing is promoted until metrics are back: "
+            f"{metrics_error}"
+        )
+    elif in_flight and isinstance(action, Pause):
+        status, reason, message = "False", "Paused", reason_text
+    elif in_flight:
+        reason = "Analysing" if after.step_index >= 0 else "Starting"
+        message = f"{reason_text}; {note}" if note else reason_text
+    else:
+        reason, message = after.phase, reason_text
+    conds = set_condition(
+        conditions, CONDITION_ROLLOUT_PROGRESSING, status, reason, message[:1000], now
+    )
+    paused = after.phase == "Paused"
+    conds = set_condition(
+        conds,
+        CONDITION_ROLLOUT_PAUSED,
+        "True" if paused else "False",
+        "Paused" if paused else "NotPaused",
+        reason_text if paused else "",
+        now,
+    )
+    conds = sticky_condition(
+        conds,
+        CONDITION_ROLLED_BACK,
+        after.phase == "RolledBack",
+        "RolledBack",
+        reason_text if isinstance(action, Rollback) else None,
+        now,
+    )
+    return sticky_condition(
+        conds,
+        CONDITION_FALLBACK_APPLIED,
+        after.phase == "FellBack",
+        "FellBack",
+        reason_text if isinstance(action, Fallback) else None,
+        now,
+    )
+
+
+def sticky_condition(
+    conds: list[Condition],
+    type_: str,
+    active: bool,
+    reason: str,
+    fresh_message: str | None,
+    now: str,
+) -> list[Condition]:
+    """A condition whose message says why it became True and keeps saying so while it holds
+    (the rollout's reason moves on to "not retried" while the cause stays the same)."""
+    if not active:
+        return set_condition(conds, type_, "False", "NotApplied", "", now)
+    current = get_condition(conds, type_)
+    message = fresh_message
+    if message is None:
+        message = current.message if current and current.status == "True" else ""
+    return set_condition(conds, type_, "True", reason, message or "", now)

@@ -16,13 +16,9 @@ import kopf
 
 from trimtab import constants as C
 from trimtab.api.autoscaling import duration_seconds
-from trimtab.api.common import Condition, ConditionStatus
+from trimtab.api.common import Condition
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.rollout import (
-    CONDITION_FALLBACK_APPLIED,
-    CONDITION_ROLLED_BACK,
-    CONDITION_ROLLOUT_PAUSED,
-    CONDITION_ROLLOUT_PROGRESSING,
     MANUAL_ACTIONS,
     ROLLOUT_ACTION_ANNOTATION,
     ManualAction,
@@ -33,7 +29,6 @@ from trimtab.api.rollout import (
 from trimtab.builders.autoscaling import replicas_for_revision
 from trimtab.builders.common import Owner, merge_patch, owner_labels
 from trimtab.builders.serving import revision_of, serving_ports
-from trimtab.decisions.conditions import get_condition, set_condition
 from trimtab.decisions.rollout import (
     Fallback,
     Hold,
@@ -48,8 +43,10 @@ from trimtab.decisions.rollout import (
     carried_evidence,
     checks_for,
     latency_bound_seconds,
+    manual_action_done,
     next_rollout_step,
     parse_time,
+    rollout_conditions,
 )
 from trimtab.decisions.serving import DeploymentObservation
 from trimtab.decisions.statistics import AnalysisResult, Counts, Metric, evaluate_checks
@@ -323,7 +320,7 @@ async def rollout_once(
             mesh=rollout.router.type != "replicas", logger=logger,
         )  # fmt: skip
     _record(body, namespace, name, before, after, action, metrics_error, logger)
-    if raw_manual is not None and _manual_done(raw_manual, manual, action, before, after):
+    if raw_manual is not None and manual_action_done(raw_manual, manual, action, before, after):
         await kube.patch(
             MODELDEPLOYMENTS,
             namespace,
@@ -402,106 +399,12 @@ async def retire(
     return gone
 
 
-def _manual_done(
-    raw: str,
-    manual: ManualAction | None,
-    action: RolloutAction,
-    before: RolloutStatus,
-    after: RolloutStatus,
-) -> bool:
-    """Whether the rollout-action annotation has been acted on (or can never be)."""
-    if manual is None:
-        return True  # not a known action: removed, with a warning Event from _record
-    if before.candidate_revision is None:
-        return True  # nothing in flight to act on
-    if manual == "abort":
-        return isinstance(action, Rollback)
-    if manual == "promote-full":
-        return isinstance(action, Promote)
-    return isinstance(action, SetWeights | Promote) or after.candidate_revision is None
-
-
 # --- status, conditions, Events, metrics ------------------------------------------------------
 
 
 def replace_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
     """The merge patch that makes `current` equal `desired`: keys only in `current` removed."""
     return merge_patch(current, desired, remove_missing=True)
-
-
-def rollout_conditions(
-    conditions: list[Condition],
-    after: RolloutStatus,
-    action: RolloutAction,
-    metrics_error: str,
-    note: str,
-    now: str,
-) -> list[Condition]:
-    """The four rollout conditions after this loop (their meaning is in api/rollout.py)."""
-    in_flight = after.candidate_revision is not None
-    reason_text = (after.reason or "")[:1000]
-    status: ConditionStatus = "True" if in_flight else "False"
-    if in_flight and metrics_error:
-        status, reason = "False", "MetricsUnavailable"
-        message = (
-            f"weights frozen at {after.weights.candidate}% (mirror "
-            f"{after.weights.mirror_percent}%), nothing is promoted until metrics are back: "
-            f"{metrics_error}"
-        )
-    elif in_flight and isinstance(action, Pause):
-        status, reason, message = "False", "Paused", reason_text
-    elif in_flight:
-        reason = "Analysing" if after.step_index >= 0 else "Starting"
-        message = f"{reason_text}; {note}" if note else reason_text
-    else:
-        reason, message = after.phase, reason_text
-    conds = set_condition(
-        conditions, CONDITION_ROLLOUT_PROGRESSING, status, reason, message[:1000], now
-    )
-    paused = after.phase == "Paused"
-    conds = set_condition(
-        conds,
-        CONDITION_ROLLOUT_PAUSED,
-        "True" if paused else "False",
-        "Paused" if paused else "NotPaused",
-        reason_text if paused else "",
-        now,
-    )
-    conds = _sticky(
-        conds,
-        CONDITION_ROLLED_BACK,
-        after.phase == "RolledBack",
-        "RolledBack",
-        reason_text if isinstance(action, Rollback) else None,
-        now,
-    )
-    return _sticky(
-        conds,
-        CONDITION_FALLBACK_APPLIED,
-        after.phase == "FellBack",
-        "FellBack",
-        reason_text if isinstance(action, Fallback) else None,
-        now,
-    )
-
-
-def _sticky(
-    conds: list[Condition],
-    type_: str,
-    active: bool,
-    reason: str,
-    fresh_message: str | None,
-    now: str,
-) -> list[Condition]:
-    """A condition whose message says why it became True and keeps saying so while it holds
-    (the rollout's reason moves on to "not retried" while the cause stays the same)."""
-    if not active:
-        return set_condition(conds, type_, "False", "NotApplied", "", now)
-    current = get_condition(conds, type_)
-    message = fresh_message
-    if message is None:
-        message = current.message if current and current.status == "True" else ""
-    return set_condition(conds, type_, "True", reason, message or "", now)
 
 
 def _record(
