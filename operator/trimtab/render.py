@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec
+from trimtab.builders.autoscaling import replicas_for_revision
 from trimtab.builders.common import Owner
 from trimtab.builders.serving import build_deployment, build_service, revision_of
 from trimtab.decisions.serving import find_spec_problems
@@ -39,4 +40,5 @@ def render_modeldeployment(doc: dict[str, Any]) -> list[dict[str, Any]]:
         meta.get("uid", "00000000-0000-0000-0000-000000000000"),
     )
     revision = revision_of(spec)
-    return [build_deployment(owner, spec, revision, spec.replicas), build_service(owner, spec)]
+    replicas = replicas_for_revision(spec, {})  # what the first reconcile applies
+    return [build_deployment(owner, spec, revision, replicas), build_service(owner, spec)]
