@@ -287,6 +287,23 @@ async def rollout_once(
     if moved:
         await apply_revisions(kube, owner, parsed, status_after)
         await _route(kube, parsed, rollout, owner, before, after, action, total)
+    elif rollout.router.type != "replicas" and after.stable_revision is not None:
+        # Nothing moved, but the route is re-asserted at the weights status holds, so a router
+        # added to or edited in spec.rollout (hostnames, gateways), a route deleted or edited
+        # by hand, or one a restarted operator never wrote converges within one loop. The
+        # applies are reads when nothing differs.
+        await build_router(
+            rollout.router,
+            RouteTarget(
+                owner,
+                serving_ports(parsed)[0],
+                after.stable_revision,
+                after.candidate_revision,
+                after.weights,
+                total_replicas=total,
+            ),
+            KubeRouterClient(kube),
+        ).reconcile()
 
     conditions = rollout_conditions(
         [Condition.model_validate(c) for c in status.get("conditions") or []],

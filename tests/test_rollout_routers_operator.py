@@ -1,0 +1,479 @@
+"""The rollout's mesh routers in the real kopf operator, against the API server emulator and a
+real Prometheus scraping one exporter per revision: three ModelDeployments roll out side by
+side in one operator run, and every route the operator writes is checked against the published
+Gateway API and Istio CRDs.
+
+- gatewayApi with parentRefs, ShadowThenCanary: trimtab creates the HTTPRoute; during the
+  shadow phase a RequestMirror filter copies the configured percent to the candidate's Service,
+  then the canary step weighs stable/candidate backendRefs, and after promotion the route sends
+  100% to the new stable and the old revision's Service goes;
+- istio, ShadowThenCanary: the VirtualService carries mirror + mirrorPercentage, then weights,
+  then 100% to the new stable;
+- gatewayApi taking over an existing HTTPRoute, with a candidate that never becomes ready: the
+  user's parents and hostnames stay, the candidate joins at weight 0, and after
+  progressDeadline it is rolled back (condition RolledBack, Event) and the route is stable-only;
+- with nothing rolling out, an edited router (hostnames) reaches the HTTPRoute and a
+  VirtualService deleted by hand is written again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Cluster, wait_for
+from tests.kube_emulator import ApiServerEmulator
+from tests.prometheus_fixture import (
+    MetricsExporter,
+    PodTarget,
+    PrometheusServer,
+    require_prometheus,
+)
+from tests.test_modeldeployment_operator import (
+    DEPLOY_PATH,
+    MD_PATH,
+    NS,
+    SVC_PATH,
+    mark_ready,
+    model,
+)
+from tests.validation import thirdparty, validate_builtin, validate_custom
+from trimtab import constants as C
+from trimtab.api.modeldeployment import ModelDeploymentSpec
+from trimtab.api.rollout import ROLLOUT_ACTION_ANNOTATION
+from trimtab.builders.serving import revision_of, serving_ports
+
+pytestmark = pytest.mark.prometheus
+
+HTTPROUTE_CRD = thirdparty("gateway-api", "standard", "gateway.networking.k8s.io_httproutes.yaml")
+VS_CRD = thirdparty("istio", "virtualservices.networking.istio.io.yaml")
+ROUTE_PATH = f"/apis/gateway.networking.k8s.io/v1/namespaces/{NS}/httproutes"
+VS_PATH = f"/apis/networking.istio.io/v1/namespaces/{NS}/virtualservices"
+
+GOOD, NEXT, BROKEN = "srv:1", "srv:2", "srv:never-ready"
+GW, MESH, LATE = "gw", "mesh", "late"
+PARENTS = [{"name": "public", "namespace": "gateways", "sectionName": "http"}]
+USER_ROUTE = "late-route"
+
+
+def body_for(name: str, image: str, rollout: dict[str, Any], prometheus_url: str) -> dict[str, Any]:
+    return model(
+        name,
+        server="generic",
+        image=image,
+        args=[],
+        resources={"cpu": "1"},
+        replicas=2,
+        slo={"p99LatencyMs": 500, "maxErrorRate": 0.01},
+        metrics={"prometheusUrl": prometheus_url, "rateWindow": "2s"},
+        rollout={
+            "analysis": {"interval": "1s", "minRequests": 20},
+            "postPromotion": {"watchWindow": "10m"},
+            **rollout,
+        },
+    )
+
+
+def shadow_rollout(router: dict[str, Any], mirror: int, weight: int) -> dict[str, Any]:
+    """Shadow for 3 s (a window the test can observe), then one step held until promoted."""
+    return {
+        "strategy": "ShadowThenCanary",
+        "shadow": {"mirrorPercent": mirror, "duration": "3s", "minRequests": 20},
+        "steps": [{"weight": weight, "pause": {"untilPromoted": True}}],
+        "router": router,
+        "progressDeadline": "60s",
+    }
+
+
+GW_ROLLOUT = shadow_rollout(
+    {"type": "gatewayApi", "parentRefs": PARENTS, "hostnames": ["gw.example.com"]}, 50, 30
+)
+MESH_ROLLOUT = shadow_rollout(
+    {"type": "istio", "host": "mesh.example.com", "gateways": ["istio-system/public"]}, 100, 25
+)
+LATE_ROLLOUT = {
+    "steps": [{"weight": 50}],
+    "router": {"type": "gatewayApi", "httpRoute": USER_ROUTE},
+    "progressDeadline": "2s",
+}
+
+
+def revision(image: str) -> str:
+    spec = body_for("x", image, {"router": {"type": "replicas"}}, "http://x")["spec"]
+    return revision_of(ModelDeploymentSpec.model_validate(spec))
+
+
+def service(owner: str, image: str) -> str:
+    return f"{owner}-{revision(image)}"
+
+
+def port() -> int:
+    spec = body_for("x", GOOD, {"router": {"type": "replicas"}}, "http://x")["spec"]
+    return serving_ports(ModelDeploymentSpec.model_validate(spec))[0]
+
+
+@contextlib.asynccontextmanager
+async def scraped(tmp_path: Path) -> AsyncIterator[PrometheusServer]:
+    """A healthy exporter (40 rps, 50 ms, no errors) per rolled-out revision of each owner,
+    scraped by a real Prometheus every 200 ms."""
+    binary = require_prometheus()
+    pods = [(GW, GOOD), (GW, NEXT), (MESH, GOOD), (MESH, NEXT), (LATE, GOOD)]
+    exporters = [MetricsExporter("generic").start() for _ in pods]
+    targets = [
+        PodTarget(
+            e.address,
+            namespace=NS,
+            pod=f"{owner}-{revision(image)}-0",
+            labels={C.LABEL_OWNER: owner, C.LABEL_REVISION: revision(image)},
+        )
+        for e, (owner, image) in zip(exporters, pods, strict=True)
+    ]
+    prometheus = PrometheusServer(targets, tmp_path / "prom", binary=binary).start()
+    try:
+        for e in exporters:
+            e.set_load(40.0, 0.05)
+        await asyncio.to_thread(prometheus.wait_for_scrapes)
+        yield prometheus
+    finally:
+        prometheus.stop()
+        for e in exporters:
+            e.stop()
+
+
+@contextlib.asynccontextmanager
+async def deployment_controller(cluster: Cluster) -> AsyncIterator[None]:
+    """Play the Deployment controller: every replica becomes ready, except the broken image's."""
+
+    async def loop() -> None:
+        while True:
+            listing = await cluster.get(DEPLOY_PATH) or {}
+            for d in listing.get("items", []):
+                image = d["spec"]["template"]["spec"]["containers"][0]["image"]
+                st = d.get("status") or {}
+                if image != BROKEN and (
+                    st.get("readyReplicas") != d["spec"]["replicas"]
+                    or st.get("observedGeneration") != d["metadata"]["generation"]
+                ):
+                    with contextlib.suppress(Exception):
+                        await mark_ready(cluster, d)
+            await asyncio.sleep(0.2)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+# --- reading what the operator wrote ----------------------------------------------------------
+
+
+async def rollout_of(cluster: Cluster, name: str) -> dict[str, Any]:
+    body = await cluster.get(f"{MD_PATH}/{name}") or {}
+    return dict((body.get("status") or {}).get("rollout") or {})
+
+
+async def wait_rollout(
+    cluster: Cluster, name: str, check: Callable[[dict[str, Any]], bool], timeout: float = 30.0
+) -> dict[str, Any]:
+    async def probe() -> dict[str, Any] | None:
+        ro = await rollout_of(cluster, name)
+        return ro if check(ro) else None
+
+    result: dict[str, Any] = await wait_for(probe, timeout=timeout, interval=0.25)
+    return result
+
+
+async def http_route(cluster: Cluster, name: str) -> dict[str, Any]:
+    """The stored HTTPRoute, validated against the published Gateway API CRD."""
+    route = await cluster.get(f"{ROUTE_PATH}/{name}")
+    assert route is not None, f"no HTTPRoute {name}"
+    # In a thread: the operator shares this event loop and keeps running meanwhile.
+    await asyncio.to_thread(validate_custom, route, HTTPROUTE_CRD)
+    return route
+
+
+async def virtual_service(cluster: Cluster, name: str) -> dict[str, Any]:
+    """The stored VirtualService, validated against Istio's published CRD (which lists no
+    apiVersion/kind properties: those are checked by hand, the rest strictly)."""
+    vs = await cluster.get(f"{VS_PATH}/{name}")
+    assert vs is not None, f"no VirtualService {name}"
+    assert (vs["apiVersion"], vs["kind"]) == ("networking.istio.io/v1", "VirtualService")
+    body = {k: v for k, v in vs.items() if k not in ("apiVersion", "kind")}
+    await asyncio.to_thread(validate_custom, body, VS_CRD, "v1")
+    return vs
+
+
+def backends(route: dict[str, Any]) -> dict[str, int]:
+    (rule,) = route["spec"]["rules"]
+    return {ref["name"]: ref["weight"] for ref in rule["backendRefs"]}
+
+
+def mirrors(route: dict[str, Any]) -> list[tuple[str, int]]:
+    (rule,) = route["spec"]["rules"]
+    return [
+        (f["requestMirror"]["backendRef"]["name"], f["requestMirror"]["percent"])
+        for f in rule.get("filters", [])
+        if f["type"] == "RequestMirror"
+    ]
+
+
+def destinations(vs: dict[str, Any]) -> dict[str, int]:
+    (http,) = vs["spec"]["http"]
+    return {r["destination"]["host"]: r["weight"] for r in http["route"]}
+
+
+def fqdn(owner: str, image: str) -> str:
+    return f"{service(owner, image)}.{NS}.svc.cluster.local"
+
+
+async def revision_services(cluster: Cluster, owner: str) -> set[str]:
+    """Names of the owner's per-revision Services (each validated as a built-in Service)."""
+    listing = await cluster.get(SVC_PATH) or {}
+    names = set()
+    for svc in listing.get("items", []):
+        labels = svc["metadata"].get("labels") or {}
+        if labels.get(C.LABEL_OWNER) == owner and C.LABEL_REVISION in labels:
+            validate_builtin({k: v for k, v in svc.items() if k != "status"})
+            assert svc["spec"]["selector"] == {
+                C.LABEL_OWNER: owner,
+                C.LABEL_REVISION: labels[C.LABEL_REVISION],
+            }
+            names.add(svc["metadata"]["name"])
+    return names
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
+    await wait_for(check, timeout=timeout, interval=0.25)
+
+
+async def event_reasons(cluster: Cluster, name: str) -> list[str]:
+    events = await cluster.get(f"/api/v1/namespaces/{NS}/events") or {}
+    return [
+        e.get("reason", "")
+        for e in events.get("items", [])
+        if e.get("involvedObject", {}).get("name") == name
+    ]
+
+
+async def promote_by_hand(cluster: Cluster, name: str) -> None:
+    await cluster.merge(
+        f"{MD_PATH}/{name}",
+        {"metadata": {"annotations": {ROLLOUT_ACTION_ANNOTATION: "promote"}}},
+    )
+
+
+# --- the three rollouts -----------------------------------------------------------------------
+
+
+async def gateway_api_shadow_then_canary(cluster: Cluster, url: str) -> None:
+    a, b = revision(GOOD), revision(NEXT)
+    sa, sb = service(GW, GOOD), service(GW, NEXT)
+    await cluster.create(MD_PATH, body_for(GW, GOOD, GW_ROLLOUT, url))
+    await wait_rollout(cluster, GW, lambda ro: ro.get("stableRevision") == a)
+
+    async def stable_route() -> bool:
+        route = await cluster.get(f"{ROUTE_PATH}/{GW}")
+        return route is not None and backends(route) == {sa: 100}
+
+    await eventually(stable_route)
+    route = await http_route(cluster, GW)
+    # Created from parentRefs: trimtab owns the whole route, parents and hostnames included.
+    assert route["spec"]["parentRefs"] == PARENTS
+    assert route["spec"]["hostnames"] == ["gw.example.com"]
+    assert route["metadata"]["ownerReferences"][0]["name"] == GW
+    assert all(ref["port"] == port() for ref in route["spec"]["rules"][0]["backendRefs"])
+    assert mirrors(route) == []
+
+    await cluster.merge(f"{MD_PATH}/{GW}", {"spec": {"image": NEXT}})
+    shadow = await wait_rollout(
+        cluster, GW, lambda ro: ro.get("candidateRevision") == b and ro.get("phase") == "Shadow"
+    )
+    assert shadow["weights"] == {"stable": 100, "candidate": 0, "mirrorPercent": 50}
+    route = await http_route(cluster, GW)
+    assert backends(route) == {sa: 100, sb: 0}
+    assert mirrors(route) == [(sb, 50)]
+    assert await revision_services(cluster, GW) == {sa, sb}
+
+    # Shadow passes (3 s, enough mirrored requests, analysis Pass): the canary step, no mirror.
+    step = await wait_rollout(cluster, GW, lambda ro: ro.get("stepIndex") == 0)
+    assert step["weights"] == {"stable": 70, "candidate": 30, "mirrorPercent": 0}
+    assert any(v["verdict"] == "Pass" for v in step["verdicts"]), step["verdicts"]
+    route = await http_route(cluster, GW)
+    assert backends(route) == {sa: 70, sb: 30}
+    assert mirrors(route) == []
+
+    await wait_rollout(cluster, GW, lambda ro: ro.get("phase") == "Paused")
+    await promote_by_hand(cluster, GW)
+    promoted = await wait_rollout(
+        cluster, GW, lambda ro: ro.get("stableRevision") == b and not ro.get("candidateRevision")
+    )
+    assert promoted["weights"] == {"stable": 100, "candidate": 0, "mirrorPercent": 0}
+    route = await http_route(cluster, GW)
+    assert backends(route) == {sb: 100}
+    assert mirrors(route) == []
+    assert route["spec"]["parentRefs"] == PARENTS
+
+    async def old_service_gone() -> bool:
+        return await revision_services(cluster, GW) == {sb}
+
+    await eventually(old_service_gone)
+
+    async def events_posted() -> bool:  # kopf posts Events in the background
+        reasons = set(await event_reasons(cluster, GW))
+        return reasons >= {"RolloutStarted", "TrafficMirrored", "TrafficShifted", "RolloutPromoted"}
+
+    await eventually(events_posted)
+
+    # With nothing rolling out, an edit to the router in spec.rollout reaches the route.
+    hostnames = ["gw.example.com", "chat.example.com"]
+    router = {**GW_ROLLOUT["router"], "hostnames": hostnames}
+    await cluster.merge(f"{MD_PATH}/{GW}", {"spec": {"rollout": {"router": router}}})
+
+    async def hostnames_applied() -> bool:
+        route = await cluster.get(f"{ROUTE_PATH}/{GW}")
+        return route is not None and route["spec"].get("hostnames") == hostnames
+
+    await eventually(hostnames_applied)
+    route = await http_route(cluster, GW)
+    assert backends(route) == {sb: 100}
+
+
+async def istio_shadow_then_canary(cluster: Cluster, url: str) -> None:
+    a, b = revision(GOOD), revision(NEXT)
+    ha, hb = fqdn(MESH, GOOD), fqdn(MESH, NEXT)
+    await cluster.create(MD_PATH, body_for(MESH, GOOD, MESH_ROLLOUT, url))
+    await wait_rollout(cluster, MESH, lambda ro: ro.get("stableRevision") == a)
+
+    async def stable_vs() -> bool:
+        vs = await cluster.get(f"{VS_PATH}/{MESH}")
+        return vs is not None and destinations(vs) == {ha: 100}
+
+    await eventually(stable_vs)
+    vs = await virtual_service(cluster, MESH)
+    assert vs["spec"]["hosts"] == ["mesh.example.com"]
+    assert vs["spec"]["gateways"] == ["istio-system/public"]
+    assert "mirror" not in vs["spec"]["http"][0]
+
+    await cluster.merge(f"{MD_PATH}/{MESH}", {"spec": {"image": NEXT}})
+    await wait_rollout(
+        cluster, MESH, lambda ro: ro.get("candidateRevision") == b and ro.get("phase") == "Shadow"
+    )
+    vs = await virtual_service(cluster, MESH)
+    http = vs["spec"]["http"][0]
+    assert destinations(vs) == {ha: 100, hb: 0}
+    assert http["mirror"] == {"host": hb, "port": {"number": port()}}
+    assert http["mirrorPercentage"] == {"value": 100.0}
+    assert await revision_services(cluster, MESH) == {service(MESH, GOOD), service(MESH, NEXT)}
+
+    step = await wait_rollout(cluster, MESH, lambda ro: ro.get("stepIndex") == 0)
+    assert step["weights"] == {"stable": 75, "candidate": 25, "mirrorPercent": 0}
+    vs = await virtual_service(cluster, MESH)
+    assert destinations(vs) == {ha: 75, hb: 25}
+    assert "mirror" not in vs["spec"]["http"][0]
+    assert "mirrorPercentage" not in vs["spec"]["http"][0]
+
+    await wait_rollout(cluster, MESH, lambda ro: ro.get("phase") == "Paused")
+    await promote_by_hand(cluster, MESH)
+    await wait_rollout(
+        cluster, MESH, lambda ro: ro.get("stableRevision") == b and not ro.get("candidateRevision")
+    )
+    vs = await virtual_service(cluster, MESH)
+    assert destinations(vs) == {hb: 100}
+
+    # A VirtualService deleted by hand comes back at the weights status holds.
+    await cluster.kube.request("DELETE", f"{VS_PATH}/{MESH}")
+
+    async def recreated() -> bool:
+        vs = await cluster.get(f"{VS_PATH}/{MESH}")
+        return vs is not None and destinations(vs) == {hb: 100}
+
+    await eventually(recreated)
+
+    async def old_service_gone() -> bool:
+        return await revision_services(cluster, MESH) == {service(MESH, NEXT)}
+
+    await eventually(old_service_gone)
+
+
+async def taken_over_route_and_progress_deadline(cluster: Cluster, url: str) -> None:
+    a, broken = revision(GOOD), revision(BROKEN)
+    sa, sx = service(LATE, GOOD), service(LATE, BROKEN)
+    # The user's route, with parents and hostnames trimtab must leave alone.
+    await cluster.create(
+        ROUTE_PATH,
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": USER_ROUTE, "namespace": NS},
+            "spec": {
+                "parentRefs": PARENTS,
+                "hostnames": ["late.example.com"],
+                "rules": [{"backendRefs": [{"name": "legacy", "port": 80}]}],
+            },
+        },
+    )
+    await cluster.create(MD_PATH, body_for(LATE, GOOD, LATE_ROLLOUT, url))
+    await wait_rollout(cluster, LATE, lambda ro: ro.get("stableRevision") == a)
+
+    async def taken_over() -> bool:
+        route = await cluster.get(f"{ROUTE_PATH}/{USER_ROUTE}")
+        return route is not None and backends(route) == {sa: 100}
+
+    await eventually(taken_over)
+    route = await http_route(cluster, USER_ROUTE)
+    assert route["spec"]["parentRefs"] == PARENTS
+    assert route["spec"]["hostnames"] == ["late.example.com"]
+    # The user's route: never owned by (so never garbage-collected with) the ModelDeployment.
+    assert "ownerReferences" not in route["metadata"]
+
+    await cluster.merge(f"{MD_PATH}/{LATE}", {"spec": {"image": BROKEN}})
+    await wait_rollout(cluster, LATE, lambda ro: ro.get("candidateRevision") == broken)
+    route = await http_route(cluster, USER_ROUTE)
+    assert backends(route) == {sa: 100, sx: 0}  # beside stable at 0% until ready
+    assert route["spec"]["parentRefs"] == PARENTS
+
+    rolled = await wait_rollout(cluster, LATE, lambda ro: ro.get("phase") == "RolledBack")
+    assert rolled["stableRevision"] == a and rolled["failedRevision"] == broken
+    assert not rolled.get("candidateRevision")
+    assert "progressDeadline 2s" in rolled["reason"]
+    body = await cluster.get(f"{MD_PATH}/{LATE}") or {}
+    conds = {c["type"]: c for c in body["status"]["conditions"]}
+    assert conds["RolledBack"]["status"] == "True"
+    assert "not ready within progressDeadline" in conds["RolledBack"]["message"]
+
+    async def event_posted() -> bool:  # kopf posts Events in the background
+        return "RolledBack" in await event_reasons(cluster, LATE)
+
+    await eventually(event_posted)
+    route = await http_route(cluster, USER_ROUTE)
+    assert backends(route) == {sa: 100}
+    assert route["spec"]["hostnames"] == ["late.example.com"]
+
+    async def candidate_gone() -> bool:
+        listing = await cluster.get(DEPLOY_PATH) or {}
+        revisions = {
+            d["metadata"]["labels"].get(C.LABEL_REVISION)
+            for d in listing.get("items", [])
+            if d["metadata"]["labels"].get(C.LABEL_OWNER) == LATE
+        }
+        return revisions == {a} and await revision_services(cluster, LATE) == {sa}
+
+    await eventually(candidate_gone)
+
+
+async def test_mesh_routers_shadow_canary_promote_and_progress_deadline(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any, tmp_path: Path
+) -> None:
+    async with scraped(tmp_path) as prometheus, deployment_controller(cluster), run_operator():
+        await asyncio.gather(
+            gateway_api_shadow_then_canary(cluster, prometheus.url),
+            istio_shadow_then_canary(cluster, prometheus.url),
+            taken_over_route_and_progress_deadline(cluster, prometheus.url),
+        )
