@@ -6,6 +6,7 @@ a new revision."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,18 @@ def chat(mode: str) -> dict[str, Any]:
     }
 
 
+def recommended(cluster: Cluster, path: str) -> Callable[[], Awaitable[dict[str, Any] | None]]:
+    """A probe: the object at `path` once its first container has a recommendation."""
+
+    async def probe() -> dict[str, Any] | None:
+        body = await cluster.get(path) or {}
+        recs = (body.get("status") or {}).get("recommendations") or {}
+        containers = recs.get("containers") or []
+        return body if containers and containers[0]["state"] == "Recommended" else None
+
+    return probe
+
+
 async def test_recommend_then_auto(
     run_operator: OperatorRunner,
     cluster: Cluster,
@@ -63,15 +76,7 @@ async def test_recommend_then_auto(
         async with run_operator():
             await cluster.create(MD_PATH, chat("Recommend"))
 
-            async def recommended() -> dict[str, Any] | None:
-                body = await cluster.get(f"{MD_PATH}/chat") or {}
-                recs = (body.get("status") or {}).get("recommendations") or {}
-                containers = recs.get("containers") or []
-                if containers and containers[0]["state"] == "Recommended":
-                    return body
-                return None
-
-            body = await wait_for(recommended, timeout=40, interval=0.5)
+            body = await wait_for(recommended(cluster, f"{MD_PATH}/chat"), timeout=40, interval=0.5)
             recs = body["status"]["recommendations"]
             server = recs["containers"][0]
             assert server["container"] == "server"
@@ -87,8 +92,7 @@ async def test_recommend_then_auto(
             async def moved_event() -> list[dict[str, Any]]:
                 events = await cluster.get(f"/api/v1/namespaces/{NS}/events") or {}
                 return [
-                    e for e in events.get("items", [])
-                    if e.get("reason") == "RecommendationChanged"
+                    e for e in events.get("items", []) if e.get("reason") == "RecommendationChanged"
                 ]
 
             assert "memory 8Gi -> " in (await wait_for(moved_event))[0]["message"]
@@ -113,8 +117,7 @@ async def test_recommend_then_auto(
             async def applied_event() -> list[dict[str, Any]]:
                 events = await cluster.get(f"/api/v1/namespaces/{NS}/events") or {}
                 return [
-                    e for e in events.get("items", [])
-                    if e.get("reason") == "RecommendationApplied"
+                    e for e in events.get("items", []) if e.get("reason") == "RecommendationApplied"
                 ]
 
             assert await wait_for(applied_event)

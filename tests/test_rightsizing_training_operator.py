@@ -22,6 +22,7 @@ from tests.prometheus_fixture import (
     PodTarget,
     prometheus_bin,  # noqa: F401  # a fixture
 )
+from tests.test_rightsizing_operator import recommended
 from tests.test_rightsizing_usage import HonorLabelsPrometheus
 from tests.test_training_operator import fail_worker, set_job_status
 from trimtab import constants as C
@@ -125,15 +126,9 @@ async def test_recommend_then_auto_resizes_the_next_attempt(
             first = await wait_for(lambda: cluster.get(f"{JOB_PATH}/llama-r0"))
             await set_job_status(cluster, "llama-r0", {"active": 2, "ready": 2})
 
-            async def recommended() -> dict[str, Any] | None:
-                body = await cluster.get(f"{TJ_PATH}/llama") or {}
-                recs = (body.get("status") or {}).get("recommendations") or {}
-                containers = recs.get("containers") or []
-                if containers and containers[0]["state"] == "Recommended":
-                    return body
-                return None
-
-            body = await wait_for(recommended, timeout=40, interval=0.5)
+            body = await wait_for(
+                recommended(cluster, f"{TJ_PATH}/llama"), timeout=40, interval=0.5
+            )
             recs = body["status"]["recommendations"]
             trainer = recs["containers"][0]
             assert trainer["container"] == "trainer"
