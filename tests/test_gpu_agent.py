@@ -393,3 +393,64 @@ def test_real_gpu_attributes_memory_to_the_allocating_process() -> None:
         child.kill()
         child.wait(timeout=10)
         reader.shutdown()
+
+
+@pytest.mark.gpu
+def test_real_gpu_agent_exports_the_allocating_container(tmp_path: Path) -> None:
+    """The whole agent on a real GPU: NVML -> the process's cgroup -> /metrics. The child is not
+    in a pod here, so a /proc stand-in gives its PID the cgroup line a containerd pod would have
+    (the only thing faked); the agent must export its memory under that pod UID and container ID,
+    and report NVML up."""
+    if not _have_gpu():
+        pytest.skip("no NVIDIA GPU or driver")
+    libcuda = ctypes.util.find_library("cuda") or "libcuda.so.1"
+    size = 768 * 2**20
+    child = subprocess.Popen(
+        [sys.executable, "-c", ALLOCATE, libcuda, str(size)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reader = NvmlReader()
+    server = None
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line.strip() == "allocated", child.stderr.read() if child.stderr else line
+        proc = tmp_path / "proc" / str(child.pid)
+        proc.mkdir(parents=True)
+        proc.joinpath("cgroup").write_text(
+            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+            f"{UID_A.replace('-', '_')}.slice/cri-containerd-{CID_A}.scope\n"
+        )
+        assert reader.ensure_init()
+        collector = GpuUsageCollector(reader, None, tmp_path / "proc")
+        server, _ = serve(collector, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        deadline = time.monotonic() + 15
+        memory: list[Any] = []
+        up: list[Any] = []
+        while time.monotonic() < deadline and not memory:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            memory = [
+                s
+                for s in families["trimtab_gpu_memory_used_bytes"].samples
+                if s.labels.get("pod_uid") == UID_A
+            ]
+            up = families["trimtab_gpu_agent_nvml_up"].samples
+            if not memory:
+                time.sleep(0.5)
+        print("exported for the child's container:", memory, "nvml_up:", up)
+        assert memory, text
+        assert memory[0].labels["container_id"] == CID_A
+        assert memory[0].labels["gpu_model"]
+        assert sum(s.value for s in memory) >= size
+        assert up and up[0].value == 1.0
+    finally:
+        if server is not None:
+            server.shutdown()
+        child.kill()
+        child.wait(timeout=10)
+        reader.shutdown()
