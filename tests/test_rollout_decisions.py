@@ -31,6 +31,7 @@ from trimtab.decisions.rollout import (
     effective_weights,
     next_rollout_step,
     plan_revisions,
+    routed_revisions,
     spec_with_model,
     split_replicas,
     stable_model,
@@ -299,6 +300,22 @@ CASES = [
     ),
     pytest.param(
         spec(),
+        STABLE_A.model_copy(update={"failed_revision": "b", "phase": "FellBack"}),
+        dict(desired_revision="b", stable_ready=False),
+        Hold,
+        "b keeps serving until a has a ready replica",
+        id="fallback-target-starting-holds-on-failed",
+    ),
+    pytest.param(
+        spec(),
+        STABLE_A.model_copy(update={"failed_revision": "b", "phase": "FellBack"}),
+        dict(desired_revision="b", stable_ready=True),
+        Hold,
+        "not retried",
+        id="fallback-target-serving",
+    ),
+    pytest.param(
+        spec(),
         RolloutStatus(
             stable_revision="b",
             promoted_at=ts(-180),
@@ -448,8 +465,62 @@ def test_a_whole_canary_then_a_fallback() -> None:
     assert isinstance(action, Fallback) and action.to_revision == "a"
     assert status.stable_revision == "a" and status.failed_revision == "b"
     assert status.phase == "FellBack" and stable_model(status) == MODEL_A
-    status, action = drive(rollout, status, 215, PASS)
+    # The rebuilt known-good revision starts from nothing: traffic stays on b meanwhile.
+    status, action = drive(rollout, status, 215, PASS, stable_ready=False)
+    assert isinstance(action, Hold) and "b keeps serving until a" in action.reason
+    assert routed_revisions(status, frozenset({"b"})) == ("b", None, Weights())
+    status, action = drive(rollout, status, 230, PASS)
     assert isinstance(action, Hold) and "not retried" in action.reason
+    assert routed_revisions(status, frozenset({"a", "b"})) == ("a", None, Weights())
+
+
+@pytest.mark.parametrize(
+    ("status", "serving", "expected"),
+    [
+        pytest.param(RolloutStatus(), frozenset({"a"}), None, id="no-revision-yet"),
+        pytest.param(
+            RolloutStatus(stable_revision="a", phase="FellBack", failed_revision="b"),
+            frozenset({"b"}),
+            ("b", None, Weights()),
+            id="fell-back-target-starting",
+        ),
+        pytest.param(
+            RolloutStatus(stable_revision="a", phase="FellBack", failed_revision="b"),
+            frozenset({"a", "b"}),
+            ("a", None, Weights()),
+            id="fell-back-target-serving",
+        ),
+        pytest.param(
+            RolloutStatus(stable_revision="a", phase="FellBack", failed_revision="b"),
+            frozenset(),
+            ("a", None, Weights()),
+            id="nothing-serving-routes-as-status-says",
+        ),
+        pytest.param(
+            RolloutStatus(stable_revision="a", phase="RolledBack", failed_revision="b"),
+            frozenset({"b"}),
+            ("a", None, Weights()),
+            id="rolled-back-candidate-never-gets-traffic-back",
+        ),
+        pytest.param(
+            RolloutStatus(
+                stable_revision="a",
+                candidate_revision="c",
+                phase="Canary",
+                weights=Weights(stable=90, candidate=10),
+            ),
+            frozenset({"a", "c"}),
+            ("a", "c", Weights(stable=90, candidate=10)),
+            id="canary-as-status-says",
+        ),
+    ],
+)
+def test_routed_revisions(
+    status: RolloutStatus,
+    serving: frozenset[str],
+    expected: tuple[str, str | None, Weights] | None,
+) -> None:
+    assert routed_revisions(status, serving) == expected
 
 
 def test_rollback_marks_the_candidate_failed() -> None:

@@ -13,12 +13,17 @@ Gateway API and Istio CRDs.
   user's parents and hostnames stay, the candidate joins at weight 0, and after
   progressDeadline it is rolled back (condition RolledBack, Event) and the route is stable-only;
 - with nothing rolling out, an edited router (hostnames) reaches the HTTPRoute and a
-  VirtualService deleted by hand is written again."""
+  VirtualService deleted by hand is written again;
+- istio, a promoted revision that starts failing in its watch window: the fallback rebuilds
+  the known-good revision, and the VirtualService keeps sending traffic to the failing one
+  until the rebuilt one has a ready replica (a mesh route to a Service without endpoints
+  answers nothing), then moves all of it and the failing revision goes."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -55,7 +60,7 @@ ROUTE_PATH = f"/apis/gateway.networking.k8s.io/v1/namespaces/{NS}/httproutes"
 VS_PATH = f"/apis/networking.istio.io/v1/namespaces/{NS}/virtualservices"
 
 GOOD, NEXT, BROKEN = "srv:1", "srv:2", "srv:never-ready"
-GW, MESH, LATE = "gw", "mesh", "late"
+GW, MESH, LATE, FALL = "gw", "mesh", "late", "fall"
 PARENTS = [{"name": "public", "namespace": "gateways", "sectionName": "http"}]
 USER_ROUTE = "late-route"
 
@@ -95,6 +100,12 @@ GW_ROLLOUT = shadow_rollout(
 MESH_ROLLOUT = shadow_rollout(
     {"type": "istio", "host": "mesh.example.com", "gateways": ["istio-system/public"]}, 100, 25
 )
+FALL_ROLLOUT = {
+    "steps": [{"weight": 50, "pause": {"duration": "2s"}}],
+    "router": {"type": "istio", "host": "fall.example.com"},
+    "postPromotion": {"watchWindow": "10m", "automaticFallback": True},
+    "progressDeadline": "60s",
+}
 LATE_ROLLOUT = {
     "steps": [{"weight": 50}],
     "router": {"type": "gatewayApi", "httpRoute": USER_ROUTE},
@@ -116,12 +127,19 @@ def port() -> int:
     return serving_ports(ModelDeploymentSpec.model_validate(spec))[0]
 
 
+@dataclasses.dataclass
+class Scraped:
+    prometheus: PrometheusServer
+    exporters: dict[tuple[str, str], MetricsExporter]
+
+
 @contextlib.asynccontextmanager
-async def scraped(tmp_path: Path) -> AsyncIterator[PrometheusServer]:
+async def scraped(tmp_path: Path) -> AsyncIterator[Scraped]:
     """A healthy exporter (40 rps, 50 ms, no errors) per rolled-out revision of each owner,
     scraped by a real Prometheus every 200 ms."""
     binary = require_prometheus()
-    pods = [(GW, GOOD), (GW, NEXT), (MESH, GOOD), (MESH, NEXT), (LATE, GOOD)]
+    pods = [(GW, GOOD), (GW, NEXT), (MESH, GOOD), (MESH, NEXT), (LATE, GOOD), (FALL, GOOD)]
+    pods.append((FALL, NEXT))
     exporters = [MetricsExporter("generic").start() for _ in pods]
     targets = [
         PodTarget(
@@ -137,7 +155,7 @@ async def scraped(tmp_path: Path) -> AsyncIterator[PrometheusServer]:
         for e in exporters:
             e.set_load(40.0, 0.05)
         await asyncio.to_thread(prometheus.wait_for_scrapes)
-        yield prometheus
+        yield Scraped(prometheus, dict(zip(pods, exporters, strict=True)))
     finally:
         prometheus.stop()
         for e in exporters:
@@ -145,18 +163,27 @@ async def scraped(tmp_path: Path) -> AsyncIterator[PrometheusServer]:
 
 
 @contextlib.asynccontextmanager
-async def deployment_controller(cluster: Cluster) -> AsyncIterator[None]:
-    """Play the Deployment controller: every replica becomes ready, except the broken image's."""
+async def deployment_controller(
+    cluster: Cluster, held: set[tuple[str, str]]
+) -> AsyncIterator[None]:
+    """Play the Deployment controller: every replica becomes ready, except the broken image's
+    and those of the (owner, revision) pairs in `held` (the test empties it to let them start)."""
 
     async def loop() -> None:
         while True:
             listing = await cluster.get(DEPLOY_PATH) or {}
             for d in listing.get("items", []):
                 image = d["spec"]["template"]["spec"]["containers"][0]["image"]
+                labels = d["metadata"].get("labels") or {}
+                key = (labels.get(C.LABEL_OWNER, ""), labels.get(C.LABEL_REVISION, ""))
                 st = d.get("status") or {}
-                if image != BROKEN and (
-                    st.get("readyReplicas") != d["spec"]["replicas"]
-                    or st.get("observedGeneration") != d["metadata"]["generation"]
+                if (
+                    image != BROKEN
+                    and key not in held
+                    and (
+                        st.get("readyReplicas") != d["spec"]["replicas"]
+                        or st.get("observedGeneration") != d["metadata"]["generation"]
+                    )
                 ):
                     with contextlib.suppress(Exception):
                         await mark_ready(cluster, d)
@@ -468,12 +495,72 @@ async def taken_over_route_and_progress_deadline(cluster: Cluster, url: str) -> 
     await eventually(candidate_gone)
 
 
-async def test_mesh_routers_shadow_canary_promote_and_progress_deadline(
+async def istio_fallback_waits_for_the_rebuilt_revision(
+    cluster: Cluster, scraped: Scraped, held: set[tuple[str, str]]
+) -> None:
+    a, b = revision(GOOD), revision(NEXT)
+    ha, hb = fqdn(FALL, GOOD), fqdn(FALL, NEXT)
+    await cluster.create(MD_PATH, body_for(FALL, GOOD, FALL_ROLLOUT, scraped.prometheus.url))
+    await wait_rollout(cluster, FALL, lambda ro: ro.get("stableRevision") == a)
+    await cluster.merge(f"{MD_PATH}/{FALL}", {"spec": {"image": NEXT}})
+    await wait_rollout(
+        cluster, FALL, lambda ro: ro.get("stableRevision") == b and ro.get("phase") == "Watching"
+    )
+
+    async def promoted_route() -> bool:
+        vs = await cluster.get(f"{VS_PATH}/{FALL}")
+        return vs is not None and destinations(vs) == {hb: 100}
+
+    await eventually(promoted_route)
+    # a was retired at promotion; when rebuilt, its pods will not be ready until released.
+    held.add((FALL, a))
+    scraped.exporters[(FALL, NEXT)].set_load(40.0, 0.05, error_ratio=0.3)
+    fell = await wait_rollout(cluster, FALL, lambda ro: ro.get("phase") == "FellBack", 30)
+    assert fell["stableRevision"] == a and fell["failedRevision"] == b
+    # The rebuilt a exists but serves nothing yet: the route stays on b, b is not retired.
+    for _ in range(8):  # several 1 s loops
+        vs = await virtual_service(cluster, FALL)
+        assert destinations(vs) == {hb: 100}
+        await asyncio.sleep(0.5)
+    # b keeps its Service; a's is there ahead, so it has endpoints when the route moves.
+    assert await revision_services(cluster, FALL) == {service(FALL, NEXT), service(FALL, GOOD)}
+    waiting = await rollout_of(cluster, FALL)
+    assert f"{b} keeps serving until {a} has a ready replica" in waiting["reason"]
+
+    held.discard((FALL, a))
+
+    async def moved_to_a() -> bool:
+        vs = await cluster.get(f"{VS_PATH}/{FALL}")
+        return vs is not None and destinations(vs) == {ha: 100}
+
+    await eventually(moved_to_a)
+    await virtual_service(cluster, FALL)
+
+    async def b_gone() -> bool:
+        listing = await cluster.get(DEPLOY_PATH) or {}
+        revisions = {
+            d["metadata"]["labels"].get(C.LABEL_REVISION)
+            for d in listing.get("items", [])
+            if d["metadata"]["labels"].get(C.LABEL_OWNER) == FALL
+        }
+        return revisions == {a} and await revision_services(cluster, FALL) == {service(FALL, GOOD)}
+
+    await eventually(b_gone)
+
+
+async def test_mesh_routers_shadow_canary_promote_fallback_and_progress_deadline(
     api: ApiServerEmulator, cluster: Cluster, run_operator: Any, tmp_path: Path
 ) -> None:
-    async with scraped(tmp_path) as prometheus, deployment_controller(cluster), run_operator():
+    held: set[tuple[str, str]] = set()
+    async with (
+        scraped(tmp_path) as metrics,
+        deployment_controller(cluster, held),
+        run_operator(),
+    ):
+        url = metrics.prometheus.url
         await asyncio.gather(
-            gateway_api_shadow_then_canary(cluster, prometheus.url),
-            istio_shadow_then_canary(cluster, prometheus.url),
-            taken_over_route_and_progress_deadline(cluster, prometheus.url),
+            gateway_api_shadow_then_canary(cluster, url),
+            istio_shadow_then_canary(cluster, url),
+            taken_over_route_and_progress_deadline(cluster, url),
+            istio_fallback_waits_for_the_rebuilt_revision(cluster, metrics, held),
         )

@@ -115,11 +115,14 @@ class RolloutInputs:
     """What the control loop observed this round.
 
     analysis: the verdict on the subject (candidate, or the promoted revision while watched);
-    None when metrics are unavailable. manual: the rollout-action annotation, if set."""
+    None when metrics are unavailable. manual: the rollout-action annotation, if set.
+    stable_ready: the stable revision has a ready replica (False while a revision rebuilt by a
+    fallback starts)."""
 
     desired_revision: str
     now: datetime
     candidate_ready: bool = False
+    stable_ready: bool = True
     analysis: AnalysisResult | None = None
     manual: ManualAction | None = None
 
@@ -328,6 +331,11 @@ def _watch(spec: RolloutSpec, status: RolloutStatus, inputs: RolloutInputs) -> R
     """No candidate: the stable revision serves all, and may still be inside its watch."""
     stable = status.stable_revision
     if status.promoted_at is None:
+        if status.phase == "FellBack" and not inputs.stable_ready:
+            return Hold(
+                f"fell back to {stable}: {status.failed_revision} keeps serving until {stable} "
+                "has a ready replica"
+            )
         if status.failed_revision is not None and inputs.desired_revision == status.failed_revision:
             return Hold(
                 f"revision {status.failed_revision} failed and is not retried; stable {stable} "
@@ -361,6 +369,40 @@ def _watch(spec: RolloutSpec, status: RolloutStatus, inputs: RolloutInputs) -> R
         earlier[0].revision,
         f"{stable} breached its SLO {_fmt(elapsed)} after promotion: {analysis.reason}",
     )
+
+
+def routed_revisions(
+    status: RolloutStatus, serving: frozenset[str]
+) -> tuple[str, str | None, Weights] | None:
+    """(stable, candidate, weights) a mesh router should send traffic to now, given the
+    revisions that have a ready replica; None before the first revision.
+
+    Status says where traffic should go; this says where it can. After a fallback the
+    known-good revision is rebuilt from nothing, so until it serves, traffic stays on the
+    revision fallen back from (it answers, if badly, where a revision without endpoints would
+    answer nothing). A mesh would otherwise send every request to a Service with no endpoints.
+
+    >>> fell = RolloutStatus(stable_revision="a", failed_revision="b", phase="FellBack")
+    >>> routed_revisions(fell, frozenset({"b"}))[:2]
+    ('b', None)
+    >>> routed_revisions(fell, frozenset({"a", "b"}))[:2]
+    ('a', None)
+    >>> routed_revisions(fell, frozenset())[:2]  # neither serves: route where status says
+    ('a', None)
+    """
+    stable = status.stable_revision
+    if stable is None:
+        return None
+    failed = status.failed_revision
+    if (
+        status.phase == "FellBack"
+        and status.candidate_revision is None
+        and failed is not None
+        and stable not in serving
+        and failed in serving
+    ):
+        return failed, None, Weights()
+    return stable, status.candidate_revision, status.weights
 
 
 # --- status after an action -----------------------------------------------------------------

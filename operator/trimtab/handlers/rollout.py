@@ -28,6 +28,7 @@ from trimtab.api.rollout import (
 )
 from trimtab.builders.autoscaling import replicas_for_revision
 from trimtab.builders.common import Owner, merge_patch, owner_labels
+from trimtab.builders.routing import build_revision_service
 from trimtab.builders.serving import revision_of, serving_ports
 from trimtab.decisions.rollout import (
     Fallback,
@@ -47,6 +48,7 @@ from trimtab.decisions.rollout import (
     next_rollout_step,
     parse_time,
     rollout_conditions,
+    routed_revisions,
 )
 from trimtab.decisions.serving import DeploymentObservation
 from trimtab.decisions.statistics import AnalysisResult, Counts, Metric, evaluate_checks
@@ -240,8 +242,9 @@ async def rollout_once(
         )
         if o.revision
     }
+    ready = frozenset(r for r, o in observed.items() if serving(o))
     candidate = before.candidate_revision
-    candidate_ready = candidate is not None and serving(observed.get(candidate))
+    candidate_ready = candidate is not None and candidate in ready
 
     analysis: AnalysisResult | None = None
     metrics_error, note = "", ""
@@ -274,6 +277,7 @@ async def rollout_once(
             candidate_ready=candidate_ready,
             analysis=analysis,
             manual=manual,
+            stable_ready=before.stable_revision is None or before.stable_revision in ready,
         ),
     )
     after = apply_action(
@@ -286,24 +290,14 @@ async def rollout_once(
     moved = not isinstance(action, Hold | Pause)
     if moved:
         await apply_revisions(kube, owner, parsed, status_after)
-        await _route(kube, parsed, rollout, owner, before, after, action, total)
-    elif rollout.router.type != "replicas" and after.stable_revision is not None:
+        await _route(kube, parsed, rollout, owner, before, after, action, total, ready)
+    elif rollout.router.type != "replicas":
         # Nothing moved, but the route is re-asserted at the weights status holds, so a router
         # added to or edited in spec.rollout (hostnames, gateways), a route deleted or edited
-        # by hand, or one a restarted operator never wrote converges within one loop. The
-        # applies are reads when nothing differs.
-        await build_router(
-            rollout.router,
-            RouteTarget(
-                owner,
-                serving_ports(parsed)[0],
-                after.stable_revision,
-                after.candidate_revision,
-                after.weights,
-                total_replicas=total,
-            ),
-            KubeRouterClient(kube),
-        ).reconcile()
+        # by hand, or one a restarted operator never wrote converges within one loop; and after
+        # a fallback, traffic moves to the rebuilt revision once it serves. The applies are
+        # reads when nothing differs.
+        await _route_as_status_says(kube, parsed, rollout, owner, after, total, ready)
 
     conditions = rollout_conditions(
         [Condition.model_validate(c) for c in status.get("conditions") or []],
@@ -356,8 +350,10 @@ async def _route(
     after: RolloutStatus,
     action: RolloutAction,
     total: int,
+    ready: frozenset[str],
 ) -> None:
-    """Carry out `action` on the traffic router (the Deployments are applied already)."""
+    """Carry out `action` on the traffic router (the Deployments are applied already);
+    `ready` holds the revisions with a ready replica."""
     client = KubeRouterClient(kube)
     port = serving_ports(spec)[0]
 
@@ -383,9 +379,35 @@ async def _route(
     elif isinstance(action, Promote | Fallback):
         assert after.stable_revision is not None
         first = before.stable_revision is None
-        # The replica router only scales, which apply_revisions has done for a first revision.
-        if mesh or not first:
+        if mesh:
+            await _route_as_status_says(kube, spec, rollout, owner, after, total, ready)
+        elif not first:
+            # The replica router only scales, which apply_revisions has done for a first one.
             await router(after.stable_revision, None, Weights()).reconcile()
+
+
+async def _route_as_status_says(
+    kube: KubeClient,
+    spec: ModelDeploymentSpec,
+    rollout: RolloutSpec,
+    owner: Owner,
+    status: RolloutStatus,
+    total: int,
+    ready: frozenset[str],
+) -> None:
+    """Write a mesh route at the weights `status` holds, except that after a fallback the
+    rebuilt known-good revision gets traffic only once it serves (routed_revisions): until
+    then the route stays on the revision fallen back from, and the rebuilt one's Service is
+    created ahead so that it has endpoints by the time the route moves."""
+    routed = routed_revisions(status, ready)
+    if routed is None:
+        return
+    stable, candidate, weights = routed
+    port = serving_ports(spec)[0]
+    if status.stable_revision is not None and stable != status.stable_revision:
+        await kube.apply(build_revision_service(owner, status.stable_revision, port))
+    target = RouteTarget(owner, port, stable, candidate, weights, total_replicas=total)
+    await build_router(rollout.router, target, KubeRouterClient(kube)).reconcile()
 
 
 async def retire(
