@@ -14,6 +14,9 @@ Gateway API and Istio CRDs.
   progressDeadline it is rolled back (condition RolledBack, Event) and the route is stable-only;
 - with nothing rolling out, an edited router (hostnames) reaches the HTTPRoute and a
   VirtualService deleted by hand is written again;
+- a route spec.rollout stops using (router switched to replicas, or spec.rollout removed from
+  the taken-over route's resource) is handed back sending everything to the resource's
+  Service, and the per-revision Services go;
 - istio, a promoted revision that starts failing in its watch window: the fallback rebuilds
   the known-good revision, and the VirtualService keeps sending traffic to the failing one
   until the rebuilt one has a ready replica (a mesh route to a Service without endpoints
@@ -276,6 +279,18 @@ async def revision_services(cluster: Cluster, owner: str) -> set[str]:
     return names
 
 
+async def released_to_shared_service(cluster: Cluster, owner: str, route_name: str) -> bool:
+    """The route sends everything to the Service named after the resource, no per-revision
+    Service is left, and the RouteReleased Event is posted."""
+    route = await cluster.get(f"{ROUTE_PATH}/{route_name}")
+    return (
+        route is not None
+        and route["spec"]["rules"] == [{"backendRefs": [{"name": owner, "port": port()}]}]
+        and not await revision_services(cluster, owner)
+        and "RouteReleased" in await event_reasons(cluster, owner)
+    )
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
     await wait_for(check, timeout=timeout, interval=0.25)
 
@@ -370,6 +385,19 @@ async def gateway_api_shadow_then_canary(cluster: Cluster, url: str) -> None:
     await eventually(hostnames_applied)
     route = await http_route(cluster, GW)
     assert backends(route) == {sb: 100}
+
+    # Back to the replica router: the route trimtab created is handed back pointing at the
+    # resource's Service (every revision's pods), and the per-revision Services go.
+    # (The replica router cannot mirror, so the shadow phase goes too.)
+    replicas = {"type": "replicas", "parentRefs": None, "hostnames": None}
+    await cluster.merge(
+        f"{MD_PATH}/{GW}",
+        {"spec": {"rollout": {"strategy": "Canary", "shadow": None, "router": replicas}}},
+    )
+    await eventually(lambda: released_to_shared_service(cluster, GW, GW))
+    route = await http_route(cluster, GW)
+    assert route["spec"]["parentRefs"] == PARENTS
+    assert route["spec"]["hostnames"] == hostnames
 
 
 async def istio_shadow_then_canary(cluster: Cluster, url: str) -> None:
@@ -493,6 +521,15 @@ async def taken_over_route_and_progress_deadline(cluster: Cluster, url: str) -> 
         return revisions == {a} and await revision_services(cluster, LATE) == {sa}
 
     await eventually(candidate_gone)
+
+    # spec.rollout removed: the user's route gets rules that send everything to the resource's
+    # Service; its parents and hostnames stay, and it is still not owned.
+    await cluster.merge(f"{MD_PATH}/{LATE}", {"spec": {"rollout": None}})
+    await eventually(lambda: released_to_shared_service(cluster, LATE, USER_ROUTE))
+    route = await http_route(cluster, USER_ROUTE)
+    assert route["spec"]["parentRefs"] == PARENTS
+    assert route["spec"]["hostnames"] == ["late.example.com"]
+    assert "ownerReferences" not in route["metadata"]
 
 
 async def istio_fallback_waits_for_the_rebuilt_revision(

@@ -28,10 +28,13 @@ from trimtab.builders.common import Owner
 from trimtab.builders.routing import (
     Split,
     build_http_route,
+    build_released_route,
     build_revision_service,
     build_virtual_service,
+    route_released,
 )
 from trimtab.routing.base import CannotMirror, RouteTarget
+from trimtab.routing.mesh import release_route
 from trimtab.routing.registry import ROUTERS, UnknownRouterError, build_router
 
 OWNER = Owner("trimtab.io/v1alpha1", "ModelDeployment", "chat", "prod", "uid-1")
@@ -99,6 +102,74 @@ def test_split_rejects_inconsistent_weights() -> None:
         Split("a", "b", 80, 90, 20)
     with pytest.raises(ValueError, match="needs a candidate"):
         Split("a", None, 80, 90, 10)
+
+
+REPLICAS = ReplicasRouterSpec(type="replicas")
+GW_OWNED_RENAMED = GW_OWNED.model_copy(update={"http_route": "chat-public"})
+GW_TAKES_OVER_OWN = GatewayApiRouterSpec(type="gatewayApi", http_route="chat")
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "released"),
+    [
+        pytest.param(None, GW_OWNED, None, id="rollout-added"),
+        pytest.param(GW_OWNED, None, ("HTTPRoute", "chat"), id="rollout-removed-owned"),
+        pytest.param(GW_EXISTING, None, ("HTTPRoute", "chat-route"), id="rollout-removed-users"),
+        pytest.param(GW_EXISTING, REPLICAS, ("HTTPRoute", "chat-route"), id="to-replicas"),
+        pytest.param(ISTIO, GW_OWNED, ("VirtualService", "chat"), id="istio-to-gateway-api"),
+        pytest.param(GW_OWNED, GW_OWNED_RENAMED, ("HTTPRoute", "chat"), id="route-renamed"),
+        pytest.param(GW_OWNED, GW_TAKES_OVER_OWN, None, id="same-route-taken-over"),
+        pytest.param(
+            GW_OWNED,
+            GW_OWNED.model_copy(update={"hostnames": ["x.example.com"]}),
+            None,
+            id="hostnames-edited",
+        ),
+        pytest.param(ISTIO, ISTIO.model_copy(update={"gateways": []}), None, id="istio-edited"),
+        pytest.param(REPLICAS, None, None, id="replicas-removed"),
+    ],
+)
+def test_route_released(before: Any, after: Any, released: tuple[str, str] | None) -> None:
+    ref = route_released(OWNER, before, after)
+    assert (None if ref is None else (ref.kind, ref.name)) == released
+
+
+@pytest.mark.parametrize(
+    "router",
+    [
+        pytest.param(GW_OWNED, id="owned-http-route"),
+        pytest.param(GW_EXISTING, id="users-http-route"),
+        pytest.param(ISTIO, id="virtual-service"),
+    ],
+)
+def test_released_route_sends_everything_to_the_resources_service(router: Any) -> None:
+    route = build_released_route(OWNER, router, 8000)
+    if route["kind"] == "HTTPRoute":
+        validate_custom(route, HTTPROUTE_CRD)
+        assert route["spec"]["rules"] == [{"backendRefs": [{"name": "chat", "port": 8000}]}]
+        # The user's route: only the rules are written, parents and hostnames stay theirs.
+        assert ("parentRefs" in route["spec"]) == (router.parent_refs is not None)
+    else:
+        validate_custom({k: v for k, v in route.items() if k not in ("apiVersion", "kind")},
+                        VS_CRD, version="v1")  # fmt: skip
+        (http,) = route["spec"]["http"]
+        assert http["route"] == [
+            {"destination": {"host": "chat.prod.svc.cluster.local", "port": {"number": 8000}},
+             "weight": 100}
+        ]  # fmt: skip
+        assert "mirror" not in http
+
+
+async def test_release_route_leaves_a_deleted_route_deleted() -> None:
+    cluster = FakeCluster()
+    assert await release_route(OWNER, GW_EXISTING, 8000, cluster) is None
+    assert cluster.objects == {}
+    cluster.objects[("HTTPRoute", "chat-route")] = {"spec": {"rules": []}}
+    ref = await release_route(OWNER, GW_EXISTING, 8000, cluster)
+    assert ref is not None and ref.name == "chat-route"
+    assert cluster.objects[("HTTPRoute", "chat-route")]["spec"]["rules"][0]["backendRefs"] == [
+        {"name": "chat", "port": 8000}
+    ]
 
 
 class FakeCluster:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trimtab import constants as C
-from trimtab.api.rollout import GatewayApiRouterSpec, IstioRouterSpec
+from trimtab.api.rollout import GatewayApiRouterSpec, IstioRouterSpec, ReplicasRouterSpec
 from trimtab.builders.common import Manifest, Owner, child_name, object_meta
 
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
@@ -172,3 +172,87 @@ def weights_from_virtual_service(vs: Manifest) -> tuple[dict[str, int], int]:
         if "mirror" in http:
             mirror = round(float(http.get("mirrorPercentage", {}).get("value", 100.0)))
     return weights, mirror
+
+
+@dataclass(frozen=True)
+class RouteRef:
+    """The route object a mesh router writes; `owned` when trimtab created it (it carries an
+    ownerReference) rather than taking over the rules of the user's route."""
+
+    api_version: str
+    kind: str
+    name: str
+    owned: bool
+
+
+def route_of(
+    owner: Owner, router: GatewayApiRouterSpec | IstioRouterSpec | ReplicasRouterSpec | None
+) -> RouteRef | None:
+    """The route a router writes; None for the replica router (or no rollout).
+
+    >>> o = Owner("trimtab.io/v1alpha1", "ModelDeployment", "llm", "ml", "u1")
+    >>> ref = route_of(o, GatewayApiRouterSpec(type="gatewayApi", http_route="public"))
+    >>> ref.kind, ref.name, ref.owned
+    ('HTTPRoute', 'public', False)
+    >>> route_of(o, IstioRouterSpec(type="istio", host="llm.example.com")).name
+    'llm'
+    >>> route_of(o, ReplicasRouterSpec(type="replicas")) is None
+    True
+    """
+    if isinstance(router, GatewayApiRouterSpec):
+        return RouteRef(
+            GATEWAY_API_VERSION,
+            "HTTPRoute",
+            http_route_name(owner, router),
+            owned=router.parent_refs is not None,
+        )
+    if isinstance(router, IstioRouterSpec):
+        return RouteRef(ISTIO_API_VERSION, "VirtualService", owner.name, owned=True)
+    return None
+
+
+def route_released(
+    owner: Owner,
+    before: GatewayApiRouterSpec | IstioRouterSpec | ReplicasRouterSpec | None,
+    after: GatewayApiRouterSpec | IstioRouterSpec | ReplicasRouterSpec | None,
+) -> RouteRef | None:
+    """The route `before` wrote that `after` no longer writes (spec.rollout removed, the
+    router type or the route's name changed); None when it still does or there was none.
+    Taking over a route trimtab created (or the reverse) under the same name keeps it.
+
+    >>> o = Owner("trimtab.io/v1alpha1", "ModelDeployment", "llm", "ml", "u1")
+    >>> gw = GatewayApiRouterSpec(type="gatewayApi", http_route="public")
+    >>> route_released(o, gw, None).name
+    'public'
+    >>> route_released(o, gw, gw.model_copy(update={"hostnames": ["a.example"]})) is None
+    True
+    """
+    old, new = route_of(owner, before), route_of(owner, after)
+    if old is None or (new is not None and (new.kind, new.name) == (old.kind, old.name)):
+        return None
+    return old
+
+
+def build_released_route(
+    owner: Owner, router: GatewayApiRouterSpec | IstioRouterSpec, port: int
+) -> Manifest:
+    """The route a router leaves behind when spec.rollout stops routing through it: its rules
+    (the only part trimtab writes of a route it took over) send everything to the Service
+    named after the resource, which selects every revision's pods and always exists; so the
+    route keeps working without trimtab weighing revisions in it.
+
+    >>> o = Owner("trimtab.io/v1alpha1", "ModelDeployment", "llm", "ml", "u1")
+    >>> build_released_route(o, GatewayApiRouterSpec(type="gatewayApi", http_route="public"),
+    ...                      8000)["spec"]
+    {'rules': [{'backendRefs': [{'name': 'llm', 'port': 8000}]}]}
+    >>> vs = build_released_route(o, IstioRouterSpec(type="istio", host="llm.example.com"), 80)
+    >>> vs["spec"]["http"][0]["route"][0]["destination"]
+    {'host': 'llm.ml.svc.cluster.local', 'port': {'number': 80}}
+    """
+    if isinstance(router, GatewayApiRouterSpec):
+        route = build_http_route(owner, router, Split("released", None, port))
+        route["spec"]["rules"] = [{"backendRefs": [{"name": owner.name, "port": port}]}]
+        return route
+    vs = build_virtual_service(owner, router, Split("released", None, port))
+    vs["spec"]["http"][0]["route"][0]["destination"]["host"] = _fqdn(owner, owner.name)
+    return vs

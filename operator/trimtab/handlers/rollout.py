@@ -7,12 +7,14 @@ All state lives in status.rollout, so a restarted operator resumes at the same s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import math
 from typing import Any, cast
 
 import kopf
+from pydantic import TypeAdapter, ValidationError
 
 from trimtab import constants as C
 from trimtab.api.autoscaling import duration_seconds
@@ -21,14 +23,17 @@ from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.rollout import (
     MANUAL_ACTIONS,
     ROLLOUT_ACTION_ANNOTATION,
+    GatewayApiRouterSpec,
+    IstioRouterSpec,
     ManualAction,
     RolloutSpec,
     RolloutStatus,
+    RouterSpec,
     Weights,
 )
 from trimtab.builders.autoscaling import replicas_for_revision
 from trimtab.builders.common import Owner, merge_patch, owner_labels
-from trimtab.builders.routing import build_revision_service
+from trimtab.builders.routing import build_revision_service, route_of, route_released
 from trimtab.builders.serving import revision_of, serving_ports
 from trimtab.decisions.rollout import (
     Fallback,
@@ -67,6 +72,7 @@ from trimtab.metrics.factory import ProviderPool
 from trimtab.metrics.presets import PresetOptions, QueryTarget, count_queries
 from trimtab.observability import ROLLBACKS, ROLLOUT_WEIGHT
 from trimtab.routing.base import Json, RouteTarget, TrafficRouter
+from trimtab.routing.mesh import release_route
 from trimtab.routing.registry import build_router
 
 DEFAULT_INTERVAL = 15.0
@@ -95,12 +101,75 @@ async def rollout_loop(
     while not stopped:
         interval = DEFAULT_INTERVAL
         try:
-            interval = await rollout_once(
-                memo.kube, memo.metrics_pool, meta["namespace"], meta["name"], logger
-            )
+            async with route_lock(memo):
+                interval = await rollout_once(
+                    memo.kube, memo.metrics_pool, meta["namespace"], meta["name"], logger
+                )
         except Exception:  # one bad loop must not end the daemon; the next one retries
             logger.exception("rollout loop failed; retrying in %.0fs", interval)
         await stopped.wait(interval)
+
+
+def route_lock(memo: Any) -> asyncio.Lock:
+    """The lock one ModelDeployment's route writers share (kopf gives each resource its own
+    memo): a loop that read spec.rollout before it changed finishes before a route the change
+    releases is rewritten, so the loop never writes it back."""
+    lock: asyncio.Lock | None = getattr(memo, "route_lock", None)
+    if lock is None:
+        lock = memo.route_lock = asyncio.Lock()
+    return lock
+
+
+_ROUTER = TypeAdapter(RouterSpec)
+
+
+def _router_of(rollout: Any) -> RouterSpec | None:
+    """The router a spec.rollout value (wire form) names; None without a rollout or when it
+    does not parse (the reconcile reports that)."""
+    if not isinstance(rollout, dict):
+        return None
+    try:
+        return _ROUTER.validate_python(rollout.get("router") or {"type": "replicas"})
+    except ValidationError:
+        return None
+
+
+@kopf.on.field(C.GROUP, C.VERSION, C.MODELDEPLOYMENT_PLURAL, field="spec.rollout")
+async def release_router(
+    old: Any,
+    new: Any,
+    body: kopf.Body,
+    memo: Any,
+    logger: Log,
+    **_: Any,
+) -> None:
+    """spec.rollout stopped routing through a route (removed, router type or route name
+    changed): hand the route back pointing at the resource's Service, and without a mesh
+    router left, remove the per-revision Services nothing routes to any more."""
+    owner = owner_of(body)
+    before, after = _router_of(old), _router_of(new)
+    if route_released(owner, before, after) is None:
+        return
+    assert isinstance(before, GatewayApiRouterSpec | IstioRouterSpec)
+    parsed, problems = parse_spec(body.get("spec") or {}, body.get("status") or {})
+    if parsed is None or problems:
+        raise kopf.TemporaryError("the spec does not parse: the route is released once it does")
+    kube: KubeClient = memo.kube
+    async with route_lock(memo):
+        released = await release_route(
+            owner, before, serving_ports(parsed)[0], KubeRouterClient(kube)
+        )
+        if route_of(owner, after) is None:
+            for svc in await kube.list(SERVICES, owner.namespace, owner_labels(owner)):
+                if (svc["metadata"].get("labels") or {}).get(C.LABEL_REVISION):
+                    await kube.delete(SERVICES, owner.namespace, svc["metadata"]["name"])
+    if released is not None:
+        message = (
+            f"{released.kind} {released.name} sends all traffic to Service {owner.name}: "
+            "spec.rollout no longer routes through it"
+        )
+        logger.info(message)
+        kopf.event(body, type="Normal", reason="RouteReleased", message=message)
 
 
 class KubeRouterClient:

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from trimtab.api.rollout import Weights
-from trimtab.builders.routing import Split, build_revision_service, revision_service_name
+from trimtab.api.rollout import GatewayApiRouterSpec, IstioRouterSpec, Weights
+from trimtab.builders.common import Owner
+from trimtab.builders.routing import (
+    RouteRef,
+    Split,
+    build_released_route,
+    build_revision_service,
+    revision_service_name,
+    route_of,
+)
 from trimtab.routing.base import Json, RouterClient, RouteTarget
 
 
@@ -96,3 +104,21 @@ class MeshRouter:
                 revision_service_name(t.owner.name, t.candidate_revision),
             )
         self.target = replace(self.target, candidate_revision=None, weights=Weights())
+
+
+async def release_route(
+    owner: Owner,
+    router: GatewayApiRouterSpec | IstioRouterSpec,
+    port: int,
+    client: RouterClient,
+) -> RouteRef | None:
+    """Point the route `router` wrote at the Service named after the resource (see
+    build_released_route), once spec.rollout stops routing through it; a route that is gone
+    is left gone. Returns the route released, or None."""
+    ref = route_of(owner, router)
+    if ref is None:
+        return None
+    if await client.get_object(ref.api_version, ref.kind, owner.namespace, ref.name) is None:
+        return None
+    await client.apply(build_released_route(owner, router, port))
+    return ref
