@@ -11,6 +11,7 @@ import pytest
 from trimtab.decisions.statistics import (
     Check,
     Counts,
+    combined_log_evidence,
     evaluate_checks,
     fail_threshold,
     log_evalue_vs_share,
@@ -126,6 +127,18 @@ CHECKS = [
             id="carried-evidence-from-earlier-steps-counts",
         ),
         pytest.param({}, None, {}, "Inconclusive", "no metric", id="no-data-at-all"),
+        pytest.param(
+            # 2.4% errors against a stable at 0.6%, with 1 nat carried on each error check:
+            # errorRate/slo about 5.7 and errorRate/stable about 5.9, each short of
+            # log(400) = 6 alone; the mean of the four e-values (the latency ones near 0)
+            # is about e^5.1, past 1/0.01.
+            {"errorRate": Counts(1000, 24), "latency": Counts(1000, 10)},
+            {"errorRate": Counts(9000, 54), "latency": Counts(9000, 90)},
+            {"errorRate/slo": 1.0, "errorRate/stable": 1.0},
+            "Fail",
+            "errorRate",
+            id="evidence-split-over-two-checks-adds-up",
+        ),
     ],
 )
 def test_evaluate_checks(
@@ -145,6 +158,32 @@ def test_evaluate_checks(
     )
     assert result.verdict == expected
     assert reason_part in result.reason
+
+
+@pytest.mark.parametrize(
+    ("log_evidences", "expected"),
+    [
+        pytest.param([], 0.0, id="no-checks-no-evidence"),
+        pytest.param([0.0, 0.0, 0.0, 0.0], 0.0, id="no-information-anywhere"),
+        pytest.param([math.log(400), -50.0, -50.0, -50.0], math.log(100), id="one-check-alone"),
+        pytest.param([math.log(200), math.log(200)], math.log(200), id="two-checks-agree"),
+        pytest.param([1000.0, 0.0], 1000.0 - math.log(2), id="huge-evidence-no-overflow"),
+        pytest.param([-1000.0, -1000.0], -1000.0, id="tiny-evidence-no-underflow"),
+    ],
+)
+def test_combined_log_evidence(log_evidences: list[float], expected: float) -> None:
+    assert combined_log_evidence(log_evidences) == pytest.approx(expected)
+
+
+def test_combined_evidence_fails_whenever_a_bonferroni_split_would() -> None:
+    # A check alone past log(checks / rate) puts the mean of e-values past 1 / rate, whatever
+    # the other checks hold: the joint test never passes what the split test would fail.
+    rng = random.Random(7)
+    for _ in range(2000):
+        k = rng.randint(1, 6)
+        others = [rng.uniform(-30.0, 10.0) for _ in range(k - 1)]
+        alone = fail_threshold(0.01, k) + rng.uniform(0.0, 5.0)
+        assert combined_log_evidence([alone, *others]) >= math.log(100) - 1e-9
 
 
 def test_fail_threshold_splits_the_rate_over_checks() -> None:

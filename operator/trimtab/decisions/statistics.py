@@ -18,6 +18,13 @@ The two tests:
   same prior over ratios rho1 = m * r. The traffic split must be fixed while counts
   accumulate, so each canary step is its own test and finished steps' evidence is carried
   as a product (a restarted martingale multiplied onto a stopped one stays valid).
+
+A candidate is good when every check's null holds, so the rollback decision is one test of
+that joint null: the checks' e-processes averaged (`combined_log_evidence`). Under the joint
+null each is a supermartingale on the same counts, so their mean is one too, and Ville's
+inequality bounds the chance that the mean ever reaches 1/alpha by alpha. This rejects every
+time a Bonferroni split (one check past checks/alpha) would, and also when two checks each
+hold part of the case (a broken release usually breaches the SLO and the stable at once).
 """
 
 from __future__ import annotations
@@ -163,9 +170,40 @@ class AnalysisResult:
 
 
 def fail_threshold(false_rollback_rate: float, checks: int) -> float:
-    """log e-value at which a check fails: the target rate split evenly over the checks
-    (Bonferroni), e.g. 1% over 4 checks -> log(400) = 5.99."""
+    """log e-value at which one check fails the round on its own, whatever the others hold:
+    the target rate split evenly over the checks, e.g. 1% over 4 checks -> log(400) = 5.99.
+    (The mean of the checks' e-values then reaches 1/rate; see `combined_log_evidence`.)
+
+    >>> round(fail_threshold(0.01, 4), 2), round(fail_threshold(0.01, 1), 2)
+    (5.99, 4.61)
+    """
     return math.log(max(checks, 1) / false_rollback_rate)
+
+
+def combined_log_evidence(log_evidences: Sequence[float]) -> float:
+    """log of the mean of the checks' e-values: the evidence against "every check's null
+    holds". The round fails once it reaches log(1/falseRollbackRate).
+
+    The mean is at least the largest e-value over the number of checks, so a check alone past
+    `fail_threshold` always fails the round; and where several checks each see part of a
+    regression their evidence adds up instead of each needing the whole threshold alone.
+
+    Worked examples (log evidence per check; the round fails at log(1/0.01) = 4.61):
+
+    >>> round(combined_log_evidence([6.2, -3.0, -5.0, -4.0]), 2)  # one check past log(400)
+    4.81
+    >>> round(combined_log_evidence([4.67, 4.93]), 2)  # neither past log(200) = 5.30 alone
+    4.81
+    >>> round(combined_log_evidence([0.0, 0.0, 0.0, 0.0]), 2)  # no information: e-values 1
+    0.0
+    >>> combined_log_evidence([])
+    0.0
+    """
+    if not log_evidences:
+        return 0.0
+    top = max(log_evidences)
+    mean = sum(math.exp(e - top) for e in log_evidences) / len(log_evidences)
+    return top + math.log(mean)
 
 
 def evaluate_checks(
@@ -182,21 +220,47 @@ def evaluate_checks(
     `candidate[metric]` and `stable[metric]` are this step's counts; a metric missing from
     `candidate` skips its checks (no data is never a pass: the step's sample floor still
     applies to the checks that ran). `carried` holds each check's log evidence from earlier
-    steps. A Fail needs evidence past `fail_threshold`, at any sample size (a 30x outage need
-    not wait); a Pass needs `min_requests` candidate requests and no Fail.
+    steps. The round fails when the checks' `combined_log_evidence` reaches
+    log(1/false_rollback_rate), at any sample size (a 30x outage need not wait); the checks
+    named are those whose own evidence is past that level (at least one always is, since the
+    largest e-value is at least the mean). A Pass needs `min_requests` candidate requests and
+    no Fail.
 
-    Worked example: checks errorRate/slo (1%) and errorRate/stable (1.5x), alpha 1%: the
-    threshold is log(2/0.01) = 5.3. Candidate 60 errors of 1000, stable 9 of 9000: both
-    checks pass 5.3 -> Fail. Candidate 1 of 1000: Pass. Candidate 0 of 40 with
-    min_requests 100: Inconclusive ("40 of 100 requests").
+    Worked examples: checks errorRate/slo (1%) and errorRate/stable (1.5x), alpha 1%, so the
+    round fails when the mean of the two e-values reaches 100 (log 4.61):
+
+    >>> checks = [Check("errorRate", "slo", 0.01), Check("errorRate", "stable", 1.5)]
+    >>> def judge(bad: int, stable_bad: int, requests: int = 1000) -> AnalysisResult:
+    ...     return evaluate_checks(
+    ...         checks,
+    ...         {"errorRate": Counts(requests, bad)},
+    ...         {"errorRate": Counts(9 * requests, stable_bad)},
+    ...         carried={},
+    ...         false_rollback_rate=0.01,
+    ...         min_requests=100,
+    ...     )
+    >>> [(r.check.name, round(r.log_evidence, 1), r.verdict) for r in judge(60, 9).results]
+    [('errorRate/slo', 57.9, 'Fail'), ('errorRate/stable', 89.2, 'Fail')]
+    >>> judge(1, 9).verdict  # the same share as stable, far under the SLO
+    'Pass'
+
+    2.4% errors against a stable at 0.6%: neither check alone (4.7 and 4.9) reaches the
+    Bonferroni level log(2/0.01) = 5.3, which would have passed the round; their mean is past
+    log(100):
+
+    >>> result = judge(24, 54)
+    >>> result.verdict, [round(r.log_evidence, 1) for r in result.results]
+    ('Fail', [4.7, 4.9])
+    >>> judge(0, 0, requests=40).reason  # too few samples is never a pass
+    'too few candidate requests: 40 of 100'
     """
     runnable = [
         c
         for c in checks
         if c.metric in candidate and (c.against == "slo" or (stable and c.metric in stable))
     ]
-    limit = fail_threshold(false_rollback_rate, len(runnable))
-    results: list[CheckResult] = []
+    level = math.log(1.0 / false_rollback_rate)
+    scored: list[tuple[Check, Counts, float | None, float, float]] = []
     for check in runnable:
         cand = candidate[check.metric]
         if check.against == "slo":
@@ -208,7 +272,11 @@ def evaluate_checks(
             step_ev = log_evalue_vs_stable(cand, base, check.threshold)
             baseline = base.share
         total = carried.get(check.name, 0.0) + step_ev
-        if total >= limit:
+        scored.append((check, cand, baseline, total, step_ev))
+    rejected = combined_log_evidence([total for _, _, _, total, _ in scored]) >= level
+    results: list[CheckResult] = []
+    for check, cand, baseline, total, step_ev in scored:
+        if rejected and total >= level:
             verdict: Verdict = "Fail"
         elif cand.requests < min_requests:
             verdict = "Inconclusive"
