@@ -463,6 +463,72 @@ CASES = [
         "maxScaleDown",
         id="above-max-comes-down-rate-limited",
     ),
+    pytest.param(
+        # Loop 5 s, scrape 15 s: the loop 5 s ago read this same scrape of 40. Growth is
+        # measured against the reading 15 s back (0): 40 / (15 / 2) = 5.33/s, so arrivals are
+        # 8 running / 1 s + 5.33 = 13.33/s, not 8 + 0 (same scrape) nor 8 + 40 / 2.5.
+        sig(queue_depth=40.0, running=8.0, arrival_rate=4.0, p99_latency=1.0),
+        1,
+        1,
+        spec(interval="5s"),
+        (
+            Recommendation(NOW - 15, 1, 0.0),
+            Recommendation(NOW - 10, 1, 0.0),
+            Recommendation(NOW - 5, 1, 40.0),
+        ),
+        None,
+        5,
+        "up",
+        "arrivals 13.33 req/s from the queue's growth",
+        id="fast-loop-measures-growth-one-scrape-back",
+    ),
+    pytest.param(
+        # Scaled up 5 s ago on this scrape; those replicas still start: wait for the next one.
+        sig(queue_depth=40.0, running=8.0, arrival_rate=4.0, p99_latency=1.0),
+        5,
+        1,
+        spec(interval="5s"),
+        (
+            Recommendation(NOW - 15, 1, 0.0),
+            Recommendation(NOW - 10, 1, 0.0),
+            Recommendation(NOW - 5, 1, 40.0),
+        ),
+        NOW - 5,
+        5,
+        "hold",
+        "no scale-up: replicas added 5s ago",
+        id="fast-loop-waits-for-a-fresh-scrape-after-scale-up",
+    ),
+    pytest.param(
+        # 15 s after that scale-up the reading is a new scrape: the queue kept growing.
+        sig(queue_depth=160.0, running=8.0, arrival_rate=10.0, p99_latency=5.0),
+        5,
+        1,
+        spec(interval="5s"),
+        (
+            Recommendation(NOW - 15, 1, 40.0),
+            Recommendation(NOW - 10, 1, 40.0),
+            Recommendation(NOW - 5, 1, 40.0),
+        ),
+        NOW - 15,
+        10,
+        "up",
+        "arrivals 16.00 req/s from the queue's growth",
+        id="fast-loop-scales-up-again-on-the-next-scrape",
+    ),
+    pytest.param(
+        # A 15 s loop reads a new scrape every loop: it never waits after a scale-up.
+        sig(queue_depth=160.0, running=8.0, arrival_rate=10.0, p99_latency=5.0),
+        5,
+        1,
+        spec(),
+        (Recommendation(NOW - 15, 1, 40.0),),
+        NOW - 15,
+        10,
+        "up",
+        "",
+        id="loop-as-slow-as-the-scrape-never-waits",
+    ),
 ]
 
 
