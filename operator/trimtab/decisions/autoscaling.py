@@ -176,10 +176,12 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     current replicas (and at least +4); while replicas added less than a scrape ago still start,
     a loop faster than the scrape waits for a fresh reading rather than act twice on the one it
     scaled up on. Down is slow: only to the highest recommendation of the scaleDownStabilization
-    window (the history keeps what the load needed, not replicas bought to drain a backlog), at
-    most maxScaleDownRate of the replicas per loop, and never while requests queue, p99 misses
-    the SLO, or a signal is missing. Replicas still in their cold start count as capacity, so a
-    spike is not answered twice while they load.
+    window (the history keeps what the load needed, not replicas bought to drain a backlog), and
+    only once the history spans that window: as the Kubernetes HPA seeds its window with the
+    replicas it found, a deployment is not cut in the first minutes after autoscaling starts on
+    a few quiet readings. At most maxScaleDownRate of the replicas go per loop, and none while
+    requests queue, p99 misses the SLO, or a signal is missing. Replicas still in their cold
+    start count as capacity, so a spike is not answered twice while they load.
 
     Worked examples (targetConcurrency 8, targetUtilization 80% -> 6.4 requests a replica):
 
@@ -191,6 +193,8 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     - 5 req/s x 1.0 s, 6 replicas, history in the window [6, 4, 1]: recommendation 1, held at
       the window's highest (6): hold. Once the window holds only 1s: down to 3 (half of 6
       per loop at maxScaleDownRate 0.5), then to 1.
+    - 5 req/s x 1.0 s, 2 replicas, autoscaling started 60 s ago and every loop since
+      recommended 1: hold at 2 until the recommendations span the 300 s window, then down to 1.
     - Loop 5 s, scrape 15 s: the loops at 80, 85 and 90 s read a queue of 0, those at 95, 100
       and 105 s one scrape of 40. At each of the last three the growth is measured against
       the reading 15 s before (0): (40 - 0) / (15 / 2) = 5.3/s, never (40 - 40) / 5 = 0 nor
@@ -404,7 +408,17 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
             return ReplicaDecision(current, "hold", "; ".join(notes), recommendation, history, used)
         window = [r.replicas for r in history if r.time >= inp.now - secs.scale_down_stabilization]
         target = max([*window, recommendation])
-        if target > recommendation:
+        # Pruning drops what is older than the window, so ask the history as it came in.
+        seen = inp.now - min(inp.history[0].time if inp.history else inp.now, inp.now)
+        if seen + secs.interval < secs.scale_down_stabilization:
+            # Recommendations that do not yet span the window cannot say the load stayed low
+            # for all of it: the replicas running when they began stand for the rest.
+            target = current
+            notes.append(
+                f"held at {current}: the stabilization window has {seen:.0f}s of "
+                "recommendations yet"
+            )
+        elif target > recommendation:
             notes.append(
                 f"held at {target}, the highest recommendation in the stabilization window"
             )
