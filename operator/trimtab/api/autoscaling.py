@@ -68,7 +68,11 @@ class AutoscalingSpec(StrictModel):
     enabled: bool = Field(default=True, description="false keeps spec.replicas fixed.")
     min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas.")
     max_replicas: int = Field(default=10, ge=1, le=1000, description="Most replicas.")
-    interval: Duration = Field(default="15s", description="How often the control loop runs.")
+    interval: Duration = Field(
+        default="5s",
+        description="How often the control loop runs; faster than the metrics scrape, so a new "
+        "scrape is acted on within this long.",
+    )
     scale_up_stabilization: Duration = Field(
         default="0s",
         description="A scale-up must be recommended for this long before it happens; 0s reacts "

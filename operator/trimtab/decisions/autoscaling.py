@@ -21,6 +21,10 @@ MIN_SCALE_UP_STEP = 4
 # that few requests arriving behind it miss the SLO, long enough not to buy replicas that
 # only ever drain a queue.
 DRAIN_SECONDS = 15.0
+# Queue growth is measured between readings this far apart: Prometheus' usual scrape interval
+# (the default 1m rate window holds four). A loop faster than the scrape then compares two
+# scrapes, not one scrape with itself or with the one before it over too short a time.
+GROWTH_SPAN = 15.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,34 @@ def _prune(history: tuple[Recommendation, ...], since: float) -> tuple[Recommend
     return tuple(r for r in history if r.time >= since)
 
 
+def _growth_reference(
+    history: tuple[Recommendation, ...], now: float, interval: float
+) -> Recommendation | None:
+    """The reading to measure the queue's growth against: the newest one with a queue depth
+    about GROWTH_SPAN (one scrape) old, or one loop old when the loop is slower than that.
+
+    >>> h = tuple(Recommendation(t, 1, q) for t, q in [(85, 0), (90, 0), (95, 40), (100, 40)])
+    >>> _growth_reference(h, 105, 5)  # 15 s back, not the 5 s old copy of the same scrape
+    Recommendation(time=90, replicas=1, queue_depth=0)
+    >>> _growth_reference(h, 115, 15)  # a 15 s loop: the last loop
+    Recommendation(time=100, replicas=1, queue_depth=40)
+    >>> _growth_reference(h[2:], 105, 5) is None  # nothing a scrape old yet
+    True
+    """
+    span = _span(interval)
+    return next(
+        (r for r in reversed(history) if r.queue_depth is not None and now - r.time >= span),
+        None,
+    )
+
+
+def _span(interval: float) -> float:
+    """How old a reading must be to come from an earlier scrape than this loop's: half a loop
+    short of GROWTH_SPAN (or of one loop, when the loop is slower), so timer jitter never
+    skips a scrape."""
+    return max(GROWTH_SPAN, interval) - interval / 2
+
+
 def _backlog_done_by(
     *,
     queue: float,
@@ -126,26 +158,30 @@ def _backlog_done_by(
 def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     """Replicas the model server needs now, the action, and why.
 
-    Demand: by Little's law the concurrency in use is arrival rate x mean service time. With
-    an empty queue the requests running count too (a rise the rate window does not show yet);
-    with a queue they only fill the slots there are, so they are not demand. A queue that grew
-    since the last loop raises the arrival estimate to what the replicas finish plus the growth
-    (a queue out of nothing began, on average, mid-interval). The backlog projected over one
-    cold start adds the slots to drain it within DRAIN_SECONDS of new replicas being ready,
-    unless the replicas already asked for drain it before a new one could serve. The
-    recommendation is that concurrency over what one replica should carry (targetConcurrency x
-    targetUtilization). p99 above the SLO while the queue is not shrinking, with no capacity
-    still starting, adds replicas in proportion to the miss (feedback for a service time the
-    gauges underestimate). p99 above the SLO while the queue shrinks is a backlog draining, and
-    with an empty queue a drained backlog still in the window (or the service time itself,
-    which more replicas cannot fix): neither adds anything.
+    Demand: by Little's law the concurrency in use is arrival rate x mean service time. With an
+    empty queue the requests running count too (a rise the rate window does not show yet); with
+    a queue they only fill the slots there are, so they are not demand. A queue that grew since
+    the reading one scrape (GROWTH_SPAN) or one loop ago, whichever is longer, raises the
+    arrival estimate to what the replicas finish plus the growth (a queue out of nothing began,
+    on average, mid-interval). The backlog projected over one cold start adds the slots to drain
+    it within DRAIN_SECONDS of new replicas being ready, unless the replicas already asked for
+    drain it before a new one could serve. The recommendation is that concurrency over what one
+    replica should carry (targetConcurrency x targetUtilization). p99 above the SLO while the
+    queue is not shrinking, with no capacity still starting, adds replicas in proportion to the
+    miss (feedback for a service time the gauges underestimate). p99 above the SLO while the
+    queue shrinks is a backlog draining, and with an empty queue a drained backlog still in the
+    window (or the service time itself, which more replicas cannot fix): neither adds anything.
 
     Up is fast: at once (or after scaleUpStabilization), at most maxScaleUpRate times the
-    current replicas (and at least +4). Down is slow: only to the highest recommendation of
-    the scaleDownStabilization window (the history keeps what the load needed, not replicas
-    bought to drain a backlog), at most maxScaleDownRate of the replicas per loop, and
-    never while requests queue, p99 misses the SLO, or a signal is missing. Replicas still in
-    their cold start count as capacity, so a spike is not answered twice while they load.
+    current replicas (and at least +4); while replicas added less than a scrape ago still start,
+    a loop faster than the scrape waits for a fresh reading rather than act twice on the one it
+    scaled up on. Down is slow: only to the highest recommendation of the scaleDownStabilization
+    window (the history keeps what the load needed, not replicas bought to drain a backlog), and
+    only once the history spans that window: as the Kubernetes HPA seeds its window with the
+    replicas it found, a deployment is not cut in the first minutes after autoscaling starts on
+    a few quiet readings. At most maxScaleDownRate of the replicas go per loop, and none while
+    requests queue, p99 misses the SLO, or a signal is missing. Replicas still in their cold
+    start count as capacity, so a spike is not answered twice while they load.
 
     Worked examples (targetConcurrency 8, targetUtilization 80% -> 6.4 requests a replica):
 
@@ -157,6 +193,13 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     - 5 req/s x 1.0 s, 6 replicas, history in the window [6, 4, 1]: recommendation 1, held at
       the window's highest (6): hold. Once the window holds only 1s: down to 3 (half of 6
       per loop at maxScaleDownRate 0.5), then to 1.
+    - 5 req/s x 1.0 s, 2 replicas, autoscaling started 60 s ago and every loop since
+      recommended 1: hold at 2 until the recommendations span the 300 s window, then down to 1.
+    - Loop 5 s, scrape 15 s: the loops at 80, 85 and 90 s read a queue of 0, those at 95, 100
+      and 105 s one scrape of 40. At each of the last three the growth is measured against
+      the reading 15 s before (0): (40 - 0) / (15 / 2) = 5.3/s, never (40 - 40) / 5 = 0 nor
+      40 / 5 = 8/s. If 95 s scaled up 2 -> 8, 100 s and 105 s add nothing while those start;
+      110 s, on the next scrape, may add more.
     - Prometheus down, 4 replicas, onMissingMetrics hold: stay at 4. With fallback and
       fallbackReplicas 6: up to 6; with fallbackReplicas 2: stay at 4 (never down blind).
     """
@@ -210,13 +253,13 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         assert sig.arrival_rate is not None and sig.service_time is not None
         service = max(sig.service_time, 1e-3)
         arrivals = sig.arrival_rate
-        # A rate over a window trails a step. A queue that grew since the last loop shows
+        # A rate over a window trails a step. A queue that grew since the last scrape shows
         # the true arrival rate sooner: what the busy replicas finish plus the growth.
-        previous = next((r for r in reversed(history) if r.queue_depth is not None), None)
+        previous = _growth_reference(history, inp.now, secs.interval)
         if previous is not None and previous.queue_depth is not None and inp.now > previous.time:
             elapsed = inp.now - previous.time
             if previous.queue_depth == 0 and queue > 0:
-                # A queue out of nothing began at an unknown moment since the last loop:
+                # A queue out of nothing began at an unknown moment since that reading:
                 # expect the middle, not the start, or a step is underestimated by half.
                 elapsed /= 2
             growth = (queue - previous.queue_depth) / elapsed
@@ -321,6 +364,16 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         floor = max(floor, 1)
 
     # --- up: fast ---------------------------------------------------------------------------
+    # A loop faster than the scrape reads the scrape it last scaled up on once or twice more;
+    # acting on it again would buy the same replicas twice. Replicas still starting and added
+    # less than a scrape ago wait for a fresh reading.
+    since_up = math.inf if inp.last_scale_up is None else inp.now - inp.last_scale_up
+    if recommendation > current and starting and since_up < _span(secs.interval):
+        notes.append(
+            f"no scale-up: replicas added {since_up:.0f}s ago on readings this loop may see "
+            "again; waiting for the next scrape"
+        )
+        return ReplicaDecision(current, "hold", "; ".join(notes), recommendation, history, used)
     if recommendation > current:
         target = recommendation
         if secs.scale_up_stabilization > 0:
@@ -355,7 +408,17 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
             return ReplicaDecision(current, "hold", "; ".join(notes), recommendation, history, used)
         window = [r.replicas for r in history if r.time >= inp.now - secs.scale_down_stabilization]
         target = max([*window, recommendation])
-        if target > recommendation:
+        # Pruning drops what is older than the window, so ask the history as it came in.
+        seen = inp.now - min(inp.history[0].time if inp.history else inp.now, inp.now)
+        if seen + secs.interval < secs.scale_down_stabilization:
+            # Recommendations that do not yet span the window cannot say the load stayed low
+            # for all of it: the replicas running when they began stand for the rest.
+            target = current
+            notes.append(
+                f"held at {current}: the stabilization window has {seen:.0f}s of "
+                "recommendations yet"
+            )
+        elif target > recommendation:
             notes.append(
                 f"held at {target}, the highest recommendation in the stabilization window"
             )
