@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -178,6 +179,7 @@ def test_hpa_cpu_table(
         )
     )
     policy = HpaCpuPolicy(1, 20, cpu=CpuModel(busy=model))  # type: ignore[arg-type]  # a Literal from the table
+    policy.hpa.start(-600.0, replicas)  # a controller that has run for a while
     assert policy.name == ("hpa_cpu" if model == "slots" else "hpa_cpu_engine_busy")
     decision = policy.decide(15.0, _Cluster(view, replicas, ready))
     assert decision is not None and decision.replicas == want, decision
@@ -206,6 +208,7 @@ def test_engine_counts_busy_slot_seconds() -> None:
 def test_hpa_scale_down_stabilization_and_scale_up_limit() -> None:
     view = PrometheusView(15.0, 60.0, (1.0,))
     policy = HpaCpuPolicy(1, 100)
+    policy.hpa.start(-600.0, 1)
     view.add(_sample(0.0, 0, {0: 0.0}))
     view.add(_sample(15.0, 0, {0: 15.0}))
     # Saturated at 1 pod: ratio 1.25 -> 2 pods.
@@ -230,8 +233,30 @@ def test_hpa_scale_down_stabilization_and_scale_up_limit() -> None:
 def test_keda_queue_table(waiting: float, replicas: int, want: int) -> None:
     view = PrometheusView(15.0, 60.0, (1.0,))
     view.add(_sample(0.0, 0, {}, waiting=waiting))
-    decision = KedaQueuePolicy(1, 40).decide(1.0, _Cluster(view, replicas, replicas))
+    policy = KedaQueuePolicy(1, 40)
+    policy.hpa.start(-600.0, replicas)  # a controller that has run for a while
+    decision = policy.decide(1.0, _Cluster(view, replicas, replicas))
     assert decision is not None and decision.replicas == want
+
+
+@pytest.mark.parametrize("policy", [HpaCpuPolicy(1, 20), KedaQueuePolicy(1, 40)])
+def test_hpa_seeds_its_window_with_the_replicas_it_finds(policy: Any) -> None:
+    """As the HPA controller: its first look at a target counts the current replicas as a
+    recommendation, so an idle start does not scale down for one window; scale-up is not held."""
+    view = PrometheusView(15.0, 60.0, (1.0,))
+    view.add(_sample(0.0, 0, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}, waiting=0.0))
+    view.add(_sample(15.0, 0, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}, waiting=0.0))
+    assert policy.decide(15.0, _Cluster(view, 4, 4)).replicas == 4
+    assert policy.decide(200.0, _Cluster(view, 4, 4)).replicas == 4
+    # One window after the first look the idle recommendations take over.
+    for t in (315.0, 330.0):
+        view.add(_sample(t, 0, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}, waiting=0.0))
+    assert policy.decide(330.0, _Cluster(view, 4, 4)).replicas < 4
+    busy = PrometheusView(15.0, 60.0, (1.0,))
+    busy.add(_sample(0.0, 0, {0: 0.0}, waiting=0.0))
+    busy.add(_sample(15.0, 0, {0: 15.0}, waiting=60.0))
+    fresh = type(policy)(1, 20)
+    assert fresh.decide(15.0, _Cluster(busy, 1, 1)).replicas > 1
 
 
 @pytest.mark.parametrize(

@@ -95,15 +95,28 @@ class _HpaAlgorithm:
         self.behavior = behavior
         self.recommendations: deque[tuple[float, int]] = deque()
         self.events: deque[tuple[float, int]] = deque()  # (time, replica change)
+        self.seed: tuple[float, int] | None = None
+
+    def start(self, now: float, replicas: int) -> None:
+        """The controller's first look at its target (maybeInitScaleDownStabilizationWindow):
+        the replicas it finds count as a recommendation made then, so it does not scale down
+        within one scale-down window of starting. The simulator calls this on the first
+        decision; tests call it earlier to model a controller that has been running."""
+        self.seed = (now, replicas)
 
     def stabilize_and_limit(self, now: float, current: int, raw: int) -> int:
         b = self.behavior
+        if self.seed is None:
+            self.start(now, current)
         self.recommendations.append((now, raw))
         keep = max(b.scale_up_stabilization, b.scale_down_stabilization)
         while self.recommendations and self.recommendations[0][0] < now - keep:
             self.recommendations.popleft()
         up_window = [r for t, r in self.recommendations if t >= now - b.scale_up_stabilization]
         down_window = [r for t, r in self.recommendations if t >= now - b.scale_down_stabilization]
+        assert self.seed is not None
+        if self.seed[0] >= now - b.scale_down_stabilization:
+            down_window.append(self.seed[1])
         up_floor = min(up_window) if up_window else raw
         down_ceiling = max(down_window) if down_window else raw
         desired = current
