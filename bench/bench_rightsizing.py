@@ -1,6 +1,7 @@
 """B5: right-sizing. Seeded usage traces replayed through trimtab's recommender, a
 re-implementation of the VPA recommender and updater with their defaults, krr's simple strategy
 and static requests; reports slack, OOM kills, CPU time above the request and changes per day.
+Beside them, a clairvoyant once-a-day sizing gives the floor those numbers are bounded by.
 
 Run: `python -m bench rightsizing` (writes bench/results/rightsizing.json)."""
 
@@ -308,6 +309,39 @@ class Krr:
         return None
 
 
+@dataclass
+class ClairvoyantDaily:
+    """Not a recommender anyone can run: a floor. Once a day it sets the requests the next 24 h
+    of demand need exactly, knowing them in advance: CPU at the percentile trimtab uses
+    (p95) and memory at the day's peak, with no headroom (so no OOM kill). Its slack is what
+    remains for any policy that sizes CPU from a high percentile and memory above its peaks
+    and changes requests at most once a day; below it only by resizing within the day (a
+    restart per change) or by sizing CPU under its busy hours."""
+
+    demand: Demand
+    name: str = "clairvoyant_daily"
+    percentile: float = 0.95
+    next_at: float = 0.0
+
+    def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
+        pass
+
+    def oom(self, t: float, memory_limit: float) -> None:
+        pass
+
+    def decide(
+        self, t: float, request: tuple[float, float], age: float
+    ) -> tuple[float, float] | None:
+        if t < self.next_at:
+            return None
+        self.next_at = t + DAY
+        # A change restarts the container at t, so the leak's age counts from t.
+        ahead = [self.demand(t + k * STEP, k * STEP) for k in range(int(DAY / STEP))]
+        cpu = sorted(c for c, _ in ahead)
+        index = min(len(cpu) - 1, math.ceil(self.percentile * len(cpu)) - 1)
+        return cpu[index], max(m for _, m in ahead)
+
+
 # ---------------------------------------------------------------------------------------------
 # Replay
 
@@ -401,12 +435,16 @@ def run(seed: int = SEED) -> dict[str, Any]:
     }
     per_trace: dict[str, dict[str, Any]] = {}
     totals = {name: Outcome() for name in makers}
+    totals[ClairvoyantDaily.name] = Outcome()
     for trace_name, demand in traces.items():
         per_trace[trace_name] = {}
         for name, make in makers.items():
             outcome = replay(demand, make())
             totals[name].add(outcome)
             per_trace[trace_name][name] = outcome.report(DAYS)
+        floor = replay(demand, ClairvoyantDaily(demand))
+        totals[ClairvoyantDaily.name].add(floor)
+        per_trace[trace_name][ClairvoyantDaily.name] = floor.report(DAYS)
     overall = {name: o.report(DAYS * len(traces)) for name, o in totals.items()}
     t, v = overall["trimtab"], overall["vpa"]
     ratios = {
@@ -416,6 +454,8 @@ def run(seed: int = SEED) -> dict[str, Any]:
             (0.0 if t["oom_events"] == 0 else math.inf)
         ),
     }
+    floor = overall[ClairvoyantDaily.name]["slack_fraction"]
+    ratios["clairvoyant_daily_vs_vpa"] = round(floor / v["slack_fraction"], 3)
     targets = {
         "slack_le_0.75x_vpa": ratios["slack_vs_vpa"] <= 0.75,
         "oom_le_1.0x_vpa": t["oom_events"] <= v["oom_events"],
