@@ -118,3 +118,57 @@ async def test_image_change_adds_candidate_to_the_http_route(
         await wait_until(first_step, timeout=180)
         return
     pytest.skip("the candidate's pods did not become ready (no nodes?): step weights unchecked")
+
+
+async def test_removing_the_rollout_hands_the_route_back(
+    operator: KubeClient, namespace: str
+) -> None:
+    """Needs no running pods: the first revision is stable at once; dropping spec.rollout points
+    the HTTPRoute at the resource's Service and removes the per-revision Services."""
+    kube = operator
+    try:
+        await kube.request(
+            "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{HTTPROUTE_CRD}"
+        )
+    except KubeError as err:
+        if err.not_found:
+            pytest.skip("the Gateway API CRDs are not installed in this cluster")
+        raise
+
+    await kube.request("POST", md_path(namespace), body=canary(namespace))
+
+    async def stable() -> str | None:
+        body = await kube.request("GET", md_path(namespace, "web"))
+        return ((body.get("status") or {}).get("rollout") or {}).get("stableRevision")
+
+    a = await wait_until(stable)
+
+    async def route_for_stable() -> bool:
+        return await route_weights(kube, namespace) == {revision_service_name("web", a): 100}
+
+    await wait_until(route_for_stable)
+    await kube.request(
+        "PATCH",
+        md_path(namespace, "web"),
+        body={"spec": {"rollout": None}},
+        content_type="application/merge-patch+json",
+    )
+
+    async def released() -> bool:
+        route = await kube.request(
+            "GET", f"/apis/gateway.networking.k8s.io/v1/namespaces/{namespace}/httproutes/web"
+        )
+        refs = [
+            (ref["name"], ref.get("port"))
+            for rule in route.get("spec", {}).get("rules", [])
+            for ref in rule.get("backendRefs", [])
+        ]
+        services = await kube.request("GET", f"/api/v1/namespaces/{namespace}/services")
+        per_revision = [
+            s["metadata"]["name"]
+            for s in services.get("items", [])
+            if C.LABEL_REVISION in (s["metadata"].get("labels") or {})
+        ]
+        return refs == [("web", 80)] and not per_revision
+
+    await wait_until(released)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from tests.prometheus_fixture import (
     MetricsExporter,
@@ -200,3 +201,26 @@ async def test_unreachable_prometheus_is_unavailable() -> None:
         await reader.close()
     assert answer.usage is None
     assert "127.0.0.1:9" in answer.unavailable
+
+
+class OneQueryRefused(UsageReader):
+    """The memory query is refused at once; the others take a while (a slow Prometheus)."""
+
+    async def _range(self, promql: str, start: float, end: float, step_s: int) -> Any:
+        if "container_memory_working_set_bytes" in promql:
+            raise requests.ConnectionError("connection refused")
+        await asyncio.sleep(0.3)
+        return []
+
+
+async def test_a_failed_query_leaves_no_other_query_running() -> None:
+    """One failure answers "unavailable" only once every query of the batch has ended: none is
+    left running past the call, to fail later, unobserved (kopf re-raises such a task's error
+    when the operator stops)."""
+    reader = OneQueryRefused("http://127.0.0.1:9", timeout_s=3)
+    try:
+        answer = await reader.read(TARGET, 60.0, time.time())
+    finally:
+        await reader.close()
+    assert answer.usage is None and "ConnectionError" in answer.unavailable
+    assert asyncio.all_tasks() == {asyncio.current_task()}

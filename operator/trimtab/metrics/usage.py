@@ -180,10 +180,15 @@ class UsageReader:
             queries = {k: v for k, v in queries.items() if not k.startswith("gpu_")}
         start = now - window_s
         keys = list(queries)
+        # Every query runs to its end even when one fails: a query left running past this call
+        # would outlive the handler that asked (and fail later, unobserved).
+        answers = await asyncio.gather(
+            *(self._range(queries[k], start, now, step_s) for k in keys), return_exceptions=True
+        )
         try:
-            results = await asyncio.gather(
-                *(self._range(queries[k], start, now, step_s) for k in keys)
-            )
+            for answer in answers:
+                if isinstance(answer, BaseException):
+                    raise answer
         except TimeoutError:
             return UsageAnswer(
                 None, f"Prometheus at {self.url} did not answer within {self.timeout_s:g}s"
@@ -194,7 +199,7 @@ class UsageReader:
             return UsageAnswer(None, f"cannot reach Prometheus at {self.url}: {type(exc).__name__}")
         except (ValueError, KeyError) as exc:
             return UsageAnswer(None, f"unreadable answer from {self.url}: {exc}")
-        by_key = dict(zip(keys, results, strict=True))
+        by_key = dict(zip(keys, answers, strict=True))
 
         cpu = _points(by_key["cpu"])
         memory = _points(by_key["memory"])
