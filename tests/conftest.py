@@ -91,17 +91,18 @@ async def cluster(api: ApiServerEmulator) -> AsyncIterator[Cluster]:
     await c.close()
 
 
-OperatorRunner = Callable[[], contextlib.AbstractAsyncContextManager[KubeClient]]
+OperatorRunner = Callable[..., contextlib.AbstractAsyncContextManager[KubeClient]]
 
 
 @pytest.fixture
 def run_operator(api: ApiServerEmulator) -> OperatorRunner:
     """`async with run_operator() as kube:` runs the real kopf operator with every trimtab
-    handler against the emulator until the block ends (restartable within one test)."""
+    handler against the emulator until the block ends (restartable within one test);
+    `run_operator(name=value)` overrides a Settings field."""
     import trimtab.handlers  # noqa: F401  # registers the handlers with kopf
 
     @contextlib.asynccontextmanager
-    async def runner() -> AsyncIterator[KubeClient]:
+    async def runner(**overrides: Any) -> AsyncIterator[KubeClient]:
         _LOGIN_URL["url"] = str(api.url).rstrip("/")
         kube = KubeClient(_LOGIN_URL["url"], ssl_context=False)
         settings = kopf.OperatorSettings()
@@ -117,7 +118,10 @@ def run_operator(api: ApiServerEmulator) -> OperatorRunner:
                 clusterwide=True,
                 standalone=True,
                 settings=settings,
-                memo=kopf.Memo(kube=kube, settings=Settings(prometheus_url="http://127.0.0.1:9")),
+                memo=kopf.Memo(
+                    kube=kube,
+                    settings=Settings(prometheus_url="http://127.0.0.1:9", **overrides),
+                ),
                 stop_flag=stop,
                 ready_flag=ready,
             )

@@ -1,5 +1,6 @@
 """decide_replicas, table-driven: each case names the situation and the expected replicas,
-action and a fragment of the reason; plus the spec's CEL rules and the revision hash."""
+action and a fragment of the reason; which status changes are written at once
+(status_write_due, table-driven too); plus the spec's CEL rules and the revision hash."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tests.validation import cel_failures, validate_custom
 from trimtab.api.autoscaling import AutoscalingSpec, SLOSpec, duration_seconds
 from trimtab.api.crdgen import MODELDEPLOYMENT_CRD, model_schema
 from trimtab.api.modeldeployment import ModelDeploymentSpec
+from trimtab.builders.autoscaling import parse_rfc3339, rfc3339, status_write_due
 from trimtab.decisions.autoscaling import (
     AutoscalingInput,
     Recommendation,
@@ -731,3 +733,124 @@ def test_policy_fields_are_not_part_of_the_revision() -> None:
         }
     )
     assert a.model_part() == b.model_part()
+
+
+# status.autoscaling as last written: holding 2 replicas, every signal read.
+WRITTEN_AT = parse_rfc3339("2025-01-01T00:00:00.000Z")
+WRITTEN: dict[str, Any] = {
+    "desiredReplicas": 2,
+    "currentReplicas": 2,
+    "readyReplicas": 2,
+    "action": "hold",
+    "reason": "demand 9.6 concurrent (4.80 req/s x 2.00s) / 8.0 per replica = 2",
+    "signals": [
+        {"name": "arrivalRate", "state": "value", "value": 4.8},
+        {"name": "queueDepth", "state": "value", "value": 0},
+    ],
+    "recommendations": [{"time": rfc3339(WRITTEN_AT), "replicas": 2}],
+    "lastDecisionTime": rfc3339(WRITTEN_AT),
+    "lastScaleTime": "2024-12-31T23:50:00.000Z",
+    "lastScaleUpTime": "2024-12-31T23:50:00.000Z",
+}
+
+
+def built(after: float = 5.0, **changes: Any) -> dict[str, Any]:
+    """This loop's status.autoscaling, `after` seconds on: the same decision with new numbers
+    unless `changes` say otherwise."""
+    now = WRITTEN_AT + after
+    out: dict[str, Any] = {
+        **WRITTEN,
+        "reason": "demand 10.1 concurrent (5.05 req/s x 2.00s) / 8.0 per replica = 2",
+        "signals": [
+            {"name": "arrivalRate", "state": "value", "value": 5.05},
+            {"name": "queueDepth", "state": "value", "value": 1},
+        ],
+        "recommendations": [*WRITTEN["recommendations"], {"time": rfc3339(now), "replicas": 2}],
+        "lastDecisionTime": rfc3339(now),
+    }
+    return {**out, **changes}
+
+
+WRITE_CASES = [
+    pytest.param(WRITTEN, built(), {}, None, id="steady-new-values-wait"),
+    pytest.param(WRITTEN, built(after=29.9), {}, None, id="steady-just-inside-refresh-waits"),
+    pytest.param(WRITTEN, built(after=30.0), {}, "refresh", id="steady-refresh-period-writes"),
+    pytest.param({}, built(), {}, "first decision", id="nothing-written-yet"),
+    pytest.param(WRITTEN, built(), {"scaled": True}, "scaled", id="split-changed-same-total"),
+    pytest.param(
+        WRITTEN,
+        built(desiredReplicas=3, currentReplicas=3, action="up"),
+        {"scaled": True},
+        "scaled",
+        id="scaled-up",
+    ),
+    pytest.param(
+        WRITTEN, built(desiredReplicas=3, action="up"), {}, "desiredReplicas", id="desired-moved"
+    ),
+    pytest.param(WRITTEN, built(action="down"), {}, "action changed", id="action-moved"),
+    pytest.param(WRITTEN, built(readyReplicas=1), {}, "readyReplicas", id="a-replica-went-unready"),
+    pytest.param(
+        WRITTEN,
+        built(reason="held at 2, the highest recommendation in the stabilization window"),
+        {},
+        "reason changed",
+        id="reason-says-something-else",
+    ),
+    pytest.param(
+        WRITTEN,
+        built(
+            signals=[
+                {"name": "arrivalRate", "state": "value", "value": 5.05},
+                {"name": "queueDepth", "state": "noData", "message": "no series matched"},
+            ]
+        ),
+        {},
+        "signal state changed: queueDepth",
+        id="signal-lost-its-data",
+    ),
+    pytest.param(
+        WRITTEN,
+        built(signals=[{"name": "arrivalRate", "state": "value", "value": 5.05}]),
+        {},
+        "signal state changed: queueDepth",
+        id="signal-no-longer-queried",
+    ),
+    pytest.param(
+        WRITTEN, built(), {"conditions_changed": True}, "condition changed", id="metrics-went-away"
+    ),
+    pytest.param(
+        WRITTEN,
+        built(lastScaleTime=rfc3339(WRITTEN_AT + 5)),
+        {},
+        "lastScaleTime changed",
+        id="scale-timestamp-moved",
+    ),
+    pytest.param(
+        {**WRITTEN, "lastDecisionTime": rfc3339(WRITTEN_AT + 600)},
+        built(),
+        {},
+        "refresh",
+        id="written-by-a-clock-ahead-of-ours",
+    ),
+]
+
+
+@pytest.mark.parametrize(("written", "this_loop", "flags", "expected"), WRITE_CASES)
+def test_status_write_due(
+    written: dict[str, Any], this_loop: dict[str, Any], flags: dict[str, bool], expected: str | None
+) -> None:
+    """Each case: what is written, what this loop built, and why it is written now (a fragment
+    of the answer), or None when it can wait for the refresh."""
+    now = parse_rfc3339(this_loop["lastDecisionTime"])
+    why = status_write_due(
+        written,
+        this_loop,
+        scaled=flags.get("scaled", False),
+        conditions_changed=flags.get("conditions_changed", False),
+        now=now,
+        refresh_seconds=30.0,
+    )
+    if expected is None:
+        assert why is None
+    else:
+        assert why is not None and expected in why, why

@@ -127,3 +127,81 @@ async def test_queue_scales_up_and_a_dead_prometheus_freezes_scale_down(
     finally:
         prometheus.stop()
         exporter.stop()
+
+
+async def test_steady_load_writes_status_once_per_refresh_and_a_step_at_once(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any, tmp_path: Path
+) -> None:
+    """A loop every second decides every second, but with nothing changing it writes
+    status.autoscaling once per refresh period, not once per loop; a queue step is still acted
+    on and written within a loop or two."""
+    binary = require_prometheus()
+    exporter = MetricsExporter("vllm", model="m").start()
+    placeholder = autoscaled_model("http://127.0.0.1:9")
+    revision = revision_of(ModelDeploymentSpec.model_validate(placeholder["spec"]))
+    target = PodTarget(
+        exporter.address,
+        namespace=NS,
+        pod=f"chat-{revision}-0",
+        labels={C.LABEL_OWNER: "chat", C.LABEL_REVISION: revision, C.LABEL_MANAGED_BY: "trimtab"},
+    )
+    prometheus = PrometheusServer([target], tmp_path / "prom", binary=binary).start()
+    refresh = 5.0
+    try:
+        exporter.set_queue(0)
+        exporter.set_running(1)
+        exporter.set_load(1.0, 0.5)
+        await asyncio.to_thread(prometheus.wait_for_scrapes)
+        deploy_path = f"{DEPLOY_PATH}/{deployment_name('chat', revision)}"
+        status_path = f"{MD_PATH}/chat/status"
+
+        def status_writes() -> int:
+            # The emulator records the method as its enum's text ("method.PATCH").
+            return sum(1 for m, p, _ in api.writes if m.endswith("PATCH") and p == status_path)
+
+        async with run_operator(autoscaling_status_refresh_seconds=refresh):
+            await cluster.create(MD_PATH, autoscaled_model(prometheus.url))
+            deploy = await wait_for(lambda: cluster.get(deploy_path))
+            await mark_ready(cluster, deploy)
+
+            async def settled() -> bool:
+                body = await cluster.get(f"{MD_PATH}/chat") or {}
+                status = body.get("status", {})
+                return status.get("phase") == "Ready" and bool(
+                    status.get("autoscaling", {}).get("lastDecisionTime")
+                )
+
+            await wait_for(settled, timeout=20)
+            await asyncio.sleep(3.0)  # the first signals and the stabilization window settle
+
+            # Steady load, a loop a second: about one write per refresh period, not 12.
+            window = 12.0
+            before = status_writes()
+            await asyncio.sleep(window)
+            steady = status_writes() - before
+            assert steady <= window / refresh + 1, api.writes[-steady:]
+            body = await cluster.get(f"{MD_PATH}/chat") or {}
+            assert body["status"]["autoscaling"]["desiredReplicas"] == 1
+
+            # A queue step: scaled and written within a few loops, well inside a refresh period.
+            exporter.set_queue(40)
+            exporter.set_running(8)
+            exporter.set_load(20.0, 1.0)
+
+            async def scaled_up() -> dict[str, Any] | None:
+                d = await cluster.get(deploy_path) or {}
+                return d if d.get("spec", {}).get("replicas", 0) > 1 else None
+
+            scaled = await wait_for(scaled_up, timeout=20)
+
+            async def written() -> dict[str, Any] | None:
+                b = await cluster.get(f"{MD_PATH}/chat") or {}
+                auto = b.get("status", {}).get("autoscaling", {})
+                ok = auto.get("desiredReplicas") == scaled["spec"]["replicas"]
+                return auto if ok and auto.get("lastScaleUpTime") else None
+
+            auto = await wait_for(written, timeout=refresh / 2)
+            assert auto["action"] == "up" and auto["reason"]
+    finally:
+        prometheus.stop()
+        exporter.stop()

@@ -1,5 +1,6 @@
 """Operator settings from the environment (the Helm chart sets them): TRIMTAB_PROMETHEUS_URL,
-TRIMTAB_NAMESPACE, TRIMTAB_METRICS_PORT, TRIMTAB_HEALTH_PORT, TRIMTAB_LOG_LEVEL, ...
+TRIMTAB_NAMESPACE, TRIMTAB_METRICS_PORT, TRIMTAB_HEALTH_PORT, TRIMTAB_LOG_LEVEL,
+TRIMTAB_AUTOSCALING_STATUS_REFRESH_SECONDS, ...
 
 Every setting has a default that works for `make run` against a local kubeconfig."""
 
@@ -24,6 +25,9 @@ class Settings(BaseModel):
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     # How long a status may go without a resync even when no watch event arrives.
     resync_seconds: float = Field(default=60.0, gt=0)
+    # How long status.autoscaling may go unwritten while nothing in it matters changes: the loop
+    # still decides every spec.autoscaling.interval, but writes only what changed its meaning.
+    autoscaling_status_refresh_seconds: float = Field(default=30.0, gt=0)
     peering: str = Field(default="", description="kopf peering name; empty: standalone.")
 
     @classmethod

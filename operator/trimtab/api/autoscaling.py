@@ -281,6 +281,11 @@ class AutoscalingStatus(StatusModel):
     recommendations: list[ReplicaRecommendation] = Field(
         default_factory=list, max_length=512, description="Recent raw recommendations."
     )
-    last_decision_time: str | None = None
+    last_decision_time: str | None = Field(
+        default=None,
+        description="When the decision shown was made. The loop decides every interval but "
+        "writes a decision that changes nothing that matters at most once per refresh period "
+        "(TRIMTAB_AUTOSCALING_STATUS_REFRESH_SECONDS, 30s by default).",
+    )
     last_scale_time: str | None = None
     last_scale_up_time: str | None = None

@@ -1,5 +1,6 @@
 """Status for the autoscaling loop: the decision, each signal with its state, the recent
-recommendations (so stabilization windows survive a restart) and the MetricsAvailable condition.
+recommendations (so stabilization windows survive a restart), the MetricsAvailable condition,
+and which changes to it must be written at once and which can wait for the next refresh.
 
 Pure: timestamps arrive as numbers and leave as RFC 3339 text."""
 
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import math
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from trimtab.api.autoscaling import AutoscalingSpec, AutoscalingStatus, ReplicaRecommendation
@@ -109,3 +112,94 @@ def build_autoscaling_status(
     if last_up:
         out["lastScaleUpTime"] = last_up
     return out
+
+
+# Fields of status.autoscaling whose change is news: the decision and the replicas it acted on.
+_WRITE_AT_ONCE = (
+    "desiredReplicas",
+    "currentReplicas",
+    "readyReplicas",
+    "action",
+    "lastScaleTime",
+    "lastScaleUpTime",
+)
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
+def _reason_shape(reason: Any) -> str:
+    """A reason with its numbers masked: what it says, not the live values it quotes.
+
+    >>> _reason_shape("demand 1.4 concurrent (1.02 req/s x 0.50s) / 8.0 per replica = 1")
+    'demand # concurrent (# req/s x #s) / # per replica = #'
+    """
+    return _NUMBER.sub("#", str(reason or ""))
+
+
+def _signal_states(status: Mapping[str, Any]) -> dict[str, Any]:
+    return {s.get("name"): s.get("state") for s in status.get("signals") or []}
+
+
+def status_write_due(
+    written: Mapping[str, Any],
+    built: Mapping[str, Any],
+    *,
+    scaled: bool,
+    conditions_changed: bool,
+    now: float,
+    refresh_seconds: float,
+) -> str | None:
+    """Why status.autoscaling must be written now, or None when this loop's status can wait.
+
+    `written` is status.autoscaling as the API server holds it, `built` what this loop built
+    (build_autoscaling_status); `scaled` says a Deployment's replicas were set this loop (a
+    scale, or a new split between revisions), `conditions_changed` that MetricsAvailable moved.
+    Written at once: a scale, a new decision (desired, current or ready replicas, action, or a
+    reason that says something else, its quoted numbers aside), a scale timestamp, a signal
+    whose state (value, noData, unavailable) moved, a condition. Anything else, such as signal
+    values and the recommendation history, waits until `refresh_seconds` after the written
+    lastDecisionTime (or at once when that lies in the future: another clock wrote it). The loop
+    carries what it has not written in memory, so the next decision loses nothing.
+
+    >>> held = {"desiredReplicas": 2, "currentReplicas": 2, "readyReplicas": 2,
+    ...         "action": "hold", "reason": "demand 9.6 concurrent / 8.0 per replica = 2",
+    ...         "signals": [{"name": "queueDepth", "state": "value", "value": 0}],
+    ...         "lastDecisionTime": "2025-01-01T00:00:00.000Z"}
+    >>> t0 = parse_rfc3339(held["lastDecisionTime"])
+    >>> drift = {**held, "reason": "demand 9.9 concurrent / 8.0 per replica = 2",
+    ...          "signals": [{"name": "queueDepth", "state": "value", "value": 1}],
+    ...          "lastDecisionTime": "2025-01-01T00:00:05.000Z"}
+    >>> due = dict(scaled=False, conditions_changed=False, refresh_seconds=30)
+    >>> status_write_due(held, drift, now=t0 + 5, **due) is None  # new numbers only: wait
+    True
+    >>> status_write_due(held, drift, now=t0 + 30, **due)  # a refresh period since the write
+    'refresh: 30s since the last write'
+    >>> status_write_due(held, {**drift, "desiredReplicas": 3, "action": "up"}, now=t0 + 5, **due)
+    'desiredReplicas changed'
+    >>> gone = {**drift, "signals": [{"name": "queueDepth", "state": "noData"}]}
+    >>> status_write_due(held, gone, now=t0 + 5, **due)
+    'signal state changed: queueDepth'
+    >>> status_write_due({}, drift, now=t0 + 5, **due)  # nothing written yet
+    'first decision'
+    """
+    if not written.get("lastDecisionTime"):
+        return "first decision"
+    if scaled:
+        return "scaled"
+    for key in _WRITE_AT_ONCE:
+        if written.get(key) != built.get(key):
+            return f"{key} changed"
+    if _reason_shape(written.get("reason")) != _reason_shape(built.get("reason")):
+        return "reason changed"
+    before, after = _signal_states(written), _signal_states(built)
+    if before != after:
+        names = before.keys() | after.keys()
+        moved = sorted(str(n) for n in names if before.get(n) != after.get(n))
+        return "signal state changed: " + ", ".join(moved)
+    if conditions_changed:
+        return "condition changed"
+    since = now - parse_rfc3339(str(written["lastDecisionTime"]))
+    if since < 0:
+        return "refresh: the last write is dated after this clock's now"
+    if since >= refresh_seconds:
+        return f"refresh: {since:.0f}s since the last write"
+    return None

@@ -5,12 +5,20 @@ rollout runs a candidate beside the stable revision, the decision is the total f
 signals across both, and the replicas are split by traffic weight (`split_replicas`).
 
 The loop never scales down blind: when the source fails, MetricsAvailable goes False with the
-source's error text and the decision holds (or falls back up, if so configured)."""
+source's error text and the decision holds (or falls back up, if so configured).
+
+It decides every loop but writes status only when the change matters (`status_write_due`: a
+scale, a new decision, a signal's or condition's state) or once per refresh period
+(TRIMTAB_AUTOSCALING_STATUS_REFRESH_SECONDS); what it decided in between, the recommendation
+history above all, it carries in memory (`LoopMemory`). After an operator restart it resumes
+from the last written status, so the stabilization windows may miss at most one refresh
+period of recommendations."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any, cast
 
 import kopf
@@ -23,6 +31,7 @@ from trimtab.builders.autoscaling import (
     build_autoscaling_status,
     history_from_status,
     parse_rfc3339,
+    status_write_due,
 )
 from trimtab.builders.common import merge_patch
 from trimtab.builders.serving import deployment_name
@@ -70,13 +79,28 @@ async def autoscaling_loop(
     **_: Any,
 ) -> None:
     """Run the loop until the resource goes or turns autoscaling off (kopf stops the daemon)."""
+    memory = LoopMemory()
+    refresh = memo.settings.autoscaling_status_refresh_seconds
     while not stopped:
         interval = DEFAULT_INTERVAL
         try:
-            interval = await autoscale_once(memo.kube, memo.metrics_pool, body, logger)
+            interval = await autoscale_once(
+                memo.kube, memo.metrics_pool, body, logger, memory, refresh
+            )
         except Exception:  # one bad loop must not end the daemon; the next one retries
             logger.exception("autoscaling loop failed; retrying in %.0fs", interval)
         await stopped.wait(interval)
+
+
+@dataclass
+class LoopMemory:
+    """What one resource's loop carries from one loop to the next: status.autoscaling as it
+    last built it, written or not. The next decision reads its previous state (recommendation
+    history, scale times, desired replicas) from here, so a write skipped loses nothing; a new
+    daemon (an operator restart) starts empty and reads the last written status instead, which
+    is at most one refresh period stale."""
+
+    autoscaling: dict[str, Any] | None = None
 
 
 _STATE = {
@@ -93,8 +117,16 @@ def _readings(signals: Signals) -> dict[str, tuple[str, float | None, str]]:
     }
 
 
-async def autoscale_once(kube: KubeClient, pool: ProviderPool, body: Any, logger: Log) -> float:
-    """One loop: read, decide, act, record. Returns the seconds until the next loop."""
+async def autoscale_once(
+    kube: KubeClient,
+    pool: ProviderPool,
+    body: Any,
+    logger: Log,
+    memory: LoopMemory,
+    refresh_seconds: float,
+) -> float:
+    """One loop: read, decide, act, record (when status_write_due says so). Returns the seconds
+    until the next loop."""
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     spec, problems = parse_spec(body.get("spec") or {}, body.get("status") or {})
@@ -105,7 +137,10 @@ async def autoscale_once(kube: KubeClient, pool: ProviderPool, body: Any, logger
         return DEFAULT_INTERVAL
     interval = auto.seconds().interval
     status = dict(body.get("status") or {})
-    previous = AutoscalingStatus.model_validate(status.get("autoscaling") or {})
+    written: dict[str, Any] = status.get("autoscaling") or {}
+    previous = AutoscalingStatus.model_validate(
+        memory.autoscaling if memory.autoscaling is not None else written
+    )
     # With a candidate beside the stable revision, capacity is decided for both together from
     # signals across both, then split by traffic weight (see split_replicas).
     plan = plan_for(spec, status)
@@ -141,14 +176,17 @@ async def autoscale_once(kube: KubeClient, pool: ProviderPool, body: Any, logger
     )
     DESIRED_REPLICAS.labels(namespace=namespace, name=name).set(decision.desired_replicas)
     scaled = decision.desired_replicas != current
+    resized = False  # any Deployment's replicas set this loop, a new split included
     if plan.candidate is not None:
         stable_n, candidate_n = plan.replicas(decision.desired_replicas)
         for obj, want in ((deploy, stable_n), (candidate, candidate_n)):
             have = int(((obj or {}).get("spec") or {}).get("replicas", -1))
             if obj is not None and have != want:
                 await kube.scale(DEPLOYMENTS, namespace, obj["metadata"]["name"], want)
+                resized = True
     elif scaled:
         await kube.scale(DEPLOYMENTS, namespace, deploy_name, decision.desired_replicas)
+        resized = True
     if scaled:
         direction = "up" if decision.desired_replicas > current else "down"
         SCALE_ACTIONS.labels(namespace=namespace, name=name, direction=direction).inc()
@@ -161,11 +199,11 @@ async def autoscale_once(kube: KubeClient, pool: ProviderPool, body: Any, logger
         )
         logger.info("scaled %s", message)
 
-    desired: dict[str, Any] = {
-        "autoscaling": build_autoscaling_status(
-            auto, decision, _readings(signals), current, ready, now, previous, scaled
-        )
-    }
+    built = build_autoscaling_status(
+        auto, decision, _readings(signals), current, ready, now, previous, scaled
+    )
+    memory.autoscaling = built
+    desired: dict[str, Any] = {"autoscaling": built}
     conditions = [Condition.model_validate(c) for c in status.get("conditions") or []]
     if signals.available:
         cond = set_condition(
@@ -192,6 +230,17 @@ async def autoscale_once(kube: KubeClient, pool: ProviderPool, body: Any, logger
                 message=f"no scale-down until metrics are back: {signals.error_text()}"[:1000],
             )
     desired["conditions"] = [c.to_wire() for c in cond]
+    why = status_write_due(
+        written,
+        built,
+        scaled=resized,
+        conditions_changed=bool(merge_patch(status, {"conditions": desired["conditions"]})),
+        now=now,
+        refresh_seconds=refresh_seconds,
+    )
+    if why is None:
+        return interval  # nothing that matters changed; memory carries this loop's decision
+    logger.debug("writing status.autoscaling: %s", why)
     changes = merge_patch(status, desired)
     if changes:
         try:
