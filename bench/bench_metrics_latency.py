@@ -58,9 +58,12 @@ def _percentile(values: list[float], q: float) -> float:
 class ControlLoop:
     """The operator's loop for one ModelDeployment: read, decide, every `interval_s`."""
 
-    def __init__(self, url: str, interval_s: float, spec: AutoscalingSpec, slo: SLOSpec) -> None:
+    def __init__(
+        self, url: str, interval_s: float, scrape_s: float, spec: AutoscalingSpec, slo: SLOSpec
+    ) -> None:
         self.provider = PrometheusProvider(url, timeout_s=max(0.5, interval_s))
         self.interval_s = interval_s
+        self.scrape_s = scrape_s  # as spec.metrics.scrapeInterval tells the operator
         self.spec = spec
         self.slo = slo
         # Rate windows of 4 scrapes; only the queue gauge changes in this benchmark.
@@ -95,6 +98,7 @@ class ControlLoop:
                     slo=self.slo,
                     now=time.monotonic(),
                     history=self.history,
+                    scrape_interval=self.scrape_s,
                 )
             )
             self.history = decision.history
@@ -146,7 +150,7 @@ async def measure(
     try:
         await asyncio.to_thread(prometheus.start)
         await asyncio.to_thread(prometheus.wait_for_scrapes, 30.0)
-        loop = ControlLoop(prometheus.url, loop_s, spec, slo)
+        loop = ControlLoop(prometheus.url, loop_s, scrape_s, spec, slo)
         runner = asyncio.create_task(loop.run(stop))
         # Settle: rates need a full window before the baseline decision is "hold".
         if await loop.wait_for("hold", time.monotonic() + 4 * scrape_s, 30.0) is None:

@@ -854,3 +854,38 @@ def test_status_write_due(
         assert why is None
     else:
         assert why is not None and expected in why, why
+
+
+@pytest.mark.parametrize(
+    ("scrape", "action", "reason"),
+    [
+        # A 1 s scrape: the reading one loop back is another scrape, with no queue: the queue
+        # grew by 200 in (on average) half a second, and that is demand now.
+        pytest.param(1.0, "up", "from the queue's growth", id="1s-scrape-growth-since-last-loop"),
+        # Taken for a 15 s scrape, the last two loops may be copies of one scrape: growth is
+        # measured 15 s back, where the queue of an earlier burst stood as high as now.
+        pytest.param(15.0, "hold", "", id="15s-scrape-growth-one-scrape-back"),
+    ],
+)
+def test_scrape_interval_sets_how_far_back_growth_is_measured(
+    scrape: float, action: str, reason: str
+) -> None:
+    history = (
+        Recommendation(NOW - 16, 1, 200.0),
+        Recommendation(NOW - 2, 1, 0.0),
+        Recommendation(NOW - 1, 1, 0.0),
+    )
+    decision = decide_replicas(
+        AutoscalingInput(
+            sig(queue_depth=200.0, running=2.0, arrival_rate=2.0, service_time=1.0),
+            1,
+            1,
+            spec(interval="1s"),
+            SLO,
+            NOW,
+            history,
+            scrape_interval=scrape,
+        )
+    )
+    assert decision.action == action, decision.reason
+    assert reason in decision.reason

@@ -235,6 +235,11 @@ class MetricsSpec(StrictModel):
         default="1m",
         description="Window of rate() and histogram_quantile(); at least 4 scrape intervals.",
     )
+    scrape_interval: Duration = Field(
+        default="15s",
+        description="How often Prometheus scrapes the model servers: the autoscaler measures a "
+        "queue's growth across one scrape, and after a scale-up waits for the next one.",
+    )
     queue_metric: str | None = Field(
         default=None,
         pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",

@@ -21,9 +21,10 @@ MIN_SCALE_UP_STEP = 4
 # that few requests arriving behind it miss the SLO, long enough not to buy replicas that
 # only ever drain a queue.
 DRAIN_SECONDS = 15.0
-# Queue growth is measured between readings this far apart: Prometheus' usual scrape interval
-# (the default 1m rate window holds four). A loop faster than the scrape then compares two
-# scrapes, not one scrape with itself or with the one before it over too short a time.
+# Queue growth is measured between readings one scrape apart, so a loop faster than the scrape
+# compares two scrapes, not one scrape with itself or with the one before it over too short a
+# time. Without a scrape interval given: Prometheus' usual 15 s (the default 1m rate window
+# holds four).
 GROWTH_SPAN = 15.0
 
 
@@ -74,6 +75,7 @@ class AutoscalingInput:
     now: float  # seconds on any clock the history uses too
     history: tuple[Recommendation, ...] = ()  # earlier raw recommendations, oldest first
     last_scale_up: float | None = None  # when replicas were last added
+    scrape_interval: float = GROWTH_SPAN  # seconds between Prometheus scrapes of the servers
 
 
 @dataclass(frozen=True)
@@ -95,10 +97,10 @@ def _prune(history: tuple[Recommendation, ...], since: float) -> tuple[Recommend
 
 
 def _growth_reference(
-    history: tuple[Recommendation, ...], now: float, interval: float
+    history: tuple[Recommendation, ...], now: float, interval: float, scrape: float = GROWTH_SPAN
 ) -> Recommendation | None:
     """The reading to measure the queue's growth against: the newest one with a queue depth
-    about GROWTH_SPAN (one scrape) old, or one loop old when the loop is slower than that.
+    about one scrape old, or one loop old when the loop is slower than the scrape.
 
     >>> h = tuple(Recommendation(t, 1, q) for t, q in [(85, 0), (90, 0), (95, 40), (100, 40)])
     >>> _growth_reference(h, 105, 5)  # 15 s back, not the 5 s old copy of the same scrape
@@ -107,19 +109,21 @@ def _growth_reference(
     Recommendation(time=100, replicas=1, queue_depth=40)
     >>> _growth_reference(h[2:], 105, 5) is None  # nothing a scrape old yet
     True
+    >>> _growth_reference(h, 105, 5, scrape=5)  # a 5 s scrape: the last loop's is another
+    Recommendation(time=100, replicas=1, queue_depth=40)
     """
-    span = _span(interval)
+    span = _span(interval, scrape)
     return next(
         (r for r in reversed(history) if r.queue_depth is not None and now - r.time >= span),
         None,
     )
 
 
-def _span(interval: float) -> float:
+def _span(interval: float, scrape: float = GROWTH_SPAN) -> float:
     """How old a reading must be to come from an earlier scrape than this loop's: half a loop
-    short of GROWTH_SPAN (or of one loop, when the loop is slower), so timer jitter never
+    short of one scrape (or of one loop, when the loop is slower), so timer jitter never
     skips a scrape."""
-    return max(GROWTH_SPAN, interval) - interval / 2
+    return max(scrape, interval) - interval / 2
 
 
 def _backlog_done_by(
@@ -255,7 +259,7 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         arrivals = sig.arrival_rate
         # A rate over a window trails a step. A queue that grew since the last scrape shows
         # the true arrival rate sooner: what the busy replicas finish plus the growth.
-        previous = _growth_reference(history, inp.now, secs.interval)
+        previous = _growth_reference(history, inp.now, secs.interval, inp.scrape_interval)
         if previous is not None and previous.queue_depth is not None and inp.now > previous.time:
             elapsed = inp.now - previous.time
             if previous.queue_depth == 0 and queue > 0:
@@ -368,7 +372,9 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     # acting on it again would buy the same replicas twice. Replicas still starting and added
     # less than a scrape ago wait for a fresh reading.
     since_up = math.inf if inp.last_scale_up is None else inp.now - inp.last_scale_up
-    if recommendation > current and starting and since_up < _span(secs.interval):
+    if recommendation > current and starting and since_up < _span(
+        secs.interval, inp.scrape_interval
+    ):
         notes.append(
             f"no scale-up: replicas added {since_up:.0f}s ago on readings this loop may see "
             "again; waiting for the next scrape"

@@ -24,7 +24,7 @@ from typing import Any, cast
 import kopf
 
 from trimtab import constants as C
-from trimtab.api.autoscaling import AutoscalingStatus
+from trimtab.api.autoscaling import AutoscalingStatus, MetricsSpec, duration_seconds
 from trimtab.api.common import Condition
 from trimtab.api.modeldeployment import CONDITION_METRICS_AVAILABLE, ModelDeploymentSpec
 from trimtab.builders.autoscaling import (
@@ -172,6 +172,7 @@ async def autoscale_once(
             now=now,
             history=history_from_status(previous),
             last_scale_up=parse_rfc3339(last_up) if last_up else None,
+            scrape_interval=duration_seconds((spec.metrics or MetricsSpec()).scrape_interval),
         )
     )
     DESIRED_REPLICAS.labels(namespace=namespace, name=name).set(decision.desired_replicas)

@@ -79,7 +79,7 @@ class Scenario:
     def policy(self, name: str, trace: Trace, seed: int) -> Policy:
         a = self.autoscaling
         if name == "trimtab":
-            return TrimtabPolicy(a, self.slo)
+            return TrimtabPolicy(a, self.slo, self.metrics.scrape_interval)
         if name == "hpa_cpu":
             return HpaCpuPolicy(a.min_replicas, a.max_replicas, cpu=CpuModel(busy="slots"))
         if name == "hpa_cpu_engine_busy":

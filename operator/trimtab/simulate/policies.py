@@ -29,9 +29,10 @@ class TrimtabPolicy:
 
     name = "trimtab"
 
-    def __init__(self, spec: AutoscalingSpec, slo: SLOSpec) -> None:
+    def __init__(self, spec: AutoscalingSpec, slo: SLOSpec, scrape_interval: float = 15.0) -> None:
         self.spec = spec
         self.slo = slo
+        self.scrape_interval = scrape_interval
         self.interval = spec.seconds().interval
         self.history: tuple[Recommendation, ...] = ()
         self.last_scale_up: float | None = None
@@ -59,6 +60,7 @@ class TrimtabPolicy:
                 now=now,
                 history=self.history,
                 last_scale_up=self.last_scale_up,
+                scrape_interval=self.scrape_interval,
             )
         )
         self.history = decision.history
