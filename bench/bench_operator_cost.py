@@ -1,6 +1,6 @@
 """Operator cost: the real kopf operator with every trimtab handler, in one process, against the
-API server emulator the tests use (in a child process, so the operator's process holds only the
-operator). Measured for N ModelDeployments:
+API server emulator the tests use (in a child process, so that the measured process holds only
+the operator and the bench's small client). Measured for N ModelDeployments:
 
 1. seconds from creating them until every one has status.observedGeneration == generation (and
    until phase Ready, with a small fake Deployment controller marking Deployments ready);
