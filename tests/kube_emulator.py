@@ -218,6 +218,25 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         return data
 
     async def _handle(self, request: kmock.Request) -> Any:
+        try:
+            return await self._handle_one(request)
+        finally:
+            self._forget(request)
+
+    def _forget(self, request: kmock.Request) -> None:
+        """Keep only the requests in flight. kmock matches each request to its reactions by
+        scanning every request served so far, so a long test gets slower with every request
+        (a GET costs about 85 ms after 600 requests, 1 ms without the history); tests count
+        what they need in `writes` and `watches` instead."""
+        served = self._requests
+        for i in range(len(served) - 1, -1, -1):
+            if served[i] is request:
+                del served[i]
+                break
+        for payload in self._payloads:
+            payload._requests.clear()
+
+    async def _handle_one(self, request: kmock.Request) -> Any:
         if request.resource is not None and request.action == enums.action.WATCH:
             self.watches.append((str(request.resource.group), str(request.resource.plural)))
         if request.resource is None or request.action not in (
@@ -265,7 +284,13 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             new = merge(current, request.data or {})
 
         if request.subresource == "status":
-            new = {**current, "status": new.get("status", {})}
+            # A copy of metadata: the resourceVersion bump below must differ from `current`, or
+            # the diff leaves it out and status writes never move the resourceVersion.
+            new = {
+                **current,
+                "metadata": copy.deepcopy(current.get("metadata", {})),
+                "status": new.get("status", {}),
+            }
         elif request.subresource is None and "status" in current:
             # The main resource ignores status, as with a status subresource.
             new["status"] = current["status"]

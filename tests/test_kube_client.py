@@ -65,3 +65,25 @@ def test_rbac_rules_cover_subresources() -> None:
     deploy = next(r for r in rules if r["resources"] == ["deployments"])
     assert set(deploy["verbs"]) == set(DEPLOYMENTS.verbs)
     assert not any("secrets" in r["resources"] for r in rules)
+
+
+async def test_emulator_status_writes_move_the_resource_version(api: Any, cluster: Any) -> None:
+    """As the API server: a status write bumps resourceVersion, so a second write that carries
+    the version its writer read before the first one is refused (409), not applied over it."""
+    from tests.test_modeldeployment_operator import MD_PATH, NS, model
+    from trimtab.kube.client import KubeError
+    from trimtab.kube.resources import MODELDEPLOYMENTS
+
+    created = await cluster.create(MD_PATH, model("rv"))
+    read = created["metadata"]["resourceVersion"]
+    first = await cluster.kube.patch_status(
+        MODELDEPLOYMENTS, NS, "rv", {"conditions": [{"type": "A"}]}, read
+    )
+    assert first["metadata"]["resourceVersion"] != read
+    with pytest.raises(KubeError) as err:
+        await cluster.kube.patch_status(
+            MODELDEPLOYMENTS, NS, "rv", {"conditions": [{"type": "B"}]}, read
+        )
+    assert err.value.conflict
+    stored = await cluster.get(f"{MD_PATH}/rv")
+    assert stored is not None and stored["status"]["conditions"] == [{"type": "A"}]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime
 import math
+from collections.abc import Callable
 from typing import Any, cast
 
 import kopf
@@ -368,30 +369,28 @@ async def rollout_once(
         # reads when nothing differs.
         await _route_as_status_says(kube, parsed, rollout, owner, after, total, ready)
 
-    conditions = rollout_conditions(
-        [Condition.model_validate(c) for c in status.get("conditions") or []],
-        after,
-        action,
-        metrics_error if judged else "",
-        note,
-        now_rfc3339(),
-    )
-    patch: dict[str, Any] = {}
-    rollout_patch = replace_patch(status.get("rollout") or {}, after.to_wire())
-    if rollout_patch:
-        patch["rollout"] = rollout_patch
-    wire_conditions = [c.to_wire() for c in conditions]
-    if wire_conditions != status.get("conditions"):
-        patch["conditions"] = wire_conditions
-    if patch:
-        try:
-            await kube.patch_status(
-                MODELDEPLOYMENTS, namespace, name, patch, body["metadata"].get("resourceVersion")
-            )
-        except KubeError as err:
-            if not err.conflict:
-                raise
-            return 1.0  # status moved under us: redo the loop from a fresh read
+    def status_patch(current: dict[str, Any]) -> dict[str, Any]:
+        """What to write over `current` status: the rollout part, and the conditions list
+        (which a merge patch replaces whole) rebuilt on `current`'s conditions."""
+        conditions = rollout_conditions(
+            [Condition.model_validate(c) for c in current.get("conditions") or []],
+            after,
+            action,
+            metrics_error if judged else "",
+            note,
+            now_rfc3339(),
+        )
+        out: dict[str, Any] = {}
+        rollout_patch = replace_patch(current.get("rollout") or {}, after.to_wire())
+        if rollout_patch:
+            out["rollout"] = rollout_patch
+        wire_conditions = [c.to_wire() for c in conditions]
+        if wire_conditions != current.get("conditions"):
+            out["conditions"] = wire_conditions
+        return out
+
+    if not await write_rollout_status(kube, namespace, name, body, status, status_patch):
+        return 1.0  # the rollout moved under us: redo the loop from a fresh read
 
     stale = set(observed) - plan_after.keep
     if stale or moved:
@@ -408,6 +407,43 @@ async def rollout_once(
             {"metadata": {"annotations": {ROLLOUT_ACTION_ANNOTATION: None}}},
         )
     return interval
+
+
+async def write_rollout_status(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    body: Json,
+    status: dict[str, Any],
+    status_patch: Callable[[dict[str, Any]], dict[str, Any]],
+    attempts: int = 5,
+) -> bool:
+    """Record what this loop did. Other writers (the Deployment watch's status, the
+    autoscaler) write other parts of status all the time, so a write from this loop's read can
+    be refused (409) without anything of the rollout's having changed: then the patch is
+    rebuilt on a fresh read and sent again. The loop has acted already (Deployments, routes);
+    losing its record to such a race would have the next loop act again and, while the race
+    lasts, never record the step. False when status.rollout itself changed meanwhile (the
+    caller redoes the loop) or the races outlast `attempts`."""
+    current, version = status, body["metadata"].get("resourceVersion")
+    for _ in range(attempts):
+        patch = status_patch(current)
+        if not patch:
+            return True
+        try:
+            await kube.patch_status(MODELDEPLOYMENTS, namespace, name, patch, version)
+            return True
+        except KubeError as err:
+            if not err.conflict:
+                raise
+        fresh = await kube.get(MODELDEPLOYMENTS, namespace, name)
+        if fresh is None:
+            return False
+        fresh_status = dict(fresh.get("status") or {})
+        if (fresh_status.get("rollout") or {}) != (status.get("rollout") or {}):
+            return False
+        current, version = fresh_status, fresh["metadata"].get("resourceVersion")
+    return False
 
 
 async def _route(
