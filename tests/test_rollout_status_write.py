@@ -1,7 +1,8 @@
-"""How the rollout loop records what it did when other writers change status under it: a 409
-caused by someone else's write to another part of status is retried on a fresh read (the loop
-has acted already and must not lose its record), one caused by a change to status.rollout is
-not."""
+"""Status writes under races with other writers. The rollout loop: a 409 caused by someone
+else's write to another part of status is retried on a fresh read (the loop has acted already
+and must not lose its record), one caused by a change to status.rollout is not. The reconcile:
+its status is written with the resourceVersion it was computed from, so a condition another
+loop set meanwhile is kept."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ class RacingKube:
         return {}
 
     async def get(self, res: Any, namespace: str, name: str) -> dict[str, Any]:
-        return {"metadata": {"resourceVersion": str(self.version)}, "status": self.status}
+        meta = {"name": name, "namespace": namespace, "uid": "u1", "generation": 1}
+        return {"metadata": {**meta, "resourceVersion": str(self.version)}, "status": self.status}
 
 
 def patch_on(current: dict[str, Any]) -> dict[str, Any]:
@@ -94,3 +96,34 @@ async def test_write_rollout_status(
         assert types == [c["type"] for c in theirs.get("conditions", [{"type": "Ready"}])] + [
             "RolledBack"
         ]
+
+
+async def test_reconcile_status_keeps_a_condition_written_while_it_ran() -> None:
+    """The reconcile computes status from the body kopf gave it; the rollout loop sets
+    RolledBack meanwhile. The reconcile's write is refused (409), recomputed on a fresh read
+    and keeps RolledBack, where a write through kopf's patch would have replaced the list."""
+    from trimtab.builders.serving import revision_of
+    from trimtab.decisions.serving import DeploymentObservation
+    from trimtab.handlers.modeldeployment import parse_spec, write_reconciled_status
+
+    spec, problems = parse_spec({"image": "srv:1"})
+    assert spec is not None and not problems
+    rev = revision_of(spec)
+    rolled_back = {"type": "RolledBack", "status": "True", "reason": "RolledBack"}
+    kube = RacingKube(1, {"conditions": [rolled_back]})
+    kube.status = {}
+    body = {
+        "metadata": {"name": "chat", "namespace": "ml", "uid": "u1", "resourceVersion": "1"},
+        "status": {},
+    }
+    obs = DeploymentObservation(rev, f"chat-{rev}", 1, 1, 1, 1, 1, 1, 1)
+    await write_reconciled_status(
+        kube,  # type: ignore[arg-type]  # the two calls it makes, faked
+        body,
+        spec,
+        {("ml", "chat"): [obs]},  # type: ignore[arg-type]  # the index, as a mapping
+        1,
+    )
+    assert len(kube.sent) == 2
+    assert kube.status["observedGeneration"] == 1 and kube.status["phase"] == "Ready"
+    assert "RolledBack" in {c["type"] for c in kube.status["conditions"]}

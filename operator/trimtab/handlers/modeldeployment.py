@@ -230,10 +230,52 @@ async def _reconcile(
         )
         logger.info("revision %s applied", revision)
 
-    desired, _ = desired_status(body, plan.status_revision, observations, generation, now_rfc3339())
-    desired["observedGeneration"] = generation
-    for key_, value in merge_patch(dict(body.get("status") or {}), desired).items():
-        patch.status[key_] = value
+    await write_reconciled_status(kube, body, parsed, index, generation)
+
+
+async def write_reconciled_status(
+    kube: KubeClient,
+    body: Any,
+    spec: ModelDeploymentSpec,
+    index: kopf.Index[IndexKey, DeploymentObservation],
+    generation: int,
+    attempts: int = 3,
+) -> None:
+    """Write the status that follows the Deployments, with observedGeneration. Written here
+    with the resourceVersion it was computed from, not through kopf's patch (applied after
+    the handler, over whatever the rollout loop or the Deployment watch wrote meanwhile: the
+    conditions list, which a merge patch replaces whole, would lose their conditions). A
+    refusal (409) recomputes from a fresh read."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    current = body
+    for _ in range(attempts):
+        status = dict(current.get("status") or {})
+        revision = plan_for(spec, status).status_revision
+        desired, _ = desired_status(
+            current, revision, _observations(index, (namespace, name)), generation, now_rfc3339()
+        )
+        desired["observedGeneration"] = generation
+        changes = merge_patch(status, desired)
+        if not changes:
+            return
+        try:
+            await kube.patch_status(
+                MODELDEPLOYMENTS,
+                namespace,
+                name,
+                changes,
+                current["metadata"].get("resourceVersion"),
+            )
+            return
+        except KubeError as err:
+            if not err.conflict:
+                raise
+        fresh = await kube.get(MODELDEPLOYMENTS, namespace, name)
+        if fresh is None or int(fresh["metadata"].get("generation") or 0) != generation:
+            return  # gone, or a newer spec whose own reconcile writes its status
+        current = fresh
+    raise kopf.TemporaryError("status kept changing under the reconcile; retrying", delay=1)
 
 
 def plan_for(spec: ModelDeploymentSpec, status: dict[str, Any]) -> RevisionPlan:
