@@ -79,12 +79,10 @@ async def test_write_rollout_status(
 ) -> None:
     kube = RacingKube(races, theirs)
     body = {"metadata": {"resourceVersion": "1"}, "status": dict(kube.status)}
+    body["metadata"].update(name="chat", namespace="ml")
     ok = await write_rollout_status(
         kube,  # type: ignore[arg-type]  # the two calls it makes, faked
-        "ml",
-        "chat",
         body,
-        dict(kube.status),
         patch_on,
     )
     assert ok is written
@@ -113,7 +111,13 @@ async def test_reconcile_status_keeps_a_condition_written_while_it_ran() -> None
     kube = RacingKube(1, {"conditions": [rolled_back]})
     kube.status = {}
     body = {
-        "metadata": {"name": "chat", "namespace": "ml", "uid": "u1", "resourceVersion": "1"},
+        "metadata": {
+            "name": "chat",
+            "namespace": "ml",
+            "uid": "u1",
+            "resourceVersion": "1",
+            "generation": 1,
+        },
         "status": {},
     }
     obs = DeploymentObservation(rev, f"chat-{rev}", 1, 1, 1, 1, 1, 1, 1)

@@ -34,7 +34,7 @@ from trimtab.decisions.conditions import get_condition, set_condition
 from trimtab.decisions.rightsizing import effective_spec
 from trimtab.decisions.rollout import RevisionPlan, plan_revisions, spec_with_model
 from trimtab.decisions.serving import DeploymentObservation, find_spec_problems, serving_state
-from trimtab.kube.client import KubeClient, KubeError
+from trimtab.kube.client import KubeClient, KubeError, patch_status_from
 from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS
 from trimtab.observability import RECONCILE_SECONDS, RECONCILES
 
@@ -239,43 +239,31 @@ async def write_reconciled_status(
     spec: ModelDeploymentSpec,
     index: kopf.Index[IndexKey, DeploymentObservation],
     generation: int,
-    attempts: int = 3,
 ) -> None:
     """Write the status that follows the Deployments, with observedGeneration. Written here
-    with the resourceVersion it was computed from, not through kopf's patch (applied after
-    the handler, over whatever the rollout loop or the Deployment watch wrote meanwhile: the
-    conditions list, which a merge patch replaces whole, would lose their conditions). A
-    refusal (409) recomputes from a fresh read."""
-    meta = body["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    current = body
-    for _ in range(attempts):
+    with the resourceVersion it was computed from (patch_status_from), not through kopf's
+    patch: that is applied after the handler, over whatever the rollout loop or the Deployment
+    watch wrote meanwhile, and the conditions list, which a merge patch replaces whole, would
+    lose their conditions."""
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
+
+    def compute(current: Any) -> dict[str, Any] | None:
+        if int(current["metadata"].get("generation") or 0) != generation:
+            return None  # a newer spec, whose own reconcile writes its status
         status = dict(current.get("status") or {})
         revision = plan_for(spec, status).status_revision
         desired, _ = desired_status(
-            current, revision, _observations(index, (namespace, name)), generation, now_rfc3339()
+            current, revision, _observations(index, key), generation, now_rfc3339()
         )
         desired["observedGeneration"] = generation
-        changes = merge_patch(status, desired)
-        if not changes:
-            return
-        try:
-            await kube.patch_status(
-                MODELDEPLOYMENTS,
-                namespace,
-                name,
-                changes,
-                current["metadata"].get("resourceVersion"),
-            )
-            return
-        except KubeError as err:
-            if not err.conflict:
-                raise
-        fresh = await kube.get(MODELDEPLOYMENTS, namespace, name)
-        if fresh is None or int(fresh["metadata"].get("generation") or 0) != generation:
-            return  # gone, or a newer spec whose own reconcile writes its status
-        current = fresh
-    raise kopf.TemporaryError("status kept changing under the reconcile; retrying", delay=1)
+        return merge_patch(status, desired)
+
+    try:
+        await patch_status_from(kube, MODELDEPLOYMENTS, body, compute)
+    except KubeError as err:
+        if not err.conflict:
+            raise
+        raise kopf.TemporaryError("status kept changing under the reconcile", delay=1) from err
 
 
 def plan_for(spec: ModelDeploymentSpec, status: dict[str, Any]) -> RevisionPlan:

@@ -283,3 +283,40 @@ class KubeClient:
                 return False
             raise
         return True
+
+
+async def patch_status_from(
+    kube: KubeClient,
+    res: Resource,
+    body: Json,
+    compute: Callable[[Json], Json | None],
+    attempts: int = 3,
+) -> bool:
+    """Write the status patch `compute` makes from `body`, with body's resourceVersion as a
+    precondition, so it never lands over a change it did not see (a merge patch replaces a
+    list such as status.conditions whole). A refusal (409) re-reads the object and asks
+    `compute` again, `attempts` times in all; the last refusal is raised.
+
+    `compute` returns the patch ({} when nothing needs writing) or None to give up (what it
+    was computed for has changed). True when status holds the patch; False when `compute`
+    gave up or the object is gone."""
+    current = body
+    for attempt in range(attempts):
+        patch = compute(current)
+        if patch is None:
+            return False
+        if not patch:
+            return True
+        meta = current["metadata"]
+        namespace, name = meta.get("namespace", ""), meta["name"]
+        try:
+            await kube.patch_status(res, namespace, name, patch, meta.get("resourceVersion"))
+            return True
+        except KubeError as err:
+            if not err.conflict or attempt == attempts - 1:
+                raise
+        fresh = await kube.get(res, namespace, name)
+        if fresh is None:
+            return False
+        current = fresh
+    return False
