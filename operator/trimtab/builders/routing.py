@@ -90,6 +90,12 @@ def build_http_route(owner: Owner, router: GatewayApiRouterSpec, split: Split) -
                     },
                 }
             ]
+    return _http_route(owner, router, rule)
+
+
+def _http_route(owner: Owner, router: GatewayApiRouterSpec, rule: Manifest) -> Manifest:
+    """The HTTPRoute `router` names with `rule` as its one rule: the whole route when trimtab
+    owns it (parentRefs), only the rules of the user's route otherwise."""
     name = http_route_name(owner, router)
     spec: Manifest = {"rules": [rule]}
     if router.parent_refs is not None:
@@ -133,6 +139,11 @@ def build_virtual_service(owner: Owner, router: IstioRouterSpec, split: Split) -
         if split.mirror_percent:
             http["mirror"] = {"host": cand_host, "port": {"number": split.port}}
             http["mirrorPercentage"] = {"value": float(split.mirror_percent)}
+    return _virtual_service(owner, router, http)
+
+
+def _virtual_service(owner: Owner, router: IstioRouterSpec, http: Manifest) -> Manifest:
+    """The VirtualService for `router.host` with `http` as its one HTTP route."""
     spec: Manifest = {"hosts": [router.host], "http": [http]}
     if router.gateways:
         spec["gateways"] = list(router.gateways)
@@ -250,9 +261,8 @@ def build_released_route(
     {'host': 'llm.ml.svc.cluster.local', 'port': {'number': 80}}
     """
     if isinstance(router, GatewayApiRouterSpec):
-        route = build_http_route(owner, router, Split("released", None, port))
-        route["spec"]["rules"] = [{"backendRefs": [{"name": owner.name, "port": port}]}]
-        return route
-    vs = build_virtual_service(owner, router, Split("released", None, port))
-    vs["spec"]["http"][0]["route"][0]["destination"]["host"] = _fqdn(owner, owner.name)
-    return vs
+        return _http_route(owner, router, {"backendRefs": [{"name": owner.name, "port": port}]})
+    destination = {"host": _fqdn(owner, owner.name), "port": {"number": port}}
+    return _virtual_service(
+        owner, router, {"name": "trimtab", "route": [{"destination": destination, "weight": 100}]}
+    )

@@ -66,7 +66,7 @@ from trimtab.handlers.modeldeployment import (
     parse_spec,
     plan_for,
 )
-from trimtab.kube.client import KubeClient, KubeError
+from trimtab.kube.client import KubeClient, KubeError, patch_status_from
 from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS, SERVICES, for_manifest
 from trimtab.metrics.base import QueryResult
 from trimtab.metrics.factory import ProviderPool
@@ -161,9 +161,7 @@ async def release_router(
             owner, before, serving_ports(parsed)[0], KubeRouterClient(kube)
         )
         if route_of(owner, after) is None:
-            for svc in await kube.list(SERVICES, owner.namespace, owner_labels(owner)):
-                if (svc["metadata"].get("labels") or {}).get(C.LABEL_REVISION):
-                    await kube.delete(SERVICES, owner.namespace, svc["metadata"]["name"])
+            await delete_revision_services(kube, owner, frozenset())
     if released is not None:
         message = (
             f"{released.kind} {released.name} sends all traffic to Service {owner.name}: "
@@ -389,7 +387,7 @@ async def rollout_once(
             out["conditions"] = wire_conditions
         return out
 
-    if not await write_rollout_status(kube, namespace, name, body, status, status_patch):
+    if not await write_rollout_status(kube, body, status_patch):
         return 1.0  # the rollout moved under us: redo the loop from a fresh read
 
     stale = set(observed) - plan_after.keep
@@ -411,39 +409,31 @@ async def rollout_once(
 
 async def write_rollout_status(
     kube: KubeClient,
-    namespace: str,
-    name: str,
     body: Json,
-    status: dict[str, Any],
     status_patch: Callable[[dict[str, Any]], dict[str, Any]],
     attempts: int = 5,
 ) -> bool:
     """Record what this loop did. Other writers (the Deployment watch's status, the
     autoscaler) write other parts of status all the time, so a write from this loop's read can
     be refused (409) without anything of the rollout's having changed: then the patch is
-    rebuilt on a fresh read and sent again. The loop has acted already (Deployments, routes);
-    losing its record to such a race would have the next loop act again and, while the race
-    lasts, never record the step. False when status.rollout itself changed meanwhile (the
-    caller redoes the loop) or the races outlast `attempts`."""
-    current, version = status, body["metadata"].get("resourceVersion")
-    for _ in range(attempts):
-        patch = status_patch(current)
-        if not patch:
-            return True
-        try:
-            await kube.patch_status(MODELDEPLOYMENTS, namespace, name, patch, version)
-            return True
-        except KubeError as err:
-            if not err.conflict:
-                raise
-        fresh = await kube.get(MODELDEPLOYMENTS, namespace, name)
-        if fresh is None:
-            return False
-        fresh_status = dict(fresh.get("status") or {})
-        if (fresh_status.get("rollout") or {}) != (status.get("rollout") or {}):
-            return False
-        current, version = fresh_status, fresh["metadata"].get("resourceVersion")
-    return False
+    rebuilt on a fresh read and sent again (patch_status_from). The loop has acted already
+    (Deployments, routes); losing its record to such a race would have the next loop act again
+    and, while the race lasts, never record the step. False when status.rollout itself changed
+    meanwhile (the caller redoes the loop) or the races outlast `attempts`."""
+    read = (body.get("status") or {}).get("rollout") or {}
+
+    def compute(current: Json) -> Json | None:
+        status = dict(current.get("status") or {})
+        if (status.get("rollout") or {}) != read:
+            return None
+        return status_patch(status)
+
+    try:
+        return await patch_status_from(kube, MODELDEPLOYMENTS, body, compute, attempts)
+    except KubeError as err:
+        if not err.conflict:
+            raise
+        return False
 
 
 async def _route(
@@ -536,11 +526,16 @@ async def retire(
             gone.append(revision)
             logger.info("retired revision %s of %s/%s", revision, owner.namespace, owner.name)
     if mesh:
-        for svc in await kube.list(SERVICES, owner.namespace, owner_labels(owner)):
-            svc_revision = (svc["metadata"].get("labels") or {}).get(C.LABEL_REVISION)
-            if svc_revision and svc_revision not in keep:
-                await kube.delete(SERVICES, owner.namespace, svc["metadata"]["name"])
+        await delete_revision_services(kube, owner, keep)
     return gone
+
+
+async def delete_revision_services(kube: KubeClient, owner: Owner, keep: frozenset[str]) -> None:
+    """Delete the owner's per-revision Services (a mesh router's) but those of `keep`."""
+    for svc in await kube.list(SERVICES, owner.namespace, owner_labels(owner)):
+        revision = (svc["metadata"].get("labels") or {}).get(C.LABEL_REVISION)
+        if revision and revision not in keep:
+            await kube.delete(SERVICES, owner.namespace, svc["metadata"]["name"])
 
 
 # --- status, conditions, Events, metrics ------------------------------------------------------
