@@ -169,24 +169,14 @@ class AnalysisResult:
     reason: str
 
 
-def fail_threshold(false_rollback_rate: float, checks: int) -> float:
-    """log e-value at which one check fails the round on its own, whatever the others hold:
-    the target rate split evenly over the checks, e.g. 1% over 4 checks -> log(400) = 5.99.
-    (The mean of the checks' e-values then reaches 1/rate; see `combined_log_evidence`.)
-
-    >>> round(fail_threshold(0.01, 4), 2), round(fail_threshold(0.01, 1), 2)
-    (5.99, 4.61)
-    """
-    return math.log(max(checks, 1) / false_rollback_rate)
-
-
 def combined_log_evidence(log_evidences: Sequence[float]) -> float:
     """log of the mean of the checks' e-values: the evidence against "every check's null
     holds". The round fails once it reaches log(1/falseRollbackRate).
 
     The mean is at least the largest e-value over the number of checks, so a check alone past
-    `fail_threshold` always fails the round; and where several checks each see part of a
-    regression their evidence adds up instead of each needing the whole threshold alone.
+    log(checks/falseRollbackRate) (the even Bonferroni split) always fails the round; and
+    where several checks each see part of a regression their evidence adds up instead of each
+    needing the whole threshold alone.
 
     Worked examples (log evidence per check; the round fails at log(1/0.01) = 4.61):
 
