@@ -115,6 +115,11 @@ def make_traces(seed: int) -> dict[str, Demand]:
 # Recommenders
 
 
+def nearest_rank(ordered: list[float], q: float) -> float:
+    """The nearest-rank percentile `q` of sorted values."""
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
 class Recommender(Protocol):
     name: str
 
@@ -302,7 +307,7 @@ class Krr:
         recent_mem = [v for s, v in self.memory if s > t - 336 * HOUR]
         if len(recent_cpu) < 100:
             return None
-        cpu = recent_cpu[min(len(recent_cpu) - 1, math.ceil(0.95 * len(recent_cpu)) - 1)]
+        cpu = nearest_rank(recent_cpu, 0.95)
         mem = max(recent_mem) * 1.15
         if abs(cpu - request[0]) / request[0] > 0.1 or abs(mem - request[1]) / request[1] > 0.1:
             return cpu, mem
@@ -337,9 +342,8 @@ class ClairvoyantDaily:
         self.next_at = t + DAY
         # A change restarts the container at t, so the leak's age counts from t.
         ahead = [self.demand(t + k * STEP, k * STEP) for k in range(int(DAY / STEP))]
-        cpu = sorted(c for c, _ in ahead)
-        index = min(len(cpu) - 1, math.ceil(self.percentile * len(cpu)) - 1)
-        return cpu[index], max(m for _, m in ahead)
+        cpu = nearest_rank(sorted(c for c, _ in ahead), self.percentile)
+        return cpu, max(m for _, m in ahead)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,22 @@ def canary(ns: str) -> dict[str, Any]:
     }
 
 
+async def require_gateway_api(kube: KubeClient) -> None:
+    try:
+        await kube.request(
+            "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{HTTPROUTE_CRD}"
+        )
+    except KubeError as err:
+        if err.not_found:
+            pytest.skip("the Gateway API CRDs are not installed in this cluster")
+        raise
+
+
+async def rollout_field(kube: KubeClient, ns: str, field: str) -> Any:
+    body = await kube.request("GET", md_path(ns, "web"))
+    return ((body.get("status") or {}).get("rollout") or {}).get(field)
+
+
 async def route_weights(kube: KubeClient, ns: str) -> dict[str, int]:
     try:
         route = await kube.request(
@@ -64,23 +80,11 @@ async def test_image_change_adds_candidate_to_the_http_route(
     operator: KubeClient, namespace: str
 ) -> None:
     kube = operator
-    try:
-        await kube.request(
-            "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{HTTPROUTE_CRD}"
-        )
-    except KubeError as err:
-        if err.not_found:
-            pytest.skip("the Gateway API CRDs are not installed in this cluster")
-        raise
+    await require_gateway_api(kube)
 
     await kube.request("POST", md_path(namespace), body=canary(namespace))
 
-    async def stable() -> str | None:
-        body = await kube.request("GET", md_path(namespace, "web"))
-        rollout = (body.get("status") or {}).get("rollout") or {}
-        return rollout.get("stableRevision")
-
-    a = await wait_until(stable)
+    a = await wait_until(lambda: rollout_field(kube, namespace, "stableRevision"))
     stable_svc = revision_service_name("web", a)
 
     async def route_for_stable() -> bool:
@@ -95,12 +99,7 @@ async def test_image_change_adds_candidate_to_the_http_route(
         content_type="application/merge-patch+json",
     )
 
-    async def candidate() -> str | None:
-        body = await kube.request("GET", md_path(namespace, "web"))
-        rollout = (body.get("status") or {}).get("rollout") or {}
-        return rollout.get("candidateRevision")
-
-    b = await wait_until(candidate)
+    b = await wait_until(lambda: rollout_field(kube, namespace, "candidateRevision"))
     cand_svc = revision_service_name("web", b)
 
     async def candidate_at_zero() -> bool:
@@ -126,22 +125,11 @@ async def test_removing_the_rollout_hands_the_route_back(
     """Needs no running pods: the first revision is stable at once; dropping spec.rollout points
     the HTTPRoute at the resource's Service and removes the per-revision Services."""
     kube = operator
-    try:
-        await kube.request(
-            "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{HTTPROUTE_CRD}"
-        )
-    except KubeError as err:
-        if err.not_found:
-            pytest.skip("the Gateway API CRDs are not installed in this cluster")
-        raise
+    await require_gateway_api(kube)
 
     await kube.request("POST", md_path(namespace), body=canary(namespace))
 
-    async def stable() -> str | None:
-        body = await kube.request("GET", md_path(namespace, "web"))
-        return ((body.get("status") or {}).get("rollout") or {}).get("stableRevision")
-
-    a = await wait_until(stable)
+    a = await wait_until(lambda: rollout_field(kube, namespace, "stableRevision"))
 
     async def route_for_stable() -> bool:
         return await route_weights(kube, namespace) == {revision_service_name("web", a): 100}

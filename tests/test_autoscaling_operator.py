@@ -6,6 +6,8 @@ stops -> MetricsAvailable goes False with the error text and nothing scales down
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +45,12 @@ def autoscaled_model(prometheus_url: str) -> dict[str, Any]:
     )
 
 
-async def test_queue_scales_up_and_a_dead_prometheus_freezes_scale_down(
-    api: ApiServerEmulator, cluster: Cluster, run_operator: Any, tmp_path: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def quiet_server(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[MetricsExporter, PrometheusServer, str]]:
+    """A vLLM exporter for the ModelDeployment's revision, quiet (a little load, nothing
+    waiting), scraped by a real Prometheus: (exporter, prometheus, revision)."""
     binary = require_prometheus()
     exporter = MetricsExporter("vllm", model="m").start()
     placeholder = autoscaled_model("http://127.0.0.1:9")
@@ -58,11 +63,20 @@ async def test_queue_scales_up_and_a_dead_prometheus_freezes_scale_down(
     )
     prometheus = PrometheusServer([target], tmp_path / "prom", binary=binary).start()
     try:
-        # Quiet at first: a little load, nothing waiting.
         exporter.set_queue(0)
         exporter.set_running(1)
         exporter.set_load(1.0, 0.5)
         await asyncio.to_thread(prometheus.wait_for_scrapes)
+        yield exporter, prometheus, revision
+    finally:
+        prometheus.stop()
+        exporter.stop()
+
+
+async def test_queue_scales_up_and_a_dead_prometheus_freezes_scale_down(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any, tmp_path: Path
+) -> None:
+    async with quiet_server(tmp_path) as (exporter, prometheus, revision):
         deploy_path = f"{DEPLOY_PATH}/{deployment_name('chat', revision)}"
 
         async with run_operator():
@@ -124,9 +138,6 @@ async def test_queue_scales_up_and_a_dead_prometheus_freezes_scale_down(
             await asyncio.sleep(3.5)  # three more loops without metrics
             after = (await cluster.get(deploy_path) or {})["spec"]["replicas"]
             assert after >= before
-    finally:
-        prometheus.stop()
-        exporter.stop()
 
 
 async def test_steady_load_writes_status_once_per_refresh_and_a_step_at_once(
@@ -135,23 +146,8 @@ async def test_steady_load_writes_status_once_per_refresh_and_a_step_at_once(
     """A loop every second decides every second, but with nothing changing it writes
     status.autoscaling once per refresh period, not once per loop; a queue step is still acted
     on and written within a loop or two."""
-    binary = require_prometheus()
-    exporter = MetricsExporter("vllm", model="m").start()
-    placeholder = autoscaled_model("http://127.0.0.1:9")
-    revision = revision_of(ModelDeploymentSpec.model_validate(placeholder["spec"]))
-    target = PodTarget(
-        exporter.address,
-        namespace=NS,
-        pod=f"chat-{revision}-0",
-        labels={C.LABEL_OWNER: "chat", C.LABEL_REVISION: revision, C.LABEL_MANAGED_BY: "trimtab"},
-    )
-    prometheus = PrometheusServer([target], tmp_path / "prom", binary=binary).start()
     refresh = 5.0
-    try:
-        exporter.set_queue(0)
-        exporter.set_running(1)
-        exporter.set_load(1.0, 0.5)
-        await asyncio.to_thread(prometheus.wait_for_scrapes)
+    async with quiet_server(tmp_path) as (exporter, prometheus, revision):
         deploy_path = f"{DEPLOY_PATH}/{deployment_name('chat', revision)}"
         status_path = f"{MD_PATH}/chat/status"
 
@@ -202,6 +198,3 @@ async def test_steady_load_writes_status_once_per_refresh_and_a_step_at_once(
 
             auto = await wait_for(written, timeout=refresh / 2)
             assert auto["action"] == "up" and auto["reason"]
-    finally:
-        prometheus.stop()
-        exporter.stop()

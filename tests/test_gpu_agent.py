@@ -3,6 +3,7 @@ pynvml boundary; plus a `gpu` test against a real NVIDIA GPU when there is one."
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import subprocess
 import sys
@@ -360,25 +361,44 @@ ALLOCATE = textwrap.dedent(
 )
 
 
-@pytest.mark.gpu
-def test_real_gpu_attributes_memory_to_the_allocating_process() -> None:
-    """A child process allocates 512 MiB through the CUDA driver API (libcuda via ctypes, no
-    framework needed); the agent's NVML reader must list that PID with at least that much."""
+@contextlib.contextmanager
+def nvml_reader() -> Iterator[NvmlReader]:
+    reader = NvmlReader()
+    try:
+        yield reader
+    finally:
+        reader.shutdown()
+
+
+@contextlib.contextmanager
+def allocating_child(size: int) -> Iterator[subprocess.Popen[str]]:
+    """A child process holding `size` bytes of GPU memory (CUDA driver API through ctypes, no
+    framework needed) until the block ends; skips without a GPU."""
     if not _have_gpu():
         pytest.skip("no NVIDIA GPU or driver")
     libcuda = ctypes.util.find_library("cuda") or "libcuda.so.1"
-    size = 512 * 2**20
     child = subprocess.Popen(
         [sys.executable, "-c", ALLOCATE, libcuda, str(size)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    reader = NvmlReader()
     try:
         assert child.stdout is not None
         line = child.stdout.readline()
         assert line.strip() == "allocated", child.stderr.read() if child.stderr else line
+        yield child
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+
+
+@pytest.mark.gpu
+def test_real_gpu_attributes_memory_to_the_allocating_process() -> None:
+    """A child process allocates 512 MiB through the CUDA driver API (libcuda via ctypes, no
+    framework needed); the agent's NVML reader must list that PID with at least that much."""
+    size = 512 * 2**20
+    with allocating_child(size) as child, nvml_reader() as reader:
         deadline = time.monotonic() + 15
         mine: list[agent_mod.GpuProcess] = []
         while time.monotonic() < deadline and not mine:
@@ -389,10 +409,6 @@ def test_real_gpu_attributes_memory_to_the_allocating_process() -> None:
         assert mine, f"PID {child.pid} not among {reader.read()}"
         assert sum(p.memory_bytes for p in mine) >= size
         assert all(p.gpu_model for p in mine)
-    finally:
-        child.kill()
-        child.wait(timeout=10)
-        reader.shutdown()
 
 
 @pytest.mark.gpu
@@ -401,22 +417,8 @@ def test_real_gpu_agent_exports_the_allocating_container(tmp_path: Path) -> None
     in a pod here, so a /proc stand-in gives its PID the cgroup line a containerd pod would have
     (the only thing faked); the agent must export its memory under that pod UID and container ID,
     and report NVML up."""
-    if not _have_gpu():
-        pytest.skip("no NVIDIA GPU or driver")
-    libcuda = ctypes.util.find_library("cuda") or "libcuda.so.1"
     size = 768 * 2**20
-    child = subprocess.Popen(
-        [sys.executable, "-c", ALLOCATE, libcuda, str(size)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    reader = NvmlReader()
-    server = None
-    try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        assert line.strip() == "allocated", child.stderr.read() if child.stderr else line
+    with allocating_child(size) as child, nvml_reader() as reader:
         proc = tmp_path / "proc" / str(child.pid)
         proc.mkdir(parents=True)
         proc.joinpath("cgroup").write_text(
@@ -426,31 +428,28 @@ def test_real_gpu_agent_exports_the_allocating_container(tmp_path: Path) -> None
         assert reader.ensure_init()
         collector = GpuUsageCollector(reader, None, tmp_path / "proc")
         server, _ = serve(collector, "127.0.0.1", 0)
-        url = f"http://127.0.0.1:{server.server_port}/metrics"
-        deadline = time.monotonic() + 15
-        memory: list[Any] = []
-        up: list[Any] = []
-        while time.monotonic() < deadline and not memory:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                text = response.read().decode()
-            families = {f.name: f for f in text_string_to_metric_families(text)}
-            memory = [
-                s
-                for s in families["trimtab_gpu_memory_used_bytes"].samples
-                if s.labels.get("pod_uid") == UID_A
-            ]
-            up = families["trimtab_gpu_agent_nvml_up"].samples
-            if not memory:
-                time.sleep(0.5)
-        print("exported for the child's container:", memory, "nvml_up:", up)
-        assert memory, text
-        assert memory[0].labels["container_id"] == CID_A
-        assert memory[0].labels["gpu_model"]
-        assert sum(s.value for s in memory) >= size
-        assert up and up[0].value == 1.0
-    finally:
-        if server is not None:
+        try:
+            url = f"http://127.0.0.1:{server.server_port}/metrics"
+            deadline = time.monotonic() + 15
+            memory: list[Any] = []
+            up: list[Any] = []
+            while time.monotonic() < deadline and not memory:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    text = response.read().decode()
+                families = {f.name: f for f in text_string_to_metric_families(text)}
+                memory = [
+                    s
+                    for s in families["trimtab_gpu_memory_used_bytes"].samples
+                    if s.labels.get("pod_uid") == UID_A
+                ]
+                up = families["trimtab_gpu_agent_nvml_up"].samples
+                if not memory:
+                    time.sleep(0.5)
+        finally:
             server.shutdown()
-        child.kill()
-        child.wait(timeout=10)
-        reader.shutdown()
+    print("exported for the child's container:", memory, "nvml_up:", up)
+    assert memory, text
+    assert memory[0].labels["container_id"] == CID_A
+    assert memory[0].labels["gpu_model"]
+    assert sum(s.value for s in memory) >= size
+    assert up and up[0].value == 1.0
