@@ -352,6 +352,8 @@ def test_gpu_agent_runs_on_gpu_nodes_with_host_pids() -> None:
     # It must not request a GPU: that would take one away from the workloads it measures.
     assert not any("nvidia.com" in k for k in container["resources"].get("limits", {}))
     assert container["ports"] == [{"name": "gpu-metrics", "containerPort": 9400, "protocol": "TCP"}]
+    # Liveness must not read NVML: a failing GPU would otherwise restart the agent in a loop.
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "gpu-metrics"}
     service = one(docs, "Service", f"{RELEASE}-gpu-agent")
     assert service["spec"]["clusterIP"] == "None"
     no_runtime = one(render({"gpuAgent": {"enabled": True, "runtimeClassName": ""}}), "DaemonSet")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes.util
+import logging
 import subprocess
 import sys
 import textwrap
@@ -139,6 +140,15 @@ class FakeNvml:
         }
         self.since: list[int] = []
         self.fail_init: int | None = None
+        # (NVML function, handle) -> the NVML error it raises from now on; handle None: any.
+        self.failing: dict[tuple[str, Any], int] = {}
+        self.calls = 0
+
+    def fails(self, function: str, handle: Any = None) -> None:
+        self.calls += 1
+        error = self.failing.get((function, handle), self.failing.get((function, None)))
+        if error is not None:
+            raise pynvml.NVMLError(error)
 
     def patch(self, mp: pytest.MonkeyPatch) -> None:
         def init() -> None:
@@ -167,12 +177,22 @@ class FakeNvml:
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
             return ("mig", handle[1], index)
 
+        def count() -> int:
+            self.fails("count")
+            return len(self.gpus)
+
+        def handle_by_index(i: int) -> Any:
+            self.fails("handle", ("gpu", i))
+            return ("gpu", i)
+
         def name(handle: Any) -> str:
+            self.fails("name", handle)
             if handle[0] == "mig":
                 return self.migs[(handle[1], handle[2])]
             return str(self.gpus[handle[1]]["name"])
 
         def running(handle: Any) -> list[Any]:
+            self.fails("processes", handle)
             return [
                 SimpleNamespace(pid=p, usedGpuMemory=m) for p, m in self.processes.get(handle, [])
             ]
@@ -180,8 +200,8 @@ class FakeNvml:
         mp.setattr(pynvml, "nvmlInit", init)
         mp.setattr(pynvml, "nvmlShutdown", lambda: None)
         mp.setattr(pynvml, "nvmlSystemGetDriverVersion", lambda: "570.00")
-        mp.setattr(pynvml, "nvmlDeviceGetCount", lambda: len(self.gpus))
-        mp.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: ("gpu", i))
+        mp.setattr(pynvml, "nvmlDeviceGetCount", count)
+        mp.setattr(pynvml, "nvmlDeviceGetHandleByIndex", handle_by_index)
         mp.setattr(pynvml, "nvmlDeviceGetName", name)
         mp.setattr(pynvml, "nvmlDeviceGetMigMode", mig_mode)
         mp.setattr(pynvml, "nvmlDeviceGetMaxMigDeviceCount", lambda h: 7)
@@ -292,6 +312,83 @@ def test_no_driver_serves_empty_metrics(
     assert families["trimtab_gpu_memory_used_bytes"] == []
     assert families["trimtab_gpu_agent_nvml_up"][0].value == 0.0
     assert "no NVIDIA driver or GPU" in caplog.text
+
+
+def _by_gpu(samples: list[Any]) -> dict[str, float]:
+    return {s.labels["gpu"]: s.value for s in samples}
+
+
+@pytest.mark.parametrize(
+    ("function", "handle", "lost"),
+    [
+        pytest.param("handle", ("gpu", 1), "1", id="handle-of-a-lost-gpu"),
+        pytest.param("name", ("gpu", 1), "1", id="name-of-a-lost-gpu"),
+        pytest.param("name", ("mig", 1, 0), "1/mig0", id="name-of-a-lost-mig-device"),
+        pytest.param("processes", ("mig", 1, 0), "1/mig0", id="processes-of-a-lost-mig-device"),
+    ],
+)
+def test_a_lost_gpu_is_left_out_counted_and_logged_once(
+    served: tuple[FakeNvml, int, GpuUsageCollector],
+    caplog: pytest.LogCaptureFixture,
+    function: str,
+    handle: Any,
+    lost: str,
+) -> None:
+    """NVML_ERROR_GPU_IS_LOST on one device: /metrics still answers 200 with the other GPU's
+    series, the lost device is down and counted, and it is logged once, not once a scrape."""
+    caplog.set_level(logging.INFO, logger="trimtab.gpu.agent")
+    fake, port, _ = served
+    fake.failing[(function, handle)] = pynvml.NVML_ERROR_GPU_IS_LOST
+    for scrape in (1, 2):
+        families = _scrape(port)
+        memory = _by_gpu(families["trimtab_gpu_memory_used_bytes"])
+        assert memory == {"0": 4 * 2**30}, "GPU 0's container is still exported"
+        assert families["trimtab_gpu_agent_nvml_up"][0].value == 1.0
+        up = _by_gpu(families["trimtab_gpu_agent_device_up"])
+        assert up["0"] == 1.0 and up[lost] == 0.0
+        errors = _by_gpu(families["trimtab_gpu_agent_device_errors"])
+        assert errors == {lost: scrape}
+    assert caplog.text.count("GPU is lost") == 1
+
+    del fake.failing[(function, handle)]
+    families = _scrape(port)
+    assert _by_gpu(families["trimtab_gpu_memory_used_bytes"]) == {
+        "0": 4 * 2**30,
+        "1/mig0": 20 * 2**30,
+    }
+    assert _by_gpu(families["trimtab_gpu_agent_device_up"])[lost] == 1.0
+    assert _by_gpu(families["trimtab_gpu_agent_device_errors"]) == {lost: 2}
+    assert f"GPU {lost} answers again" in caplog.text
+
+
+def test_nvml_failing_as_a_whole_reports_down_and_serves_empty_metrics(
+    served: tuple[FakeNvml, int, GpuUsageCollector], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The driver goes away after a good start: nvml_up 0 and no usage series, still HTTP 200;
+    NVML is initialised again later, not on every scrape."""
+    fake, port, collector = served
+    assert _scrape(port)["trimtab_gpu_agent_nvml_up"][0].value == 1.0
+    fake.failing[("count", None)] = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
+    for _ in range(2):
+        families = _scrape(port)
+        assert families["trimtab_gpu_agent_nvml_up"][0].value == 0.0
+        assert families["trimtab_gpu_memory_used_bytes"] == []
+        assert families["trimtab_gpu_agent_device_up"] == []
+    assert caplog.text.count("NVML stopped answering") == 1
+    assert collector.reader.ready is False
+
+
+def test_healthz_answers_without_reading_nvml(
+    served: tuple[FakeNvml, int, GpuUsageCollector],
+) -> None:
+    """The liveness probe's endpoint: it must answer while NVML fails, without calling it."""
+    fake, port, _ = served
+    fake.failing[("count", None)] = pynvml.NVML_ERROR_GPU_IS_LOST
+    fake.failing[("handle", None)] = pynvml.NVML_ERROR_GPU_IS_LOST
+    calls = fake.calls
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+        assert (resp.status, resp.read()) == (200, b"ok\n")
+    assert fake.calls == calls
 
 
 def test_gpu_agent_main_runs_without_a_driver_until_stopped(tmp_path: Path) -> None:

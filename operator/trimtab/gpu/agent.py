@@ -2,24 +2,31 @@
 and serves them per namespace/pod/container on /metrics for right-sizing.
 
 Runs as a DaemonSet with hostPID (to read /proc/<pid>/cgroup of GPU processes). Without a GPU or
-driver it logs why once and serves an empty /metrics: it never exits into a crash loop."""
+driver it logs why once and serves an empty /metrics; a GPU that fails later (NVML errors such as
+"GPU is lost") is left out and counted while the others are still served, and /healthz answers
+without touching NVML: it never exits into a crash loop."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import pynvml
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from trimtab.gpu.cgroup import container_of
@@ -65,6 +72,10 @@ class NvmlReader:
         self.reason = ""
         self._last_init_try = -1e18
         self._last_seen: dict[str, int] = {}
+        # Per device label: whether the last read could read it, and NVML errors so far.
+        self.device_up: dict[str, bool] = {}
+        self.device_errors: dict[str, int] = {}
+        self._device_problem: dict[str, str] = {}  # the last error logged; "" once it recovers
 
     def ensure_init(self) -> bool:
         if self.ready:
@@ -95,26 +106,75 @@ class NvmlReader:
             pynvml.nvmlShutdown()
             self.ready = False
 
-    def _devices(self) -> Iterator[tuple[str, Any, str, str]]:
+    def _device_failed(self, label: str, what: str, err: pynvml.NVMLError) -> None:
+        """A device NVML cannot read now ("GPU is lost", a reset pending, ...): left out of this
+        read and counted; logged when its problem changes, not on every scrape."""
+        self.device_up[label] = False
+        self.device_errors[label] = self.device_errors.get(label, 0) + 1
+        problem = f"{what}: {err}"
+        if self._device_problem.get(label) != problem:
+            self._device_problem[label] = problem
+            log.warning("GPU %s: %s; leaving it out until it answers again", label, problem)
+
+    def _device_read(self, label: str) -> None:
+        self.device_up[label] = True
+        if self._device_problem.get(label):
+            log.info("GPU %s answers again", label)
+        self._device_problem[label] = ""
+
+    def _nvml_failed(self, err: pynvml.NVMLError) -> None:
+        """NVML as a whole stopped answering (a driver unloaded or upgraded underneath): serve
+        nothing, report NVML down and initialise again later."""
+        self.reason = f"NVML stopped answering ({err})"
+        log.warning("%s; serving empty /metrics, retrying every %ds", self.reason, INIT_RETRY_S)
+        self.ready = False
+        self.device_up.clear()
+        self._last_init_try = time.monotonic()
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+    def _devices(self) -> list[tuple[str, Any, str, str]]:
         """(gpu label, handle, parent model, MIG profile) for each GPU, or for each MIG device of
-        a GPU in MIG mode (processes and memory live on the MIG devices then)."""
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            model = _text(pynvml.nvmlDeviceGetName(handle))
+        a GPU in MIG mode (processes and memory live on the MIG devices then). A device NVML
+        cannot open is left out (see _device_failed)."""
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError as err:
+            self._nvml_failed(err)
+            return []
+        out: list[tuple[str, Any, str, str]] = []
+        for i in range(count):
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                model = _text(pynvml.nvmlDeviceGetName(handle))
+            except pynvml.NVMLError as err:
+                self._device_failed(str(i), "cannot open it", err)
+                continue
             try:
                 current, _pending = pynvml.nvmlDeviceGetMigMode(handle)
             except pynvml.NVMLError:
                 current = pynvml.NVML_DEVICE_MIG_DISABLE  # GPUs without MIG answer NOT_SUPPORTED
             if current != pynvml.NVML_DEVICE_MIG_ENABLE:
-                yield str(i), handle, model, ""
+                out.append((str(i), handle, model, ""))
                 continue
-            for m in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+            try:
+                slots = pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)
+            except pynvml.NVMLError as err:
+                self._device_failed(str(i), "cannot list its MIG devices", err)
+                continue
+            self._device_read(str(i))  # the parent GPU; its MIG devices are read one by one
+            for m in range(slots):
                 try:
                     mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, m)
                 except pynvml.NVMLError:
                     continue  # an empty slot
-                profile = _mig_profile(_text(pynvml.nvmlDeviceGetName(mig)))
-                yield f"{i}/mig{m}", mig, model, profile
+                try:
+                    profile = _mig_profile(_text(pynvml.nvmlDeviceGetName(mig)))
+                except pynvml.NVMLError as err:
+                    self._device_failed(f"{i}/mig{m}", "cannot open it", err)
+                    continue
+                out.append((f"{i}/mig{m}", mig, model, profile))
+        return out
 
     def _utilization(self, label: str, handle: Any) -> dict[int, float] | None:
         """Mean SM utilization per PID since the last read; None where NVML has none (MIG)."""
@@ -134,13 +194,15 @@ class NvmlReader:
     def read(self) -> list[GpuProcess]:
         if not self.ensure_init():
             return []
+        self.device_up.clear()
         out: list[GpuProcess] = []
         for label, handle, model, profile in self._devices():
             try:
                 procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
             except pynvml.NVMLError as err:
-                log.debug("GPU %s: cannot list processes: %s", label, err)
+                self._device_failed(label, "cannot list its processes", err)
                 continue
+            self._device_read(label)
             util = self._utilization(label, handle)
             for p in procs:
                 used = p.usedGpuMemory
@@ -173,11 +235,11 @@ class GpuUsageCollector(Collector):
         self.proc_root = proc_root
         self._lock = threading.Lock()
 
-    def per_container(self) -> dict[tuple[str, ...], tuple[int, float | None]]:
+    def per_container(
+        self, processes: Iterable[GpuProcess]
+    ) -> dict[tuple[str, ...], tuple[int, float | None]]:
         """Label values -> (memory bytes, utilization), summed over a container's processes.
         Processes outside Kubernetes containers are left out."""
-        with self._lock:
-            processes = self.reader.read()
         totals: dict[tuple[str, ...], tuple[int, float | None]] = {}
         for proc in processes:
             ref = container_of(proc.pid, self.proc_root)
@@ -200,7 +262,12 @@ class GpuUsageCollector(Collector):
             totals[key] = (memory + proc.memory_bytes, util)
         return totals
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:  # one NVML read at a time; the reader's per-device state with it
+            processes = self.reader.read()
+            nvml_up = self.reader.ready
+            device_up = dict(self.reader.device_up)
+            device_errors = dict(self.reader.device_errors)
         memory = GaugeMetricFamily(
             "trimtab_gpu_memory_used_bytes",
             "GPU memory used by a container's processes on one GPU or MIG device.",
@@ -215,14 +282,31 @@ class GpuUsageCollector(Collector):
         up = GaugeMetricFamily(
             "trimtab_gpu_agent_nvml_up", "1 when NVML is initialised and GPUs are visible."
         )
-        for key, (mem, ratio) in sorted(self.per_container().items()):
+        devices = GaugeMetricFamily(
+            "trimtab_gpu_agent_device_up",
+            "1 when this scrape read the GPU or MIG device's processes; 0 when NVML failed on it "
+            "(its containers' series are absent then).",
+            labels=["gpu"],
+        )
+        errors = CounterMetricFamily(
+            "trimtab_gpu_agent_device_errors",
+            "NVML errors that left a GPU or MIG device out of a scrape.",
+            labels=["gpu"],
+        )
+        for key, (mem, ratio) in sorted(self.per_container(processes).items()):
             memory.add_metric(list(key), float(mem))
             if ratio is not None:
                 util.add_metric(list(key), ratio)
-        up.add_metric([], 1.0 if self.reader.ready else 0.0)
+        up.add_metric([], 1.0 if nvml_up else 0.0)
+        for label, ok in sorted(device_up.items()):
+            devices.add_metric([label], 1.0 if ok else 0.0)
+        for label, count in sorted(device_errors.items()):
+            errors.add_metric([label], float(count))
         yield memory
         yield util
         yield up
+        yield devices
+        yield errors
 
 
 def build_registry(collector: GpuUsageCollector) -> CollectorRegistry:
@@ -231,9 +315,41 @@ def build_registry(collector: GpuUsageCollector) -> CollectorRegistry:
     return registry
 
 
-def serve(collector: GpuUsageCollector, address: str, port: int) -> tuple[Any, threading.Thread]:
-    """Serve /metrics; returns (server, thread). Port 0 picks a free port (server.server_port)."""
-    server, thread = start_http_server(port, addr=address, registry=build_registry(collector))
+def build_app(registry: CollectorRegistry) -> WSGIApplication:
+    """/healthz answers from the HTTP server alone (the liveness probe: a failing GPU must not
+    get the agent restarted); every other path is /metrics, which reads NVML."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"ok\n"]
+        result: Iterable[bytes] = metrics(environ, start_response)
+        return result
+
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log: Prometheus and the kubelet call every few seconds."""
+
+
+def serve(
+    collector: GpuUsageCollector, address: str, port: int
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serve /metrics and /healthz in a daemon thread, one thread per request; returns (server,
+    thread). Port 0 picks a free port (server.server_port)."""
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+
+    server = make_server(
+        address, port, build_app(build_registry(collector)), Server, handler_class=_QuietHandler
+    )
+    thread = threading.Thread(target=server.serve_forever, name="gpu-agent-http", daemon=True)
+    thread.start()
     return server, thread
 
 
@@ -241,7 +357,9 @@ def gpu_agent_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `trimtab gpu-agent`. Runs until SIGTERM or SIGINT; returns 0."""
     parser = argparse.ArgumentParser(prog="trimtab gpu-agent", description=__doc__)
     parser.add_argument("--address", default="0.0.0.0", help="listen address")
-    parser.add_argument("--port", type=int, default=9835, help="listen port for /metrics")
+    parser.add_argument(
+        "--port", type=int, default=9835, help="listen port for /metrics and /healthz"
+    )
     parser.add_argument(
         "--node-name",
         default=os.environ.get("NODE_NAME", ""),
@@ -272,7 +390,7 @@ def gpu_agent_main(argv: Sequence[str] | None = None) -> int:
     reader.ensure_init()
     collector = GpuUsageCollector(reader, pods, args.proc_root)
     server, _ = serve(collector, args.address, args.port)
-    log.info("serving /metrics on %s:%d", args.address, server.server_port)
+    log.info("serving /metrics and /healthz on %s:%d", args.address, server.server_port)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
