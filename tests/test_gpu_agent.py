@@ -62,6 +62,46 @@ UID_B = "99999999-8888-7777-6666-555544443333"
             id="v1-systemd-docker",
         ),
         pytest.param(
+            f"0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/"
+            f"kubelet-kubepods-besteffort-pod{UID_A.replace('-', '_')}.slice/"
+            f"cri-containerd-{CID_A}.scope",
+            (UID_A, CID_A),
+            id="kind-kubelet-slice-root",
+        ),
+        pytest.param(
+            f"0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod"
+            f"{UID_A.replace('-', '_')}.slice/cri-containerd-{CID_A}.scope",
+            (UID_A, CID_A),
+            id="kind-kubelet-slice-root-guaranteed",
+        ),
+        pytest.param(
+            f"0::/kubelet.slice/kubelet-kubepods-besteffort-pod{UID_A.replace('-', '_')}.slice/"
+            f"cri-containerd-{CID_A}.scope",
+            (UID_A, CID_A),
+            id="systemd-custom-root-pod-slice-only",
+        ),
+        pytest.param(
+            f"0::/custom-root/kubepods/burstable/pod{UID_A}/{CID_A}",
+            (UID_A, CID_A),
+            id="cgroupfs-custom-root",
+        ),
+        pytest.param(
+            f"7:memory:/custom-root/kubepods/pod{UID_A}/crio-{CID_A}",
+            (UID_A, CID_A),
+            id="v1-cgroupfs-custom-root-crio-guaranteed",
+        ),
+        pytest.param(
+            f"0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/"
+            f"kubelet-kubepods-besteffort-pod{UID_A.replace('-', '_')}.slice",
+            None,
+            id="kind-pod-slice-is-not-a-container",
+        ),
+        pytest.param(
+            f"0::/system.slice/mypod{UID_A}.service/{CID_A}",
+            None,
+            id="pod-uid-lookalike-outside-kubepods",
+        ),
+        pytest.param(
             f"0::/kubepods.slice/kubepods-pod{UID_A.replace('-', '_')}.slice/"
             f"crio-conmon-{CID_A}.scope",
             None,

@@ -1,6 +1,7 @@
 """Which Kubernetes pod and container a process belongs to, from /proc/<pid>/cgroup.
 
-Understands kubepods paths of cgroup v1 and v2, with the cgroupfs and systemd drivers, for
+Understands kubepods paths of cgroup v1 and v2, with the cgroupfs and systemd drivers, under the
+default or a custom cgroup root (kubelet --cgroup-root, e.g. kind's kubelet.slice), for
 containerd, CRI-O and Docker (cri-dockerd) container IDs."""
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-# The pod segment: "pod<uid>" (cgroupfs) or "kubepods-<qos>-pod<uid_with_underscores>.slice".
+# The pod segment, wherever the kubelet's cgroup root puts it: "pod<uid>" (cgroupfs, under
+# "/kubepods/..." or "/<root>/kubepods/...") or "<parents>kubepods[-<qos>]-pod<uid>.slice"
+# (systemd, which spells the UID's "-" as "_" and prefixes each slice with its parents' names:
+# "kubepods-burstable-pod..." by default, "kubelet-kubepods-besteffort-pod..." under kind's
+# kubelet.slice).
 _POD = re.compile(
-    r"(?:^|/)(?:kubepods(?:-[a-z]+)?-)?pod(?P<uid>[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}"
+    r"(?:^|/)(?:[\w.@-]*kubepods(?:-[a-z]+)?-)?pod(?P<uid>[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}"
     r"[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?(?:/|$)"
 )
 # The container segment after it: "<64 hex>" (cgroupfs) or "<runtime>-<64 hex>.scope" (systemd).
