@@ -401,6 +401,39 @@ def test_a_lost_gpu_is_left_out_counted_and_logged_once(
     assert f"GPU {lost} answers again" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "not_available",
+    [
+        pytest.param(None, id="nvidia-ml-py-none"),
+        pytest.param(2**64 - 1, id="raw-nvml-value-not-available"),
+    ],
+)
+def test_memory_nvml_cannot_report_is_left_out_not_zero(
+    served: tuple[FakeNvml, int, GpuUsageCollector], not_available: int | None
+) -> None:
+    """usedGpuMemory "not available" (vGPU, WDDM, some MIG setups) for one of a container's two
+    processes: no memory series for that container (0 or a partial sum would read as a container
+    that needs less), its utilization still exported, and the process counted."""
+    fake, port, _ = served
+    fake.processes[("gpu", 0)] = [(101, not_available), (102, 2**30), (999, not_available)]
+    fake.processes[("mig", 1, 0)] = [(201, not_available)]
+    families = _scrape(port)
+    assert families["trimtab_gpu_memory_used_bytes"] == []
+    assert _by_gpu(families["trimtab_gpu_utilization_ratio"]) == {"0": pytest.approx(0.6)}
+    # 999 is no pod's process but counts: NVML cannot report memory on that GPU at all.
+    assert _by_gpu(families["trimtab_gpu_agent_memory_unavailable_processes"]) == {
+        "0": 2,
+        "1": 0,
+        "1/mig0": 1,
+        "1/mig2": 0,
+    }
+
+    fake.processes[("gpu", 0)] = [(101, 3 * 2**30), (102, 2**30)]
+    families = _scrape(port)
+    assert _by_gpu(families["trimtab_gpu_memory_used_bytes"]) == {"0": 4 * 2**30}
+    assert _by_gpu(families["trimtab_gpu_agent_memory_unavailable_processes"])["0"] == 0
+
+
 def test_nvml_failing_as_a_whole_reports_down_and_serves_empty_metrics(
     served: tuple[FakeNvml, int, GpuUsageCollector], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -544,7 +577,8 @@ def test_real_gpu_attributes_memory_to_the_allocating_process() -> None:
                 time.sleep(0.2)
         print("NVML processes of the child:", mine)
         assert mine, f"PID {child.pid} not among {reader.read()}"
-        assert sum(p.memory_bytes for p in mine) >= size
+        assert all(p.memory_bytes is not None for p in mine), "NVML reports no process memory"
+        assert sum(p.memory_bytes or 0 for p in mine) >= size
         assert all(p.gpu_model for p in mine)
 
 

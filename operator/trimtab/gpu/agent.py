@@ -37,6 +37,8 @@ log = logging.getLogger("trimtab.gpu.agent")
 LABELS = (
     "namespace", "pod", "container", "gpu", "gpu_model", "mig_profile", "pod_uid", "container_id"
 )
+# NVML's "not available" for 64-bit values (NVML_VALUE_NOT_AVAILABLE_ulonglong: all ones).
+NVML_VALUE_NOT_AVAILABLE = 2**64 - 1
 # Retry NVML initialisation this often when it failed (a driver can be installed after boot).
 INIT_RETRY_S = 300.0
 
@@ -49,12 +51,21 @@ class GpuProcess:
     gpu: str  # "0" for a whole GPU, "0/mig1" for MIG device 1 of GPU 0
     gpu_model: str  # NVML's device name of the parent GPU
     mig_profile: str  # "3g.40gb", or "" for a whole GPU
-    memory_bytes: int
+    memory_bytes: int | None  # None: NVML cannot say (no per-process accounting, see _memory)
     utilization: float | None  # 0..1 of the (MIG) device over the last interval; None: unknown
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _memory(used: Any) -> int | None:
+    """A process's usedGpuMemory, or None where NVML reports NVML_VALUE_NOT_AVAILABLE (vGPU
+    guests, Windows WDDM, some MIG and confidential-computing setups): nvidia-ml-py turns that
+    into None; an older binding may hand over the raw all-ones value."""
+    if not isinstance(used, int) or used >= NVML_VALUE_NOT_AVAILABLE:
+        return None
+    return used
 
 
 def _mig_profile(name: str) -> str:
@@ -76,6 +87,7 @@ class NvmlReader:
         self.device_up: dict[str, bool] = {}
         self.device_errors: dict[str, int] = {}
         self._device_problem: dict[str, str] = {}  # the last error logged; "" once it recovers
+        self._no_memory_logged: set[str] = set()
 
     def ensure_init(self) -> bool:
         if self.ready:
@@ -205,15 +217,21 @@ class NvmlReader:
             self._device_read(label)
             util = self._utilization(label, handle)
             for p in procs:
-                used = p.usedGpuMemory
+                if _memory(p.usedGpuMemory) is None and label not in self._no_memory_logged:
+                    self._no_memory_logged.add(label)
+                    log.warning(
+                        "GPU %s: NVML reports no per-process memory (PID %s); exporting no "
+                        "memory for its containers rather than 0",
+                        label,
+                        p.pid,
+                    )
                 out.append(
                     GpuProcess(
                         pid=int(p.pid),
                         gpu=label,
                         gpu_model=model,
                         mig_profile=profile,
-                        # NVML reports "not available" (None) without per-process accounting.
-                        memory_bytes=int(used) if isinstance(used, int) else 0,
+                        memory_bytes=_memory(p.usedGpuMemory),
                         utilization=None if util is None else util.get(int(p.pid), 0.0),
                     )
                 )
@@ -237,10 +255,12 @@ class GpuUsageCollector(Collector):
 
     def per_container(
         self, processes: Iterable[GpuProcess]
-    ) -> dict[tuple[str, ...], tuple[int, float | None]]:
+    ) -> dict[tuple[str, ...], tuple[int | None, float | None]]:
         """Label values -> (memory bytes, utilization), summed over a container's processes.
-        Processes outside Kubernetes containers are left out."""
-        totals: dict[tuple[str, ...], tuple[int, float | None]] = {}
+        Memory is None when NVML could not report it for one of them: a partial sum would look
+        like a container that needs less memory than it does. Processes outside Kubernetes
+        containers are left out."""
+        totals: dict[tuple[str, ...], tuple[int | None, float | None]] = {}
         for proc in processes:
             ref = container_of(proc.pid, self.proc_root)
             if ref is None:
@@ -259,7 +279,11 @@ class GpuUsageCollector(Collector):
             memory, util = totals.get(key, (0, None))
             if proc.utilization is not None:
                 util = min(1.0, (util or 0.0) + proc.utilization)
-            totals[key] = (memory + proc.memory_bytes, util)
+            if memory is not None and proc.memory_bytes is not None:
+                memory += proc.memory_bytes
+            else:
+                memory = None
+            totals[key] = (memory, util)
         return totals
 
     def collect(self) -> Iterator[Metric]:
@@ -288,24 +312,35 @@ class GpuUsageCollector(Collector):
             "(its containers' series are absent then).",
             labels=["gpu"],
         )
+        unavailable = GaugeMetricFamily(
+            "trimtab_gpu_agent_memory_unavailable_processes",
+            "Processes on a GPU or MIG device whose memory NVML does not report (no per-process "
+            "accounting: vGPU, some MIG setups); their containers have no memory series.",
+            labels=["gpu"],
+        )
         errors = CounterMetricFamily(
             "trimtab_gpu_agent_device_errors",
             "NVML errors that left a GPU or MIG device out of a scrape.",
             labels=["gpu"],
         )
         for key, (mem, ratio) in sorted(self.per_container(processes).items()):
-            memory.add_metric(list(key), float(mem))
+            if mem is not None:
+                memory.add_metric(list(key), float(mem))
             if ratio is not None:
                 util.add_metric(list(key), ratio)
         up.add_metric([], 1.0 if nvml_up else 0.0)
         for label, ok in sorted(device_up.items()):
             devices.add_metric([label], 1.0 if ok else 0.0)
+            if ok:
+                missing = sum(1 for p in processes if p.gpu == label and p.memory_bytes is None)
+                unavailable.add_metric([label], float(missing))
         for label, count in sorted(device_errors.items()):
             errors.add_metric([label], float(count))
         yield memory
         yield util
         yield up
         yield devices
+        yield unavailable
         yield errors
 
 
