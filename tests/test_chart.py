@@ -338,7 +338,7 @@ def test_gpu_agent_runs_on_gpu_nodes_with_host_pids() -> None:
     pod = agent["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["command"] == ["trimtab"]
-    assert container["args"] == ["gpu-agent", "--port=9400"]
+    assert container["args"] == ["gpu-agent", "--port=9835"]
     assert container_env(container)["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert pod["hostPID"] is True
     assert pod["runtimeClassName"] == "nvidia"
@@ -351,7 +351,7 @@ def test_gpu_agent_runs_on_gpu_nodes_with_host_pids() -> None:
     ]
     # It must not request a GPU: that would take one away from the workloads it measures.
     assert not any("nvidia.com" in k for k in container["resources"].get("limits", {}))
-    assert container["ports"] == [{"name": "gpu-metrics", "containerPort": 9400, "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "gpu-metrics", "containerPort": 9835, "protocol": "TCP"}]
     # Liveness must not read NVML: a failing GPU would otherwise restart the agent in a loop.
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "gpu-metrics"}
     service = one(docs, "Service", f"{RELEASE}-gpu-agent")

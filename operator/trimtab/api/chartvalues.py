@@ -152,7 +152,9 @@ class GpuAgent(Values):
     enabled: bool = Field(
         default=False, description="Run the NVML agent on GPU nodes (per-pod GPU usage)."
     )
-    port: int = Field(default=9400, ge=1, le=65535)
+    port: int = Field(
+        default=9835, ge=1, le=65535, description="/metrics and /healthz (the agent's --port)."
+    )
     runtimeClassName: str = Field(
         default="nvidia", pattern=DNS_SUBDOMAIN, description="Empty: the node's default."
     )
