@@ -433,5 +433,6 @@ def gpu_agent_main(argv: Sequence[str] | None = None) -> int:
     while not stop.wait(3600):
         pass
     server.shutdown()
+    server.server_close()
     reader.shutdown()
     return 0
