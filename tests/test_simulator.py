@@ -4,6 +4,7 @@ table per baseline policy."""
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -321,3 +322,36 @@ def test_scenario_runs_every_policy_deterministically() -> None:
     assert first["trimtab"] == again
     assert first["oracle"].slo_violation_seconds <= first["keda_queue"].slo_violation_seconds
     assert first["trimtab"].replica_seconds > 0 and first["trimtab"].scale_actions > 0
+
+
+@pytest.mark.parametrize(
+    ("scale_to_zero", "floor"),
+    [
+        pytest.param(None, 1, id="quiet-comes-down-to-min-replicas"),
+        pytest.param({"idleWindow": "60s"}, 0, id="quiet-scales-to-zero"),
+    ],
+)
+def test_trimtab_scales_down_when_traffic_stops(
+    scale_to_zero: dict[str, str] | None, floor: int
+) -> None:
+    """20 req/s for 200 s, then silence until one last request at 1200 s. Once nothing arrives
+    the mean service time is 0/0 (no data): trimtab must read that as no traffic, not as a
+    missing signal, and come down once the 300 s window has passed (to zero with scaleToZero,
+    woken again by the last request)."""
+    rng = random.Random(1)
+    arrivals: list[float] = []
+    t = 0.0
+    while (t := t + rng.expovariate(20.0)) < 200.0:
+        arrivals.append(t)
+    trace = Trace("busy-then-quiet", tuple(Request(a, 500, 40) for a in [*arrivals, 1200.0]))
+    auto: dict[str, Any] = {"minReplicas": 1, "maxReplicas": 20}
+    if scale_to_zero:
+        auto["scaleToZero"] = scale_to_zero
+    scenario = Scenario(
+        SLOSpec(p99_latency_ms=5000), AutoscalingSpec.model_validate(auto), ServerModel()
+    )
+    result = scenario.run("trimtab", trace, 0)
+    busy = max(p.replicas for p in result.timeline if p.time < 200)
+    quiet = {p.replicas for p in result.timeline if 800 <= p.time < 1200}
+    assert busy > 1 and quiet == {floor}, [d.reason for d in result.decisions if d.time > 800][:1]
+    assert all(math.isfinite(latency) for _, latency in result.latencies)

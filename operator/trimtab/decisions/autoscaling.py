@@ -26,6 +26,9 @@ DRAIN_SECONDS = 15.0
 # time. Without a scrape interval given: Prometheus' usual 15 s (the default 1m rate window
 # holds four).
 GROWTH_SPAN = 15.0
+# An arrival rate at or below this is no traffic: rate() over a window with no new requests is
+# exactly 0, and one request in even an hour's window is far above it.
+NO_TRAFFIC_RATE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,9 @@ def _backlog_done_by(
 def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     """Replicas the model server needs now, the action, and why.
 
-    Demand: by Little's law the concurrency in use is arrival rate x mean service time. With an
+    Demand: by Little's law the concurrency in use is arrival rate x mean service time. With no
+    request arriving in the rate window and none queued or running, demand is 0: the service
+    time is then 0/0 (nothing was served), undefined rather than missing. With an
     empty queue the requests running count too (a rise the rate window does not show yet); with
     a queue they only fill the slots there are, so they are not demand. A queue that grew since
     the reading one scrape (GROWTH_SPAN) or one loop ago, whichever is longer, raises the
@@ -197,6 +202,9 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     - 5 req/s x 1.0 s, 6 replicas, history in the window [6, 4, 1]: recommendation 1, held at
       the window's highest (6): hold. Once the window holds only 1s: down to 3 (half of 6
       per loop at maxScaleDownRate 0.5), then to 1.
+    - 0 req/s, nothing queued or running, service time no data (nothing finished in the
+      window), 6 replicas, the window's history all 0: down to 3, then 1 (or 0 with
+      scaleToZero once the idle window is quiet).
     - 5 req/s x 1.0 s, 2 replicas, autoscaling started 60 s ago and every loop since
       recommended 1: hold at 2 until the recommendations span the 300 s window, then down to 1.
     - Loop 5 s, scrape 15 s: the loops at 80, 85 and 90 s read a queue of 0, those at 95, 100
@@ -227,7 +235,16 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     floor = spec.min_replicas
 
     # --- missing data: never scale down blind -------------------------------------------
-    have_littles = sig.arrival_rate is not None and sig.service_time is not None
+    # No request arrived in the rate window and none waits or runs: demand is zero. The mean
+    # service time is then 0/0 (nothing was served), undefined rather than missing, so it is
+    # not needed; without this a deployment that goes quiet would never scale down.
+    no_traffic = (
+        sig.arrival_rate is not None
+        and sig.arrival_rate <= NO_TRAFFIC_RATE
+        and sig.queue_depth == 0
+        and sig.running == 0
+    )
+    have_littles = sig.arrival_rate is not None and (sig.service_time is not None or no_traffic)
     have_inflight = sig.running is not None
     if sig.source_unavailable or not (have_littles or have_inflight):
         why = (
@@ -253,7 +270,10 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     growth = 0.0  # queue growth since the last loop, requests/s
     notes: list[str] = []
     asides = ""
-    if have_littles:
+    if have_littles and sig.service_time is None:
+        in_use, drain = 0.0, 0.0
+        source = "no requests arriving, queued or running"
+    elif have_littles:
         assert sig.arrival_rate is not None and sig.service_time is not None
         service = max(sig.service_time, 1e-3)
         arrivals = sig.arrival_rate
