@@ -13,7 +13,14 @@ from tests.validation import cel_failures, validate_custom
 from trimtab.api.autoscaling import AutoscalingSpec, SLOSpec, duration_seconds
 from trimtab.api.crdgen import MODELDEPLOYMENT_CRD, model_schema
 from trimtab.api.modeldeployment import ModelDeploymentSpec
-from trimtab.builders.autoscaling import parse_rfc3339, rfc3339, status_write_due
+from trimtab.api.autoscaling import AutoscalingStatus
+from trimtab.builders.autoscaling import (
+    build_autoscaling_status,
+    history_from_status,
+    parse_rfc3339,
+    rfc3339,
+    status_write_due,
+)
 from trimtab.decisions.autoscaling import (
     AutoscalingInput,
     Recommendation,
@@ -667,9 +674,11 @@ def test_decide_replicas(
 
 
 def test_history_is_pruned_and_carries_queue() -> None:
-    old = hist((10_000, 9), (20, 3))
+    # A 120 s window: what is older goes, but for the newest one before it, which says the
+    # history spans the window.
+    old = hist((10_000, 9), (5_000, 8), (20, 3))
     d = decide_replicas(AutoscalingInput(sig(queue_depth=0.0), 3, 3, spec(), SLO, NOW, old))
-    assert [r.time for r in d.history] == [NOW - 20, NOW]
+    assert [r.time for r in d.history] == [NOW - 5_000, NOW - 20, NOW]
     assert d.history[-1].queue_depth == 0.0
     assert d.inputs["arrivalRate"] == 5.0 and d.inputs["neededConcurrency"] == 5.0
 
@@ -684,6 +693,81 @@ def test_history_keeps_what_the_load_needs_not_the_backlog() -> None:
     )
     assert d.recommendation == 8 and d.desired_replicas == 8
     assert d.history[-1].replicas == 4 and d.history[-1].queue_depth == 400.0
+
+
+QUIET = sig(arrival_rate=0.0, running=0.0, service_time=None, p99_latency=None)
+LOW = sig(arrival_rate=1.0, running=1.0)
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "signals", "start", "want", "after", "by"),
+    [
+        pytest.param(
+            {"interval": "5s", "scaleDownStabilization": "1h"},
+            LOW,
+            6,
+            3,
+            3600,
+            3700,
+            id="1h-window-5s-loop-scales-down",
+        ),
+        pytest.param(
+            {"interval": "1s", "scaleDownStabilization": "600s"},
+            LOW,
+            6,
+            3,
+            600,
+            640,
+            id="600s-window-1s-loop-scales-down",
+        ),
+        pytest.param(
+            {"scaleToZero": {"idleWindow": "10m"}},
+            QUIET,
+            1,
+            0,
+            600,
+            660,
+            id="scale-to-zero-10m-idle-default-interval",
+        ),
+        pytest.param(
+            {"interval": "5s", "scaleToZero": {"idleWindow": "1h"}},
+            QUIET,
+            1,
+            0,
+            3600,
+            3700,
+            id="scale-to-zero-1h-idle-5s-loop",
+        ),
+    ],
+)
+def test_status_history_spans_long_windows(
+    autoscaling: dict[str, Any], signals: Signals, start: int, want: int, after: int, by: int
+) -> None:
+    """Loop after loop through status alone (decide_replicas, build_autoscaling_status, and
+    back through history_from_status), as the operator does: the first scale-down comes once
+    the history spans the window, not never, and status stays small."""
+    aspec = AutoscalingSpec.model_validate({"minReplicas": 1, "maxReplicas": 10, **autoscaling})
+    step = aspec.seconds().interval
+    previous, current, t0 = AutoscalingStatus(), start, 1_700_000_000.0
+    longest = 0
+    for i in range(int(by / step) + 1):
+        now = t0 + i * step
+        d = decide_replicas(
+            AutoscalingInput(
+                signals, current, current, aspec, SLO, now, history_from_status(previous)
+            )
+        )
+        scaled = d.desired_replicas != current
+        status = build_autoscaling_status(aspec, d, {}, current, current, now, previous, scaled)
+        longest = max(longest, len(status["recommendations"]))
+        previous = AutoscalingStatus.model_validate(status)
+        if scaled:
+            assert (d.desired_replicas, d.action) == (want, "down"), d.reason
+            assert after <= now - t0 <= by, d.reason
+            break
+    else:
+        pytest.fail(f"never scaled in {by}s: {d.reason}")
+    assert longest <= 200
 
 
 @pytest.mark.parametrize(

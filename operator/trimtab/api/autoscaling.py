@@ -269,6 +269,11 @@ class ReplicaRecommendation(StatusModel):
     queue_depth: float | None = Field(
         default=None, description="Queue depth seen then, to tell a growing queue."
     )
+    lowest_replicas: int | None = Field(
+        default=None,
+        description="For older recommendations merged into one per time bucket: the lowest "
+        "(replicas is then the highest, time the newest).",
+    )
 
 
 class AutoscalingStatus(StatusModel):
@@ -284,7 +289,10 @@ class AutoscalingStatus(StatusModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     recommendations: list[ReplicaRecommendation] = Field(
-        default_factory=list, max_length=512, description="Recent raw recommendations."
+        default_factory=list,
+        max_length=512,
+        description="Raw recommendations over the longest window: every loop of the last "
+        "minute, older ones merged per time bucket.",
     )
     last_decision_time: str | None = Field(
         default=None,

@@ -29,6 +29,12 @@ GROWTH_SPAN = 15.0
 # An arrival rate at or below this is no traffic: rate() over a window with no new requests is
 # exactly 0, and one request in even an hour's window is far above it.
 NO_TRAFFIC_RATE = 1e-6
+# The history keeps every loop's recommendation for this long (the queue's growth is measured
+# against a reading one scrape back) and, beyond it, one merged recommendation per bucket,
+# about this many buckets over the longest window (scale-down, scale-up or idle), so status
+# stays small however long the windows and short the loop.
+FULL_DETAIL_SECONDS = 60.0
+HISTORY_BUCKETS = 96
 
 
 @dataclass(frozen=True)
@@ -63,9 +69,14 @@ class Recommendation:
     backlog are left out: once the backlog is gone they are not needed again, so the
     scale-down window must not hold them."""
 
-    time: float
-    replicas: int
+    time: float  # when it was made; for a merged bucket, when its newest one was
+    replicas: int  # for a merged bucket, the highest (what the scale-down window holds)
     queue_depth: float | None = None  # what the queue held then, to see it grow
+    lowest: int | None = None  # for a merged bucket, the lowest (the scale-up window's)
+
+    @property
+    def fewest(self) -> int:
+        return self.replicas if self.lowest is None else self.lowest
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,53 @@ def _bounded(n: int, spec: AutoscalingSpec, floor: int) -> int:
 
 
 def _prune(history: tuple[Recommendation, ...], since: float) -> tuple[Recommendation, ...]:
-    return tuple(r for r in history if r.time >= since)
+    """The recommendations from `since` on, and the newest one before it: with merged buckets
+    a window's start may fall between two entries, and the older one says the history covers
+    the window.
+
+    >>> [r.time for r in _prune(tuple(Recommendation(t, 1) for t in (10, 50, 90, 130)), 60)]
+    [50, 90, 130]
+    """
+    older = [i for i, r in enumerate(history) if r.time < since]
+    return history[older[-1] :] if older else history
+
+
+def compact_history(
+    history: tuple[Recommendation, ...], now: float, interval: float, longest: float
+) -> tuple[Recommendation, ...]:
+    """The history as status keeps it: every recommendation of the last FULL_DETAIL_SECONDS
+    (or three loops), older ones merged per bucket of `longest` / HISTORY_BUCKETS seconds (at
+    least one loop), aligned to the clock so that merging again changes nothing. A bucket
+    keeps its newest time and queue depth, its highest recommendation (so the scale-down and
+    idle windows hold at least as long as with every loop kept, at most a bucket longer) and
+    its lowest (for the scale-up window).
+
+    >>> h = tuple(Recommendation(t, n, 0.0) for t, n in [(0, 3), (5, 5), (10, 1), (200, 2)])
+    >>> once = compact_history(h, 205, 5, 1920)  # 20 s buckets; the last minute as it is
+    >>> [(r.time, r.replicas, r.fewest) for r in once]
+    [(10, 5, 1), (200, 2, 2)]
+    >>> compact_history(once, 205, 5, 1920) == once
+    True
+    """
+    width = max(interval, longest / HISTORY_BUCKETS)
+    detail_from = now - max(FULL_DETAIL_SECONDS, 3 * interval)
+    out: list[Recommendation] = []
+    for r in history:
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and r.time < detail_from
+            and math.floor(last.time / width) == math.floor(r.time / width)
+        ):
+            out[-1] = Recommendation(
+                r.time,
+                max(last.replicas, r.replicas),
+                r.queue_depth,
+                min(last.fewest, r.fewest),
+            )
+        else:
+            out.append(r)
+    return tuple(out)
 
 
 def _growth_reference(
@@ -107,13 +164,13 @@ def _growth_reference(
 
     >>> h = tuple(Recommendation(t, 1, q) for t, q in [(85, 0), (90, 0), (95, 40), (100, 40)])
     >>> _growth_reference(h, 105, 5)  # 15 s back, not the 5 s old copy of the same scrape
-    Recommendation(time=90, replicas=1, queue_depth=0)
+    Recommendation(time=90, replicas=1, queue_depth=0, lowest=None)
     >>> _growth_reference(h, 115, 15)  # a 15 s loop: the last loop
-    Recommendation(time=100, replicas=1, queue_depth=40)
+    Recommendation(time=100, replicas=1, queue_depth=40, lowest=None)
     >>> _growth_reference(h[2:], 105, 5) is None  # nothing a scrape old yet
     True
     >>> _growth_reference(h, 105, 5, scrape=5)  # a 5 s scrape: the last loop's is another
-    Recommendation(time=100, replicas=1, queue_depth=40)
+    Recommendation(time=100, replicas=1, queue_depth=40, lowest=None)
     """
     span = _span(interval, scrape)
     return next(
@@ -375,7 +432,12 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         notes.append("p99 over SLO while the queue shrinks: the backlog is draining")
 
     idle = needed == 0
-    history = (*history, Recommendation(inp.now, for_load, sig.queue_depth))
+    history = compact_history(
+        (*history, Recommendation(inp.now, for_load, sig.queue_depth)),
+        inp.now,
+        secs.interval,
+        keep_for,
+    )
 
     # --- scale to zero ----------------------------------------------------------------------
     if secs.idle_window is not None and idle:
@@ -404,7 +466,7 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         target = recommendation
         if secs.scale_up_stabilization > 0:
             window = [
-                r.replicas for r in history[:-1] if r.time >= inp.now - secs.scale_up_stabilization
+                r.fewest for r in history[:-1] if r.time >= inp.now - secs.scale_up_stabilization
             ]
             target = max(current, min([*window, recommendation]))
         limit = max(math.ceil(current * spec.max_scale_up_rate), current + MIN_SCALE_UP_STEP)
