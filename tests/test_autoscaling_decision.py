@@ -494,6 +494,8 @@ CASES = [
         id="min-replicas-floor-without-scale-to-zero",
     ),
     pytest.param(
+        # Requests seen at zero (queue and arrival rate from gateway-level overrides, a
+        # service time from one): Little's law sizes the wake-up.
         sig(arrival_rate=2.0, running=0.0, queue_depth=2.0),
         0,
         0,
@@ -504,6 +506,88 @@ CASES = [
         "up",
         "",
         id="wake-from-zero",
+    ),
+    pytest.param(
+        # Scaled to zero, no pod exports the server's series: that is no demand, not missing
+        # data; holding means staying at zero, not going back up to minReplicas.
+        Signals(),
+        0,
+        0,
+        spec(scale_to_zero={"idle_window": "60s"}),
+        (),
+        None,
+        0,
+        "hold",
+        "at 0 replicas, no request seen (arrival rate no data",
+        id="zero-without-series-stays-at-zero",
+    ),
+    pytest.param(
+        # An arrivalRate override on the gateway's metrics answers 0: nobody is asking.
+        Signals(arrival_rate=0.0),
+        0,
+        0,
+        spec(scale_to_zero={"idle_window": "60s"}),
+        (),
+        None,
+        0,
+        "hold",
+        "only a signal that sees requests while no pod runs wakes it",
+        id="zero-gateway-rate-zero-stays-at-zero",
+    ),
+    pytest.param(
+        # The gateway sees requests (answered with errors: no pod behind it); no server has
+        # measured a service time: wake to minReplicas, the next loops size from there.
+        Signals(arrival_rate=0.5),
+        0,
+        0,
+        spec(min_replicas=2, scale_to_zero={"idle_window": "60s"}),
+        (),
+        None,
+        2,
+        "up",
+        "arrival rate 0.5; waking to 2",
+        id="zero-gateway-arrivals-wake-to-min-replicas",
+    ),
+    pytest.param(
+        Signals(source_unavailable=True, error="connection refused"),
+        0,
+        0,
+        spec(scale_to_zero={"idle_window": "60s"}),
+        (),
+        None,
+        0,
+        "hold",
+        "connection refused",
+        id="zero-source-down-holds-at-zero",
+    ),
+    pytest.param(
+        Signals(source_unavailable=True, error="connection refused"),
+        0,
+        0,
+        spec(
+            scale_to_zero={"idle_window": "60s"},
+            on_missing_metrics="fallback",
+            fallback_replicas=3,
+        ),
+        (),
+        None,
+        3,
+        "up",
+        "fallback to 3",
+        id="zero-source-down-fallback-wakes",
+    ),
+    pytest.param(
+        # Zero replicas without scaleToZero (spec.replicas 0, say): minReplicas is the floor.
+        Signals(),
+        0,
+        0,
+        spec(),
+        (),
+        None,
+        1,
+        "up",
+        "no data",
+        id="zero-without-scale-to-zero-comes-to-min-replicas",
     ),
     pytest.param(
         sig(arrival_rate=20.0, running=20.0),

@@ -42,10 +42,15 @@ class SLOSpec(StrictModel):
 
 
 class ScaleToZero(StrictModel):
-    """Scale to zero replicas after a quiet spell; the first request then waits a cold start."""
+    """Scale to zero replicas after a quiet spell. At zero no server exports metrics: only an
+    arrivalRate or queueDepth query on the gateway's metrics sees requests and wakes it, and
+    requests get errors from the gateway until a replica is ready (no activator holds them)."""
 
     idle_window: Duration = Field(
-        default="10m", description="No requests for this long scales the model server to zero."
+        default="10m",
+        description="No requests for this long scales the model server to zero. To wake it, "
+        "set metrics.queries.arrivalRate (or queueDepth) to a query on the gateway's or "
+        "ingress' metrics: with no pod, the server's own series are absent.",
     )
 
     model_config = ConfigDict(

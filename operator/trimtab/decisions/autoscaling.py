@@ -246,7 +246,12 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     only once the history spans that window: as the Kubernetes HPA seeds its window with the
     replicas it found, a deployment is not cut in the first minutes after autoscaling starts on
     a few quiet readings. At most maxScaleDownRate of the replicas go per loop, and none while
-    requests queue, p99 misses the SLO, or a signal is missing. Replicas still in their cold
+    requests queue, p99 misses the SLO, or a signal is missing.
+
+    At zero replicas (scaleToZero) no server runs, so its own series are absent: no demand, not
+    missing data; it stays at zero until a signal that sees requests without a pod (an
+    arrivalRate or queueDepth override on the gateway's metrics) shows some, then wakes to
+    minReplicas (or what Little's law asks, when a service time is known). Replicas still in their cold
     start count as capacity, so a spike is not answered twice while they load.
 
     Worked examples (targetConcurrency 8, targetUtilization 80% -> 6.4 requests a replica):
@@ -290,6 +295,52 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     }
     # Bounds are the user's explicit limits, never a blind move.
     floor = spec.min_replicas
+
+    # --- at zero: no server runs, so its own series are absent ---------------------------
+    if current == 0 and spec.scale_to_zero is not None:
+        seen = {
+            "arrival rate": sig.arrival_rate,
+            "queue depth": sig.queue_depth,
+            "running": sig.running,
+        }
+        demand = {k: v for k, v in seen.items() if v is not None and v > NO_TRAFFIC_RATE}
+        if not demand:
+            history = compact_history(
+                (*history, Recommendation(inp.now, 0, sig.queue_depth)),
+                inp.now,
+                secs.interval,
+                keep_for,
+            )
+            why = (
+                "at 0 replicas, no request seen ("
+                + ", ".join(f"{k} {'no data' if v is None else f'{v:g}'}" for k, v in seen.items())
+                + "); only a signal that sees requests while no pod runs wakes it (an "
+                "arrivalRate or queueDepth query on the gateway's or ingress' metrics)"
+            )
+            target = 0
+            if sig.source_unavailable:
+                why = f"metrics source unavailable ({sig.error}); " + why
+                if spec.on_missing_metrics == "fallback" and spec.fallback_replicas is not None:
+                    target = spec.fallback_replicas
+                    why += f"; fallback to {spec.fallback_replicas}"
+            desired = min(target, spec.max_replicas)
+            return ReplicaDecision(desired, _action(desired, 0), why, 0, history, used)
+        if sig.arrival_rate is None or sig.service_time is None:
+            # Requests arrive but no server has measured a service time yet: start the
+            # fewest replicas; the next loops size them from what those measure.
+            desired = max(1, floor)
+            why = (
+                "at 0 replicas: "
+                + ", ".join(f"{k} {v:g}" for k, v in demand.items())
+                + f"; waking to {desired}"
+            )
+            history = compact_history(
+                (*history, Recommendation(inp.now, desired, sig.queue_depth)),
+                inp.now,
+                secs.interval,
+                keep_for,
+            )
+            return ReplicaDecision(desired, "up", why, desired, history, used)
 
     # --- missing data: never scale down blind -------------------------------------------
     # No request arrived in the rate window and none waits or runs: demand is zero. The mean

@@ -25,7 +25,10 @@ class TrimtabPolicy:
     """trimtab's control loop: every `autoscaling.interval` it reads the signals the vLLM
     preset queries from Prometheus (queue depth and running gauges, arrival rate and mean
     service time as rates over the rate window, p99 from the latency histogram) and applies
-    `decide_replicas`, keeping the recommendation history as the operator keeps it in status."""
+    `decide_replicas`, keeping the recommendation history as the operator keeps it in status.
+    The simulated scrape counts arrivals and the queue even at zero replicas, as a gateway-level
+    arrivalRate or queueDepth override would (what scale-to-zero needs to wake; the preset's
+    own series are absent with no pod)."""
 
     name = "trimtab"
 
