@@ -40,7 +40,8 @@ HISTORY_BUCKETS = 96
 @dataclass(frozen=True)
 class Signals:
     """What the metrics source said this loop. None means "no data" (the query returned no
-    series); `source_unavailable` means the source itself could not be asked."""
+    series, or its source failed); `source_unavailable` means the source could not be asked
+    for at least one signal: demand comes from the others, but nothing scales down."""
 
     queue_depth: float | None = None  # requests waiting, all replicas together
     running: float | None = None  # requests being served, all replicas together
@@ -246,7 +247,9 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     only once the history spans that window: as the Kubernetes HPA seeds its window with the
     replicas it found, a deployment is not cut in the first minutes after autoscaling starts on
     a few quiet readings. At most maxScaleDownRate of the replicas go per loop, and none while
-    requests queue, p99 misses the SLO, or a signal is missing.
+    requests queue, p99 misses the SLO, or a signal is missing or its source failed. A source
+    that failed for some signals leaves demand to the others: a queue seen while the latency
+    histogram's query fails still scales up. With nothing to compute demand from, it holds.
 
     At zero replicas (scaleToZero) no server runs, so its own series are absent: no demand, not
     missing data; it stays at zero until a signal that sees requests without a pod (an
@@ -354,11 +357,16 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     )
     have_littles = sig.arrival_rate is not None and (sig.service_time is not None or no_traffic)
     have_inflight = sig.running is not None
-    if sig.source_unavailable or not (have_littles or have_inflight):
+    # A source that failed for some signals still leaves the others to scale up on; it only
+    # blocks scale-down (below). With nothing to compute demand from: hold, or fall back up.
+    unavailable = (
+        f"metrics source unavailable ({sig.error})"
+        if sig.source_unavailable and sig.error
+        else "metrics source unavailable"
+    )
+    if not (have_littles or have_inflight):
         why = (
-            f"metrics source unavailable ({sig.error})"
-            if sig.source_unavailable and sig.error
-            else "metrics source unavailable"
+            unavailable
             if sig.source_unavailable
             else "no data for arrival rate and service time, nor requests running"
         )
@@ -534,6 +542,8 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     # --- down: slow -------------------------------------------------------------------------
     if recommendation < current:
         blockers = []
+        if sig.source_unavailable:
+            blockers.append(unavailable)
         if not have_littles:
             blockers.append("arrival rate or service time missing")
         if sig.queue_depth is None:

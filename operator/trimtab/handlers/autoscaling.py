@@ -4,8 +4,9 @@ asking decide_replicas, scaling the Deployment and recording the decision and wh
 rollout runs a candidate beside the stable revision, the decision is the total for both, from
 signals across both, and the replicas are split by traffic weight (`split_replicas`).
 
-The loop never scales down blind: when the source fails, MetricsAvailable goes False with the
-source's error text and the decision holds (or falls back up, if so configured).
+The loop never scales down blind: when the source fails for any signal, MetricsAvailable goes
+False with the source's error text and nothing scales down; the signals still read may scale
+up, and with none left the decision holds (or falls back up, if so configured).
 
 It decides every loop but writes status only when the change matters (`status_write_due`: a
 scale, a new decision, a signal's or condition's state) or once per refresh period

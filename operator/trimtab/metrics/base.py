@@ -131,7 +131,8 @@ class Signals:
 
     @property
     def available(self) -> bool:
-        """False when any signal's source was unavailable: the loop must not scale down then."""
+        """False when any signal's source was unavailable: the loop must not scale down then
+        (it still scales up on the signals it read)."""
         return not any(getattr(self, f.name).is_unavailable for f in fields(self))
 
     def errors(self) -> dict[SignalName, str]:
@@ -150,7 +151,8 @@ class Signals:
 
     def to_decision(self) -> decide.Signals:
         """The plain numbers `decide_replicas` takes; any unavailable signal marks the source
-        unavailable, so the decision never scales down on a partial picture."""
+        unavailable, so the decision scales up on the signals it has but never down on a
+        partial picture."""
         return decide.Signals(
             queue_depth=self.queue_depth.value,
             running=self.running.value,
