@@ -74,9 +74,9 @@ class AutoscalingSpec(StrictModel):
     min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas.")
     max_replicas: int = Field(default=10, ge=1, le=1000, description="Most replicas.")
     interval: Duration = Field(
-        default="5s",
-        description="How often the control loop runs; faster than the metrics scrape, so a new "
-        "scrape is acted on within this long.",
+        default="15s",
+        description="How often the control loop runs. The default matches the usual 15s "
+        "scrape; a faster loop (e.g. 5s) acts on a new scrape sooner, for more queries.",
     )
     scale_up_stabilization: Duration = Field(
         default="0s",
