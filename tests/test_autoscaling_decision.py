@@ -59,6 +59,8 @@ def hist(*pairs: tuple[float, int]) -> tuple[Recommendation, ...]:
     return tuple(Recommendation(NOW - ago, n) for ago, n in pairs)
 
 
+GENERIC_UNMEASURED = frozenset({"queueDepth", "running"})
+
 CASES = [
     pytest.param(
         sig(arrival_rate=20.0, running=20.0),
@@ -295,6 +297,53 @@ CASES = [
         "up",
         "p99",
         id="never-down-while-p99-over-slo-and-queue-unknown",
+    ),
+    pytest.param(
+        # The generic preset without queueMetric or runningMetric: the gauges are never
+        # measured (not missing); Little's law on the request duration (queueing included)
+        # sizes it, down included.
+        sig(queue_depth=None, running=None, unmeasured=GENERIC_UNMEASURED),
+        6,
+        6,
+        spec(),
+        hist((200, 6), (130, 1)),
+        None,
+        3,
+        "down",
+        "maxScaleDownRate",
+        id="generic-without-queue-gauge-scales-down",
+    ),
+    pytest.param(
+        sig(
+            arrival_rate=0.0,
+            service_time=None,
+            p99_latency=None,
+            queue_depth=None,
+            running=None,
+            unmeasured=GENERIC_UNMEASURED,
+        ),
+        3,
+        3,
+        spec(),
+        hist((200, 3), (130, 0)),
+        None,
+        2,
+        "down",
+        "no requests arriving",
+        id="generic-quiet-without-gauges-is-no-traffic",
+    ),
+    pytest.param(
+        # Without a queue gauge p99 is the only sign of saturation: over the SLO adds replicas.
+        sig(queue_depth=None, running=None, p99_latency=3.0, unmeasured=GENERIC_UNMEASURED),
+        6,
+        6,
+        spec(),
+        hist((200, 6)),
+        None,
+        9,
+        "up",
+        "p99",
+        id="generic-without-queue-gauge-p99-over-slo-scales-up",
     ),
     pytest.param(
         sig(arrival_rate=5.0, running=5.0, queue_depth=1.0, p99_latency=4.0),

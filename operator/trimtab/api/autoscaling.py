@@ -248,7 +248,8 @@ class MetricsSpec(StrictModel):
     queue_metric: str | None = Field(
         default=None,
         pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",
-        description="generic preset: the gauge of requests waiting.",
+        description="generic preset: the gauge of requests waiting. Without it the autoscaler "
+        "sizes from arrival rate x mean request duration (queueing included) and p99.",
     )
     running_metric: str | None = Field(
         default=None,

@@ -51,6 +51,14 @@ class Signals:
     error_rate: float | None = None  # share of requests failing
     source_unavailable: bool = False
     error: str = ""  # the source's error text, for the reason
+    # Signals this setup never measures (no preset query, no override), by their spec names
+    # ("queueDepth", "running"): their None is not a signal gone missing.
+    unmeasured: frozenset[str] = frozenset()
+
+    def zero_or_unmeasured(self, name: str) -> bool:
+        """Whether a gauge reads 0, or is one this setup has no query for."""
+        value = self.queue_depth if name == "queueDepth" else self.running
+        return value == 0 or (value is None and name in self.unmeasured)
 
     def as_dict(self) -> dict[str, float | None]:
         return {
@@ -352,8 +360,8 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     no_traffic = (
         sig.arrival_rate is not None
         and sig.arrival_rate <= NO_TRAFFIC_RATE
-        and sig.queue_depth == 0
-        and sig.running == 0
+        and sig.zero_or_unmeasured("queueDepth")
+        and sig.zero_or_unmeasured("running")
     )
     have_littles = sig.arrival_rate is not None and (sig.service_time is not None or no_traffic)
     have_inflight = sig.running is not None
@@ -546,9 +554,12 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
             blockers.append(unavailable)
         if not have_littles:
             blockers.append("arrival rate or service time missing")
-        if sig.queue_depth is None:
+        if sig.queue_depth is None and "queueDepth" not in sig.unmeasured:
+            # A queue gauge that vanished may hide a backlog. One this setup never had (the
+            # generic preset without queueMetric) is not missing: the mean request duration
+            # then includes the time queued, so Little's law counts queued requests as demand.
             blockers.append("queue depth missing")
-        elif sig.queue_depth > 0:
+        elif sig.queue_depth is not None and sig.queue_depth > 0:
             blockers.append(f"{sig.queue_depth:.0f} requests queued")
         if slo_missed:
             blockers.append("p99 over SLO")
