@@ -129,11 +129,15 @@ class _HpaAlgorithm:
             desired = up_floor
         if desired > down_ceiling:
             desired = down_ceiling
-        # Rate limits: replicas at the start of the period plus what the policy allows.
-        while self.events and self.events[0][0] < now - max(b.scale_up_period, b.scale_down_period):
+        # Rate limits: replicas at the start of the period plus what the policy allows. As the
+        # controller's getReplicasChangePerPeriod, only changes strictly after the cutoff count:
+        # a change exactly one period ago is outside it.
+        while self.events and self.events[0][0] <= now - max(
+            b.scale_up_period, b.scale_down_period
+        ):
             self.events.popleft()
-        added = sum(d for t, d in self.events if d > 0 and t >= now - b.scale_up_period)
-        removed = -sum(d for t, d in self.events if d < 0 and t >= now - b.scale_down_period)
+        added = sum(d for t, d in self.events if d > 0 and t > now - b.scale_up_period)
+        removed = -sum(d for t, d in self.events if d < 0 and t > now - b.scale_down_period)
         if desired > current:
             start = current - added
             limit = max(
