@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 
 from tests.validation import cel_failures, validate_custom
-from trimtab.api.autoscaling import AutoscalingSpec, SLOSpec, duration_seconds
+from trimtab.api.autoscaling import AutoscalingSpec, AutoscalingStatus, SLOSpec, duration_seconds
 from trimtab.api.crdgen import MODELDEPLOYMENT_CRD, model_schema
 from trimtab.api.modeldeployment import ModelDeploymentSpec
-from trimtab.api.autoscaling import AutoscalingStatus
 from trimtab.builders.autoscaling import (
     build_autoscaling_status,
     history_from_status,

@@ -258,12 +258,13 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     requests queue, p99 misses the SLO, or a signal is missing or its source failed. A source
     that failed for some signals leaves demand to the others: a queue seen while the latency
     histogram's query fails still scales up. With nothing to compute demand from, it holds.
+    Replicas still in their cold start count as capacity, so a spike is not answered twice
+    while they load.
 
     At zero replicas (scaleToZero) no server runs, so its own series are absent: no demand, not
     missing data; it stays at zero until a signal that sees requests without a pod (an
     arrivalRate or queueDepth override on the gateway's metrics) shows some, then wakes to
-    minReplicas (or what Little's law asks, when a service time is known). Replicas still in their cold
-    start count as capacity, so a spike is not answered twice while they load.
+    minReplicas (or what Little's law asks, when a service time is known).
 
     Worked examples (targetConcurrency 8, targetUtilization 80% -> 6.4 requests a replica):
 
@@ -309,12 +310,12 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
 
     # --- at zero: no server runs, so its own series are absent ---------------------------
     if current == 0 and spec.scale_to_zero is not None:
-        seen = {
+        at_zero = {
             "arrival rate": sig.arrival_rate,
             "queue depth": sig.queue_depth,
             "running": sig.running,
         }
-        demand = {k: v for k, v in seen.items() if v is not None and v > NO_TRAFFIC_RATE}
+        demand = {k: v for k, v in at_zero.items() if v is not None and v > NO_TRAFFIC_RATE}
         if not demand:
             history = compact_history(
                 (*history, Recommendation(inp.now, 0, sig.queue_depth)),
@@ -324,7 +325,7 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
             )
             why = (
                 "at 0 replicas, no request seen ("
-                + ", ".join(f"{k} {'no data' if v is None else f'{v:g}'}" for k, v in seen.items())
+                + ", ".join(f"{k} {'no data' if v is None else f'{v:g}'}" for k, v in at_zero.items())
                 + "); only a signal that sees requests while no pod runs wakes it (an "
                 "arrivalRate or queueDepth query on the gateway's or ingress' metrics)"
             )
