@@ -316,7 +316,7 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
             "running": sig.running,
         }
         demand = {k: v for k, v in at_zero.items() if v is not None and v > NO_TRAFFIC_RATE}
-        seen = at_zero.items()
+        shown = at_zero.items()
         if not demand:
             history = compact_history(
                 (*history, Recommendation(inp.now, 0, sig.queue_depth)),
@@ -326,7 +326,7 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
             )
             why = (
                 "at 0 replicas, no request seen ("
-                + ", ".join(f"{k} {'no data' if v is None else f'{v:g}'}" for k, v in seen)
+                + ", ".join(f"{k} {'no data' if v is None else f'{v:g}'}" for k, v in shown)
                 + "); only a signal that sees requests while no pod runs wakes it (an "
                 "arrivalRate or queueDepth query on the gateway's or ingress' metrics)"
             )
