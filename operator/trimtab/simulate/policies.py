@@ -341,11 +341,16 @@ class KnativeKpaPolicy:
 
 @dataclass
 class OraclePolicy:
-    """A clairvoyant lower bound on cost: it knows every future request and its exact
-    service time, and so the concurrency the trace needs at each second if no request ever
-    waited. At each tick it asks for the fewest replicas whose slots cover that concurrency's
-    peak from now until a replica started now would be ready plus one tick, so new replicas
-    are ready just in time, and removes the rest at once."""
+    """A clairvoyant zero-queueing sizing, the reference for cost: it knows every future request
+    and its exact service time, and so the concurrency the trace needs at each second if no
+    request ever waited. At each tick it asks for the fewest replicas whose slots cover that
+    concurrency's peak from now until a replica started now would be ready plus one tick, so
+    new replicas are ready just in time, and removes the rest at once.
+
+    It is not a lower bound on cost: it never lets a request wait, so a policy that queues
+    requests within the SLO (or misses it) can use fewer replica-seconds, and its own rounding
+    to whole replicas over a look-ahead window and cold starts it cannot avoid may cost it an
+    SLO second or two."""
 
     trace: Trace
     server: ServerModel
