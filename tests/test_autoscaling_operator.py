@@ -1,7 +1,8 @@
 """The autoscaling loop in the real kopf operator, against the API server emulator and a real
 Prometheus scraping a real vLLM-style exporter: a queue builds -> the Deployment is scaled up
 through its scale subresource, status.autoscaling explains why, an Event is posted; Prometheus
-stops -> MetricsAvailable goes False with the error text and nothing scales down."""
+stops -> MetricsAvailable goes False with the error text and nothing scales down; an override
+Prometheus rejects -> MetricsAvailable False with its parse error, and load still scales up."""
 
 from __future__ import annotations
 
