@@ -28,6 +28,7 @@ TARGETS = {
     ("replica_seconds", "keda_queue"): 1.0,
     ("replica_seconds", "oracle"): 1.2,
 }
+LOOP_INTERVAL = "5s"  # trimtab's loop in this benchmark, set explicitly
 RESULTS = Path(__file__).parent / "results" / "autoscaling.json"
 
 
@@ -61,6 +62,11 @@ def ratio_ci(
 def main() -> int:
     text, source = example_text(Path(__file__).parent)
     spec = load_spec(text, source)
+    # The 5 s loop the results are for (the default is 15 s): see the README's B1 notes.
+    assert spec.autoscaling is not None
+    spec = spec.model_copy(
+        update={"autoscaling": spec.autoscaling.model_copy(update={"interval": LOOP_INTERVAL})}
+    )
     scenario = Scenario.from_spec(spec)
     runs: dict[str, dict[str, list[Score]]] = {}
     started = time.perf_counter()

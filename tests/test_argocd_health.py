@@ -197,7 +197,7 @@ MODELDEPLOYMENT_CASES = [
             )
         ),
         "Suspended",
-        "Metrics unavailable, autoscaling holds: p99 latency: no data",
+        "Metrics unavailable, no scale-down: p99 latency: no data",
         id="metrics-unavailable",
     ),
     pytest.param(

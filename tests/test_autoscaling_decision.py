@@ -10,10 +10,16 @@ from typing import Any
 import pytest
 
 from tests.validation import cel_failures, validate_custom
-from trimtab.api.autoscaling import AutoscalingSpec, SLOSpec, duration_seconds
+from trimtab.api.autoscaling import AutoscalingSpec, AutoscalingStatus, SLOSpec, duration_seconds
 from trimtab.api.crdgen import MODELDEPLOYMENT_CRD, model_schema
 from trimtab.api.modeldeployment import ModelDeploymentSpec
-from trimtab.builders.autoscaling import parse_rfc3339, rfc3339, status_write_due
+from trimtab.builders.autoscaling import (
+    build_autoscaling_status,
+    history_from_status,
+    parse_rfc3339,
+    rfc3339,
+    status_write_due,
+)
 from trimtab.decisions.autoscaling import (
     AutoscalingInput,
     Recommendation,
@@ -51,6 +57,8 @@ def sig(**kw: Any) -> Signals:
 def hist(*pairs: tuple[float, int]) -> tuple[Recommendation, ...]:
     return tuple(Recommendation(NOW - ago, n) for ago, n in pairs)
 
+
+GENERIC_UNMEASURED = frozenset({"queueDepth", "running"})
 
 CASES = [
     pytest.param(
@@ -290,6 +298,53 @@ CASES = [
         id="never-down-while-p99-over-slo-and-queue-unknown",
     ),
     pytest.param(
+        # The generic preset without queueMetric or runningMetric: the gauges are never
+        # measured (not missing); Little's law on the request duration (queueing included)
+        # sizes it, down included.
+        sig(queue_depth=None, running=None, unmeasured=GENERIC_UNMEASURED),
+        6,
+        6,
+        spec(),
+        hist((200, 6), (130, 1)),
+        None,
+        3,
+        "down",
+        "maxScaleDownRate",
+        id="generic-without-queue-gauge-scales-down",
+    ),
+    pytest.param(
+        sig(
+            arrival_rate=0.0,
+            service_time=None,
+            p99_latency=None,
+            queue_depth=None,
+            running=None,
+            unmeasured=GENERIC_UNMEASURED,
+        ),
+        3,
+        3,
+        spec(),
+        hist((200, 3), (130, 0)),
+        None,
+        2,
+        "down",
+        "no requests arriving",
+        id="generic-quiet-without-gauges-is-no-traffic",
+    ),
+    pytest.param(
+        # Without a queue gauge p99 is the only sign of saturation: over the SLO adds replicas.
+        sig(queue_depth=None, running=None, p99_latency=3.0, unmeasured=GENERIC_UNMEASURED),
+        6,
+        6,
+        spec(),
+        hist((200, 6)),
+        None,
+        9,
+        "up",
+        "p99",
+        id="generic-without-queue-gauge-p99-over-slo-scales-up",
+    ),
+    pytest.param(
         sig(arrival_rate=5.0, running=5.0, queue_depth=1.0, p99_latency=4.0),
         4,
         4,
@@ -336,6 +391,52 @@ CASES = [
         "hold",
         "connection refused",
         id="source-down-holds",
+    ),
+    pytest.param(
+        # The latency histogram's query failed (p99 unavailable), but the queue spike is in
+        # plain sight: scale up on it; the failure only blocks scale-down.
+        sig(
+            arrival_rate=20.0,
+            running=24.0,
+            queue_depth=400.0,
+            p99_latency=None,
+            source_unavailable=True,
+            error="p99Latency: bad_data: parse error",
+        ),
+        3,
+        3,
+        spec(),
+        (),
+        None,
+        8,
+        "up",
+        "400 queued",
+        id="queue-spike-scales-up-while-latency-query-fails",
+    ),
+    pytest.param(
+        sig(p99_latency=None, source_unavailable=True, error="p99Latency: timeout"),
+        6,
+        6,
+        spec(),
+        hist((200, 1)),
+        None,
+        6,
+        "hold",
+        "no scale-down: metrics source unavailable (p99Latency: timeout)",
+        id="partial-outage-blocks-scale-down",
+    ),
+    pytest.param(
+        # Every signal unavailable: nothing to compute demand from.
+        Signals(source_unavailable=True, error="connection refused"),
+        3,
+        3,
+        spec(),
+        hist((200, 1)),
+        None,
+        3,
+        "hold",
+        "metrics source unavailable (connection refused); holding",
+        id="nothing-available-holds",
     ),
     pytest.param(
         Signals(source_unavailable=True),
@@ -422,6 +523,59 @@ CASES = [
         id="no-zero-if-any-traffic-in-window",
     ),
     pytest.param(
+        # Nothing arrived in the rate window: the mean service time is 0/0, no data. That is
+        # no traffic, not a missing signal: demand is 0 and the replicas come down.
+        sig(arrival_rate=0.0, running=0.0, service_time=None, p99_latency=None),
+        6,
+        6,
+        spec(),
+        hist((200, 6), (130, 0), (60, 0), (15, 0)),
+        None,
+        3,
+        "down",
+        "no requests arriving, queued or running",
+        id="no-traffic-scales-down-without-service-time",
+    ),
+    pytest.param(
+        sig(arrival_rate=0.0, running=0.0, service_time=None, p99_latency=None),
+        1,
+        1,
+        spec(scale_to_zero={"idle_window": "60s"}),
+        tuple(Recommendation(NOW - a, 0) for a in (120, 105, 90, 75, 60, 45, 30, 15)),
+        None,
+        0,
+        "down",
+        "idle",
+        id="no-traffic-without-service-time-scales-to-zero",
+    ),
+    pytest.param(
+        # No arrivals in the window but requests still running (longer than the window):
+        # the service time is undefined, the running requests are demand.
+        sig(arrival_rate=0.0, running=14.0, service_time=None),
+        6,
+        6,
+        spec(),
+        hist((200, 6)),
+        None,
+        6,
+        "hold",
+        "arrival rate or service time missing",
+        id="no-arrivals-but-running-is-not-no-traffic",
+    ),
+    pytest.param(
+        # A rate of 0 with the queue gauge absent could hide requests waiting: not no traffic.
+        sig(arrival_rate=0.0, running=0.0, queue_depth=None, service_time=None),
+        3,
+        3,
+        spec(),
+        hist((200, 3)),
+        None,
+        3,
+        "hold",
+        "queue depth missing",
+        id="no-traffic-needs-the-queue-as-a-value",
+    ),
+    pytest.param(
         sig(arrival_rate=0.0, running=0.0),
         1,
         1,
@@ -434,6 +588,8 @@ CASES = [
         id="min-replicas-floor-without-scale-to-zero",
     ),
     pytest.param(
+        # Requests seen at zero (queue and arrival rate from gateway-level overrides, a
+        # service time from one): Little's law sizes the wake-up.
         sig(arrival_rate=2.0, running=0.0, queue_depth=2.0),
         0,
         0,
@@ -444,6 +600,88 @@ CASES = [
         "up",
         "",
         id="wake-from-zero",
+    ),
+    pytest.param(
+        # Scaled to zero, no pod exports the server's series: that is no demand, not missing
+        # data; holding means staying at zero, not going back up to minReplicas.
+        Signals(),
+        0,
+        0,
+        spec(scale_to_zero={"idle_window": "60s"}),
+        (),
+        None,
+        0,
+        "hold",
+        "at 0 replicas, no request seen (arrival rate no data",
+        id="zero-without-series-stays-at-zero",
+    ),
+    pytest.param(
+        # An arrivalRate override on the gateway's metrics answers 0: nobody is asking.
+        Signals(arrival_rate=0.0),
+        0,
+        0,
+        spec(scale_to_zero={"idle_window": "60s"}),
+        (),
+        None,
+        0,
+        "hold",
+        "only a signal that sees requests while no pod runs wakes it",
+        id="zero-gateway-rate-zero-stays-at-zero",
+    ),
+    pytest.param(
+        # The gateway sees requests (answered with errors: no pod behind it); no server has
+        # measured a service time: wake to minReplicas, the next loops size from there.
+        Signals(arrival_rate=0.5),
+        0,
+        0,
+        spec(min_replicas=2, scale_to_zero={"idle_window": "60s"}),
+        (),
+        None,
+        2,
+        "up",
+        "arrival rate 0.5; waking to 2",
+        id="zero-gateway-arrivals-wake-to-min-replicas",
+    ),
+    pytest.param(
+        Signals(source_unavailable=True, error="connection refused"),
+        0,
+        0,
+        spec(scale_to_zero={"idle_window": "60s"}),
+        (),
+        None,
+        0,
+        "hold",
+        "connection refused",
+        id="zero-source-down-holds-at-zero",
+    ),
+    pytest.param(
+        Signals(source_unavailable=True, error="connection refused"),
+        0,
+        0,
+        spec(
+            scale_to_zero={"idle_window": "60s"},
+            on_missing_metrics="fallback",
+            fallback_replicas=3,
+        ),
+        (),
+        None,
+        3,
+        "up",
+        "fallback to 3",
+        id="zero-source-down-fallback-wakes",
+    ),
+    pytest.param(
+        # Zero replicas without scaleToZero (spec.replicas 0, say): minReplicas is the floor.
+        Signals(),
+        0,
+        0,
+        spec(),
+        (),
+        None,
+        1,
+        "up",
+        "no data",
+        id="zero-without-scale-to-zero-comes-to-min-replicas",
     ),
     pytest.param(
         sig(arrival_rate=20.0, running=20.0),
@@ -614,9 +852,11 @@ def test_decide_replicas(
 
 
 def test_history_is_pruned_and_carries_queue() -> None:
-    old = hist((10_000, 9), (20, 3))
+    # A 120 s window: what is older goes, but for the newest one before it, which says the
+    # history spans the window.
+    old = hist((10_000, 9), (5_000, 8), (20, 3))
     d = decide_replicas(AutoscalingInput(sig(queue_depth=0.0), 3, 3, spec(), SLO, NOW, old))
-    assert [r.time for r in d.history] == [NOW - 20, NOW]
+    assert [r.time for r in d.history] == [NOW - 5_000, NOW - 20, NOW]
     assert d.history[-1].queue_depth == 0.0
     assert d.inputs["arrivalRate"] == 5.0 and d.inputs["neededConcurrency"] == 5.0
 
@@ -631,6 +871,82 @@ def test_history_keeps_what_the_load_needs_not_the_backlog() -> None:
     )
     assert d.recommendation == 8 and d.desired_replicas == 8
     assert d.history[-1].replicas == 4 and d.history[-1].queue_depth == 400.0
+
+
+QUIET = sig(arrival_rate=0.0, running=0.0, service_time=None, p99_latency=None)
+LOW = sig(arrival_rate=1.0, running=1.0)
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "signals", "start", "want", "after", "by"),
+    [
+        pytest.param(
+            {"interval": "5s", "scaleDownStabilization": "1h"},
+            LOW,
+            6,
+            3,
+            3600,
+            3700,
+            id="1h-window-5s-loop-scales-down",
+        ),
+        pytest.param(
+            {"interval": "1s", "scaleDownStabilization": "600s"},
+            LOW,
+            6,
+            3,
+            600,
+            640,
+            id="600s-window-1s-loop-scales-down",
+        ),
+        pytest.param(
+            # 15 s loops; the first loop's reading stands for the loop before it.
+            {"scaleToZero": {"idleWindow": "10m"}},
+            QUIET,
+            1,
+            0,
+            585,
+            660,
+            id="scale-to-zero-10m-idle-default-interval",
+        ),
+        pytest.param(
+            {"interval": "5s", "scaleToZero": {"idleWindow": "1h"}},
+            QUIET,
+            1,
+            0,
+            3600,
+            3700,
+            id="scale-to-zero-1h-idle-5s-loop",
+        ),
+    ],
+)
+def test_status_history_spans_long_windows(
+    autoscaling: dict[str, Any], signals: Signals, start: int, want: int, after: int, by: int
+) -> None:
+    """Loop after loop through status alone (decide_replicas, build_autoscaling_status, and
+    back through history_from_status), as the operator does: the first scale-down comes once
+    the history spans the window, not never, and status stays small."""
+    aspec = AutoscalingSpec.model_validate({"minReplicas": 1, "maxReplicas": 10, **autoscaling})
+    step = aspec.seconds().interval
+    previous, current, t0 = AutoscalingStatus(), start, 1_700_000_000.0
+    longest = 0
+    for i in range(int(by / step) + 1):
+        now = t0 + i * step
+        d = decide_replicas(
+            AutoscalingInput(
+                signals, current, current, aspec, SLO, now, history_from_status(previous)
+            )
+        )
+        scaled = d.desired_replicas != current
+        status = build_autoscaling_status(aspec, d, {}, current, current, now, previous, scaled)
+        longest = max(longest, len(status["recommendations"]))
+        previous = AutoscalingStatus.model_validate(status)
+        if scaled:
+            assert (d.desired_replicas, d.action) == (want, "down"), d.reason
+            assert after <= now - t0 <= by, d.reason
+            break
+    else:
+        pytest.fail(f"never scaled in {by}s: {d.reason}")
+    assert longest <= 200
 
 
 @pytest.mark.parametrize(

@@ -8,12 +8,13 @@ import asyncio
 import copy
 import logging
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 from tests.test_modeldeployment_operator import model
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.builders.serving import deployment_name, revision_of
-from trimtab.handlers.autoscaling import LoopMemory, autoscale_once
+from trimtab.handlers.autoscaling import LoopMemory, autoscale_once, autoscaling_loop
 from trimtab.kube.resources import Resource
 from trimtab.metrics.base import QueryResult
 
@@ -121,3 +122,31 @@ def test_unwritten_loops_carry_their_history_and_a_restart_resumes_from_status()
     states = {s["name"]: s["state"] for s in written["signals"]}
     assert states["queueDepth"] == "noData"
     assert len(written["recommendations"]) == 5
+
+
+class OneWait:
+    """kopf's DaemonStopped for one loop: false until the daemon has waited once."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.waits)
+
+    async def wait(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+def test_a_failed_loop_retries_after_the_specs_interval() -> None:
+    """A loop that raises (here: no API client at all) is retried after the resource's own
+    autoscaling.interval, not a fixed default."""
+    body = copy.deepcopy(BODY)
+    body["spec"]["autoscaling"]["interval"] = "7s"
+    stopped = OneWait()
+    memo = SimpleNamespace(
+        settings=SimpleNamespace(autoscaling_status_refresh_seconds=30.0),
+        kube=None,
+        metrics_pool=None,
+    )
+    asyncio.run(autoscaling_loop(body=body, stopped=stopped, memo=memo, logger=LOG))  # type: ignore[arg-type]  # fakes
+    assert stopped.waits == [7.0]

@@ -1,7 +1,8 @@
 """The autoscaling loop in the real kopf operator, against the API server emulator and a real
 Prometheus scraping a real vLLM-style exporter: a queue builds -> the Deployment is scaled up
 through its scale subresource, status.autoscaling explains why, an Event is posted; Prometheus
-stops -> MetricsAvailable goes False with the error text and nothing scales down."""
+stops -> MetricsAvailable goes False with the error text and nothing scales down; an override
+Prometheus rejects -> MetricsAvailable False with its parse error, and load still scales up."""
 
 from __future__ import annotations
 
@@ -107,10 +108,23 @@ async def test_queue_scales_up_and_a_dead_prometheus_freezes_scale_down(
             scaled = await wait_for(scaled_up, timeout=20)
             replicas = scaled["spec"]["replicas"]
             assert 1 < replicas <= 8
-            body = await cluster.get(f"{MD_PATH}/chat") or {}
+            # Through the Deployment's scale subresource, as `kubectl scale` does; never by
+            # patching the Deployment's own spec.
+            scale_writes = [(m, p) for m, p, _ in api.writes if p == f"{deploy_path}/scale"]
+            assert scale_writes and all(m.endswith("PATCH") for m, _ in scale_writes), api.writes
+
+            async def recorded() -> dict[str, Any] | None:
+                # status.autoscaling names the replicas the Deployment now has, and why.
+                d = await cluster.get(deploy_path) or {}
+                b = await cluster.get(f"{MD_PATH}/chat") or {}
+                auto = (b.get("status") or {}).get("autoscaling") or {}
+                wanted = (d.get("spec") or {}).get("replicas")
+                ok = auto.get("desiredReplicas") == wanted and auto.get("lastScaleUpTime")
+                return b if ok else None
+
+            body = await wait_for(recorded, timeout=10)
             auto = body["status"]["autoscaling"]
-            assert auto["desiredReplicas"] >= replicas or auto["action"] in ("up", "hold")
-            assert auto["lastScaleUpTime"] and auto["reason"]
+            assert auto["desiredReplicas"] > 1 and "40 queued" in auto["reason"], auto
             conds = {c["type"]: c for c in body["status"]["conditions"]}
             assert conds["MetricsAvailable"]["status"] == "True"
 
@@ -198,3 +212,52 @@ async def test_steady_load_writes_status_once_per_refresh_and_a_step_at_once(
 
             auto = await wait_for(written, timeout=refresh / 2)
             assert auto["action"] == "up" and auto["reason"]
+
+
+async def test_invalid_promql_override_sets_metrics_unavailable_and_load_still_scales_up(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any, tmp_path: Path
+) -> None:
+    """An override Prometheus rejects (a PromQL parse error) makes that one signal unavailable:
+    MetricsAvailable goes False with Prometheus' own error text and a Warning Event, nothing
+    may scale down, but a load the other signals show still scales up."""
+    async with quiet_server(tmp_path) as (exporter, prometheus, revision):
+        deploy_path = f"{DEPLOY_PATH}/{deployment_name('chat', revision)}"
+        body = autoscaled_model(prometheus.url)
+        body["spec"]["metrics"]["queries"] = {"queueDepth": "sum(rate(vllm:num_requests_waiting[)"}
+
+        async with run_operator():
+            await cluster.create(MD_PATH, body)
+            deploy = await wait_for(lambda: cluster.get(deploy_path))
+            await mark_ready(cluster, deploy)
+
+            async def unavailable() -> dict[str, Any] | None:
+                b = await cluster.get(f"{MD_PATH}/chat") or {}
+                c = {c["type"]: c for c in b.get("status", {}).get("conditions", [])}
+                cond = c.get("MetricsAvailable")
+                return b if cond and cond["status"] == "False" else None
+
+            got = await wait_for(unavailable, timeout=20)
+            cond = {c["type"]: c for c in got["status"]["conditions"]}["MetricsAvailable"]
+            assert cond["reason"] == "SourceUnavailable"
+            assert cond["message"].startswith("queueDepth: ") and "parse error" in cond["message"]
+            signals = {s["name"]: s for s in got["status"]["autoscaling"]["signals"]}
+            assert signals["queueDepth"]["state"] == "unavailable"
+            assert signals["arrivalRate"]["state"] == "value"
+
+            async def warned() -> list[dict[str, Any]]:
+                events = await cluster.get(f"/api/v1/namespaces/{NS}/events") or {}
+                return [
+                    e for e in events.get("items", []) if e.get("reason") == "MetricsUnavailable"
+                ]
+
+            assert await wait_for(warned)
+
+            # 20 req/s at 1 s each, 8 running: Little's law asks for 4 replicas.
+            exporter.set_running(8)
+            exporter.set_load(20.0, 1.0)
+
+            async def scaled_up() -> dict[str, Any] | None:
+                d = await cluster.get(deploy_path) or {}
+                return d if d.get("spec", {}).get("replicas", 0) > 1 else None
+
+            await wait_for(scaled_up, timeout=20)

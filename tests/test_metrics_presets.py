@@ -412,3 +412,24 @@ def test_signals_status_form() -> None:
     assert status["p99Latency"] == {"state": "Value", "value": "+Inf"}
     assert status["running"] == {"state": "NoData", "message": "not queried"}
     assert signals.available and not signals.to_decision().source_unavailable
+
+
+def test_generic_preset_without_gauges_marks_them_unmeasured() -> None:
+    """The generic preset without queueMetric/runningMetric has no query for those gauges:
+    the decision is told they are never measured (so their absence blocks no scale-down), while
+    a gauge whose query found no series is only missing this loop."""
+    queries = build_queries("generic", QueryTarget("prod", "chat"))
+    assert queries["queueDepth"] is None and queries["running"] is None
+    provider = FakeProvider({q: QueryResult.of(1.0) for q in queries.values() if q})
+    signals = asyncio.run(read_signals(provider, queries, "generic"))  # type: ignore[arg-type]
+    decided = signals.to_decision()
+    assert decided.unmeasured == {"queueDepth", "running"}
+    assert decided.queue_depth is None and not decided.source_unavailable
+
+    with_gauge = build_queries(
+        "generic", QueryTarget("prod", "chat"), options=PresetOptions(queue_metric="q")
+    )
+    answers = {q: QueryResult.of(1.0) for q in with_gauge.values() if q}
+    answers[str(with_gauge["queueDepth"])] = QueryResult.no_data("no series matched")
+    signals = asyncio.run(read_signals(FakeProvider(answers), with_gauge, "generic"))  # type: ignore[arg-type]
+    assert signals.to_decision().unmeasured == {"running"}

@@ -3,6 +3,7 @@ example ModelDeployment (valid against the CRD, identical to its packaged copy).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -10,14 +11,23 @@ import pytest
 import yaml
 
 from tests.validation import validate_custom
-from trimtab.simulate.cli import demo_main, simulate_main
+from trimtab.simulate.cli import default_plot_path, demo_main, simulate_main
 from trimtab.simulate.compare import POLICIES
+from trimtab.simulate.traces import Trace
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "modeldeployment.yaml"
 PACKAGED = ROOT / "operator" / "trimtab" / "data" / "modeldeployment.yaml"
 CRD = ROOT / "crds" / "trimtab.io_modeldeployments.yaml"
 KEYS = {"slo_violation_seconds", "requests_over_slo", "replica_seconds", "scale_actions"}
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`trimtab simulate` writes its PNG to the working directory by default: keep it out of
+    the checkout."""
+    monkeypatch.chdir(tmp_path)
 
 
 def _trace(path: Path, n: int = 400, gap: float = 0.05) -> Path:
@@ -130,3 +140,37 @@ def test_example_is_valid_and_packaged_copy_identical() -> None:
 def test_bundled_trace_has_attribution() -> None:
     text = (ROOT / "operator" / "trimtab" / "data" / "ATTRIBUTION.md").read_text()
     assert "CC-BY 4.0" in text and "Splitwise" in text and "AzurePublicDataset" in text
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="needs matplotlib (the 'plot' extra)")
+def test_simulate_writes_a_png_named_after_the_trace_by_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = _trace(tmp_path / "t.csv")
+    code = simulate_main(["-f", str(EXAMPLE), "--trace", str(trace), "--time-scale", "2"])
+    assert code == 0
+    assert (tmp_path / "t-x2.png").stat().st_size > 0
+    assert "wrote t-x2.png" in capsys.readouterr().out
+    # --json keeps stdout one JSON object; where the PNG went goes to stderr.
+    assert simulate_main(["-f", str(EXAMPLE), "--trace", str(trace), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["trace"] == "t.csv" and "wrote t.png" in err
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="needs matplotlib (the 'plot' extra)")
+def test_simulate_plot_chooses_the_file_and_no_plot_writes_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = _trace(tmp_path / "t.csv")
+    chosen = tmp_path / "out" / "chosen.png"
+    chosen.parent.mkdir()
+    assert simulate_main(["-f", str(EXAMPLE), "--trace", str(trace), "--plot", str(chosen)]) == 0
+    assert chosen.stat().st_size > 0 and not (tmp_path / "t.png").exists()
+    assert f"wrote {chosen}" in capsys.readouterr().out
+    assert simulate_main(["-f", str(EXAMPLE), "--trace", str(trace), "--no-plot"]) == 0
+    assert list(tmp_path.glob("*.png")) == [] and "wrote" not in capsys.readouterr().out
+
+
+def test_default_plot_path_is_named_after_the_trace() -> None:
+    assert default_plot_path(Trace("azure-code.csv x4", ())) == Path("azure-code-x4.png")
+    assert default_plot_path(Trace("../x y.csv", ())) == Path("x-y.png")

@@ -4,6 +4,7 @@ table per baseline policy."""
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,10 +15,12 @@ from trimtab.simulate.compare import Scenario, score
 from trimtab.simulate.engine import Decision, MetricsPath, ServerModel, Simulation
 from trimtab.simulate.policies import (
     CpuModel,
+    HpaBehavior,
     HpaCpuPolicy,
     KedaQueuePolicy,
     KnativeKpaPolicy,
     OraclePolicy,
+    _HpaAlgorithm,
 )
 from trimtab.simulate.prometheus import PrometheusView, Sample, histogram_quantile
 from trimtab.simulate.traces import Request, Trace, burst_trace, parse_azure_csv, step_trace
@@ -321,3 +324,71 @@ def test_scenario_runs_every_policy_deterministically() -> None:
     assert first["trimtab"] == again
     assert first["oracle"].slo_violation_seconds <= first["keda_queue"].slo_violation_seconds
     assert first["trimtab"].replica_seconds > 0 and first["trimtab"].scale_actions > 0
+
+
+@pytest.mark.parametrize(
+    ("scale_to_zero", "floor"),
+    [
+        pytest.param(None, 1, id="quiet-comes-down-to-min-replicas"),
+        pytest.param({"idleWindow": "60s"}, 0, id="quiet-scales-to-zero"),
+    ],
+)
+def test_trimtab_scales_down_when_traffic_stops(
+    scale_to_zero: dict[str, str] | None, floor: int
+) -> None:
+    """20 req/s for 200 s, then silence until one last request at 1200 s. Once nothing arrives
+    the mean service time is 0/0 (no data): trimtab must read that as no traffic, not as a
+    missing signal, and come down once the 300 s window has passed (to zero with scaleToZero,
+    woken again by the last request)."""
+    rng = random.Random(1)
+    arrivals: list[float] = []
+    t = 0.0
+    while (t := t + rng.expovariate(20.0)) < 200.0:
+        arrivals.append(t)
+    trace = Trace("busy-then-quiet", tuple(Request(a, 500, 40) for a in [*arrivals, 1200.0]))
+    auto: dict[str, Any] = {"minReplicas": 1, "maxReplicas": 20}
+    if scale_to_zero:
+        auto["scaleToZero"] = scale_to_zero
+    scenario = Scenario(
+        SLOSpec(p99_latency_ms=5000), AutoscalingSpec.model_validate(auto), ServerModel()
+    )
+    result = scenario.run("trimtab", trace, 0)
+    busy = max(p.replicas for p in result.timeline if p.time < 200)
+    quiet = {p.replicas for p in result.timeline if 800 <= p.time < 1200}
+    assert busy > 1 and quiet == {floor}, [d.reason for d in result.decisions if d.time > 800][:1]
+    assert all(math.isfinite(latency) for _, latency in result.latencies)
+
+
+@pytest.mark.parametrize(
+    ("first", "second_after", "raw", "want"),
+    [
+        # 1 -> 5 (the +4 floor); 15 s later that change lies exactly at the cutoff, which
+        # Kubernetes leaves out (changes strictly after it count): 5 -> max(10, 9) = 10.
+        pytest.param(100, 15.0, 100, 10, id="up-change-exactly-one-period-ago-is-outside"),
+        # 14.9 s later it is inside: the period started at 1 replica, so at most 5.
+        pytest.param(100, 14.9, 100, 5, id="up-change-inside-the-period-counts"),
+    ],
+)
+def test_hpa_rate_limit_period_excludes_its_boundary(
+    first: int, second_after: float, raw: int, want: int
+) -> None:
+    hpa = _HpaAlgorithm(1, 100, HpaBehavior())
+    hpa.start(-600.0, 1)
+    assert hpa.stabilize_and_limit(0.0, 1, first) == 5
+    assert hpa.stabilize_and_limit(second_after, 5, raw) == want
+
+
+@pytest.mark.parametrize(
+    ("second_after", "want"),
+    [
+        # 50% per 15 s: 40 -> 20. A removal exactly one period ago is outside the period, so
+        # the next may take half of 20; inside it, the period started at 40 and 20 already went.
+        pytest.param(15.0, 10, id="down-change-exactly-one-period-ago-is-outside"),
+        pytest.param(14.9, 20, id="down-change-inside-the-period-counts"),
+    ],
+)
+def test_hpa_scale_down_limit_period_excludes_its_boundary(second_after: float, want: int) -> None:
+    hpa = _HpaAlgorithm(1, 100, HpaBehavior(scale_down_stabilization=0.0, scale_down_percent=50.0))
+    hpa.start(-600.0, 40)
+    assert hpa.stabilize_and_limit(0.0, 40, 1) == 20
+    assert hpa.stabilize_and_limit(second_after, 20, 1) == want

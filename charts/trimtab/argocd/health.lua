@@ -95,7 +95,7 @@ end
 
 local metrics = condition(status, "MetricsAvailable")
 if metrics ~= nil and metrics.status == "False" then
-  return result("Suspended", "Metrics unavailable, autoscaling holds: " ..
+  return result("Suspended", "Metrics unavailable, no scale-down: " ..
     text(metrics.message, text(metrics.reason, "no data")))
 end
 

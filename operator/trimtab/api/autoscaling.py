@@ -42,10 +42,15 @@ class SLOSpec(StrictModel):
 
 
 class ScaleToZero(StrictModel):
-    """Scale to zero replicas after a quiet spell; the first request then waits a cold start."""
+    """Scale to zero replicas after a quiet spell. At zero no server exports metrics: only an
+    arrivalRate or queueDepth query on the gateway's metrics sees requests and wakes it, and
+    requests get errors from the gateway until a replica is ready (no activator holds them)."""
 
     idle_window: Duration = Field(
-        default="10m", description="No requests for this long scales the model server to zero."
+        default="10m",
+        description="No requests for this long scales the model server to zero. To wake it, "
+        "set metrics.queries.arrivalRate (or queueDepth) to a query on the gateway's or "
+        "ingress' metrics: with no pod, the server's own series are absent.",
     )
 
     model_config = ConfigDict(
@@ -69,9 +74,9 @@ class AutoscalingSpec(StrictModel):
     min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas.")
     max_replicas: int = Field(default=10, ge=1, le=1000, description="Most replicas.")
     interval: Duration = Field(
-        default="5s",
-        description="How often the control loop runs; faster than the metrics scrape, so a new "
-        "scrape is acted on within this long.",
+        default="15s",
+        description="How often the control loop runs. The default matches the usual 15s "
+        "scrape; a faster loop (e.g. 5s) acts on a new scrape sooner, for more queries.",
     )
     scale_up_stabilization: Duration = Field(
         default="0s",
@@ -243,7 +248,8 @@ class MetricsSpec(StrictModel):
     queue_metric: str | None = Field(
         default=None,
         pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",
-        description="generic preset: the gauge of requests waiting.",
+        description="generic preset: the gauge of requests waiting. Without it the autoscaler "
+        "sizes from arrival rate x mean request duration (queueing included) and p99.",
     )
     running_metric: str | None = Field(
         default=None,
@@ -269,6 +275,11 @@ class ReplicaRecommendation(StatusModel):
     queue_depth: float | None = Field(
         default=None, description="Queue depth seen then, to tell a growing queue."
     )
+    lowest_replicas: int | None = Field(
+        default=None,
+        description="For older recommendations merged into one per time bucket: the lowest "
+        "(replicas is then the highest, time the newest).",
+    )
 
 
 class AutoscalingStatus(StatusModel):
@@ -284,7 +295,10 @@ class AutoscalingStatus(StatusModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     recommendations: list[ReplicaRecommendation] = Field(
-        default_factory=list, max_length=512, description="Recent raw recommendations."
+        default_factory=list,
+        max_length=512,
+        description="Raw recommendations over the longest window: every loop of the last "
+        "minute, older ones merged per time bucket.",
     )
     last_decision_time: str | None = Field(
         default=None,

@@ -16,6 +16,8 @@ from trimtab.api.autoscaling import AutoscalingSpec, AutoscalingStatus, ReplicaR
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.decisions.autoscaling import Recommendation, ReplicaDecision
 
+# The most recommendations status holds (the CRD's maxItems); decide_replicas keeps far fewer.
+MAX_RECOMMENDATIONS = 512
 # A signal as the metrics layer reports it: (state, value, message).
 SignalReading = tuple[str, float | None, str]
 
@@ -31,7 +33,12 @@ def parse_rfc3339(text: str) -> float:
 
 def history_from_status(status: AutoscalingStatus) -> tuple[Recommendation, ...]:
     return tuple(
-        Recommendation(time=parse_rfc3339(r.time), replicas=r.replicas, queue_depth=r.queue_depth)
+        Recommendation(
+            time=parse_rfc3339(r.time),
+            replicas=r.replicas,
+            queue_depth=r.queue_depth,
+            lowest=r.lowest_replicas,
+        )
         for r in status.recommendations
     )
 
@@ -83,16 +90,20 @@ def build_autoscaling_status(
     previous: AutoscalingStatus,
     scaled: bool,
 ) -> dict[str, Any]:
-    """status.autoscaling after one loop, on the wire."""
-    keep = max(
-        1,
-        min(512, math.ceil(spec.seconds().scale_down_stabilization / spec.seconds().interval) + 4),
-    )
+    """status.autoscaling after one loop, on the wire.
+
+    The recommendations are the decision's history as it keeps it (`compact_history`): every
+    loop of the last minute, and older ones merged per bucket over the longest of the
+    scale-down, scale-up and idle windows, so they span those windows in a bounded list. The
+    cap is only a guard for a history that did not come from decide_replicas."""
     recommendations = [
         ReplicaRecommendation(
-            time=rfc3339(r.time), replicas=r.replicas, queue_depth=r.queue_depth
+            time=rfc3339(r.time),
+            replicas=r.replicas,
+            queue_depth=r.queue_depth,
+            lowest_replicas=r.lowest,
         ).to_wire()
-        for r in decision.history[-keep:]
+        for r in decision.history[-MAX_RECOMMENDATIONS:]
     ]
     up = scaled and decision.desired_replicas > current_replicas
     out: dict[str, Any] = {

@@ -26,12 +26,22 @@ DRAIN_SECONDS = 15.0
 # time. Without a scrape interval given: Prometheus' usual 15 s (the default 1m rate window
 # holds four).
 GROWTH_SPAN = 15.0
+# An arrival rate at or below this is no traffic: rate() over a window with no new requests is
+# exactly 0, and one request in even an hour's window is far above it.
+NO_TRAFFIC_RATE = 1e-6
+# The history keeps every loop's recommendation for this long (the queue's growth is measured
+# against a reading one scrape back) and, beyond it, one merged recommendation per bucket,
+# about this many buckets over the longest window (scale-down, scale-up or idle), so status
+# stays small however long the windows and short the loop.
+FULL_DETAIL_SECONDS = 60.0
+HISTORY_BUCKETS = 96
 
 
 @dataclass(frozen=True)
 class Signals:
     """What the metrics source said this loop. None means "no data" (the query returned no
-    series); `source_unavailable` means the source itself could not be asked."""
+    series, or its source failed); `source_unavailable` means the source could not be asked
+    for at least one signal: demand comes from the others, but nothing scales down."""
 
     queue_depth: float | None = None  # requests waiting, all replicas together
     running: float | None = None  # requests being served, all replicas together
@@ -41,6 +51,14 @@ class Signals:
     error_rate: float | None = None  # share of requests failing
     source_unavailable: bool = False
     error: str = ""  # the source's error text, for the reason
+    # Signals this setup never measures (no preset query, no override), by their spec names
+    # ("queueDepth", "running"): their None is not a signal gone missing.
+    unmeasured: frozenset[str] = frozenset()
+
+    def zero_or_unmeasured(self, name: str) -> bool:
+        """Whether a gauge reads 0, or is one this setup has no query for."""
+        value = self.queue_depth if name == "queueDepth" else self.running
+        return value == 0 or (value is None and name in self.unmeasured)
 
     def as_dict(self) -> dict[str, float | None]:
         return {
@@ -60,9 +78,14 @@ class Recommendation:
     backlog are left out: once the backlog is gone they are not needed again, so the
     scale-down window must not hold them."""
 
-    time: float
-    replicas: int
+    time: float  # when it was made; for a merged bucket, when its newest one was
+    replicas: int  # for a merged bucket, the highest (what the scale-down window holds)
     queue_depth: float | None = None  # what the queue held then, to see it grow
+    lowest: int | None = None  # for a merged bucket, the lowest (the scale-up window's)
+
+    @property
+    def fewest(self) -> int:
+        return self.replicas if self.lowest is None else self.lowest
 
 
 @dataclass(frozen=True)
@@ -93,7 +116,53 @@ def _bounded(n: int, spec: AutoscalingSpec, floor: int) -> int:
 
 
 def _prune(history: tuple[Recommendation, ...], since: float) -> tuple[Recommendation, ...]:
-    return tuple(r for r in history if r.time >= since)
+    """The recommendations from `since` on, and the newest one before it: with merged buckets
+    a window's start may fall between two entries, and the older one says the history covers
+    the window.
+
+    >>> [r.time for r in _prune(tuple(Recommendation(t, 1) for t in (10, 50, 90, 130)), 60)]
+    [50, 90, 130]
+    """
+    older = [i for i, r in enumerate(history) if r.time < since]
+    return history[older[-1] :] if older else history
+
+
+def compact_history(
+    history: tuple[Recommendation, ...], now: float, interval: float, longest: float
+) -> tuple[Recommendation, ...]:
+    """The history as status keeps it: every recommendation of the last FULL_DETAIL_SECONDS
+    (or three loops), older ones merged per bucket of `longest` / HISTORY_BUCKETS seconds (at
+    least one loop), aligned to the clock so that merging again changes nothing. A bucket
+    keeps its newest time and queue depth, its highest recommendation (so the scale-down and
+    idle windows hold at least as long as with every loop kept, at most a bucket longer) and
+    its lowest (for the scale-up window).
+
+    >>> h = tuple(Recommendation(t, n, 0.0) for t, n in [(0, 3), (5, 5), (10, 1), (200, 2)])
+    >>> once = compact_history(h, 205, 5, 1920)  # 20 s buckets; the last minute as it is
+    >>> [(r.time, r.replicas, r.fewest) for r in once]
+    [(10, 5, 1), (200, 2, 2)]
+    >>> compact_history(once, 205, 5, 1920) == once
+    True
+    """
+    width = max(interval, longest / HISTORY_BUCKETS)
+    detail_from = now - max(FULL_DETAIL_SECONDS, 3 * interval)
+    out: list[Recommendation] = []
+    for r in history:
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and r.time < detail_from
+            and math.floor(last.time / width) == math.floor(r.time / width)
+        ):
+            out[-1] = Recommendation(
+                r.time,
+                max(last.replicas, r.replicas),
+                r.queue_depth,
+                min(last.fewest, r.fewest),
+            )
+        else:
+            out.append(r)
+    return tuple(out)
 
 
 def _growth_reference(
@@ -104,13 +173,13 @@ def _growth_reference(
 
     >>> h = tuple(Recommendation(t, 1, q) for t, q in [(85, 0), (90, 0), (95, 40), (100, 40)])
     >>> _growth_reference(h, 105, 5)  # 15 s back, not the 5 s old copy of the same scrape
-    Recommendation(time=90, replicas=1, queue_depth=0)
+    Recommendation(time=90, replicas=1, queue_depth=0, lowest=None)
     >>> _growth_reference(h, 115, 15)  # a 15 s loop: the last loop
-    Recommendation(time=100, replicas=1, queue_depth=40)
+    Recommendation(time=100, replicas=1, queue_depth=40, lowest=None)
     >>> _growth_reference(h[2:], 105, 5) is None  # nothing a scrape old yet
     True
     >>> _growth_reference(h, 105, 5, scrape=5)  # a 5 s scrape: the last loop's is another
-    Recommendation(time=100, replicas=1, queue_depth=40)
+    Recommendation(time=100, replicas=1, queue_depth=40, lowest=None)
     """
     span = _span(interval, scrape)
     return next(
@@ -162,7 +231,9 @@ def _backlog_done_by(
 def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     """Replicas the model server needs now, the action, and why.
 
-    Demand: by Little's law the concurrency in use is arrival rate x mean service time. With an
+    Demand: by Little's law the concurrency in use is arrival rate x mean service time. With no
+    request arriving in the rate window and none queued or running, demand is 0: the service
+    time is then 0/0 (nothing was served), undefined rather than missing. With an
     empty queue the requests running count too (a rise the rate window does not show yet); with
     a queue they only fill the slots there are, so they are not demand. A queue that grew since
     the reading one scrape (GROWTH_SPAN) or one loop ago, whichever is longer, raises the
@@ -184,8 +255,16 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     only once the history spans that window: as the Kubernetes HPA seeds its window with the
     replicas it found, a deployment is not cut in the first minutes after autoscaling starts on
     a few quiet readings. At most maxScaleDownRate of the replicas go per loop, and none while
-    requests queue, p99 misses the SLO, or a signal is missing. Replicas still in their cold
-    start count as capacity, so a spike is not answered twice while they load.
+    requests queue, p99 misses the SLO, or a signal is missing or its source failed. A source
+    that failed for some signals leaves demand to the others: a queue seen while the latency
+    histogram's query fails still scales up. With nothing to compute demand from, it holds.
+    Replicas still in their cold start count as capacity, so a spike is not answered twice
+    while they load.
+
+    At zero replicas (scaleToZero) no server runs, so its own series are absent: no demand, not
+    missing data; it stays at zero until a signal that sees requests without a pod (an
+    arrivalRate or queueDepth override on the gateway's metrics) shows some, then wakes to
+    minReplicas (or what Little's law asks, when a service time is known).
 
     Worked examples (targetConcurrency 8, targetUtilization 80% -> 6.4 requests a replica):
 
@@ -197,6 +276,9 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     - 5 req/s x 1.0 s, 6 replicas, history in the window [6, 4, 1]: recommendation 1, held at
       the window's highest (6): hold. Once the window holds only 1s: down to 3 (half of 6
       per loop at maxScaleDownRate 0.5), then to 1.
+    - 0 req/s, nothing queued or running, service time no data (nothing finished in the
+      window), 6 replicas, the window's history all 0: down to 3, then 1 (or 0 with
+      scaleToZero once the idle window is quiet).
     - 5 req/s x 1.0 s, 2 replicas, autoscaling started 60 s ago and every loop since
       recommended 1: hold at 2 until the recommendations span the 300 s window, then down to 1.
     - Loop 5 s, scrape 15 s: the loops at 80, 85 and 90 s read a queue of 0, those at 95, 100
@@ -226,14 +308,75 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     # Bounds are the user's explicit limits, never a blind move.
     floor = spec.min_replicas
 
+    # --- at zero: no server runs, so its own series are absent ---------------------------
+    if current == 0 and spec.scale_to_zero is not None:
+        at_zero = {
+            "arrival rate": sig.arrival_rate,
+            "queue depth": sig.queue_depth,
+            "running": sig.running,
+        }
+        demand = {k: v for k, v in at_zero.items() if v is not None and v > NO_TRAFFIC_RATE}
+        shown = at_zero.items()
+        if not demand:
+            history = compact_history(
+                (*history, Recommendation(inp.now, 0, sig.queue_depth)),
+                inp.now,
+                secs.interval,
+                keep_for,
+            )
+            why = (
+                "at 0 replicas, no request seen ("
+                + ", ".join(f"{k} {'no data' if v is None else f'{v:g}'}" for k, v in shown)
+                + "); only a signal that sees requests while no pod runs wakes it (an "
+                "arrivalRate or queueDepth query on the gateway's or ingress' metrics)"
+            )
+            target = 0
+            if sig.source_unavailable:
+                why = f"metrics source unavailable ({sig.error}); " + why
+                if spec.on_missing_metrics == "fallback" and spec.fallback_replicas is not None:
+                    target = spec.fallback_replicas
+                    why += f"; fallback to {spec.fallback_replicas}"
+            desired = min(target, spec.max_replicas)
+            return ReplicaDecision(desired, _action(desired, 0), why, 0, history, used)
+        if sig.arrival_rate is None or sig.service_time is None:
+            # Requests arrive but no server has measured a service time yet: start the
+            # fewest replicas; the next loops size them from what those measure.
+            desired = max(1, floor)
+            why = (
+                "at 0 replicas: "
+                + ", ".join(f"{k} {v:g}" for k, v in demand.items())
+                + f"; waking to {desired}"
+            )
+            history = compact_history(
+                (*history, Recommendation(inp.now, desired, sig.queue_depth)),
+                inp.now,
+                secs.interval,
+                keep_for,
+            )
+            return ReplicaDecision(desired, "up", why, desired, history, used)
+
     # --- missing data: never scale down blind -------------------------------------------
-    have_littles = sig.arrival_rate is not None and sig.service_time is not None
+    # No request arrived in the rate window and none waits or runs: demand is zero. The mean
+    # service time is then 0/0 (nothing was served), undefined rather than missing, so it is
+    # not needed; without this a deployment that goes quiet would never scale down.
+    no_traffic = (
+        sig.arrival_rate is not None
+        and sig.arrival_rate <= NO_TRAFFIC_RATE
+        and sig.zero_or_unmeasured("queueDepth")
+        and sig.zero_or_unmeasured("running")
+    )
+    have_littles = sig.arrival_rate is not None and (sig.service_time is not None or no_traffic)
     have_inflight = sig.running is not None
-    if sig.source_unavailable or not (have_littles or have_inflight):
+    # A source that failed for some signals still leaves the others to scale up on; it only
+    # blocks scale-down (below). With nothing to compute demand from: hold, or fall back up.
+    unavailable = (
+        f"metrics source unavailable ({sig.error})"
+        if sig.source_unavailable and sig.error
+        else "metrics source unavailable"
+    )
+    if not (have_littles or have_inflight):
         why = (
-            f"metrics source unavailable ({sig.error})"
-            if sig.source_unavailable and sig.error
-            else "metrics source unavailable"
+            unavailable
             if sig.source_unavailable
             else "no data for arrival rate and service time, nor requests running"
         )
@@ -253,7 +396,10 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     growth = 0.0  # queue growth since the last loop, requests/s
     notes: list[str] = []
     asides = ""
-    if have_littles:
+    if have_littles and sig.service_time is None:
+        in_use, drain = 0.0, 0.0
+        source = "no requests arriving, queued or running"
+    elif have_littles:
         assert sig.arrival_rate is not None and sig.service_time is not None
         service = max(sig.service_time, 1e-3)
         arrivals = sig.arrival_rate
@@ -355,7 +501,12 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         notes.append("p99 over SLO while the queue shrinks: the backlog is draining")
 
     idle = needed == 0
-    history = (*history, Recommendation(inp.now, for_load, sig.queue_depth))
+    history = compact_history(
+        (*history, Recommendation(inp.now, for_load, sig.queue_depth)),
+        inp.now,
+        secs.interval,
+        keep_for,
+    )
 
     # --- scale to zero ----------------------------------------------------------------------
     if secs.idle_window is not None and idle:
@@ -384,7 +535,7 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         target = recommendation
         if secs.scale_up_stabilization > 0:
             window = [
-                r.replicas for r in history[:-1] if r.time >= inp.now - secs.scale_up_stabilization
+                r.fewest for r in history[:-1] if r.time >= inp.now - secs.scale_up_stabilization
             ]
             target = max(current, min([*window, recommendation]))
         limit = max(math.ceil(current * spec.max_scale_up_rate), current + MIN_SCALE_UP_STEP)
@@ -401,11 +552,16 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     # --- down: slow -------------------------------------------------------------------------
     if recommendation < current:
         blockers = []
+        if sig.source_unavailable:
+            blockers.append(unavailable)
         if not have_littles:
             blockers.append("arrival rate or service time missing")
-        if sig.queue_depth is None:
+        if sig.queue_depth is None and "queueDepth" not in sig.unmeasured:
+            # A queue gauge that vanished may hide a backlog. One this setup never had (the
+            # generic preset without queueMetric) is not missing: the mean request duration
+            # then includes the time queued, so Little's law counts queued requests as demand.
             blockers.append("queue depth missing")
-        elif sig.queue_depth > 0:
+        elif sig.queue_depth is not None and sig.queue_depth > 0:
             blockers.append(f"{sig.queue_depth:.0f} requests queued")
         if slo_missed:
             blockers.append("p99 over SLO")

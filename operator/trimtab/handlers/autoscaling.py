@@ -4,8 +4,9 @@ asking decide_replicas, scaling the Deployment and recording the decision and wh
 rollout runs a candidate beside the stable revision, the decision is the total for both, from
 signals across both, and the replicas are split by traffic weight (`split_replicas`).
 
-The loop never scales down blind: when the source fails, MetricsAvailable goes False with the
-source's error text and the decision holds (or falls back up, if so configured).
+The loop never scales down blind: when the source fails for any signal, MetricsAvailable goes
+False with the source's error text and nothing scales down; the signals still read may scale
+up, and with none left the decision holds (or falls back up, if so configured).
 
 It decides every loop but writes status only when the change matters (`status_write_due`: a
 scale, a new decision, a signal's or condition's state) or once per refresh period
@@ -24,7 +25,12 @@ from typing import Any, cast
 import kopf
 
 from trimtab import constants as C
-from trimtab.api.autoscaling import AutoscalingStatus, MetricsSpec, duration_seconds
+from trimtab.api.autoscaling import (
+    AutoscalingSpec,
+    AutoscalingStatus,
+    MetricsSpec,
+    duration_seconds,
+)
 from trimtab.api.common import Condition
 from trimtab.api.modeldeployment import CONDITION_METRICS_AVAILABLE, ModelDeploymentSpec
 from trimtab.builders.autoscaling import (
@@ -56,7 +62,25 @@ from trimtab.metrics.presets import (
 )
 from trimtab.observability import DESIRED_REPLICAS, SCALE_ACTIONS
 
-DEFAULT_INTERVAL = 15.0
+# The loop's interval when the spec gives none that can be read: the model's default.
+DEFAULT_INTERVAL = duration_seconds(str(AutoscalingSpec.model_fields["interval"].default))
+
+
+def spec_interval(body: Any) -> float:
+    """The resource's autoscaling.interval in seconds, for the retry after a failed loop;
+    DEFAULT_INTERVAL when it is unset or cannot be read.
+
+    >>> spec_interval({"spec": {"autoscaling": {"interval": "5s"}}})
+    5.0
+    >>> spec_interval({"spec": {"autoscaling": {"interval": "soon"}}}) == DEFAULT_INTERVAL
+    True
+    """
+    auto = (body.get("spec") or {}).get("autoscaling")
+    text = auto.get("interval") if isinstance(auto, dict) else None
+    try:
+        return duration_seconds(text) if isinstance(text, str) else DEFAULT_INTERVAL
+    except ValueError:
+        return DEFAULT_INTERVAL
 
 
 def autoscaling_enabled(spec: kopf.Spec, **_: Any) -> bool:
@@ -82,7 +106,7 @@ async def autoscaling_loop(
     memory = LoopMemory()
     refresh = memo.settings.autoscaling_status_refresh_seconds
     while not stopped:
-        interval = DEFAULT_INTERVAL
+        interval = spec_interval(body)
         try:
             interval = await autoscale_once(
                 memo.kube, memo.metrics_pool, body, logger, memory, refresh

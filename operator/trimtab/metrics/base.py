@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -47,6 +47,9 @@ class QueryResult:
     state: ResultState
     value: float | None = None
     message: str = ""
+    # False when there was nothing to ask: the preset has no query for the signal and the spec
+    # no override, so the signal is never measured (not missing this loop).
+    queried: bool = field(default=True, repr=False)
 
     @staticmethod
     def of(value: float) -> QueryResult:
@@ -59,6 +62,10 @@ class QueryResult:
     @staticmethod
     def no_data(message: str) -> QueryResult:
         return QueryResult(ResultState.NO_DATA, None, message)
+
+    @staticmethod
+    def no_query(message: str) -> QueryResult:
+        return QueryResult(ResultState.NO_DATA, None, message, queried=False)
 
     @staticmethod
     def unavailable(message: str) -> QueryResult:
@@ -131,7 +138,8 @@ class Signals:
 
     @property
     def available(self) -> bool:
-        """False when any signal's source was unavailable: the loop must not scale down then."""
+        """False when any signal's source was unavailable: the loop must not scale down then
+        (it still scales up on the signals it read)."""
         return not any(getattr(self, f.name).is_unavailable for f in fields(self))
 
     def errors(self) -> dict[SignalName, str]:
@@ -150,7 +158,8 @@ class Signals:
 
     def to_decision(self) -> decide.Signals:
         """The plain numbers `decide_replicas` takes; any unavailable signal marks the source
-        unavailable, so the decision never scales down on a partial picture."""
+        unavailable, so the decision scales up on the signals it has but never down on a
+        partial picture."""
         return decide.Signals(
             queue_depth=self.queue_depth.value,
             running=self.running.value,
@@ -160,6 +169,7 @@ class Signals:
             error_rate=self.error_rate.value,
             source_unavailable=not self.available,
             error=self.error_text(),
+            unmeasured=frozenset(n for n, r in self.by_name().items() if not r.queried),
         )
 
 
@@ -189,7 +199,7 @@ async def read_signals(
     for name, query in queries.items():
         if not query:
             where = f"the {source} preset" if source else "this preset"
-            results[name] = QueryResult.no_data(
+            results[name] = QueryResult.no_query(
                 f"{where} has no query for {name}; set spec.metrics.queries.{name}"
             )
     return Signals.from_results(results)

@@ -1,13 +1,16 @@
 """`trimtab simulate` and `trimtab demo`: replay a request trace through trimtab's autoscaler
-and the baselines, and print the scores (a table and a timeline, or JSON), optionally a PNG.
+and the baselines, and print the scores (a table and a timeline, or JSON) and, for simulate
+with matplotlib installed, write a PNG of load, replicas and p99 per policy.
 
 Neither needs a cluster or a network; the demo uses the bundled example and Azure trace."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
+import re
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -50,7 +53,18 @@ def _parser(prog: str, demo: bool) -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed for service-time jitter and phases"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--plot", type=Path, help="write a PNG (needs the 'plot' extra)")
+    plots = parser.add_mutually_exclusive_group()
+    plots.add_argument(
+        "--plot",
+        type=Path,
+        help="write the PNG of load, replicas and p99 per policy here (needs the 'plot' extra)"
+        + (
+            ""
+            if demo
+            else "; by default TRACE.png in the working directory, when matplotlib is installed"
+        ),
+    )
+    plots.add_argument("--no-plot", action="store_true", help="write no PNG")
     parser.add_argument(
         "--prefill", type=float, default=8000.0, help="prefill tokens/s per replica"
     )
@@ -192,7 +206,8 @@ def _run(
 
 def simulate_main(argv: Sequence[str]) -> int:
     """`trimtab simulate -f MODELDEPLOYMENT.yaml --trace TRACE.csv [--time-scale X] [--seed N]
-    [--json] [--plot FILE.png]`."""
+    [--json] [--plot FILE.png | --no-plot]`. With matplotlib installed it writes a PNG by
+    default (default_plot_path)."""
     args = _parser("trimtab simulate", demo=False).parse_args(list(argv))
     try:
         spec = load_spec(args.filename.read_text(), str(args.filename))
@@ -213,7 +228,7 @@ def simulate_main(argv: Sequence[str]) -> int:
         print(_table(scores))
         print()
         print(_timeline(results, trace))
-    return _maybe_plot(args, results, trace)
+    return _maybe_plot(args, results, trace, by_default=True)
 
 
 def _header(trace: Trace, scenario: Scenario) -> str:
@@ -227,15 +242,43 @@ def _header(trace: Trace, scenario: Scenario) -> str:
     )
 
 
-def _maybe_plot(args: argparse.Namespace, results: dict[str, RunResult], trace: Trace) -> int:
-    if args.plot is None:
+def default_plot_path(trace: Trace) -> Path:
+    """Where `trimtab simulate` writes its PNG unless told: the working directory, named after
+    the trace ("azure-code.csv x4" -> azure-code-x4.png).
+
+    >>> default_plot_path(Trace("azure-code.csv x4", ()))
+    PosixPath('azure-code-x4.png')
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", trace.name.replace(".csv", "")).strip("-.")
+    return Path(f"{name or 'trace'}.png")
+
+
+def _maybe_plot(
+    args: argparse.Namespace,
+    results: dict[str, RunResult],
+    trace: Trace,
+    by_default: bool = False,
+) -> int:
+    """Write the PNG: to --plot, or (with `by_default`, unless --no-plot) to
+    default_plot_path when matplotlib is installed. Where it went is printed, to stderr with
+    --json so stdout stays one JSON object."""
+    path: Path | None = args.plot
+    if path is None and by_default and not args.no_plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            if not args.json:
+                print("\nno PNG: matplotlib is not installed (pip install 'trimtab[plot]')")
+            return 0
+        path = default_plot_path(trace)
+    if path is None:
         return 0
-    problem = _plot(args.plot, results, trace)
+    problem = _plot(path, results, trace)
     if problem:
         print(problem, file=sys.stderr)
         return 1
-    if not args.json:
-        print(f"\nwrote {args.plot}")
+    if args.json:
+        print(f"wrote {path}", file=sys.stderr)
+    else:
+        print(f"\nwrote {path}")
     return 0
 
 

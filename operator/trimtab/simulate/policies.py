@@ -25,7 +25,10 @@ class TrimtabPolicy:
     """trimtab's control loop: every `autoscaling.interval` it reads the signals the vLLM
     preset queries from Prometheus (queue depth and running gauges, arrival rate and mean
     service time as rates over the rate window, p99 from the latency histogram) and applies
-    `decide_replicas`, keeping the recommendation history as the operator keeps it in status."""
+    `decide_replicas`, keeping the recommendation history as the operator keeps it in status.
+    The simulated scrape counts arrivals and the queue even at zero replicas, as a gateway-level
+    arrivalRate or queueDepth override would (what scale-to-zero needs to wake; the preset's
+    own series are absent with no pod)."""
 
     name = "trimtab"
 
@@ -126,11 +129,15 @@ class _HpaAlgorithm:
             desired = up_floor
         if desired > down_ceiling:
             desired = down_ceiling
-        # Rate limits: replicas at the start of the period plus what the policy allows.
-        while self.events and self.events[0][0] < now - max(b.scale_up_period, b.scale_down_period):
+        # Rate limits: replicas at the start of the period plus what the policy allows. As the
+        # controller's getReplicasChangePerPeriod, only changes strictly after the cutoff count:
+        # a change exactly one period ago is outside it.
+        while self.events and self.events[0][0] <= now - max(
+            b.scale_up_period, b.scale_down_period
+        ):
             self.events.popleft()
-        added = sum(d for t, d in self.events if d > 0 and t >= now - b.scale_up_period)
-        removed = -sum(d for t, d in self.events if d < 0 and t >= now - b.scale_down_period)
+        added = sum(d for t, d in self.events if d > 0 and t > now - b.scale_up_period)
+        removed = -sum(d for t, d in self.events if d < 0 and t > now - b.scale_down_period)
         if desired > current:
             start = current - added
             limit = max(
@@ -334,11 +341,16 @@ class KnativeKpaPolicy:
 
 @dataclass
 class OraclePolicy:
-    """A clairvoyant lower bound on cost: it knows every future request and its exact
-    service time, and so the concurrency the trace needs at each second if no request ever
-    waited. At each tick it asks for the fewest replicas whose slots cover that concurrency's
-    peak from now until a replica started now would be ready plus one tick, so new replicas
-    are ready just in time, and removes the rest at once."""
+    """A clairvoyant zero-queueing sizing, the reference for cost: it knows every future request
+    and its exact service time, and so the concurrency the trace needs at each second if no
+    request ever waited. At each tick it asks for the fewest replicas whose slots cover that
+    concurrency's peak from now until a replica started now would be ready plus one tick, so
+    new replicas are ready just in time, and removes the rest at once.
+
+    It is not a lower bound on cost: it never lets a request wait, so a policy that queues
+    requests within the SLO (or misses it) can use fewer replica-seconds, and its own rounding
+    to whole replicas over a look-ahead window and cold starts it cannot avoid may cost it an
+    SLO second or two."""
 
     trace: Trace
     server: ServerModel
