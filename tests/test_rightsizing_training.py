@@ -98,8 +98,19 @@ def test_worker_resources(extra: dict[str, Any], want: tuple[Any, ...]) -> None:
 KILL = datetime.datetime(2025, 6, 1, 12, 0, tzinfo=datetime.UTC).timestamp()
 
 
-def oom(reason: str = "OOMKilled", time: str | None = "2025-06-01T12:00:00Z") -> WorkerFailure:
-    return WorkerFailure(worker=1, pod="llama-r0-1-abcde", exit_code=137, reason=reason, time=time)
+def oom(
+    reason: str = "OOMKilled",
+    time: str | None = "2025-06-01T12:00:00Z",
+    memory_limit: str | None = "16Gi",
+) -> WorkerFailure:
+    return WorkerFailure(
+        worker=1,
+        pod="llama-r0-1-abcde",
+        exit_code=137,
+        reason=reason,
+        time=time,
+        memory_limit=memory_limit,
+    )
 
 
 def usage(kills: list[tuple[float, float]]) -> ContainerUsage:
@@ -112,26 +123,28 @@ def usage(kills: list[tuple[float, float]]) -> ContainerUsage:
 
 
 @pytest.mark.parametrize(
-    ("failure", "seen", "memory", "want"),
+    ("failure", "seen", "want"),
     [
-        pytest.param(oom(), [], 16 * GiB, [(KILL, 16 * GiB)], id="unseen-kill-added-at-limit"),
-        pytest.param(oom(), [(KILL + 45, 16 * GiB)], 16 * GiB, [(KILL + 45, 16 * GiB)],
+        pytest.param(oom(), [], [(KILL, 16 * GiB)], id="unseen-kill-added-at-its-limit"),
+        pytest.param(oom(), [(KILL + 45, 16 * GiB)], [(KILL + 45, 16 * GiB)],
                      id="prometheus-saw-it-same-kill"),
-        pytest.param(oom(), [(KILL - 7200, 12 * GiB)], 16 * GiB,
+        pytest.param(oom(), [(KILL - 7200, 12 * GiB)],
                      [(KILL - 7200, 12 * GiB), (KILL, 16 * GiB)], id="earlier-kill-kept-both"),
-        pytest.param(oom(), [], None, [(KILL, 15 * GiB)], id="no-limit-nearest-working-set"),
-        pytest.param(oom(reason="Error"), [], 16 * GiB, [], id="not-an-oom"),
-        pytest.param(oom(time=None), [], 16 * GiB, [], id="no-time"),
-        pytest.param(None, [], 16 * GiB, [], id="no-failure"),
+        pytest.param(oom(memory_limit=None), [], [(KILL, 15 * GiB)],
+                     id="no-limit-recorded-nearest-working-set"),
+        pytest.param(oom(reason="Error"), [], [], id="not-an-oom"),
+        pytest.param(oom(time=None), [], [], id="no-time"),
+        pytest.param(None, [], [], id="no-failure"),
     ],
 )  # fmt: skip
 def test_with_failure_kill(
     failure: WorkerFailure | None,
     seen: list[tuple[float, float]],
-    memory: float | None,
     want: list[tuple[float, float]],
 ) -> None:
-    assert list(with_failure_kill(usage(seen), failure, memory).oom_kills) == want
+    """A kill is valued at the limit the failed worker had, whatever the next attempt gets: the
+    failure carries it, so a raise for this kill cannot re-value it and raise again."""
+    assert list(with_failure_kill(usage(seen), failure).oom_kills) == want
 
 
 def controller_pod_name(job: str, index: int, suffix: str = "x2x9z") -> str:

@@ -840,18 +840,18 @@ def worker_resources(spec: TrainingJobSpec) -> CurrentResources:
     )
 
 
-def with_failure_kill(
-    usage: ContainerUsage, failure: WorkerFailure | None, memory: float | None
-) -> ContainerUsage:
+def with_failure_kill(usage: ContainerUsage, failure: WorkerFailure | None) -> ContainerUsage:
     """`usage` with the TrainingJob's last worker failure added as an OOM kill when it was one
     and Prometheus did not see it. A Job's pods are deleted when the attempt fails, often
     before kube-state-metrics scrapes the terminated pod, so the operator's own record of the
-    failure is the one that does not get lost. `memory` is the limit the worker had (else the
-    working set nearest the kill).
+    failure is the one that does not get lost. The kill is valued at the memory limit the
+    failed worker had (recorded in the failure), else the working set nearest the kill; never
+    at the limit the next attempt gets, which a raise for this very kill has already moved.
 
     Worked examples (a kill at 12:00:00 of a worker with a 16 GiB limit):
       - lastFailure OOMKilled 12:00:00, Prometheus saw none   -> one kill at 12:00:00, 16 GiB
       - the same, Prometheus saw one at 12:00:45              -> still one kill (the same one)
+      - the same, no limit recorded, 15 GiB working set then -> one kill at 12:00:00, 15 GiB
       - lastFailure reason Error (exit 1)                     -> usage unchanged
     """
     if failure is None or failure.reason != "OOMKilled" or not failure.time:
@@ -864,7 +864,7 @@ def with_failure_kill(
     match_s = max(KILL_MATCH_S, usage.step_seconds)
     if any(t - 1.0 <= seen <= t + match_s for seen, _ in usage.oom_kills):
         return usage
-    at_kill = memory
+    at_kill = float(parse_quantity(failure.memory_limit)) if failure.memory_limit else None
     if at_kill is None:
         near = sorted(usage.memory, key=lambda p: abs(p[0] - t))
         if not near:

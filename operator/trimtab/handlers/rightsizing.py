@@ -264,7 +264,6 @@ async def _rightsize(
         sizing.target,
         policy.window_s,
         now,
-        memory_limit=current.memory_limit,
         wants_gpu=current.gpu > 0,
     )
 
@@ -285,7 +284,7 @@ async def _rightsize(
         logger.warning("right-sizing: %s", answer.unavailable)
         return
 
-    usage = with_failure_kill(answer.usage, sizing.last_failure, current.memory_limit)
+    usage = with_failure_kill(answer.usage, sizing.last_failure)
     rec = recommend_resources(usage, current, policy, now)
     if rec.missing_series:
         conditions = set_condition(
