@@ -207,6 +207,28 @@ async def test_missing_series_are_named(replay: tuple[UsageReplayer, PrometheusS
     assert DCGM_GPU_MEMORY in answer.usage.missing_gpu_series[0]
 
 
+async def test_missing_kube_state_metrics_is_named_not_read_as_no_kills(
+    replay: tuple[UsageReplayer, PrometheusServer],
+) -> None:
+    """The other workload's pod has a working set (cAdvisor) but no kube-state-metrics series:
+    its OOM kills cannot be seen, so no recommendation may be made as if it had none."""
+    _, prom = replay
+    reader = UsageReader(prom.url, rate_window="2s")
+    try:
+        answer = await reader.read(
+            UsageTarget(NS, pod_regex_for("chatty"), "server"), 10.0, time.time()
+        )
+    finally:
+        await reader.close()
+    assert answer.usage is not None and answer.usage.memory
+    assert RESTARTS_SERIES in answer.usage.missing_series
+    assert MEMORY_SERIES not in answer.usage.missing_series
+    rec = recommend_resources(
+        answer.usage, CurrentResources(cpu=2.0), Policy(window_s=6.0), time.time()
+    )
+    assert rec.state == "MissingMetrics" and RESTARTS_SERIES in rec.message
+
+
 async def test_unreachable_prometheus_is_unavailable() -> None:
     reader = UsageReader("http://127.0.0.1:9", timeout_s=3)
     try:
