@@ -353,3 +353,32 @@ def test_crd_accepts_rightsizing_and_recommendations(tmp_path: Path) -> None:
     bad = {**obj, "spec": {"image": "i", "rightsizing": {"mode": "Sometimes"}}}
     with pytest.raises(Exception, match="Sometimes"):
         validate_custom(bad, CRD)
+
+
+@pytest.mark.parametrize(
+    ("cpu_limit", "cores", "want_cpu", "capped"),
+    [
+        pytest.param(2.0, 2.0, 2.0, True, id="throttled-at-limit-capped-to-limit"),
+        pytest.param(4.0, 2.0, 2.1, False, id="limit-above-usage-not-capped"),
+        pytest.param(None, 2.0, 2.1, False, id="no-cpu-limit-not-capped"),
+    ],
+)
+def test_cpu_request_never_exceeds_the_cpu_limit(
+    cpu_limit: float | None, cores: float, want_cpu: float, capped: bool
+) -> None:
+    """A container throttled at cpuLimit 2 asks for 2 cores + 5%: a 2.1 request over a 2 limit
+    would be a revision the API server rejects, so it is capped and the reason says why."""
+    usage = ContainerUsage(
+        "server", STEP, series([cores] * 2016), series([2 * GiB] * 2016)
+    )
+    current = CurrentResources(cpu=1.0, memory=8 * GiB, cpu_limit=cpu_limit)
+    rec = recommend_resources(usage, current, POLICY, NOW)
+    res = rec.resources()
+    assert res is not None and res.cpu == pytest.approx(want_cpu, abs=0.03)
+    assert res.cpu_limit == cpu_limit
+    if cpu_limit is not None:
+        assert res.cpu is not None and res.cpu <= cpu_limit
+    status = rec.to_status("168h")
+    assert status.basis is not None
+    assert ("raise the limit" in rec.message) is capped
+    assert (status.basis.cpu_capped is not None) is capped

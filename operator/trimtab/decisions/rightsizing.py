@@ -460,6 +460,8 @@ class Recommendation:
     gpu_utilization_p95: float | None = None
     missing_series: tuple[str, ...] = ()
     policy: Policy | None = None
+    # Set when the CPU request was capped (at the CPU limit): why, in a sentence.
+    cpu_capped: str = ""
 
     def resources(self) -> CurrentResources | None:
         """The container's resources with this recommendation applied: memory limit = request,
@@ -499,6 +501,7 @@ class Recommendation:
                     if self.gpu_utilization_p95 is not None
                     else None
                 ),
+                cpu_capped=self.cpu_capped or None,
             )
             if p is not None
             else None
@@ -648,6 +651,15 @@ def recommend_resources(
     # Round as the API server would write them, so status and the next revision agree.
     cpu_value = float(parse_quantity(format_cpu(cpu_value)))
     memory_value = float(parse_quantity(format_bytes(memory_value)))
+    # A request above the container's CPU limit is rejected by the API server: cap it, and say
+    # that usage at the limit means throttling, which only a higher limit (the user's) cures.
+    cpu_capped = ""
+    if current.cpu_limit and cpu_value > current.cpu_limit:
+        cpu_capped = (
+            f"capped at the CPU limit {format_cpu(current.cpu_limit)} (usage asks "
+            f"{format_cpu(cpu_value)}); the container is throttled, raise the limit"
+        )
+        cpu_value = current.cpu_limit
 
     gpu_shape = None
     peak_gpu = None
@@ -666,6 +678,8 @@ def recommend_resources(
             model,
         )
     parts = [f"cpu {format_cpu(cpu_value)}", f"memory {format_bytes(memory_value)}"]
+    if cpu_capped:
+        parts[0] += f" ({cpu_capped})"
     if ooms:
         parts.append(f"after {len(ooms)} OOM kill(s)")
     if gpu_shape is not None:
@@ -678,6 +692,7 @@ def recommend_resources(
         message=", ".join(parts),
         cpu=cpu_value,
         memory=memory_value,
+        cpu_capped=cpu_capped,
         gpu_shape=gpu_shape,
         peak_cpu=max(v for _, v in cpu),
         peak_memory=max(v for _, v in memory),
@@ -741,10 +756,19 @@ def moved_since(
 
 
 def resources_with(spec: Resources, applied: ResourceAmounts) -> Resources:
-    """spec.resources with an applied recommendation's CPU and memory (GPUs stay as specified)."""
+    """spec.resources with an applied recommendation's CPU and memory (GPUs stay as specified).
+    The CPU request never exceeds spec's CPU limit, which the API server would reject.
+
+    >>> r = resources_with(Resources(cpu="1", cpu_limit="2"), ResourceAmounts(cpu="2100m"))
+    >>> r.cpu, r.cpu_limit
+    ('2', '2')
+    """
+    cpu = applied.cpu or spec.cpu
+    if cpu and spec.cpu_limit and parse_quantity(cpu) > parse_quantity(spec.cpu_limit):
+        cpu = spec.cpu_limit
     return spec.model_copy(
         update={
-            "cpu": applied.cpu or spec.cpu,
+            "cpu": cpu,
             "memory": applied.memory or spec.memory,
             "memory_limit": applied.memory_limit or applied.memory or spec.memory_limit,
         }
