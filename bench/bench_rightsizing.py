@@ -67,6 +67,7 @@ def make_traces(seed: int) -> dict[str, Demand]:
     leak_c = noise(0.05, 5)
     step_c, step_m = noise(0.05, 6), noise(40 * MiB, 7)
     burst_c, burst_m = noise(0.04, 8), noise(30 * MiB, 9)
+    weekly_c, weekly_m = noise(0.05, 11), noise(40 * MiB, 12)
 
     # Bursts: about 6 a day, 5-60 minutes long, 1-2.5 extra cores and 0.5-1.5 GiB extra.
     rng = random.Random(seed * 1000 + 10)
@@ -108,7 +109,22 @@ def make_traces(seed: int) -> dict[str, Demand]:
             c, m = 0.7, 4 * GiB
         return max(0.05, c + step_c[i]), m + step_m[i]
 
-    return {"steady": steady, "daily": daily, "bursty": bursty, "memory-leak": leak, "step": step}
+    def weekly(t: float, age: float) -> tuple[float, float]:
+        # A weekly batch: two hours at 9 GiB and 2 more cores on days 2 and 9, 4 GiB otherwise.
+        # A recommender that forgets memory peaks within the week shrinks before the next one.
+        i = idx(t)
+        batch = (t % (7 * DAY)) - 2 * DAY
+        c, m = (2.5, 9 * GiB) if 0 <= batch < 2 * HOUR else (0.6, 4 * GiB)
+        return max(0.05, c + weekly_c[i]), m + weekly_m[i]
+
+    return {
+        "steady": steady,
+        "daily": daily,
+        "bursty": bursty,
+        "memory-leak": leak,
+        "step": step,
+        "weekly-batch": weekly,
+    }
 
 
 # ---------------------------------------------------------------------------------------------

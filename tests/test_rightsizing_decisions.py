@@ -139,18 +139,57 @@ def test_oom_kill_bumps_memory_above_the_limit() -> None:
     assert plain.memory is not None and bumped.memory is not None
     assert bumped.memory >= 2 * GiB * 1.2 * 1.1 > plain.memory
     assert bumped.oom_kills == 1 and "OOM" in bumped.message
-    # Five days later the kill is past the peak horizon and the peaks speak for themselves.
-    later = recommend_resources(killed, CURRENT, POLICY, NOW + 5 * DAY - STEP)
-    assert later.state == "InsufficientData" or (later.memory or 0) < bumped.memory
 
 
-def test_memory_forgets_a_level_left_days_ago() -> None:
-    """Memory at 6 GiB until five days ago, 3 GiB since: sized for 3 GiB, not the old peak."""
-    n = 2016
-    values = [6 * GiB if i < n - 5 * 288 else 3 * GiB for i in range(n)]
-    usage = ContainerUsage("server", STEP, series([0.5] * n), series(values))
-    rec = recommend_resources(usage, CURRENT, POLICY, NOW)
-    assert rec.memory is not None and rec.memory < 3.5 * GiB
+
+@pytest.mark.parametrize(
+    ("window_days", "kill_days_ago", "bumped"),
+    [
+        pytest.param(7, 6, True, id="kill-6-days-ago-in-168h-window-holds"),
+        pytest.param(3, 6, False, id="kill-6-days-ago-outside-72h-window-forgotten"),
+    ],
+)
+def test_oom_kill_holds_for_the_window(window_days: int, kill_days_ago: int, bumped: bool) -> None:
+    usage = steady(2016, 0.5, 2 * GiB)
+    killed = ContainerUsage(
+        "server", STEP, usage.cpu, usage.memory, oom_kills=[(NOW - kill_days_ago * DAY, 2 * GiB)]
+    )
+    rec = recommend_resources(killed, CURRENT, Policy(window_s=window_days * DAY), NOW)
+    assert rec.memory is not None
+    assert (rec.memory >= 2 * GiB * 1.2 * 1.1) is bumped
+
+
+def _level_then(old: float, new: float, days_ago: float, n: int = 2016) -> ContainerUsage:
+    values = [old if i < n - days_ago * 288 else new for i in range(n)]
+    return ContainerUsage("server", STEP, series([0.5] * n), series(values))
+
+
+def _weekly_spike(n: int = 2016) -> ContainerUsage:
+    # One hour at 6 GiB six days ago (a weekly batch), 3 GiB otherwise.
+    values = [6 * GiB if n - 6 * 288 <= i < n - 6 * 288 + 12 else 3 * GiB for i in range(n)]
+    return ContainerUsage("server", STEP, series([0.5] * n), series(values))
+
+
+@pytest.mark.parametrize(
+    ("usage", "window_days", "low", "high"),
+    [
+        pytest.param(_weekly_spike(), 7, 6.6 * GiB, 6.7 * GiB,
+                     id="weekly-peak-6-days-ago-kept-by-168h-window"),
+        pytest.param(_weekly_spike(), 3, 3.3 * GiB, 3.4 * GiB,
+                     id="weekly-peak-outside-72h-window-forgotten"),
+        pytest.param(_level_then(6 * GiB, 3 * GiB, 5), 3, 3.3 * GiB, 3.4 * GiB,
+                     id="level-left-5-days-ago-forgotten-by-72h-window"),
+        pytest.param(_level_then(6 * GiB, 3 * GiB, 5), 7, 6.6 * GiB, 6.7 * GiB,
+                     id="level-left-5-days-ago-kept-by-168h-window"),
+    ],
+)  # fmt: skip
+def test_memory_peaks_are_kept_for_the_window(
+    usage: ContainerUsage, window_days: int, low: float, high: float
+) -> None:
+    """Memory is sized for the highest peak of the whole window, however old: a weekly peak
+    forgotten after four days (the horizon before) meant a shrink and a weekly OOM kill."""
+    rec = recommend_resources(usage, CURRENT, Policy(window_s=window_days * DAY), NOW)
+    assert rec.memory is not None and low <= rec.memory <= high
 
 
 def test_daily_peak_is_kept() -> None:

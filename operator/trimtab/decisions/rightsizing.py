@@ -44,8 +44,6 @@ DEFAULT_MEMORY_HEADROOM = 0.10
 HALF_LIFE_S = DAY
 # Memory is sized from the peak of each interval, so one quiet hour cannot hide a spike.
 PEAK_INTERVAL_S = HOUR
-# Peaks older than this many half-lives weigh under 1/16 and stop counting toward the max.
-PEAK_MAX_HALF_LIVES = 4.0
 # After an OOM kill the next request is at least this much above the memory it was killed at.
 OOM_BUMP_RATIO = 1.2
 OOM_MIN_BUMP = 100 * MiB
@@ -575,10 +573,11 @@ def cpu_target(samples: Sequence[Sample], policy: Policy) -> float:
 
 
 def memory_target(samples: Sequence[Sample], policy: Policy, now: float) -> float:
-    """The memory percentile of hourly peaks, decayed. A peak older than four half-lives (1/16
-    of the weight) no longer counts, so the default percentile 1.0 (the max) still forgets a
-    level the workload left days ago."""
-    horizon = now - PEAK_MAX_HALF_LIVES * policy.half_life_s
+    """The memory percentile of the hourly peaks in the window (decayed, for a percentile below
+    1.0). Every peak in the window counts, however old: memory is not compressible, so a weekly
+    peak must still be covered six days later, and `window` is what says how far back a peak
+    matters (168h: a week's peaks; 72h: a level left three days ago is forgotten)."""
+    horizon = now - policy.window_s
     peaks = interval_peaks(samples, PEAK_INTERVAL_S)
     recent = [(t, v) for t, v in peaks if t + PEAK_INTERVAL_S > horizon] or peaks[-1:]
     if policy.memory_percentile >= 1.0:
@@ -595,10 +594,11 @@ def recommend_resources(
     """Requests for one container from its usage over `policy.window_s` before `now`.
 
     CPU request: the CPU percentile (default p95) of a decaying histogram (24 h half-life),
-    plus headroom (default 5%); no CPU limit is added. Memory request and limit: the highest
-    hourly working-set peak of the last four days (default percentile 1.0), plus headroom
-    (default 10%), and never less than 1.2x (or +100 MiB) the memory of an OOM kill in the
-    window. Bounds from the spec clamp both. GPUs: see `suggest_gpu_shape`.
+    plus headroom (default 5%); no CPU limit is added (a CPU limit already set caps the request).
+    Memory request and limit: the highest hourly working-set peak of the window (default
+    percentile 1.0), plus headroom (default 10%), and never less than 1.2x (or +100 MiB) the
+    limit of an OOM kill in the window. Bounds from the spec clamp both. GPUs: see
+    `suggest_gpu_shape`.
 
     Worked examples (window 168h, 5-minute samples, so 2016 expected and 288 needed):
       - 100 samples -> InsufficientData, "insufficient data (100 of 288 samples)", nothing set
@@ -641,11 +641,9 @@ def recommend_resources(
 
     cpu_value = cpu_target(cpu, policy) * (1 + policy.cpu_headroom)
     cpu_value = _clamp(cpu_value, policy.cpu_min, policy.cpu_max)
-    # Kills older than the peak horizon are covered by the peaks seen since (the container
-    # ran with the bumped limit), so they stop holding memory up.
-    horizon = now - PEAK_MAX_HALF_LIVES * policy.half_life_s
-    recent_ooms = [(t, m) for t, m in ooms if t > horizon]
-    memory_value = max(memory_target(memory, policy, now), oom_floor(recent_ooms))
+    # Every kill in the window holds memory up, as every peak does: each is valued at the limit
+    # it happened at, so one already answered by a raise asks for no more than that raise.
+    memory_value = max(memory_target(memory, policy, now), oom_floor(ooms))
     memory_value *= 1 + policy.memory_headroom
     memory_value = _clamp(memory_value, policy.memory_min, policy.memory_max)
     # Round as the API server would write them, so status and the next revision agree.
