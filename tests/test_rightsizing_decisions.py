@@ -28,6 +28,7 @@ from trimtab.decisions.rightsizing import (
     ContainerUsage,
     CurrentResources,
     GiB,
+    GpuModel,
     MiB,
     Policy,
     cpu_histogram,
@@ -285,12 +286,48 @@ def test_mig_tables_have_the_real_profile_names() -> None:
         pytest.param("NVIDIA A100-SXM4-40GB", None, "A100-40GB", id="a100-40"),
         pytest.param("NVIDIA A100 80GB PCIe", None, "A100-80GB", id="a100-80-pcie"),
         pytest.param("NVIDIA H100 80GB HBM3", None, "H100-80GB", id="h100"),
+        pytest.param("NVIDIA H100 80GB HBM3", 85.5e9, "H100-80GB", id="h100-sxm5-with-memory"),
+        pytest.param("NVIDIA H100 PCIe", None, "H100-80GB", id="h100-pcie-80gb"),
+        pytest.param("NVIDIA H100 PCIe", 85e9, "H100-80GB", id="h100-pcie-with-memory"),
+        pytest.param("H100 SXM5 80GB", None, "H100-80GB", id="h100-sxm5-80gb-dcgm-style"),
         pytest.param("NVIDIA H100 NVL", 100e9, None, id="h100-nvl-94gb-not-tabled"),
+        pytest.param("NVIDIA H100 NVL", None, None, id="h100-nvl-no-memory-not-tabled"),
+        pytest.param("NVIDIA H100 96GB HBM3", None, None, id="h100-96gb-not-tabled"),
+        pytest.param("NVIDIA H100 64GB HBM2e", None, None, id="h100-64gb-not-tabled"),
+        pytest.param("NVIDIA H100", 100e9, None, id="h100-unsized-name-96gb-memory-not-tabled"),
+        pytest.param("NVIDIA GH200 480GB", None, None, id="gh200-not-tabled"),
+        pytest.param("NVIDIA H800", None, None, id="h800-not-tabled"),
         pytest.param("Tesla T4", None, None, id="no-mig"),
     ],
 )
 def test_gpu_model_from_name(name: str, memory: float | None, expected: str | None) -> None:
     assert gpu_model_from_name(name, memory) == expected
+
+
+@pytest.mark.parametrize(
+    ("model", "profile", "per_gpu"),
+    [
+        pytest.param("A100-40GB", "1g.5gb", 7, id="a100-40-1g.5gb-x7"),
+        pytest.param("A100-40GB", "1g.10gb", 4, id="a100-40-1g.10gb-x4"),
+        pytest.param("A100-40GB", "3g.20gb", 2, id="a100-40-3g.20gb-x2"),
+        pytest.param("A100-80GB", "2g.20gb", 3, id="a100-80-2g.20gb-x3"),
+        pytest.param("H100-80GB", "1g.10gb", 7, id="h100-1g.10gb-x7"),
+        pytest.param("H100-80GB", "1g.20gb", 4, id="h100-1g.20gb-x4"),
+        pytest.param("H100-80GB", "4g.40gb", 1, id="h100-4g.40gb-x1"),
+    ],
+)
+def test_mig_instances_per_gpu(model: GpuModel, profile: str, per_gpu: int) -> None:
+    found = {p.name: p.per_gpu for p in MIG_PROFILES[model]}
+    assert found[profile] == per_gpu
+
+
+def test_mig_shape_says_how_many_fit_per_gpu_and_unknown_model_says_no_table() -> None:
+    mig = suggest_gpu_shape(7 * GB, 0.12, 7, GPU_POLICY, "H100-80GB")
+    assert "1g.10gb on H100-80GB (7 per GPU)" in mig.reason
+    unknown = suggest_gpu_shape(6 * GB, 0.1, 7, GPU_POLICY, None)
+    assert unknown.kind == "TimeSliced" and "no MIG table for this GPU model" in unknown.reason
+    busy_unknown = suggest_gpu_shape(30 * GB, 0.9, 7, GPU_POLICY, None)
+    assert busy_unknown.kind == "Whole" and "no MIG table" in busy_unknown.reason
 
 
 def test_gpu_shape_in_recommendation() -> None:

@@ -9,6 +9,7 @@ import datetime
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -171,45 +172,69 @@ class MigProfile:
     name: str  # as in the resource name nvidia.com/mig-<name>
     slices: int  # compute slices of 7
     memory: int  # bytes: the decimal GB in the name, at or below what the profile really has
+    per_gpu: int  # how many instances of this profile one GPU can hold
 
 
-def _profiles(*names: str) -> tuple[MigProfile, ...]:
+def _profiles(*specs: str) -> tuple[MigProfile, ...]:
+    """Profiles from "<name>x<instances per GPU>", e.g. "1g.5gb x7"."""
     out = []
-    for name in names:
+    for spec in specs:
+        name, count = spec.split(" x")
         slices, mem = name.split(".")
-        out.append(MigProfile(name, int(slices.rstrip("g")), int(mem.rstrip("gb")) * GB))
+        out.append(
+            MigProfile(name, int(slices.rstrip("g")), int(mem.rstrip("gb")) * GB, int(count))
+        )
     return tuple(out)
 
 
-# NVIDIA MIG user guide, "Supported MIG Profiles" (the +me media variants size the same).
+# NVIDIA MIG user guide, "Supported MIG Profiles" (the +me media variants size the same), with the
+# most instances of each profile one GPU holds.
+_MIG_80GB = _profiles(
+    "1g.10gb x7", "1g.20gb x4", "2g.20gb x3", "3g.40gb x2", "4g.40gb x1", "7g.80gb x1"
+)
 MIG_PROFILES: dict[GpuModel, tuple[MigProfile, ...]] = {
-    "A100-40GB": _profiles("1g.5gb", "1g.10gb", "2g.10gb", "3g.20gb", "4g.20gb", "7g.40gb"),
-    "A100-80GB": _profiles("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"),
-    "H100-80GB": _profiles("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"),
+    "A100-40GB": _profiles(
+        "1g.5gb x7", "1g.10gb x4", "2g.10gb x3", "3g.20gb x2", "4g.20gb x1", "7g.40gb x1"
+    ),
+    "A100-80GB": _MIG_80GB,
+    "H100-80GB": _MIG_80GB,
 }
 GPU_MEMORY: dict[GpuModel, int] = {"A100-40GB": 40 * GB, "A100-80GB": 80 * GB, "H100-80GB": 80 * GB}
 WHOLE_GPU = "nvidia.com/gpu"
 # The NVIDIA device plugin's name for a time-sliced GPU when renameByDefault is on.
 SHARED_GPU = "nvidia.com/gpu.shared"
+_SIZE_IN_NAME = re.compile(r"(\d+)\s*GB")
 
 
 def gpu_model_from_name(name: str | None, memory_bytes: float | None = None) -> GpuModel | None:
-    """Map NVML's device name ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3") to a table key.
+    """Map NVML's device name ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3") to a MIG table,
+    or None where trimtab has no table for the card: only the 80 GB H100 (SXM5 "H100 80GB HBM3",
+    "H100 PCIe") shares the A100-80GB profiles; the H100 NVL (94 GB), the 96 GB and 64 GB H100s,
+    GH200 and H800 partition differently, and a wrong table suggests profiles the card lacks.
 
     >>> gpu_model_from_name("NVIDIA A100-SXM4-40GB"), gpu_model_from_name("NVIDIA H100 80GB HBM3")
     ('A100-40GB', 'H100-80GB')
     >>> gpu_model_from_name("NVIDIA A100-PCIE", 85e9), gpu_model_from_name("Tesla T4") is None
     ('A100-80GB', True)
+    >>> gpu_model_from_name("NVIDIA H100 NVL") is None, gpu_model_from_name("NVIDIA H100 PCIe")
+    (True, 'H100-80GB')
     """
     if not name:
         return None
     upper = name.upper()
-    big = "80GB" in upper or (memory_bytes is not None and memory_bytes > 50 * GB)
+    sizes = {int(m) for m in _SIZE_IN_NAME.findall(upper)}
     if "A100" in upper:
+        big = 80 in sizes or (memory_bytes is not None and memory_bytes > 50 * GB)
         return "A100-80GB" if big else "A100-40GB"
-    if "H100" in upper and ("80GB" in upper or memory_bytes is None or memory_bytes < 90 * GB):
-        return "H100-80GB"
-    return None
+    if not re.search(r"(^|[^A-Z])H100([^A-Z0-9]|$)", upper) or "NVL" in upper:
+        return None
+    if sizes:
+        return "H100-80GB" if sizes == {80} else None
+    # No size in the name ("NVIDIA H100 PCIe", "NVIDIA H100 SXM5"): the 80 GB card, unless the
+    # memory NVML reports says otherwise (80 GB is 79-86e9 bytes as NVML counts it).
+    if memory_bytes is not None and not 75 * GB <= memory_bytes <= 88 * GB:
+        return None
+    return "H100-80GB"
 
 
 def current_gpu_slices(gpu_count: int, resource_name: str | None) -> int:
@@ -282,8 +307,11 @@ def suggest_gpu_shape(
                 count=1,
                 memory=format_bytes(best.memory),
                 reason=f"peak GPU memory {memory_text} and {needed_slices:.1f} of 7 compute "
-                f"slices fit MIG {best.name} on {model}{share}",
+                f"slices fit MIG {best.name} on {model} ({best.per_gpu} per GPU){share}",
             )
+    # Say why MIG was not considered when it was allowed: the card is not one trimtab has a
+    # profile table for (spec.rightsizing.gpu.gpuModel names it when the metrics do not).
+    no_table = "; no MIG table for this GPU model" if model is None and policy.allow_mig else ""
     if low_use and (gpu_memory is None or needed_memory <= gpu_memory / 2):
         busy = f"{utilization_p95:.0%}" if utilization_p95 is not None else "unknown"
         return GpuShape(
@@ -292,7 +320,7 @@ def suggest_gpu_shape(
             count=1,
             memory=memory_text,
             reason=f"utilization p95 {busy} of {current_slices / 7:g} GPU(s) and peak GPU memory "
-            f"{memory_text}: sharing a GPU would do",
+            f"{memory_text}: sharing a GPU would do{no_table}",
         )
     count = max(1, math.ceil(needed_slices / 7))
     return GpuShape(
@@ -301,7 +329,7 @@ def suggest_gpu_shape(
         count=count,
         memory=format_bytes(gpu_memory) if gpu_memory else memory_text,
         reason=f"peak GPU memory {memory_text} and {needed_slices:.1f} of 7 compute slices "
-        f"need {count} whole GPU(s)",
+        f"need {count} whole GPU(s){no_table}",
     )
 
 
