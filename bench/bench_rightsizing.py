@@ -165,10 +165,16 @@ class Static:
         return None
 
 
+# The operator's default pass interval (TRIMTAB_RIGHTSIZING_INTERVAL_SECONDS). A ModelDeployment
+# has no OOM trigger: a kill is read by the next pass, at most one interval later.
+PASS_INTERVAL = 300.0
+
+
 @dataclass
 class Trimtab:
-    """trimtab in Auto mode: recompute hourly (and right after an OOM kill) over a 168 h window,
-    apply as a new revision when CPU or memory moves by more than 10%."""
+    """trimtab in Auto mode as the operator runs it: a pass every 300 s over a 168 h window,
+    applied as a new revision when CPU or memory moves by more than 10%; an OOM kill is seen by
+    the next pass (the operator's timer reads kills on each pass; no other trigger)."""
 
     name: str = "trimtab"
     policy: Policy = field(default_factory=lambda: Policy(window_s=168 * HOUR))
@@ -176,6 +182,7 @@ class Trimtab:
     memory: list[tuple[float, float]] = field(default_factory=list)
     ooms: list[tuple[float, float]] = field(default_factory=list)
     next_at: float = 0.0
+    interval: float = PASS_INTERVAL
 
     def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
         self.cpu.append((t, cpu))
@@ -183,14 +190,13 @@ class Trimtab:
 
     def oom(self, t: float, memory_limit: float) -> None:
         self.ooms.append((t, memory_limit))
-        self.next_at = t  # the OOM kill is seen on the next timer tick
 
     def decide(
         self, t: float, request: tuple[float, float], age: float
     ) -> tuple[float, float] | None:
         if t < self.next_at:
             return None
-        self.next_at = t + HOUR
+        self.next_at = t + self.interval
         start = t - self.policy.window_s
         while self.cpu and self.cpu[0][0] <= start:
             self.cpu.pop(0)

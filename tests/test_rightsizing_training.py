@@ -22,6 +22,7 @@ from trimtab.decisions.rightsizing import (
     with_failure_kill,
     worker_resources,
 )
+from trimtab.handlers.rightsizing import oom_since_last_pass
 from trimtab.metrics.usage import TERMINATED_SERIES, UsageTarget, usage_queries
 
 OWNER = Owner("trimtab.io/v1alpha1", "TrainingJob", "llama", "ml", "uid-1")
@@ -203,3 +204,26 @@ def test_next_attempt_job_and_podgroup_carry_the_applied_resources() -> None:
     group = build_podgroup(OWNER, effective, restarts=1)
     assert group["spec"]["minResources"]["memory"] == "48Gi"
     assert group["spec"]["minResources"]["cpu"] == "6"
+
+
+@pytest.mark.parametrize(
+    ("status", "want"),
+    [
+        pytest.param({"lastFailure": {"reason": "OOMKilled", "time": "2025-06-01T12:00:00Z"},
+                      "recommendations": {"updatedAt": "2025-06-01T11:58:00Z"}}, True,
+                     id="kill-after-last-pass-runs-now"),
+        pytest.param({"lastFailure": {"reason": "OOMKilled", "time": "2025-06-01T12:00:00Z"},
+                      "recommendations": {"updatedAt": "2025-06-01T12:01:00Z"}}, False,
+                     id="kill-already-seen-by-a-pass"),
+        pytest.param({"lastFailure": {"reason": "OOMKilled", "time": "2025-06-01T12:00:00Z"}},
+                     True, id="kill-before-any-pass"),
+        pytest.param({"lastFailure": {"reason": "Error", "time": "2025-06-01T12:00:00Z"},
+                      "recommendations": {"updatedAt": "2025-06-01T11:58:00Z"}}, False,
+                     id="not-an-oom-waits-for-the-interval"),
+        pytest.param({}, False, id="no-failure"),
+    ],
+)  # fmt: skip
+def test_oom_since_last_pass(status: dict[str, Any], want: bool) -> None:
+    """A TrainingJob's OOM kill (status.lastFailure) starts a right-sizing pass at once rather
+    than an interval later, so the raise can reach the next attempt's Job."""
+    assert oom_since_last_pass(status) is want
