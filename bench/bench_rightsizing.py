@@ -143,7 +143,9 @@ class Recommender(Protocol):
         self, t: float, cpu: float, memory: float, request: tuple[float, float]
     ) -> None: ...
 
-    def oom(self, t: float, memory_limit: float) -> None: ...
+    def oom(self, t: float, memory_limit: float, age: float) -> None:
+        """An OOM kill at `t` of a container limited to `memory_limit`, `age` s after it started."""
+        ...
 
     def decide(
         self, t: float, request: tuple[float, float], age: float
@@ -158,7 +160,7 @@ class Static:
     def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
         pass
 
-    def oom(self, t: float, memory_limit: float) -> None:
+    def oom(self, t: float, memory_limit: float, age: float) -> None:
         pass
 
     def decide(self, t: float, request: tuple[float, float], age: float) -> None:
@@ -188,7 +190,7 @@ class Trimtab:
         self.cpu.append((t, cpu))
         self.memory.append((t, memory))
 
-    def oom(self, t: float, memory_limit: float) -> None:
+    def oom(self, t: float, memory_limit: float, age: float) -> None:
         self.ooms.append((t, memory_limit))
 
     def decide(
@@ -211,15 +213,19 @@ class Trimtab:
 
 @dataclass
 class Vpa:
-    """The VPA recommender (pkg/recommender/logic) and updater with their default flags:
-    CPU and memory histograms decaying with a 24 h half-life (buckets from 0.01 cores / 10 MB
-    growing 5%); CPU samples weighted by the CPU request (at least 0.1); memory as one peak per
-    24 h aggregation interval, 8 intervals kept; target p90 + 15% margin; lower bound p50 and
-    upper bound p95 (+15%) scaled by the confidence multipliers (1 + 0.001/days)^-2 and
-    (1 + 1/days); an OOM adds max(1.2x, +100 MiB) of max(request, peak) as a memory sample;
+    """The VPA recommender (pkg/recommender/model, pkg/recommender/logic) and updater
+    (pkg/updater/priority) with their default flags: CPU and memory histograms decaying with a
+    24 h half-life (buckets from 0.01 cores / 10 MB growing 5%); CPU samples weighted by the CPU
+    request (at least 0.1); memory as one peak per 24 h aggregation interval, stamped at the
+    interval's end, older peaks left to decay (nothing subtracts them; the 8-interval window only
+    expires a container that sent no sample for that long); target p90 + 15% margin; lower bound
+    p50 and upper bound p95 (+15%) scaled by the confidence multipliers (1 + 0.001/days)^-2 and
+    (1 + 1/days); an OOM kill (ContainerState.RecordOOM) adds max(1.2x, +100 MiB) of
+    max(request, the interval's usage peak, not counting earlier OOM samples) as a memory sample;
     pod minimums 25m and 250 MiB. The updater evicts a pod whose request is outside
-    [lower, upper], or that lived 12 h and is more than 10% off target, or that was OOM-killed
-    in its first 10 minutes and is off target."""
+    [lower, upper], or that lived 12 h and whose ResourceDiff (the sum over CPU and memory of
+    |target - request| / request) is at least 0.1, or whose container was OOM-killed less than
+    10 minutes after it started, when the target differs from the request."""
 
     name: str = "vpa"
     cpu_hist: DecayingHistogram = field(
@@ -231,10 +237,10 @@ class Vpa:
     first: float | None = None
     last: float = 0.0
     samples: int = 0
-    window_start: float | None = None
-    window_peak: float = 0.0
-    peaks: list[tuple[float, float]] = field(default_factory=list)
-    last_oom: float | None = None
+    window_end: float | None = None
+    memory_peak: float = 0.0  # usage peak of the current interval
+    oom_peak: float = 0.0  # OOM sample of the current interval
+    quick_oom: bool = False
 
     def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
         if self.first is None:
@@ -243,32 +249,38 @@ class Vpa:
         # VPA samples every minute; one 5-minute sample stands for five.
         self.samples += int(STEP // 60)
         self.cpu_hist.add(cpu, max(request[0], 0.1), t)
-        self._memory_sample(t, memory)
+        self._memory_sample(t, memory, is_oom=False)
 
-    def _memory_sample(self, t: float, memory: float) -> None:
-        if self.window_start is None or t >= self.window_start + DAY:
-            if self.window_start is not None:
-                self.peaks.append((self.window_start, self.window_peak))
-            self.window_start = (
-                t if self.window_start is None else self.window_start + DAY * math.floor(
-                    (t - self.window_start) / DAY
-                )
-            )
-            self.window_peak = 0.0
-            # Eight aggregation intervals: peaks older than that leave the histogram.
-            while self.peaks and self.peaks[0][0] < self.window_start - 7 * DAY:
-                old_t, old_v = self.peaks.pop(0)
-                self.mem_hist.subtract(old_v, 1.0, old_t)
-        if memory > self.window_peak:
-            if self.window_peak > 0:
-                self.mem_hist.subtract(self.window_peak, 1.0, self.window_start)
-            self.mem_hist.add(memory, 1.0, self.window_start)
-            self.window_peak = memory
+    def _memory_sample(self, t: float, memory: float, is_oom: bool) -> None:
+        """ContainerState.addMemorySample: one peak per interval, replaced when exceeded."""
+        if self.window_end is None:
+            self.window_end = t
+        add_new = False
+        if t < self.window_end:
+            old = max(self.memory_peak, self.oom_peak)
+            if old != 0 and memory > old:
+                self.mem_hist.subtract(old, 1.0, self.window_end)
+                add_new = True
+        else:
+            shift = math.floor((t - self.window_end) / DAY) * DAY + DAY
+            self.window_end += shift
+            self.memory_peak = self.oom_peak = 0.0
+            add_new = True
+        if add_new:
+            self.mem_hist.add(memory, 1.0, self.window_end)
+            if is_oom:
+                self.oom_peak = memory
+            else:
+                self.memory_peak = memory
 
-    def oom(self, t: float, memory_limit: float) -> None:
-        used = max(memory_limit, self.window_peak)
-        self._memory_sample(t, max(used + 100 * MiB, used * 1.2))
-        self.last_oom = t
+    def oom(self, t: float, memory_limit: float, age: float) -> None:
+        # RecordOOM omits the OOM peak, "to protect against recommendation running too high on
+        # subsequent OOMs"; the request stands for the memory at the kill (limit = request here).
+        used = max(memory_limit, self.memory_peak)
+        self._memory_sample(t, max(used + 100 * MiB, used * 1.2), is_oom=True)
+        # The updater's quick-OOM rule reads the container's last termination, which stays until
+        # the next one: an OOM kill within 10 minutes of the container's start.
+        self.quick_oom = age < 600
 
     def _confidence(self) -> float:
         if self.first is None:
@@ -294,9 +306,13 @@ class Vpa:
             return None
         target, lower, upper = self.bounds()
         outside = any(r < lo or r > up for r, lo, up in zip(request, lower, upper, strict=True))
-        off = any(abs(x - r) / r > 0.10 for x, r in zip(target, request, strict=True))
-        oom_young = self.last_oom is not None and t - self.last_oom < STEP * 2 and age < 600
-        if outside or (off and age >= 12 * HOUR) or (oom_young and target != request):
+        resource_diff = sum(abs(x - r) / r for x, r in zip(target, request, strict=True))
+        if (
+            outside
+            or (age >= 12 * HOUR and resource_diff >= 0.10)
+            or (self.quick_oom and resource_diff != 0)
+        ):
+            self.quick_oom = False  # an evicted pod's containers start with no termination
             return target
         return None
 
@@ -316,7 +332,7 @@ class Krr:
         self.cpu.append((t, cpu))
         self.memory.append((t, memory))
 
-    def oom(self, t: float, memory_limit: float) -> None:
+    def oom(self, t: float, memory_limit: float, age: float) -> None:
         pass
 
     def decide(
@@ -353,7 +369,7 @@ class ClairvoyantDaily:
     def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
         pass
 
-    def oom(self, t: float, memory_limit: float) -> None:
+    def oom(self, t: float, memory_limit: float, age: float) -> None:
         pass
 
     def decide(
@@ -441,8 +457,8 @@ def replay(demand: Demand, rec: Recommender) -> Outcome:
         rec.observe(t, cpu, min(mem, mem_req), request)
         if mem > mem_req:
             out.oom_events += 1
+            rec.oom(t, mem_req, t - started)
             started = t + STEP
-            rec.oom(t, mem_req)
         new = rec.decide(t + STEP, request, t + STEP - started)
         if new is not None and new != request:
             request = new
