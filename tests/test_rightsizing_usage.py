@@ -214,10 +214,18 @@ async def test_missing_kube_state_metrics_is_named_not_read_as_no_kills(
     its OOM kills cannot be seen, so no recommendation may be made as if it had none."""
     _, prom = replay
     reader = UsageReader(prom.url, rate_window="2s")
+    other = UsageTarget(NS, pod_regex_for("chatty"), "server")
     try:
-        answer = await reader.read(
-            UsageTarget(NS, pod_regex_for("chatty"), "server"), 10.0, time.time()
-        )
+        query = f"{MEMORY_SERIES}{{pod={OTHER_POD!r}}}"
+        wait_until(lambda: bool(prom.query(query)), 20, what="data")
+        # Under load a scrape can land late: read until the working set shows (bounded).
+        deadline = time.monotonic() + 15
+        while True:
+            answer = await reader.read(other, 10.0, time.time())
+            assert answer.usage is not None, answer.unavailable
+            if answer.usage.memory or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
     finally:
         await reader.close()
     assert answer.usage is not None and answer.usage.memory
