@@ -67,6 +67,7 @@ def make_traces(seed: int) -> dict[str, Demand]:
     leak_c = noise(0.05, 5)
     step_c, step_m = noise(0.05, 6), noise(40 * MiB, 7)
     burst_c, burst_m = noise(0.04, 8), noise(30 * MiB, 9)
+    weekly_c, weekly_m = noise(0.05, 11), noise(40 * MiB, 12)
 
     # Bursts: about 6 a day, 5-60 minutes long, 1-2.5 extra cores and 0.5-1.5 GiB extra.
     rng = random.Random(seed * 1000 + 10)
@@ -108,7 +109,22 @@ def make_traces(seed: int) -> dict[str, Demand]:
             c, m = 0.7, 4 * GiB
         return max(0.05, c + step_c[i]), m + step_m[i]
 
-    return {"steady": steady, "daily": daily, "bursty": bursty, "memory-leak": leak, "step": step}
+    def weekly(t: float, age: float) -> tuple[float, float]:
+        # A weekly batch: two hours at 9 GiB and 2 more cores on days 2 and 9, 4 GiB otherwise.
+        # A recommender that forgets memory peaks within the week shrinks before the next one.
+        i = idx(t)
+        batch = (t % (7 * DAY)) - 2 * DAY
+        c, m = (2.5, 9 * GiB) if 0 <= batch < 2 * HOUR else (0.6, 4 * GiB)
+        return max(0.05, c + weekly_c[i]), m + weekly_m[i]
+
+    return {
+        "steady": steady,
+        "daily": daily,
+        "bursty": bursty,
+        "memory-leak": leak,
+        "step": step,
+        "weekly-batch": weekly,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +143,9 @@ class Recommender(Protocol):
         self, t: float, cpu: float, memory: float, request: tuple[float, float]
     ) -> None: ...
 
-    def oom(self, t: float, memory_limit: float) -> None: ...
+    def oom(self, t: float, memory_limit: float, age: float) -> None:
+        """An OOM kill at `t` of a container limited to `memory_limit`, `age` s after it started."""
+        ...
 
     def decide(
         self, t: float, request: tuple[float, float], age: float
@@ -142,17 +160,23 @@ class Static:
     def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
         pass
 
-    def oom(self, t: float, memory_limit: float) -> None:
+    def oom(self, t: float, memory_limit: float, age: float) -> None:
         pass
 
     def decide(self, t: float, request: tuple[float, float], age: float) -> None:
         return None
 
 
+# The operator's default pass interval (TRIMTAB_RIGHTSIZING_INTERVAL_SECONDS). A ModelDeployment
+# has no OOM trigger: a kill is read by the next pass, at most one interval later.
+PASS_INTERVAL = 300.0
+
+
 @dataclass
 class Trimtab:
-    """trimtab in Auto mode: recompute hourly (and right after an OOM kill) over a 168 h window,
-    apply as a new revision when CPU or memory moves by more than 10%."""
+    """trimtab in Auto mode as the operator runs it: a pass every 300 s over a 168 h window,
+    applied as a new revision when CPU or memory moves by more than 10%; an OOM kill is seen by
+    the next pass (the operator's timer reads kills on each pass; no other trigger)."""
 
     name: str = "trimtab"
     policy: Policy = field(default_factory=lambda: Policy(window_s=168 * HOUR))
@@ -160,21 +184,21 @@ class Trimtab:
     memory: list[tuple[float, float]] = field(default_factory=list)
     ooms: list[tuple[float, float]] = field(default_factory=list)
     next_at: float = 0.0
+    interval: float = PASS_INTERVAL
 
     def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
         self.cpu.append((t, cpu))
         self.memory.append((t, memory))
 
-    def oom(self, t: float, memory_limit: float) -> None:
+    def oom(self, t: float, memory_limit: float, age: float) -> None:
         self.ooms.append((t, memory_limit))
-        self.next_at = t  # the OOM kill is seen on the next timer tick
 
     def decide(
         self, t: float, request: tuple[float, float], age: float
     ) -> tuple[float, float] | None:
         if t < self.next_at:
             return None
-        self.next_at = t + HOUR
+        self.next_at = t + self.interval
         start = t - self.policy.window_s
         while self.cpu and self.cpu[0][0] <= start:
             self.cpu.pop(0)
@@ -189,15 +213,19 @@ class Trimtab:
 
 @dataclass
 class Vpa:
-    """The VPA recommender (pkg/recommender/logic) and updater with their default flags:
-    CPU and memory histograms decaying with a 24 h half-life (buckets from 0.01 cores / 10 MB
-    growing 5%); CPU samples weighted by the CPU request (at least 0.1); memory as one peak per
-    24 h aggregation interval, 8 intervals kept; target p90 + 15% margin; lower bound p50 and
-    upper bound p95 (+15%) scaled by the confidence multipliers (1 + 0.001/days)^-2 and
-    (1 + 1/days); an OOM adds max(1.2x, +100 MiB) of max(request, peak) as a memory sample;
+    """The VPA recommender (pkg/recommender/model, pkg/recommender/logic) and updater
+    (pkg/updater/priority) with their default flags: CPU and memory histograms decaying with a
+    24 h half-life (buckets from 0.01 cores / 10 MB growing 5%); CPU samples weighted by the CPU
+    request (at least 0.1); memory as one peak per 24 h aggregation interval, stamped at the
+    interval's end, older peaks left to decay (nothing subtracts them; the 8-interval window only
+    expires a container that sent no sample for that long); target p90 + 15% margin; lower bound
+    p50 and upper bound p95 (+15%) scaled by the confidence multipliers (1 + 0.001/days)^-2 and
+    (1 + 1/days); an OOM kill (ContainerState.RecordOOM) adds max(1.2x, +100 MiB) of
+    max(request, the interval's usage peak, not counting earlier OOM samples) as a memory sample;
     pod minimums 25m and 250 MiB. The updater evicts a pod whose request is outside
-    [lower, upper], or that lived 12 h and is more than 10% off target, or that was OOM-killed
-    in its first 10 minutes and is off target."""
+    [lower, upper], or that lived 12 h and whose ResourceDiff (the sum over CPU and memory of
+    |target - request| / request) is at least 0.1, or whose container was OOM-killed less than
+    10 minutes after it started, when the target differs from the request."""
 
     name: str = "vpa"
     cpu_hist: DecayingHistogram = field(
@@ -209,10 +237,10 @@ class Vpa:
     first: float | None = None
     last: float = 0.0
     samples: int = 0
-    window_start: float | None = None
-    window_peak: float = 0.0
-    peaks: list[tuple[float, float]] = field(default_factory=list)
-    last_oom: float | None = None
+    window_end: float | None = None
+    memory_peak: float = 0.0  # usage peak of the current interval
+    oom_peak: float = 0.0  # OOM sample of the current interval
+    quick_oom: bool = False
 
     def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
         if self.first is None:
@@ -221,32 +249,38 @@ class Vpa:
         # VPA samples every minute; one 5-minute sample stands for five.
         self.samples += int(STEP // 60)
         self.cpu_hist.add(cpu, max(request[0], 0.1), t)
-        self._memory_sample(t, memory)
+        self._memory_sample(t, memory, is_oom=False)
 
-    def _memory_sample(self, t: float, memory: float) -> None:
-        if self.window_start is None or t >= self.window_start + DAY:
-            if self.window_start is not None:
-                self.peaks.append((self.window_start, self.window_peak))
-            self.window_start = (
-                t if self.window_start is None else self.window_start + DAY * math.floor(
-                    (t - self.window_start) / DAY
-                )
-            )
-            self.window_peak = 0.0
-            # Eight aggregation intervals: peaks older than that leave the histogram.
-            while self.peaks and self.peaks[0][0] < self.window_start - 7 * DAY:
-                old_t, old_v = self.peaks.pop(0)
-                self.mem_hist.subtract(old_v, 1.0, old_t)
-        if memory > self.window_peak:
-            if self.window_peak > 0:
-                self.mem_hist.subtract(self.window_peak, 1.0, self.window_start)
-            self.mem_hist.add(memory, 1.0, self.window_start)
-            self.window_peak = memory
+    def _memory_sample(self, t: float, memory: float, is_oom: bool) -> None:
+        """ContainerState.addMemorySample: one peak per interval, replaced when exceeded."""
+        if self.window_end is None:
+            self.window_end = t
+        add_new = False
+        if t < self.window_end:
+            old = max(self.memory_peak, self.oom_peak)
+            if old != 0 and memory > old:
+                self.mem_hist.subtract(old, 1.0, self.window_end)
+                add_new = True
+        else:
+            shift = math.floor((t - self.window_end) / DAY) * DAY + DAY
+            self.window_end += shift
+            self.memory_peak = self.oom_peak = 0.0
+            add_new = True
+        if add_new:
+            self.mem_hist.add(memory, 1.0, self.window_end)
+            if is_oom:
+                self.oom_peak = memory
+            else:
+                self.memory_peak = memory
 
-    def oom(self, t: float, memory_limit: float) -> None:
-        used = max(memory_limit, self.window_peak)
-        self._memory_sample(t, max(used + 100 * MiB, used * 1.2))
-        self.last_oom = t
+    def oom(self, t: float, memory_limit: float, age: float) -> None:
+        # RecordOOM omits the OOM peak, "to protect against recommendation running too high on
+        # subsequent OOMs"; the request stands for the memory at the kill (limit = request here).
+        used = max(memory_limit, self.memory_peak)
+        self._memory_sample(t, max(used + 100 * MiB, used * 1.2), is_oom=True)
+        # The updater's quick-OOM rule reads the container's last termination, which stays until
+        # the next one: an OOM kill within 10 minutes of the container's start.
+        self.quick_oom = age < 600
 
     def _confidence(self) -> float:
         if self.first is None:
@@ -272,9 +306,13 @@ class Vpa:
             return None
         target, lower, upper = self.bounds()
         outside = any(r < lo or r > up for r, lo, up in zip(request, lower, upper, strict=True))
-        off = any(abs(x - r) / r > 0.10 for x, r in zip(target, request, strict=True))
-        oom_young = self.last_oom is not None and t - self.last_oom < STEP * 2 and age < 600
-        if outside or (off and age >= 12 * HOUR) or (oom_young and target != request):
+        resource_diff = sum(abs(x - r) / r for x, r in zip(target, request, strict=True))
+        if (
+            outside
+            or (age >= 12 * HOUR and resource_diff >= 0.10)
+            or (self.quick_oom and resource_diff != 0)
+        ):
+            self.quick_oom = False  # an evicted pod's containers start with no termination
             return target
         return None
 
@@ -294,7 +332,7 @@ class Krr:
         self.cpu.append((t, cpu))
         self.memory.append((t, memory))
 
-    def oom(self, t: float, memory_limit: float) -> None:
+    def oom(self, t: float, memory_limit: float, age: float) -> None:
         pass
 
     def decide(
@@ -331,7 +369,7 @@ class ClairvoyantDaily:
     def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
         pass
 
-    def oom(self, t: float, memory_limit: float) -> None:
+    def oom(self, t: float, memory_limit: float, age: float) -> None:
         pass
 
     def decide(
@@ -419,8 +457,8 @@ def replay(demand: Demand, rec: Recommender) -> Outcome:
         rec.observe(t, cpu, min(mem, mem_req), request)
         if mem > mem_req:
             out.oom_events += 1
+            rec.oom(t, mem_req, t - started)
             started = t + STEP
-            rec.oom(t, mem_req)
         new = rec.decide(t + STEP, request, t + STEP - started)
         if new is not None and new != request:
             request = new

@@ -28,6 +28,7 @@ from trimtab.decisions.rightsizing import (
     ContainerUsage,
     CurrentResources,
     GiB,
+    GpuModel,
     MiB,
     Policy,
     cpu_histogram,
@@ -139,18 +140,57 @@ def test_oom_kill_bumps_memory_above_the_limit() -> None:
     assert plain.memory is not None and bumped.memory is not None
     assert bumped.memory >= 2 * GiB * 1.2 * 1.1 > plain.memory
     assert bumped.oom_kills == 1 and "OOM" in bumped.message
-    # Five days later the kill is past the peak horizon and the peaks speak for themselves.
-    later = recommend_resources(killed, CURRENT, POLICY, NOW + 5 * DAY - STEP)
-    assert later.state == "InsufficientData" or (later.memory or 0) < bumped.memory
 
 
-def test_memory_forgets_a_level_left_days_ago() -> None:
-    """Memory at 6 GiB until five days ago, 3 GiB since: sized for 3 GiB, not the old peak."""
-    n = 2016
-    values = [6 * GiB if i < n - 5 * 288 else 3 * GiB for i in range(n)]
-    usage = ContainerUsage("server", STEP, series([0.5] * n), series(values))
-    rec = recommend_resources(usage, CURRENT, POLICY, NOW)
-    assert rec.memory is not None and rec.memory < 3.5 * GiB
+
+@pytest.mark.parametrize(
+    ("window_days", "kill_days_ago", "bumped"),
+    [
+        pytest.param(7, 6, True, id="kill-6-days-ago-in-168h-window-holds"),
+        pytest.param(3, 6, False, id="kill-6-days-ago-outside-72h-window-forgotten"),
+    ],
+)
+def test_oom_kill_holds_for_the_window(window_days: int, kill_days_ago: int, bumped: bool) -> None:
+    usage = steady(2016, 0.5, 2 * GiB)
+    killed = ContainerUsage(
+        "server", STEP, usage.cpu, usage.memory, oom_kills=[(NOW - kill_days_ago * DAY, 2 * GiB)]
+    )
+    rec = recommend_resources(killed, CURRENT, Policy(window_s=window_days * DAY), NOW)
+    assert rec.memory is not None
+    assert (rec.memory >= 2 * GiB * 1.2 * 1.1) is bumped
+
+
+def _level_then(old: float, new: float, days_ago: float, n: int = 2016) -> ContainerUsage:
+    values = [old if i < n - days_ago * 288 else new for i in range(n)]
+    return ContainerUsage("server", STEP, series([0.5] * n), series(values))
+
+
+def _weekly_spike(n: int = 2016) -> ContainerUsage:
+    # One hour at 6 GiB six days ago (a weekly batch), 3 GiB otherwise.
+    values = [6 * GiB if n - 6 * 288 <= i < n - 6 * 288 + 12 else 3 * GiB for i in range(n)]
+    return ContainerUsage("server", STEP, series([0.5] * n), series(values))
+
+
+@pytest.mark.parametrize(
+    ("usage", "window_days", "low", "high"),
+    [
+        pytest.param(_weekly_spike(), 7, 6.6 * GiB, 6.7 * GiB,
+                     id="weekly-peak-6-days-ago-kept-by-168h-window"),
+        pytest.param(_weekly_spike(), 3, 3.3 * GiB, 3.4 * GiB,
+                     id="weekly-peak-outside-72h-window-forgotten"),
+        pytest.param(_level_then(6 * GiB, 3 * GiB, 5), 3, 3.3 * GiB, 3.4 * GiB,
+                     id="level-left-5-days-ago-forgotten-by-72h-window"),
+        pytest.param(_level_then(6 * GiB, 3 * GiB, 5), 7, 6.6 * GiB, 6.7 * GiB,
+                     id="level-left-5-days-ago-kept-by-168h-window"),
+    ],
+)  # fmt: skip
+def test_memory_peaks_are_kept_for_the_window(
+    usage: ContainerUsage, window_days: int, low: float, high: float
+) -> None:
+    """Memory is sized for the highest peak of the whole window, however old: a weekly peak
+    forgotten after four days (the horizon before) meant a shrink and a weekly OOM kill."""
+    rec = recommend_resources(usage, CURRENT, Policy(window_s=window_days * DAY), NOW)
+    assert rec.memory is not None and low <= rec.memory <= high
 
 
 def test_daily_peak_is_kept() -> None:
@@ -246,12 +286,48 @@ def test_mig_tables_have_the_real_profile_names() -> None:
         pytest.param("NVIDIA A100-SXM4-40GB", None, "A100-40GB", id="a100-40"),
         pytest.param("NVIDIA A100 80GB PCIe", None, "A100-80GB", id="a100-80-pcie"),
         pytest.param("NVIDIA H100 80GB HBM3", None, "H100-80GB", id="h100"),
+        pytest.param("NVIDIA H100 80GB HBM3", 85.5e9, "H100-80GB", id="h100-sxm5-with-memory"),
+        pytest.param("NVIDIA H100 PCIe", None, "H100-80GB", id="h100-pcie-80gb"),
+        pytest.param("NVIDIA H100 PCIe", 85e9, "H100-80GB", id="h100-pcie-with-memory"),
+        pytest.param("H100 SXM5 80GB", None, "H100-80GB", id="h100-sxm5-80gb-dcgm-style"),
         pytest.param("NVIDIA H100 NVL", 100e9, None, id="h100-nvl-94gb-not-tabled"),
+        pytest.param("NVIDIA H100 NVL", None, None, id="h100-nvl-no-memory-not-tabled"),
+        pytest.param("NVIDIA H100 96GB HBM3", None, None, id="h100-96gb-not-tabled"),
+        pytest.param("NVIDIA H100 64GB HBM2e", None, None, id="h100-64gb-not-tabled"),
+        pytest.param("NVIDIA H100", 100e9, None, id="h100-unsized-name-96gb-memory-not-tabled"),
+        pytest.param("NVIDIA GH200 480GB", None, None, id="gh200-not-tabled"),
+        pytest.param("NVIDIA H800", None, None, id="h800-not-tabled"),
         pytest.param("Tesla T4", None, None, id="no-mig"),
     ],
 )
 def test_gpu_model_from_name(name: str, memory: float | None, expected: str | None) -> None:
     assert gpu_model_from_name(name, memory) == expected
+
+
+@pytest.mark.parametrize(
+    ("model", "profile", "per_gpu"),
+    [
+        pytest.param("A100-40GB", "1g.5gb", 7, id="a100-40-1g.5gb-x7"),
+        pytest.param("A100-40GB", "1g.10gb", 4, id="a100-40-1g.10gb-x4"),
+        pytest.param("A100-40GB", "3g.20gb", 2, id="a100-40-3g.20gb-x2"),
+        pytest.param("A100-80GB", "2g.20gb", 3, id="a100-80-2g.20gb-x3"),
+        pytest.param("H100-80GB", "1g.10gb", 7, id="h100-1g.10gb-x7"),
+        pytest.param("H100-80GB", "1g.20gb", 4, id="h100-1g.20gb-x4"),
+        pytest.param("H100-80GB", "4g.40gb", 1, id="h100-4g.40gb-x1"),
+    ],
+)
+def test_mig_instances_per_gpu(model: GpuModel, profile: str, per_gpu: int) -> None:
+    found = {p.name: p.per_gpu for p in MIG_PROFILES[model]}
+    assert found[profile] == per_gpu
+
+
+def test_mig_shape_says_how_many_fit_per_gpu_and_unknown_model_says_no_table() -> None:
+    mig = suggest_gpu_shape(7 * GB, 0.12, 7, GPU_POLICY, "H100-80GB")
+    assert "1g.10gb on H100-80GB (7 per GPU)" in mig.reason
+    unknown = suggest_gpu_shape(6 * GB, 0.1, 7, GPU_POLICY, None)
+    assert unknown.kind == "TimeSliced" and "no MIG table for this GPU model" in unknown.reason
+    busy_unknown = suggest_gpu_shape(30 * GB, 0.9, 7, GPU_POLICY, None)
+    assert busy_unknown.kind == "Whole" and "no MIG table" in busy_unknown.reason
 
 
 def test_gpu_shape_in_recommendation() -> None:
@@ -353,3 +429,32 @@ def test_crd_accepts_rightsizing_and_recommendations(tmp_path: Path) -> None:
     bad = {**obj, "spec": {"image": "i", "rightsizing": {"mode": "Sometimes"}}}
     with pytest.raises(Exception, match="Sometimes"):
         validate_custom(bad, CRD)
+
+
+@pytest.mark.parametrize(
+    ("cpu_limit", "cores", "want_cpu", "capped"),
+    [
+        pytest.param(2.0, 2.0, 2.0, True, id="throttled-at-limit-capped-to-limit"),
+        pytest.param(4.0, 2.0, 2.1, False, id="limit-above-usage-not-capped"),
+        pytest.param(None, 2.0, 2.1, False, id="no-cpu-limit-not-capped"),
+    ],
+)
+def test_cpu_request_never_exceeds_the_cpu_limit(
+    cpu_limit: float | None, cores: float, want_cpu: float, capped: bool
+) -> None:
+    """A container throttled at cpuLimit 2 asks for 2 cores + 5%: a 2.1 request over a 2 limit
+    would be a revision the API server rejects, so it is capped and the reason says why."""
+    usage = ContainerUsage(
+        "server", STEP, series([cores] * 2016), series([2 * GiB] * 2016)
+    )
+    current = CurrentResources(cpu=1.0, memory=8 * GiB, cpu_limit=cpu_limit)
+    rec = recommend_resources(usage, current, POLICY, NOW)
+    res = rec.resources()
+    assert res is not None and res.cpu == pytest.approx(want_cpu, abs=0.03)
+    assert res.cpu_limit == cpu_limit
+    if cpu_limit is not None:
+        assert res.cpu is not None and res.cpu <= cpu_limit
+    status = rec.to_status("168h")
+    assert status.basis is not None
+    assert ("raise the limit" in rec.message) is capped
+    assert (status.basis.cpu_capped is not None) is capped

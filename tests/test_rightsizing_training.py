@@ -22,6 +22,7 @@ from trimtab.decisions.rightsizing import (
     with_failure_kill,
     worker_resources,
 )
+from trimtab.handlers.rightsizing import oom_since_last_pass
 from trimtab.metrics.usage import TERMINATED_SERIES, UsageTarget, usage_queries
 
 OWNER = Owner("trimtab.io/v1alpha1", "TrainingJob", "llama", "ml", "uid-1")
@@ -98,8 +99,19 @@ def test_worker_resources(extra: dict[str, Any], want: tuple[Any, ...]) -> None:
 KILL = datetime.datetime(2025, 6, 1, 12, 0, tzinfo=datetime.UTC).timestamp()
 
 
-def oom(reason: str = "OOMKilled", time: str | None = "2025-06-01T12:00:00Z") -> WorkerFailure:
-    return WorkerFailure(worker=1, pod="llama-r0-1-abcde", exit_code=137, reason=reason, time=time)
+def oom(
+    reason: str = "OOMKilled",
+    time: str | None = "2025-06-01T12:00:00Z",
+    memory_limit: str | None = "16Gi",
+) -> WorkerFailure:
+    return WorkerFailure(
+        worker=1,
+        pod="llama-r0-1-abcde",
+        exit_code=137,
+        reason=reason,
+        time=time,
+        memory_limit=memory_limit,
+    )
 
 
 def usage(kills: list[tuple[float, float]]) -> ContainerUsage:
@@ -112,26 +124,28 @@ def usage(kills: list[tuple[float, float]]) -> ContainerUsage:
 
 
 @pytest.mark.parametrize(
-    ("failure", "seen", "memory", "want"),
+    ("failure", "seen", "want"),
     [
-        pytest.param(oom(), [], 16 * GiB, [(KILL, 16 * GiB)], id="unseen-kill-added-at-limit"),
-        pytest.param(oom(), [(KILL + 45, 16 * GiB)], 16 * GiB, [(KILL + 45, 16 * GiB)],
+        pytest.param(oom(), [], [(KILL, 16 * GiB)], id="unseen-kill-added-at-its-limit"),
+        pytest.param(oom(), [(KILL + 45, 16 * GiB)], [(KILL + 45, 16 * GiB)],
                      id="prometheus-saw-it-same-kill"),
-        pytest.param(oom(), [(KILL - 7200, 12 * GiB)], 16 * GiB,
+        pytest.param(oom(), [(KILL - 7200, 12 * GiB)],
                      [(KILL - 7200, 12 * GiB), (KILL, 16 * GiB)], id="earlier-kill-kept-both"),
-        pytest.param(oom(), [], None, [(KILL, 15 * GiB)], id="no-limit-nearest-working-set"),
-        pytest.param(oom(reason="Error"), [], 16 * GiB, [], id="not-an-oom"),
-        pytest.param(oom(time=None), [], 16 * GiB, [], id="no-time"),
-        pytest.param(None, [], 16 * GiB, [], id="no-failure"),
+        pytest.param(oom(memory_limit=None), [], [(KILL, 15 * GiB)],
+                     id="no-limit-recorded-nearest-working-set"),
+        pytest.param(oom(reason="Error"), [], [], id="not-an-oom"),
+        pytest.param(oom(time=None), [], [], id="no-time"),
+        pytest.param(None, [], [], id="no-failure"),
     ],
 )  # fmt: skip
 def test_with_failure_kill(
     failure: WorkerFailure | None,
     seen: list[tuple[float, float]],
-    memory: float | None,
     want: list[tuple[float, float]],
 ) -> None:
-    assert list(with_failure_kill(usage(seen), failure, memory).oom_kills) == want
+    """A kill is valued at the limit the failed worker had, whatever the next attempt gets: the
+    failure carries it, so a raise for this kill cannot re-value it and raise again."""
+    assert list(with_failure_kill(usage(seen), failure).oom_kills) == want
 
 
 def controller_pod_name(job: str, index: int, suffix: str = "x2x9z") -> str:
@@ -190,3 +204,26 @@ def test_next_attempt_job_and_podgroup_carry_the_applied_resources() -> None:
     group = build_podgroup(OWNER, effective, restarts=1)
     assert group["spec"]["minResources"]["memory"] == "48Gi"
     assert group["spec"]["minResources"]["cpu"] == "6"
+
+
+@pytest.mark.parametrize(
+    ("status", "want"),
+    [
+        pytest.param({"lastFailure": {"reason": "OOMKilled", "time": "2025-06-01T12:00:00Z"},
+                      "recommendations": {"updatedAt": "2025-06-01T11:58:00Z"}}, True,
+                     id="kill-after-last-pass-runs-now"),
+        pytest.param({"lastFailure": {"reason": "OOMKilled", "time": "2025-06-01T12:00:00Z"},
+                      "recommendations": {"updatedAt": "2025-06-01T12:01:00Z"}}, False,
+                     id="kill-already-seen-by-a-pass"),
+        pytest.param({"lastFailure": {"reason": "OOMKilled", "time": "2025-06-01T12:00:00Z"}},
+                     True, id="kill-before-any-pass"),
+        pytest.param({"lastFailure": {"reason": "Error", "time": "2025-06-01T12:00:00Z"},
+                      "recommendations": {"updatedAt": "2025-06-01T11:58:00Z"}}, False,
+                     id="not-an-oom-waits-for-the-interval"),
+        pytest.param({}, False, id="no-failure"),
+    ],
+)  # fmt: skip
+def test_oom_since_last_pass(status: dict[str, Any], want: bool) -> None:
+    """A TrainingJob's OOM kill (status.lastFailure) starts a right-sizing pass at once rather
+    than an interval later, so the raise can reach the next attempt's Job."""
+    assert oom_since_last_pass(status) is want

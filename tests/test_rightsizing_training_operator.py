@@ -30,7 +30,9 @@ from trimtab.builders.training import worker_pod_regex
 from trimtab.decisions.rightsizing import GiB
 from trimtab.metrics.usage import (
     CPU_SERIES,
+    LIMITS_SERIES,
     MEMORY_SERIES,
+    RESTARTS_SERIES,
     TERMINATED_SERIES,
     UsageReader,
     UsageTarget,
@@ -56,7 +58,10 @@ class WorkerReplayer:
         self._thread = threading.Thread(target=self._run, daemon=True)
         exporter.declare(CPU_SERIES, "counter")
         exporter.declare(MEMORY_SERIES, "gauge")
+        exporter.declare(RESTARTS_SERIES, "counter")
         exporter.set_gauge(MEMORY_SERIES, 50 * GiB, namespace=NS, pod=OTHER, container="trainer")
+        for pod in WORKERS:  # kube-state-metrics reports every container's restarts
+            exporter.inc_counter(RESTARTS_SERIES, 0.0, namespace=NS, pod=pod, container="trainer")
 
     def start(self) -> WorkerReplayer:
         self._thread.start()
@@ -196,9 +201,13 @@ async def test_reader_counts_each_oom_killed_worker_once(
         "llama-r1-1-m4n8p": "Error",  # stopped by the Job controller: not a kill
         OTHER: "OOMKilled",  # another TrainingJob's worker
     }
+    exporter.declare(LIMITS_SERIES, "gauge")
     for pod, reason in terminated.items():
-        labels = {"namespace": NS, "pod": pod, "container": "trainer", "reason": reason}
-        exporter.set_gauge(TERMINATED_SERIES, 1, **labels)
+        labels = {"namespace": NS, "pod": pod, "container": "trainer"}
+        exporter.set_gauge(TERMINATED_SERIES, 1, reason=reason, **labels)
+        # Attempt 1 ran with a raised limit: each kill is valued at its own pod's limit.
+        limit = 8 * GiB if "-r0-" in pod else 10 * GiB
+        exporter.set_gauge(LIMITS_SERIES, limit, resource="memory", unit="byte", **labels)
     prom = HonorLabelsPrometheus([PodTarget(exporter.address)], tmp_path / "prom").start()
     reader = UsageReader(prom.url, rate_window="2s")
     target = UsageTarget(NS, worker_pod_regex("llama"), "trainer", restarts_in_place=False)
@@ -206,17 +215,17 @@ async def test_reader_counts_each_oom_killed_worker_once(
         prom.wait_for_scrapes()
         deadline = time.monotonic() + 15
         while True:
-            answer = await reader.read(target, 10.0, time.time(), memory_limit=8 * GiB)
+            answer = await reader.read(target, 10.0, time.time())
             assert answer.usage is not None, answer.unavailable
             # Every scrape keeps both series: still two kills, not one per step.
             if len(answer.usage.memory) >= 3 or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
-        assert [m for _, m in answer.usage.oom_kills] == [8 * GiB, 8 * GiB]
+        assert sorted(m for _, m in answer.usage.oom_kills) == [8 * GiB, 10 * GiB]
         assert max(v for _, v in answer.usage.memory) == 3 * GiB
         # Read as a Deployment's pods are (restart counter), the same workers show no kill.
         restarting = dataclasses.replace(target, restarts_in_place=True)
-        answer = await reader.read(restarting, 10.0, time.time(), memory_limit=8 * GiB)
+        answer = await reader.read(restarting, 10.0, time.time())
         assert answer.usage is not None and answer.usage.oom_kills == []
     finally:
         await reader.close()

@@ -20,12 +20,19 @@ from tests.prometheus_fixture import (
     prometheus_bin,  # noqa: F401  # a fixture
     wait_until,
 )
-from trimtab.decisions.rightsizing import CurrentResources, GiB, Policy, recommend_resources
+from trimtab.decisions.rightsizing import (
+    CurrentResources,
+    GiB,
+    Policy,
+    recommend_resources,
+)
 from trimtab.metrics.usage import (
     AGENT_GPU_MEMORY,
     CPU_SERIES,
     DCGM_GPU_MEMORY,
+    LIMITS_SERIES,
     MEMORY_SERIES,
+    RESTARTS_SERIES,
     UsageReader,
     UsageTarget,
     pod_regex_for,
@@ -59,12 +66,14 @@ class HonorLabelsPrometheus(PrometheusServer):
 
 class UsageReplayer:
     """Moves the exporter's series every 100 ms: CPU seconds at `cores`, working set at
-    `memory`, GPU memory from the agent; `oom()` records an OOM-killed restart."""
+    `memory`, GPU memory from the agent, the memory limit at `limit` (kube-state-metrics);
+    `oom()` records an OOM-killed restart."""
 
     def __init__(self, exporter: MetricsExporter) -> None:
         self.e = exporter
         self.cores = 0.5
         self.memory = 2 * GiB
+        self.limit = 2.5 * GiB
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         labels = {"namespace": NS, "pod": POD, "container": "server"}
@@ -73,6 +82,7 @@ class UsageReplayer:
         exporter.declare(MEMORY_SERIES, "gauge")
         exporter.declare("kube_pod_container_status_restarts_total", "counter")
         exporter.declare("kube_pod_container_status_last_terminated_reason", "gauge")
+        exporter.declare(LIMITS_SERIES, "gauge")
         exporter.declare(AGENT_GPU_MEMORY, "gauge")
         exporter.declare("trimtab_gpu_utilization_ratio", "gauge")
         exporter.inc_counter("kube_pod_container_status_restarts_total", 0.0, **labels)
@@ -89,6 +99,9 @@ class UsageReplayer:
             now = time.monotonic()
             self.e.inc_counter(CPU_SERIES, self.cores * (now - last), **self.labels)
             self.e.set_gauge(MEMORY_SERIES, self.memory, **self.labels)
+            self.e.set_gauge(
+                LIMITS_SERIES, self.limit, resource="memory", unit="byte", **self.labels
+            )
             self.e.set_gauge(
                 AGENT_GPU_MEMORY, 6e9, gpu="0", gpu_model="NVIDIA H100 80GB HBM3", **self.labels
             )
@@ -147,7 +160,7 @@ async def test_reads_usage_oom_and_gpu_and_recommends(
         deadline = time.monotonic() + 15
         while True:
             now = time.time()
-            answer = await reader.read(TARGET, 10.0, now, memory_limit=2 * GiB, wants_gpu=True)
+            answer = await reader.read(TARGET, 10.0, now, wants_gpu=True)
             assert answer.usage is not None, answer.unavailable
             full = recommend_resources(
                 answer.usage,
@@ -167,7 +180,8 @@ async def test_reads_usage_oom_and_gpu_and_recommends(
     assert cpus and 0.3 < sorted(cpus)[len(cpus) // 2] < 0.7, cpus
     # The other workload's 50 GiB pod is not ours.
     assert max(v for _, v in usage.memory) == 2 * GiB
-    assert len(usage.oom_kills) == 1 and usage.oom_kills[0][1] == 2 * GiB
+    # The kill is valued at the limit the pod had (2.5 GiB), not at its working set.
+    assert len(usage.oom_kills) == 1 and usage.oom_kills[0][1] == 2.5 * GiB
     assert max(v for _, v in usage.gpu_memory) == 6e9
     assert usage.gpu_model == "H100-80GB"
 
@@ -175,7 +189,7 @@ async def test_reads_usage_oom_and_gpu_and_recommends(
         usage, CurrentResources(cpu=2.0, memory=8 * GiB, gpu=1), Policy(window_s=6.0), now
     )
     assert rec.state == "Recommended", rec.message
-    assert rec.memory is not None and rec.memory >= 2 * GiB * 1.2  # the OOM bump
+    assert rec.memory is not None and rec.memory >= 2.5 * GiB * 1.2  # the OOM bump
     assert rec.gpu_shape is not None and rec.gpu_shape.resource_name == "nvidia.com/mig-1g.10gb"
 
 
@@ -189,8 +203,38 @@ async def test_missing_series_are_named(replay: tuple[UsageReplayer, PrometheusS
     finally:
         await reader.close()
     assert answer.usage is not None
-    assert answer.usage.missing_series == (CPU_SERIES, MEMORY_SERIES)
+    assert answer.usage.missing_series == (CPU_SERIES, MEMORY_SERIES, RESTARTS_SERIES)
     assert DCGM_GPU_MEMORY in answer.usage.missing_gpu_series[0]
+
+
+async def test_missing_kube_state_metrics_is_named_not_read_as_no_kills(
+    replay: tuple[UsageReplayer, PrometheusServer],
+) -> None:
+    """The other workload's pod has a working set (cAdvisor) but no kube-state-metrics series:
+    its OOM kills cannot be seen, so no recommendation may be made as if it had none."""
+    _, prom = replay
+    reader = UsageReader(prom.url, rate_window="2s")
+    other = UsageTarget(NS, pod_regex_for("chatty"), "server")
+    try:
+        query = f"{MEMORY_SERIES}{{pod={OTHER_POD!r}}}"
+        wait_until(lambda: bool(prom.query(query)), 20, what="data")
+        # Under load a scrape can land late: read until the working set shows (bounded).
+        deadline = time.monotonic() + 15
+        while True:
+            answer = await reader.read(other, 10.0, time.time())
+            assert answer.usage is not None, answer.unavailable
+            if answer.usage.memory or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await reader.close()
+    assert answer.usage is not None and answer.usage.memory
+    assert RESTARTS_SERIES in answer.usage.missing_series
+    assert MEMORY_SERIES not in answer.usage.missing_series
+    rec = recommend_resources(
+        answer.usage, CurrentResources(cpu=2.0), Policy(window_s=6.0), time.time()
+    )
+    assert rec.state == "MissingMetrics" and RESTARTS_SERIES in rec.message
 
 
 async def test_unreachable_prometheus_is_unavailable() -> None:
@@ -224,3 +268,4 @@ async def test_a_failed_query_leaves_no_other_query_running() -> None:
         await reader.close()
     assert answer.usage is None and "ConnectionError" in answer.unavailable
     assert asyncio.all_tasks() == {asyncio.current_task()}
+

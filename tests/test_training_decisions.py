@@ -552,6 +552,22 @@ def test_first_worker_failure(pods: list[dict[str, Any]], want: tuple[int, int] 
     assert (None if got is None else (got.worker, got.exit_code)) == want
 
 
+def test_first_worker_failure_records_the_memory_limit_it_had() -> None:
+    """An OOM kill is later valued at the limit the killed container had, not the one the next
+    attempt gets (which right-sizing may already have raised for this very kill)."""
+    killed = pod(1, 137, ts(10), "OOMKilled")
+    killed["spec"] = {
+        "containers": [
+            {"name": "sidecar", "resources": {"limits": {"memory": "1Gi"}}},
+            {"name": "trainer", "resources": {"limits": {"memory": "16Gi"}}},
+        ]
+    }
+    got = D.first_worker_failure([killed])
+    assert got is not None and got.memory_limit == "16Gi"
+    no_spec = D.first_worker_failure([pod(1, 137, ts(10), "OOMKilled")])
+    assert no_spec is not None and no_spec.memory_limit is None
+
+
 @pytest.mark.parametrize(
     ("util", "mem", "window", "want"),
     [

@@ -131,6 +131,11 @@ class RecommendationBasis(StatusModel):
     peak_memory: str | None = None
     peak_gpu_memory: str | None = None
     gpu_utilization_p95: float | None = None
+    cpu_capped: str | None = Field(
+        default=None,
+        description="Why the CPU request is below what usage asks, e.g. capped at the CPU limit "
+        "(a request above the limit is rejected by the API server).",
+    )
 
 
 class GpuShape(StatusModel):

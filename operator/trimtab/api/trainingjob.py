@@ -365,6 +365,11 @@ class WorkerFailure(StatusModel):
     message: str = ""
     restart: int | None = Field(default=None, description="The attempt (restart count) it ended.")
     time: str | None = None
+    memory_limit: str | None = Field(
+        default=None,
+        description="The failed container's memory limit: what an OOM kill is valued at when "
+        "right-sizing, whatever the limit is now.",
+    )
 
 
 class Diagnosis(StatusModel):

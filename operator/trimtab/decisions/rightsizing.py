@@ -9,6 +9,7 @@ import datetime
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -44,8 +45,6 @@ DEFAULT_MEMORY_HEADROOM = 0.10
 HALF_LIFE_S = DAY
 # Memory is sized from the peak of each interval, so one quiet hour cannot hide a spike.
 PEAK_INTERVAL_S = HOUR
-# Peaks older than this many half-lives weigh under 1/16 and stop counting toward the max.
-PEAK_MAX_HALF_LIVES = 4.0
 # After an OOM kill the next request is at least this much above the memory it was killed at.
 OOM_BUMP_RATIO = 1.2
 OOM_MIN_BUMP = 100 * MiB
@@ -173,45 +172,69 @@ class MigProfile:
     name: str  # as in the resource name nvidia.com/mig-<name>
     slices: int  # compute slices of 7
     memory: int  # bytes: the decimal GB in the name, at or below what the profile really has
+    per_gpu: int  # how many instances of this profile one GPU can hold
 
 
-def _profiles(*names: str) -> tuple[MigProfile, ...]:
+def _profiles(*specs: str) -> tuple[MigProfile, ...]:
+    """Profiles from "<name>x<instances per GPU>", e.g. "1g.5gb x7"."""
     out = []
-    for name in names:
+    for spec in specs:
+        name, count = spec.split(" x")
         slices, mem = name.split(".")
-        out.append(MigProfile(name, int(slices.rstrip("g")), int(mem.rstrip("gb")) * GB))
+        out.append(
+            MigProfile(name, int(slices.rstrip("g")), int(mem.rstrip("gb")) * GB, int(count))
+        )
     return tuple(out)
 
 
-# NVIDIA MIG user guide, "Supported MIG Profiles" (the +me media variants size the same).
+# NVIDIA MIG user guide, "Supported MIG Profiles" (the +me media variants size the same), with the
+# most instances of each profile one GPU holds.
+_MIG_80GB = _profiles(
+    "1g.10gb x7", "1g.20gb x4", "2g.20gb x3", "3g.40gb x2", "4g.40gb x1", "7g.80gb x1"
+)
 MIG_PROFILES: dict[GpuModel, tuple[MigProfile, ...]] = {
-    "A100-40GB": _profiles("1g.5gb", "1g.10gb", "2g.10gb", "3g.20gb", "4g.20gb", "7g.40gb"),
-    "A100-80GB": _profiles("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"),
-    "H100-80GB": _profiles("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"),
+    "A100-40GB": _profiles(
+        "1g.5gb x7", "1g.10gb x4", "2g.10gb x3", "3g.20gb x2", "4g.20gb x1", "7g.40gb x1"
+    ),
+    "A100-80GB": _MIG_80GB,
+    "H100-80GB": _MIG_80GB,
 }
 GPU_MEMORY: dict[GpuModel, int] = {"A100-40GB": 40 * GB, "A100-80GB": 80 * GB, "H100-80GB": 80 * GB}
 WHOLE_GPU = "nvidia.com/gpu"
 # The NVIDIA device plugin's name for a time-sliced GPU when renameByDefault is on.
 SHARED_GPU = "nvidia.com/gpu.shared"
+_SIZE_IN_NAME = re.compile(r"(\d+)\s*GB")
 
 
 def gpu_model_from_name(name: str | None, memory_bytes: float | None = None) -> GpuModel | None:
-    """Map NVML's device name ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3") to a table key.
+    """Map NVML's device name ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3") to a MIG table,
+    or None where trimtab has no table for the card: only the 80 GB H100 (SXM5 "H100 80GB HBM3",
+    "H100 PCIe") shares the A100-80GB profiles; the H100 NVL (94 GB), the 96 GB and 64 GB H100s,
+    GH200 and H800 partition differently, and a wrong table suggests profiles the card lacks.
 
     >>> gpu_model_from_name("NVIDIA A100-SXM4-40GB"), gpu_model_from_name("NVIDIA H100 80GB HBM3")
     ('A100-40GB', 'H100-80GB')
     >>> gpu_model_from_name("NVIDIA A100-PCIE", 85e9), gpu_model_from_name("Tesla T4") is None
     ('A100-80GB', True)
+    >>> gpu_model_from_name("NVIDIA H100 NVL") is None, gpu_model_from_name("NVIDIA H100 PCIe")
+    (True, 'H100-80GB')
     """
     if not name:
         return None
     upper = name.upper()
-    big = "80GB" in upper or (memory_bytes is not None and memory_bytes > 50 * GB)
+    sizes = {int(m) for m in _SIZE_IN_NAME.findall(upper)}
     if "A100" in upper:
+        big = 80 in sizes or (memory_bytes is not None and memory_bytes > 50 * GB)
         return "A100-80GB" if big else "A100-40GB"
-    if "H100" in upper and ("80GB" in upper or memory_bytes is None or memory_bytes < 90 * GB):
-        return "H100-80GB"
-    return None
+    if not re.search(r"(^|[^A-Z])H100([^A-Z0-9]|$)", upper) or "NVL" in upper:
+        return None
+    if sizes:
+        return "H100-80GB" if sizes == {80} else None
+    # No size in the name ("NVIDIA H100 PCIe", "NVIDIA H100 SXM5"): the 80 GB card, unless the
+    # memory NVML reports says otherwise (80 GB is 79-86e9 bytes as NVML counts it).
+    if memory_bytes is not None and not 75 * GB <= memory_bytes <= 88 * GB:
+        return None
+    return "H100-80GB"
 
 
 def current_gpu_slices(gpu_count: int, resource_name: str | None) -> int:
@@ -284,8 +307,11 @@ def suggest_gpu_shape(
                 count=1,
                 memory=format_bytes(best.memory),
                 reason=f"peak GPU memory {memory_text} and {needed_slices:.1f} of 7 compute "
-                f"slices fit MIG {best.name} on {model}{share}",
+                f"slices fit MIG {best.name} on {model} ({best.per_gpu} per GPU){share}",
             )
+    # Say why MIG was not considered when it was allowed: the card is not one trimtab has a
+    # profile table for (spec.rightsizing.gpu.gpuModel names it when the metrics do not).
+    no_table = "; no MIG table for this GPU model" if model is None and policy.allow_mig else ""
     if low_use and (gpu_memory is None or needed_memory <= gpu_memory / 2):
         busy = f"{utilization_p95:.0%}" if utilization_p95 is not None else "unknown"
         return GpuShape(
@@ -294,7 +320,7 @@ def suggest_gpu_shape(
             count=1,
             memory=memory_text,
             reason=f"utilization p95 {busy} of {current_slices / 7:g} GPU(s) and peak GPU memory "
-            f"{memory_text}: sharing a GPU would do",
+            f"{memory_text}: sharing a GPU would do{no_table}",
         )
     count = max(1, math.ceil(needed_slices / 7))
     return GpuShape(
@@ -303,7 +329,7 @@ def suggest_gpu_shape(
         count=count,
         memory=format_bytes(gpu_memory) if gpu_memory else memory_text,
         reason=f"peak GPU memory {memory_text} and {needed_slices:.1f} of 7 compute slices "
-        f"need {count} whole GPU(s)",
+        f"need {count} whole GPU(s){no_table}",
     )
 
 
@@ -460,6 +486,8 @@ class Recommendation:
     gpu_utilization_p95: float | None = None
     missing_series: tuple[str, ...] = ()
     policy: Policy | None = None
+    # Set when the CPU request was capped (at the CPU limit): why, in a sentence.
+    cpu_capped: str = ""
 
     def resources(self) -> CurrentResources | None:
         """The container's resources with this recommendation applied: memory limit = request,
@@ -499,6 +527,7 @@ class Recommendation:
                     if self.gpu_utilization_p95 is not None
                     else None
                 ),
+                cpu_capped=self.cpu_capped or None,
             )
             if p is not None
             else None
@@ -572,10 +601,11 @@ def cpu_target(samples: Sequence[Sample], policy: Policy) -> float:
 
 
 def memory_target(samples: Sequence[Sample], policy: Policy, now: float) -> float:
-    """The memory percentile of hourly peaks, decayed. A peak older than four half-lives (1/16
-    of the weight) no longer counts, so the default percentile 1.0 (the max) still forgets a
-    level the workload left days ago."""
-    horizon = now - PEAK_MAX_HALF_LIVES * policy.half_life_s
+    """The memory percentile of the hourly peaks in the window (decayed, for a percentile below
+    1.0). Every peak in the window counts, however old: memory is not compressible, so a weekly
+    peak must still be covered six days later, and `window` is what says how far back a peak
+    matters (168h: a week's peaks; 72h: a level left three days ago is forgotten)."""
+    horizon = now - policy.window_s
     peaks = interval_peaks(samples, PEAK_INTERVAL_S)
     recent = [(t, v) for t, v in peaks if t + PEAK_INTERVAL_S > horizon] or peaks[-1:]
     if policy.memory_percentile >= 1.0:
@@ -592,10 +622,11 @@ def recommend_resources(
     """Requests for one container from its usage over `policy.window_s` before `now`.
 
     CPU request: the CPU percentile (default p95) of a decaying histogram (24 h half-life),
-    plus headroom (default 5%); no CPU limit is added. Memory request and limit: the highest
-    hourly working-set peak of the last four days (default percentile 1.0), plus headroom
-    (default 10%), and never less than 1.2x (or +100 MiB) the memory of an OOM kill in the
-    window. Bounds from the spec clamp both. GPUs: see `suggest_gpu_shape`.
+    plus headroom (default 5%); no CPU limit is added (a CPU limit already set caps the request).
+    Memory request and limit: the highest hourly working-set peak of the window (default
+    percentile 1.0), plus headroom (default 10%), and never less than 1.2x (or +100 MiB) the
+    limit of an OOM kill in the window. Bounds from the spec clamp both. GPUs: see
+    `suggest_gpu_shape`.
 
     Worked examples (window 168h, 5-minute samples, so 2016 expected and 288 needed):
       - 100 samples -> InsufficientData, "insufficient data (100 of 288 samples)", nothing set
@@ -638,16 +669,23 @@ def recommend_resources(
 
     cpu_value = cpu_target(cpu, policy) * (1 + policy.cpu_headroom)
     cpu_value = _clamp(cpu_value, policy.cpu_min, policy.cpu_max)
-    # Kills older than the peak horizon are covered by the peaks seen since (the container
-    # ran with the bumped limit), so they stop holding memory up.
-    horizon = now - PEAK_MAX_HALF_LIVES * policy.half_life_s
-    recent_ooms = [(t, m) for t, m in ooms if t > horizon]
-    memory_value = max(memory_target(memory, policy, now), oom_floor(recent_ooms))
+    # Every kill in the window holds memory up, as every peak does: each is valued at the limit
+    # it happened at, so one already answered by a raise asks for no more than that raise.
+    memory_value = max(memory_target(memory, policy, now), oom_floor(ooms))
     memory_value *= 1 + policy.memory_headroom
     memory_value = _clamp(memory_value, policy.memory_min, policy.memory_max)
     # Round as the API server would write them, so status and the next revision agree.
     cpu_value = float(parse_quantity(format_cpu(cpu_value)))
     memory_value = float(parse_quantity(format_bytes(memory_value)))
+    # A request above the container's CPU limit is rejected by the API server: cap it, and say
+    # that usage at the limit means throttling, which only a higher limit (the user's) cures.
+    cpu_capped = ""
+    if current.cpu_limit and cpu_value > current.cpu_limit:
+        cpu_capped = (
+            f"capped at the CPU limit {format_cpu(current.cpu_limit)} (usage asks "
+            f"{format_cpu(cpu_value)}); the container is throttled, raise the limit"
+        )
+        cpu_value = current.cpu_limit
 
     gpu_shape = None
     peak_gpu = None
@@ -666,6 +704,8 @@ def recommend_resources(
             model,
         )
     parts = [f"cpu {format_cpu(cpu_value)}", f"memory {format_bytes(memory_value)}"]
+    if cpu_capped:
+        parts[0] += f" ({cpu_capped})"
     if ooms:
         parts.append(f"after {len(ooms)} OOM kill(s)")
     if gpu_shape is not None:
@@ -678,6 +718,7 @@ def recommend_resources(
         message=", ".join(parts),
         cpu=cpu_value,
         memory=memory_value,
+        cpu_capped=cpu_capped,
         gpu_shape=gpu_shape,
         peak_cpu=max(v for _, v in cpu),
         peak_memory=max(v for _, v in memory),
@@ -741,10 +782,19 @@ def moved_since(
 
 
 def resources_with(spec: Resources, applied: ResourceAmounts) -> Resources:
-    """spec.resources with an applied recommendation's CPU and memory (GPUs stay as specified)."""
+    """spec.resources with an applied recommendation's CPU and memory (GPUs stay as specified).
+    The CPU request never exceeds spec's CPU limit, which the API server would reject.
+
+    >>> r = resources_with(Resources(cpu="1", cpu_limit="2"), ResourceAmounts(cpu="2100m"))
+    >>> r.cpu, r.cpu_limit
+    ('2', '2')
+    """
+    cpu = applied.cpu or spec.cpu
+    if cpu and spec.cpu_limit and parse_quantity(cpu) > parse_quantity(spec.cpu_limit):
+        cpu = spec.cpu_limit
     return spec.model_copy(
         update={
-            "cpu": applied.cpu or spec.cpu,
+            "cpu": cpu,
             "memory": applied.memory or spec.memory,
             "memory_limit": applied.memory_limit or applied.memory or spec.memory_limit,
         }
@@ -840,18 +890,18 @@ def worker_resources(spec: TrainingJobSpec) -> CurrentResources:
     )
 
 
-def with_failure_kill(
-    usage: ContainerUsage, failure: WorkerFailure | None, memory: float | None
-) -> ContainerUsage:
+def with_failure_kill(usage: ContainerUsage, failure: WorkerFailure | None) -> ContainerUsage:
     """`usage` with the TrainingJob's last worker failure added as an OOM kill when it was one
     and Prometheus did not see it. A Job's pods are deleted when the attempt fails, often
     before kube-state-metrics scrapes the terminated pod, so the operator's own record of the
-    failure is the one that does not get lost. `memory` is the limit the worker had (else the
-    working set nearest the kill).
+    failure is the one that does not get lost. The kill is valued at the memory limit the
+    failed worker had (recorded in the failure), else the working set nearest the kill; never
+    at the limit the next attempt gets, which a raise for this very kill has already moved.
 
     Worked examples (a kill at 12:00:00 of a worker with a 16 GiB limit):
       - lastFailure OOMKilled 12:00:00, Prometheus saw none   -> one kill at 12:00:00, 16 GiB
       - the same, Prometheus saw one at 12:00:45              -> still one kill (the same one)
+      - the same, no limit recorded, 15 GiB working set then -> one kill at 12:00:00, 15 GiB
       - lastFailure reason Error (exit 1)                     -> usage unchanged
     """
     if failure is None or failure.reason != "OOMKilled" or not failure.time:
@@ -864,7 +914,7 @@ def with_failure_kill(
     match_s = max(KILL_MATCH_S, usage.step_seconds)
     if any(t - 1.0 <= seen <= t + match_s for seen, _ in usage.oom_kills):
         return usage
-    at_kill = memory
+    at_kill = float(parse_quantity(failure.memory_limit)) if failure.memory_limit else None
     if at_kill is None:
         near = sorted(usage.memory, key=lambda p: abs(p[0] - t))
         if not near:

@@ -121,6 +121,10 @@ def first_worker_failure(pods: Iterable[Mapping[str, Any]]) -> WorkerFailure | N
             meta.get("labels") or {}
         ).get(COMPLETION_INDEX)
         worker = int(index_text) if index_text and str(index_text).isdigit() else None
+        limits = {
+            str(c.get("name")): ((c.get("resources") or {}).get("limits") or {}).get("memory")
+            for c in (pod.get("spec") or {}).get("containers") or []
+        }
         for cs in status.get("containerStatuses") or []:
             term = (cs.get("state") or {}).get("terminated") or (
                 cs.get("lastState") or {}
@@ -135,6 +139,7 @@ def first_worker_failure(pods: Iterable[Mapping[str, Any]]) -> WorkerFailure | N
                 reason=str(term.get("reason") or "Error"),
                 message=str(term.get("message") or "")[:512],
                 time=term.get("finishedAt"),
+                memory_limit=str(limits[cs.get("name")]) if limits.get(cs.get("name")) else None,
             )
             # SIGTERM (143) is what the Job controller sends the survivors: rank it last.
             found.append((str(term.get("finishedAt") or ""), 1 if code == 143 else 0, failure))

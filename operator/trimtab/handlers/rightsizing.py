@@ -86,6 +86,26 @@ def due(body: Any, now: float) -> bool:
     return created is None or now - created >= min(every, FIRST_PASS_DELAY_S)
 
 
+def oom_since_last_pass(status: Any) -> bool:
+    """Whether a TrainingJob's last worker failure is an OOM kill newer than the last pass: such
+    a pass runs at once, not an interval later, so a raise can be in place before the next
+    attempt's Job is built (it is built from the applied resources when it is created).
+
+    >>> oom_since_last_pass({"lastFailure": {"reason": "OOMKilled", "time": "2025-01-01T00:05:00Z"},
+    ...     "recommendations": {"updatedAt": "2025-01-01T00:00:00Z"}})
+    True
+    >>> oom_since_last_pass({"lastFailure": {"reason": "OOMKilled", "time": "2025-01-01T00:05:00Z"},
+    ...     "recommendations": {"updatedAt": "2025-01-01T00:06:00Z"}})
+    False
+    """
+    failure = (status or {}).get("lastFailure") or {}
+    if failure.get("reason") != "OOMKilled":
+        return False
+    killed = _parse_time(failure.get("time"))
+    last = _parse_time(((status or {}).get("recommendations") or {}).get("updatedAt"))
+    return killed is not None and (last is None or killed > last)
+
+
 EVENT_MOVED = "RecommendationChanged"
 EVENT_APPLIED = "RecommendationApplied"
 
@@ -215,7 +235,7 @@ async def rightsize_trainingjob(
             return
 
     now = time.time()
-    if not due(body, now):
+    if not (due(body, now) or oom_since_last_pass(current_status)):
         return
     meta = body["metadata"]
     previous = _previous(status)
@@ -264,7 +284,6 @@ async def _rightsize(
         sizing.target,
         policy.window_s,
         now,
-        memory_limit=current.memory_limit,
         wants_gpu=current.gpu > 0,
     )
 
@@ -285,7 +304,7 @@ async def _rightsize(
         logger.warning("right-sizing: %s", answer.unavailable)
         return
 
-    usage = with_failure_kill(answer.usage, sizing.last_failure, current.memory_limit)
+    usage = with_failure_kill(answer.usage, sizing.last_failure)
     rec = recommend_resources(usage, current, policy, now)
     if rec.missing_series:
         conditions = set_condition(

@@ -27,6 +27,10 @@ OOM_SERIES = "kube_pod_container_status_last_terminated_reason"
 # restarted, so an OOM kill there shows here and never in the restart counter.
 TERMINATED_SERIES = "kube_pod_container_status_terminated_reason"
 RESTARTS_SERIES = "kube_pod_container_status_restarts_total"
+# The memory limit each pod's container had: an OOM kill is valued at the limit of the pod that
+# was killed, at the time it was killed, never at the limit in force now (after a raise, the
+# same old kill would be valued at the raised limit and raise it again, without end).
+LIMITS_SERIES = "kube_pod_container_resource_limits"
 AGENT_GPU_MEMORY = "trimtab_gpu_memory_used_bytes"
 AGENT_GPU_UTIL = "trimtab_gpu_utilization_ratio"
 DCGM_GPU_MEMORY = "DCGM_FI_DEV_FB_USED"  # MiB
@@ -66,8 +70,10 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
     """The PromQL for one container, evaluated at each step of a range query.
 
     CPU: the busiest replica's rate; memory: the busiest replica's working-set peak within the
-    step (max_over_time, so a spike between points is not lost); OOM kills: a restart whose last
-    termination reason is OOMKilled (for Job pods: a pod terminated OOMKilled); GPU: trimtab's
+    step (max_over_time, so a spike between points is not lost); OOM kills, per pod: a restart
+    whose last termination reason is OOMKilled (for Job pods: a pod terminated OOMKilled), and
+    each pod's memory limit to value its kills at; kube-state-metrics: whether it reports the
+    container at all (its restart counter), so "no kills" is told from "no source"; GPU: trimtab's
     agent in bytes and 0..1, or dcgm-exporter in MiB and percent (its pod-mapping labels
     namespace/pod/container)."""
     sel = (
@@ -79,7 +85,7 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
     # the rate window makes one kill visible at several steps, which `_distinct_kills` merges.
     oom_window = f"{max(step_s, _seconds(rate_window))}s"
     oom = (
-        f"max((increase({RESTARTS_SERIES}{{{sel}}}[{oom_window}]) > 0)"
+        f"max by (pod) ((increase({RESTARTS_SERIES}{{{sel}}}[{oom_window}]) > 0)"
         f" and on(namespace,pod,container)"
         f" ({OOM_SERIES}{{{sel},reason=\"OOMKilled\"}} == 1))"
     )
@@ -90,6 +96,8 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
         "cpu": f"max(rate({CPU_SERIES}{{{sel}}}[{rate_window}]))",
         "memory": f"max(max_over_time({MEMORY_SERIES}{{{sel}}}[{step}]))",
         "oom": oom,
+        "memory_limit": f"max by (pod) ({LIMITS_SERIES}{{{sel},resource=\"memory\"}})",
+        "kube_state": f"count({RESTARTS_SERIES}{{{sel}}})",
         "gpu_memory_agent": f"max(sum by (pod) ({AGENT_GPU_MEMORY}{{{sel}}}))",
         "gpu_util_agent": f"max(max by (pod) ({AGENT_GPU_UTIL}{{{sel}}}))",
         "gpu_model_agent": f"count by (gpu_model) ({AGENT_GPU_MEMORY}{{{sel}}})",
@@ -168,11 +176,10 @@ class UsageReader:
         target: UsageTarget,
         window_s: float,
         now: float,
-        memory_limit: float | None = None,
         wants_gpu: bool = False,
     ) -> UsageAnswer:
-        """Usage of `target` over (now - window_s, now]. `memory_limit` stands for the memory
-        at an OOM kill (the limit the container was killed at)."""
+        """Usage of `target` over (now - window_s, now]. Each OOM kill carries the memory limit
+        its pod had when it was killed (kube-state-metrics), else the working set nearest it."""
         step_s = step_for(window_s)
         # The rate needs a few scrapes inside its window, whatever the step.
         queries = usage_queries(target, step_s, self.rate_window)
@@ -208,12 +215,19 @@ class UsageReader:
             missing.append(CPU_SERIES)
         if not memory:
             missing.append(MEMORY_SERIES)
-        kills = (
-            _distinct_kills(_points(by_key["oom"]), max(step_s, _seconds(self.rate_window)))
-            if target.restarts_in_place
-            else _first_points(by_key["oom"])
-        )
-        ooms = [(t, memory_limit if memory_limit else _nearest(memory, t)) for t, _ in kills]
+        if not _points(by_key["kube_state"]):
+            # No restart counter for pods that have CPU samples: kube-state-metrics is not
+            # scraped (or not for this namespace), so an empty OOM answer means nothing.
+            missing.append(RESTARTS_SERIES)
+        limits = _points_by_pod(by_key["memory_limit"])
+        merge_s = max(step_s, _seconds(self.rate_window))
+        ooms: Points = []
+        for pod, points in _points_by_pod(by_key["oom"]).items():
+            kills = _distinct_kills(points, merge_s) if target.restarts_in_place else points[:1]
+            for t, _ in kills:
+                limit = _at_or_before(limits.get(pod, []), t)
+                ooms.append((t, limit if limit else _nearest(memory, t)))
+        ooms.sort()
         gpu_memory: Points = []
         gpu_util: Points = []
         gpu_model: GpuModel | None = None
@@ -265,14 +279,32 @@ def _distinct_kills(points: Points, window_s: float) -> Points:
     return out
 
 
-def _first_points(result: Any) -> Points:
-    """The first point of each series: when each killed pod was first seen terminated.
+def _points_by_pod(result: Any) -> dict[str, Points]:
+    """The points of each series of a `by (pod)` range answer.
 
-    >>> _first_points([{"values": [[5, "1"], [6, "1"]]}, {"values": [[9, "1"]]}, {"values": []}])
-    [(5.0, 1.0), (9.0, 1.0)]
+    >>> _points_by_pod([{"metric": {"pod": "a"}, "values": [[6, "1"], [5, "2"]]},
+    ...                 {"metric": {}, "values": [[9, "1"]]}])
+    {'a': [(5.0, 2.0), (6.0, 1.0)], '': [(9.0, 1.0)]}
     """
-    firsts = [_points([series])[:1] for series in result or []]
-    return sorted(p[0] for p in firsts if p)
+    out: dict[str, Points] = {}
+    for series in result or []:
+        pod = str((series.get("metric") or {}).get("pod") or "")
+        out[pod] = sorted(out.get(pod, []) + _points([series]))
+    return out
+
+
+def _at_or_before(points: Points, t: float) -> float | None:
+    """The last value at or before `t` (the limit the pod ran with then), else the first after.
+
+    >>> _at_or_before([(0.0, 2.0), (10.0, 3.0)], 5.0), _at_or_before([(10.0, 3.0)], 5.0)
+    (2.0, 3.0)
+    >>> _at_or_before([], 5.0) is None
+    True
+    """
+    before = [v for s, v in points if s <= t]
+    if before:
+        return before[-1]
+    return points[0][1] if points else None
 
 
 def _nearest(points: Points, t: float) -> float:
