@@ -290,6 +290,157 @@ CASES = [
         "shadow passed",
         id="shadow-passes-into-step-1",
     ),
+    # progressDeadline: from creation until first ready, then from when it stopped serving.
+    pytest.param(
+        spec(steps=[{"weight": 10, "pause": {"untilPromoted": True}}, {"weight": 50}]),
+        in_flight(0, since=-3500, candidate_since=ts(-3600), candidate_ready_at=ts(-3550)),
+        dict(desired_revision="b", candidate_ready=False),
+        Hold,
+        "no ready replica (0s of 30m)",
+        id="old-candidate-one-unready-observation-holds",
+    ),
+    pytest.param(
+        spec(steps=[{"weight": 10, "pause": {"untilPromoted": True}}, {"weight": 50}]),
+        in_flight(0, since=-3500, candidate_since=ts(-3600)),
+        dict(desired_revision="b", candidate_ready=False),
+        Hold,
+        "no ready replica",
+        id="status-without-ready-time-past-step-minus-1-holds",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-3500, candidate_ready_at=ts(-3550), candidate_unready_since=ts(-600)),
+        dict(desired_revision="b", candidate_ready=False),
+        Hold,
+        "10m00s of 30m",
+        id="unready-after-serving-within-deadline-holds",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-3500, candidate_ready_at=ts(-3550), candidate_unready_since=ts(-1800)),
+        dict(desired_revision="b", candidate_ready=False),
+        Rollback,
+        "no ready replica for 30m00s",
+        id="unready-after-serving-past-deadline-rolls-back",
+    ),
+    pytest.param(
+        spec(progressDeadline="1m"),
+        in_flight(-1, weight=0, candidate_since=ts(-30)),
+        dict(desired_revision="b", candidate_ready=False),
+        Hold,
+        "30s of 1m",
+        id="never-ready-within-deadline-waits",
+    ),
+    # Traffic withheld from a candidate without endpoints (mesh routers), given back later.
+    pytest.param(
+        spec(router={"type": "istio", "host": "m.example"}),
+        in_flight(0, since=-20, candidate_ready_at=ts(-30)),
+        dict(desired_revision="b", candidate_ready=False),
+        SetWeights,
+        "its 10% goes to stable a",
+        id="mesh-unready-candidate-loses-its-weight",
+    ),
+    pytest.param(
+        spec(router={"type": "istio", "host": "m.example"}),
+        in_flight(0, since=-20, weight=0, candidate_unready_since=ts(-10)),
+        dict(desired_revision="b", candidate_ready=False),
+        Hold,
+        "step clock stopped",
+        id="mesh-withheld-candidate-still-unready-holds",
+    ),
+    pytest.param(
+        spec(router={"type": "istio", "host": "m.example"}),
+        in_flight(0, since=-20, weight=0, candidate_unready_since=ts(-10)),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        SetWeights,
+        "step 1 of 2 resumes at 10%",
+        id="mesh-candidate-ready-again-gets-its-weight-back",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-20, candidate_ready_at=ts(-30)),
+        dict(desired_revision="b", candidate_ready=False),
+        Hold,
+        "no ready replica",
+        id="replicas-router-unready-holds-weights",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-70, held_seconds=30),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        Hold,
+        "40s of 1m",
+        id="held-time-does-not-count-toward-the-step",
+    ),
+    # spec.rollout.paused holds every move but a rollback.
+    pytest.param(
+        spec(paused=True),
+        in_flight(-1, weight=0),
+        dict(desired_revision="b", candidate_ready=True),
+        Pause,
+        "before the first step",
+        id="paused-at-step-minus-1-does-not-start-step-1",
+    ),
+    pytest.param(
+        spec(
+            router={"type": "istio", "host": "m.example"}, strategy="ShadowThenCanary", paused=True
+        ),
+        in_flight(-1, weight=0),
+        dict(desired_revision="b", candidate_ready=True),
+        Pause,
+        "spec.rollout.paused",
+        id="paused-shadow-does-not-start-mirroring",
+    ),
+    pytest.param(
+        spec(
+            router={"type": "istio", "host": "m.example"}, strategy="ShadowThenCanary", paused=True
+        ),
+        in_flight(-1, since=-400, weight=0, weights=Weights(stable=100, mirror_percent=100)),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        Pause,
+        "mirror 100%",
+        id="paused-shadow-does-not-end",
+    ),
+    pytest.param(
+        spec(strategy="Immediate", paused=True),
+        in_flight(-1, weight=0),
+        dict(desired_revision="b", candidate_ready=True),
+        Pause,
+        "spec.rollout.paused",
+        id="paused-immediate-does-not-promote",
+    ),
+    pytest.param(
+        spec(paused=True),
+        in_flight(0, since=-70),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS, manual="promote"),
+        Pause,
+        "spec.rollout.paused",
+        id="paused-annotation-waits",
+    ),
+    pytest.param(
+        spec(paused=True),
+        in_flight(0, since=-70),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS, manual="abort"),
+        Rollback,
+        "aborted by hand",
+        id="paused-abort-rolls-back",
+    ),
+    pytest.param(
+        spec(paused=True),
+        in_flight(0, since=-70, candidate_unready_since=ts(-1800)),
+        dict(desired_revision="b", candidate_ready=False),
+        Rollback,
+        "progressDeadline",
+        id="paused-unready-past-deadline-rolls-back",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-3600, held_seconds=3590),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        Hold,
+        "10s of 1m",
+        id="unpaused-after-long-pause-does-not-advance-at-once",
+    ),
     pytest.param(
         spec(),
         STABLE_A.model_copy(update={"failed_revision": "b"}),
@@ -436,9 +587,69 @@ def drive(
     inputs = RolloutInputs(desired_revision="b", now=now, analysis=analysis, **kw)
     action = next_rollout_step(rollout, status, inputs)
     return (
-        apply_action(rollout, status, action, now=now, desired_model=MODEL_B, analysis=analysis),
+        apply_action(
+            rollout,
+            status,
+            action,
+            now=now,
+            desired_model=MODEL_B,
+            analysis=analysis,
+            inputs=inputs,
+        ),
         action,
     )
+
+
+def restart(status: RolloutStatus) -> RolloutStatus:
+    """What a restarted operator reads back: status's wire form is all the state."""
+    return RolloutStatus.model_validate(status.to_wire())
+
+
+def test_a_pause_stops_the_step_clock_across_a_restart() -> None:
+    status, _ = drive(spec(), STABLE_A, 0, None)
+    status, action = drive(spec(), status, 15, PASS, candidate_ready=True)
+    assert status.step_index == 0 and status.candidate_ready_at == ts(15)
+    status, action = drive(spec(paused=True), status, 30, PASS, candidate_ready=True)
+    assert isinstance(action, Pause) and status.paused_at == ts(30)
+    assert status.held_since == ts(30)
+    status = restart(status)
+    status, action = drive(spec(paused=True), status, 3630, PASS, candidate_ready=True)
+    assert isinstance(action, Pause) and status.weights.candidate == 10
+    status = restart(status)
+    # Unpaused after an hour: 15s of the 1m step ran before the pause, none since.
+    status, action = drive(spec(), status, 3645, PASS, candidate_ready=True)
+    assert isinstance(action, Hold) and "15s of 1m" in action.reason
+    assert status.paused_at is None and status.held_since is None
+    assert status.held_seconds == 3615
+    status, action = drive(spec(), status, 3680, PASS, candidate_ready=True)
+    assert isinstance(action, Hold) and "50s of 1m" in action.reason
+    status, action = drive(spec(), status, 3695, PASS, candidate_ready=True)
+    assert isinstance(action, SetWeights) and status.step_index == 1
+    assert status.held_seconds == 0
+
+
+def test_an_unready_candidate_loses_its_traffic_until_ready_again() -> None:
+    mesh = spec(router={"type": "istio", "host": "m.example"})
+    status, _ = drive(mesh, STABLE_A, 0, None)
+    status, _ = drive(mesh, status, 15, PASS, candidate_ready=True)
+    assert status.weights == Weights(stable=90, candidate=10)
+    status, action = drive(mesh, status, 30, None, candidate_ready=False)
+    assert isinstance(action, SetWeights) and action.resume
+    assert status.weights == Weights(stable=100, candidate=0) and status.step_index == 0
+    assert status.step_since == ts(15) and status.candidate_unready_since == ts(30)
+    status = restart(status)
+    status, action = drive(mesh, status, 600, None, candidate_ready=False)
+    assert isinstance(action, Hold) and "9m30s of 30m" in action.reason
+    status, action = drive(mesh, status, 615, PASS, candidate_ready=True)
+    assert isinstance(action, SetWeights) and status.weights.candidate == 10
+    assert status.step_since == ts(15) and status.held_seconds == 585
+    assert status.candidate_unready_since is None
+    # 15s before and 15s after the outage count; the step needs 1m.
+    status, action = drive(mesh, status, 630, PASS, candidate_ready=True)
+    assert isinstance(action, Hold) and "30s of 1m" in action.reason
+    status, action = drive(mesh, status, 2500, None, candidate_ready=False)
+    status, action = drive(mesh, status, 2500 + 1800, None, candidate_ready=False)
+    assert isinstance(action, Rollback) and status.failed_revision == "b"
 
 
 def test_a_whole_canary_then_a_fallback() -> None:

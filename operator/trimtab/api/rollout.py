@@ -234,12 +234,13 @@ class RolloutSpec(StrictModel):
     post_promotion: PostPromotionSpec = Field(default_factory=PostPromotionSpec)
     progress_deadline: Duration = Field(
         default="30m",
-        description="The candidate must be ready this long after it is created, or it is "
-        "rolled back.",
+        description="The candidate must be ready this long after it is created, and once "
+        "ready may be without a ready replica at most this long, or it is rolled back.",
     )
     paused: bool = Field(
         default=False,
-        description="Hold the current step (analysis still rolls back a failing candidate).",
+        description="Hold the current step and its clock (a failing candidate is still "
+        "rolled back).",
     )
     known_good_history: int = Field(
         default=3, ge=1, le=10, description="How many known-good revisions status keeps."
@@ -356,7 +357,8 @@ class Weights(StatusModel):
 
 
 class KnownGoodRevision(StatusModel):
-    """A revision that passed analysis, with the model part of the spec that rebuilds it."""
+    """A revision that passed analysis and its post-promotion watch window, with the model part
+    of the spec that rebuilds it."""
 
     revision: str
     model: dict[str, Any] = Field(description="The model part of the spec (image, args, ...).")
@@ -385,8 +387,38 @@ class RolloutStatus(StatusModel):
     weights: Weights = Field(default_factory=Weights)
     step_index: int = Field(default=-1, description="-1: before the first step (or shadow).")
     candidate_since: str | None = Field(default=None, description="Candidate created (deadline).")
+    candidate_ready_at: str | None = Field(
+        default=None,
+        description="The candidate first had a ready replica; progressDeadline then times "
+        "unreadiness from candidateUnreadySince instead of from creation.",
+    )
+    candidate_unready_since: str | None = Field(
+        default=None,
+        description="The candidate, ready before, has had no ready replica since then.",
+    )
     step_since: str | None = Field(default=None, description="Current step (or shadow) began.")
+    held_since: str | None = Field(
+        default=None,
+        description="The step's clock stopped (paused, or the candidate lost its ready "
+        "replicas) at this time.",
+    )
+    held_seconds: int = Field(
+        default=0, description="Seconds of the current step not counted (paused or unready)."
+    )
+    paused_at: str | None = Field(default=None, description="spec.rollout.paused seen since.")
     promoted_at: str | None = Field(default=None, description="Watch window start.")
+    stable_model: dict[str, Any] | None = Field(
+        default=None,
+        description="Model part of the stable revision (to rebuild it); it joins knownGood "
+        "only once its watch window ends cleanly.",
+    )
+    watch_verdict: Literal["Pass", "Fail"] | None = Field(
+        default=None,
+        description="Worst verdict on the stable revision in its watch window so far.",
+    )
+    fallback_since: str | None = Field(
+        default=None, description="Fallback applied; the target must serve by progressDeadline."
+    )
     carried_evidence: list[CheckEvidence] = Field(default_factory=list)
     verdicts: list[AnalysisVerdict] = Field(
         default_factory=list,

@@ -50,6 +50,11 @@ class SetWeights:
     step_index: int
     reason: str
     start: str | None = None
+    # The step goes on (its clock and evidence too): traffic withheld from a candidate
+    # without a ready replica, or given back once it is ready again.
+    resume: bool = False
+    # Acted on the rollout-action annotation (which is then removed).
+    by_hand: bool = False
     kind: Literal["SetWeights"] = "SetWeights"
 
 
@@ -68,6 +73,7 @@ class Promote:
 
     revision: str
     reason: str
+    by_hand: bool = False
     kind: Literal["Promote"] = "Promote"
 
 
@@ -183,18 +189,27 @@ def carried_evidence(status: RolloutStatus) -> dict[str, float]:
     return {e.name: e.log_evidence for e in status.carried_evidence}
 
 
-def _step_weights(spec: RolloutSpec, index: int, reason: str) -> SetWeights:
+def _step_weights(
+    spec: RolloutSpec, index: int, reason: str, *, by_hand: bool = False
+) -> SetWeights:
     weight = spec.steps[index].weight
-    return SetWeights(100 - weight, weight, index, reason)
+    return SetWeights(100 - weight, weight, index, reason, by_hand=by_hand)
 
 
-def _advance(spec: RolloutSpec, status: RolloutStatus, why: str) -> RolloutAction:
+def _advance(
+    spec: RolloutSpec, status: RolloutStatus, why: str, *, by_hand: bool = False
+) -> RolloutAction:
     nxt = status.step_index + 1
     if nxt >= len(spec.steps):
         assert status.candidate_revision is not None
-        return Promote(status.candidate_revision, f"{why}; all {len(spec.steps)} steps done")
+        return Promote(
+            status.candidate_revision, f"{why}; all {len(spec.steps)} steps done", by_hand
+        )
     return _step_weights(
-        spec, nxt, f"{why}; step {nxt + 1} of {len(spec.steps)}: {spec.steps[nxt].weight}%"
+        spec,
+        nxt,
+        f"{why}; step {nxt + 1} of {len(spec.steps)}: {spec.steps[nxt].weight}%",
+        by_hand=by_hand,
     )
 
 
@@ -205,13 +220,18 @@ def next_rollout_step(
     spec: RolloutSpec, status: RolloutStatus, inputs: RolloutInputs
 ) -> RolloutAction:
     """Decide the next traffic action. Safety first: an abort, a missed progress deadline or a
-    failing analysis roll back before anything else is considered, and missing metrics freeze
-    the weights (never promote blind).
+    failing analysis roll back before anything else is considered (a pause included), and
+    missing metrics freeze the weights (never promote blind). A step's clock (step_elapsed)
+    leaves out time paused or with the candidate unready.
 
     Worked examples (steps 10% / 50%, each pausing 1m; analysis every 15s):
     - no stable revision yet -> Promote (the first revision has nothing to compare with)
     - spec revision b, stable a, no candidate -> SetWeights(100, 0, start=b): b starts at 0%
-    - candidate b not ready after progressDeadline 30m -> Rollback("... not ready ...")
+    - candidate b never ready, created 30m ago (progressDeadline 30m) -> Rollback
+    - candidate ready before, now without a ready replica for 2m -> Hold (mesh router at 10%:
+      SetWeights(100, 0, resume): its share goes to stable until it is ready again); for 30m
+      -> Rollback
+    - spec.rollout.paused, analysis not failing -> Pause (at any step, shadow included)
     - candidate ready, step -1 -> SetWeights(90, 10, step 0)
     - step 0 for 20s, analysis Pass -> Hold("step 1: 20s of 1m00s")
     - step 0 for 70s, analysis Inconclusive (40 of 100 requests) -> Hold(too few requests)
@@ -248,24 +268,54 @@ def next_rollout_step(
         )
     if inputs.manual == "abort":
         return Rollback(f"candidate {candidate} aborted by hand")
+    deadline = duration_seconds(spec.progress_deadline)
+    mesh = spec.router.type != "replicas"
     if not inputs.candidate_ready:
-        waited = _elapsed(status.candidate_since, now)
-        deadline = duration_seconds(spec.progress_deadline)
-        if waited >= deadline:
+        if not has_served(status):
+            waited = _elapsed(status.candidate_since, now)
+            if waited >= deadline:
+                return Rollback(
+                    f"candidate {candidate} not ready within progressDeadline "
+                    f"{spec.progress_deadline}"
+                )
+            return Hold(
+                f"waiting for candidate {candidate} to be ready ({_fmt(waited)} of "
+                f"{spec.progress_deadline})"
+            )
+        unready = _elapsed(status.candidate_unready_since or format_time(now), now)
+        if unready >= deadline:
             return Rollback(
-                f"candidate {candidate} not ready within progressDeadline {spec.progress_deadline}"
+                f"candidate {candidate} has had no ready replica for {_fmt(unready)} "
+                f"(progressDeadline {spec.progress_deadline})"
+            )
+        if mesh and status.weights.candidate > 0:
+            return SetWeights(
+                100,
+                0,
+                status.step_index,
+                f"candidate {candidate} has no ready replica: its {status.weights.candidate}% "
+                f"goes to stable {stable} until it is ready again (step clock stopped)",
+                resume=True,
             )
         return Hold(
-            f"waiting for candidate {candidate} to be ready ({_fmt(waited)} of "
-            f"{spec.progress_deadline})"
+            f"candidate {candidate} has no ready replica ({_fmt(unready)} of "
+            f"{spec.progress_deadline}); step clock stopped"
         )
-    if spec.strategy == "Immediate":
-        return Promote(candidate, "strategy Immediate: candidate is ready")
     analysis = inputs.analysis
     if analysis is not None and analysis.verdict == "Fail":
         return Rollback(f"analysis failed: {analysis.reason}")
+    if spec.paused:
+        # Holds everything but a rollback: the annotation waits (abort acted above).
+        where = (
+            "before the first step"
+            if status.step_index == -1 and not status.weights.mirror_percent
+            else f"at {status.weights.candidate}% (mirror {status.weights.mirror_percent}%)"
+        )
+        return Pause(f"paused by spec.rollout.paused {where}")
+    if spec.strategy == "Immediate":
+        return Promote(candidate, "strategy Immediate: candidate is ready")
     if inputs.manual == "promote-full":
-        return Promote(candidate, "promoted by hand (promote-full)")
+        return Promote(candidate, "promoted by hand (promote-full)", by_hand=True)
 
     shadow = spec.shadow_or_default()
     in_shadow = shadow is not None and status.step_index == -1
@@ -276,12 +326,10 @@ def next_rollout_step(
                 f"candidate ready: mirroring {shadow.mirror_percent}% of requests to {candidate}",
             )
         if inputs.manual == "promote":
-            return _step_weights(spec, 0, "shadow ended by hand; step 1")
+            return _step_weights(spec, 0, "shadow ended by hand; step 1", by_hand=True)
         if analysis is None:
             return Hold("metrics unavailable: mirroring continues, weights frozen")
-        if spec.paused:
-            return Pause("paused by spec.rollout.paused (shadow)")
-        elapsed = _elapsed(status.step_since, now)
+        elapsed = step_elapsed(status, now)
         needed = duration_seconds(shadow.duration)
         if elapsed < needed:
             return Hold(f"shadow: {_fmt(elapsed)} of {shadow.duration}")
@@ -303,14 +351,25 @@ def next_rollout_step(
             0,
             f"candidate {candidate} ready; step 1 of {len(spec.steps)}: {spec.steps[0].weight}%",
         )
+    index = min(status.step_index, len(spec.steps) - 1)
+    if status.weights.candidate != spec.steps[index].weight:
+        # Traffic was withheld while the candidate had no ready replica.
+        return SetWeights(
+            100 - spec.steps[index].weight,
+            spec.steps[index].weight,
+            index,
+            f"candidate {candidate} ready: step {index + 1} of {len(spec.steps)} "
+            f"resumes at {spec.steps[index].weight}%",
+            resume=True,
+        )
     if inputs.manual == "promote":
-        return _advance(spec, status, f"step {status.step_index + 1} promoted by hand")
+        return _advance(
+            spec, status, f"step {status.step_index + 1} promoted by hand", by_hand=True
+        )
     weight = status.weights.candidate
     if analysis is None:
         return Hold(f"metrics unavailable: weights frozen at {weight}%")
-    if spec.paused:
-        return Pause(f"paused by spec.rollout.paused at {weight}%")
-    step = spec.steps[status.step_index]
+    step = spec.steps[index]
     label = f"step {status.step_index + 1} of {len(spec.steps)} ({weight}%)"
     if step.pause is not None and step.pause.until_promoted:
         return Pause(f"{label} waits to be promoted by hand")
@@ -319,12 +378,35 @@ def next_rollout_step(
         if step.pause is not None and step.pause.duration is not None
         else spec.analysis.interval
     )
-    elapsed = _elapsed(status.step_since, now)
+    elapsed = step_elapsed(status, now)
     if elapsed < duration_seconds(pause):
         return Hold(f"{label}: {_fmt(elapsed)} of {pause}")
     if analysis.verdict != "Pass":
         return Hold(f"{label}: {analysis.reason}")
     return _advance(spec, status, f"{label} passed")
+
+
+def has_served(status: RolloutStatus) -> bool:
+    """The candidate has had a ready replica: noted, or implied by any step past the start
+    (which only a ready candidate reaches; a status written before candidateReadyAt existed)."""
+    return (
+        status.candidate_ready_at is not None
+        or status.step_index >= 0
+        or status.weights.mirror_percent > 0
+    )
+
+
+def step_elapsed(status: RolloutStatus, now: datetime) -> float:
+    """Seconds the current step (or shadow) has run, not counting time it was held (paused,
+    or the candidate without a ready replica and its traffic withheld).
+
+    >>> st = RolloutStatus(step_since="2025-01-01T00:00:00Z", held_seconds=60,
+    ...                    held_since="2025-01-01T00:04:00Z")
+    >>> step_elapsed(st, parse_time("2025-01-01T00:05:00Z"))
+    180.0
+    """
+    held = status.held_seconds + (_elapsed(status.held_since, now) if status.held_since else 0)
+    return max(0.0, _elapsed(status.step_since, now) - held)
 
 
 def _watch(spec: RolloutSpec, status: RolloutStatus, inputs: RolloutInputs) -> RolloutAction:
@@ -444,6 +526,7 @@ def apply_action(
     now: datetime,
     desired_model: dict[str, Any],
     analysis: AnalysisResult | None = None,
+    inputs: RolloutInputs | None = None,
 ) -> RolloutStatus:
     """The status after `action` was carried out (weights set, objects written). Everything a
     restarted operator needs to resume lives here.
@@ -456,14 +539,21 @@ def apply_action(
     data = status.model_copy(deep=True)
     data.verdicts = _verdicts(status, analysis, stamp, subject)
     data.reason = action.reason
-    if isinstance(action, SetWeights):
+    if isinstance(action, SetWeights) and action.resume:
+        data.weights = Weights(stable=action.stable, candidate=action.candidate, mirror_percent=0)
+        data.step_index = action.step_index
+        data.phase = "Canary"
+    elif isinstance(action, SetWeights):
         if action.start is not None:
+            _clear_candidate(data)
             data.candidate_revision = action.start
             data.candidate_model = desired_model
             data.candidate_since = stamp
-            data.carried_evidence = []
             data.verdicts = []
+            # A stable revision still in its watch window did not finish it: it does not
+            # become known-good (a rollback of this candidate still returns to it).
             data.promoted_at = None
+            data.watch_verdict = None
         elif analysis is not None:
             # The finished step's evidence is carried into the next as a product (log sum).
             carried = carried_evidence(status)
@@ -474,11 +564,11 @@ def apply_action(
             ]
         data.weights = Weights(stable=action.stable, candidate=action.candidate, mirror_percent=0)
         data.step_index = action.step_index
-        data.step_since = stamp
+        _new_step(data, stamp)
         data.phase = "Canary"
     elif isinstance(action, Mirror):
         data.weights = Weights(stable=100, candidate=0, mirror_percent=action.percent)
-        data.step_since = stamp
+        _new_step(data, stamp)
         data.phase = "Shadow"
     elif isinstance(action, Promote):
         model = status.candidate_model if status.candidate_revision else desired_model
@@ -512,13 +602,46 @@ def apply_action(
             data.phase = "Stable"
         elif status.candidate_revision is not None:
             data.phase = _phase_in_flight(status.weights)
+    if inputs is not None and not (isinstance(action, SetWeights) and action.start):
+        _track_holds(spec, data, inputs.candidate_ready, now)
     return data
+
+
+def _new_step(data: RolloutStatus, stamp: str) -> None:
+    data.step_since = stamp
+    data.held_seconds = 0
+    data.held_since = None
+
+
+def _track_holds(spec: RolloutSpec, data: RolloutStatus, ready: bool, now: datetime) -> None:
+    """Record when the candidate first served, when it stopped serving, and when the step's
+    clock stopped (paused, or unready after it had served) or runs again."""
+    if data.candidate_revision is None:
+        return
+    stamp = format_time(now)
+    if ready:
+        data.candidate_ready_at = data.candidate_ready_at or stamp
+        data.candidate_unready_since = None
+    elif has_served(data):
+        data.candidate_unready_since = data.candidate_unready_since or stamp
+    data.paused_at = (data.paused_at or stamp) if spec.paused else None
+    held = spec.paused or data.candidate_unready_since is not None
+    if held:
+        data.held_since = data.held_since or stamp
+    elif data.held_since is not None:
+        data.held_seconds += int(_elapsed(data.held_since, now))
+        data.held_since = None
 
 
 def _clear_candidate(data: RolloutStatus) -> None:
     data.candidate_revision = None
     data.candidate_model = None
     data.candidate_since = None
+    data.candidate_ready_at = None
+    data.candidate_unready_since = None
+    data.held_since = None
+    data.held_seconds = 0
+    data.paused_at = None
     data.step_since = None
     data.step_index = -1
     data.carried_evidence = []
@@ -690,7 +813,10 @@ def manual_action_done(
         return isinstance(action, Rollback)
     if manual == "promote-full":
         return isinstance(action, Promote)
-    return isinstance(action, SetWeights | Promote) or after.candidate_revision is None
+    # Only a move made for the annotation: the automatic start of step 1 is not one.
+    return (
+        isinstance(action, SetWeights | Promote) and action.by_hand
+    ) or after.candidate_revision != before.candidate_revision
 
 
 def rollout_conditions(

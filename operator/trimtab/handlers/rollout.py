@@ -56,7 +56,7 @@ from trimtab.decisions.rollout import (
     rollout_conditions,
     routed_revisions,
 )
-from trimtab.decisions.serving import DeploymentObservation
+from trimtab.decisions.serving import DeploymentObservation, current_template_ready
 from trimtab.decisions.statistics import AnalysisResult, Counts, Metric, evaluate_checks
 from trimtab.handlers.modeldeployment import (
     Log,
@@ -196,9 +196,11 @@ class KubeRouterClient:
 
 
 def serving(obs: DeploymentObservation | None) -> bool:
-    """A revision serves once its Deployment's current generation has a ready replica. Later
-    steps' extra replicas need not all be ready: the deadline is for starting, not scaling."""
-    return obs is not None and obs.observed_generation >= obs.generation and obs.ready_replicas >= 1
+    """A revision serves once its Deployment has a ready replica of its current template
+    (current_template_ready). Later steps' extra replicas need not all be ready: the deadline
+    is for starting, not scaling; and a scale alone (observedGeneration behind for a moment)
+    takes no replica away."""
+    return obs is not None and current_template_ready(obs) >= 1
 
 
 # --- reading the counts ---------------------------------------------------------------------
@@ -336,20 +338,23 @@ async def rollout_once(
             before.promoted_at, now,
         )  # fmt: skip
 
-    action = next_rollout_step(
+    inputs = RolloutInputs(
+        desired_revision=revision_of(parsed),
+        now=now,
+        candidate_ready=candidate_ready,
+        analysis=analysis,
+        manual=manual,
+        stable_ready=before.stable_revision is None or before.stable_revision in ready,
+    )
+    action = next_rollout_step(rollout, before, inputs)
+    after = apply_action(
         rollout,
         before,
-        RolloutInputs(
-            desired_revision=revision_of(parsed),
-            now=now,
-            candidate_ready=candidate_ready,
-            analysis=analysis,
-            manual=manual,
-            stable_ready=before.stable_revision is None or before.stable_revision in ready,
-        ),
-    )
-    after = apply_action(
-        rollout, before, action, now=now, desired_model=parsed.model_part(), analysis=analysis
+        action,
+        now=now,
+        desired_model=parsed.model_part(),
+        analysis=analysis,
+        inputs=inputs,
     )
     status_after = {**status, "rollout": after.to_wire()}
     plan_after = plan_for(parsed, status_after)
