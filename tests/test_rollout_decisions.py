@@ -669,7 +669,8 @@ def test_a_whole_canary_then_a_fallback() -> None:
     status, action = drive(rollout, status, 150, PASS, candidate_ready=True)
     assert isinstance(action, Promote)
     assert status.stable_revision == "b" and status.candidate_revision is None
-    assert [k.revision for k in status.known_good] == ["b", "a"]
+    # b is known-good only once its watch window closes cleanly; it is rebuilt from stableModel.
+    assert [k.revision for k in status.known_good] == ["a"] and stable_model(status) == MODEL_B
     assert status.phase == "Watching" and status.weights == Weights()
     assert len(status.verdicts) >= 4
     status, action = drive(rollout, status, 200, FAIL)
@@ -842,3 +843,79 @@ def test_plan_rebuilds_stable_from_known_good_model() -> None:
         ),
     )
     assert in_flight.replicas(4) == (3, 1)
+
+
+def promoted(rollout: RolloutSpec, at: float = 0.0) -> RolloutStatus:
+    """b promoted over known-good a at `at` seconds."""
+    return apply_action(
+        rollout,
+        in_flight(1, since=at - 70, weight=50),
+        Promote("b", "steps done"),
+        now=T0 + timedelta(seconds=at),
+        desired_model=MODEL_B,
+    )
+
+
+def test_known_good_history_of_one_still_falls_back() -> None:
+    rollout = spec(knownGoodHistory=1)
+    status = promoted(rollout)
+    assert [k.revision for k in status.known_good] == ["a"]
+    status, action = drive(rollout, status, 30, FAIL)
+    assert isinstance(action, Fallback) and action.to_revision == "a"
+    assert stable_model(status) == MODEL_A and status.fallback_since == ts(30)
+
+
+def test_a_clean_watch_window_makes_the_revision_known_good() -> None:
+    rollout = spec(knownGoodHistory=1)
+    status = promoted(rollout)
+    status, action = drive(rollout, status, 60, PASS)
+    assert status.watch_verdict == "Pass" and [k.revision for k in status.known_good] == ["a"]
+    status, action = drive(rollout, status, 601, None)
+    assert isinstance(action, Hold) and action.known_good and status.phase == "Stable"
+    assert [(k.revision, k.model) for k in status.known_good] == [("b", MODEL_B)]
+
+
+def test_a_breach_with_fallback_off_never_becomes_known_good() -> None:
+    rollout = spec(postPromotion={"automaticFallback": False})
+    status = promoted(rollout)
+    status, action = drive(rollout, status, 30, FAIL)
+    assert isinstance(action, Hold) and "automatic fallback is off" in action.reason
+    status, action = drive(rollout, status, 60, PASS)
+    assert status.watch_verdict == "Fail"
+    status, action = drive(rollout, status, 660, PASS)
+    assert isinstance(action, Hold) and action.end_watch and not action.known_good
+    assert "does not become known-good" in action.reason
+    assert [k.revision for k in status.known_good] == ["a"] and status.phase == "Stable"
+
+
+def test_no_verdict_in_the_window_keeps_watching() -> None:
+    rollout = spec()
+    status = promoted(rollout)
+    status, action = drive(rollout, status, 660, None)
+    assert isinstance(action, Hold) and not action.end_watch
+    assert "stays watched" in action.reason and status.phase == "Watching"
+    status, action = drive(rollout, status, 700, SHORT)
+    assert not action.end_watch
+    status, action = drive(rollout, status, 760, FAIL)
+    assert isinstance(action, Fallback) and action.to_revision == "a"
+
+
+def test_a_zero_watch_window_is_known_good_at_once() -> None:
+    rollout = spec(postPromotion={"watchWindow": "0s"})
+    status, action = drive(rollout, promoted(rollout), 15, None)
+    assert isinstance(action, Hold) and action.known_good
+    assert [k.revision for k in status.known_good] == ["b", "a"]
+
+
+def test_a_new_candidate_mid_watch_leaves_the_stable_unverified() -> None:
+    rollout = spec()
+    status = promoted(rollout)
+    status, _ = drive(rollout, status, 60, PASS)
+    now = T0 + timedelta(seconds=120)
+    inputs = RolloutInputs(desired_revision="c", now=now)
+    action = next_rollout_step(rollout, status, inputs)
+    assert isinstance(action, SetWeights) and action.start == "c"
+    assert "does not become known-good" in action.reason
+    status = apply_action(rollout, status, action, now=now, desired_model={"image": "srv:c"})
+    assert status.promoted_at is None and status.watch_verdict is None
+    assert [k.revision for k in status.known_good] == ["a"] and stable_model(status) == MODEL_B

@@ -537,9 +537,16 @@ async def istio_fallback_waits_for_the_rebuilt_revision(
 ) -> None:
     a, b = revision(GOOD), revision(NEXT)
     ha, hb = fqdn(FALL, GOOD), fqdn(FALL, NEXT)
-    await cluster.create(MD_PATH, body_for(FALL, GOOD, FALL_ROLLOUT, scraped.prometheus.url))
-    await wait_rollout(cluster, FALL, lambda ro: ro.get("stableRevision") == a)
-    await cluster.merge(f"{MD_PATH}/{FALL}", {"spec": {"image": NEXT}})
+    # a must finish a (short) watch window to be known-good, the target of b's fallback.
+    first = {**FALL_ROLLOUT, "postPromotion": {"watchWindow": "2s", "automaticFallback": True}}
+    await cluster.create(MD_PATH, body_for(FALL, GOOD, first, scraped.prometheus.url))
+    await wait_rollout(
+        cluster, FALL, lambda ro: [k["revision"] for k in ro.get("knownGood", [])] == [a], 30
+    )
+    await cluster.merge(
+        f"{MD_PATH}/{FALL}",
+        {"spec": {"image": NEXT, "rollout": {"postPromotion": {"watchWindow": "10m"}}}},
+    )
     await wait_rollout(
         cluster, FALL, lambda ro: ro.get("stableRevision") == b and ro.get("phase") == "Watching"
     )

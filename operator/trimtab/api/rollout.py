@@ -243,7 +243,11 @@ class RolloutSpec(StrictModel):
         "rolled back).",
     )
     known_good_history: int = Field(
-        default=3, ge=1, le=10, description="How many known-good revisions status keeps."
+        default=3,
+        ge=1,
+        le=10,
+        description="How many known-good revisions status keeps (a revision is known-good "
+        "once its post-promotion watch window closes cleanly).",
     )
 
     model_config = ConfigDict(
@@ -425,5 +429,7 @@ class RolloutStatus(StatusModel):
         description="Verdicts of this rollout, newest last (at most 100; older ones dropped).",
     )
     known_good: list[KnownGoodRevision] = Field(
-        default_factory=list, description="Newest first; [0] is the current stable when known."
+        default_factory=list,
+        description="Newest first; the stable revision joins once its watch window closes "
+        "cleanly, so during the watch [0] is the fallback target.",
     )

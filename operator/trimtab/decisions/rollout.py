@@ -93,6 +93,8 @@ class Hold:
 
     reason: str
     end_watch: bool = False
+    # With end_watch: the window closed cleanly and the stable revision becomes known-good.
+    known_good: bool = False
     kind: Literal["Hold"] = "Hold"
 
 
@@ -251,8 +253,17 @@ def next_rollout_step(
 
     if candidate is None:
         if desired != stable and desired != status.failed_revision:
+            unwatched = (
+                f"; {stable} had not finished its watch window and does not become known-good"
+                if status.promoted_at is not None
+                else ""
+            )
             return SetWeights(
-                100, 0, -1, f"new revision {desired}: starts beside stable {stable}", start=desired
+                100,
+                0,
+                -1,
+                f"new revision {desired}: starts beside stable {stable}{unwatched}",
+                start=desired,
             )
         return _watch(spec, status, inputs)
 
@@ -426,12 +437,29 @@ def _watch(spec: RolloutSpec, status: RolloutStatus, inputs: RolloutInputs) -> R
         return Hold(f"stable revision {stable} serves all traffic")
     window = duration_seconds(spec.post_promotion.watch_window)
     elapsed = _elapsed(status.promoted_at, inputs.now)
-    if elapsed >= window:
+    analysis = inputs.analysis
+    failing = analysis is not None and analysis.verdict == "Fail"
+    passed = not failing and (
+        status.watch_verdict == "Pass" or (analysis is not None and analysis.verdict == "Pass")
+    )
+    if elapsed >= window and status.watch_verdict == "Fail":
+        return Hold(
+            f"watch window {spec.post_promotion.watch_window} passed: {stable} breached its SLO "
+            "in it and does not become known-good",
+            end_watch=True,
+        )
+    if elapsed >= window and (passed or window == 0):
         return Hold(
             f"watch window {spec.post_promotion.watch_window} passed: {stable} is known-good",
             end_watch=True,
+            known_good=True,
         )
-    analysis = inputs.analysis
+    if elapsed >= window and not failing:
+        return Hold(
+            f"watch window {spec.post_promotion.watch_window} passed without a passing verdict "
+            f"on {stable} ({analysis.reason if analysis else 'metrics unavailable'}): it stays "
+            "watched, and not known-good, until analysis passes"
+        )
     if analysis is None:
         return Hold(
             f"metrics unavailable while watching {stable} ({_fmt(elapsed)} of "
@@ -441,6 +469,7 @@ def _watch(spec: RolloutSpec, status: RolloutStatus, inputs: RolloutInputs) -> R
         return Hold(f"watching {stable}: {_fmt(elapsed)} of {spec.post_promotion.watch_window}")
     if not spec.post_promotion.automatic_fallback:
         return Hold(f"{stable} breaches its SLO ({analysis.reason}); automatic fallback is off")
+    # A revision joins knownGood only when its window closes, so [0] is the one before.
     earlier = [k for k in status.known_good if k.revision != stable]
     if not earlier:
         return Hold(
@@ -538,6 +567,11 @@ def apply_action(
     subject = status.candidate_revision or status.stable_revision
     data = status.model_copy(deep=True)
     data.verdicts = _verdicts(status, analysis, stamp, subject)
+    if status.candidate_revision is None and status.promoted_at and analysis is not None:
+        if analysis.verdict == "Fail":
+            data.watch_verdict = "Fail"
+        elif analysis.verdict == "Pass" and status.watch_verdict is None:
+            data.watch_verdict = "Pass"
     data.reason = action.reason
     if isinstance(action, SetWeights) and action.resume:
         data.weights = Weights(stable=action.stable, candidate=action.candidate, mirror_percent=0)
@@ -572,15 +606,14 @@ def apply_action(
         data.phase = "Shadow"
     elif isinstance(action, Promote):
         model = status.candidate_model if status.candidate_revision else desired_model
-        entry = KnownGoodRevision(
-            revision=action.revision, model=model or desired_model, promoted_at=stamp
-        )
-        rest = [k for k in status.known_good if k.revision != action.revision]
-        data.known_good = [entry, *rest][: spec.known_good_history]
+        # Known-good only once its watch window closes cleanly (Hold(known_good=True)).
+        data.stable_model = model or desired_model
         data.stable_revision = action.revision
         data.failed_revision = None
+        data.fallback_since = None
         _clear_candidate(data)
         data.promoted_at = stamp
+        data.watch_verdict = None
         data.phase = "Watching"
     elif isinstance(action, Rollback):
         if action.mark_failed:
@@ -591,14 +624,28 @@ def apply_action(
         data.failed_revision = status.stable_revision
         data.known_good = [k for k in status.known_good if k.revision != status.stable_revision]
         data.stable_revision = action.to_revision
+        data.stable_model = next(
+            (k.model for k in status.known_good if k.revision == action.to_revision), None
+        )
         data.promoted_at = None
+        data.watch_verdict = None
+        data.fallback_since = stamp
         data.weights = Weights()
         data.phase = "FellBack"
     elif isinstance(action, Pause):
         data.phase = "Paused"
     elif isinstance(action, Hold):
+        if action.end_watch and action.known_good and status.stable_revision is not None:
+            entry = KnownGoodRevision(
+                revision=status.stable_revision,
+                model=stable_model(status) or desired_model,
+                promoted_at=status.promoted_at,
+            )
+            rest = [k for k in status.known_good if k.revision != status.stable_revision]
+            data.known_good = [entry, *rest][: spec.known_good_history]
         if action.end_watch:
             data.promoted_at = None
+            data.watch_verdict = None
             data.phase = "Stable"
         elif status.candidate_revision is not None:
             data.phase = _phase_in_flight(status.weights)
@@ -649,7 +696,10 @@ def _clear_candidate(data: RolloutStatus) -> None:
 
 
 def stable_model(status: RolloutStatus) -> dict[str, Any] | None:
-    """The model part that rebuilds the stable revision (the spec may describe the candidate)."""
+    """The model part that rebuilds the stable revision (the spec may describe the candidate):
+    status.stableModel, or (a status written before it existed) the known-good entry."""
+    if status.stable_model is not None:
+        return status.stable_model
     return next((k.model for k in status.known_good if k.revision == status.stable_revision), None)
 
 
