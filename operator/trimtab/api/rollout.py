@@ -224,7 +224,9 @@ class RolloutSpec(StrictModel):
         description="Candidate weights, strictly increasing; after the last step: promotion.",
     )
     shadow: ShadowSpec | None = Field(
-        default=None, description="Mirroring before the canary steps (ShadowThenCanary)."
+        default=None,
+        description="Mirroring before the canary steps; only with strategy ShadowThenCanary "
+        "(which without it uses the defaults).",
     )
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
     router: RouterSpec = Field(
@@ -259,13 +261,20 @@ class RolloutSpec(StrictModel):
                     "fieldPath": ".steps",
                 },
                 {
-                    "rule": "!has(self.router) || self.router.type != 'replicas' || "
+                    # A missing router is the default, replicas.
+                    "rule": "(has(self.router) && self.router.type != 'replicas') || "
                     "(!(has(self.strategy) && self.strategy == 'ShadowThenCanary') "
                     "&& !has(self.shadow))",
                     "message": "router replicas cannot mirror traffic (it splits by replica "
                     "count behind one Service): shadow and ShadowThenCanary need router "
                     "gatewayApi or istio",
                     "fieldPath": ".router",
+                },
+                {
+                    "rule": "!has(self.shadow) || "
+                    "(has(self.strategy) && self.strategy == 'ShadowThenCanary')",
+                    "message": "rollout.shadow applies only to strategy ShadowThenCanary",
+                    "fieldPath": ".shadow",
                 },
                 {
                     "rule": "!has(self.router) || self.router.type != 'gatewayApi' "
@@ -291,6 +300,8 @@ class RolloutSpec(StrictModel):
                 "router replicas cannot mirror traffic (it splits by replica count behind one "
                 "Service): shadow and ShadowThenCanary need router gatewayApi or istio"
             )
+        if self.shadow is not None and self.strategy != "ShadowThenCanary":
+            raise ValueError("rollout.shadow applies only to strategy ShadowThenCanary")
         if (
             self.router.type == "gatewayApi"
             and self.router.http_route is None
