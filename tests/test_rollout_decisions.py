@@ -65,6 +65,12 @@ def verdict(v: str, samples: int = 500, step_ev: float = -1.0) -> AnalysisResult
 
 
 PASS = verdict("Pass")
+NO_LATENCY = AnalysisResult(
+    "Inconclusive",
+    PASS.results,
+    "no data for latency/slo (1 other checks pass)",
+    ("latency/slo",),
+)
 FAIL = verdict("Fail")
 SHORT = verdict("Inconclusive", samples=40)
 
@@ -177,6 +183,14 @@ CASES = [
         Rollback,
         "analysis failed",
         id="failing-analysis-rolls-back",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(1, since=-70, weight=50),
+        dict(desired_revision="b", candidate_ready=True, analysis=NO_LATENCY),
+        Hold,
+        "no data for latency/slo",
+        id="check-without-data-holds-never-promotes",
     ),
     pytest.param(
         spec(),

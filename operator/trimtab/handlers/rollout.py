@@ -241,6 +241,7 @@ async def analyse(
     bound = latency_bound_seconds(rollout, spec.slo)
     options = PresetOptions(latency=spec.slo.latency if spec.slo else "e2e")
     queries: dict[str, str] = {}
+    countable: set[str] = set()
     for role, revision in (("candidate", subject), ("stable", baseline)):
         if revision is None:
             continue
@@ -248,6 +249,7 @@ async def analyse(
         for name, query in count_queries(spec.server, target, bound, options).items():
             if query:
                 queries[f"{role}.{name}"] = query
+                countable.add(name)
     metrics = spec.metrics
     provider = pool.get(metrics.prometheus_url if metrics else None)
     results = await provider.query_batch(queries)
@@ -256,21 +258,43 @@ async def analyse(
         return None, "; ".join(failures)[:1000], ""
     candidate = _counts(results, "candidate")
     stable = _counts(results, "stable") if baseline else None
+    checks = checks_for(rollout, spec.slo)
     note = ""
-    if bound is not None and "latency" not in candidate and "errorRate" in candidate:
-        note = (
-            f"latency not judged: the {spec.server} metrics have no histogram bucket at "
-            f"{bound:g}s for {subject}"
-        )
+    if bound is not None and "latencyFast" not in countable:
+        # The preset has no latency histogram at all (Triton, TorchServe): a known limit of
+        # the server, said once in the condition, not a gap in the data.
+        checks = [c for c in checks if c.metric != "latency"]
+        note = f"latency not judged: the {spec.server} preset exports no latency histogram"
     result = evaluate_checks(
-        checks_for(rollout, spec.slo),
+        checks,
         candidate,
         stable,
         carried=carried_evidence(status),
         false_rollback_rate=rollout.analysis.false_rollback_rate,
         min_requests=rollout.analysis.min_requests,
     )
+    if result.missing:
+        note = missing_data_note(result.missing, spec.server, bound, subject, baseline)
     return result, "", note
+
+
+def missing_data_note(
+    missing: tuple[str, ...], server: str, bound: float | None, subject: str, baseline: str | None
+) -> str:
+    """Why configured checks had no data (they hold the step: no data is never a pass)."""
+    why: list[str] = []
+    if any(m.startswith("latency") for m in missing) and bound is not None:
+        why.append(
+            f"the {server} metrics of {subject}"
+            + (f" or {baseline}" if baseline else "")
+            + f" have no latency histogram bucket at le={bound:g}s (set "
+            "analysis.latency.p99LatencyMs to one of the histogram's bucket bounds)"
+        )
+    if any(m.startswith("errorRate") for m in missing):
+        why.append(
+            f"no request counter series for {subject}" + (f" or {baseline}" if baseline else "")
+        )
+    return f"no data for {', '.join(missing)}: {'; '.join(why)}; the step holds"
 
 
 # --- one loop -------------------------------------------------------------------------------
