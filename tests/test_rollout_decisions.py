@@ -3,6 +3,7 @@ the replica split, as named tables; plus a walk through a whole canary and a res
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -553,7 +554,16 @@ def test_next_rollout_step(
     ("total", "weights", "exact", "in_rollout", "expected"),
     [
         pytest.param(10, Weights(stable=90, candidate=10), True, True, (9, 1), id="mesh-90-10"),
-        pytest.param(3, Weights(stable=90, candidate=10), True, True, (3, 1), id="mesh-rounds-up"),
+        pytest.param(
+            3, Weights(stable=90, candidate=10), True, True, (2, 1), id="mesh-sum-stays-total"
+        ),
+        pytest.param(7, Weights(stable=50, candidate=50), True, True, (4, 3), id="mesh-half"),
+        pytest.param(
+            4, Weights(stable=100, mirror_percent=50), True, True, (4, 2), id="shadow-half-copy"
+        ),
+        pytest.param(
+            4, Weights(stable=100, candidate=0), True, True, (3, 1), id="withheld-candidate-floor"
+        ),
         pytest.param(10, Weights(stable=90, candidate=10), False, True, (9, 1), id="replica-90"),
         pytest.param(4, Weights(stable=75, candidate=25), False, True, (3, 1), id="replicas-75-25"),
         pytest.param(
@@ -570,6 +580,23 @@ def test_split_replicas(
     total: int, weights: Weights, exact: bool, in_rollout: bool, expected: tuple[int, int]
 ) -> None:
     assert split_replicas(total, weights, exact_weights=exact, in_rollout=in_rollout) == expected
+
+
+@pytest.mark.parametrize("total", [2, 3, 4, 5, 7, 10, 13, 20, 33])
+@pytest.mark.parametrize("weight", [1, 5, 10, 25, 33, 50, 75, 90, 99])
+@pytest.mark.parametrize("mesh", [True, False])
+def test_split_never_exceeds_the_decided_total(total: int, weight: int, mesh: bool) -> None:
+    """Outside shadow, the revisions' replicas add up to the autoscaler's total (so never
+    past maxReplicas); without a mesh, but for the candidate's one-replica floor."""
+    stable, candidate = split_replicas(
+        total,
+        Weights(stable=100 - weight, candidate=weight),
+        exact_weights=mesh,
+        in_rollout=True,
+    )
+    assert stable >= 1 and candidate >= 1
+    floor = not mesh and math.ceil(total * weight / 100 - 0.5) == 0
+    assert stable + candidate == total + (1 if floor else 0)
 
 
 def test_effective_weights_of_replica_ratio() -> None:

@@ -711,28 +711,37 @@ def split_replicas(
 ) -> tuple[int, int]:
     """(stable, candidate) replicas for `total` replicas of capacity chosen by the autoscaler.
 
-    With a mesh (exact_weights) traffic follows the weights, so each revision gets capacity in
-    proportion to the traffic it receives (mirrored copies count for the candidate), rounded
-    up so neither is starved. Without a mesh the replica ratio IS the traffic split, so the
-    candidate gets round(total * weight) and the stable the rest. During a rollout each side
-    keeps at least one replica (the candidate must become ready before it gets traffic).
+    Capacity follows traffic: the candidate gets total * weight replicas, rounded (halves
+    down), and the stable the rest, so the two add up to `total` (and never past
+    maxReplicas). During a rollout each
+    side keeps at least one replica (the candidate must become ready before it gets traffic):
+    with a mesh that replica comes out of `total` once it is 2 or more; without one (the
+    replica ratio is the split) a step whose share rounds to no replica gets one on top, the
+    one case but shadow where the sum exceeds `total`. Shadow with a mesh: the stable keeps
+    all of `total` (it answers every request) and the candidate gets a copy sized for the
+    mirrored share,
+    ceil(total * mirror); the autoscaler then reads the stable revision's signals only, so the
+    copies do not count as demand (RevisionPlan.signal_revision).
 
     Worked examples:
-    - total 10, 90/10, mesh -> (9, 1); total 3, 90/10, mesh -> (3, 1) (ceil: stable not starved)
-    - total 10, 90/10, replicas router -> (9, 1); total 4, 75/25 -> (3, 1)
+    - total 10, 90/10 -> (9, 1); total 4, 75/25 -> (3, 1); total 3, 90/10, mesh -> (2, 1)
+    - total 3, 90/10, replicas router -> (3, 1): the candidate's floor, on top (25%, not 33%)
     - total 4, shadow 100% mirror, mesh -> (4, 4): the candidate sees every request as a copy
     - total 0 (scaled to zero), in rollout -> (1, 1); no rollout, total 5 -> (5, 0)
     """
     if not in_rollout:
         return total, 0
-    if exact_weights:
-        cand_share = max(weights.candidate, weights.mirror_percent) / 100.0
-        stable_n = math.ceil(total * weights.stable / 100.0 - 1e-9)
-        cand_n = math.ceil(total * cand_share - 1e-9)
-    else:
-        cand_n = round(total * weights.candidate / 100.0)
-        stable_n = total - cand_n
-    if weights.stable > 0 or weights.candidate < 100:
+    if exact_weights and weights.mirror_percent and not weights.candidate:
+        return max(total, 1), max(math.ceil(total * weights.mirror_percent / 100.0 - 1e-9), 1)
+    # Halves round down: a canary's share errs small.
+    cand_n = math.ceil(total * weights.candidate / 100.0 - 0.5)
+    if weights.stable > 0 and total >= 2:
+        # With a mesh the weights hold whatever the replicas, so the candidate's floor comes
+        # out of the total; without one the replica ratio is the split, and taking a replica
+        # from the stable would send the candidate more than its step's share.
+        cand_n = min(max(cand_n, 1 if exact_weights else 0), total - 1)
+    stable_n = total - cand_n
+    if weights.stable > 0:
         stable_n = max(stable_n, 1)
     return stable_n, max(cand_n, 1)
 
@@ -777,6 +786,32 @@ class RevisionPlan:
     @property
     def keep(self) -> frozenset[str]:
         return frozenset(r for r in (self.stable, self.candidate, self.outgoing) if r)
+
+    @property
+    def mirroring(self) -> bool:
+        """The candidate receives copies of requests only (shadow)."""
+        return bool(self.candidate and self.weights.mirror_percent and not self.weights.candidate)
+
+    @property
+    def signal_revision(self) -> str | None:
+        """The revision whose signals measure user demand for the autoscaler; None: all of
+        them. During a canary, user requests are split over both revisions, so both count;
+        while mirroring, the candidate's requests are copies of the stable's (counting them
+        would double the demand), so only the stable's do.
+
+        >>> plan_revisions("a", True, RolloutStatus(stable_revision="a")).signal_revision
+        'a'
+        >>> shadow = RolloutStatus(stable_revision="a", candidate_revision="b",
+        ...                        weights=Weights(stable=100, mirror_percent=100))
+        >>> plan_revisions("b", True, shadow, exact_weights=True).signal_revision
+        'a'
+        >>> canary = shadow.model_copy(update={"weights": Weights(stable=90, candidate=10)})
+        >>> plan_revisions("b", True, canary, exact_weights=True).signal_revision is None
+        True
+        """
+        if self.candidate is None or self.mirroring:
+            return self.stable
+        return None
 
     def replicas(self, total: int) -> tuple[int, int]:
         """(stable, candidate) replicas for `total` replicas of capacity."""

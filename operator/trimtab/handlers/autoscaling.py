@@ -142,7 +142,8 @@ async def autoscale_once(
         memory.autoscaling if memory.autoscaling is not None else written
     )
     # With a candidate beside the stable revision, capacity is decided for both together from
-    # signals across both, then split by traffic weight (see split_replicas).
+    # signals across both, then split by traffic weight (see split_replicas); while the
+    # candidate only receives mirrored copies, from the stable revision's alone.
     plan = plan_for(spec, status)
     revision = plan.stable
     deploy_name = deployment_name(name, revision)
@@ -156,10 +157,11 @@ async def autoscale_once(
         candidate = await kube.get(DEPLOYMENTS, namespace, deployment_name(name, plan.candidate))
         if previous.desired_replicas is not None:
             current = previous.desired_replicas
-        ready += int(((candidate or {}).get("status") or {}).get("readyReplicas", 0))
+        if not plan.mirroring:
+            ready += int(((candidate or {}).get("status") or {}).get("readyReplicas", 0))
         ready = min(ready, current)
 
-    signals = await _read(pool, spec, namespace, name, revision if plan.candidate is None else None)
+    signals = await _read(pool, spec, namespace, name, plan.signal_revision)
     now = time.time()
     last_up = previous.last_scale_up_time
     decision = decide_replicas(
