@@ -30,8 +30,10 @@ from trimtab.decisions.rollout import (
     apply_action,
     checks_for,
     effective_weights,
+    manual_action_done,
     next_rollout_step,
     plan_revisions,
+    rollout_conditions,
     routed_revisions,
     spec_with_model,
     split_replicas,
@@ -479,6 +481,26 @@ CASES = [
         Hold,
         "not retried",
         id="fallback-target-serving",
+    ),
+    pytest.param(
+        spec(),
+        STABLE_A.model_copy(
+            update={"failed_revision": "b", "phase": "FellBack", "fallback_since": ts(-1799)}
+        ),
+        dict(desired_revision="b", stable_ready=False),
+        Hold,
+        "b keeps serving until a has a ready replica",
+        id="fallback-target-starting-within-deadline",
+    ),
+    pytest.param(
+        spec(),
+        STABLE_A.model_copy(
+            update={"failed_revision": "b", "phase": "FellBack", "fallback_since": ts(-1800)}
+        ),
+        dict(desired_revision="b", stable_ready=False),
+        Hold,
+        "fallback to a failed: no ready replica within progressDeadline 30m; b keeps serving",
+        id="fallback-target-never-ready-fails-keeps-traffic",
     ),
     pytest.param(
         spec(),
@@ -960,3 +982,90 @@ def test_a_new_candidate_mid_watch_leaves_the_stable_unverified() -> None:
     status = apply_action(rollout, status, action, now=now, desired_model={"image": "srv:c"})
     assert status.promoted_at is None and status.watch_verdict is None
     assert [k.revision for k in status.known_good] == ["a"] and stable_model(status) == MODEL_B
+
+
+def test_a_fallback_target_that_never_serves_fails_once_and_says_so() -> None:
+    status = STABLE_A.model_copy(
+        update={"failed_revision": "b", "phase": "FellBack", "fallback_since": ts(0)}
+    )
+    status, action = drive(spec(), status, 1800, None, stable_ready=False)
+    assert isinstance(action, Hold) and action.fallback_failed
+    assert status.fallback_failed_at == ts(1800) and status.phase == "FellBack"
+    assert routed_revisions(status, frozenset({"b"})) == ("b", None, Weights())
+    conds = {c.type: c for c in rollout_conditions([], status, action, "", "", ts(1800))}
+    assert conds["FallbackApplied"].status == "False"
+    assert conds["FallbackApplied"].reason == "FallbackFailed"
+    status, action = drive(spec(), status, 1815, None, stable_ready=False)
+    assert status.fallback_failed_at == ts(1800)
+    # a comes up late after all: traffic moves, the failure is over.
+    status, action = drive(spec(), status, 1830, None, stable_ready=True)
+    assert status.fallback_failed_at is None and status.fallback_since is None
+    assert routed_revisions(status, frozenset({"a", "b"})) == ("a", None, Weights())
+
+
+@pytest.mark.parametrize(
+    ("manual", "action", "before", "after", "done"),
+    [
+        pytest.param(
+            "promote",
+            SetWeights(90, 10, 0, "candidate b ready; step 1"),
+            in_flight(-1, weight=0),
+            in_flight(0),
+            False,
+            id="automatic-step-1-leaves-promote-for-later",
+        ),
+        pytest.param(
+            "promote",
+            SetWeights(50, 50, 1, "step 1 promoted by hand", by_hand=True),
+            in_flight(0),
+            in_flight(1, weight=50),
+            True,
+            id="promote-acted-on",
+        ),
+        pytest.param(
+            "promote",
+            Promote("b", "step 2 promoted by hand", by_hand=True),
+            in_flight(1, weight=50),
+            STABLE_A,
+            True,
+            id="promote-at-last-step-promotes",
+        ),
+        pytest.param(
+            "promote",
+            Pause("paused by spec.rollout.paused"),
+            in_flight(0),
+            in_flight(0),
+            False,
+            id="promote-waits-while-paused",
+        ),
+        pytest.param(
+            "promote",
+            SetWeights(100, 0, -1, "new revision c replaces candidate b", start="c"),
+            in_flight(0),
+            in_flight(-1, weight=0, candidate_revision="c"),
+            True,
+            id="promote-for-a-replaced-candidate-is-dropped",
+        ),
+        pytest.param(
+            "promote",
+            Rollback("analysis failed"),
+            in_flight(0),
+            STABLE_A,
+            True,
+            id="promote-for-a-rolled-back-candidate-is-dropped",
+        ),
+        pytest.param(
+            "abort",
+            Hold("waiting"),
+            in_flight(0),
+            in_flight(0),
+            False,
+            id="abort-not-yet-acted",
+        ),
+        pytest.param("promote", Hold("steady"), STABLE_A, STABLE_A, True, id="nothing-in-flight"),
+    ],
+)
+def test_manual_action_done(
+    manual: Any, action: Any, before: RolloutStatus, after: RolloutStatus, done: bool
+) -> None:
+    assert manual_action_done(manual, manual, action, before, after) is done

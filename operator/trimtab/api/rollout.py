@@ -345,7 +345,8 @@ CONDITION_ROLLOUT_PAUSED = "RolloutPaused"
 # serves all traffic and the failed revision is not retried until the spec changes.
 CONDITION_ROLLED_BACK = "RolledBack"
 # True: a promoted revision breached its SLO in the watch window and the last known-good
-# revision, rebuilt from status, serves all traffic instead.
+# revision, rebuilt from status, serves all traffic instead. False with reason FallbackFailed:
+# the rebuilt revision had no ready replica within progressDeadline; traffic stays where it was.
 CONDITION_FALLBACK_APPLIED = "FallbackApplied"
 
 
@@ -433,6 +434,11 @@ class RolloutStatus(StatusModel):
     )
     fallback_since: str | None = Field(
         default=None, description="Fallback applied; the target must serve by progressDeadline."
+    )
+    fallback_failed_at: str | None = Field(
+        default=None,
+        description="The fallback target had no ready replica within progressDeadline; traffic "
+        "stays on the revision fallen back from.",
     )
     carried_evidence: list[CheckEvidence] = Field(default_factory=list)
     verdicts: list[AnalysisVerdict] = Field(

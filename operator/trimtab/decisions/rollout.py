@@ -95,6 +95,8 @@ class Hold:
     end_watch: bool = False
     # With end_watch: the window closed cleanly and the stable revision becomes known-good.
     known_good: bool = False
+    # The fallback target missed progressDeadline (traffic stays on the revision fallen from).
+    fallback_failed: bool = False
     kind: Literal["Hold"] = "Hold"
 
 
@@ -425,6 +427,14 @@ def _watch(spec: RolloutSpec, status: RolloutStatus, inputs: RolloutInputs) -> R
     stable = status.stable_revision
     if status.promoted_at is None:
         if status.phase == "FellBack" and not inputs.stable_ready:
+            waited = _elapsed(status.fallback_since, inputs.now) if status.fallback_since else 0
+            if waited >= duration_seconds(spec.progress_deadline):
+                return Hold(
+                    f"fallback to {stable} failed: no ready replica within progressDeadline "
+                    f"{spec.progress_deadline}; {status.failed_revision} keeps serving (it "
+                    f"moves to {stable} once {stable} is ready)",
+                    fallback_failed=True,
+                )
             return Hold(
                 f"fell back to {stable}: {status.failed_revision} keeps serving until {stable} "
                 "has a ready replica"
@@ -635,6 +645,9 @@ def apply_action(
     elif isinstance(action, Pause):
         data.phase = "Paused"
     elif isinstance(action, Hold):
+        data.fallback_failed_at = (
+            (status.fallback_failed_at or stamp) if action.fallback_failed else None
+        )
         if action.end_watch and action.known_good and status.stable_revision is not None:
             entry = KnownGoodRevision(
                 revision=status.stable_revision,
@@ -651,6 +664,8 @@ def apply_action(
             data.phase = _phase_in_flight(status.weights)
     if inputs is not None and not (isinstance(action, SetWeights) and action.start):
         _track_holds(spec, data, inputs.candidate_ready, now)
+    if inputs is not None and inputs.stable_ready and not isinstance(action, Fallback):
+        data.fallback_since = None  # the fallback target serves: its deadline is met
     return data
 
 
@@ -950,6 +965,10 @@ def rollout_conditions(
         reason_text if isinstance(action, Rollback) else None,
         now,
     )
+    if after.fallback_failed_at is not None:
+        return set_condition(
+            conds, CONDITION_FALLBACK_APPLIED, "False", "FallbackFailed", reason_text, now
+        )
     return sticky_condition(
         conds,
         CONDITION_FALLBACK_APPLIED,

@@ -658,8 +658,12 @@ def _record(
         )
     elif isinstance(action, Pause) and before.phase != "Paused":
         kopf.event(obj, type="Normal", reason="RolloutPaused", message=reason_text)
-    elif isinstance(action, Hold) and action.end_watch:
+    elif isinstance(action, Hold) and action.end_watch and action.known_good:
         kopf.event(obj, type="Normal", reason="RevisionKnownGood", message=reason_text)
+    elif isinstance(action, Hold) and action.end_watch:
+        kopf.event(obj, type="Warning", reason="WatchEndedWithBreach", message=reason_text)
+    elif isinstance(action, Hold) and action.fallback_failed and before.fallback_failed_at is None:
+        kopf.event(obj, type="Warning", reason="FallbackFailed", message=reason_text)
     was_frozen = before.reason is not None and before.reason.startswith("metrics unavailable")
     if metrics_error and candidate and not was_frozen:
         kopf.event(
