@@ -2,7 +2,8 @@
 (a timer whose interval each resource sets), reading one batch of signals from Prometheus,
 asking decide_replicas, scaling the Deployment and recording the decision and why. While a
 rollout runs a candidate beside the stable revision, the decision is the total for both, from
-signals across both, and the replicas are split by traffic weight (`split_replicas`).
+signals across both (the stable's alone while the candidate only receives mirrored copies),
+and the replicas are split by traffic weight (`split_replicas`).
 
 The loop never scales down blind: when the source fails, MetricsAvailable goes False with the
 source's error text and the decision holds (or falls back up, if so configured).
