@@ -10,7 +10,7 @@ import pytest
 
 from trimtab.api.rollout import RolloutStatus
 from trimtab.decisions.rollout import Hold, Pause, Rollback, rollout_conditions
-from trimtab.handlers.rollout import replace_patch
+from trimtab.handlers.rollout import missing_data_note, replace_patch
 from trimtab.metrics.presets import (
     COUNT_NAMES,
     PRESETS,
@@ -101,3 +101,27 @@ def test_conditions_say_frozen_paused_and_rolled_back() -> None:
     assert by_type["RolledBack"].status == "True"
     assert by_type["RolledBack"].message == "bad"  # why it rolled back, kept while it holds
     assert by_type["FallbackApplied"].status == "False"
+
+
+@pytest.mark.parametrize(
+    ("missing", "baseline", "parts"),
+    [
+        pytest.param(
+            ("latency/slo", "latency/stable"),
+            "a",
+            ["no data for latency/slo, latency/stable", "le=0.5s", "of b or a", "step holds"],
+            id="no-bucket-at-the-bound",
+        ),
+        pytest.param(
+            ("errorRate/slo",),
+            None,
+            ["no data for errorRate/slo", "no request counter series for b;"],
+            id="no-request-counter",
+        ),
+    ],
+)
+def test_missing_data_note_names_the_check_and_why(
+    missing: tuple[str, ...], baseline: str | None, parts: list[str]
+) -> None:
+    note = missing_data_note(missing, "vllm", 0.5, "b", baseline)
+    assert all(p in note for p in parts), note

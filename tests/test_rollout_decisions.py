@@ -3,6 +3,7 @@ the replica split, as named tables; plus a walk through a whole canary and a res
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,8 +30,10 @@ from trimtab.decisions.rollout import (
     apply_action,
     checks_for,
     effective_weights,
+    manual_action_done,
     next_rollout_step,
     plan_revisions,
+    rollout_conditions,
     routed_revisions,
     spec_with_model,
     split_replicas,
@@ -65,6 +68,12 @@ def verdict(v: str, samples: int = 500, step_ev: float = -1.0) -> AnalysisResult
 
 
 PASS = verdict("Pass")
+NO_LATENCY = AnalysisResult(
+    "Inconclusive",
+    PASS.results,
+    "no data for latency/slo (1 other checks pass)",
+    ("latency/slo",),
+)
 FAIL = verdict("Fail")
 SHORT = verdict("Inconclusive", samples=40)
 
@@ -180,6 +189,14 @@ CASES = [
     ),
     pytest.param(
         spec(),
+        in_flight(1, since=-70, weight=50),
+        dict(desired_revision="b", candidate_ready=True, analysis=NO_LATENCY),
+        Hold,
+        "no data for latency/slo",
+        id="check-without-data-holds-never-promotes",
+    ),
+    pytest.param(
+        spec(),
         in_flight(0, since=-70),
         dict(desired_revision="b", candidate_ready=True, analysis=None),
         Hold,
@@ -290,6 +307,157 @@ CASES = [
         "shadow passed",
         id="shadow-passes-into-step-1",
     ),
+    # progressDeadline: from creation until first ready, then from when it stopped serving.
+    pytest.param(
+        spec(steps=[{"weight": 10, "pause": {"untilPromoted": True}}, {"weight": 50}]),
+        in_flight(0, since=-3500, candidate_since=ts(-3600), candidate_ready_at=ts(-3550)),
+        dict(desired_revision="b", candidate_ready=False),
+        Hold,
+        "no ready replica (0s of 30m)",
+        id="old-candidate-one-unready-observation-holds",
+    ),
+    pytest.param(
+        spec(steps=[{"weight": 10, "pause": {"untilPromoted": True}}, {"weight": 50}]),
+        in_flight(0, since=-3500, candidate_since=ts(-3600)),
+        dict(desired_revision="b", candidate_ready=False),
+        Hold,
+        "no ready replica",
+        id="status-without-ready-time-past-step-minus-1-holds",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-3500, candidate_ready_at=ts(-3550), candidate_unready_since=ts(-600)),
+        dict(desired_revision="b", candidate_ready=False),
+        Hold,
+        "10m00s of 30m",
+        id="unready-after-serving-within-deadline-holds",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-3500, candidate_ready_at=ts(-3550), candidate_unready_since=ts(-1800)),
+        dict(desired_revision="b", candidate_ready=False),
+        Rollback,
+        "no ready replica for 30m00s",
+        id="unready-after-serving-past-deadline-rolls-back",
+    ),
+    pytest.param(
+        spec(progressDeadline="1m"),
+        in_flight(-1, weight=0, candidate_since=ts(-30)),
+        dict(desired_revision="b", candidate_ready=False),
+        Hold,
+        "30s of 1m",
+        id="never-ready-within-deadline-waits",
+    ),
+    # Traffic withheld from a candidate without endpoints (mesh routers), given back later.
+    pytest.param(
+        spec(router={"type": "istio", "host": "m.example"}),
+        in_flight(0, since=-20, candidate_ready_at=ts(-30)),
+        dict(desired_revision="b", candidate_ready=False),
+        SetWeights,
+        "its 10% goes to stable a",
+        id="mesh-unready-candidate-loses-its-weight",
+    ),
+    pytest.param(
+        spec(router={"type": "istio", "host": "m.example"}),
+        in_flight(0, since=-20, weight=0, candidate_unready_since=ts(-10)),
+        dict(desired_revision="b", candidate_ready=False),
+        Hold,
+        "step clock stopped",
+        id="mesh-withheld-candidate-still-unready-holds",
+    ),
+    pytest.param(
+        spec(router={"type": "istio", "host": "m.example"}),
+        in_flight(0, since=-20, weight=0, candidate_unready_since=ts(-10)),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        SetWeights,
+        "step 1 of 2 resumes at 10%",
+        id="mesh-candidate-ready-again-gets-its-weight-back",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-20, candidate_ready_at=ts(-30)),
+        dict(desired_revision="b", candidate_ready=False),
+        Hold,
+        "no ready replica",
+        id="replicas-router-unready-holds-weights",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-70, held_seconds=30),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        Hold,
+        "40s of 1m",
+        id="held-time-does-not-count-toward-the-step",
+    ),
+    # spec.rollout.paused holds every move but a rollback.
+    pytest.param(
+        spec(paused=True),
+        in_flight(-1, weight=0),
+        dict(desired_revision="b", candidate_ready=True),
+        Pause,
+        "before the first step",
+        id="paused-at-step-minus-1-does-not-start-step-1",
+    ),
+    pytest.param(
+        spec(
+            router={"type": "istio", "host": "m.example"}, strategy="ShadowThenCanary", paused=True
+        ),
+        in_flight(-1, weight=0),
+        dict(desired_revision="b", candidate_ready=True),
+        Pause,
+        "spec.rollout.paused",
+        id="paused-shadow-does-not-start-mirroring",
+    ),
+    pytest.param(
+        spec(
+            router={"type": "istio", "host": "m.example"}, strategy="ShadowThenCanary", paused=True
+        ),
+        in_flight(-1, since=-400, weight=0, weights=Weights(stable=100, mirror_percent=100)),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        Pause,
+        "mirror 100%",
+        id="paused-shadow-does-not-end",
+    ),
+    pytest.param(
+        spec(strategy="Immediate", paused=True),
+        in_flight(-1, weight=0),
+        dict(desired_revision="b", candidate_ready=True),
+        Pause,
+        "spec.rollout.paused",
+        id="paused-immediate-does-not-promote",
+    ),
+    pytest.param(
+        spec(paused=True),
+        in_flight(0, since=-70),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS, manual="promote"),
+        Pause,
+        "spec.rollout.paused",
+        id="paused-annotation-waits",
+    ),
+    pytest.param(
+        spec(paused=True),
+        in_flight(0, since=-70),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS, manual="abort"),
+        Rollback,
+        "aborted by hand",
+        id="paused-abort-rolls-back",
+    ),
+    pytest.param(
+        spec(paused=True),
+        in_flight(0, since=-70, candidate_unready_since=ts(-1800)),
+        dict(desired_revision="b", candidate_ready=False),
+        Rollback,
+        "progressDeadline",
+        id="paused-unready-past-deadline-rolls-back",
+    ),
+    pytest.param(
+        spec(),
+        in_flight(0, since=-3600, held_seconds=3590),
+        dict(desired_revision="b", candidate_ready=True, analysis=PASS),
+        Hold,
+        "10s of 1m",
+        id="unpaused-after-long-pause-does-not-advance-at-once",
+    ),
     pytest.param(
         spec(),
         STABLE_A.model_copy(update={"failed_revision": "b"}),
@@ -313,6 +481,26 @@ CASES = [
         Hold,
         "not retried",
         id="fallback-target-serving",
+    ),
+    pytest.param(
+        spec(),
+        STABLE_A.model_copy(
+            update={"failed_revision": "b", "phase": "FellBack", "fallback_since": ts(-1799)}
+        ),
+        dict(desired_revision="b", stable_ready=False),
+        Hold,
+        "b keeps serving until a has a ready replica",
+        id="fallback-target-starting-within-deadline",
+    ),
+    pytest.param(
+        spec(),
+        STABLE_A.model_copy(
+            update={"failed_revision": "b", "phase": "FellBack", "fallback_since": ts(-1800)}
+        ),
+        dict(desired_revision="b", stable_ready=False),
+        Hold,
+        "fallback to a failed: no ready replica within progressDeadline 30m; b keeps serving",
+        id="fallback-target-never-ready-fails-keeps-traffic",
     ),
     pytest.param(
         spec(),
@@ -388,7 +576,16 @@ def test_next_rollout_step(
     ("total", "weights", "exact", "in_rollout", "expected"),
     [
         pytest.param(10, Weights(stable=90, candidate=10), True, True, (9, 1), id="mesh-90-10"),
-        pytest.param(3, Weights(stable=90, candidate=10), True, True, (3, 1), id="mesh-rounds-up"),
+        pytest.param(
+            3, Weights(stable=90, candidate=10), True, True, (2, 1), id="mesh-sum-stays-total"
+        ),
+        pytest.param(7, Weights(stable=50, candidate=50), True, True, (4, 3), id="mesh-half"),
+        pytest.param(
+            4, Weights(stable=100, mirror_percent=50), True, True, (4, 2), id="shadow-half-copy"
+        ),
+        pytest.param(
+            4, Weights(stable=100, candidate=0), True, True, (3, 1), id="withheld-candidate-floor"
+        ),
         pytest.param(10, Weights(stable=90, candidate=10), False, True, (9, 1), id="replica-90"),
         pytest.param(4, Weights(stable=75, candidate=25), False, True, (3, 1), id="replicas-75-25"),
         pytest.param(
@@ -405,6 +602,23 @@ def test_split_replicas(
     total: int, weights: Weights, exact: bool, in_rollout: bool, expected: tuple[int, int]
 ) -> None:
     assert split_replicas(total, weights, exact_weights=exact, in_rollout=in_rollout) == expected
+
+
+@pytest.mark.parametrize("total", [2, 3, 4, 5, 7, 10, 13, 20, 33])
+@pytest.mark.parametrize("weight", [1, 5, 10, 25, 33, 50, 75, 90, 99])
+@pytest.mark.parametrize("mesh", [True, False])
+def test_split_never_exceeds_the_decided_total(total: int, weight: int, mesh: bool) -> None:
+    """Outside shadow, the revisions' replicas add up to the autoscaler's total (so never
+    past maxReplicas); without a mesh, but for the candidate's one-replica floor."""
+    stable, candidate = split_replicas(
+        total,
+        Weights(stable=100 - weight, candidate=weight),
+        exact_weights=mesh,
+        in_rollout=True,
+    )
+    assert stable >= 1 and candidate >= 1
+    floor = not mesh and math.ceil(total * weight / 100 - 0.5) == 0
+    assert stable + candidate == total + (1 if floor else 0)
 
 
 def test_effective_weights_of_replica_ratio() -> None:
@@ -436,9 +650,69 @@ def drive(
     inputs = RolloutInputs(desired_revision="b", now=now, analysis=analysis, **kw)
     action = next_rollout_step(rollout, status, inputs)
     return (
-        apply_action(rollout, status, action, now=now, desired_model=MODEL_B, analysis=analysis),
+        apply_action(
+            rollout,
+            status,
+            action,
+            now=now,
+            desired_model=MODEL_B,
+            analysis=analysis,
+            inputs=inputs,
+        ),
         action,
     )
+
+
+def restart(status: RolloutStatus) -> RolloutStatus:
+    """What a restarted operator reads back: status's wire form is all the state."""
+    return RolloutStatus.model_validate(status.to_wire())
+
+
+def test_a_pause_stops_the_step_clock_across_a_restart() -> None:
+    status, _ = drive(spec(), STABLE_A, 0, None)
+    status, action = drive(spec(), status, 15, PASS, candidate_ready=True)
+    assert status.step_index == 0 and status.candidate_ready_at == ts(15)
+    status, action = drive(spec(paused=True), status, 30, PASS, candidate_ready=True)
+    assert isinstance(action, Pause) and status.paused_at == ts(30)
+    assert status.held_since == ts(30)
+    status = restart(status)
+    status, action = drive(spec(paused=True), status, 3630, PASS, candidate_ready=True)
+    assert isinstance(action, Pause) and status.weights.candidate == 10
+    status = restart(status)
+    # Unpaused after an hour: 15s of the 1m step ran before the pause, none since.
+    status, action = drive(spec(), status, 3645, PASS, candidate_ready=True)
+    assert isinstance(action, Hold) and "15s of 1m" in action.reason
+    assert status.paused_at is None and status.held_since is None
+    assert status.held_seconds == 3615
+    status, action = drive(spec(), status, 3680, PASS, candidate_ready=True)
+    assert isinstance(action, Hold) and "50s of 1m" in action.reason
+    status, action = drive(spec(), status, 3695, PASS, candidate_ready=True)
+    assert isinstance(action, SetWeights) and status.step_index == 1
+    assert status.held_seconds == 0
+
+
+def test_an_unready_candidate_loses_its_traffic_until_ready_again() -> None:
+    mesh = spec(router={"type": "istio", "host": "m.example"})
+    status, _ = drive(mesh, STABLE_A, 0, None)
+    status, _ = drive(mesh, status, 15, PASS, candidate_ready=True)
+    assert status.weights == Weights(stable=90, candidate=10)
+    status, action = drive(mesh, status, 30, None, candidate_ready=False)
+    assert isinstance(action, SetWeights) and action.resume
+    assert status.weights == Weights(stable=100, candidate=0) and status.step_index == 0
+    assert status.step_since == ts(15) and status.candidate_unready_since == ts(30)
+    status = restart(status)
+    status, action = drive(mesh, status, 600, None, candidate_ready=False)
+    assert isinstance(action, Hold) and "9m30s of 30m" in action.reason
+    status, action = drive(mesh, status, 615, PASS, candidate_ready=True)
+    assert isinstance(action, SetWeights) and status.weights.candidate == 10
+    assert status.step_since == ts(15) and status.held_seconds == 585
+    assert status.candidate_unready_since is None
+    # 15s before and 15s after the outage count; the step needs 1m.
+    status, action = drive(mesh, status, 630, PASS, candidate_ready=True)
+    assert isinstance(action, Hold) and "30s of 1m" in action.reason
+    status, action = drive(mesh, status, 2500, None, candidate_ready=False)
+    status, action = drive(mesh, status, 2500 + 1800, None, candidate_ready=False)
+    assert isinstance(action, Rollback) and status.failed_revision == "b"
 
 
 def test_a_whole_canary_then_a_fallback() -> None:
@@ -458,7 +732,8 @@ def test_a_whole_canary_then_a_fallback() -> None:
     status, action = drive(rollout, status, 150, PASS, candidate_ready=True)
     assert isinstance(action, Promote)
     assert status.stable_revision == "b" and status.candidate_revision is None
-    assert [k.revision for k in status.known_good] == ["b", "a"]
+    # b is known-good only once its watch window closes cleanly; it is rebuilt from stableModel.
+    assert [k.revision for k in status.known_good] == ["a"] and stable_model(status) == MODEL_B
     assert status.phase == "Watching" and status.weights == Weights()
     assert len(status.verdicts) >= 4
     status, action = drive(rollout, status, 200, FAIL)
@@ -631,3 +906,166 @@ def test_plan_rebuilds_stable_from_known_good_model() -> None:
         ),
     )
     assert in_flight.replicas(4) == (3, 1)
+
+
+def promoted(rollout: RolloutSpec, at: float = 0.0) -> RolloutStatus:
+    """b promoted over known-good a at `at` seconds."""
+    return apply_action(
+        rollout,
+        in_flight(1, since=at - 70, weight=50),
+        Promote("b", "steps done"),
+        now=T0 + timedelta(seconds=at),
+        desired_model=MODEL_B,
+    )
+
+
+def test_known_good_history_of_one_still_falls_back() -> None:
+    rollout = spec(knownGoodHistory=1)
+    status = promoted(rollout)
+    assert [k.revision for k in status.known_good] == ["a"]
+    status, action = drive(rollout, status, 30, FAIL)
+    assert isinstance(action, Fallback) and action.to_revision == "a"
+    assert stable_model(status) == MODEL_A and status.fallback_since == ts(30)
+
+
+def test_a_clean_watch_window_makes_the_revision_known_good() -> None:
+    rollout = spec(knownGoodHistory=1)
+    status = promoted(rollout)
+    status, action = drive(rollout, status, 60, PASS)
+    assert status.watch_verdict == "Pass" and [k.revision for k in status.known_good] == ["a"]
+    status, action = drive(rollout, status, 601, None)
+    assert isinstance(action, Hold) and action.known_good and status.phase == "Stable"
+    assert [(k.revision, k.model) for k in status.known_good] == [("b", MODEL_B)]
+
+
+def test_a_breach_with_fallback_off_never_becomes_known_good() -> None:
+    rollout = spec(postPromotion={"automaticFallback": False})
+    status = promoted(rollout)
+    status, action = drive(rollout, status, 30, FAIL)
+    assert isinstance(action, Hold) and "automatic fallback is off" in action.reason
+    status, action = drive(rollout, status, 60, PASS)
+    assert status.watch_verdict == "Fail"
+    status, action = drive(rollout, status, 660, PASS)
+    assert isinstance(action, Hold) and action.end_watch and not action.known_good
+    assert "does not become known-good" in action.reason
+    assert [k.revision for k in status.known_good] == ["a"] and status.phase == "Stable"
+
+
+def test_no_verdict_in_the_window_keeps_watching() -> None:
+    rollout = spec()
+    status = promoted(rollout)
+    status, action = drive(rollout, status, 660, None)
+    assert isinstance(action, Hold) and not action.end_watch
+    assert "stays watched" in action.reason and status.phase == "Watching"
+    status, action = drive(rollout, status, 700, SHORT)
+    assert not action.end_watch
+    status, action = drive(rollout, status, 760, FAIL)
+    assert isinstance(action, Fallback) and action.to_revision == "a"
+
+
+def test_a_zero_watch_window_is_known_good_at_once() -> None:
+    rollout = spec(postPromotion={"watchWindow": "0s"})
+    status, action = drive(rollout, promoted(rollout), 15, None)
+    assert isinstance(action, Hold) and action.known_good
+    assert [k.revision for k in status.known_good] == ["b", "a"]
+
+
+def test_a_new_candidate_mid_watch_leaves_the_stable_unverified() -> None:
+    rollout = spec()
+    status = promoted(rollout)
+    status, _ = drive(rollout, status, 60, PASS)
+    now = T0 + timedelta(seconds=120)
+    inputs = RolloutInputs(desired_revision="c", now=now)
+    action = next_rollout_step(rollout, status, inputs)
+    assert isinstance(action, SetWeights) and action.start == "c"
+    assert "does not become known-good" in action.reason
+    status = apply_action(rollout, status, action, now=now, desired_model={"image": "srv:c"})
+    assert status.promoted_at is None and status.watch_verdict is None
+    assert [k.revision for k in status.known_good] == ["a"] and stable_model(status) == MODEL_B
+
+
+def test_a_fallback_target_that_never_serves_fails_once_and_says_so() -> None:
+    status = STABLE_A.model_copy(
+        update={"failed_revision": "b", "phase": "FellBack", "fallback_since": ts(0)}
+    )
+    status, action = drive(spec(), status, 1800, None, stable_ready=False)
+    assert isinstance(action, Hold) and action.fallback_failed
+    assert status.fallback_failed_at == ts(1800) and status.phase == "FellBack"
+    assert routed_revisions(status, frozenset({"b"})) == ("b", None, Weights())
+    conds = {c.type: c for c in rollout_conditions([], status, action, "", "", ts(1800))}
+    assert conds["FallbackApplied"].status == "False"
+    assert conds["FallbackApplied"].reason == "FallbackFailed"
+    status, action = drive(spec(), status, 1815, None, stable_ready=False)
+    assert status.fallback_failed_at == ts(1800)
+    # a comes up late after all: traffic moves, the failure is over.
+    status, action = drive(spec(), status, 1830, None, stable_ready=True)
+    assert status.fallback_failed_at is None and status.fallback_since is None
+    assert routed_revisions(status, frozenset({"a", "b"})) == ("a", None, Weights())
+
+
+@pytest.mark.parametrize(
+    ("manual", "action", "before", "after", "done"),
+    [
+        pytest.param(
+            "promote",
+            SetWeights(90, 10, 0, "candidate b ready; step 1"),
+            in_flight(-1, weight=0),
+            in_flight(0),
+            False,
+            id="automatic-step-1-leaves-promote-for-later",
+        ),
+        pytest.param(
+            "promote",
+            SetWeights(50, 50, 1, "step 1 promoted by hand", by_hand=True),
+            in_flight(0),
+            in_flight(1, weight=50),
+            True,
+            id="promote-acted-on",
+        ),
+        pytest.param(
+            "promote",
+            Promote("b", "step 2 promoted by hand", by_hand=True),
+            in_flight(1, weight=50),
+            STABLE_A,
+            True,
+            id="promote-at-last-step-promotes",
+        ),
+        pytest.param(
+            "promote",
+            Pause("paused by spec.rollout.paused"),
+            in_flight(0),
+            in_flight(0),
+            False,
+            id="promote-waits-while-paused",
+        ),
+        pytest.param(
+            "promote",
+            SetWeights(100, 0, -1, "new revision c replaces candidate b", start="c"),
+            in_flight(0),
+            in_flight(-1, weight=0, candidate_revision="c"),
+            True,
+            id="promote-for-a-replaced-candidate-is-dropped",
+        ),
+        pytest.param(
+            "promote",
+            Rollback("analysis failed"),
+            in_flight(0),
+            STABLE_A,
+            True,
+            id="promote-for-a-rolled-back-candidate-is-dropped",
+        ),
+        pytest.param(
+            "abort",
+            Hold("waiting"),
+            in_flight(0),
+            in_flight(0),
+            False,
+            id="abort-not-yet-acted",
+        ),
+        pytest.param("promote", Hold("steady"), STABLE_A, STABLE_A, True, id="nothing-in-flight"),
+    ],
+)
+def test_manual_action_done(
+    manual: Any, action: Any, before: RolloutStatus, after: RolloutStatus, done: bool
+) -> None:
+    assert manual_action_done(manual, manual, action, before, after) is done

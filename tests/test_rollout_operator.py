@@ -171,10 +171,25 @@ async def test_good_candidate_walks_steps_survives_restart_promotes_then_falls_b
         body = rollout_model(url, IMAGES[0], steps)
         # The autoscaler decides total capacity (pinned to 5 here); the rollout splits it.
         body["spec"]["autoscaling"] = {"minReplicas": 5, "maxReplicas": 5, "interval": "1s"}
+        # a becomes known-good once a short watch window closes on passing analysis; a
+        # candidate started inside it would leave a unverified (no fallback target).
+        body["spec"]["rollout"]["postPromotion"] = {"watchWindow": "2s"}
         async with run_operator():
             await cluster.create(MD_PATH, body)
-            await wait_rollout(cluster, lambda ro: ro.get("stableRevision") == a)
-            await cluster.merge(f"{MD_PATH}/{NAME}", {"spec": {"image": IMAGES[1]}})
+            known = await wait_rollout(
+                cluster, lambda ro: [k["revision"] for k in ro.get("knownGood", [])] == [a]
+            )
+            assert known["stableRevision"] == a and known["phase"] == "Stable"
+            assert "RevisionKnownGood" in await event_reasons(cluster)
+            await cluster.merge(
+                f"{MD_PATH}/{NAME}",
+                {
+                    "spec": {
+                        "image": IMAGES[1],
+                        "rollout": {"postPromotion": {"watchWindow": "10m"}},
+                    }
+                },
+            )
             at_step = await wait_rollout(
                 cluster, lambda ro: ro.get("candidateRevision") == b and ro.get("phase") == "Paused"
             )
@@ -224,7 +239,8 @@ async def test_good_candidate_walks_steps_survives_restart_promotes_then_falls_b
                 lambda ro: ro.get("stableRevision") == b and not ro.get("candidateRevision"),
             )
             assert promoted["phase"] == "Watching"
-            assert [k["revision"] for k in promoted["knownGood"]] == [b, a]
+            # b joins knownGood only when its watch window closes cleanly.
+            assert [k["revision"] for k in promoted["knownGood"]] == [a]
             passes = [v for v in promoted["verdicts"] if v["verdict"] == "Pass"]
             assert passes, promoted["verdicts"]
 

@@ -53,7 +53,7 @@ from tests.validation import thirdparty, validate_builtin, validate_custom
 from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.rollout import ROLLOUT_ACTION_ANNOTATION
-from trimtab.builders.serving import revision_of, serving_ports
+from trimtab.builders.serving import deployment_name, revision_of, serving_ports
 
 pytestmark = pytest.mark.prometheus
 
@@ -400,7 +400,7 @@ async def gateway_api_shadow_then_canary(cluster: Cluster, url: str) -> None:
     assert route["spec"]["hostnames"] == hostnames
 
 
-async def istio_shadow_then_canary(cluster: Cluster, url: str) -> None:
+async def istio_shadow_then_canary(cluster: Cluster, url: str, held: set[tuple[str, str]]) -> None:
     a, b = revision(GOOD), revision(NEXT)
     ha, hb = fqdn(MESH, GOOD), fqdn(MESH, NEXT)
     await cluster.create(MD_PATH, body_for(MESH, GOOD, MESH_ROLLOUT, url))
@@ -434,6 +434,39 @@ async def istio_shadow_then_canary(cluster: Cluster, url: str) -> None:
     assert "mirror" not in vs["spec"]["http"][0]
     assert "mirrorPercentage" not in vs["spec"]["http"][0]
 
+    await wait_rollout(cluster, MESH, lambda ro: ro.get("phase") == "Paused")
+
+    # The candidate loses its ready replicas (a crash): its 25% goes to the stable revision
+    # rather than to a Service without endpoints, and comes back once it is ready again.
+    held.add((MESH, b))
+    await cluster.merge(
+        f"{DEPLOY_PATH}/{deployment_name(MESH, b)}/status",
+        {"status": {"readyReplicas": 0, "availableReplicas": 0}},
+    )
+
+    def at_zero(ro: dict[str, Any]) -> bool:
+        return ro.get("stepIndex") == 0 and ro.get("weights", {}).get("candidate") == 0
+
+    withheld = await wait_rollout(cluster, MESH, at_zero)
+    assert withheld["candidateUnreadySince"] and withheld["heldSince"]
+    assert "no ready replica" in withheld["reason"]
+
+    async def withheld_vs() -> bool:
+        vs = await cluster.get(f"{VS_PATH}/{MESH}")
+        return vs is not None and destinations(vs) == {ha: 100, hb: 0}
+
+    await eventually(withheld_vs)
+    held.discard((MESH, b))
+    resumed = await wait_rollout(
+        cluster, MESH, lambda ro: ro.get("weights", {}).get("candidate") == 25
+    )
+    assert "candidateUnreadySince" not in resumed and resumed["stepSince"] == step["stepSince"]
+
+    async def resumed_vs() -> bool:
+        vs = await cluster.get(f"{VS_PATH}/{MESH}")
+        return vs is not None and destinations(vs) == {ha: 75, hb: 25}
+
+    await eventually(resumed_vs)
     await wait_rollout(cluster, MESH, lambda ro: ro.get("phase") == "Paused")
     await promote_by_hand(cluster, MESH)
     await wait_rollout(
@@ -537,9 +570,16 @@ async def istio_fallback_waits_for_the_rebuilt_revision(
 ) -> None:
     a, b = revision(GOOD), revision(NEXT)
     ha, hb = fqdn(FALL, GOOD), fqdn(FALL, NEXT)
-    await cluster.create(MD_PATH, body_for(FALL, GOOD, FALL_ROLLOUT, scraped.prometheus.url))
-    await wait_rollout(cluster, FALL, lambda ro: ro.get("stableRevision") == a)
-    await cluster.merge(f"{MD_PATH}/{FALL}", {"spec": {"image": NEXT}})
+    # a must finish a (short) watch window to be known-good, the target of b's fallback.
+    first = {**FALL_ROLLOUT, "postPromotion": {"watchWindow": "2s", "automaticFallback": True}}
+    await cluster.create(MD_PATH, body_for(FALL, GOOD, first, scraped.prometheus.url))
+    await wait_rollout(
+        cluster, FALL, lambda ro: [k["revision"] for k in ro.get("knownGood", [])] == [a], 30
+    )
+    await cluster.merge(
+        f"{MD_PATH}/{FALL}",
+        {"spec": {"image": NEXT, "rollout": {"postPromotion": {"watchWindow": "10m"}}}},
+    )
     await wait_rollout(
         cluster, FALL, lambda ro: ro.get("stableRevision") == b and ro.get("phase") == "Watching"
     )
@@ -597,7 +637,7 @@ async def test_mesh_routers_shadow_canary_promote_fallback_and_progress_deadline
         url = metrics.prometheus.url
         await asyncio.gather(
             gateway_api_shadow_then_canary(cluster, url),
-            istio_shadow_then_canary(cluster, url),
+            istio_shadow_then_canary(cluster, url, held),
             taken_over_route_and_progress_deadline(cluster, url),
             istio_fallback_waits_for_the_rebuilt_revision(cluster, metrics, held),
         )

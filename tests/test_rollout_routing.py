@@ -281,6 +281,39 @@ def rollout_failures(rollout: dict[str, Any]) -> list[str]:
             id="istio-can-shadow",
         ),
         pytest.param(
+            {"strategy": "ShadowThenCanary"},
+            "cannot mirror",
+            id="default-router-is-replicas-cannot-shadow",
+        ),
+        pytest.param(
+            {"shadow": {"mirrorPercent": 50}},
+            "cannot mirror",
+            id="default-router-with-shadow-block",
+        ),
+        pytest.param(
+            {"shadow": {"mirrorPercent": 50}, "router": {"type": "istio", "host": "m"}},
+            "applies only to strategy ShadowThenCanary",
+            id="shadow-block-under-canary",
+        ),
+        pytest.param(
+            {
+                "strategy": "Immediate",
+                "shadow": {"duration": "1m"},
+                "router": {"type": "istio", "host": "m"},
+            },
+            "applies only to strategy ShadowThenCanary",
+            id="shadow-block-under-immediate",
+        ),
+        pytest.param(
+            {
+                "strategy": "ShadowThenCanary",
+                "shadow": {"mirrorPercent": 50},
+                "router": {"type": "istio", "host": "m"},
+            },
+            None,
+            id="shadow-block-with-shadow-then-canary",
+        ),
+        pytest.param(
             {"router": {"type": "gatewayApi"}}, "needs httpRoute", id="gateway-needs-route"
         ),
         pytest.param({"router": {"type": "istio"}}, "needs host", id="istio-needs-host"),

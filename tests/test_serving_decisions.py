@@ -10,7 +10,12 @@ import pytest
 from trimtab.api.common import Condition
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.decisions.conditions import set_condition
-from trimtab.decisions.serving import DeploymentObservation, find_spec_problems, serving_state
+from trimtab.decisions.serving import (
+    DeploymentObservation,
+    current_template_ready,
+    find_spec_problems,
+    serving_state,
+)
 
 NOW = "2026-01-01T00:00:00Z"
 
@@ -142,3 +147,52 @@ def test_find_spec_problems(spec: dict[str, Any], expected: list[str]) -> None:
     assert len(problems) == len(expected)
     for problem, fragment in zip(problems, expected, strict=True):
         assert fragment in problem
+
+
+def _deployment(**kw: Any) -> DeploymentObservation:
+    base: dict[str, Any] = dict(
+        revision="b",
+        name="m-b",
+        replicas=3,
+        generation=2,
+        observed_generation=2,
+        status_replicas=3,
+        ready_replicas=3,
+        updated_replicas=3,
+        available_replicas=3,
+    )
+    return DeploymentObservation(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    ("obs", "expected"),
+    [
+        pytest.param(_deployment(), 3, id="all-current-and-ready"),
+        pytest.param(_deployment(generation=3, replicas=5), 3, id="scale-not-yet-observed"),
+        pytest.param(
+            _deployment(
+                generation=1,
+                observed_generation=0,
+                status_replicas=0,
+                ready_replicas=0,
+                updated_replicas=0,
+                available_replicas=0,
+            ),
+            0,
+            id="new-deployment-nothing-observed",
+        ),
+        pytest.param(
+            _deployment(status_replicas=4, updated_replicas=1, ready_replicas=3),
+            0,
+            id="template-rolling-new-pod-not-ready",
+        ),
+        pytest.param(
+            _deployment(status_replicas=4, updated_replicas=2, ready_replicas=3),
+            1,
+            id="template-rolling-one-new-pod-ready",
+        ),
+        pytest.param(_deployment(ready_replicas=0), 0, id="crashed-pods"),
+    ],
+)
+def test_current_template_ready(obs: DeploymentObservation, expected: int) -> None:
+    assert current_template_ready(obs) == expected

@@ -224,7 +224,9 @@ class RolloutSpec(StrictModel):
         description="Candidate weights, strictly increasing; after the last step: promotion.",
     )
     shadow: ShadowSpec | None = Field(
-        default=None, description="Mirroring before the canary steps (ShadowThenCanary)."
+        default=None,
+        description="Mirroring before the canary steps; only with strategy ShadowThenCanary "
+        "(which without it uses the defaults).",
     )
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
     router: RouterSpec = Field(
@@ -234,15 +236,20 @@ class RolloutSpec(StrictModel):
     post_promotion: PostPromotionSpec = Field(default_factory=PostPromotionSpec)
     progress_deadline: Duration = Field(
         default="30m",
-        description="The candidate must be ready this long after it is created, or it is "
-        "rolled back.",
+        description="The candidate must be ready this long after it is created, and once "
+        "ready may be without a ready replica at most this long, or it is rolled back.",
     )
     paused: bool = Field(
         default=False,
-        description="Hold the current step (analysis still rolls back a failing candidate).",
+        description="Hold the current step and its clock (a failing candidate is still "
+        "rolled back).",
     )
     known_good_history: int = Field(
-        default=3, ge=1, le=10, description="How many known-good revisions status keeps."
+        default=3,
+        ge=1,
+        le=10,
+        description="How many known-good revisions status keeps (a revision is known-good "
+        "once its post-promotion watch window closes cleanly).",
     )
 
     model_config = ConfigDict(
@@ -254,13 +261,20 @@ class RolloutSpec(StrictModel):
                     "fieldPath": ".steps",
                 },
                 {
-                    "rule": "!has(self.router) || self.router.type != 'replicas' || "
+                    # A missing router is the default, replicas.
+                    "rule": "(has(self.router) && self.router.type != 'replicas') || "
                     "(!(has(self.strategy) && self.strategy == 'ShadowThenCanary') "
                     "&& !has(self.shadow))",
                     "message": "router replicas cannot mirror traffic (it splits by replica "
                     "count behind one Service): shadow and ShadowThenCanary need router "
                     "gatewayApi or istio",
                     "fieldPath": ".router",
+                },
+                {
+                    "rule": "!has(self.shadow) || "
+                    "(has(self.strategy) && self.strategy == 'ShadowThenCanary')",
+                    "message": "rollout.shadow applies only to strategy ShadowThenCanary",
+                    "fieldPath": ".shadow",
                 },
                 {
                     "rule": "!has(self.router) || self.router.type != 'gatewayApi' "
@@ -286,6 +300,8 @@ class RolloutSpec(StrictModel):
                 "router replicas cannot mirror traffic (it splits by replica count behind one "
                 "Service): shadow and ShadowThenCanary need router gatewayApi or istio"
             )
+        if self.shadow is not None and self.strategy != "ShadowThenCanary":
+            raise ValueError("rollout.shadow applies only to strategy ShadowThenCanary")
         if (
             self.router.type == "gatewayApi"
             and self.router.http_route is None
@@ -329,7 +345,8 @@ CONDITION_ROLLOUT_PAUSED = "RolloutPaused"
 # serves all traffic and the failed revision is not retried until the spec changes.
 CONDITION_ROLLED_BACK = "RolledBack"
 # True: a promoted revision breached its SLO in the watch window and the last known-good
-# revision, rebuilt from status, serves all traffic instead.
+# revision, rebuilt from status, serves all traffic instead. False with reason FallbackFailed:
+# the rebuilt revision had no ready replica within progressDeadline; traffic stays where it was.
 CONDITION_FALLBACK_APPLIED = "FallbackApplied"
 
 
@@ -356,7 +373,8 @@ class Weights(StatusModel):
 
 
 class KnownGoodRevision(StatusModel):
-    """A revision that passed analysis, with the model part of the spec that rebuilds it."""
+    """A revision that passed analysis and its post-promotion watch window, with the model part
+    of the spec that rebuilds it."""
 
     revision: str
     model: dict[str, Any] = Field(description="The model part of the spec (image, args, ...).")
@@ -385,13 +403,50 @@ class RolloutStatus(StatusModel):
     weights: Weights = Field(default_factory=Weights)
     step_index: int = Field(default=-1, description="-1: before the first step (or shadow).")
     candidate_since: str | None = Field(default=None, description="Candidate created (deadline).")
+    candidate_ready_at: str | None = Field(
+        default=None,
+        description="The candidate first had a ready replica; progressDeadline then times "
+        "unreadiness from candidateUnreadySince instead of from creation.",
+    )
+    candidate_unready_since: str | None = Field(
+        default=None,
+        description="The candidate, ready before, has had no ready replica since then.",
+    )
     step_since: str | None = Field(default=None, description="Current step (or shadow) began.")
+    held_since: str | None = Field(
+        default=None,
+        description="The step's clock stopped (paused, or the candidate lost its ready "
+        "replicas) at this time.",
+    )
+    held_seconds: int = Field(
+        default=0, description="Seconds of the current step not counted (paused or unready)."
+    )
+    paused_at: str | None = Field(default=None, description="spec.rollout.paused seen since.")
     promoted_at: str | None = Field(default=None, description="Watch window start.")
+    stable_model: dict[str, Any] | None = Field(
+        default=None,
+        description="Model part of the stable revision (to rebuild it); it joins knownGood "
+        "only once its watch window ends cleanly.",
+    )
+    watch_verdict: Literal["Pass", "Fail"] | None = Field(
+        default=None,
+        description="Worst verdict on the stable revision in its watch window so far.",
+    )
+    fallback_since: str | None = Field(
+        default=None, description="Fallback applied; the target must serve by progressDeadline."
+    )
+    fallback_failed_at: str | None = Field(
+        default=None,
+        description="The fallback target had no ready replica within progressDeadline; traffic "
+        "stays on the revision fallen back from.",
+    )
     carried_evidence: list[CheckEvidence] = Field(default_factory=list)
     verdicts: list[AnalysisVerdict] = Field(
         default_factory=list,
         description="Verdicts of this rollout, newest last (at most 100; older ones dropped).",
     )
     known_good: list[KnownGoodRevision] = Field(
-        default_factory=list, description="Newest first; [0] is the current stable when known."
+        default_factory=list,
+        description="Newest first; the stable revision joins once its watch window closes "
+        "cleanly, so during the watch [0] is the fallback target.",
     )

@@ -50,6 +50,11 @@ class SetWeights:
     step_index: int
     reason: str
     start: str | None = None
+    # The step goes on (its clock and evidence too): traffic withheld from a candidate
+    # without a ready replica, or given back once it is ready again.
+    resume: bool = False
+    # Acted on the rollout-action annotation (which is then removed).
+    by_hand: bool = False
     kind: Literal["SetWeights"] = "SetWeights"
 
 
@@ -68,6 +73,7 @@ class Promote:
 
     revision: str
     reason: str
+    by_hand: bool = False
     kind: Literal["Promote"] = "Promote"
 
 
@@ -87,6 +93,10 @@ class Hold:
 
     reason: str
     end_watch: bool = False
+    # With end_watch: the window closed cleanly and the stable revision becomes known-good.
+    known_good: bool = False
+    # The fallback target missed progressDeadline (traffic stays on the revision fallen from).
+    fallback_failed: bool = False
     kind: Literal["Hold"] = "Hold"
 
 
@@ -183,18 +193,27 @@ def carried_evidence(status: RolloutStatus) -> dict[str, float]:
     return {e.name: e.log_evidence for e in status.carried_evidence}
 
 
-def _step_weights(spec: RolloutSpec, index: int, reason: str) -> SetWeights:
+def _step_weights(
+    spec: RolloutSpec, index: int, reason: str, *, by_hand: bool = False
+) -> SetWeights:
     weight = spec.steps[index].weight
-    return SetWeights(100 - weight, weight, index, reason)
+    return SetWeights(100 - weight, weight, index, reason, by_hand=by_hand)
 
 
-def _advance(spec: RolloutSpec, status: RolloutStatus, why: str) -> RolloutAction:
+def _advance(
+    spec: RolloutSpec, status: RolloutStatus, why: str, *, by_hand: bool = False
+) -> RolloutAction:
     nxt = status.step_index + 1
     if nxt >= len(spec.steps):
         assert status.candidate_revision is not None
-        return Promote(status.candidate_revision, f"{why}; all {len(spec.steps)} steps done")
+        return Promote(
+            status.candidate_revision, f"{why}; all {len(spec.steps)} steps done", by_hand
+        )
     return _step_weights(
-        spec, nxt, f"{why}; step {nxt + 1} of {len(spec.steps)}: {spec.steps[nxt].weight}%"
+        spec,
+        nxt,
+        f"{why}; step {nxt + 1} of {len(spec.steps)}: {spec.steps[nxt].weight}%",
+        by_hand=by_hand,
     )
 
 
@@ -205,13 +224,18 @@ def next_rollout_step(
     spec: RolloutSpec, status: RolloutStatus, inputs: RolloutInputs
 ) -> RolloutAction:
     """Decide the next traffic action. Safety first: an abort, a missed progress deadline or a
-    failing analysis roll back before anything else is considered, and missing metrics freeze
-    the weights (never promote blind).
+    failing analysis roll back before anything else is considered (a pause included), and
+    missing metrics freeze the weights (never promote blind). A step's clock (step_elapsed)
+    leaves out time paused or with the candidate unready.
 
     Worked examples (steps 10% / 50%, each pausing 1m; analysis every 15s):
     - no stable revision yet -> Promote (the first revision has nothing to compare with)
     - spec revision b, stable a, no candidate -> SetWeights(100, 0, start=b): b starts at 0%
-    - candidate b not ready after progressDeadline 30m -> Rollback("... not ready ...")
+    - candidate b never ready, created 30m ago (progressDeadline 30m) -> Rollback
+    - candidate ready before, now without a ready replica for 2m -> Hold (mesh router at 10%:
+      SetWeights(100, 0, resume): its share goes to stable until it is ready again); for 30m
+      -> Rollback
+    - spec.rollout.paused, analysis not failing -> Pause (at any step, shadow included)
     - candidate ready, step -1 -> SetWeights(90, 10, step 0)
     - step 0 for 20s, analysis Pass -> Hold("step 1: 20s of 1m00s")
     - step 0 for 70s, analysis Inconclusive (40 of 100 requests) -> Hold(too few requests)
@@ -231,8 +255,17 @@ def next_rollout_step(
 
     if candidate is None:
         if desired != stable and desired != status.failed_revision:
+            unwatched = (
+                f"; {stable} had not finished its watch window and does not become known-good"
+                if status.promoted_at is not None
+                else ""
+            )
             return SetWeights(
-                100, 0, -1, f"new revision {desired}: starts beside stable {stable}", start=desired
+                100,
+                0,
+                -1,
+                f"new revision {desired}: starts beside stable {stable}{unwatched}",
+                start=desired,
             )
         return _watch(spec, status, inputs)
 
@@ -248,24 +281,54 @@ def next_rollout_step(
         )
     if inputs.manual == "abort":
         return Rollback(f"candidate {candidate} aborted by hand")
+    deadline = duration_seconds(spec.progress_deadline)
+    mesh = spec.router.type != "replicas"
     if not inputs.candidate_ready:
-        waited = _elapsed(status.candidate_since, now)
-        deadline = duration_seconds(spec.progress_deadline)
-        if waited >= deadline:
+        if not has_served(status):
+            waited = _elapsed(status.candidate_since, now)
+            if waited >= deadline:
+                return Rollback(
+                    f"candidate {candidate} not ready within progressDeadline "
+                    f"{spec.progress_deadline}"
+                )
+            return Hold(
+                f"waiting for candidate {candidate} to be ready ({_fmt(waited)} of "
+                f"{spec.progress_deadline})"
+            )
+        unready = _elapsed(status.candidate_unready_since or format_time(now), now)
+        if unready >= deadline:
             return Rollback(
-                f"candidate {candidate} not ready within progressDeadline {spec.progress_deadline}"
+                f"candidate {candidate} has had no ready replica for {_fmt(unready)} "
+                f"(progressDeadline {spec.progress_deadline})"
+            )
+        if mesh and status.weights.candidate > 0:
+            return SetWeights(
+                100,
+                0,
+                status.step_index,
+                f"candidate {candidate} has no ready replica: its {status.weights.candidate}% "
+                f"goes to stable {stable} until it is ready again (step clock stopped)",
+                resume=True,
             )
         return Hold(
-            f"waiting for candidate {candidate} to be ready ({_fmt(waited)} of "
-            f"{spec.progress_deadline})"
+            f"candidate {candidate} has no ready replica ({_fmt(unready)} of "
+            f"{spec.progress_deadline}); step clock stopped"
         )
-    if spec.strategy == "Immediate":
-        return Promote(candidate, "strategy Immediate: candidate is ready")
     analysis = inputs.analysis
     if analysis is not None and analysis.verdict == "Fail":
         return Rollback(f"analysis failed: {analysis.reason}")
+    if spec.paused:
+        # Holds everything but a rollback: the annotation waits (abort acted above).
+        where = (
+            "before the first step"
+            if status.step_index == -1 and not status.weights.mirror_percent
+            else f"at {status.weights.candidate}% (mirror {status.weights.mirror_percent}%)"
+        )
+        return Pause(f"paused by spec.rollout.paused {where}")
+    if spec.strategy == "Immediate":
+        return Promote(candidate, "strategy Immediate: candidate is ready")
     if inputs.manual == "promote-full":
-        return Promote(candidate, "promoted by hand (promote-full)")
+        return Promote(candidate, "promoted by hand (promote-full)", by_hand=True)
 
     shadow = spec.shadow_or_default()
     in_shadow = shadow is not None and status.step_index == -1
@@ -276,12 +339,10 @@ def next_rollout_step(
                 f"candidate ready: mirroring {shadow.mirror_percent}% of requests to {candidate}",
             )
         if inputs.manual == "promote":
-            return _step_weights(spec, 0, "shadow ended by hand; step 1")
+            return _step_weights(spec, 0, "shadow ended by hand; step 1", by_hand=True)
         if analysis is None:
             return Hold("metrics unavailable: mirroring continues, weights frozen")
-        if spec.paused:
-            return Pause("paused by spec.rollout.paused (shadow)")
-        elapsed = _elapsed(status.step_since, now)
+        elapsed = step_elapsed(status, now)
         needed = duration_seconds(shadow.duration)
         if elapsed < needed:
             return Hold(f"shadow: {_fmt(elapsed)} of {shadow.duration}")
@@ -303,14 +364,25 @@ def next_rollout_step(
             0,
             f"candidate {candidate} ready; step 1 of {len(spec.steps)}: {spec.steps[0].weight}%",
         )
+    index = min(status.step_index, len(spec.steps) - 1)
+    if status.weights.candidate != spec.steps[index].weight:
+        # Traffic was withheld while the candidate had no ready replica.
+        return SetWeights(
+            100 - spec.steps[index].weight,
+            spec.steps[index].weight,
+            index,
+            f"candidate {candidate} ready: step {index + 1} of {len(spec.steps)} "
+            f"resumes at {spec.steps[index].weight}%",
+            resume=True,
+        )
     if inputs.manual == "promote":
-        return _advance(spec, status, f"step {status.step_index + 1} promoted by hand")
+        return _advance(
+            spec, status, f"step {status.step_index + 1} promoted by hand", by_hand=True
+        )
     weight = status.weights.candidate
     if analysis is None:
         return Hold(f"metrics unavailable: weights frozen at {weight}%")
-    if spec.paused:
-        return Pause(f"paused by spec.rollout.paused at {weight}%")
-    step = spec.steps[status.step_index]
+    step = spec.steps[index]
     label = f"step {status.step_index + 1} of {len(spec.steps)} ({weight}%)"
     if step.pause is not None and step.pause.until_promoted:
         return Pause(f"{label} waits to be promoted by hand")
@@ -319,7 +391,7 @@ def next_rollout_step(
         if step.pause is not None and step.pause.duration is not None
         else spec.analysis.interval
     )
-    elapsed = _elapsed(status.step_since, now)
+    elapsed = step_elapsed(status, now)
     if elapsed < duration_seconds(pause):
         return Hold(f"{label}: {_fmt(elapsed)} of {pause}")
     if analysis.verdict != "Pass":
@@ -327,11 +399,42 @@ def next_rollout_step(
     return _advance(spec, status, f"{label} passed")
 
 
+def has_served(status: RolloutStatus) -> bool:
+    """The candidate has had a ready replica: noted, or implied by any step past the start
+    (which only a ready candidate reaches; a status written before candidateReadyAt existed)."""
+    return (
+        status.candidate_ready_at is not None
+        or status.step_index >= 0
+        or status.weights.mirror_percent > 0
+    )
+
+
+def step_elapsed(status: RolloutStatus, now: datetime) -> float:
+    """Seconds the current step (or shadow) has run, not counting time it was held (paused,
+    or the candidate without a ready replica and its traffic withheld).
+
+    >>> st = RolloutStatus(step_since="2025-01-01T00:00:00Z", held_seconds=60,
+    ...                    held_since="2025-01-01T00:04:00Z")
+    >>> step_elapsed(st, parse_time("2025-01-01T00:05:00Z"))
+    180.0
+    """
+    held = status.held_seconds + (_elapsed(status.held_since, now) if status.held_since else 0)
+    return max(0.0, _elapsed(status.step_since, now) - held)
+
+
 def _watch(spec: RolloutSpec, status: RolloutStatus, inputs: RolloutInputs) -> RolloutAction:
     """No candidate: the stable revision serves all, and may still be inside its watch."""
     stable = status.stable_revision
     if status.promoted_at is None:
         if status.phase == "FellBack" and not inputs.stable_ready:
+            waited = _elapsed(status.fallback_since, inputs.now) if status.fallback_since else 0
+            if waited >= duration_seconds(spec.progress_deadline):
+                return Hold(
+                    f"fallback to {stable} failed: no ready replica within progressDeadline "
+                    f"{spec.progress_deadline}; {status.failed_revision} keeps serving (it "
+                    f"moves to {stable} once {stable} is ready)",
+                    fallback_failed=True,
+                )
             return Hold(
                 f"fell back to {stable}: {status.failed_revision} keeps serving until {stable} "
                 "has a ready replica"
@@ -344,12 +447,29 @@ def _watch(spec: RolloutSpec, status: RolloutStatus, inputs: RolloutInputs) -> R
         return Hold(f"stable revision {stable} serves all traffic")
     window = duration_seconds(spec.post_promotion.watch_window)
     elapsed = _elapsed(status.promoted_at, inputs.now)
-    if elapsed >= window:
+    analysis = inputs.analysis
+    failing = analysis is not None and analysis.verdict == "Fail"
+    passed = not failing and (
+        status.watch_verdict == "Pass" or (analysis is not None and analysis.verdict == "Pass")
+    )
+    if elapsed >= window and status.watch_verdict == "Fail":
+        return Hold(
+            f"watch window {spec.post_promotion.watch_window} passed: {stable} breached its SLO "
+            "in it and does not become known-good",
+            end_watch=True,
+        )
+    if elapsed >= window and (passed or window == 0):
         return Hold(
             f"watch window {spec.post_promotion.watch_window} passed: {stable} is known-good",
             end_watch=True,
+            known_good=True,
         )
-    analysis = inputs.analysis
+    if elapsed >= window and not failing:
+        return Hold(
+            f"watch window {spec.post_promotion.watch_window} passed without a passing verdict "
+            f"on {stable} ({analysis.reason if analysis else 'metrics unavailable'}): it stays "
+            "watched, and not known-good, until analysis passes"
+        )
     if analysis is None:
         return Hold(
             f"metrics unavailable while watching {stable} ({_fmt(elapsed)} of "
@@ -359,6 +479,7 @@ def _watch(spec: RolloutSpec, status: RolloutStatus, inputs: RolloutInputs) -> R
         return Hold(f"watching {stable}: {_fmt(elapsed)} of {spec.post_promotion.watch_window}")
     if not spec.post_promotion.automatic_fallback:
         return Hold(f"{stable} breaches its SLO ({analysis.reason}); automatic fallback is off")
+    # A revision joins knownGood only when its window closes, so [0] is the one before.
     earlier = [k for k in status.known_good if k.revision != stable]
     if not earlier:
         return Hold(
@@ -444,6 +565,7 @@ def apply_action(
     now: datetime,
     desired_model: dict[str, Any],
     analysis: AnalysisResult | None = None,
+    inputs: RolloutInputs | None = None,
 ) -> RolloutStatus:
     """The status after `action` was carried out (weights set, objects written). Everything a
     restarted operator needs to resume lives here.
@@ -455,15 +577,27 @@ def apply_action(
     subject = status.candidate_revision or status.stable_revision
     data = status.model_copy(deep=True)
     data.verdicts = _verdicts(status, analysis, stamp, subject)
+    if status.candidate_revision is None and status.promoted_at and analysis is not None:
+        if analysis.verdict == "Fail":
+            data.watch_verdict = "Fail"
+        elif analysis.verdict == "Pass" and status.watch_verdict is None:
+            data.watch_verdict = "Pass"
     data.reason = action.reason
-    if isinstance(action, SetWeights):
+    if isinstance(action, SetWeights) and action.resume:
+        data.weights = Weights(stable=action.stable, candidate=action.candidate, mirror_percent=0)
+        data.step_index = action.step_index
+        data.phase = "Canary"
+    elif isinstance(action, SetWeights):
         if action.start is not None:
+            _clear_candidate(data)
             data.candidate_revision = action.start
             data.candidate_model = desired_model
             data.candidate_since = stamp
-            data.carried_evidence = []
             data.verdicts = []
+            # A stable revision still in its watch window did not finish it: it does not
+            # become known-good (a rollback of this candidate still returns to it).
             data.promoted_at = None
+            data.watch_verdict = None
         elif analysis is not None:
             # The finished step's evidence is carried into the next as a product (log sum).
             carried = carried_evidence(status)
@@ -474,23 +608,22 @@ def apply_action(
             ]
         data.weights = Weights(stable=action.stable, candidate=action.candidate, mirror_percent=0)
         data.step_index = action.step_index
-        data.step_since = stamp
+        _new_step(data, stamp)
         data.phase = "Canary"
     elif isinstance(action, Mirror):
         data.weights = Weights(stable=100, candidate=0, mirror_percent=action.percent)
-        data.step_since = stamp
+        _new_step(data, stamp)
         data.phase = "Shadow"
     elif isinstance(action, Promote):
         model = status.candidate_model if status.candidate_revision else desired_model
-        entry = KnownGoodRevision(
-            revision=action.revision, model=model or desired_model, promoted_at=stamp
-        )
-        rest = [k for k in status.known_good if k.revision != action.revision]
-        data.known_good = [entry, *rest][: spec.known_good_history]
+        # Known-good only once its watch window closes cleanly (Hold(known_good=True)).
+        data.stable_model = model or desired_model
         data.stable_revision = action.revision
         data.failed_revision = None
+        data.fallback_since = None
         _clear_candidate(data)
         data.promoted_at = stamp
+        data.watch_verdict = None
         data.phase = "Watching"
     elif isinstance(action, Rollback):
         if action.mark_failed:
@@ -501,24 +634,76 @@ def apply_action(
         data.failed_revision = status.stable_revision
         data.known_good = [k for k in status.known_good if k.revision != status.stable_revision]
         data.stable_revision = action.to_revision
+        data.stable_model = next(
+            (k.model for k in status.known_good if k.revision == action.to_revision), None
+        )
         data.promoted_at = None
+        data.watch_verdict = None
+        data.fallback_since = stamp
         data.weights = Weights()
         data.phase = "FellBack"
     elif isinstance(action, Pause):
         data.phase = "Paused"
     elif isinstance(action, Hold):
+        data.fallback_failed_at = (
+            (status.fallback_failed_at or stamp) if action.fallback_failed else None
+        )
+        if action.end_watch and action.known_good and status.stable_revision is not None:
+            entry = KnownGoodRevision(
+                revision=status.stable_revision,
+                model=stable_model(status) or desired_model,
+                promoted_at=status.promoted_at,
+            )
+            rest = [k for k in status.known_good if k.revision != status.stable_revision]
+            data.known_good = [entry, *rest][: spec.known_good_history]
         if action.end_watch:
             data.promoted_at = None
+            data.watch_verdict = None
             data.phase = "Stable"
         elif status.candidate_revision is not None:
             data.phase = _phase_in_flight(status.weights)
+    if inputs is not None and not (isinstance(action, SetWeights) and action.start):
+        _track_holds(spec, data, inputs.candidate_ready, now)
+    if inputs is not None and inputs.stable_ready and not isinstance(action, Fallback):
+        data.fallback_since = None  # the fallback target serves: its deadline is met
     return data
+
+
+def _new_step(data: RolloutStatus, stamp: str) -> None:
+    data.step_since = stamp
+    data.held_seconds = 0
+    data.held_since = None
+
+
+def _track_holds(spec: RolloutSpec, data: RolloutStatus, ready: bool, now: datetime) -> None:
+    """Record when the candidate first served, when it stopped serving, and when the step's
+    clock stopped (paused, or unready after it had served) or runs again."""
+    if data.candidate_revision is None:
+        return
+    stamp = format_time(now)
+    if ready:
+        data.candidate_ready_at = data.candidate_ready_at or stamp
+        data.candidate_unready_since = None
+    elif has_served(data):
+        data.candidate_unready_since = data.candidate_unready_since or stamp
+    data.paused_at = (data.paused_at or stamp) if spec.paused else None
+    held = spec.paused or data.candidate_unready_since is not None
+    if held:
+        data.held_since = data.held_since or stamp
+    elif data.held_since is not None:
+        data.held_seconds += int(_elapsed(data.held_since, now))
+        data.held_since = None
 
 
 def _clear_candidate(data: RolloutStatus) -> None:
     data.candidate_revision = None
     data.candidate_model = None
     data.candidate_since = None
+    data.candidate_ready_at = None
+    data.candidate_unready_since = None
+    data.held_since = None
+    data.held_seconds = 0
+    data.paused_at = None
     data.step_since = None
     data.step_index = -1
     data.carried_evidence = []
@@ -526,7 +711,10 @@ def _clear_candidate(data: RolloutStatus) -> None:
 
 
 def stable_model(status: RolloutStatus) -> dict[str, Any] | None:
-    """The model part that rebuilds the stable revision (the spec may describe the candidate)."""
+    """The model part that rebuilds the stable revision (the spec may describe the candidate):
+    status.stableModel, or (a status written before it existed) the known-good entry."""
+    if status.stable_model is not None:
+        return status.stable_model
     return next((k.model for k in status.known_good if k.revision == status.stable_revision), None)
 
 
@@ -538,28 +726,37 @@ def split_replicas(
 ) -> tuple[int, int]:
     """(stable, candidate) replicas for `total` replicas of capacity chosen by the autoscaler.
 
-    With a mesh (exact_weights) traffic follows the weights, so each revision gets capacity in
-    proportion to the traffic it receives (mirrored copies count for the candidate), rounded
-    up so neither is starved. Without a mesh the replica ratio IS the traffic split, so the
-    candidate gets round(total * weight) and the stable the rest. During a rollout each side
-    keeps at least one replica (the candidate must become ready before it gets traffic).
+    Capacity follows traffic: the candidate gets total * weight replicas, rounded (halves
+    down), and the stable the rest, so the two add up to `total` (and never past
+    maxReplicas). During a rollout each
+    side keeps at least one replica (the candidate must become ready before it gets traffic):
+    with a mesh that replica comes out of `total` once it is 2 or more; without one (the
+    replica ratio is the split) a step whose share rounds to no replica gets one on top, the
+    one case but shadow where the sum exceeds `total`. Shadow with a mesh: the stable keeps
+    all of `total` (it answers every request) and the candidate gets a copy sized for the
+    mirrored share,
+    ceil(total * mirror); the autoscaler then reads the stable revision's signals only, so the
+    copies do not count as demand (RevisionPlan.signal_revision).
 
     Worked examples:
-    - total 10, 90/10, mesh -> (9, 1); total 3, 90/10, mesh -> (3, 1) (ceil: stable not starved)
-    - total 10, 90/10, replicas router -> (9, 1); total 4, 75/25 -> (3, 1)
+    - total 10, 90/10 -> (9, 1); total 4, 75/25 -> (3, 1); total 3, 90/10, mesh -> (2, 1)
+    - total 3, 90/10, replicas router -> (3, 1): the candidate's floor, on top (25%, not 33%)
     - total 4, shadow 100% mirror, mesh -> (4, 4): the candidate sees every request as a copy
     - total 0 (scaled to zero), in rollout -> (1, 1); no rollout, total 5 -> (5, 0)
     """
     if not in_rollout:
         return total, 0
-    if exact_weights:
-        cand_share = max(weights.candidate, weights.mirror_percent) / 100.0
-        stable_n = math.ceil(total * weights.stable / 100.0 - 1e-9)
-        cand_n = math.ceil(total * cand_share - 1e-9)
-    else:
-        cand_n = round(total * weights.candidate / 100.0)
-        stable_n = total - cand_n
-    if weights.stable > 0 or weights.candidate < 100:
+    if exact_weights and weights.mirror_percent and not weights.candidate:
+        return max(total, 1), max(math.ceil(total * weights.mirror_percent / 100.0 - 1e-9), 1)
+    # Halves round down: a canary's share errs small.
+    cand_n = math.ceil(total * weights.candidate / 100.0 - 0.5)
+    if weights.stable > 0 and total >= 2:
+        # With a mesh the weights hold whatever the replicas, so the candidate's floor comes
+        # out of the total; without one the replica ratio is the split, and taking a replica
+        # from the stable would send the candidate more than its step's share.
+        cand_n = min(max(cand_n, 1 if exact_weights else 0), total - 1)
+    stable_n = total - cand_n
+    if weights.stable > 0:
         stable_n = max(stable_n, 1)
     return stable_n, max(cand_n, 1)
 
@@ -604,6 +801,32 @@ class RevisionPlan:
     @property
     def keep(self) -> frozenset[str]:
         return frozenset(r for r in (self.stable, self.candidate, self.outgoing) if r)
+
+    @property
+    def mirroring(self) -> bool:
+        """The candidate receives copies of requests only (shadow)."""
+        return bool(self.candidate and self.weights.mirror_percent and not self.weights.candidate)
+
+    @property
+    def signal_revision(self) -> str | None:
+        """The revision whose signals measure user demand for the autoscaler; None: all of
+        them. During a canary, user requests are split over both revisions, so both count;
+        while mirroring, the candidate's requests are copies of the stable's (counting them
+        would double the demand), so only the stable's do.
+
+        >>> plan_revisions("a", True, RolloutStatus(stable_revision="a")).signal_revision
+        'a'
+        >>> shadow = RolloutStatus(stable_revision="a", candidate_revision="b",
+        ...                        weights=Weights(stable=100, mirror_percent=100))
+        >>> plan_revisions("b", True, shadow, exact_weights=True).signal_revision
+        'a'
+        >>> canary = shadow.model_copy(update={"weights": Weights(stable=90, candidate=10)})
+        >>> plan_revisions("b", True, canary, exact_weights=True).signal_revision is None
+        True
+        """
+        if self.candidate is None or self.mirroring:
+            return self.stable
+        return None
 
     def replicas(self, total: int) -> tuple[int, int]:
         """(stable, candidate) replicas for `total` replicas of capacity."""
@@ -690,7 +913,10 @@ def manual_action_done(
         return isinstance(action, Rollback)
     if manual == "promote-full":
         return isinstance(action, Promote)
-    return isinstance(action, SetWeights | Promote) or after.candidate_revision is None
+    # Only a move made for the annotation: the automatic start of step 1 is not one.
+    return (
+        isinstance(action, SetWeights | Promote) and action.by_hand
+    ) or after.candidate_revision != before.candidate_revision
 
 
 def rollout_conditions(
@@ -739,6 +965,10 @@ def rollout_conditions(
         reason_text if isinstance(action, Rollback) else None,
         now,
     )
+    if after.fallback_failed_at is not None:
+        return set_condition(
+            conds, CONDITION_FALLBACK_APPLIED, "False", "FallbackFailed", reason_text, now
+        )
     return sticky_condition(
         conds,
         CONDITION_FALLBACK_APPLIED,

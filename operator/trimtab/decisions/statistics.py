@@ -167,6 +167,8 @@ class AnalysisResult:
     verdict: Verdict
     results: tuple[CheckResult, ...]
     reason: str
+    # Configured checks that had no data this round (never a pass).
+    missing: tuple[str, ...] = ()
 
 
 def combined_log_evidence(log_evidences: Sequence[float]) -> float:
@@ -207,9 +209,11 @@ def evaluate_checks(
 ) -> AnalysisResult:
     """Judge the candidate on counts accumulated since the current step began.
 
-    `candidate[metric]` and `stable[metric]` are this step's counts; a metric missing from
-    `candidate` skips its checks (no data is never a pass: the step's sample floor still
-    applies to the checks that ran). `carried` holds each check's log evidence from earlier
+    `candidate[metric]` and `stable[metric]` are this step's counts. A check whose metric is
+    missing from `candidate` (or, for a relative check, from `stable`) cannot run: the checks
+    that can still fail the round, but it is never a pass; it is Inconclusive and names the
+    checks without data. With `stable` None (no baseline, as in the post-promotion watch)
+    relative checks do not apply. `carried` holds each check's log evidence from earlier
     steps. The round fails when the checks' `combined_log_evidence` reaches
     log(1/false_rollback_rate), at any sample size (a 30x outage need not wait); the checks
     named are those whose own evidence is past that level (at least one always is, since the
@@ -243,12 +247,22 @@ def evaluate_checks(
     ('Fail', [4.7, 4.9])
     >>> judge(0, 0, requests=40).reason  # too few samples is never a pass
     'too few candidate requests: 40 of 100'
+
+    No data for a configured check is never a pass either (latency here has no counts):
+
+    >>> both = [*checks, Check("latency", "slo", 0.01)]
+    >>> r = evaluate_checks(both, {"errorRate": Counts(1000, 1)}, {"errorRate": Counts(9000, 9)},
+    ...                     carried={}, false_rollback_rate=0.01, min_requests=100)
+    >>> r.verdict, r.missing, r.reason
+    ('Inconclusive', ('latency/slo',), 'no data for latency/slo (2 other checks pass)')
     """
+    applicable = [c for c in checks if c.against == "slo" or stable is not None]
     runnable = [
         c
-        for c in checks
+        for c in applicable
         if c.metric in candidate and (c.against == "slo" or (stable and c.metric in stable))
     ]
+    missing = tuple(c.name for c in applicable if c not in runnable)
     level = math.log(1.0 / false_rollback_rate)
     scored: list[tuple[Check, Counts, float | None, float, float]] = []
     for check in runnable:
@@ -277,9 +291,11 @@ def evaluate_checks(
         )
     failed = [r for r in results if r.verdict == "Fail"]
     if failed:
-        return AnalysisResult("Fail", tuple(results), "; ".join(_describe(r) for r in failed))
+        return AnalysisResult(
+            "Fail", tuple(results), "; ".join(_describe(r) for r in failed), missing
+        )
     if not results:
-        return AnalysisResult("Inconclusive", (), "no metric has data for the candidate")
+        return AnalysisResult("Inconclusive", (), "no metric has data for the candidate", missing)
     short = [r for r in results if r.verdict == "Inconclusive"]
     if short:
         samples = min(r.samples for r in short)
@@ -287,6 +303,14 @@ def evaluate_checks(
             "Inconclusive",
             tuple(results),
             f"too few candidate requests: {samples} of {min_requests}",
+            missing,
+        )
+    if missing:
+        return AnalysisResult(
+            "Inconclusive",
+            tuple(results),
+            f"no data for {', '.join(missing)} ({len(results)} other checks pass)",
+            missing,
         )
     return AnalysisResult("Pass", tuple(results), f"{len(results)} checks pass")
 

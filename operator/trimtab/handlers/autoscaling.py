@@ -2,7 +2,8 @@
 (a timer whose interval each resource sets), reading one batch of signals from Prometheus,
 asking decide_replicas, scaling the Deployment and recording the decision and why. While a
 rollout runs a candidate beside the stable revision, the decision is the total for both, from
-signals across both, and the replicas are split by traffic weight (`split_replicas`).
+signals across both (the stable's alone while the candidate only receives mirrored copies),
+and the replicas are split by traffic weight (`split_replicas`).
 
 The loop never scales down blind: when the source fails for any signal, MetricsAvailable goes
 False with the source's error text and nothing scales down; the signals still read may scale
@@ -166,7 +167,8 @@ async def autoscale_once(
         memory.autoscaling if memory.autoscaling is not None else written
     )
     # With a candidate beside the stable revision, capacity is decided for both together from
-    # signals across both, then split by traffic weight (see split_replicas).
+    # signals across both, then split by traffic weight (see split_replicas); while the
+    # candidate only receives mirrored copies, from the stable revision's alone.
     plan = plan_for(spec, status)
     revision = plan.stable
     deploy_name = deployment_name(name, revision)
@@ -180,10 +182,11 @@ async def autoscale_once(
         candidate = await kube.get(DEPLOYMENTS, namespace, deployment_name(name, plan.candidate))
         if previous.desired_replicas is not None:
             current = previous.desired_replicas
-        ready += int(((candidate or {}).get("status") or {}).get("readyReplicas", 0))
+        if not plan.mirroring:
+            ready += int(((candidate or {}).get("status") or {}).get("readyReplicas", 0))
         ready = min(ready, current)
 
-    signals = await _read(pool, spec, namespace, name, revision if plan.candidate is None else None)
+    signals = await _read(pool, spec, namespace, name, plan.signal_revision)
     now = time.time()
     last_up = previous.last_scale_up_time
     decision = decide_replicas(

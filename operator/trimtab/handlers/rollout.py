@@ -56,7 +56,7 @@ from trimtab.decisions.rollout import (
     rollout_conditions,
     routed_revisions,
 )
-from trimtab.decisions.serving import DeploymentObservation
+from trimtab.decisions.serving import DeploymentObservation, current_template_ready
 from trimtab.decisions.statistics import AnalysisResult, Counts, Metric, evaluate_checks
 from trimtab.handlers.modeldeployment import (
     Log,
@@ -196,9 +196,11 @@ class KubeRouterClient:
 
 
 def serving(obs: DeploymentObservation | None) -> bool:
-    """A revision serves once its Deployment's current generation has a ready replica. Later
-    steps' extra replicas need not all be ready: the deadline is for starting, not scaling."""
-    return obs is not None and obs.observed_generation >= obs.generation and obs.ready_replicas >= 1
+    """A revision serves once its Deployment has a ready replica of its current template
+    (current_template_ready). Later steps' extra replicas need not all be ready: the deadline
+    is for starting, not scaling; and a scale alone (observedGeneration behind for a moment)
+    takes no replica away."""
+    return obs is not None and current_template_ready(obs) >= 1
 
 
 # --- reading the counts ---------------------------------------------------------------------
@@ -239,6 +241,7 @@ async def analyse(
     bound = latency_bound_seconds(rollout, spec.slo)
     options = PresetOptions(latency=spec.slo.latency if spec.slo else "e2e")
     queries: dict[str, str] = {}
+    countable: set[str] = set()
     for role, revision in (("candidate", subject), ("stable", baseline)):
         if revision is None:
             continue
@@ -246,6 +249,7 @@ async def analyse(
         for name, query in count_queries(spec.server, target, bound, options).items():
             if query:
                 queries[f"{role}.{name}"] = query
+                countable.add(name)
     metrics = spec.metrics
     provider = pool.get(metrics.prometheus_url if metrics else None)
     results = await provider.query_batch(queries)
@@ -254,21 +258,43 @@ async def analyse(
         return None, "; ".join(failures)[:1000], ""
     candidate = _counts(results, "candidate")
     stable = _counts(results, "stable") if baseline else None
+    checks = checks_for(rollout, spec.slo)
     note = ""
-    if bound is not None and "latency" not in candidate and "errorRate" in candidate:
-        note = (
-            f"latency not judged: the {spec.server} metrics have no histogram bucket at "
-            f"{bound:g}s for {subject}"
-        )
+    if bound is not None and "latencyFast" not in countable:
+        # The preset has no latency histogram at all (Triton, TorchServe): a known limit of
+        # the server, said once in the condition, not a gap in the data.
+        checks = [c for c in checks if c.metric != "latency"]
+        note = f"latency not judged: the {spec.server} preset exports no latency histogram"
     result = evaluate_checks(
-        checks_for(rollout, spec.slo),
+        checks,
         candidate,
         stable,
         carried=carried_evidence(status),
         false_rollback_rate=rollout.analysis.false_rollback_rate,
         min_requests=rollout.analysis.min_requests,
     )
+    if result.missing:
+        note = missing_data_note(result.missing, spec.server, bound, subject, baseline)
     return result, "", note
+
+
+def missing_data_note(
+    missing: tuple[str, ...], server: str, bound: float | None, subject: str, baseline: str | None
+) -> str:
+    """Why configured checks had no data (they hold the step: no data is never a pass)."""
+    why: list[str] = []
+    if any(m.startswith("latency") for m in missing) and bound is not None:
+        why.append(
+            f"the {server} metrics of {subject}"
+            + (f" or {baseline}" if baseline else "")
+            + f" have no latency histogram bucket at le={bound:g}s (set "
+            "analysis.latency.p99LatencyMs to one of the histogram's bucket bounds)"
+        )
+    if any(m.startswith("errorRate") for m in missing):
+        why.append(
+            f"no request counter series for {subject}" + (f" or {baseline}" if baseline else "")
+        )
+    return f"no data for {', '.join(missing)}: {'; '.join(why)}; the step holds"
 
 
 # --- one loop -------------------------------------------------------------------------------
@@ -336,20 +362,23 @@ async def rollout_once(
             before.promoted_at, now,
         )  # fmt: skip
 
-    action = next_rollout_step(
+    inputs = RolloutInputs(
+        desired_revision=revision_of(parsed),
+        now=now,
+        candidate_ready=candidate_ready,
+        analysis=analysis,
+        manual=manual,
+        stable_ready=before.stable_revision is None or before.stable_revision in ready,
+    )
+    action = next_rollout_step(rollout, before, inputs)
+    after = apply_action(
         rollout,
         before,
-        RolloutInputs(
-            desired_revision=revision_of(parsed),
-            now=now,
-            candidate_ready=candidate_ready,
-            analysis=analysis,
-            manual=manual,
-            stable_ready=before.stable_revision is None or before.stable_revision in ready,
-        ),
-    )
-    after = apply_action(
-        rollout, before, action, now=now, desired_model=parsed.model_part(), analysis=analysis
+        action,
+        now=now,
+        desired_model=parsed.model_part(),
+        analysis=analysis,
+        inputs=inputs,
     )
     status_after = {**status, "rollout": after.to_wire()}
     plan_after = plan_for(parsed, status_after)
@@ -629,8 +658,12 @@ def _record(
         )
     elif isinstance(action, Pause) and before.phase != "Paused":
         kopf.event(obj, type="Normal", reason="RolloutPaused", message=reason_text)
-    elif isinstance(action, Hold) and action.end_watch:
+    elif isinstance(action, Hold) and action.end_watch and action.known_good:
         kopf.event(obj, type="Normal", reason="RevisionKnownGood", message=reason_text)
+    elif isinstance(action, Hold) and action.end_watch:
+        kopf.event(obj, type="Warning", reason="WatchEndedWithBreach", message=reason_text)
+    elif isinstance(action, Hold) and action.fallback_failed and before.fallback_failed_at is None:
+        kopf.event(obj, type="Warning", reason="FallbackFailed", message=reason_text)
     was_frozen = before.reason is not None and before.reason.startswith("metrics unavailable")
     if metrics_error and candidate and not was_frozen:
         kopf.event(
