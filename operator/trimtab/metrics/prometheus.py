@@ -83,10 +83,18 @@ class PrometheusProvider:
         self._client._session.close()
 
     async def _query(self, promql: str) -> QueryResult:
+        def query() -> Any:
+            # The worker thread returns its failure rather than raising it: a query whose
+            # caller was cancelled (the operator shutting down) then leaves no failed task.
+            try:
+                return self._client.custom_query(promql)
+            except Exception as exc:
+                return exc
+
         try:
-            data = await asyncio.wait_for(
-                asyncio.to_thread(self._client.custom_query, promql), timeout=self.timeout_s
-            )
+            data = await asyncio.wait_for(asyncio.to_thread(query), timeout=self.timeout_s)
+            if isinstance(data, Exception):
+                raise data
         except TimeoutError:
             return QueryResult.unavailable(
                 f"Prometheus at {self.url} did not answer within {self.timeout_s:g}s"

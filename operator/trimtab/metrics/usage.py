@@ -160,16 +160,25 @@ class UsageReader:
         self._client._session.close()
 
     async def _range(self, promql: str, start: float, end: float, step_s: int) -> Any:
-        return await asyncio.wait_for(
-            asyncio.to_thread(
-                self._client.custom_query_range,
-                promql,
-                datetime.datetime.fromtimestamp(start, datetime.UTC),
-                datetime.datetime.fromtimestamp(end, datetime.UTC),
-                f"{step_s}s",
-            ),
-            timeout=self.timeout_s,
-        )
+        """The answer, or the exception the query ended with, returned rather than raised, in
+        the worker thread too: a query whose caller was cancelled (the operator shutting down
+        mid-pass) then ends quietly instead of leaving an orphaned task that failed."""
+
+        def query() -> Any:
+            try:
+                return self._client.custom_query_range(
+                    promql,
+                    datetime.datetime.fromtimestamp(start, datetime.UTC),
+                    datetime.datetime.fromtimestamp(end, datetime.UTC),
+                    f"{step_s}s",
+                )
+            except Exception as exc:  # read() tells the failures apart
+                return exc
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(query), timeout=self.timeout_s)
+        except TimeoutError as exc:
+            return exc
 
     async def read(
         self,
