@@ -38,6 +38,9 @@ SEED = 20240605
 WARMUP = DAY
 STATIC_CPU = 2.0
 STATIC_MEMORY = 12 * GiB
+# The traces B5 is defined on; the targets are judged on these together. Others (the weekly
+# batch, which shows what the memory window is for) are reported beside them.
+BENCHMARK_TRACES = ("steady", "daily", "bursty", "memory-leak", "step")
 RESULTS = Path(__file__).parent / "results" / "rightsizing.json"
 
 
@@ -476,18 +479,22 @@ def run(seed: int = SEED) -> dict[str, Any]:
         "static": Static,
     }
     per_trace: dict[str, dict[str, Any]] = {}
-    totals = {name: Outcome() for name in makers}
-    totals[ClairvoyantDaily.name] = Outcome()
+    names = [*makers, ClairvoyantDaily.name]
+    # `overall` (what the targets are judged on) is the benchmark's five traces; the extra
+    # trace(s) are reported beside them and in `overall_all_traces`.
+    totals = {name: Outcome() for name in names}
+    totals_all = {name: Outcome() for name in names}
     for trace_name, demand in traces.items():
         per_trace[trace_name] = {}
-        for name, make in makers.items():
-            outcome = replay(demand, make())
-            totals[name].add(outcome)
+        outcomes = {name: replay(demand, make()) for name, make in makers.items()}
+        outcomes[ClairvoyantDaily.name] = replay(demand, ClairvoyantDaily(demand))
+        for name, outcome in outcomes.items():
+            totals_all[name].add(outcome)
+            if trace_name in BENCHMARK_TRACES:
+                totals[name].add(outcome)
             per_trace[trace_name][name] = outcome.report(DAYS)
-        floor = replay(demand, ClairvoyantDaily(demand))
-        totals[ClairvoyantDaily.name].add(floor)
-        per_trace[trace_name][ClairvoyantDaily.name] = floor.report(DAYS)
-    overall = {name: o.report(DAYS * len(traces)) for name, o in totals.items()}
+    overall = {name: o.report(DAYS * len(BENCHMARK_TRACES)) for name, o in totals.items()}
+    overall_all = {name: o.report(DAYS * len(traces)) for name, o in totals_all.items()}
     t, v = overall["trimtab"], overall["vpa"]
     ratios = {
         "slack_vs_vpa": round(t["slack_fraction"] / v["slack_fraction"], 3),
@@ -508,7 +515,9 @@ def run(seed: int = SEED) -> dict[str, Any]:
         "days_per_trace": DAYS,
         "step_seconds": STEP,
         "static_requests": {"cpu": STATIC_CPU, "memory_bytes": STATIC_MEMORY},
+        "benchmark_traces": list(BENCHMARK_TRACES),
         "overall": overall,
+        "overall_all_traces": overall_all,
         "per_trace": per_trace,
         "ratios": ratios,
         "targets_met": targets,
@@ -523,7 +532,8 @@ def main() -> int:
             "throttled_seconds", "changes_per_day"]
     header = f"{'trace':<12} {'recommender':<9} " + " ".join(f"{k:>21}" for k in keys)
     print(header)
-    for trace, rows in [*result["per_trace"].items(), ("ALL", result["overall"])]:
+    totals = [("B5 (5)", result["overall"]), ("ALL (6)", result["overall_all_traces"])]
+    for trace, rows in [*result["per_trace"].items(), *totals]:
         for name, row in rows.items():
             print(f"{trace:<12} {name:<9} " + " ".join(f"{row[k]:>21}" for k in keys))
     print(f"ratios: {result['ratios']}  targets met: {result['targets_met']}")
