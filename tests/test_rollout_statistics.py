@@ -151,6 +151,27 @@ CHECKS = [
         ),
         pytest.param({}, None, {}, "Inconclusive", "no metric", id="no-data-at-all"),
         pytest.param(
+            # 2.4% errors against the 1% SLO: 4.67 nats, past log(100) alone, but three of the
+            # four checks have no data this round. They count in the mean at their carried
+            # evidence (0 here), as they would with data showing nothing, so it holds: the
+            # level does not drop to log(100) whenever the other checks' data goes missing.
+            {"errorRate": Counts(1000, 24)},
+            {"latency": Counts(9000, 45)},
+            {},
+            "Inconclusive",
+            "no data for errorRate/stable, latency/slo, latency/stable",
+            id="checks-without-data-still-count-in-the-mean",
+        ),
+        pytest.param(
+            # 2.7% errors: 7.9 nats, past log(400) = 6.0, fails with three checks missing.
+            {"errorRate": Counts(1000, 27)},
+            {"latency": Counts(9000, 45)},
+            {},
+            "Fail",
+            "errorRate",
+            id="one-check-past-the-four-check-level-fails-alone",
+        ),
+        pytest.param(
             # 2.4% errors against a stable at 0.6%, with 1 nat carried on each error check:
             # errorRate/slo about 5.7 and errorRate/stable about 5.9, each short of
             # log(400) = 6 alone; the mean of the four e-values (the latency ones near 0)

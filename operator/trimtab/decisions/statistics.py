@@ -211,9 +211,10 @@ def evaluate_checks(
 
     `candidate[metric]` and `stable[metric]` are this step's counts. A check whose metric is
     missing from `candidate` (or, for a relative check, from `stable`) cannot run: the checks
-    that can still fail the round, but it is never a pass; it is Inconclusive and names the
-    checks without data. With `stable` None (no baseline, as in the post-promotion watch)
-    relative checks do not apply. `carried` holds each check's log evidence from earlier
+    that can still fail the round (the mean of e-values counts the missing one at its carried
+    evidence), but it is never a pass; it is Inconclusive and names the checks without data.
+    With `stable` None (no baseline, as in the post-promotion watch) relative checks do not
+    apply. `carried` holds each check's log evidence from earlier
     steps. The round fails when the checks' `combined_log_evidence` reaches
     log(1/false_rollback_rate), at any sample size (a 30x outage need not wait); the checks
     named are those whose own evidence is past that level (at least one always is, since the
@@ -277,7 +278,14 @@ def evaluate_checks(
             baseline = base.share
         total = carried.get(check.name, 0.0) + step_ev
         scored.append((check, cand, baseline, total, step_ev))
-    rejected = combined_log_evidence([total for _, _, _, total, _ in scored]) >= level
+    # The mean runs over every applicable check, those without data this round at their
+    # carried evidence (a paused e-process, still an e-process): a check whose data comes and
+    # goes would otherwise change the number averaged over, and the mean would not be one
+    # e-process over the rollout.
+    paused = [carried.get(c.name, 0.0) for c in applicable if c not in runnable]
+    rejected = (
+        combined_log_evidence([*(total for _, _, _, total, _ in scored), *paused]) >= level
+    )
     results: list[CheckResult] = []
     for check, cand, baseline, total, step_ev in scored:
         if rejected and total >= level:
