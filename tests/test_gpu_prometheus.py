@@ -212,32 +212,41 @@ def test_readme_join_names_the_no_kube_agent_series(prometheus: ScrapeJobsPromet
 
 
 @pytest.mark.parametrize(
-    ("job", "found"),
+    "job",
     [
-        pytest.param("dcgm-default", False, id="honor-labels-false-renames-to-exported"),
-        pytest.param("dcgm-honor-labels", True, id="readme-honor-labels-true"),
-        pytest.param("dcgm-relabel", True, id="readme-metric-relabelings"),
+        pytest.param("dcgm-default", id="honor-labels-false-read-through-exported-labels"),
+        pytest.param("dcgm-honor-labels", id="readme-honor-labels-true"),
+        pytest.param("dcgm-relabel", id="readme-metric-relabelings"),
     ],
 )
 def test_operator_dcgm_query_through_a_servicemonitor(
-    prometheus: ScrapeJobsPrometheus, job: str, found: bool
+    prometheus: ScrapeJobsPrometheus, job: str
 ) -> None:
     """The operator's DCGM query (metrics/usage.py) on each scrape setting: with a ServiceMonitor's
-    default the pod labels are exported_* and it finds nothing; the README's two settings fix it."""
-    if not found:
-        renamed = prometheus.query(f'{DCGM_GPU_MEMORY}{{job="{job}",exported_pod="{POD}"}}')
+    default the pod labels are exported_*, which the query reads too; the README's two settings
+    keep them as namespace/pod/container."""
+    renamed = prometheus.query(f'{DCGM_GPU_MEMORY}{{job="{job}",exported_pod="{POD}"}}')
+    if job == "dcgm-default":
         assert renamed and renamed[0]["metric"]["pod"] == "dcgm-exporter-5kq2p"
+    else:
+        assert renamed == []
     queries = usage_queries(UsageTarget(NS, pod_regex_for("chat"), "server"), 60, "5m")
-    memory = queries["gpu_memory_dcgm"].replace("{namespace=", f'{{job="{job}",namespace=')
-    util = queries["gpu_util_dcgm"].replace("{namespace=", f'{{job="{job}",namespace=')
-    if found:
-        assert [float(r["value"][1]) for r in prometheus.query(memory)] == [12 * GiB]
-        assert [float(r["value"][1]) for r in prometheus.query(util)] == [0.7]
+
+    def in_job(promql: str) -> str:
+        return promql.replace("{namespace=", f'{{job="{job}",namespace=').replace(
+            "{exported_namespace=", f'{{job="{job}",exported_namespace='
+        )
+
+    memory, util, model = (in_job(queries[k]) for k in ("gpu_memory_dcgm", "gpu_util_dcgm",
+                                                          "gpu_model_dcgm"))
+    assert [float(r["value"][1]) for r in prometheus.query(memory)] == [12 * GiB]
+    assert [float(r["value"][1]) for r in prometheus.query(util)] == [0.7]
+    assert [r["metric"]["modelName"] for r in prometheus.query(model)] == [
+        "NVIDIA H100 80GB HBM3"
+    ]
+    if job != "dcgm-default":
         # The idle GPU names no workload's pod (none with honorLabels: dcgm-exporter's empty
         # label wins; dcgm-exporter's own after the relabeling) and keeps no exported_* label.
         (idle,) = prometheus.query(f'{DCGM_GPU_MEMORY}{{job="{job}",gpu="1"}}')
         assert idle["metric"].get("pod", "") in ("", "dcgm-exporter-5kq2p")
         assert not any(k.startswith("exported_") for k in idle["metric"])
-    else:
-        assert prometheus.query(memory) == []
-        assert prometheus.query(util) == []

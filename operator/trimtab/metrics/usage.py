@@ -75,10 +75,14 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
     each pod's memory limit to value its kills at; kube-state-metrics: whether it reports the
     container at all (its restart counter), so "no kills" is told from "no source"; GPU: trimtab's
     agent in bytes and 0..1, or dcgm-exporter in MiB and percent (its pod-mapping labels
-    namespace/pod/container)."""
+    namespace/pod/container, or exported_* where the scrape renamed them)."""
     sel = (
         f"namespace={_q(target.namespace)},pod=~{_q(target.pod_regex)},"
         f"container={_q(target.container)}"
+    )
+    exported = (
+        f"exported_namespace={_q(target.namespace)},exported_pod=~{_q(target.pod_regex)},"
+        f"exported_container={_q(target.container)}"
     )
     step = f"{step_s}s"
     # A restart needs two scrapes of the counter inside the window to show; a window of at least
@@ -101,9 +105,20 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
         "gpu_memory_agent": f"max(sum by (pod) ({AGENT_GPU_MEMORY}{{{sel}}}))",
         "gpu_util_agent": f"max(max by (pod) ({AGENT_GPU_UTIL}{{{sel}}}))",
         "gpu_model_agent": f"count by (gpu_model) ({AGENT_GPU_MEMORY}{{{sel}}})",
-        "gpu_memory_dcgm": f"max(sum by (pod) ({DCGM_GPU_MEMORY}{{{sel}}})) * 1048576",
-        "gpu_util_dcgm": f"max(avg by (pod) ({DCGM_GPU_UTIL}{{{sel}}})) / 100",
-        "gpu_model_dcgm": f"count by (modelName) ({DCGM_GPU_MEMORY}{{{sel}}})",
+        # dcgm-exporter's pod labels as it writes them, or as a scrape with honorLabels false
+        # renames them (exported_*): whichever has the series.
+        "gpu_memory_dcgm": (
+            f"(max(sum by (pod) ({DCGM_GPU_MEMORY}{{{sel}}}))"
+            f" or max(sum by (exported_pod) ({DCGM_GPU_MEMORY}{{{exported}}}))) * 1048576"
+        ),
+        "gpu_util_dcgm": (
+            f"(max(avg by (pod) ({DCGM_GPU_UTIL}{{{sel}}}))"
+            f" or max(avg by (exported_pod) ({DCGM_GPU_UTIL}{{{exported}}}))) / 100"
+        ),
+        "gpu_model_dcgm": (
+            f"count by (modelName) ({DCGM_GPU_MEMORY}{{{sel}}})"
+            f" or count by (modelName) ({DCGM_GPU_MEMORY}{{{exported}}})"
+        ),
     }
 
 
