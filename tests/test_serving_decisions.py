@@ -12,8 +12,8 @@ from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.decisions.conditions import set_condition
 from trimtab.decisions.serving import (
     DeploymentObservation,
-    current_template_ready,
     find_spec_problems,
+    revision_serving,
     serving_state,
 )
 
@@ -167,8 +167,8 @@ def _deployment(**kw: Any) -> DeploymentObservation:
 @pytest.mark.parametrize(
     ("obs", "expected"),
     [
-        pytest.param(_deployment(), 3, id="all-current-and-ready"),
-        pytest.param(_deployment(generation=3, replicas=5), 3, id="scale-not-yet-observed"),
+        pytest.param(_deployment(), True, id="all-current-and-ready"),
+        pytest.param(_deployment(generation=3, replicas=5), True, id="scale-not-yet-observed"),
         pytest.param(
             _deployment(
                 generation=1,
@@ -178,21 +178,22 @@ def _deployment(**kw: Any) -> DeploymentObservation:
                 updated_replicas=0,
                 available_replicas=0,
             ),
-            0,
+            False,
             id="new-deployment-nothing-observed",
         ),
         pytest.param(
+            # The old pods serve the same revision's model while the new one starts.
             _deployment(status_replicas=4, updated_replicas=1, ready_replicas=3),
-            0,
-            id="template-rolling-new-pod-not-ready",
+            True,
+            id="template-rolling-old-pods-still-serve",
         ),
         pytest.param(
             _deployment(status_replicas=4, updated_replicas=2, ready_replicas=3),
-            1,
+            True,
             id="template-rolling-one-new-pod-ready",
         ),
-        pytest.param(_deployment(ready_replicas=0), 0, id="crashed-pods"),
+        pytest.param(_deployment(ready_replicas=0), False, id="crashed-pods"),
     ],
 )
-def test_current_template_ready(obs: DeploymentObservation, expected: int) -> None:
-    assert current_template_ready(obs) == expected
+def test_revision_serving(obs: DeploymentObservation, expected: bool) -> None:
+    assert revision_serving(obs) is expected

@@ -120,30 +120,27 @@ class DeploymentObservation:
         return next((c for c in self.conditions if c[0] == type_), None)
 
 
-def current_template_ready(obs: DeploymentObservation) -> int:
-    """Ready replicas that surely run the Deployment's current pod template: of the
-    `status.replicas` pods, `updatedReplicas` run the current template, so at most
-    replicas - updated of the ready ones are older. While observedGeneration lags (the
-    controller has not seen the last write) these counts describe the previous generation;
-    a revision's Deployment changes its template only with a policy change of the same model,
-    and a scale changes none, so the lag alone takes no ready replica away.
+def revision_serving(obs: DeploymentObservation | None) -> bool:
+    """Whether a revision's Deployment has a ready replica. Every pod of a revision's
+    Deployment serves that revision's model: its template changes only with a policy change of
+    the same model (or an operator upgrade's pod builder), so old pods still ready during such a
+    roll serve it as well as new ones; and a scale not yet observed (observedGeneration behind)
+    takes no ready replica away. Later steps' extra replicas need not all be ready: the
+    deadline is for starting, not scaling.
 
     >>> def obs(**kw):
     ...     base = dict(revision="b", name="m-b", replicas=3, generation=2,
     ...                 observed_generation=2, status_replicas=3, ready_replicas=3,
     ...                 updated_replicas=3, available_replicas=3)
     ...     return DeploymentObservation(**{**base, **kw})
-    >>> current_template_ready(obs())
-    3
-    >>> current_template_ready(obs(generation=3))  # a scale not yet observed
-    3
-    >>> current_template_ready(obs(status_replicas=4, updated_replicas=1, ready_replicas=3))
-    0
-    >>> current_template_ready(obs(ready_replicas=0, available_replicas=0))
-    0
+    >>> revision_serving(obs()), revision_serving(obs(generation=3))
+    (True, True)
+    >>> revision_serving(obs(status_replicas=4, updated_replicas=1))  # template rolling
+    True
+    >>> revision_serving(obs(ready_replicas=0, available_replicas=0)), revision_serving(None)
+    (False, False)
     """
-    older = max(0, obs.status_replicas - obs.updated_replicas)
-    return max(0, obs.ready_replicas - older)
+    return obs is not None and obs.ready_replicas >= 1
 
 
 @dataclass(frozen=True)

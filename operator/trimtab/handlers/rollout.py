@@ -56,7 +56,7 @@ from trimtab.decisions.rollout import (
     rollout_conditions,
     routed_revisions,
 )
-from trimtab.decisions.serving import DeploymentObservation, current_template_ready
+from trimtab.decisions.serving import DeploymentObservation, revision_serving
 from trimtab.decisions.statistics import AnalysisResult, Counts, Metric, evaluate_checks
 from trimtab.handlers.modeldeployment import (
     Log,
@@ -196,11 +196,8 @@ class KubeRouterClient:
 
 
 def serving(obs: DeploymentObservation | None) -> bool:
-    """A revision serves once its Deployment has a ready replica of its current template
-    (current_template_ready). Later steps' extra replicas need not all be ready: the deadline
-    is for starting, not scaling; and a scale alone (observedGeneration behind for a moment)
-    takes no replica away."""
-    return obs is not None and current_template_ready(obs) >= 1
+    """Whether the revision has a ready replica (revision_serving)."""
+    return revision_serving(obs)
 
 
 # --- reading the counts ---------------------------------------------------------------------
