@@ -982,6 +982,18 @@ def test_a_new_candidate_mid_watch_leaves_the_stable_unverified() -> None:
     status = apply_action(rollout, status, action, now=now, desired_model={"image": "srv:c"})
     assert status.promoted_at is None and status.watch_verdict is None
     assert [k.revision for k in status.known_good] == ["a"] and stable_model(status) == MODEL_B
+    # c is rolled back: b serves alone again, so its watch starts again, and a clean window
+    # makes it known-good (a later breach falls back to b, not to the older a).
+    now = T0 + timedelta(seconds=150)
+    status = apply_action(
+        rollout, status, Rollback("aborted", mark_failed=True), now=now,
+        desired_model={"image": "srv:c"},
+    )
+    assert status.promoted_at == ts(150) and status.phase == "RolledBack"
+    status, _ = drive(rollout, status, 200, PASS)
+    status, action = drive(rollout, status, 760, None)
+    assert isinstance(action, Hold) and action.known_good
+    assert [k.revision for k in status.known_good] == ["b", "a"]
 
 
 def test_a_fallback_target_that_never_serves_fails_once_and_says_so() -> None:

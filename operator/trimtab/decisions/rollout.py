@@ -630,6 +630,17 @@ def apply_action(
             data.failed_revision = status.candidate_revision
         _clear_candidate(data)
         data.phase = "RolledBack" if action.mark_failed else "Stable"
+        stable = status.stable_revision
+        if (
+            stable is not None
+            and status.promoted_at is None
+            and all(k.revision != stable for k in status.known_good)
+        ):
+            # The candidate cut the stable revision's watch short (or it never had one): it
+            # serves alone again, so its watch starts again, and a clean window makes it
+            # known-good, rather than leaving an older revision the only one to fall back to.
+            data.promoted_at = stamp
+            data.watch_verdict = None
     elif isinstance(action, Fallback):
         data.failed_revision = status.stable_revision
         data.known_good = [k for k in status.known_good if k.revision != status.stable_revision]
