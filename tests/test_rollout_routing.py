@@ -332,6 +332,11 @@ def test_rollout_cel_rules(rollout: dict[str, Any], message: str | None) -> None
     if message is None:
         assert failures == []
         RolloutSpec.model_validate(rollout)  # the model agrees
+    elif "applies only to strategy ShadowThenCanary" in message:
+        # The API server rejects new ones; one stored before the rule keeps being served, its
+        # shadow block ignored, instead of the whole ModelDeployment failing to parse.
+        assert any(message in f for f in failures), failures
+        assert RolloutSpec.model_validate(rollout).shadow_or_default() is None
     else:
         assert any(message in f for f in failures), failures
         with pytest.raises(pydantic.ValidationError):

@@ -300,8 +300,9 @@ class RolloutSpec(StrictModel):
                 "router replicas cannot mirror traffic (it splits by replica count behind one "
                 "Service): shadow and ShadowThenCanary need router gatewayApi or istio"
             )
-        if self.shadow is not None and self.strategy != "ShadowThenCanary":
-            raise ValueError("rollout.shadow applies only to strategy ShadowThenCanary")
+        # A shadow block under Canary or Immediate: the CRD's rule rejects new ones, but
+        # objects stored before the rule existed keep it (validation ratcheting), and the
+        # operator must go on serving them: shadow_or_default() ignores it, as it always did.
         if (
             self.router.type == "gatewayApi"
             and self.router.http_route is None
