@@ -880,12 +880,14 @@ LOW = sig(arrival_rate=1.0, running=1.0)
 @pytest.mark.parametrize(
     ("autoscaling", "signals", "start", "want", "after", "by"),
     [
+        # The first loop's reading stands for the loop before it: each window closes one loop
+        # after the first loop at the earliest.
         pytest.param(
             {"interval": "5s", "scaleDownStabilization": "1h"},
             LOW,
             6,
             3,
-            3600,
+            3595,
             3700,
             id="1h-window-5s-loop-scales-down",
         ),
@@ -894,7 +896,7 @@ LOW = sig(arrival_rate=1.0, running=1.0)
             LOW,
             6,
             3,
-            600,
+            599,
             640,
             id="600s-window-1s-loop-scales-down",
         ),
@@ -913,7 +915,7 @@ LOW = sig(arrival_rate=1.0, running=1.0)
             QUIET,
             1,
             0,
-            3600,
+            3595,
             3700,
             id="scale-to-zero-1h-idle-5s-loop",
         ),
@@ -1205,3 +1207,56 @@ def test_scrape_interval_sets_how_far_back_growth_is_measured(
     )
     assert decision.action == action, decision.reason
     assert reason in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "before", "after", "start", "within"),
+    [
+        pytest.param(
+            {"scaleUpStabilization": "180s"},
+            sig(arrival_rate=6.0, running=6.0, queue_depth=0.0),
+            sig(arrival_rate=30.0, running=30.0, queue_depth=0.0),
+            1,
+            (180, 195),
+            id="scale-up-window-180s",
+        ),
+        pytest.param(
+            {"scaleDownStabilization": "300s"},
+            sig(arrival_rate=30.0, running=30.0, queue_depth=0.0),
+            sig(arrival_rate=6.0, running=6.0, queue_depth=0.0),
+            5,
+            (300, 315),
+            id="scale-down-window-300s",
+        ),
+    ],
+)
+def test_a_long_idle_window_leaves_the_scaling_windows_sharp(
+    autoscaling: dict[str, Any],
+    before: Signals,
+    after: Signals,
+    start: int,
+    within: tuple[float, float],
+) -> None:
+    """With a 24 h idle window the history reaches back a day, merged into buckets that widen
+    with age; the 180 s and 300 s windows still close within a loop of their length, and the
+    history stays small (15 s loops for 25 hours, then the change)."""
+    aspec = AutoscalingSpec.model_validate(
+        {"minReplicas": 1, "maxReplicas": 20, "scaleToZero": {"idleWindow": "24h"}, **autoscaling}
+    )
+    step = aspec.seconds().interval
+    history: tuple[Any, ...] = ()
+    current, change_at, longest = start, 25 * 3600.0 + 37, 0
+    t = 0.0
+    while t < change_at + 600:
+        signals = before if t < change_at else after
+        d = decide_replicas(AutoscalingInput(signals, current, current, aspec, SLO, t, history))
+        history = d.history
+        longest = max(longest, len(history))
+        if d.desired_replicas != current:
+            assert t >= change_at, d.reason
+            assert within[0] <= t - change_at <= within[1], d.reason
+            break
+        t += step
+    else:
+        pytest.fail(f"never scaled: {d.reason}")
+    assert longest <= 200

@@ -93,8 +93,8 @@ def build_autoscaling_status(
     """status.autoscaling after one loop, on the wire.
 
     The recommendations are the decision's history as it keeps it (`compact_history`): every
-    loop of the last minute, and older ones merged per bucket over the longest of the
-    scale-down, scale-up and idle windows, so they span those windows in a bounded list. The
+    loop of the last minute, and older ones merged per bucket, wider with age (at most 1/16
+    of it), so they span the scale-down, scale-up and idle windows in a bounded list. The
     cap is only a guard for a history that did not come from decide_replicas."""
     recommendations = [
         ReplicaRecommendation(

@@ -30,11 +30,13 @@ GROWTH_SPAN = 15.0
 # exactly 0, and one request in even an hour's window is far above it.
 NO_TRAFFIC_RATE = 1e-6
 # The history keeps every loop's recommendation for this long (the queue's growth is measured
-# against a reading one scrape back) and, beyond it, one merged recommendation per bucket,
-# about this many buckets over the longest window (scale-down, scale-up or idle), so status
-# stays small however long the windows and short the loop.
+# against a reading one scrape back) and, beyond it, one merged recommendation per bucket. A
+# bucket's width grows with its age, in powers of two of the loop interval, to at most 1/16 of
+# its age: a window's edge is as sharp as a loop for the first 16 loops back and within 6% of
+# its length beyond, whatever the longest window, and status keeps about 16 entries per
+# doubling of age (about 150 for a 24 h idle window at a 15 s loop).
 FULL_DETAIL_SECONDS = 60.0
-HISTORY_BUCKETS = 96
+AGE_BUCKETS = 16
 
 
 @dataclass(frozen=True)
@@ -127,30 +129,44 @@ def _prune(history: tuple[Recommendation, ...], since: float) -> tuple[Recommend
     return history[older[-1] :] if older else history
 
 
+def _bucket_width(age: float, interval: float) -> float:
+    """The width of the bucket a recommendation `age` seconds old merges into: the loop
+    interval times the largest power of two at most age / (AGE_BUCKETS x interval).
+
+    >>> [_bucket_width(a, 15) for a in (100, 240, 480, 1000, 3600, 86400)]
+    [15, 15, 30, 60, 120, 3840]
+    """
+    ratio = age / (AGE_BUCKETS * interval)
+    return interval * (2 ** math.floor(math.log2(ratio)) if ratio >= 2 else 1)
+
+
 def compact_history(
-    history: tuple[Recommendation, ...], now: float, interval: float, longest: float
+    history: tuple[Recommendation, ...], now: float, interval: float
 ) -> tuple[Recommendation, ...]:
     """The history as status keeps it: every recommendation of the last FULL_DETAIL_SECONDS
-    (or three loops), older ones merged per bucket of `longest` / HISTORY_BUCKETS seconds (at
-    least one loop), aligned to the clock so that merging again changes nothing. A bucket
-    keeps its newest time and queue depth, its highest recommendation (so the scale-down and
-    idle windows hold at least as long as with every loop kept, at most a bucket longer) and
-    its lowest (for the scale-up window).
+    (or three loops), older ones merged per bucket, aligned to the clock, of a width that
+    grows with age (`_bucket_width`; the widths nest, so a bucket only ever merges into a
+    wider one as it ages, and merging again changes nothing). A bucket keeps its newest time
+    and queue depth, its highest recommendation (so the scale-down and idle windows hold at
+    least as long as with every loop kept, at most a bucket longer: 1/16 of the window) and
+    its lowest (for the scale-up window). The oldest entry is never merged, so the history
+    says exactly how far back it reaches (the scale-down waits until it spans the window).
 
-    >>> h = tuple(Recommendation(t, n, 0.0) for t, n in [(0, 3), (5, 5), (10, 1), (200, 2)])
-    >>> once = compact_history(h, 205, 5, 1920)  # 20 s buckets; the last minute as it is
-    >>> [(r.time, r.replicas, r.fewest) for r in once]
-    [(10, 5, 1), (200, 2, 2)]
-    >>> compact_history(once, 205, 5, 1920) == once
+    >>> h = tuple(Recommendation(t, n, 0.0) for t, n in [(0, 3), (5, 5), (10, 1), (995, 2)])
+    >>> once = compact_history(h, 1000, 5)  # about 1000 s old: 40 s buckets; the last minute
+    >>> [(r.time, r.replicas, r.fewest) for r in once]  # as it is
+    [(0, 3, 3), (10, 5, 1), (995, 2, 2)]
+    >>> compact_history(once, 1000, 5) == once
     True
     """
-    width = max(interval, longest / HISTORY_BUCKETS)
     detail_from = now - max(FULL_DETAIL_SECONDS, 3 * interval)
     out: list[Recommendation] = []
     for r in history:
         last = out[-1] if out else None
+        width = _bucket_width(now - r.time, interval)
         if (
-            last is not None
+            len(out) > 1  # the oldest stays as it is: how far back the history reaches
+            and last is not None
             and r.time < detail_from
             and math.floor(last.time / width) == math.floor(r.time / width)
         ):
@@ -295,8 +311,14 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
     starting = max(0, current - ready)
     per_replica = spec.target_concurrency * spec.target_utilization / 100.0
     slo_s = inp.slo.p99_latency_ms / 1000.0 if inp.slo else None
+    # The history spans the longest window, and at least the span the queue's growth is
+    # measured over (with no stabilization windows, too).
     keep_for = max(
-        secs.scale_down_stabilization, secs.scale_up_stabilization, secs.idle_window or 0
+        secs.scale_down_stabilization,
+        secs.scale_up_stabilization,
+        secs.idle_window or 0,
+        FULL_DETAIL_SECONDS,
+        2 * _span(secs.interval, inp.scrape_interval),
     )
     history = _prune(inp.history, inp.now - keep_for - secs.interval)
     used: dict[str, float | None] = {
@@ -322,7 +344,6 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
                 (*history, Recommendation(inp.now, 0, sig.queue_depth)),
                 inp.now,
                 secs.interval,
-                keep_for,
             )
             why = (
                 "at 0 replicas, no request seen ("
@@ -351,7 +372,6 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
                 (*history, Recommendation(inp.now, desired, sig.queue_depth)),
                 inp.now,
                 secs.interval,
-                keep_for,
             )
             return ReplicaDecision(desired, "up", why, desired, history, used)
 
@@ -505,7 +525,6 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         (*history, Recommendation(inp.now, for_load, sig.queue_depth)),
         inp.now,
         secs.interval,
-        keep_for,
     )
 
     # --- scale to zero ----------------------------------------------------------------------
