@@ -1081,3 +1081,52 @@ def test_manual_action_done(
     manual: Any, action: Any, before: RolloutStatus, after: RolloutStatus, done: bool
 ) -> None:
     assert manual_action_done(manual, manual, action, before, after) is done
+
+
+@pytest.mark.parametrize(
+    ("status", "exact", "replicas"),
+    [
+        pytest.param(
+            {"stepIndex": 1, "weights": {"stable": 100, "candidate": 0}},
+            True,
+            (5, 5),
+            id="mesh-withheld-keeps-the-steps-replicas",
+        ),
+        pytest.param(
+            {"stepIndex": 1, "weights": {"stable": 50, "candidate": 50}},
+            True,
+            (5, 5),
+            id="mesh-serving-at-its-step",
+        ),
+        pytest.param(
+            {"stepIndex": -1, "weights": {"stable": 100, "candidate": 0}},
+            True,
+            (9, 1),
+            id="before-the-first-step-one-replica",
+        ),
+        pytest.param(
+            {"stepIndex": -1, "weights": {"stable": 100, "mirrorPercent": 50}},
+            True,
+            (10, 5),
+            id="shadow-sized-for-the-mirror",
+        ),
+        pytest.param(
+            {"stepIndex": 1, "weights": {"stable": 50, "candidate": 50}},
+            False,
+            (5, 5),
+            id="replicas-router-the-ratio-is-the-split",
+        ),
+    ],
+)
+def test_replicas_while_a_candidates_weight_is_withheld(
+    status: dict[str, Any], exact: bool, replicas: tuple[int, int]
+) -> None:
+    """10 replicas of capacity, steps [10, 50]: a mesh candidate whose 50% is withheld while it
+    has no ready replica keeps its 5 replicas (its recovering pods are not deleted, and it is
+    not left with one replica for half the traffic when the weight returns)."""
+    st = RolloutStatus.model_validate(
+        {"stableRevision": "a", "candidateRevision": "b", **status}
+    )
+    plan = plan_revisions("b", True, st, exact_weights=exact, step_weights=[10, 50])
+    assert plan.replicas(10) == replicas
+    assert plan.weights == st.weights

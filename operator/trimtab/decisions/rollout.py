@@ -7,6 +7,7 @@ Pure: the clock, the candidate's readiness and the analysis verdict are argument
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -803,6 +804,10 @@ class RevisionPlan:
     # A candidate that status still names but the spec no longer does; it keeps running
     # until the rollout loop replaces or removes it.
     outgoing: str | None = None
+    # The weights replicas are split by when they differ from the traffic's: a mesh candidate
+    # whose step weight is withheld while it has no ready replica keeps its step's replicas,
+    # so its recovering pods are not deleted and it is not overloaded when traffic returns.
+    sizing: Weights | None = None
 
     @property
     def status_revision(self) -> str:
@@ -842,12 +847,20 @@ class RevisionPlan:
     def replicas(self, total: int) -> tuple[int, int]:
         """(stable, candidate) replicas for `total` replicas of capacity."""
         return split_replicas(
-            total, self.weights, exact_weights=self.exact_weights, in_rollout=bool(self.candidate)
+            total,
+            self.sizing or self.weights,
+            exact_weights=self.exact_weights,
+            in_rollout=bool(self.candidate),
         )
 
 
 def plan_revisions(
-    desired: str, rollout: bool, status: RolloutStatus, *, exact_weights: bool = False
+    desired: str,
+    rollout: bool,
+    status: RolloutStatus,
+    *,
+    exact_weights: bool = False,
+    step_weights: Sequence[int] = (),
 ) -> RevisionPlan:
     """Which revisions run, from the spec's revision `desired` and status.rollout.
 
@@ -860,6 +873,14 @@ def plan_revisions(
       names b as the candidate, else at 100/0 (b starts without traffic)
     - stable a, desired b, failedRevision b -> no candidate: b is not retried
     - stable a, candidate b in status, desired c -> candidate c at 100/0; b is `outgoing`
+    - a mesh candidate at step 2 (`step_weights` [10, 50]) whose weight is withheld (100/0,
+      no ready replica): replicas are still split 50/50 (`sizing`), traffic stays 100/0
+
+    >>> held = RolloutStatus(stable_revision="a", candidate_revision="b", step_index=1,
+    ...                      weights=Weights(stable=100, candidate=0))
+    >>> plan = plan_revisions("b", True, held, exact_weights=True, step_weights=[10, 50])
+    >>> plan.weights.candidate, plan.replicas(10)
+    (0, (5, 5))
     """
     if not rollout or status.stable_revision is None:
         return RevisionPlan(desired, None, Weights(), rollout, exact_weights, True)
@@ -874,6 +895,17 @@ def plan_revisions(
         status.candidate_revision if status.candidate_revision not in (candidate, None) else None
     )
     from_spec = stable == desired
+    sizing = None
+    if (
+        exact_weights
+        and candidate is not None
+        and status.candidate_revision == candidate
+        and 0 <= status.step_index < len(step_weights)
+        and weights.candidate == 0
+        and not weights.mirror_percent
+    ):
+        step = step_weights[status.step_index]
+        sizing = Weights(stable=100 - step, candidate=step)
     return RevisionPlan(
         stable,
         candidate,
@@ -883,6 +915,7 @@ def plan_revisions(
         from_spec,
         None if from_spec else stable_model(status),
         outgoing,
+        sizing,
     )
 
 
