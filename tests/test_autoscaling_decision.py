@@ -1001,6 +1001,28 @@ def test_cel_rejects_nonsense(autoscaling: dict[str, Any], message: str) -> None
         validate_custom(_mdep(autoscaling), CRD)
 
 
+@pytest.mark.parametrize(
+    ("queries", "ok"),
+    [
+        pytest.param(None, False, id="preset-only-would-never-wake"),
+        pytest.param({"p99Latency": "max(x)"}, False, id="other-override-does-not-wake"),
+        pytest.param({"arrivalRate": "sum(rate(gw_requests_total[1m]))"}, True, id="gateway-rate"),
+        pytest.param({"queueDepth": "sum(gw_pending)"}, True, id="gateway-queue"),
+    ],
+)
+def test_scale_to_zero_needs_a_signal_that_sees_requests_at_zero(
+    queries: dict[str, str] | None, ok: bool
+) -> None:
+    obj = _mdep({"scaleToZero": {"idleWindow": "10m"}})
+    if queries is not None:
+        obj["spec"]["metrics"] = {"queries": queries}
+    if ok:
+        validate_custom(obj, CRD)
+    else:
+        with pytest.raises(AssertionError, match="scaleToZero needs metrics.queries"):
+            validate_custom(obj, CRD)
+
+
 def test_autoscaling_needs_slo() -> None:
     obj = _mdep({"maxReplicas": 3})
     del obj["spec"]["slo"]
@@ -1009,19 +1031,18 @@ def test_autoscaling_needs_slo() -> None:
 
 
 def test_sensible_spec_passes_and_crd_is_current() -> None:
-    validate_custom(
-        _mdep(
-            {
-                "minReplicas": 2,
-                "maxReplicas": 8,
-                "onMissingMetrics": "fallback",
-                "fallbackReplicas": 4,
-                "scaleToZero": {"idleWindow": "15m"},
-            },
-            {"p99LatencyMs": 800, "latency": "ttft", "maxErrorRate": 0.01},
-        ),
-        CRD,
+    sensible = _mdep(
+        {
+            "minReplicas": 2,
+            "maxReplicas": 8,
+            "onMissingMetrics": "fallback",
+            "fallbackReplicas": 4,
+            "scaleToZero": {"idleWindow": "15m"},
+        },
+        {"p99LatencyMs": 800, "latency": "ttft", "maxErrorRate": 0.01},
     )
+    sensible["spec"]["metrics"] = {"queries": {"arrivalRate": "sum(rate(gw_total[1m]))"}}
+    validate_custom(sensible, CRD)
     schema = model_schema(MODELDEPLOYMENT_CRD.spec_model)
     assert "autoscaling" in schema["properties"] and "metrics" in schema["properties"]
     assert not list(

@@ -128,6 +128,18 @@ class ModelDeploymentSpec(StrictModel):
                     "message": "autoscaling needs slo: trimtab scales to keep the SLO",
                     "fieldPath": ".autoscaling",
                 },
+                {
+                    # At zero no model server runs, so only a query on the gateway's metrics
+                    # sees the requests that should wake it.
+                    "rule": "!has(self.autoscaling) || !has(self.autoscaling.scaleToZero) || "
+                    "(has(self.metrics) && has(self.metrics.queries) && "
+                    "(has(self.metrics.queries.arrivalRate) || "
+                    "has(self.metrics.queries.queueDepth)))",
+                    "message": "scaleToZero needs metrics.queries.arrivalRate or queueDepth on "
+                    "the gateway's or ingress' metrics: at 0 replicas the model server's own "
+                    "series are gone, and nothing else would wake it",
+                    "fieldPath": ".autoscaling.scaleToZero",
+                },
             ]
         }
     )
