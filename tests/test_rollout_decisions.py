@@ -1130,3 +1130,47 @@ def test_replicas_while_a_candidates_weight_is_withheld(
     plan = plan_revisions("b", True, st, exact_weights=exact, step_weights=[10, 50])
     assert plan.replicas(10) == replicas
     assert plan.weights == st.weights
+
+
+def test_withholding_while_paused_stays_paused() -> None:
+    """A paused Istio canary whose candidate loses its ready replicas: its weight goes to
+    stable, and the rollout stays Paused (no flip to Canary and back, no second Paused Event)."""
+    rollout = spec(router={"type": "istio", "host": "m.example"}, paused=True)
+    status = in_flight(0, since=-60, candidate_ready_at=ts(-100), phase="Paused")
+    status, action = drive(rollout, status, 0, PASS, candidate_ready=False)
+    assert isinstance(action, SetWeights) and action.resume and action.candidate == 0
+    assert status.phase == "Paused"
+    status, action = drive(rollout, status, 15, PASS, candidate_ready=False)
+    assert status.phase == "Paused"
+    conds = {c.type: c for c in rollout_conditions([], status, action, "", "", ts(15))}
+    assert conds["RolloutPaused"].status == "True"
+
+
+def test_a_failed_fallback_that_recovers_says_what_holds_now() -> None:
+    failed = STABLE_A.model_copy(
+        update={"failed_revision": "b", "phase": "FellBack", "fallback_since": ts(0)}
+    )
+    status, action = drive(spec(), failed, 1800, None, stable_ready=False)
+    conds = rollout_conditions([], status, action, "", "", ts(1800))
+    status, action = drive(spec(), status, 1830, None, stable_ready=True)
+    conds = {c.type: c for c in rollout_conditions(conds, status, action, "", "", ts(1830))}
+    assert conds["FallbackApplied"].status == "True"
+    assert conds["FallbackApplied"].message != ""
+
+
+def test_any_move_but_the_failed_fallback_hold_clears_it() -> None:
+    status = in_flight(0).model_copy(update={"fallback_failed_at": ts(0)})
+    after = apply_action(
+        spec(), status, Promote("b", "steps done"), now=T0, desired_model=MODEL_B
+    )
+    assert after.fallback_failed_at is None
+
+
+def test_a_fallback_written_without_fallback_since_gets_a_deadline() -> None:
+    """Status from a version that did not record fallbackSince: the deadline counts from the
+    first loop that reads it, so a fallback target that never serves is still reported."""
+    old = STABLE_A.model_copy(update={"failed_revision": "b", "phase": "FellBack"})
+    status, action = drive(spec(), old, 100, None, stable_ready=False)
+    assert status.fallback_since == ts(100) and not action.fallback_failed
+    status, action = drive(spec(), status, 100 + 1800, None, stable_ready=False)
+    assert isinstance(action, Hold) and action.fallback_failed

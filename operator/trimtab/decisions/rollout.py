@@ -577,6 +577,8 @@ def apply_action(
     stamp = format_time(now)
     subject = status.candidate_revision or status.stable_revision
     data = status.model_copy(deep=True)
+    # A failed fallback is over with any move but the Hold that says it still is.
+    data.fallback_failed_at = None
     data.verdicts = _verdicts(status, analysis, stamp, subject)
     if status.candidate_revision is None and status.promoted_at and analysis is not None:
         if analysis.verdict == "Fail":
@@ -587,7 +589,8 @@ def apply_action(
     if isinstance(action, SetWeights) and action.resume:
         data.weights = Weights(stable=action.stable, candidate=action.candidate, mirror_percent=0)
         data.step_index = action.step_index
-        data.phase = "Canary"
+        # Withholding an unready candidate's weight while paused leaves the rollout paused.
+        data.phase = "Paused" if spec.paused else "Canary"
     elif isinstance(action, SetWeights):
         if action.start is not None:
             _clear_candidate(data)
@@ -660,6 +663,9 @@ def apply_action(
         data.fallback_failed_at = (
             (status.fallback_failed_at or stamp) if action.fallback_failed else None
         )
+        if status.phase == "FellBack" and status.fallback_since is None:
+            # Written by a version that did not record it: the deadline counts from now.
+            data.fallback_since = stamp
         if action.end_watch and action.known_good and status.stable_revision is not None:
             entry = KnownGoodRevision(
                 revision=status.stable_revision,
@@ -673,7 +679,7 @@ def apply_action(
             data.watch_verdict = None
             data.phase = "Stable"
         elif status.candidate_revision is not None:
-            data.phase = _phase_in_flight(status.weights)
+            data.phase = "Paused" if spec.paused else _phase_in_flight(status.weights)
     if inputs is not None and not (isinstance(action, SetWeights) and action.start):
         _track_holds(spec, data, inputs.candidate_ready, now)
     if inputs is not None and inputs.stable_ready and not isinstance(action, Fallback):
@@ -1013,12 +1019,15 @@ def rollout_conditions(
         return set_condition(
             conds, CONDITION_FALLBACK_APPLIED, "False", "FallbackFailed", reason_text, now
         )
+    failed_before = get_condition(conds, CONDITION_FALLBACK_APPLIED)
+    recovered = failed_before is not None and failed_before.reason == "FallbackFailed"
     return sticky_condition(
         conds,
         CONDITION_FALLBACK_APPLIED,
         after.phase == "FellBack",
         "FellBack",
-        reason_text if isinstance(action, Fallback) else None,
+        # After a failed fallback recovers, say what holds now rather than nothing.
+        reason_text if isinstance(action, Fallback) or recovered else None,
         now,
     )
 
