@@ -34,11 +34,34 @@ from trimtab.decisions.conditions import get_condition, set_condition
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 # A Job whose deletion is still in progress is looked at again after this long.
 WAIT_SECONDS = 5.0
+# How long after an OOM kill a restart waits, at most, for right-sizing (Auto) to answer it.
+OOM_RESIZE_WAIT = datetime.timedelta(seconds=120)
 # Job condition reasons (batch/v1).
 REASON_DEADLINE = "DeadlineExceeded"
 REASON_POD_FAILURE_POLICY = "PodFailurePolicy"
 _EXIT_CODE_RE = re.compile(r"pod [^/\s]+/(?P<pod>\S+) failed with exit code (?P<code>\d+)")
 _INDEX_RE = re.compile(r"at index (?P<index>\d+)")
+
+
+def oom_unanswered(status: TrainingJobStatus) -> bool:
+    """Whether the last worker failure is an OOM kill newer than the last right-sizing pass:
+    that pass runs at once, and in Auto mode the next attempt waits for it.
+
+    >>> from trimtab.api.rightsizing import RecommendationsStatus
+    >>> from trimtab.api.trainingjob import WorkerFailure
+    >>> killed = WorkerFailure(reason="OOMKilled", time="2025-01-01T00:05:00Z")
+    >>> oom_unanswered(TrainingJobStatus(last_failure=killed))
+    True
+    >>> later = RecommendationsStatus(updated_at="2025-01-01T00:06:00Z")
+    >>> oom_unanswered(TrainingJobStatus(last_failure=killed, recommendations=later))
+    False
+    """
+    failure = status.last_failure
+    if failure is None or failure.reason != "OOMKilled":
+        return False
+    killed = parse_time(failure.time)
+    last = parse_time(status.recommendations.updated_at if status.recommendations else None)
+    return killed is not None and (last is None or killed > last)
 
 
 def parse_time(text: str | None) -> datetime.datetime | None:
@@ -429,6 +452,16 @@ def decide_training(inputs: TrainingInputs) -> TrainingDecision:
     if status.phase == "Restarting" and job is None:
         if next_at is not None and now < next_at:
             return b.done(requeue_after=(next_at - now).total_seconds())
+        if spec.rightsizing.mode == "Auto" and oom_unanswered(status):
+            failed_at = parse_time(status.last_failure.time if status.last_failure else None)
+            if failed_at is not None and now < failed_at + OOM_RESIZE_WAIT:
+                # The right-sizing pass this kill started has not written yet: the next
+                # attempt is built from the resources it applies, so wait for it (bounded).
+                b.status.message = (
+                    f"waiting for right-sizing to answer the OOM kill before attempt "
+                    f"{status.restarts} (at most {OOM_RESIZE_WAIT.seconds} s after it)"
+                )
+                return b.done(requeue_after=WAIT_SECONDS)
         status.next_restart_time = None
         b.phase("Pending", f"starting attempt {status.restarts} from the checkpoint")
         return b.done(create_job=True, active_deadline_seconds=_remaining_deadline(inputs))

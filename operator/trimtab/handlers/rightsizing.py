@@ -29,7 +29,12 @@ from trimtab.api.rightsizing import (
     RecommendationsStatus,
     RightsizingSpec,
 )
-from trimtab.api.trainingjob import TERMINAL_PHASES, TrainingJobSpec, WorkerFailure
+from trimtab.api.trainingjob import (
+    TERMINAL_PHASES,
+    TrainingJobSpec,
+    TrainingJobStatus,
+    WorkerFailure,
+)
 from trimtab.builders.common import child_name
 from trimtab.builders.serving import CONTAINER_NAME
 from trimtab.builders.training import CONTAINER_NAME as TRAINER_CONTAINER
@@ -47,6 +52,7 @@ from trimtab.decisions.rightsizing import (
     with_failure_kill,
     worker_resources,
 )
+from trimtab.decisions.training import oom_unanswered
 from trimtab.kube.resources import MODELDEPLOYMENTS, TRAININGJOBS, Resource
 from trimtab.metrics.usage import UsageReader, UsageTarget, pod_regex_for
 
@@ -87,9 +93,10 @@ def due(body: Any, now: float) -> bool:
 
 
 def oom_since_last_pass(status: Any) -> bool:
-    """Whether a TrainingJob's last worker failure is an OOM kill newer than the last pass: such
-    a pass runs at once, not an interval later, so a raise can be in place before the next
-    attempt's Job is built (it is built from the applied resources when it is created).
+    """Whether a TrainingJob's last worker failure is an OOM kill newer than the last pass
+    (`oom_unanswered`): such a pass runs at once, not an interval later, so a raise can be in
+    place before the next attempt's Job is built (it is built from the applied resources when
+    it is created; in Auto mode the restart waits for this pass, see decide_training).
 
     >>> oom_since_last_pass({"lastFailure": {"reason": "OOMKilled", "time": "2025-01-01T00:05:00Z"},
     ...     "recommendations": {"updatedAt": "2025-01-01T00:00:00Z"}})
@@ -98,12 +105,10 @@ def oom_since_last_pass(status: Any) -> bool:
     ...     "recommendations": {"updatedAt": "2025-01-01T00:06:00Z"}})
     False
     """
-    failure = (status or {}).get("lastFailure") or {}
-    if failure.get("reason") != "OOMKilled":
+    try:
+        return oom_unanswered(TrainingJobStatus.model_validate(status or {}))
+    except ValidationError:
         return False
-    killed = _parse_time(failure.get("time"))
-    last = _parse_time(((status or {}).get("recommendations") or {}).get("updatedAt"))
-    return killed is not None and (last is None or killed > last)
 
 
 EVENT_MOVED = "RecommendationChanged"
