@@ -251,7 +251,7 @@ class UsageReader:
             for t, _ in kills:
                 limit = _at_or_before(limits.get(pod, []), t)
                 ooms.append((t, limit if limit else _nearest(memory, t)))
-        ooms.sort()
+        ooms = _one_per_spike(sorted(ooms), merge_s)
         gpu_memory: Points = []
         gpu_util: Points = []
         gpu_model: GpuModel | None = None
@@ -300,6 +300,22 @@ def _distinct_kills(points: Points, window_s: float) -> Points:
         if last is None or t - last > window_s:
             out.append((t, v))
         last = t
+    return out
+
+
+def _one_per_spike(kills: Points, window_s: float) -> Points:
+    """Kills of several pods within one increase() window are one event (one spike killed
+    every replica), valued at the highest memory among them.
+
+    >>> _one_per_spike([(0.0, 2.0), (30.0, 3.0), (600.0, 2.0)], 60)
+    [(0.0, 3.0), (600.0, 2.0)]
+    """
+    out: Points = []
+    for t, v in kills:
+        if out and t - out[-1][0] <= window_s:
+            out[-1] = (out[-1][0], max(out[-1][1], v))
+        else:
+            out.append((t, v))
     return out
 
 
