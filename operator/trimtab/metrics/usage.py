@@ -251,7 +251,10 @@ class UsageReader:
             for t, _ in kills:
                 limit = _at_or_before(limits.get(pod, []), t)
                 ooms.append((t, limit if limit else _nearest(memory, t)))
-        ooms = _one_per_spike(sorted(ooms), merge_s)
+        ooms.sort()
+        if target.restarts_in_place:
+            # A Deployment's replicas killed by one spike; a Job's pods are each an attempt.
+            ooms = _one_per_spike(ooms, merge_s)
         gpu_memory: Points = []
         gpu_util: Points = []
         gpu_model: GpuModel | None = None
