@@ -11,7 +11,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 venv: $(STAMP)
 
-# Rebuilt whenever pyproject.toml or this Makefile changes, so a stale venv never hides a missing dependency.
+# Rebuilt whenever pyproject.toml or this Makefile changes: a stale venv never hides a missing
+# dependency.
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
