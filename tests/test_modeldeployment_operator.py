@@ -3,7 +3,10 @@ Deployment, invalid specs, and no writes on a no-op reconcile."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from tests.conftest import Cluster, wait_for
@@ -64,6 +67,37 @@ async def mark_ready(cluster: Cluster, deployment: dict[str, Any]) -> None:
             }
         },
     )
+
+
+@contextlib.asynccontextmanager
+async def deployment_controller(
+    cluster: Cluster, held: Callable[[dict[str, Any]], bool] = lambda d: False
+) -> AsyncIterator[None]:
+    """Play the Deployment controller in the background: every Deployment in the namespace
+    whose replicas are not all ready (or whose generation is not observed) becomes ready,
+    except those `held` says stay as they are."""
+
+    async def loop() -> None:
+        while True:
+            listing = await cluster.get(DEPLOY_PATH) or {}
+            for d in listing.get("items", []):
+                st = d.get("status") or {}
+                behind = (
+                    st.get("readyReplicas") != d["spec"]["replicas"]
+                    or st.get("observedGeneration") != d["metadata"]["generation"]
+                )
+                if behind and not held(d):
+                    with contextlib.suppress(Exception):
+                        await mark_ready(cluster, d)
+            await asyncio.sleep(0.2)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_create_builds_deployment_service_and_status(

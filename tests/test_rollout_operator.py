@@ -26,7 +26,13 @@ from tests.prometheus_fixture import (
     PrometheusServer,
     require_prometheus,
 )
-from tests.test_modeldeployment_operator import MD_PATH, NS, mark_ready, model, serving_deployments
+from tests.test_modeldeployment_operator import (
+    MD_PATH,
+    NS,
+    deployment_controller,
+    model,
+    serving_deployments,
+)
 from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.rollout import ROLLOUT_ACTION_ANNOTATION
@@ -97,31 +103,6 @@ async def revisions_scraped(tmp_path: Path) -> AsyncIterator[Scraped]:
         prometheus.stop()
         for e in exporters.values():
             e.stop()
-
-
-@contextlib.asynccontextmanager
-async def deployment_controller(cluster: Cluster) -> AsyncIterator[None]:
-    """Play the Deployment controller: every replica of every revision becomes ready."""
-
-    async def loop() -> None:
-        while True:
-            for d in await serving_deployments(cluster, NAME):
-                st = d.get("status") or {}
-                if (
-                    st.get("readyReplicas") != d["spec"]["replicas"]
-                    or st.get("observedGeneration") != d["metadata"]["generation"]
-                ):
-                    with contextlib.suppress(Exception):
-                        await mark_ready(cluster, d)
-            await asyncio.sleep(0.2)
-
-    task = asyncio.create_task(loop())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def status_of(cluster: Cluster) -> dict[str, Any]:

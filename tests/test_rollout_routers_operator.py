@@ -46,7 +46,7 @@ from tests.test_modeldeployment_operator import (
     MD_PATH,
     NS,
     SVC_PATH,
-    mark_ready,
+    deployment_controller,
     model,
 )
 from tests.validation import thirdparty, validate_builtin, validate_custom
@@ -165,40 +165,17 @@ async def scraped(tmp_path: Path) -> AsyncIterator[Scraped]:
             e.stop()
 
 
-@contextlib.asynccontextmanager
-async def deployment_controller(
-    cluster: Cluster, held: set[tuple[str, str]]
-) -> AsyncIterator[None]:
-    """Play the Deployment controller: every replica becomes ready, except the broken image's
-    and those of the (owner, revision) pairs in `held` (the test empties it to let them start)."""
+def held_back(held: set[tuple[str, str]]) -> Callable[[dict[str, Any]], bool]:
+    """For deployment_controller: the broken image's Deployments never become ready, nor
+    those of the (owner, revision) pairs in `held` (the test empties it to let them start)."""
 
-    async def loop() -> None:
-        while True:
-            listing = await cluster.get(DEPLOY_PATH) or {}
-            for d in listing.get("items", []):
-                image = d["spec"]["template"]["spec"]["containers"][0]["image"]
-                labels = d["metadata"].get("labels") or {}
-                key = (labels.get(C.LABEL_OWNER, ""), labels.get(C.LABEL_REVISION, ""))
-                st = d.get("status") or {}
-                if (
-                    image != BROKEN
-                    and key not in held
-                    and (
-                        st.get("readyReplicas") != d["spec"]["replicas"]
-                        or st.get("observedGeneration") != d["metadata"]["generation"]
-                    )
-                ):
-                    with contextlib.suppress(Exception):
-                        await mark_ready(cluster, d)
-            await asyncio.sleep(0.2)
+    def hold(d: dict[str, Any]) -> bool:
+        image = d["spec"]["template"]["spec"]["containers"][0]["image"]
+        labels = d["metadata"].get("labels") or {}
+        key = (labels.get(C.LABEL_OWNER, ""), labels.get(C.LABEL_REVISION, ""))
+        return image == BROKEN or key in held
 
-    task = asyncio.create_task(loop())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    return hold
 
 
 # --- reading what the operator wrote ----------------------------------------------------------
@@ -631,7 +608,7 @@ async def test_mesh_routers_shadow_canary_promote_fallback_and_progress_deadline
     held: set[tuple[str, str]] = set()
     async with (
         scraped(tmp_path) as metrics,
-        deployment_controller(cluster, held),
+        deployment_controller(cluster, held_back(held)),
         run_operator(),
     ):
         url = metrics.prometheus.url
