@@ -157,14 +157,18 @@ class Recommender(Protocol):
         ...
 
 
-class Static:
-    name = "static"
+class Unobserving:
+    """A sizing that learns nothing from usage or OOM kills (static requests, the floor)."""
 
     def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
         pass
 
     def oom(self, t: float, memory_limit: float, age: float) -> None:
         pass
+
+
+class Static(Unobserving):
+    name = "static"
 
     def decide(self, t: float, request: tuple[float, float], age: float) -> None:
         return None
@@ -356,7 +360,7 @@ class Krr:
 
 
 @dataclass
-class ClairvoyantDaily:
+class ClairvoyantDaily(Unobserving):
     """Not a recommender anyone can run: a floor. Once a day it sets the requests the next 24 h
     of demand need exactly, knowing them in advance: CPU at the percentile trimtab uses
     (p95) and memory at the day's peak, with no headroom (so no OOM kill). Its slack is what
@@ -368,12 +372,6 @@ class ClairvoyantDaily:
     name: str = "clairvoyant_daily"
     percentile: float = 0.95
     next_at: float = 0.0
-
-    def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
-        pass
-
-    def oom(self, t: float, memory_limit: float, age: float) -> None:
-        pass
 
     def decide(
         self, t: float, request: tuple[float, float], age: float
