@@ -348,30 +348,22 @@ CASES = [
         "30s of 1m",
         id="never-ready-within-deadline-waits",
     ),
-    # Traffic withheld from a candidate without endpoints (mesh routers), given back later.
+    # A mesh withholds an unready candidate's share (routed_revisions); status keeps it.
     pytest.param(
         spec(router={"type": "istio", "host": "m.example"}),
         in_flight(0, since=-20, candidate_ready_at=ts(-30)),
         dict(desired_revision="b", candidate_ready=False),
-        SetWeights,
+        Hold,
         "its 10% goes to stable a",
         id="mesh-unready-candidate-loses-its-weight",
     ),
     pytest.param(
         spec(router={"type": "istio", "host": "m.example"}),
-        in_flight(0, since=-20, weight=0, candidate_unready_since=ts(-10)),
-        dict(desired_revision="b", candidate_ready=False),
-        Hold,
-        "step clock stopped",
-        id="mesh-withheld-candidate-still-unready-holds",
-    ),
-    pytest.param(
-        spec(router={"type": "istio", "host": "m.example"}),
-        in_flight(0, since=-20, weight=0, candidate_unready_since=ts(-10)),
+        in_flight(0, since=-20, candidate_unready_since=ts(-10), held_since=ts(-10)),
         dict(desired_revision="b", candidate_ready=True, analysis=PASS),
-        SetWeights,
-        "step 1 of 2 resumes at 10%",
-        id="mesh-candidate-ready-again-gets-its-weight-back",
+        Hold,
+        "step 1 of 2 (10%): 10s of 1m",
+        id="mesh-candidate-ready-again-resumes-its-step",
     ),
     pytest.param(
         spec(),
@@ -673,7 +665,7 @@ def test_a_pause_stops_the_step_clock_across_a_restart() -> None:
     status, action = drive(spec(), status, 15, PASS, candidate_ready=True)
     assert status.step_index == 0 and status.candidate_ready_at == ts(15)
     status, action = drive(spec(paused=True), status, 30, PASS, candidate_ready=True)
-    assert isinstance(action, Pause) and status.paused_at == ts(30)
+    assert isinstance(action, Pause) and status.held_since == ts(30)
     assert status.held_since == ts(30)
     status = restart(status)
     status, action = drive(spec(paused=True), status, 3630, PASS, candidate_ready=True)
@@ -682,7 +674,7 @@ def test_a_pause_stops_the_step_clock_across_a_restart() -> None:
     # Unpaused after an hour: 15s of the 1m step ran before the pause, none since.
     status, action = drive(spec(), status, 3645, PASS, candidate_ready=True)
     assert isinstance(action, Hold) and "15s of 1m" in action.reason
-    assert status.paused_at is None and status.held_since is None
+    assert status.held_since is None
     assert status.held_seconds == 3615
     status, action = drive(spec(), status, 3680, PASS, candidate_ready=True)
     assert isinstance(action, Hold) and "50s of 1m" in action.reason
@@ -697,14 +689,16 @@ def test_an_unready_candidate_loses_its_traffic_until_ready_again() -> None:
     status, _ = drive(mesh, status, 15, PASS, candidate_ready=True)
     assert status.weights == Weights(stable=90, candidate=10)
     status, action = drive(mesh, status, 30, None, candidate_ready=False)
-    assert isinstance(action, SetWeights) and action.resume
-    assert status.weights == Weights(stable=100, candidate=0) and status.step_index == 0
+    assert isinstance(action, Hold) and "its 10% goes to stable a" in action.reason
+    # Status keeps the step's weight (and so its replicas); the route withholds it.
+    assert status.weights == Weights(stable=90, candidate=10) and status.step_index == 0
+    assert routed_revisions(status, frozenset({"a"})) == ("a", "b", Weights())
     assert status.step_since == ts(15) and status.candidate_unready_since == ts(30)
     status = restart(status)
     status, action = drive(mesh, status, 600, None, candidate_ready=False)
     assert isinstance(action, Hold) and "9m30s of 30m" in action.reason
     status, action = drive(mesh, status, 615, PASS, candidate_ready=True)
-    assert isinstance(action, SetWeights) and status.weights.candidate == 10
+    assert routed_revisions(status, frozenset({"a", "b"}))[2].candidate == 10
     assert status.step_since == ts(15) and status.held_seconds == 585
     assert status.candidate_unready_since is None
     # 15s before and 15s after the outage count; the step needs 1m.
@@ -1084,62 +1078,44 @@ def test_manual_action_done(
 
 
 @pytest.mark.parametrize(
-    ("status", "exact", "replicas"),
+    ("weights", "serving", "routed"),
     [
         pytest.param(
-            {"stepIndex": 1, "weights": {"stable": 100, "candidate": 0}},
-            True,
-            (5, 5),
-            id="mesh-withheld-keeps-the-steps-replicas",
+            Weights(stable=50, candidate=50),
+            {"a", "b"},
+            Weights(stable=50, candidate=50),
+            id="both-serve-as-status-says",
         ),
         pytest.param(
-            {"stepIndex": 1, "weights": {"stable": 50, "candidate": 50}},
-            True,
-            (5, 5),
-            id="mesh-serving-at-its-step",
+            Weights(stable=50, candidate=50), {"a"}, Weights(), id="unready-candidate-gets-none"
         ),
         pytest.param(
-            {"stepIndex": -1, "weights": {"stable": 100, "candidate": 0}},
-            True,
-            (9, 1),
-            id="before-the-first-step-one-replica",
-        ),
-        pytest.param(
-            {"stepIndex": -1, "weights": {"stable": 100, "mirrorPercent": 50}},
-            True,
-            (10, 5),
-            id="shadow-sized-for-the-mirror",
-        ),
-        pytest.param(
-            {"stepIndex": 1, "weights": {"stable": 50, "candidate": 50}},
-            False,
-            (5, 5),
-            id="replicas-router-the-ratio-is-the-split",
+            Weights(stable=100, mirror_percent=50),
+            {"a"},
+            Weights(stable=100, mirror_percent=50),
+            id="shadow-mirror-unchanged",
         ),
     ],
 )
-def test_replicas_while_a_candidates_weight_is_withheld(
-    status: dict[str, Any], exact: bool, replicas: tuple[int, int]
+def test_routed_revisions_withholds_an_unready_candidates_share(
+    weights: Weights, serving: set[str], routed: Weights
 ) -> None:
-    """10 replicas of capacity, steps [10, 50]: a mesh candidate whose 50% is withheld while it
-    has no ready replica keeps its 5 replicas (its recovering pods are not deleted, and it is
-    not left with one replica for half the traffic when the weight returns)."""
-    st = RolloutStatus.model_validate(
-        {"stableRevision": "a", "candidateRevision": "b", **status}
+    status = RolloutStatus(stable_revision="a", candidate_revision="b", weights=weights)
+    assert routed_revisions(status, frozenset(serving)) == ("a", "b", routed)
+    # Replicas follow status, not the route: the candidate keeps its step's share.
+    assert plan_revisions("b", True, status, exact_weights=True).replicas(10)[1] >= (
+        weights.candidate // 10
     )
-    plan = plan_revisions("b", True, st, exact_weights=exact, step_weights=[10, 50])
-    assert plan.replicas(10) == replicas
-    assert plan.weights == st.weights
 
 
 def test_withholding_while_paused_stays_paused() -> None:
-    """A paused Istio canary whose candidate loses its ready replicas: its weight goes to
-    stable, and the rollout stays Paused (no flip to Canary and back, no second Paused Event)."""
+    """A paused Istio canary whose candidate loses its ready replicas: the route withholds its
+    weight, and the rollout stays Paused (no flip to Canary and back, no second Paused Event)."""
     rollout = spec(router={"type": "istio", "host": "m.example"}, paused=True)
     status = in_flight(0, since=-60, candidate_ready_at=ts(-100), phase="Paused")
     status, action = drive(rollout, status, 0, PASS, candidate_ready=False)
-    assert isinstance(action, SetWeights) and action.resume and action.candidate == 0
-    assert status.phase == "Paused"
+    assert isinstance(action, Hold) and status.phase == "Paused"
+    assert routed_revisions(status, frozenset({"a"}))[2] == Weights()
     status, action = drive(rollout, status, 15, PASS, candidate_ready=False)
     assert status.phase == "Paused"
     conds = {c.type: c for c in rollout_conditions([], status, action, "", "", ts(15))}

@@ -422,7 +422,6 @@ class RolloutStatus(StatusModel):
     held_seconds: int = Field(
         default=0, description="Seconds of the current step not counted (paused or unready)."
     )
-    paused_at: str | None = Field(default=None, description="spec.rollout.paused seen since.")
     promoted_at: str | None = Field(default=None, description="Watch window start.")
     stable_model: dict[str, Any] | None = Field(
         default=None,

@@ -7,7 +7,6 @@ Pure: the clock, the candidate's readiness and the analysis verdict are argument
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -51,9 +50,6 @@ class SetWeights:
     step_index: int
     reason: str
     start: str | None = None
-    # The step goes on (its clock and evidence too): traffic withheld from a candidate
-    # without a ready replica, or given back once it is ready again.
-    resume: bool = False
     # Acted on the rollout-action annotation (which is then removed).
     by_hand: bool = False
     kind: Literal["SetWeights"] = "SetWeights"
@@ -233,9 +229,8 @@ def next_rollout_step(
     - no stable revision yet -> Promote (the first revision has nothing to compare with)
     - spec revision b, stable a, no candidate -> SetWeights(100, 0, start=b): b starts at 0%
     - candidate b never ready, created 30m ago (progressDeadline 30m) -> Rollback
-    - candidate ready before, now without a ready replica for 2m -> Hold (mesh router at 10%:
-      SetWeights(100, 0, resume): its share goes to stable until it is ready again); for 30m
-      -> Rollback
+    - candidate ready before, now without a ready replica for 2m -> Hold (a mesh router
+      sends its 10% to stable until it is ready again: routed_revisions); for 30m -> Rollback
     - spec.rollout.paused, analysis not failing -> Pause (at any step, shadow included)
     - candidate ready, step -1 -> SetWeights(90, 10, step 0)
     - step 0 for 20s, analysis Pass -> Hold("step 1: 20s of 1m00s")
@@ -303,13 +298,11 @@ def next_rollout_step(
                 f"(progressDeadline {spec.progress_deadline})"
             )
         if mesh and status.weights.candidate > 0:
-            return SetWeights(
-                100,
-                0,
-                status.step_index,
-                f"candidate {candidate} has no ready replica: its {status.weights.candidate}% "
-                f"goes to stable {stable} until it is ready again (step clock stopped)",
-                resume=True,
+            # routed_revisions sends its share to stable while it has no ready replica.
+            return Hold(
+                f"candidate {candidate} has no ready replica ({_fmt(unready)} of "
+                f"{spec.progress_deadline}): its {status.weights.candidate}% goes to stable "
+                f"{stable} until it is ready again; step clock stopped"
             )
         return Hold(
             f"candidate {candidate} has no ready replica ({_fmt(unready)} of "
@@ -366,16 +359,6 @@ def next_rollout_step(
             f"candidate {candidate} ready; step 1 of {len(spec.steps)}: {spec.steps[0].weight}%",
         )
     index = min(status.step_index, len(spec.steps) - 1)
-    if status.weights.candidate != spec.steps[index].weight:
-        # Traffic was withheld while the candidate had no ready replica.
-        return SetWeights(
-            100 - spec.steps[index].weight,
-            spec.steps[index].weight,
-            index,
-            f"candidate {candidate} ready: step {index + 1} of {len(spec.steps)} "
-            f"resumes at {spec.steps[index].weight}%",
-            resume=True,
-        )
     if inputs.manual == "promote":
         return _advance(
             spec, status, f"step {status.step_index + 1} promoted by hand", by_hand=True
@@ -499,10 +482,20 @@ def routed_revisions(
     """(stable, candidate, weights) a mesh router should send traffic to now, given the
     revisions that have a ready replica; None before the first revision.
 
-    Status says where traffic should go; this says where it can. After a fallback the
-    known-good revision is rebuilt from nothing, so until it serves, traffic stays on the
-    revision fallen back from (it answers, if badly, where a revision without endpoints would
-    answer nothing). A mesh would otherwise send every request to a Service with no endpoints.
+    Status says where traffic should go; this says where it can. A mesh would otherwise send
+    requests to a Service with no endpoints. A candidate without a ready replica (a crash, a
+    node drain) gets no share until it has one again; status keeps its step's weight, so its
+    replicas stay sized for the step and the share returns as soon as it serves. After a
+    fallback the known-good revision is rebuilt from nothing, so until it serves, traffic
+    stays on the revision fallen back from (it answers, if badly, where a revision without
+    endpoints would answer nothing).
+
+    >>> canary = RolloutStatus(stable_revision="a", candidate_revision="b",
+    ...                        weights=Weights(stable=50, candidate=50))
+    >>> routed_revisions(canary, frozenset({"a"}))[2]
+    Weights(stable=100, candidate=0, mirror_percent=0)
+    >>> routed_revisions(canary, frozenset({"a", "b"}))[2]
+    Weights(stable=50, candidate=50, mirror_percent=0)
 
     >>> fell = RolloutStatus(stable_revision="a", failed_revision="b", phase="FellBack")
     >>> routed_revisions(fell, frozenset({"b"}))[:2]
@@ -524,7 +517,10 @@ def routed_revisions(
         and failed in serving
     ):
         return failed, None, Weights()
-    return stable, status.candidate_revision, status.weights
+    candidate, weights = status.candidate_revision, status.weights
+    if candidate is not None and weights.candidate > 0 and candidate not in serving:
+        weights = Weights(stable=100, candidate=0, mirror_percent=weights.mirror_percent)
+    return stable, candidate, weights
 
 
 # --- status after an action -----------------------------------------------------------------
@@ -586,12 +582,7 @@ def apply_action(
         elif analysis.verdict == "Pass" and status.watch_verdict is None:
             data.watch_verdict = "Pass"
     data.reason = action.reason
-    if isinstance(action, SetWeights) and action.resume:
-        data.weights = Weights(stable=action.stable, candidate=action.candidate, mirror_percent=0)
-        data.step_index = action.step_index
-        # Withholding an unready candidate's weight while paused leaves the rollout paused.
-        data.phase = "Paused" if spec.paused else "Canary"
-    elif isinstance(action, SetWeights):
+    if isinstance(action, SetWeights):
         if action.start is not None:
             _clear_candidate(data)
             data.candidate_revision = action.start
@@ -704,7 +695,6 @@ def _track_holds(spec: RolloutSpec, data: RolloutStatus, ready: bool, now: datet
         data.candidate_unready_since = None
     elif has_served(data):
         data.candidate_unready_since = data.candidate_unready_since or stamp
-    data.paused_at = (data.paused_at or stamp) if spec.paused else None
     held = spec.paused or data.candidate_unready_since is not None
     if held:
         data.held_since = data.held_since or stamp
@@ -721,7 +711,6 @@ def _clear_candidate(data: RolloutStatus) -> None:
     data.candidate_unready_since = None
     data.held_since = None
     data.held_seconds = 0
-    data.paused_at = None
     data.step_since = None
     data.step_index = -1
     data.carried_evidence = []
@@ -810,10 +799,6 @@ class RevisionPlan:
     # A candidate that status still names but the spec no longer does; it keeps running
     # until the rollout loop replaces or removes it.
     outgoing: str | None = None
-    # The weights replicas are split by when they differ from the traffic's: a mesh candidate
-    # whose step weight is withheld while it has no ready replica keeps its step's replicas,
-    # so its recovering pods are not deleted and it is not overloaded when traffic returns.
-    sizing: Weights | None = None
 
     @property
     def status_revision(self) -> str:
@@ -854,7 +839,7 @@ class RevisionPlan:
         """(stable, candidate) replicas for `total` replicas of capacity."""
         return split_replicas(
             total,
-            self.sizing or self.weights,
+            self.weights,
             exact_weights=self.exact_weights,
             in_rollout=bool(self.candidate),
         )
@@ -866,7 +851,6 @@ def plan_revisions(
     status: RolloutStatus,
     *,
     exact_weights: bool = False,
-    step_weights: Sequence[int] = (),
 ) -> RevisionPlan:
     """Which revisions run, from the spec's revision `desired` and status.rollout.
 
@@ -879,14 +863,6 @@ def plan_revisions(
       names b as the candidate, else at 100/0 (b starts without traffic)
     - stable a, desired b, failedRevision b -> no candidate: b is not retried
     - stable a, candidate b in status, desired c -> candidate c at 100/0; b is `outgoing`
-    - a mesh candidate at step 2 (`step_weights` [10, 50]) whose weight is withheld (100/0,
-      no ready replica): replicas are still split 50/50 (`sizing`), traffic stays 100/0
-
-    >>> held = RolloutStatus(stable_revision="a", candidate_revision="b", step_index=1,
-    ...                      weights=Weights(stable=100, candidate=0))
-    >>> plan = plan_revisions("b", True, held, exact_weights=True, step_weights=[10, 50])
-    >>> plan.weights.candidate, plan.replicas(10)
-    (0, (5, 5))
     """
     if not rollout or status.stable_revision is None:
         return RevisionPlan(desired, None, Weights(), rollout, exact_weights, True)
@@ -901,17 +877,6 @@ def plan_revisions(
         status.candidate_revision if status.candidate_revision not in (candidate, None) else None
     )
     from_spec = stable == desired
-    sizing = None
-    if (
-        exact_weights
-        and candidate is not None
-        and status.candidate_revision == candidate
-        and 0 <= status.step_index < len(step_weights)
-        and weights.candidate == 0
-        and not weights.mirror_percent
-    ):
-        step = step_weights[status.step_index]
-        sizing = Weights(stable=100 - step, candidate=step)
     return RevisionPlan(
         stable,
         candidate,
@@ -921,7 +886,6 @@ def plan_revisions(
         from_spec,
         None if from_spec else stable_model(status),
         outgoing,
-        sizing,
     )
 
 

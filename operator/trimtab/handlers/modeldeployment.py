@@ -274,7 +274,6 @@ def plan_for(spec: ModelDeploymentSpec, status: dict[str, Any]) -> RevisionPlan:
         rollout is not None,
         RolloutStatus.model_validate(status.get("rollout") or {}),
         exact_weights=rollout is not None and rollout.router.type != "replicas",
-        step_weights=[s.weight for s in rollout.steps] if rollout is not None else (),
     )
 
 

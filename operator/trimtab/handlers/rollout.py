@@ -488,7 +488,9 @@ async def _route(
         old = before.candidate_revision
         if before.stable_revision and old is not None and old != after.candidate_revision:
             await router(before.stable_revision, old, before.weights).finalize()
-        w = after.weights
+        # Where traffic can go: a candidate without a ready replica gets none yet.
+        routed = routed_revisions(after, ready) if mesh else None
+        w = routed[2] if routed is not None else after.weights
         await router(after.stable_revision, after.candidate_revision, w).set_weights(
             w.stable, w.candidate, w.mirror_percent
         )
