@@ -195,11 +195,6 @@ class KubeRouterClient:
         await self.kube.scale(res, namespace, name, replicas)
 
 
-def serving(obs: DeploymentObservation | None) -> bool:
-    """Whether the revision has a ready replica (revision_serving)."""
-    return revision_serving(obs)
-
-
 # --- reading the counts ---------------------------------------------------------------------
 
 
@@ -333,7 +328,7 @@ async def rollout_once(
         )
         if o.revision
     }
-    ready = frozenset(r for r, o in observed.items() if serving(o))
+    ready = frozenset(r for r, o in observed.items() if revision_serving(o))
     candidate = before.candidate_revision
     candidate_ready = candidate is not None and candidate in ready
 
@@ -419,7 +414,7 @@ async def rollout_once(
     stale = set(observed) - plan_after.keep
     if stale or moved:
         await retire(
-            kube, owner, plan_after.keep, observed, serving(observed.get(plan_after.stable)),
+            kube, owner, plan_after.keep, observed, plan_after.stable in ready,
             mesh=rollout.router.type != "replicas", logger=logger,
         )  # fmt: skip
     _record(body, namespace, name, before, after, action, metrics_error, logger)

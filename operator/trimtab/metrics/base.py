@@ -5,8 +5,9 @@ Every provider (Prometheus today) implements the protocol; callers never see an 
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -203,3 +204,21 @@ async def read_signals(
                 f"{where} has no query for {name}; set spec.metrics.queries.{name}"
             )
     return Signals.from_results(results)
+
+
+async def in_thread(call: Callable[[], Any], timeout_s: float) -> Any:
+    """Run a blocking client call in a worker thread under a deadline; its answer, or the
+    exception it ended with (TimeoutError past the deadline), returned rather than raised, in
+    the thread too: a query whose caller was cancelled (the operator shutting down mid-loop)
+    then ends quietly instead of leaving an orphaned task that failed."""
+
+    def guarded() -> Any:
+        try:
+            return call()
+        except Exception as exc:  # the caller tells the failures apart
+            return exc
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(guarded), timeout=timeout_s)
+    except TimeoutError as exc:
+        return exc

@@ -18,7 +18,7 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-from trimtab.metrics.base import QueryResult
+from trimtab.metrics.base import QueryResult, in_thread
 
 _ERRNO = re.compile(r"\[Errno -?\d+\][^'\")]*")
 _BYTES_BODY = re.compile(r"\((b(?P<q>['\"]).*(?P=q))\)\s*$", re.S)
@@ -83,16 +83,8 @@ class PrometheusProvider:
         self._client._session.close()
 
     async def _query(self, promql: str) -> QueryResult:
-        def query() -> Any:
-            # The worker thread returns its failure rather than raising it: a query whose
-            # caller was cancelled (the operator shutting down) then leaves no failed task.
-            try:
-                return self._client.custom_query(promql)
-            except Exception as exc:
-                return exc
-
         try:
-            data = await asyncio.wait_for(asyncio.to_thread(query), timeout=self.timeout_s)
+            data = await in_thread(lambda: self._client.custom_query(promql), self.timeout_s)
             if isinstance(data, Exception):
                 raise data
         except TimeoutError:

@@ -19,6 +19,7 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 
 from trimtab.decisions.rightsizing import ContainerUsage, GpuModel, gpu_model_from_name
+from trimtab.metrics.base import in_thread
 
 CPU_SERIES = "container_cpu_usage_seconds_total"
 MEMORY_SERIES = "container_memory_working_set_bytes"
@@ -175,25 +176,16 @@ class UsageReader:
         self._client._session.close()
 
     async def _range(self, promql: str, start: float, end: float, step_s: int) -> Any:
-        """The answer, or the exception the query ended with, returned rather than raised, in
-        the worker thread too: a query whose caller was cancelled (the operator shutting down
-        mid-pass) then ends quietly instead of leaving an orphaned task that failed."""
-
-        def query() -> Any:
-            try:
-                return self._client.custom_query_range(
-                    promql,
-                    datetime.datetime.fromtimestamp(start, datetime.UTC),
-                    datetime.datetime.fromtimestamp(end, datetime.UTC),
-                    f"{step_s}s",
-                )
-            except Exception as exc:  # read() tells the failures apart
-                return exc
-
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(query), timeout=self.timeout_s)
-        except TimeoutError as exc:
-            return exc
+        """The answer, or the exception the query ended with (`in_thread`)."""
+        return await in_thread(
+            lambda: self._client.custom_query_range(
+                promql,
+                datetime.datetime.fromtimestamp(start, datetime.UTC),
+                datetime.datetime.fromtimestamp(end, datetime.UTC),
+                f"{step_s}s",
+            ),
+            self.timeout_s,
+        )
 
     async def read(
         self,
