@@ -181,6 +181,17 @@ def compact_history(
     return tuple(out)
 
 
+def _record(
+    history: tuple[Recommendation, ...],
+    now: float,
+    replicas: int,
+    queue_depth: float | None,
+    interval: float,
+) -> tuple[Recommendation, ...]:
+    """The history with this loop's recommendation added, compacted as status keeps it."""
+    return compact_history((*history, Recommendation(now, replicas, queue_depth)), now, interval)
+
+
 def _growth_reference(
     history: tuple[Recommendation, ...], now: float, interval: float, scrape: float = GROWTH_SPAN
 ) -> Recommendation | None:
@@ -340,11 +351,7 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         demand = {k: v for k, v in at_zero.items() if v is not None and v > NO_TRAFFIC_RATE}
         shown = at_zero.items()
         if not demand:
-            history = compact_history(
-                (*history, Recommendation(inp.now, 0, sig.queue_depth)),
-                inp.now,
-                secs.interval,
-            )
+            history = _record(history, inp.now, 0, sig.queue_depth, secs.interval)
             why = (
                 "at 0 replicas, no request seen ("
                 + ", ".join(f"{k} {'no data' if v is None else f'{v:g}'}" for k, v in shown)
@@ -368,11 +375,7 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
                 + ", ".join(f"{k} {v:g}" for k, v in demand.items())
                 + f"; waking to {desired}"
             )
-            history = compact_history(
-                (*history, Recommendation(inp.now, desired, sig.queue_depth)),
-                inp.now,
-                secs.interval,
-            )
+            history = _record(history, inp.now, desired, sig.queue_depth, secs.interval)
             return ReplicaDecision(desired, "up", why, desired, history, used)
 
     # --- missing data: never scale down blind -------------------------------------------
@@ -521,11 +524,7 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         notes.append("p99 over SLO while the queue shrinks: the backlog is draining")
 
     idle = needed == 0
-    history = compact_history(
-        (*history, Recommendation(inp.now, for_load, sig.queue_depth)),
-        inp.now,
-        secs.interval,
-    )
+    history = _record(history, inp.now, for_load, sig.queue_depth, secs.interval)
 
     # --- scale to zero ----------------------------------------------------------------------
     if secs.idle_window is not None and idle:

@@ -600,18 +600,17 @@ def cpu_target(samples: Sequence[Sample], policy: Policy) -> float:
     return hist.percentile(policy.cpu_percentile)
 
 
-def memory_target(samples: Sequence[Sample], policy: Policy, now: float) -> float:
-    """The memory percentile of the hourly peaks in the window (decayed, for a percentile below
-    1.0). Every peak in the window counts, however old: memory is not compressible, so a weekly
-    peak must still be covered six days later, and `window` is what says how far back a peak
-    matters (168h: a week's peaks; 72h: a level left three days ago is forgotten)."""
-    horizon = now - policy.window_s
+def memory_target(samples: Sequence[Sample], policy: Policy) -> float:
+    """The memory percentile of the hourly peaks of `samples` (the window's, as
+    recommend_resources trims them; decayed, for a percentile below 1.0). Every peak in the
+    window counts, however old: memory is not compressible, so a weekly peak must still be
+    covered six days later, and `window` is what says how far back a peak matters (168h: a
+    week's peaks; 72h: a level left three days ago is forgotten)."""
     peaks = interval_peaks(samples, PEAK_INTERVAL_S)
-    recent = [(t, v) for t, v in peaks if t + PEAK_INTERVAL_S > horizon] or peaks[-1:]
     if policy.memory_percentile >= 1.0:
-        return max(v for _, v in recent)
+        return max(v for _, v in peaks)
     hist = memory_histogram(policy.half_life_s)
-    for t, v in recent:
+    for t, v in peaks:
         hist.add(v, 1.0, t)
     return hist.percentile(policy.memory_percentile)
 
@@ -671,7 +670,7 @@ def recommend_resources(
     cpu_value = _clamp(cpu_value, policy.cpu_min, policy.cpu_max)
     # Every kill in the window holds memory up, as every peak does: each is valued at the limit
     # it happened at, so one already answered by a raise asks for no more than that raise.
-    memory_value = max(memory_target(memory, policy, now), oom_floor(ooms))
+    memory_value = max(memory_target(memory, policy), oom_floor(ooms))
     memory_value *= 1 + policy.memory_headroom
     memory_value = _clamp(memory_value, policy.memory_min, policy.memory_max)
     # Round as the API server would write them, so status and the next revision agree.
