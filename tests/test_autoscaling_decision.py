@@ -24,6 +24,7 @@ from trimtab.decisions.autoscaling import (
     AutoscalingInput,
     Recommendation,
     Signals,
+    compact_history,
     decide_replicas,
 )
 
@@ -1281,3 +1282,28 @@ def test_a_long_idle_window_leaves_the_scaling_windows_sharp(
     else:
         pytest.fail(f"never scaled: {d.reason}")
     assert longest <= 200
+
+
+@pytest.mark.parametrize(
+    ("low_ago", "want"),
+    [
+        pytest.param(600, 2, id="low-reading-merged-in-an-old-bucket-holds"),
+        pytest.param(None, 8, id="no-low-reading-scales-up"),  # 10, limited by maxScaleUpRate
+    ],
+)
+def test_scale_up_window_reads_a_merged_buckets_lowest(low_ago: float | None, want: int) -> None:
+    """A 15m scale-up window at a 15 s loop: one low recommendation 10 minutes back has been
+    merged into a bucket with higher ones; the bucket's lowest still holds the scale-up (the
+    window's lowest recommendation is 2), where its highest would let it through."""
+    aspec = spec(scale_up_stabilization="15m")
+    history: tuple[Recommendation, ...] = ()
+    for ago in range(900, 0, -15):
+        t = NOW - ago
+        n = 2 if low_ago is not None and ago == low_ago else 10
+        history = compact_history((*history, Recommendation(t, n, 0.0)), t, 15.0)
+    assert len(history) < 60  # old loops were merged
+    d = decide_replicas(
+        AutoscalingInput(sig(arrival_rate=64.0, running=64.0), 2, 2, aspec, SLO, NOW, history)
+    )
+    assert d.recommendation == 10
+    assert d.desired_replicas == want, d.reason
