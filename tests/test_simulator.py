@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from trimtab.api.autoscaling import AutoscalingSpec, SLOSpec
+from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.simulate.compare import Scenario, score
 from trimtab.simulate.engine import Decision, MetricsPath, ServerModel, Simulation
 from trimtab.simulate.policies import (
@@ -392,3 +393,21 @@ def test_hpa_scale_down_limit_period_excludes_its_boundary(second_after: float, 
     hpa.start(-600.0, 40)
     assert hpa.stabilize_and_limit(0.0, 40, 1) == 20
     assert hpa.stabilize_and_limit(second_after, 20, 1) == want
+
+
+@pytest.mark.parametrize(
+    ("metrics", "override", "want"),
+    [
+        pytest.param(None, None, 15.0, id="default-15s"),
+        pytest.param({"scrapeInterval": "5s"}, None, 5.0, id="from-the-spec"),
+        pytest.param({"scrapeInterval": "5s"}, 30.0, 30.0, id="cli-override-wins"),
+    ],
+)
+def test_scenario_scrapes_as_the_spec_says(
+    metrics: dict[str, str] | None, override: float | None, want: float
+) -> None:
+    body: dict[str, object] = {"image": "x:1", "slo": {"p99LatencyMs": 500}}
+    if metrics is not None:
+        body["metrics"] = metrics
+    spec = ModelDeploymentSpec.model_validate(body)
+    assert Scenario.from_spec(spec, scrape_interval=override).metrics.scrape_interval == want

@@ -72,7 +72,12 @@ def _parser(prog: str, demo: bool) -> argparse.ArgumentParser:
     parser.add_argument(
         "--cold-start", type=float, help="simulated cold start (s); default from spec"
     )
-    parser.add_argument("--scrape-interval", type=float, default=15.0, help="Prometheus scrape (s)")
+    parser.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=None,
+        help="Prometheus scrape (s); default: the spec's metrics.scrapeInterval (15s)",
+    )
     return parser
 
 

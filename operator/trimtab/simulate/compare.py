@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from trimtab.api.autoscaling import AutoscalingSpec, SLOSpec
+from trimtab.api.autoscaling import AutoscalingSpec, MetricsSpec, SLOSpec, duration_seconds
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.simulate.engine import (
     MetricsPath,
@@ -52,10 +52,11 @@ class Scenario:
         prefill_tokens_per_s: float = 8000.0,
         decode_tokens_per_s: float = 40.0,
         cold_start: float | None = None,
-        scrape_interval: float = 15.0,
+        scrape_interval: float | None = None,
     ) -> Scenario:
         """The simulated server takes its slots and cold start from the spec's capacity
-        hints (targetConcurrency, coldStart) unless told otherwise."""
+        hints (targetConcurrency, coldStart), and Prometheus its scrape interval from
+        metrics.scrapeInterval (as the operator's loop does), unless told otherwise."""
         if spec.slo is None:
             raise ValueError("the ModelDeployment has no slo to simulate against")
         autoscaling = spec.autoscaling or AutoscalingSpec()
@@ -70,7 +71,14 @@ class Scenario:
             slo=spec.slo,
             autoscaling=autoscaling,
             server=server,
-            metrics=MetricsPath(scrape_interval=scrape_interval, latency=spec.slo.latency),
+            metrics=MetricsPath(
+                scrape_interval=(
+                    duration_seconds((spec.metrics or MetricsSpec()).scrape_interval)
+                    if scrape_interval is None
+                    else scrape_interval
+                ),
+                latency=spec.slo.latency,
+            ),
             initial_replicas=max(
                 autoscaling.min_replicas, min(spec.replicas, autoscaling.max_replicas)
             ),
