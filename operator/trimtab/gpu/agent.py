@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -27,6 +26,7 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 import pynvml
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from trimtab.gpu.cgroup import container_of
@@ -376,8 +376,7 @@ def serve(
     """Serve /metrics and /healthz in a daemon thread, one thread per request; returns (server,
     thread). Port 0 picks a free port (server.server_port)."""
 
-    class Server(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
+    class Server(ThreadingWSGIServer):  # prometheus_client's, bound to the address' family
         address_family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
 
     server = make_server(
