@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import kopf
@@ -82,6 +82,27 @@ async def wait_for(
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s; last value: {last!r}")
+
+
+T = TypeVar("T")
+
+
+async def wait_for_value(
+    read: Callable[[], Awaitable[T]],
+    check: Callable[[T], object],
+    timeout: float = 15.0,
+    interval: float = 0.1,
+) -> T:
+    """Poll `read` until `check` accepts what it read, and return that; fail with the last
+    value read (not just "no") after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await read()
+        if check(value):
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s; last read: {value!r}")
+        await asyncio.sleep(interval)
 
 
 @pytest.fixture

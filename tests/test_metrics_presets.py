@@ -373,6 +373,9 @@ class FakeProvider:
         self.batches.append(dict(queries))
         return {k: self.answers[v] for k, v in queries.items()}
 
+    async def query_together(self, queries: Mapping[str, str]) -> dict[str, QueryResult]:
+        return await self.query_batch(queries)
+
     async def is_online(self) -> bool:
         return True
 

@@ -7,6 +7,7 @@ import asyncio
 import math
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.prometheus_fixture import (
+    TGI_DURATION_BUCKETS,
     MetricsExporter,
     PodTarget,
     PrometheusServer,
@@ -24,7 +26,7 @@ from tests.prometheus_fixture import (
 )
 from trimtab.metrics.base import QueryResult, ResultState, Signals, read_signals
 from trimtab.metrics.factory import ProviderConfig, UnknownProviderError, create_provider
-from trimtab.metrics.presets import PresetOptions, QueryTarget, build_queries
+from trimtab.metrics.presets import PresetOptions, QueryTarget, build_queries, count_queries
 from trimtab.metrics.prometheus import PrometheusProvider
 
 pytestmark = pytest.mark.prometheus
@@ -265,6 +267,77 @@ def test_override_answering_many_series_is_unavailable(fleet: Fleet) -> None:
     assert signals.queue_depth.state is ResultState.UNAVAILABLE
     assert "2 series" in signals.queue_depth.message
     assert "sum(" in signals.queue_depth.message
+
+
+def _together(url: str, queries: dict[str, str]) -> dict[str, QueryResult]:
+    async def go() -> dict[str, QueryResult]:
+        provider = PrometheusProvider(url, timeout_s=5)
+        try:
+            return await provider.query_together(queries)
+        finally:
+            await provider.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("preset", ["vllm", "tgi", "generic", "triton"])
+def test_counts_read_together_are_each_queries_own(fleet: Fleet, preset: str) -> None:
+    """A rollout's counts in one query: each keeps its own value, and a count with no series
+    is no data, not a number taken from another."""
+    target = _target(f"{preset}-app", "r1")
+    # A bucket bound above LATENCY that the preset's histogram has.
+    bound = min(b for b in TGI_DURATION_BUCKETS if b > LATENCY) if preset == "tgi" else 1.0
+    counts = count_queries(preset, target, bound, PresetOptions())
+    queries: dict[str, str] = {k: q for k, q in counts.items() if q}
+    queries["absent"] = 'sum(increase(no_such_total{trimtab_io_owner="x"}[2s]))'
+    read: dict[str, QueryResult] = {}
+
+    def counted() -> bool:
+        read.update(_together(fleet.prometheus.url, queries))
+        requests = read["requests"].value or 0.0
+        errors = read["errors"].value or 0.0
+        return math.isclose(requests, RPS * 2, rel_tol=0.2) and math.isclose(
+            errors, requests * ERRORS, rel_tol=0.05
+        )
+
+    try:
+        wait_until(counted, timeout_s=20, interval_s=0.3, what=f"{preset} counts")
+    except AssertionError:
+        pytest.fail(f"{preset} read {read}")
+    assert set(read) == set(queries)
+    assert read["absent"].state is ResultState.NO_DATA
+    assert all(read[name].has_value for name in set(queries) - {"absent"}), read
+    if "latencyFast" in queries:  # every request took LATENCY, under the bound
+        assert read["latencyFast"].value == read["latencyRequests"].value
+
+
+def test_counts_read_together_come_from_the_same_scrapes(fleet: Fleet) -> None:
+    """Every request is under the bound, so a histogram's count and its bucket must agree
+    exactly; read in separate queries they differ whenever a scrape lands between them (a
+    scrape's worth of invented slow requests: a false rollback). 40 reads over 8 s cross
+    about 40 of the 200 ms scrapes."""
+    target = QueryTarget(NS, "generic-app", revision="r1", window="2s")
+    queries = count_queries("generic", target, 1.0, PresetOptions())
+    pair = {"seen": queries["latencyRequests"] or "", "fast": queries["latencyFast"] or ""}
+    for _ in range(40):
+        read = _together(fleet.prometheus.url, pair)
+        assert read["seen"].has_value, read
+        assert read["fast"].value == read["seen"].value, read
+        time.sleep(0.2)
+
+
+def test_a_failed_query_read_together_fails_every_count(fleet: Fleet) -> None:
+    queries = {"ok": "vector(1)", "bad": "sum(rate(x[1m]"}
+    read = _together(fleet.prometheus.url, queries)
+    for result in read.values():
+        assert result.state is ResultState.UNAVAILABLE
+        assert "parse error" in result.message
+    many = _together(
+        fleet.prometheus.url,
+        {"many": 'vllm:num_requests_waiting{trimtab_io_owner="chat"}', "one": "vector(2)"},
+    )
+    assert many["many"].state is ResultState.UNAVAILABLE and "2 series" in many["many"].message
+    assert many["one"].value == 2.0
 
 
 def test_is_online(fleet: Fleet) -> None:

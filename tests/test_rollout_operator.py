@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cluster, wait_for
+from tests.conftest import Cluster, wait_for, wait_for_value
 from tests.kube_emulator import ApiServerEmulator
 from tests.prometheus_fixture import (
     MetricsExporter,
@@ -111,12 +111,10 @@ async def status_of(cluster: Cluster) -> dict[str, Any]:
 
 
 async def wait_rollout(cluster: Cluster, check: Any, timeout: float = 20.0) -> dict[str, Any]:
-    async def probe() -> dict[str, Any] | None:
-        ro = (await status_of(cluster)).get("rollout") or {}
-        return ro if check(ro) else None
+    async def read() -> dict[str, Any]:
+        return dict((await status_of(cluster)).get("rollout") or {})
 
-    result: dict[str, Any] = await wait_for(probe, timeout=timeout)
-    return result
+    return await wait_for_value(read, check, timeout)
 
 
 async def replicas_by_revision(cluster: Cluster) -> dict[str, int]:

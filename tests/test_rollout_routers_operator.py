@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cluster, wait_for
+from tests.conftest import Cluster, wait_for, wait_for_value
 from tests.kube_emulator import ApiServerEmulator
 from tests.prometheus_fixture import (
     MetricsExporter,
@@ -187,14 +187,9 @@ async def rollout_of(cluster: Cluster, name: str) -> dict[str, Any]:
 
 
 async def wait_rollout(
-    cluster: Cluster, name: str, check: Callable[[dict[str, Any]], bool], timeout: float = 30.0
+    cluster: Cluster, name: str, check: Callable[[dict[str, Any]], object], timeout: float = 30.0
 ) -> dict[str, Any]:
-    async def probe() -> dict[str, Any] | None:
-        ro = await rollout_of(cluster, name)
-        return ro if check(ro) else None
-
-    result: dict[str, Any] = await wait_for(probe, timeout=timeout, interval=0.25)
-    return result
+    return await wait_for_value(lambda: rollout_of(cluster, name), check, timeout, 0.25)
 
 
 async def http_route(cluster: Cluster, name: str) -> dict[str, Any]:

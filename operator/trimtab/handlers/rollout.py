@@ -1,5 +1,5 @@
 """The rollout control loop: one kopf daemon per ModelDeployment with spec.rollout. Every
-analysis interval it reads per-revision request counts in one batch, asks next_rollout_step,
+analysis interval it reads per-revision request counts in one query, asks next_rollout_step,
 acts through the traffic router, retires revisions the rollout is done with, and records why
 (status.rollout, conditions, Events, the trimtab_rollout_* metrics).
 
@@ -244,7 +244,9 @@ async def analyse(
                 countable.add(name)
     metrics = spec.metrics
     provider = pool.get(metrics.prometheus_url if metrics else None)
-    results = await provider.query_batch(queries)
+    # One query: counts read by separate queries can straddle a scrape, and a histogram's count
+    # read a scrape later than its bucket invents slow requests (a false rollback).
+    results = await provider.query_together(queries)
     failures = sorted({r.message for r in results.values() if r.is_unavailable})
     if failures:
         return None, "; ".join(failures)[:1000], ""

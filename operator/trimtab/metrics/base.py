@@ -179,9 +179,13 @@ class MetricsProvider(Protocol):
     """A source of numbers, after Flagger's `RunQuery`/`IsOnline` provider interface.
 
     `query_batch` runs every query of one loop together and never raises for a source
-    problem: each query's failure comes back as an UNAVAILABLE result with the source's text."""
+    problem: each query's failure comes back as an UNAVAILABLE result with the source's text.
+    `query_together` answers from one snapshot of the data, for numbers that are compared
+    with each other (a rollout's request and error counts)."""
 
     async def query_batch(self, queries: Mapping[str, str]) -> dict[str, QueryResult]: ...
+
+    async def query_together(self, queries: Mapping[str, str]) -> dict[str, QueryResult]: ...
 
     async def is_online(self) -> bool: ...
 

@@ -1,5 +1,6 @@
 """PrometheusProvider: the MetricsProvider that runs instant PromQL queries on a Prometheus
-HTTP API through prometheus-api-client, one concurrent batch per control loop.
+HTTP API through prometheus-api-client, one concurrent batch per control loop, or one query
+for numbers that must come from the same scrapes (`query_together`).
 
 The client is synchronous; each query runs in a worker thread under a deadline, so a slow or
 dead Prometheus costs the loop at most `timeout_s` and never blocks the event loop."""
@@ -73,6 +74,20 @@ class PrometheusProvider:
         results = await asyncio.gather(*(self._query(queries[k]) for k in keys))
         return dict(zip(keys, results, strict=True))
 
+    async def query_together(self, queries: Mapping[str, str]) -> dict[str, QueryResult]:
+        """Every query's value from one snapshot of the data: the queries are sent as one
+        PromQL expression (`together_query`), which Prometheus evaluates at one instant over
+        one isolated view of its head block. Separate queries may each see a different number
+        of scrapes, and counts that must agree (requests beside their errors, a histogram's
+        count beside one of its buckets) then differ by a scrape's worth. The result has the
+        same keys; a failure of the one query is every key's."""
+        if not queries:
+            return {}
+        result = await self._query_raw(together_query(queries))
+        if isinstance(result, QueryResult):
+            return dict.fromkeys(queries, result)
+        return parse_together(result, queries)
+
     async def is_online(self) -> bool:
         """Whether Prometheus evaluates a query, as Flagger checks it: `vector(1)` must be 1."""
         result = await self._query("vector(1)")
@@ -83,6 +98,11 @@ class PrometheusProvider:
         self._client._session.close()
 
     async def _query(self, promql: str) -> QueryResult:
+        data = await self._query_raw(promql)
+        return data if isinstance(data, QueryResult) else parse_result(data)
+
+    async def _query_raw(self, promql: str) -> Any:
+        """The `data.result` of an instant query, or why there is none (UNAVAILABLE)."""
         try:
             data = await in_thread(lambda: self._client.custom_query(promql), self.timeout_s)
             if isinstance(data, Exception):
@@ -98,7 +118,41 @@ class PrometheusProvider:
         except (ValueError, KeyError) as exc:
             # A 200 answer that is not Prometheus's JSON (a proxy's HTML page, say).
             return QueryResult.unavailable(f"unreadable answer from {self.url}: {exc}")
-        return parse_result(data)
+        return data
+
+
+# The label `together_query` marks each query's series with.
+PART_LABEL = "trimtab_part"
+
+
+def together_query(queries: Mapping[str, str]) -> str:
+    """One PromQL expression with every query's series, each marked with its key.
+
+    >>> together_query({"a": "sum(x)", "b": "vector(1)"})
+    'label_replace(sum(x), "trimtab_part", "a", "", "") or label_replace(vector(1), "trimtab_part", "b", "", "")'
+    """  # noqa: E501
+    return " or ".join(
+        f'label_replace({q}, {json.dumps(PART_LABEL)}, {json.dumps(key)}, "", "")'
+        for key, q in queries.items()
+    )
+
+
+def parse_together(data: Any, queries: Mapping[str, str]) -> dict[str, QueryResult]:
+    """Each key's number from the answer to `together_query(queries)`.
+
+    >>> r = parse_together([{"metric": {"trimtab_part": "a"}, "value": [1.0, "4"]}], {"a": "", "b": ""})
+    >>> r["a"].value, r["b"].message
+    (4.0, 'no series matched')
+    """  # noqa: E501
+    if not isinstance(data, list):
+        return dict.fromkeys(
+            queries, QueryResult.unavailable(f"unexpected query result {data!r:.200}")
+        )
+    parts: dict[str, list[Any]] = {}
+    for sample in data:
+        if isinstance(sample, dict):
+            parts.setdefault(str(sample.get("metric", {}).get(PART_LABEL, "")), []).append(sample)
+    return {key: parse_result(parts.get(key, [])) for key in queries}
 
 
 def parse_result(data: Any) -> QueryResult:
