@@ -18,6 +18,7 @@ import kopf
 import pytest
 import yaml
 
+from trimtab import constants as C
 from trimtab.config import Settings
 from trimtab.kube.client import KubeClient, KubeError
 
@@ -57,6 +58,61 @@ async def server_side_apply(
     return await kube.request(
         "PATCH", path, params=params, body=doc, content_type="application/apply-patch+yaml"
     )
+
+
+async def delete_trimtab_objects(kube: KubeClient, namespace: str, timeout: float = 60.0) -> None:
+    """Delete the namespace's ModelDeployments and TrainingJobs and wait until they are gone.
+    Past `timeout` their finalizers are removed, so the namespace can still be deleted."""
+    kinds = (C.MODELDEPLOYMENT_PLURAL, C.TRAININGJOB_PLURAL)
+    base = f"/apis/{C.GROUP}/{C.VERSION}/namespaces/{namespace}"
+
+    async def names(plural: str) -> list[str]:
+        with contextlib.suppress(KubeError):
+            listing = await kube.request("GET", f"{base}/{plural}")
+            return [item["metadata"]["name"] for item in listing.get("items", [])]
+        return []
+
+    for plural in kinds:
+        for name in await names(plural):
+            with contextlib.suppress(KubeError):
+                await kube.request("DELETE", f"{base}/{plural}/{name}")
+
+    async def all_gone() -> bool:
+        return not any([await names(plural) for plural in kinds])
+
+    with contextlib.suppress(AssertionError):
+        await wait_until(all_gone, timeout)
+        return
+    for plural in kinds:
+        for name in await names(plural):
+            with contextlib.suppress(KubeError):
+                await kube.request(
+                    "PATCH",
+                    f"{base}/{plural}/{name}",
+                    body={"metadata": {"finalizers": None}},
+                    content_type="application/merge-patch+json",
+                )
+
+
+async def dry_run_examples(
+    kube: KubeClient, namespace: str, pattern: str, path_of: Callable[[str, str], str]
+) -> list[dict[str, Any]]:
+    """Server-side dry-run apply of every document in examples/`pattern`, as the API server
+    answers it; `path_of(namespace, name)` is the object's API path. The real API server runs
+    the CRDs' CEL rules, which the unit tests can only mirror."""
+    accepted = []
+    for path in sorted((ROOT / "examples").glob(pattern)):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc:
+                continue
+            doc["metadata"]["namespace"] = namespace
+            answer = await server_side_apply(
+                kube, path_of(namespace, doc["metadata"]["name"]), doc, dry_run=True
+            )
+            assert answer["spec"]["image"] == doc["spec"]["image"], path.name
+            accepted.append(answer)
+    assert accepted, f"no examples/{pattern}"
+    return accepted
 
 
 @pytest.fixture
@@ -129,6 +185,9 @@ async def operator(crds: list[str], namespace: str) -> AsyncIterator[KubeClient]
     try:
         yield client
     finally:
+        # While the operator still runs, so it removes its finalizers: a resource left with
+        # one would hold the test namespace in Terminating for good.
+        await delete_trimtab_objects(client, namespace)
         stop.set()
         with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(task, 30)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e.conftest import server_side_apply, wait_until
+from e2e.conftest import dry_run_examples, server_side_apply, wait_until
 from trimtab import constants as C
 from trimtab.kube.client import KubeClient, KubeError
 
@@ -105,3 +105,10 @@ async def test_api_server_rejects_bad_specs_naming_the_field(
         )
     assert err.value.status == 422
     assert field in err.value.message
+
+
+
+async def test_every_example_is_accepted(
+    crds: list[str], kube: KubeClient, namespace: str
+) -> None:
+    await dry_run_examples(kube, namespace, "modeldeployment*.yaml", md_path)

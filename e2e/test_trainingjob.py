@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import trimtab.handlers.trainingjob  # noqa: F401  # registers the TrainingJob handlers with kopf
-from e2e.conftest import server_side_apply, wait_until
+from e2e.conftest import dry_run_examples, server_side_apply, wait_until
 from trimtab import constants as C
 from trimtab.kube.client import KubeClient, KubeError
 
@@ -120,11 +120,4 @@ async def test_crd_rejects_bad_specs_naming_the_field(
 async def test_every_example_is_accepted(
     crds: list[str], kube: KubeClient, namespace: str
 ) -> None:
-    for path in sorted((ROOT / "examples").glob("trainingjob*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if not doc:
-                continue
-            doc["metadata"]["namespace"] = namespace
-            await server_side_apply(
-                kube, tj_path(namespace, doc["metadata"]["name"]), doc, dry_run=True
-            )
+    await dry_run_examples(kube, namespace, "trainingjob*.yaml", tj_path)
