@@ -123,5 +123,14 @@ def test_conditions_say_frozen_paused_and_rolled_back() -> None:
 def test_missing_data_note_names_the_check_and_why(
     missing: tuple[str, ...], baseline: str | None, parts: list[str]
 ) -> None:
-    note = missing_data_note(missing, "vllm", 0.5, "b", baseline)
+    note = missing_data_note(missing, "vllm", 0.5, "b", baseline, window_s=45, scrape_s=15)
     assert all(p in note for p in parts), note
+
+
+def test_missing_data_note_in_a_window_of_under_two_scrapes_blames_the_window() -> None:
+    """At the start of every step increase() has fewer than two samples: that is not a missing
+    series, and the note must not send the user looking for one."""
+    note = missing_data_note(("errorRate/slo",), "vllm", 0.5, "b", "a", window_s=20, scrape_s=15)
+    assert note.startswith("no data yet for errorRate/slo")
+    assert "20s counted so far" in note and "scrapeInterval 15s" in note
+    assert "no request counter series" not in note

@@ -18,7 +18,7 @@ import kopf
 from pydantic import TypeAdapter, ValidationError
 
 from trimtab import constants as C
-from trimtab.api.autoscaling import duration_seconds
+from trimtab.api.autoscaling import MetricsSpec, duration_seconds
 from trimtab.api.common import Condition
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.rollout import (
@@ -268,14 +268,30 @@ async def analyse(
         min_requests=rollout.analysis.min_requests,
     )
     if result.missing:
-        note = missing_data_note(result.missing, spec.server, bound, subject, baseline)
+        scrape = duration_seconds((spec.metrics or MetricsSpec()).scrape_interval)
+        note = missing_data_note(
+            result.missing, spec.server, bound, subject, baseline, window_s=elapsed, scrape_s=scrape
+        )
     return result, "", note
 
 
 def missing_data_note(
-    missing: tuple[str, ...], server: str, bound: float | None, subject: str, baseline: str | None
+    missing: tuple[str, ...],
+    server: str,
+    bound: float | None,
+    subject: str,
+    baseline: str | None,
+    *,
+    window_s: float = math.inf,
+    scrape_s: float = 0.0,
 ) -> str:
-    """Why configured checks had no data (they hold the step: no data is never a pass)."""
+    """Why configured checks had no data (they hold the step: no data is never a pass). A
+    window of fewer than two scrapes has no increase() yet: every step starts that way."""
+    if window_s < 2 * scrape_s:
+        return (
+            f"no data yet for {', '.join(missing)}: the {window_s:g}s counted so far span "
+            f"fewer than two scrapes (spec.metrics.scrapeInterval {scrape_s:g}s); the step holds"
+        )
     why: list[str] = []
     if any(m.startswith("latency") for m in missing) and bound is not None:
         why.append(
