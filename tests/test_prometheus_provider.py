@@ -316,9 +316,15 @@ def test_counts_read_together_come_from_the_same_scrapes(fleet: Fleet) -> None:
     exactly; read in separate queries they differ whenever a scrape lands between them (a
     scrape's worth of invented slow requests: a false rollback). 40 reads over 8 s cross
     about 40 of the 200 ms scrapes."""
-    target = QueryTarget(NS, "generic-app", revision="r1", window="2s")
+    target = QueryTarget(NS, "generic-app", revision="r1", window="5s")
     queries = count_queries("generic", target, 1.0, PresetOptions())
     pair = {"seen": queries["latencyRequests"] or "", "fast": queries["latencyFast"] or ""}
+    wait_until(
+        lambda: _together(fleet.prometheus.url, pair)["seen"].has_value,
+        timeout_s=20,
+        interval_s=0.2,
+        what="two scrapes in the window",
+    )
     for _ in range(40):
         read = _together(fleet.prometheus.url, pair)
         assert read["seen"].has_value, read
