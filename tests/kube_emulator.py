@@ -4,7 +4,8 @@ the PATCH flavours (merge, JSON patch with `test`, server-side apply) and the st
 subresources.
 
 It is a test fixture, not an API server: server-side apply is approximated by a merge of the
-applied object (lists replaced), which is what a single field manager sees."""
+applied object (lists replaced) that also removes the fields the same field manager applied
+last time and has left out now, which is what a single field manager sees."""
 
 from __future__ import annotations
 
@@ -94,6 +95,20 @@ def merge(target: Any, patch: Any) -> Any:
     return out
 
 
+def left_out(before: Any, now: Any) -> Any:
+    """`now` as a merge patch that also removes (None) the keys of `before` it leaves out, at
+    every depth of nested objects (lists are replaced whole anyway).
+
+    >>> left_out({"spec": {"a": 1, "b": 2}, "x": 1}, {"spec": {"a": 1}})
+    {'x': None, 'spec': {'b': None, 'a': 1}}
+    """
+    if not isinstance(before, dict) or not isinstance(now, dict):
+        return now
+    out = {k: None for k in before if k not in now}
+    out.update({k: left_out(before.get(k), v) for k, v in now.items()})
+    return out
+
+
 def diff(old: Any, new: Any) -> Any:
     """The merge patch that turns `old` into `new` (keys removed become None)."""
     if not isinstance(old, dict) or not isinstance(new, dict):
@@ -173,6 +188,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     writes: list[tuple[str, str, str]] = attrs.field(factory=list)
     # Watch requests as (group, plural): kopf is ready once it watches.
     watches: list[tuple[str, str]] = attrs.field(factory=list)
+    # What each field manager applied last, per object: server-side apply removes the fields
+    # a manager applied before and leaves out now.
+    applied: dict[tuple[Any, ...], dict[str, Any]] = attrs.field(factory=dict)
 
     def declare_resources(self) -> None:
         self.resources.load_bundled()
@@ -259,8 +277,12 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             return _alter(request, data=data, name=None if request.name is None else name)
 
         current = self._current(request)
+        applying = "apply-patch" in content_type and request.subresource is None
+        manager = (request.resource, request.namespace, request.name)
+        manager += (request.params.get("fieldManager"),)
         if current is None:
-            if "apply-patch" in content_type and request.subresource is None:
+            if applying:
+                self.applied[manager] = copy.deepcopy(request.data or {})
                 data = self._stamp_new(request, request.data or {})
                 return _alter(request, action=enums.action.CREATE, data=data, name=None)
             raise kmock.KubernetesObjectNotFoundError()
@@ -280,7 +302,10 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         elif request.subresource == "scale":
             replicas = (request.data or {}).get("spec", {}).get("replicas")
             new = merge(current, {"spec": {"replicas": replicas}})
-        else:  # merge, strategic merge (approximated) and apply: a merge of what was sent
+        elif applying:  # a merge of what was sent, less what this manager no longer sends
+            new = merge(current, left_out(self.applied.get(manager) or {}, request.data or {}))
+            self.applied[manager] = copy.deepcopy(request.data or {})
+        else:  # merge and strategic merge (approximated): a merge of what was sent
             new = merge(current, request.data or {})
 
         if request.subresource == "status":

@@ -9,7 +9,7 @@ import pytest
 
 from trimtab.builders.common import is_applied, merge_patch
 from trimtab.kube.client import ForbiddenCall, KubeClient
-from trimtab.kube.resources import DEPLOYMENTS, PODS, rbac_rules
+from trimtab.kube.resources import DEPLOYMENTS, HTTPROUTES, PODS, rbac_rules
 
 APPLIED = [
     pytest.param({"a": 1}, {"a": 1, "b": 2}, True, id="server-added-defaults"),
@@ -87,3 +87,29 @@ async def test_emulator_status_writes_move_the_resource_version(api: Any, cluste
     assert err.value.conflict
     stored = await cluster.get(f"{MD_PATH}/rv")
     assert stored is not None and stored["status"]["conditions"] == [{"type": "A"}]
+
+
+async def test_apply_removes_a_field_it_no_longer_sends(api: Any, cluster: Any) -> None:
+    """Every field of the smaller manifest is already on the object, so only the
+    `trimtab.io/applied` hash tells that the hostname was dropped; the apply it sends removes
+    it (server-side apply drops fields its manager left out), and a repeat writes nothing."""
+    from trimtab import constants as C
+
+    route: dict[str, Any] = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "ns"},
+        "spec": {"hostnames": ["a.example"], "rules": [{"backendRefs": [{"name": "s"}]}]},
+    }
+    kube = cluster.kube
+    await kube.apply(route)
+    without = {**route, "spec": {"rules": route["spec"]["rules"]}}
+    assert is_applied(without, await kube.get(HTTPROUTES, "ns", "r"))  # what the hash catches
+    writes = len(api.writes)
+    await kube.apply(without)
+    assert len(api.writes) == writes + 1
+    stored = await kube.get(HTTPROUTES, "ns", "r")
+    assert "hostnames" not in stored["spec"]
+    assert stored["metadata"]["annotations"][C.ANNOTATION_APPLIED]
+    await kube.apply(without)
+    assert len(api.writes) == writes + 1  # applied already: nothing written

@@ -12,8 +12,9 @@ Gateway API and Istio CRDs.
 - gatewayApi taking over an existing HTTPRoute, with a candidate that never becomes ready: the
   user's parents and hostnames stay, the candidate joins at weight 0, and after
   progressDeadline it is rolled back (condition RolledBack, Event) and the route is stable-only;
-- with nothing rolling out, an edited router (hostnames) reaches the HTTPRoute and a
-  VirtualService deleted by hand is written again;
+- with nothing rolling out, an edited router (hostnames) reaches the HTTPRoute, a dropped
+  router field (Istio gateways) leaves the VirtualService, and a VirtualService deleted by
+  hand is written again;
 - a route spec.rollout stops using (router switched to replicas, or spec.rollout removed from
   the taken-over route's resource) is handed back sending everything to the resource's
   Service, and the per-revision Services go;
@@ -456,6 +457,16 @@ async def istio_shadow_then_canary(cluster: Cluster, url: str, held: set[tuple[s
         return await revision_services(cluster, MESH) == {service(MESH, NEXT)}
 
     await eventually(old_service_gone)
+
+    # A router field dropped from spec.rollout goes from the route too. Every field the route
+    # still gets is on it already: only the applied hash shows that it is stale.
+    await cluster.merge(f"{MD_PATH}/{MESH}", {"spec": {"rollout": {"router": {"gateways": None}}}})
+
+    async def gateways_dropped() -> bool:
+        vs = await cluster.get(f"{VS_PATH}/{MESH}")
+        return vs is not None and "gateways" not in vs["spec"] and destinations(vs) == {hb: 100}
+
+    await eventually(gateways_dropped)
 
 
 async def taken_over_route_and_progress_deadline(cluster: Cluster, url: str) -> None:

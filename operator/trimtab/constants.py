@@ -30,6 +30,10 @@ LABEL_COMPONENT: Final = "app.kubernetes.io/component"
 # spec, so GitOps sees no drift): the annotation change makes the reconcile build the revision.
 ANNOTATION_RESOURCES_APPLIED: Final = "trimtab.io/resources-applied"
 
+# On every object trimtab applies: a hash of the manifest it applied last (see
+# builders.common.with_applied_hash).
+ANNOTATION_APPLIED: Final = "trimtab.io/applied"
+
 # Annotation prefix for kopf's own bookkeeping (progress and diff-base), so kopf writes
 # nothing under .status that the CRD schema would prune.
 # Not trimtab.io itself: kopf leaves its prefix out of the diffs that fire update handlers, and

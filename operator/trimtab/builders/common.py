@@ -90,6 +90,34 @@ def _same_scalar(want: Any, have: Any, quantity: bool) -> bool:
     )
 
 
+def with_applied_hash(manifest: Manifest) -> Manifest:
+    """`manifest` with the `trimtab.io/applied` annotation set to a hash of the rest of it.
+
+    `is_applied` checks only the fields a manifest has, so a field trimtab stopped sending (a
+    hostname dropped from spec.rollout.router, an Istio gateway, a label) would leave the object
+    looking applied, and the server-side apply that removes it would never be sent. The hash
+    changes whenever a field is added, changed or removed.
+
+    >>> m = {"metadata": {"name": "r"}, "spec": {"hostnames": ["a.example"], "rules": []}}
+    >>> with_applied_hash(m)["metadata"]["annotations"]
+    {'trimtab.io/applied': 'eeb901bfdc47f212'}
+    >>> del m["spec"]["hostnames"]
+    >>> is_applied(with_applied_hash(m), with_applied_hash({**m, "spec": {"hostnames": ["a.example"], "rules": []}}))
+    False
+    """  # noqa: E501
+    meta = dict(manifest.get("metadata") or {})
+    annotations = {
+        k: v for k, v in (meta.pop("annotations", None) or {}).items() if k != C.ANNOTATION_APPLIED
+    }
+    if annotations:
+        meta["annotations"] = annotations
+    digest = content_hash({**manifest, "metadata": meta}, 16)
+    return {
+        **manifest,
+        "metadata": {**meta, "annotations": {**annotations, C.ANNOTATION_APPLIED: digest}},
+    }
+
+
 def is_applied(desired: Any, current: Any, _quantity: bool = False) -> bool:
     """True when every field of `desired` already has that value in `current`.
 

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from trimtab import constants as C
-from trimtab.builders.common import is_applied
+from trimtab.builders.common import is_applied, with_applied_hash
 from trimtab.kube.resources import REGISTRY, Resource, for_manifest
 from trimtab.observability import API_REQUESTS
 
@@ -195,7 +195,11 @@ class KubeClient:
 
     async def apply(self, manifest: Json) -> Json:
         """Server-side apply as field manager `trimtab`, unless the object already holds every
-        field we would set: then nothing is written and the current object is returned."""
+        field we would set and was last applied from this same manifest (the
+        `trimtab.io/applied` hash): then nothing is written and the current object is returned.
+        A field left out since the last apply is removed by the apply that the changed hash
+        sends."""
+        manifest = with_applied_hash(manifest)
         res = for_manifest(manifest)
         _check(res, "patch")
         meta = manifest["metadata"]
