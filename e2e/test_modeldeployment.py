@@ -107,7 +107,6 @@ async def test_api_server_rejects_bad_specs_naming_the_field(
     assert field in err.value.message
 
 
-
 async def test_every_example_is_accepted(
     crds: list[str], kube: KubeClient, namespace: str
 ) -> None:

@@ -70,20 +70,6 @@ class Cluster:
         await self.kube.close()
 
 
-async def wait_for(
-    probe: Callable[[], Awaitable[Any]], timeout: float = 15.0, interval: float = 0.1
-) -> Any:
-    """Poll `probe` until it returns something truthy; fail with its last value after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await probe()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s; last value: {last!r}")
-
-
 T = TypeVar("T")
 
 
@@ -103,6 +89,13 @@ async def wait_for_value(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s; last read: {value!r}")
         await asyncio.sleep(interval)
+
+
+async def wait_for(
+    probe: Callable[[], Awaitable[Any]], timeout: float = 15.0, interval: float = 0.1
+) -> Any:
+    """Poll `probe` until it returns something truthy, and return that."""
+    return await wait_for_value(probe, bool, timeout, interval)
 
 
 @pytest.fixture
