@@ -112,3 +112,44 @@ async def test_every_example_is_accepted(
     crds: list[str], kube: KubeClient, namespace: str
 ) -> None:
     await dry_run_examples(kube, namespace, "trainingjob*.yaml", tj_path)
+
+
+async def test_a_modeldeployment_of_the_same_name_waits_for_the_service(
+    operator: KubeClient, namespace: str
+) -> None:
+    """Both kinds want Service `<name>`: the TrainingJob that has it keeps it; the
+    ModelDeployment is Degraded (NameTaken), creates no Deployment, and takes nothing."""
+    from e2e.test_modeldeployment import example as md_example
+    from e2e.test_modeldeployment import md_path
+
+    kube = operator
+    doc = example(namespace)
+    name = doc["metadata"]["name"]
+    created = await kube.request("POST", tj_path(namespace), body=doc)
+    services = f"/api/v1/namespaces/{namespace}/services"
+    held = await wait_until(lambda: get_or_none(kube, f"{services}/{name}"))
+
+    md = md_example(namespace)
+    md["metadata"]["name"] = name
+    await kube.request("POST", md_path(namespace), body=md)
+
+    async def degraded() -> dict[str, Any] | None:
+        body = await kube.request("GET", md_path(namespace, name))
+        conditions = {c["type"]: c for c in (body.get("status") or {}).get("conditions") or []}
+        cond = conditions.get("Degraded")
+        return cond if cond and cond.get("reason") == "NameTaken" else None
+
+    cond = await wait_until(degraded)
+    assert cond["status"] == "True"
+    assert "belongs to TrainingJob" in cond["message"]
+    deployments = await kube.request(
+        "GET",
+        f"/apis/apps/v1/namespaces/{namespace}/deployments",
+        params={"labelSelector": f"{C.LABEL_OWNER}={name},{C.LABEL_REVISION}"},
+    )
+    assert deployments["items"] == []
+    service = await kube.request("GET", f"{services}/{name}")
+    assert service["spec"]["selector"] == held["spec"]["selector"]
+    assert [r["uid"] for r in service["metadata"]["ownerReferences"]] == [
+        created["metadata"]["uid"]
+    ]

@@ -473,6 +473,46 @@ def test_phase_machine(
         assert (lf.worker, lf.exit_code, lf.reason, lf.restart) == want["failure"]
 
 
+TAKEN = "Service llama belongs to ModelDeployment llama, not to this TrainingJob"
+
+
+@pytest.mark.parametrize(
+    ("st", "j", "now", "want"),
+    [
+        pytest.param(status(), None, 0, {"phase": "Pending", "event": True},
+                     id="first-attempt-waits-for-the-name"),
+        pytest.param(status(phase="Pending", message=f"waiting: {TAKEN}"), None, 30,
+                     {"phase": "Pending", "event": False}, id="says-it-once"),
+        pytest.param(status(phase="Restarting", restarts=1, next_restart_time=ts(10)), None, 20,
+                     {"phase": "Pending", "event": True, "restarts": 1},
+                     id="next-attempt-waits-for-the-name"),
+        pytest.param(status(phase="Restarting", restarts=1, next_restart_time=ts(10)), None, 5,
+                     {"phase": "Restarting", "requeue": 5, "event": False},
+                     id="backoff-first"),
+        pytest.param(status(phase="Running", start_time=ts(0)), job(active=2, ready=2), 50,
+                     {"phase": "Running", "event": False}, id="a-running-job-is-not-blocked"),
+    ],
+)  # fmt: skip
+def test_an_attempt_waits_while_its_service_name_is_taken(
+    st: TrainingJobStatus, j: D.JobObservation | None, now: float, want: dict[str, Any]
+) -> None:
+    """`blocked` (a name another resource holds) stops a Job being created, never a running
+    one, and is told once in an Event, with the reason in status.message."""
+    d = D.decide_training(
+        D.TrainingInputs(spec(), st, j, None, at(now), generation=1, blocked=TAKEN)
+    )
+    assert d.status.phase == want["phase"], d.status.message
+    assert d.create_job is False
+    if want["phase"] == "Pending":
+        assert d.status.message == f"waiting: {TAKEN}"
+        assert d.requeue_after == D.BLOCKED_RETRY_SECONDS
+    if "requeue" in want:
+        assert d.requeue_after == pytest.approx(want["requeue"])
+    if "restarts" in want:
+        assert d.status.restarts == want["restarts"]
+    assert (("Warning", "NameTaken", TAKEN) in d.events) is want["event"]
+
+
 def test_restarting_message_names_worker_exit_code_and_checkpoint() -> None:
     d = D.decide_training(
         D.TrainingInputs(

@@ -134,6 +134,65 @@ def with_applied_hash(manifest: Manifest) -> Manifest:
     }
 
 
+def _controller(meta: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller"):
+            return dict(ref)
+    return None
+
+
+def claim_problem(manifest: Manifest, current: Manifest | None, adopt: bool = False) -> str | None:
+    """Why trimtab must not apply `manifest` over `current`, the object of that name already
+    there; None when it may. Only a manifest with a controller reference claims its object.
+
+    The rule is the ReplicaSet controller's for its pods: an object controlled by the same
+    owner (by uid) is trimtab's to update; one controlled by anything else, or by an earlier
+    resource of the same name that the garbage collector has not removed yet, is not taken
+    over; an object without a controller is adopted when its labels say it was made for this
+    owner (what `kubectl delete --cascade=orphan` leaves), or with `adopt` (a route the
+    rollout names, which the user asked trimtab to write), and otherwise left alone. Applying
+    over another controller's object would swap its selector or its route for ours, and two
+    resources of different kinds with one name (a ModelDeployment and a TrainingJob `llama`
+    both want Service `llama`) would take it from each other on every pass.
+
+    >>> me = Owner("trimtab.io/v1alpha1", "ModelDeployment", "llama", "ml", "u1")
+    >>> svc = {"kind": "Service", "metadata": object_meta(me, "llama")}
+    >>> claim_problem(svc, None) is None, claim_problem(svc, svc) is None
+    (True, True)
+    >>> job = Owner("trimtab.io/v1alpha1", "TrainingJob", "llama", "ml", "u2")
+    >>> claim_problem(svc, {"kind": "Service", "metadata": object_meta(job, "llama")})
+    'Service llama belongs to TrainingJob llama, not to this ModelDeployment'
+    >>> claim_problem(svc, {"kind": "Service", "metadata": {"name": "llama"}})
+    'Service llama exists and was not made by trimtab for this ModelDeployment'
+    """
+    want = _controller(manifest.get("metadata") or {})
+    if current is None or want is None:
+        return None
+    meta = current.get("metadata") or {}
+    kind, name = manifest.get("kind", "object"), meta.get("name", "")
+    have = _controller(meta)
+    if have is not None:
+        if have.get("uid") == want.get("uid"):
+            return None
+        if (have.get("kind"), have.get("name")) == (want.get("kind"), want.get("name")):
+            return (
+                f"{kind} {name} still belongs to an earlier {want.get('kind')} of this name "
+                "that the garbage collector has not removed yet"
+            )
+        return (
+            f"{kind} {name} belongs to {have.get('kind')} {have.get('name')}, "
+            f"not to this {want.get('kind')}"
+        )
+    labels = meta.get("labels") or {}
+    made_for_owner = (
+        labels.get(C.LABEL_MANAGED_BY) == C.MANAGED_BY
+        and labels.get(C.LABEL_OWNER) == want.get("name")
+    )
+    if adopt or made_for_owner:
+        return None
+    return f"{kind} {name} exists and was not made by trimtab for this {want.get('kind')}"
+
+
 _OMITTED_WHEN_EMPTY: tuple[Any, ...] = ("", [], {})
 
 

@@ -14,6 +14,8 @@ from trimtab.builders.common import Manifest, Owner, child_name, object_meta
 
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
 ISTIO_API_VERSION = "networking.istio.io/v1"
+# The kinds of route a router writes.
+ROUTE_KINDS = frozenset({"HTTPRoute", "VirtualService"})
 
 
 @dataclass(frozen=True)

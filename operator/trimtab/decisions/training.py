@@ -34,6 +34,8 @@ from trimtab.decisions.conditions import get_condition, set_condition
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 # A Job whose deletion is still in progress is looked at again after this long.
 WAIT_SECONDS = 5.0
+# How often a job whose name another resource holds looks again.
+BLOCKED_RETRY_SECONDS = 30.0
 # How long after an OOM kill a restart waits, at most, for right-sizing (Auto) to answer it.
 OOM_RESIZE_WAIT = datetime.timedelta(seconds=120)
 # Job condition reasons (batch/v1).
@@ -267,6 +269,9 @@ class TrainingInputs:
     now: datetime.datetime
     generation: int = 0
     problems: tuple[str, ...] = ()
+    # Why this attempt's objects cannot be created now: a name another resource holds
+    # (`builders.common.claim_problem`). The attempt waits Pending and looks again.
+    blocked: str | None = None
 
 
 @dataclass(frozen=True)
@@ -383,6 +388,19 @@ def _ttl(b: _Builder) -> TrainingDecision:
     return b.done(requeue_after=(due - b.inputs.now).total_seconds())
 
 
+def _create(b: _Builder, message: str) -> TrainingDecision:
+    """Create this attempt's Job, unless a name it needs is taken: then wait, Pending."""
+    inputs = b.inputs
+    if inputs.blocked:
+        text = f"waiting: {inputs.blocked}"
+        if inputs.status.message != text:
+            b.events.append(("Warning", "NameTaken", inputs.blocked))
+        b.phase("Pending", text)
+        return b.done(requeue_after=BLOCKED_RETRY_SECONDS)
+    b.phase("Pending", message)
+    return b.done(create_job=True, active_deadline_seconds=_remaining_deadline(inputs))
+
+
 def decide_training(inputs: TrainingInputs) -> TrainingDecision:
     """One step of the phase machine.
 
@@ -398,6 +416,9 @@ def decide_training(inputs: TrainingInputs) -> TrainingDecision:
     - Job Complete -> Succeeded; ttlSecondsAfterFinished later -> cleanup.
     - spec.suspend -> Suspended, delete the Job; suspend false -> create it again (same
       attempt: a suspension is not a failure).
+    - a Job to create, but its Service's name is held by a ModelDeployment of the same name
+      -> Pending, "waiting: Service llama belongs to ModelDeployment llama, ...", a NameTaken
+      Event once, and a look again in 30 s; nothing is created.
     """
     b = _Builder(inputs)
     spec, status, job, now = inputs.spec, b.status, inputs.job, inputs.now
@@ -463,15 +484,13 @@ def decide_training(inputs: TrainingInputs) -> TrainingDecision:
                 )
                 return b.done(requeue_after=WAIT_SECONDS)
         status.next_restart_time = None
-        b.phase("Pending", f"starting attempt {status.restarts} from the checkpoint")
-        return b.done(create_job=True, active_deadline_seconds=_remaining_deadline(inputs))
+        return _create(b, f"starting attempt {status.restarts} from the checkpoint")
 
     if job is None:
         if status.phase not in (None, "Pending", "Suspended"):
             # Someone deleted the running attempt's Job: run the same attempt again.
             b.events.append(("Warning", "JobMissing", "the Job was deleted; creating it again"))
-        b.phase("Pending", "creating the Job")
-        return b.done(create_job=True, active_deadline_seconds=_remaining_deadline(inputs))
+        return _create(b, "creating the Job")
 
     if job.deleting:
         return b.done(requeue_after=WAIT_SECONDS)

@@ -34,7 +34,7 @@ from trimtab.decisions.conditions import get_condition, set_condition
 from trimtab.decisions.rightsizing import effective_spec
 from trimtab.decisions.rollout import RevisionPlan, plan_revisions, spec_with_model
 from trimtab.decisions.serving import DeploymentObservation, find_spec_problems, serving_state
-from trimtab.kube.client import KubeClient, KubeError, patch_status_from
+from trimtab.kube.client import KubeClient, KubeError, NameTaken, patch_status_from
 from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS
 from trimtab.observability import RECONCILE_SECONDS, RECONCILES
 
@@ -46,7 +46,8 @@ SERVING_LABELS: dict[str, Any] = {
     C.LABEL_REVISION: kopf.PRESENT,
 }
 # Degraded reasons set by the reconcile; Deployment events do not clear them.
-SPEC_REASONS = ("InvalidSpec", "ApplyRejected")
+SPEC_REASONS = ("InvalidSpec", "ApplyRejected", "NameTaken")
+NAME_TAKEN_RETRY_SECONDS = 30
 
 IndexKey = tuple[str, str]
 Log = logging.Logger | logging.LoggerAdapter[Any]
@@ -134,6 +135,9 @@ async def _degrade(
     message = "; ".join(problems)
     now = now_rfc3339()
     conds = _conditions(body.get("status"))
+    before = get_condition(conds, CONDITION_DEGRADED)
+    said = (before.status, before.reason, before.message) if before is not None else None
+    told = said == ("True", reason, message)
     conds = set_condition(conds, CONDITION_DEGRADED, "True", reason, message, now, generation)
     conds = set_condition(conds, CONDITION_READY, "False", reason, message, now, generation)
     desired = {
@@ -145,7 +149,8 @@ async def _degrade(
     changes = merge_patch(dict(body.get("status") or {}), desired)
     for key, value in changes.items():
         patch.status[key] = value
-    kopf.warn(body, reason=reason, message=message)
+    if not told:  # a retry that finds the same problem (NameTaken) says it once
+        kopf.warn(body, reason=reason, message=message)
 
 
 @kopf.on.resume(C.GROUP, C.VERSION, C.MODELDEPLOYMENT_PLURAL)
@@ -215,6 +220,11 @@ async def _reconcile(
     is_new = all(o.revision != revision for o in observations)
     try:
         plan = await apply_revisions(kube, owner, parsed, dict(body.get("status") or {}))
+    except NameTaken as err:
+        # Another resource holds a name this one needs: nothing was taken from it. Look again
+        # later, since that resource may go (the garbage collector, or its user, removes it).
+        await _degrade(body, patch, "NameTaken", [err.message], generation)
+        raise kopf.TemporaryError(err.message, delay=NAME_TAKEN_RETRY_SECONDS) from err
     except KubeError as err:
         if err.invalid or err.status == 400:
             await _degrade(body, patch, "ApplyRejected", [err.message], generation)
@@ -290,11 +300,13 @@ async def apply_revisions(
     stable_spec = spec if plan.stable_from_spec else None
     if stable_spec is None and plan.stable_model is not None:
         stable_spec = spec_with_model(spec, plan.stable_model)
+    # The Service first: it claims the resource's name, so a resource whose name another one
+    # holds (NameTaken) starts no pods.
+    await kube.apply(build_service(owner, spec))
     if stable_spec is not None:
         await kube.apply(build_deployment(owner, stable_spec, plan.stable, stable_n))
     if plan.candidate is not None:
         await kube.apply(build_deployment(owner, spec, plan.candidate, candidate_n))
-    await kube.apply(build_service(owner, spec))
     return plan
 
 

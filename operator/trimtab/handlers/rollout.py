@@ -34,7 +34,12 @@ from trimtab.api.rollout import (
 )
 from trimtab.builders.autoscaling import replicas_for_revision
 from trimtab.builders.common import Owner, merge_patch, owner_labels
-from trimtab.builders.routing import build_revision_service, route_of, route_released
+from trimtab.builders.routing import (
+    ROUTE_KINDS,
+    build_revision_service,
+    route_of,
+    route_released,
+)
 from trimtab.builders.serving import revision_of, serving_ports
 from trimtab.decisions.rollout import (
     Fallback,
@@ -184,7 +189,10 @@ class KubeRouterClient:
         self.kube = kube
 
     async def apply(self, manifest: Json) -> Json:
-        return await self.kube.apply(manifest)
+        # The route spec.rollout.router names is the user's request to write it: one without a
+        # controller is adopted, one another resource controls is still refused. The per-revision
+        # Services are named by trimtab and adopted only when labelled for this resource.
+        return await self.kube.apply(manifest, adopt=manifest.get("kind") in ROUTE_KINDS)
 
     async def get_object(
         self, api_version: str, kind: str, namespace: str, name: str

@@ -19,8 +19,13 @@ import kopf
 from pydantic import ValidationError
 
 from trimtab import constants as C
-from trimtab.api.trainingjob import Diagnosis, TrainingJobSpec, TrainingJobStatus
-from trimtab.builders.common import Manifest, Owner, merge_patch
+from trimtab.api.trainingjob import (
+    TERMINAL_PHASES,
+    Diagnosis,
+    TrainingJobSpec,
+    TrainingJobStatus,
+)
+from trimtab.builders.common import Manifest, Owner, claim_problem, merge_patch
 from trimtab.builders.training import (
     COMPONENT,
     LABEL_RESTART,
@@ -222,13 +227,20 @@ async def sync_trainingjob(
         problems.append(f"a Job named {name_now} exists that this TrainingJob does not own")
         raw_job = None
     job = JobObservation.from_manifest(raw_job) if raw_job is not None else None
+    # An attempt's Job is created only with its Service: first make sure the name is ours.
+    blocked = None
+    if raw_job is None and not problems and status.phase not in TERMINAL_PHASES:
+        service = build_service(owner, spec)
+        blocked = claim_problem(
+            service, await kube.get(SERVICES, namespace, service["metadata"]["name"])
+        )
     failure = None
     if job is not None and job.failed_condition:
         pods = await kube.list(PODS, namespace, {JOB_NAME_LABEL: name_now})
         failure = first_worker_failure(pods)
 
     decision = decide_training(
-        TrainingInputs(spec, status, job, failure, now, generation, tuple(problems))
+        TrainingInputs(spec, status, job, failure, now, generation, tuple(problems), blocked)
     )
     new_status = decision.status
     if metrics is not None and new_status.phase == "Running" and job is not None:

@@ -18,7 +18,7 @@ import aiohttp
 
 from trimtab import __version__
 from trimtab import constants as C
-from trimtab.builders.common import is_applied, with_applied_hash
+from trimtab.builders.common import claim_problem, is_applied, with_applied_hash
 from trimtab.kube.resources import REGISTRY, Resource, for_manifest
 from trimtab.observability import API_REQUESTS
 
@@ -49,6 +49,19 @@ class KubeError(Exception):
     @property
     def invalid(self) -> bool:
         return self.status == 422
+
+
+class NameTaken(KubeError):
+    """An object of the name trimtab would apply exists and is not this resource's to change
+    (see `builders.common.claim_problem`); nothing was written. A 409, like AlreadyExists."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(409, "NameTaken", message)
+
+    @property
+    def conflict(self) -> bool:
+        # Not a race over a resourceVersion: a fresh read finds the same owner.
+        return False
 
 
 class ForbiddenCall(RuntimeError):
@@ -198,17 +211,21 @@ class KubeClient:
 
         API_WRITES.labels(verb=verb, kind=kind).inc()
 
-    async def apply(self, manifest: Json) -> Json:
+    async def apply(self, manifest: Json, adopt: bool = False) -> Json:
         """Server-side apply as field manager `trimtab`, unless the object already holds every
         field we would set and was last applied from this same manifest (the
         `trimtab.io/applied` hash): then nothing is written and the current object is returned.
         A field left out since the last apply is removed by the apply that the changed hash
-        sends."""
+        sends. An object of that name that another resource controls, or that trimtab did not
+        make for this one (unless `adopt`), raises NameTaken and is left as it is."""
         manifest = with_applied_hash(manifest)
         res = for_manifest(manifest)
         _check(res, "patch")
         meta = manifest["metadata"]
         current = await self.get(res, meta.get("namespace", ""), meta["name"])
+        problem = claim_problem(manifest, current, adopt)
+        if problem is not None:
+            raise NameTaken(problem)
         if current is not None and is_applied(manifest, current):
             return current
         self._count("apply", res.kind)
