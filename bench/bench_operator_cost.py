@@ -461,7 +461,13 @@ def autoscaled_spec(prometheus_url: str) -> dict[str, Any]:
         "coldStart": "5s",
         "scaleDownStabilization": "5s",
     }
-    spec["metrics"] = {"prometheusUrl": prometheus_url, "rateWindow": "2s"}
+    # The Prometheus below scrapes every 500 ms: the spec says so, and its rate() window
+    # holds four scrapes.
+    spec["metrics"] = {
+        "prometheusUrl": prometheus_url,
+        "rateWindow": "2s",
+        "scrapeInterval": "500ms",
+    }
     spec["rightsizing"] = {"mode": "Off"}
     return spec
 

@@ -1024,6 +1024,30 @@ def test_scale_to_zero_needs_a_signal_that_sees_requests_at_zero(
             validate_custom(obj, CRD)
 
 
+@pytest.mark.parametrize(
+    ("metrics", "ok"),
+    [
+        pytest.param({}, True, id="defaults-1m-over-15s"),
+        pytest.param({"rateWindow": "1m", "scrapeInterval": "15s"}, True, id="exactly-4"),
+        pytest.param({"rateWindow": "30s"}, False, id="2-default-scrapes"),
+        pytest.param({"scrapeInterval": "30s"}, False, id="default-window-over-slower-scrapes"),
+        pytest.param({"scrapeInterval": "30s", "rateWindow": "2m"}, True, id="window-raised-too"),
+        pytest.param({"rateWindow": "2s", "scrapeInterval": "500ms"}, True, id="milliseconds"),
+        pytest.param({"rateWindow": "1999ms", "scrapeInterval": "500ms"}, False,
+                     id="a-millisecond-short"),
+        pytest.param({"rateWindow": "1h", "scrapeInterval": "15m"}, True, id="hours"),
+    ],
+)  # fmt: skip
+def test_rate_window_holds_at_least_four_scrapes(metrics: dict[str, Any], ok: bool) -> None:
+    obj = _mdep({"maxReplicas": 3})
+    obj["spec"]["metrics"] = metrics
+    if ok:
+        validate_custom(obj, CRD)
+    else:
+        with pytest.raises(AssertionError, match="rateWindow must be at least 4 x"):
+            validate_custom(obj, CRD)
+
+
 def test_autoscaling_needs_slo() -> None:
     obj = _mdep({"maxReplicas": 3})
     del obj["spec"]["slo"]

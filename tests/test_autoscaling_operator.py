@@ -42,7 +42,7 @@ def autoscaled_model(prometheus_url: str) -> dict[str, Any]:
             "coldStart": "5s",
             "scaleDownStabilization": "2s",
         },
-        metrics={"prometheusUrl": prometheus_url, "rateWindow": "2s"},
+        metrics={"prometheusUrl": prometheus_url, "rateWindow": "2s", "scrapeInterval": "200ms"},
     )
 
 

@@ -53,7 +53,7 @@ def rollout_model(prometheus_url: str, image: str, steps: list[dict[str, Any]]) 
         resources={"cpu": "1"},
         replicas=5,
         slo={"p99LatencyMs": 500, "maxErrorRate": 0.01},
-        metrics={"prometheusUrl": prometheus_url, "rateWindow": "2s"},
+        metrics={"prometheusUrl": prometheus_url, "rateWindow": "2s", "scrapeInterval": "200ms"},
         rollout={
             "steps": steps,
             "analysis": {"interval": "1s", "minRequests": 20},

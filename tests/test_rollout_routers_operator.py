@@ -78,7 +78,7 @@ def body_for(name: str, image: str, rollout: dict[str, Any], prometheus_url: str
         resources={"cpu": "1"},
         replicas=2,
         slo={"p99LatencyMs": 500, "maxErrorRate": 0.01},
-        metrics={"prometheusUrl": prometheus_url, "rateWindow": "2s"},
+        metrics={"prometheusUrl": prometheus_url, "rateWindow": "2s", "scrapeInterval": "200ms"},
         rollout={
             "analysis": {"interval": "1s", "minRequests": 20},
             "postPromotion": {"watchWindow": "10m"},

@@ -257,6 +257,22 @@ class MetricsSpec(StrictModel):
         description="generic preset: the gauge of requests in flight.",
     )
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    # CEL multiplies no durations: four scrape intervals as a sum.
+                    "rule": "duration(self.rateWindow) >= duration(self.scrapeInterval) + "
+                    "duration(self.scrapeInterval) + duration(self.scrapeInterval) + "
+                    "duration(self.scrapeInterval)",
+                    "message": "metrics.rateWindow must be at least 4 x metrics.scrapeInterval: "
+                    "a shorter rate() window holds too few scrapes and often reads no data",
+                    "fieldPath": ".rateWindow",
+                },
+            ]
+        }
+    )
+
 
 class SignalStatus(StatusModel):
     name: str
