@@ -279,8 +279,10 @@ FAILED = {"failed_condition": True, "failure_reason": "BackoffLimitExceeded", "f
             job(
                 failed_condition=True,
                 failure_reason="PodFailurePolicy",
-                failure_message="Container trainer for pod ml/llama-r0-1-xyz failed with exit "
-                "code 2 matching FailJob rule at index 1",
+                # The Job controller's message: "rule at index 0" is the podFailurePolicy
+                # rule's (trimtab writes one); the worker is the pod's index.
+                failure_message="Container trainer for pod ml/llama-r0-1-x7k2q failed with exit "
+                "code 2 matching FailJob rule at index 0",
             ),
             None,
             100,
@@ -511,6 +513,30 @@ def test_an_attempt_waits_while_its_service_name_is_taken(
     if "restarts" in want:
         assert d.status.restarts == want["restarts"]
     assert (("Warning", "NameTaken", TAKEN) in d.events) is want["event"]
+
+
+LONG = "x" * 60 + "-r0"  # cut by the Job controller: `<job[:54]>-12-`
+
+
+@pytest.mark.parametrize(
+    ("message", "want"),
+    [
+        pytest.param("Container trainer for pod ml/llama-r0-3-x7k2q failed with exit code 2 "
+                     "matching FailJob rule at index 0", (3, "llama-r0-3-x7k2q", 2),
+                     id="worker-from-the-pod-not-the-rule"),
+        pytest.param(f"Container trainer for pod ml/{LONG[:54]}-12-b7z2q failed with exit code "
+                     "3 matching FailJob rule at index 0", (12, f"{LONG[:54]}-12-b7z2q", 3),
+                     id="a-cut-job-name-keeps-the-index"),
+        pytest.param("Job has reached the specified backoff limit", (None, None, None),
+                     id="no-pod-named"),
+    ],
+)  # fmt: skip
+def test_failure_from_job_condition(message: str, want: tuple[Any, ...]) -> None:
+    f = D.failure_from_job(
+        D.JobObservation("j", failed_condition=True, failure_reason="PodFailurePolicy",
+                         failure_message=message)
+    )  # fmt: skip
+    assert (f.worker, f.pod, f.exit_code) == want
 
 
 def test_restarting_message_names_worker_exit_code_and_checkpoint() -> None:

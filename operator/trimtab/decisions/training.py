@@ -42,7 +42,10 @@ OOM_RESIZE_WAIT = datetime.timedelta(seconds=120)
 REASON_DEADLINE = "DeadlineExceeded"
 REASON_POD_FAILURE_POLICY = "PodFailurePolicy"
 _EXIT_CODE_RE = re.compile(r"pod [^/\s]+/(?P<pod>\S+) failed with exit code (?P<code>\d+)")
-_INDEX_RE = re.compile(r"at index (?P<index>\d+)")
+# An Indexed Job's pod: `<job>-<index>-<5 random>`; the controller cuts a long Job name, never
+# the index (podGenerateNameWithIndex). The message's "rule at index N" is the podFailurePolicy
+# rule's index, not the worker's.
+_POD_INDEX_RE = re.compile(r"-(?P<index>\d+)-[a-z0-9]{5}$")
 
 
 def oom_unanswered(status: TrainingJobStatus) -> bool:
@@ -190,13 +193,14 @@ def first_worker_failure(pods: Iterable[Mapping[str, Any]]) -> WorkerFailure | N
 def failure_from_job(job: JobObservation) -> WorkerFailure:
     """What the Job's own Failed condition says, for when the pods are already gone.
 
-    >>> failure_from_job(JobObservation("j", failed_condition=True, failure_reason=
-    ...     "PodFailurePolicy", failure_message="Container trainer for pod ml/j-0-abc failed "
-    ...     "with exit code 3 matching FailJob rule at index 0")).exit_code
-    3
+    >>> f = failure_from_job(JobObservation("j", failed_condition=True, failure_reason=
+    ...     "PodFailurePolicy", failure_message="Container trainer for pod ml/j-3-x7k2q failed "
+    ...     "with exit code 3 matching FailJob rule at index 0"))
+    >>> f.worker, f.pod, f.exit_code
+    (3, 'j-3-x7k2q', 3)
     """
     code_match = _EXIT_CODE_RE.search(job.failure_message)
-    index_match = _INDEX_RE.search(job.failure_message)
+    index_match = _POD_INDEX_RE.search(code_match["pod"]) if code_match else None
     return WorkerFailure(
         worker=int(index_match["index"]) if index_match else None,
         pod=code_match["pod"] if code_match else None,
