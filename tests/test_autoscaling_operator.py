@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cluster, wait_for
+from tests.conftest import Cluster, wait_for, wait_for_value
 from tests.kube_emulator import ApiServerEmulator
 from tests.prometheus_fixture import (
     MetricsExporter,
@@ -261,3 +261,56 @@ async def test_invalid_promql_override_sets_metrics_unavailable_and_load_still_s
                 return d if d.get("spec", {}).get("replicas", 0) > 1 else None
 
             await wait_for(scaled_up, timeout=20)
+
+
+async def test_switching_autoscaling_off_forgets_the_loop_and_on_again_starts_afresh(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any
+) -> None:
+    """No Prometheus answers: MetricsAvailable is False and the loop holds at 1. Switched off,
+    that condition and status.autoscaling go (before, both stayed for good: Argo CD showed the
+    resource Suspended, and a re-enable applied the old desiredReplicas at once, 1 here: a
+    scale-down from spec.replicas with no metrics). Switched on again, it starts from
+    spec.replicas, as the first time."""
+    body = autoscaled_model("http://127.0.0.1:9")
+    revision = revision_of(ModelDeploymentSpec.model_validate(body["spec"]))
+    deploy_path = f"{DEPLOY_PATH}/{deployment_name('chat', revision)}"
+
+    async def status() -> dict[str, Any]:
+        return dict(((await cluster.get(f"{MD_PATH}/chat")) or {}).get("status") or {})
+
+    def conditions(st: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {c["type"]: c for c in st.get("conditions") or []}
+
+    async def replicas() -> int:
+        return int(((await cluster.get(deploy_path)) or {}).get("spec", {}).get("replicas", -1))
+
+    async def set_autoscaling(enabled: bool) -> None:
+        auto = {**body["spec"]["autoscaling"], "enabled": enabled}
+        await cluster.merge(f"{MD_PATH}/chat", {"spec": {"replicas": 3, "autoscaling": auto}})
+
+    async with run_operator():
+        await cluster.create(MD_PATH, body)
+        held = await wait_for_value(
+            status,
+            lambda st: conditions(st).get("MetricsAvailable", {}).get("status") == "False"
+            and (st.get("autoscaling") or {}).get("desiredReplicas") == 1,
+            timeout=20,
+        )
+        assert "cannot reach Prometheus" in conditions(held)["MetricsAvailable"]["message"]
+
+        await set_autoscaling(False)
+        off = await wait_for_value(
+            status,
+            lambda st: "autoscaling" not in st and "MetricsAvailable" not in conditions(st),
+        )
+        assert off["observedGeneration"] == 2
+        await wait_for_value(replicas, lambda n: n == 3)
+
+        await set_autoscaling(True)
+        await wait_for_value(
+            status, lambda st: "MetricsAvailable" in conditions(st) and "autoscaling" in st,
+            timeout=20,
+        )
+        await asyncio.sleep(1.5)  # a loop or two more: still holding, never down blind
+        assert await replicas() == 3
+        assert ((await status()).get("autoscaling") or {}).get("desiredReplicas") == 3

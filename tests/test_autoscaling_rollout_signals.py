@@ -115,3 +115,50 @@ async def test_signals_during_a_rollout(
     )
     assert read == [stable if signal_revision == "stable" else None]
     assert decided[0].ready_replicas == ready
+
+
+async def test_without_a_rollout_a_new_revision_is_sized_from_all_revisions_signals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without spec.rollout, the old revision serves every request through the shared Service
+    while the new one cold-starts. Reading the new revision's series alone saw no traffic
+    (hold, and nothing recorded), then only the share its first ready pods got, and cut it
+    before the old revision was retired."""
+    body = model("chat", image="srv:2", replicas=10)
+    new = revision_of(ModelDeploymentSpec.model_validate(body["spec"]))
+    old = revision_of(ModelDeploymentSpec.model_validate(model("chat", image="srv:1")["spec"]))
+    body["spec"]["autoscaling"] = {"minReplicas": 1, "maxReplicas": 20, "coldStart": "8m"}
+    body["metadata"].setdefault("namespace", "default")
+    body["status"] = {"autoscaling": {"desiredReplicas": 10}}
+    kube = FakeKube(
+        {
+            deployment_name("chat", old): _deployment(deployment_name("chat", old), 10, 10),
+            deployment_name("chat", new): _deployment(deployment_name("chat", new), 10, 3),
+        }
+    )
+    read: list[str | None] = []
+
+    async def fake_read(_pool: Any, _spec: Any, _ns: str, _name: str, revision: str | None) -> Any:
+        read.append(revision)
+        # Every request, both revisions: 20 req/s of 2.5 s each, no queue (10 replicas' worth).
+        values = {"queueDepth": 0.0, "running": 50.0, "arrivalRate": 20.0, "serviceTime": 2.5}
+        return Signals.from_results(
+            {n: QueryResult.of(values[n]) if n in values else QueryResult.no_data("none")
+             for n in SIGNAL_NAMES}
+        )  # fmt: skip
+
+    monkeypatch.setattr(autoscaling, "_read", fake_read)
+    monkeypatch.setattr(autoscaling.kopf, "warn", lambda *_, **__: None)
+    monkeypatch.setattr(autoscaling.kopf, "event", lambda *_, **__: None)
+    await autoscaling.autoscale_once(
+        kube,  # type: ignore[arg-type]  # the calls autoscale_once makes, recorded
+        None,  # type: ignore[arg-type]  # _read is replaced: no metrics pool is used
+        body,
+        logging.getLogger("test"),
+        autoscaling.LoopMemory(),
+        300.0,
+    )
+    assert read == [None]
+    # Sized for all the traffic, which it carries once the old revision is retired.
+    assert kube.scaled.get(deployment_name("chat", new), 10) >= 10
+    assert deployment_name("chat", old) not in kube.scaled

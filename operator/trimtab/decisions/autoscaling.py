@@ -117,6 +117,24 @@ def _bounded(n: int, spec: AutoscalingSpec, floor: int) -> int:
     return max(floor, min(spec.max_replicas, n))
 
 
+def _unbroken_since(history: tuple[Recommendation, ...], now: float, max_gap: float) -> float:
+    """When the recommendations leading up to `now` began without a gap longer than `max_gap`
+    (`now` itself when the newest is older than that). A gap is time nobody measured the load:
+    an operator down, autoscaling switched off, no data. Recommendations from before it say
+    nothing about the load since, as the HPA's window, kept in memory, restarts with it.
+
+    >>> h = tuple(Recommendation(t, 1) for t in (0, 15, 30, 600, 615, 630))
+    >>> _unbroken_since(h, 645, 150), _unbroken_since(h, 645, 600), _unbroken_since(h, 900, 150)
+    (600, 0, 900)
+    """
+    start = now
+    for r in reversed(history):
+        if start - r.time > max_gap:
+            break
+        start = min(start, r.time)
+    return start
+
+
 def _prune(history: tuple[Recommendation, ...], since: float) -> tuple[Recommendation, ...]:
     """The recommendations from `since` on, and the newest one before it: with merged buckets
     a window's start may fall between two entries, and the older one says the history covers
@@ -308,6 +326,9 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
       scaleToZero once the idle window is quiet).
     - 5 req/s x 1.0 s, 2 replicas, autoscaling started 60 s ago and every loop since
       recommended 1: hold at 2 until the recommendations span the 300 s window, then down to 1.
+      The same after a gap longer than the window (or two loops) in the history (the operator
+      was down, autoscaling was off, or there was no data): what came before the gap says
+      nothing about the load since, so the window starts again after it.
     - Loop 5 s, scrape 15 s: the loops at 80, 85 and 90 s read a queue of 0, those at 95, 100
       and 105 s one scrape of 40. At each of the last three the growth is measured against
       the reading 15 s before (0): (40 - 0) / (15 / 2) = 5.3/s, never (40 - 40) / 5 = 0 nor
@@ -589,7 +610,9 @@ def decide_replicas(inp: AutoscalingInput) -> ReplicaDecision:
         window = [r.replicas for r in history if r.time >= inp.now - secs.scale_down_stabilization]
         target = max([*window, recommendation])
         # Pruning drops what is older than the window, so ask the history as it came in.
-        seen = inp.now - min(inp.history[0].time if inp.history else inp.now, inp.now)
+        seen = inp.now - _unbroken_since(
+            inp.history, inp.now, max(secs.scale_down_stabilization, 2 * secs.interval)
+        )
         if seen + secs.interval < secs.scale_down_stabilization:
             # Recommendations that do not yet span the window cannot say the load stayed low
             # for all of it: the replicas running when they began stand for the rest.

@@ -820,10 +820,15 @@ class RevisionPlan:
         """The revision whose signals measure user demand for the autoscaler; None: all of
         them. During a canary, user requests are split over both revisions, so both count;
         while mirroring, the candidate's requests are copies of the stable's (counting them
-        would double the demand), so only the stable's do.
+        would double the demand), so only the stable's do. Without spec.rollout, the old
+        revision serves through the shared Service until the new one is ready (then it is
+        retired): all revisions count, or the new one, cold-starting, would be sized blind
+        and then for the share of traffic its first ready pods get.
 
         >>> plan_revisions("a", True, RolloutStatus(stable_revision="a")).signal_revision
         'a'
+        >>> plan_revisions("b", False, RolloutStatus()).signal_revision is None
+        True
         >>> shadow = RolloutStatus(stable_revision="a", candidate_revision="b",
         ...                        weights=Weights(stable=100, mirror_percent=100))
         >>> plan_revisions("b", True, shadow, exact_weights=True).signal_revision
@@ -832,6 +837,8 @@ class RevisionPlan:
         >>> plan_revisions("b", True, canary, exact_weights=True).signal_revision is None
         True
         """
+        if not self.rollout:
+            return None
         if self.candidate is None or self.mirroring:
             return self.stable
         return None

@@ -18,6 +18,7 @@ from trimtab import constants as C
 from trimtab.api.common import Condition
 from trimtab.api.modeldeployment import (
     CONDITION_DEGRADED,
+    CONDITION_METRICS_AVAILABLE,
     CONDITION_READY,
     ModelDeploymentSpec,
 )
@@ -266,6 +267,8 @@ async def write_reconciled_status(
             current, revision, _observations(index, key), generation, now_rfc3339()
         )
         desired["observedGeneration"] = generation
+        if spec.autoscaling is None or not spec.autoscaling.enabled:
+            _forget_autoscaler(desired)
         return merge_patch(status, desired)
 
     try:
@@ -274,6 +277,18 @@ async def write_reconciled_status(
         if not err.conflict:
             raise
         raise kopf.TemporaryError("status kept changing under the reconcile", delay=1) from err
+
+
+def _forget_autoscaler(desired: dict[str, Any]) -> None:
+    """Autoscaling is off: what its loop last wrote no longer holds. A MetricsAvailable=False
+    would stay for good (nothing else writes it; Argo CD reads it as Suspended), and an old
+    status.autoscaling would be where a re-enabled autoscaler starts (its desiredReplicas
+    applied at once, its recommendations taken for a window): it starts from spec.replicas,
+    as the first time."""
+    desired["autoscaling"] = None
+    desired["conditions"] = [
+        c for c in desired["conditions"] if c.get("type") != CONDITION_METRICS_AVAILABLE
+    ]
 
 
 def plan_for(spec: ModelDeploymentSpec, status: dict[str, Any]) -> RevisionPlan:
