@@ -250,3 +250,16 @@ def test_operator_dcgm_query_through_a_servicemonitor(
         (idle,) = prometheus.query(f'{DCGM_GPU_MEMORY}{{job="{job}",gpu="1"}}')
         assert idle["metric"].get("pod", "") in ("", "dcgm-exporter-5kq2p")
         assert not any(k.startswith("exported_") for k in idle["metric"])
+
+
+def test_an_exporter_two_jobs_scrape_is_counted_once(prometheus: ScrapeJobsPrometheus) -> None:
+    """The README's two dcgm-exporter settings scrape the same exporter here, as a GPU
+    Operator ServiceMonitor beside an annotation-driven job would: two series per GPU that
+    differ only in `job`. The operator's GPU memory query dedupes per device before it sums a
+    pod's GPUs, so a 12 GiB peak reads 12 GiB, not 24 (it read 24 when it summed raw series)."""
+    queries = usage_queries(UsageTarget(NS, pod_regex_for("chat"), "server"), 60, "5m")
+    both = prometheus.query(f'{DCGM_GPU_MEMORY}{{exported_pod="",pod="{POD}"}}')
+    assert len({s["metric"]["job"] for s in both}) == 2  # the duplicate is there
+    assert [float(r["value"][1]) for r in prometheus.query(queries["gpu_memory_dcgm"])] == [
+        12 * GiB
+    ]

@@ -130,6 +130,66 @@ def test_recommend_resources(
     assert res.cpu_limit is None  # no CPU limit is added
 
 
+def _killed(usage: ContainerUsage, *kills: tuple[float, float]) -> ContainerUsage:
+    return ContainerUsage("server", STEP, usage.cpu, usage.memory, oom_kills=list(kills))
+
+
+@pytest.mark.parametrize(
+    ("usage", "current", "cpu", "memory", "message"),
+    [
+        pytest.param(
+            _killed(steady(24, 0.5, 2 * GiB), (NOW - HOUR, 2 * GiB)), CURRENT, 2.0,
+            2.64 * GiB, "memory 2704Mi after 1 OOM kill(s); cpu 2 kept: insufficient data "
+            "(24 of 288 samples)", id="two-hours-in-a-kill-at-2GiB",
+        ),
+        pytest.param(
+            _killed(steady(24, 0.5, 3 * GiB), (NOW - HOUR, 2 * GiB)), CURRENT, 2.0,
+            3.03 * 1.1 * GiB, "after 1 OOM kill(s)", id="a-peak-above-the-kill-counts-too",
+        ),
+        pytest.param(
+            _killed(steady(24, 0.5, 2 * GiB), (NOW - 2 * HOUR, 2 * GiB),
+                    (NOW - HOUR, 2.4 * GiB)), CURRENT, 2.0, 2.4 * GiB * 1.44 * 1.1,
+            "after 2 OOM kill(s)", id="a-second-kill-within-the-hour-bumps-harder",
+        ),
+        pytest.param(
+            _killed(steady(24, 0.5, 2 * GiB), (NOW - HOUR, 2 * GiB)),
+            CurrentResources(memory=2 * GiB, memory_limit=2 * GiB), None, 2.64 * GiB,
+            "after 1 OOM kill(s)", id="no-cpu-request-takes-it-from-the-samples",
+        ),
+        pytest.param(
+            _killed(ContainerUsage("server", STEP, cpu=[], memory=steady(24, 0.5, GiB).memory),
+                    (NOW - HOUR, GiB)),
+            CurrentResources(memory=GiB, memory_limit=GiB), None, None,
+            "insufficient data", id="no-cpu-request-and-no-cpu-samples-waits",
+        ),
+    ],
+)  # fmt: skip
+def test_an_oom_kill_is_answered_before_a_day_of_history(
+    usage: ContainerUsage,
+    current: CurrentResources,
+    cpu: float | None,
+    memory: float | None,
+    message: str,
+) -> None:
+    """A workload killed in its first hours: memory rises for the kill at once (a TrainingJob's
+    next attempt, a crash-looping server's next revision) instead of waiting for 288 samples;
+    CPU, which a kill says nothing about, stays."""
+    rec = recommend_resources(usage, current, POLICY, NOW)
+    assert message in rec.message, rec.message
+    if memory is None:
+        assert rec.state == "InsufficientData" and rec.resources() is None
+        return
+    assert rec.state == "Recommended"
+    assert rec.memory == pytest.approx(memory, rel=0.01)
+    if cpu is not None:
+        assert rec.cpu == cpu
+    else:
+        assert rec.cpu is not None and 0.5 <= rec.cpu <= 0.6  # p95 of the samples, +5%
+    assert rec.confidence < 0.1
+    res = rec.resources()
+    assert res is not None and res.memory_limit == res.memory
+
+
 def test_oom_kill_bumps_memory_above_the_limit() -> None:
     usage = steady(2016, 0.5, 2 * GiB)
     killed = ContainerUsage(

@@ -615,6 +615,44 @@ def memory_target(samples: Sequence[Sample], policy: Policy) -> float:
     return hist.percentile(policy.memory_percentile)
 
 
+def _answer_kills(
+    base: Recommendation,
+    cpu: Sequence[Sample],
+    memory: Sequence[Sample],
+    ooms: Sequence[Sample],
+    policy: Policy,
+    short: str,
+) -> Recommendation:
+    """OOM kills in a history too short to size from: memory rises for them at once (a new
+    workload killed in its first hours would otherwise be killed again, attempt after attempt,
+    until a day of samples came in); CPU stays as it is, which the kills say nothing about (set
+    from the samples there are only when the container has no CPU request)."""
+    memory_value = max(max((v for _, v in memory), default=0.0), oom_floor(ooms))
+    memory_value *= 1 + policy.memory_headroom
+    memory_value = _clamp(memory_value, policy.memory_min, policy.memory_max)
+    memory_value = float(parse_quantity(format_bytes(memory_value)))
+    cpu_value = base.current.cpu
+    if cpu_value is None:
+        if not cpu:
+            return replace(base, message=short)
+        cpu_value = _clamp(
+            cpu_target(cpu, policy) * (1 + policy.cpu_headroom), policy.cpu_min, policy.cpu_max
+        )
+        cpu_value = float(parse_quantity(format_cpu(cpu_value)))
+    return replace(
+        base,
+        state="Recommended",
+        message=(
+            f"memory {format_bytes(memory_value)} after {len(ooms)} OOM kill(s); "
+            f"cpu {format_cpu(cpu_value)} kept: {short}"
+        ),
+        cpu=cpu_value,
+        memory=memory_value,
+        peak_cpu=max((v for _, v in cpu), default=None),
+        peak_memory=max((v for _, v in memory), default=None),
+    )
+
+
 def recommend_resources(
     usage: ContainerUsage, current: CurrentResources, policy: Policy, now: float
 ) -> Recommendation:
@@ -629,6 +667,8 @@ def recommend_resources(
 
     Worked examples (window 168h, 5-minute samples, so 2016 expected and 288 needed):
       - 100 samples -> InsufficientData, "insufficient data (100 of 288 samples)", nothing set
+      - the same with an OOM kill at a 2 GiB limit -> memory 2.64 GiB (the 1.2x bump, +10%),
+        CPU as it is: a kill is answered at once, however short the history
       - a week at 0.5 cores, peaks 1.0, 2 GiB steady -> cpu ~0.53 (p95 of the samples, +5%),
         memory 2.2 GiB (2 GiB peak +10%), confidence 1.0
       - the same with an OOM kill at a 2 GiB limit -> memory >= 2.4 GiB (the bump)
@@ -664,7 +704,10 @@ def recommend_resources(
             message="no data for " + ", ".join(base.missing_series),
         )
     if samples < needed:
-        return replace(base, message=f"insufficient data ({samples} of {needed} samples)")
+        short = f"insufficient data ({samples} of {needed} samples)"
+        if ooms:
+            return _answer_kills(base, cpu, memory, ooms, policy, short)
+        return replace(base, message=short)
 
     cpu_value = cpu_target(cpu, policy) * (1 + policy.cpu_headroom)
     cpu_value = _clamp(cpu_value, policy.cpu_min, policy.cpu_max)

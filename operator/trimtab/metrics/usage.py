@@ -104,18 +104,23 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
         "oom": oom,
         "memory_limit": f"max by (pod) ({LIMITS_SERIES}{{{sel},resource=\"memory\"}})",
         "kube_state": f"count({RESTARTS_SERIES}{{{sel}}})",
-        # GPU memory is sized from its peak, like memory: each GPU's peak within the step.
+        # GPU memory is sized from its peak, like memory: each GPU's peak within the step,
+        # summed over the pod's GPUs (or MIG instances) once each: `max by` the device first,
+        # so an exporter two scrape jobs read (their job/instance labels differ) is not counted
+        # twice.
         "gpu_memory_agent": (
-            f"max(sum by (pod) (max_over_time({AGENT_GPU_MEMORY}{{{sel}}}[{step}])))"
+            f"max(sum by (pod) (max by (pod, gpu) "
+            f"(max_over_time({AGENT_GPU_MEMORY}{{{sel}}}[{step}]))))"
         ),
         "gpu_util_agent": f"max(max by (pod) ({AGENT_GPU_UTIL}{{{sel}}}))",
         "gpu_model_agent": f"count by (gpu_model) ({AGENT_GPU_MEMORY}{{{sel}}})",
         # dcgm-exporter's pod labels as it writes them, or as a scrape with honorLabels false
         # renames them (exported_*): whichever has the series.
         "gpu_memory_dcgm": (
-            f"(max(sum by (pod) (max_over_time({DCGM_GPU_MEMORY}{{{sel}}}[{step}])))"
-            f" or max(sum by (exported_pod) (max_over_time({DCGM_GPU_MEMORY}{{{exported}}}"
-            f"[{step}])))) * 1048576"
+            f"(max(sum by (pod) (max by (pod, gpu, GPU_I_ID) "
+            f"(max_over_time({DCGM_GPU_MEMORY}{{{sel}}}[{step}]))))"
+            f" or max(sum by (exported_pod) (max by (exported_pod, gpu, GPU_I_ID) "
+            f"(max_over_time({DCGM_GPU_MEMORY}{{{exported}}}[{step}]))))) * 1048576"
         ),
         "gpu_util_dcgm": (
             f"(max(avg by (pod) ({DCGM_GPU_UTIL}{{{sel}}}))"
