@@ -234,3 +234,43 @@ async def test_a_trainingjob_waits_for_a_name_a_modeldeployment_holds(
         now = await cluster.get(f"{SVC_PATH}/llama")
         assert now is not None and now["spec"] == held["spec"]
         assert [r["uid"] for r in now["metadata"]["ownerReferences"]] == [md["metadata"]["uid"]]
+
+
+async def test_a_trainingjob_recreated_before_its_old_job_is_gone_waits_for_it(
+    api: ApiServerEmulator, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleted and created again under one name: the earlier TrainingJob's Job `llama-r0` is
+    still there (the garbage collector removes it soon). The new one waits Pending and takes
+    the name once it is free; it used to fail for good with InvalidSpec."""
+    import logging
+
+    import kopf
+
+    from trimtab.handlers.trainingjob import sync_trainingjob
+
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # no operator runs: no poster
+    earlier = Owner(C.API_VERSION, C.TRAININGJOB_KIND, "llama", NS, "earlier-uid")
+    await cluster.create(
+        JOB_PATH,
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": object_meta(earlier, "llama-r0"),
+         "spec": {"template": {"spec": {"containers": []}}}},
+    )  # fmt: skip
+    created = await cluster.create(TJ_PATH, training_llama())
+    log = logging.getLogger("test")
+
+    await sync_trainingjob(cluster.kube, NS, "llama", log)
+    body = await cluster.get(f"{TJ_PATH}/llama") or {}
+    assert body["status"]["phase"] == "Pending"
+    assert body["status"]["message"] == (
+        "waiting: Job llama-r0 still belongs to an earlier TrainingJob of this name that the "
+        "garbage collector has not removed yet"
+    )
+    held = await cluster.get(f"{JOB_PATH}/llama-r0")
+    assert held is not None
+    assert [r["uid"] for r in held["metadata"]["ownerReferences"]] == ["earlier-uid"]
+
+    await cluster.kube.request("DELETE", f"{JOB_PATH}/llama-r0")
+    await sync_trainingjob(cluster.kube, NS, "llama", log)
+    job = await cluster.get(f"{JOB_PATH}/llama-r0")
+    assert job is not None
+    assert [r["uid"] for r in job["metadata"]["ownerReferences"]] == [created["metadata"]["uid"]]

@@ -393,6 +393,42 @@ FAILED = {"failed_condition": True, "failure_reason": "BackoffLimitExceeded", "f
             id="terminal-ignores-suspend",
         ),
         pytest.param(
+            # The Job completed, and spec.suspend was set before trimtab saw it: the training
+            # is done; the Job is not deleted and the attempt not run again.
+            spec(suspend=True),
+            status(phase="Running", start_time=ts(0)),
+            job(complete=True, completion_time=ts(90)),
+            None,
+            100,
+            {"phase": "Succeeded", "delete": None, "create": False,
+             "cond": ("Succeeded", "True", "Completed")},
+            id="completed-before-a-suspend-is-success",
+        ),
+        pytest.param(
+            # The deadline failed the job but the delete that stops its workers did not happen
+            # (refused, or the operator stopped after writing status): it is sent again.
+            spec(activeDeadlineSeconds=3600),
+            status(phase="Failed", start_time=ts(0), completion_time=ts(3601),
+                   conditions=[{"type": "Failed", "status": "True",
+                                "reason": "DeadlineExceeded"}]),
+            job(active=2, ready=2),
+            None,
+            3700,
+            {"phase": "Failed", "delete": "llama-r0", "create": False},
+            id="a-deadline-stop-that-did-not-happen-is-retried",
+        ),
+        pytest.param(
+            spec(activeDeadlineSeconds=3600),
+            status(phase="Failed", start_time=ts(0), completion_time=ts(3601),
+                   conditions=[{"type": "Failed", "status": "True",
+                                "reason": "DeadlineExceeded"}]),
+            job(deleting=True),
+            None,
+            3700,
+            {"phase": "Failed", "delete": None},
+            id="a-deadline-stop-under-way-is-left-alone",
+        ),
+        pytest.param(
             spec(ttlSecondsAfterFinished=60),
             status(phase="Succeeded", completion_time=ts(0)),
             job(complete=True),

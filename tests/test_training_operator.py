@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
+
 import trimtab.handlers.trainingjob  # noqa: F401  # registers the TrainingJob handlers with kopf
 from tests.conftest import Cluster, wait_for
 from tests.kube_emulator import ApiServerEmulator
@@ -313,3 +315,50 @@ async def test_gang_podgroup_per_attempt(
             return await cluster.get(f"{pg_path}/llama-r0") is None
 
         await wait_for(old_gone)
+
+
+async def test_a_clean_up_that_fails_is_tried_again(
+    api: ApiServerEmulator, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TTL is due and the API server refuses the first delete: cleanedUp stays unset, so
+    the next step deletes everything and only then says it is done (it used to be written
+    before the deletes, and a failed one was never tried again)."""
+    import logging
+
+    from trimtab.handlers.trainingjob import sync_trainingjob
+    from trimtab.kube.client import KubeClient, KubeError
+
+    class RefusesOneDelete(KubeClient):
+        refused = False
+
+        async def delete(self, *args: Any, **kwargs: Any) -> bool:
+            if not RefusesOneDelete.refused:
+                RefusesOneDelete.refused = True
+                raise KubeError(503, "ServiceUnavailable", "etcd leader changed")
+            return await super().delete(*args, **kwargs)
+
+    import kopf
+
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # no operator runs: no poster
+    kube = RefusesOneDelete(str(api.url).rstrip("/"), ssl_context=False)
+    log = logging.getLogger("test")
+    try:
+        await cluster.create(TJ_PATH, trainingjob(ttlSecondsAfterFinished=1))
+        await sync_trainingjob(kube, NS, "llama", log)  # creates the Job and the Service
+        assert await cluster.get(f"{JOB_PATH}/llama-r0") is not None
+        await set_job_status(cluster, "llama-r0", {
+            "succeeded": 2, "completionTime": "2025-06-01T13:00:00Z",
+            "conditions": [{"type": "Complete", "status": "True"}],
+        })  # fmt: skip
+        with pytest.raises(KubeError):  # Succeeded long ago: the TTL is due at once
+            await sync_trainingjob(kube, NS, "llama", log)
+        assert (await status_of(cluster))["phase"] == "Succeeded"
+        assert "cleanedUp" not in await status_of(cluster)
+        assert await cluster.get(f"{JOB_PATH}/llama-r0") is not None
+
+        await sync_trainingjob(kube, NS, "llama", log)
+        assert (await status_of(cluster))["cleanedUp"] is True
+        assert await cluster.get(f"{JOB_PATH}/llama-r0") is None
+        assert await cluster.get(f"{SVC_PATH}/llama") is None
+    finally:
+        await kube.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from trimtab.api.common import ConditionStatus
@@ -446,6 +446,25 @@ def decide_training(inputs: TrainingInputs) -> TrainingDecision:
         status.phase = None
 
     if status.phase in TERMINAL_PHASES:
+        decision = _ttl(b)
+        if (
+            failed is not None
+            and failed.reason == REASON_DEADLINE
+            and job is not None
+            and not job.failed_condition
+            and not job.deleting
+        ):
+            # The deadline's stop did not happen (the delete failed, or the operator stopped
+            # after writing status): the workers still run, so delete their Job again.
+            decision = replace(decision, delete_job=job.name)
+        return decision
+
+    # A Job that completed has finished the training, whatever the spec says since (a suspend
+    # set after it completed must not delete it and run the attempt again).
+    if job is not None and job.complete:
+        status.completion_time = job.completion_time or b.now_text
+        status.workers_ready = 0
+        _finish(b, "Succeeded", "Completed", f"all {spec.workers} workers completed")
         return _ttl(b)
 
     # Suspend: stop the workers, keep everything else.
@@ -500,12 +519,6 @@ def decide_training(inputs: TrainingInputs) -> TrainingDecision:
         return b.done(requeue_after=WAIT_SECONDS)
 
     status.workers_ready = job.ready
-    if job.complete:
-        status.completion_time = job.completion_time or b.now_text
-        status.workers_ready = 0
-        _finish(b, "Succeeded", "Completed", f"all {spec.workers} workers completed")
-        return _ttl(b)
-
     if job.failed_condition:
         return _on_failure(b, inputs, job)
 

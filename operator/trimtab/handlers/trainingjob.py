@@ -25,7 +25,7 @@ from trimtab.api.trainingjob import (
     TrainingJobSpec,
     TrainingJobStatus,
 )
-from trimtab.builders.common import Manifest, Owner, claim_problem, merge_patch
+from trimtab.builders.common import Manifest, Owner, claim_problem, merge_patch, object_meta
 from trimtab.builders.training import (
     COMPONENT,
     LABEL_RESTART,
@@ -223,13 +223,18 @@ async def sync_trainingjob(
 
     name_now = job_name(name, status.restarts)
     raw_job = await kube.get(JOBS, namespace, name_now)
+    blocked = None
     if raw_job is not None and not owned_by(raw_job, owner):
-        problems.append(f"a Job named {name_now} exists that this TrainingJob does not own")
+        # Another's Job of this name (often an earlier TrainingJob of the same name that the
+        # garbage collector has not removed yet): wait for the name, touching nothing.
+        claim = {"kind": "Job", "metadata": object_meta(owner, name_now)}
+        blocked = claim_problem(claim, raw_job) or (
+            f"Job {name_now} exists and was not made by trimtab for this TrainingJob"
+        )
         raw_job = None
     job = JobObservation.from_manifest(raw_job) if raw_job is not None else None
     # An attempt's Job is created only with its Service: first make sure the name is ours.
-    blocked = None
-    if raw_job is None and not problems and status.phase not in TERMINAL_PHASES:
+    if raw_job is None and not blocked and not problems and status.phase not in TERMINAL_PHASES:
         service = build_service(owner, spec)
         blocked = claim_problem(
             service, await kube.get(SERVICES, namespace, service["metadata"]["name"])
@@ -246,13 +251,20 @@ async def sync_trainingjob(
     if metrics is not None and new_status.phase == "Running" and job is not None:
         await _refresh_diagnosis(metrics, namespace, job.name, new_status, now, logger)
 
-    # Status first: if acting fails, the next step still knows the attempt it is on.
-    patch = status_patch(current_status, new_status.to_wire())
+    # Status first: if acting fails, the next step still knows the attempt it is on. Except
+    # cleanedUp, written once the clean-up has run: written before, a failed delete would never
+    # be tried again.
+    first = new_status
+    if decision.cleanup:
+        first = new_status.model_copy(update={"cleaned_up": status.cleaned_up})
+    patch = status_patch(current_status, first.to_wire())
     if patch:
         await kube.patch_status(TRAININGJOBS, namespace, name, patch)
     # A Job is created once per attempt, so right-sizing's applied resources (Auto) reach the
     # workers at the next attempt and never restart a running one.
     await _act(kube, owner, effective_training_spec(spec, current_status), decision, logger)
+    if first is not new_status:
+        await kube.patch_status(TRAININGJOBS, namespace, name, {"cleanedUp": True})
     for kind, reason, message in decision.events:
         kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message)
     return float("inf") if decision.requeue_after is None else decision.requeue_after
