@@ -78,6 +78,17 @@ CKPT = {
         pytest.param(
             {"command": None, "distributed": {"launcher": "none"}}, id="entrypoint-without-torchrun"
         ),
+        pytest.param(
+            {
+                "volumes": [
+                    {"name": "ckpt", "persistentVolumeClaim": {"claimName": "ckpt.v2"}},
+                    {"name": "cfg", "configMap": {"name": "train.config"}},
+                    {"name": "tok", "secret": {"secretName": "hf-token.prod"}},
+                ],
+                "volumeMounts": [{"name": "ckpt", "mountPath": "/ckpt"}],
+            },
+            id="object-names-with-dots-as-kubernetes-allows",
+        ),
     ],
 )
 def test_accepted(spec: dict[str, Any]) -> None:

@@ -20,6 +20,14 @@ Quantity = Annotated[
 DNSLabel = Annotated[
     str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
 ]
+# What most object names are (PersistentVolumeClaims, ConfigMaps, Secrets): dots allowed.
+DNSSubdomain = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        max_length=253,
+    ),
+]
 # A duration as Go and Prometheus write it: "30s", "5m", "1h30m".
 Duration = Annotated[
     str,

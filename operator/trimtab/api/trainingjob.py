@@ -12,6 +12,7 @@ from pydantic import ConfigDict, Field, StringConstraints
 from trimtab.api.common import (
     Condition,
     DNSLabel,
+    DNSSubdomain,
     EnvVar,
     Quantity,
     Resources,
@@ -38,7 +39,9 @@ _ExitCode = Annotated[int, Field(ge=1, le=255)]
 
 
 class PersistentVolumeClaimSource(StrictModel):
-    claim_name: DNSLabel = Field(description="A PersistentVolumeClaim in the same namespace.")
+    claim_name: DNSSubdomain = Field(
+        description="A PersistentVolumeClaim in the same namespace."
+    )
     read_only: bool | None = None
 
 
@@ -55,13 +58,13 @@ class KeyToPath(StrictModel):
 
 
 class ConfigMapSource(StrictModel):
-    name: DNSLabel
+    name: DNSSubdomain
     items: list[KeyToPath] | None = Field(default=None, max_length=64)
     optional: bool | None = None
 
 
 class SecretSource(StrictModel):
-    secret_name: DNSLabel
+    secret_name: DNSSubdomain
     items: list[KeyToPath] | None = Field(default=None, max_length=64)
     optional: bool | None = None
 
