@@ -106,6 +106,14 @@ CURRENT = CurrentResources(cpu=2.0, memory=8 * GiB, memory_limit=8 * GiB)
             steady(2016, 0.001, 1 * MiB), POLICY, "Recommended", (0.01, 0.01),
             (16 * MiB, 16 * MiB), "", id="floors-for-idle",
         ),
+        pytest.param(
+            steady(287, 0.5, 2 * GiB), Policy(window_s=DAY), "Recommended", (0.54, 0.58),
+            (2.2 * GiB, 2.25 * GiB), "", id="a-day-window-survives-a-missed-scrape",
+        ),
+        pytest.param(
+            steady(230, 0.5, 2 * GiB), Policy(window_s=DAY), "InsufficientData", None, None,
+            "insufficient data (230 of 259 samples)", id="a-day-window-needs-90-percent",
+        ),
     ],
 )
 def test_recommend_resources(

@@ -81,7 +81,8 @@ async def test_recommend_then_auto(
             server = recs["containers"][0]
             assert server["container"] == "server"
             assert server["current"] == {"cpu": "2", "memory": "8Gi", "memoryLimit": "8Gi"}
-            assert server["basis"]["window"] == "8s" and server["basis"]["samples"] >= 8
+            # A window of a day or less needs 90% of its samples.
+            assert server["basis"]["window"] == "8s" and server["basis"]["samples"] >= 7
             rec_memory = server["recommended"]["memory"]
             assert rec_memory == server["recommended"]["memoryLimit"]
             assert rec_memory.endswith("Mi") and 2048 < int(rec_memory[:-2]) < 2400

@@ -138,7 +138,8 @@ async def test_recommend_then_auto_resizes_the_next_attempt(
             trainer = recs["containers"][0]
             assert trainer["container"] == "trainer"
             assert trainer["current"] == {"cpu": "4", "memory": "8Gi", "memoryLimit": "8Gi"}
-            assert trainer["basis"]["window"] == "6s" and trainer["basis"]["samples"] >= 6
+            # A window of a day or less needs 90% of its samples.
+            assert trainer["basis"]["window"] == "6s" and trainer["basis"]["samples"] >= 5
             # One worker, sized for the busiest: 3 GiB + 10%, not the sum of both workers
             # (5 GiB) nor the other TrainingJob's 50 GiB.
             memory = trainer["recommended"]["memory"]

@@ -300,3 +300,22 @@ async def test_a_failed_query_leaves_no_other_query_running() -> None:
     assert answer.usage is None and "ConnectionError" in answer.unavailable
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
+
+
+@pytest.mark.parametrize(
+    ("step_s", "rate_window", "peak_range"),
+    [
+        pytest.param(300, "2m", "[300s]", id="a-week-at-5-minute-steps"),
+        pytest.param(21, "2m", "[120s]", id="a-12h-window-never-under-the-rate-window"),
+        pytest.param(1, "2s", "[2s]", id="tests-scrape-fast"),
+    ],
+)
+def test_peaks_are_read_over_at_least_the_rate_window(
+    step_s: int, rate_window: str, peak_range: str
+) -> None:
+    """A short `window` makes a step shorter than the scrape interval (12h: 21 s); a peak read
+    over just the step would find no sample at most points, and coverage would never reach
+    what the recommendation needs."""
+    queries = usage_queries(TARGET, step_s, rate_window)
+    for key in ("memory", "gpu_memory_agent", "gpu_memory_dcgm"):
+        assert f"{peak_range})" in queries[key], queries[key]

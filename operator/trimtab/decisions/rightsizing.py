@@ -53,6 +53,7 @@ OOM_MAX_BUMP_RATIO = 2.5
 OOM_CHAIN_S = HOUR
 # A recommendation needs a day of history (or the whole window when it is shorter).
 MIN_HISTORY_S = DAY
+MIN_COVERAGE = 0.9
 # Requests below these are noise that only make a pod unschedulable after a restart spike.
 MIN_CPU = 0.01
 MIN_MEMORY = 16 * MiB
@@ -680,7 +681,9 @@ def recommend_resources(
     ooms = _in_window(usage.oom_kills, start, now)
     step = max(usage.step_seconds, 1.0)
     expected = max(1, int(policy.window_s // step))
-    needed = max(1, int(min(policy.window_s, MIN_HISTORY_S) // step))
+    # A day of samples, or for a window of a day or less 90% of it: a missed scrape or a
+    # Prometheus restart must not keep a short window from ever being covered.
+    needed = max(1, int(min(policy.window_s * MIN_COVERAGE, MIN_HISTORY_S) // step))
     samples = min(len(cpu), len(memory)) if cpu and memory else max(len(cpu), len(memory))
     span = (cpu[-1][0] - cpu[0][0] + step) if cpu else 0.0
     confidence = min(1.0, samples / expected, span / policy.window_s)

@@ -86,7 +86,9 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
         f"exported_namespace={_q(target.namespace)},exported_pod=~{_q(target.pod_regex)},"
         f"exported_container={_q(target.container)}"
     )
-    step = f"{step_s}s"
+    # Peaks are read over the step, but never over less than the rate window: a step shorter
+    # than the scrape interval (a short `window`) would hold no sample at most points.
+    step = f"{max(step_s, _seconds(rate_window))}s"
     # A restart needs two scrapes of the counter inside the window to show; a window of at least
     # the rate window makes one kill visible at several steps, which `_distinct_kills` merges.
     oom_window = f"{max(step_s, _seconds(rate_window))}s"
