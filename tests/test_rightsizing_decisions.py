@@ -12,6 +12,7 @@ import pytest
 from tests.validation import ROOT, validate_custom
 from trimtab.api.common import Resources
 from trimtab.api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus
+from trimtab.api.quantity import parse_quantity
 from trimtab.api.rightsizing import (
     AppliedResources,
     GpuPolicy,
@@ -526,3 +527,58 @@ def test_cpu_request_never_exceeds_the_cpu_limit(
     assert status.basis is not None
     assert ("raise the limit" in rec.message) is capped
     assert (status.basis.cpu_capped is not None) is capped
+
+
+async def test_a_recommendation_that_drifts_is_told_each_time_it_has_moved_far_enough(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Recommend mode, CPU use climbing about 8% a pass from 1.15 to 2.0 cores over a 1-core
+    request: each pass moves less than minChange (10%) from the last, so comparing with the
+    previous pass told only the first move. The handler keeps what it last told
+    (`announced`) and tells again once the recommendation is 10% away from that."""
+    import logging
+    from types import SimpleNamespace
+    from typing import Any
+
+    from trimtab.handlers import rightsizing as handler
+    from trimtab.kube.resources import MODELDEPLOYMENTS
+    from trimtab.metrics.usage import UsageAnswer, UsageTarget
+
+    told: list[str] = []
+    monkeypatch.setattr(handler.kopf, "event", lambda *_, **kw: told.append(kw["message"]))
+    levels = [1.15, 1.24, 1.34, 1.45, 1.56, 1.69, 1.82, 1.97]
+    level = {"cpu": levels[0]}
+
+    class Reader:
+        async def read(self, *_: Any, **__: Any) -> UsageAnswer:
+            return UsageAnswer(steady(2016, level["cpu"], 2 * GiB, seed=3))
+
+    monkeypatch.setattr(handler, "make_reader", lambda memo: Reader())
+    sizing = handler.Sizing(
+        resource=MODELDEPLOYMENTS,
+        rightsizing=RightsizingSpec(mode="Recommend"),
+        spec_resources=Resources(cpu="1", memory="2Gi"),
+        current=CurrentResources(cpu=1.0, memory=2 * GiB, memory_limit=2 * GiB),
+        target=UsageTarget("ml", "chat-.*", "server"),
+        applied_reason="NewRevision",
+        applied_note="rolled out as a new revision",
+        fire_reconcile=False,
+    )
+    body = {"metadata": {"name": "chat", "namespace": "ml"}}
+    previous = RecommendationsStatus()
+    recommended: list[float] = []
+    for cpu in levels:
+        level["cpu"] = cpu
+        patch = SimpleNamespace(status={}, metadata=SimpleNamespace(annotations={}))
+        await handler._rightsize(
+            body, previous, patch, SimpleNamespace(), logging.getLogger("t"), sizing, NOW
+        )  # type: ignore[arg-type]  # a plain dict and namespaces stand in for kopf's
+        previous = RecommendationsStatus.model_validate(patch.status["recommendations"])
+        rec = previous.containers[0].recommended
+        assert rec is not None and rec.cpu is not None
+        recommended.append(float(parse_quantity(rec.cpu)))
+    assert recommended[-1] / recommended[0] > 1.6  # it did drift, slowly
+    assert 4 <= len(told) <= 6, told  # about every 10%, not once
+    announced = previous.containers[0].announced
+    assert announced is not None and announced.cpu is not None
+    assert abs(float(parse_quantity(announced.cpu)) - recommended[-1]) / recommended[-1] <= 0.1

@@ -154,6 +154,11 @@ class ContainerRecommendation(StatusModel):
     message: str = ""
     current: ResourceAmounts = Field(default_factory=ResourceAmounts)
     recommended: ResourceAmounts | None = None
+    announced: ResourceAmounts | None = Field(
+        default=None,
+        description="The recommendation the last RecommendationChanged Event told: the next "
+        "Event waits for a move of more than minChange from it, so a slow drift is told too.",
+    )
     basis: RecommendationBasis | None = None
     gpu_shape: GpuShape | None = None
     missing_series: list[str] = Field(default_factory=list)

@@ -809,13 +809,24 @@ def moved(rec: Recommendation, min_change: float) -> bool:
 def moved_since(
     previous: ContainerRecommendation | None, rec: Recommendation, min_change: float
 ) -> bool:
-    """True when the recommendation differs by more than `min_change` from the last one written
-    to status, so an Event is posted once per move, not on every timer tick."""
+    """True when the recommendation differs by more than `min_change` from the one the last
+    Event told (`announced`), or none was told yet: with `moved` (a move of that much from what
+    the container has), an Event is posted once per move, not on every timer tick, and a
+    recommendation that drifts a little each pass is told again once it has moved that far.
+
+    >>> from trimtab.api.rightsizing import ResourceAmounts as A
+    >>> told = ContainerRecommendation(container="c", state="Recommended",
+    ...     recommended=A(cpu="1300m", memory="1Gi"), announced=A(cpu="1200m", memory="1Gi"))
+    >>> r = Recommendation("c", "Recommended", "", CurrentResources(cpu=1.0, memory=2**30),
+    ...                    cpu=1.4, memory=2**30)
+    >>> moved_since(told, r, 0.10), moved_since(told, replace(r, cpu=1.3), 0.10)
+    (True, False)
+    """
     if rec.state != "Recommended":
         return False
-    if previous is None or previous.recommended is None:
+    prev = previous.announced if previous is not None else None
+    if prev is None:
         return True
-    prev = previous.recommended
 
     def num(q: str | None) -> float | None:
         return float(parse_quantity(q)) if q else None

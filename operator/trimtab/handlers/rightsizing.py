@@ -331,6 +331,7 @@ async def _rightsize(
         )
     container = rec.to_status(rightsizing.window)
     before = next((c for c in previous.containers if c.container == container.container), None)
+    container.announced = before.announced if before is not None else None
     if moved_since(before, rec, policy.min_change) and moved(rec, policy.min_change):
         # kopf.event, not kopf.info: operator_setup posts only WARNING and above from kopf.info.
         kopf.event(
@@ -339,6 +340,7 @@ async def _rightsize(
             reason=EVENT_MOVED,
             message=f"{container.container}: {_summary(container)} ({rec.message})",
         )
+        container.announced = container.recommended
 
     applied = previous.applied
     write_status_first = False
