@@ -429,6 +429,27 @@ FAILED = {"failed_condition": True, "failure_reason": "BackoffLimitExceeded", "f
             id="a-deadline-stop-under-way-is-left-alone",
         ),
         pytest.param(
+            # Attempt 1's Job was created at 600 s with the 3000 s left, then waited in Kueue
+            # until 2000 s: the Job controller counts its 3000 s from admission, which would
+            # stop it at 5000 s. It is set to the 1600 s left at admission.
+            spec(activeDeadlineSeconds=3600),
+            status(phase="Starting", restarts=1, start_time=ts(0)),
+            job(active=2, ready=1, start_time=ts(2000), active_deadline_seconds=3000),
+            None,
+            2010,
+            {"phase": "Starting", "job_deadline": 1600, "requeue": 1590},
+            id="a-job-admitted-late-gets-the-deadline-left",
+        ),
+        pytest.param(
+            spec(activeDeadlineSeconds=3600),
+            status(phase="Running", start_time=ts(0)),
+            job(active=2, ready=2, start_time=ts(0), active_deadline_seconds=3600),
+            None,
+            10,
+            {"phase": "Running", "job_deadline": None},
+            id="a-job-admitted-at-once-keeps-its-deadline",
+        ),
+        pytest.param(
             spec(ttlSecondsAfterFinished=60),
             status(phase="Succeeded", completion_time=ts(0)),
             job(complete=True),
@@ -500,6 +521,8 @@ def test_phase_machine(
         assert out.cleaned_up is want["cleaned"]
     if "deadline_left" in want:
         assert d.active_deadline_seconds == want["deadline_left"]
+    if "job_deadline" in want:
+        assert d.job_deadline_seconds == want["job_deadline"]
     if "cond" in want:
         kind, cstatus, reason = want["cond"]
         cond = get_condition(out.conditions, kind)

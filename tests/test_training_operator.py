@@ -362,3 +362,42 @@ async def test_a_clean_up_that_fails_is_tried_again(
         assert await cluster.get(f"{SVC_PATH}/llama") is None
     finally:
         await kube.close()
+
+
+async def test_a_job_admitted_late_is_given_only_the_deadline_left(
+    api: ApiServerEmulator, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TrainingJob first started 1000 s ago (an earlier attempt); this attempt's Job was
+    created with the whole hour and admitted just now. The Job controller counts
+    activeDeadlineSeconds from admission, so the Job is patched to the 2600 s left, and its
+    workers stop at the deadline even if the operator is down by then."""
+    import datetime
+    import logging
+
+    import kopf
+
+    from trimtab.handlers.trainingjob import sync_trainingjob
+
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # no operator runs: no poster
+    log = logging.getLogger("test")
+    await cluster.create(TJ_PATH, trainingjob(activeDeadlineSeconds=3600,
+                                              scheduling={"queueName": "team-a"}))  # fmt: skip
+    await sync_trainingjob(cluster.kube, NS, "llama", log)
+    job = await cluster.get(f"{JOB_PATH}/llama-r0")
+    assert job is not None and job["spec"]["suspend"] is True
+    assert job["spec"]["activeDeadlineSeconds"] == 3600
+
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    stamp = lambda t: t.isoformat().replace("+00:00", "Z")  # noqa: E731
+    await cluster.merge(
+        f"{TJ_PATH}/llama/status",
+        {"status": {"startTime": stamp(now - datetime.timedelta(seconds=1000))}},
+    )
+    await cluster.merge(f"{JOB_PATH}/llama-r0", {"spec": {"suspend": False}})  # Kueue admits
+    await set_job_status(cluster, "llama-r0", {"active": 2, "startTime": stamp(now)})
+    await sync_trainingjob(cluster.kube, NS, "llama", log, now=now)
+    job = await cluster.get(f"{JOB_PATH}/llama-r0")
+    assert job is not None and job["spec"]["activeDeadlineSeconds"] == 2600
+    await sync_trainingjob(cluster.kube, NS, "llama", log, now=now)  # once: nothing more
+    job = await cluster.get(f"{JOB_PATH}/llama-r0")
+    assert job is not None and job["spec"]["activeDeadlineSeconds"] == 2600

@@ -7,6 +7,7 @@ time; `decide_training` says what the status is and what to create or delete."""
 from __future__ import annotations
 
 import datetime
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -99,6 +100,9 @@ class JobObservation:
     failed_condition: bool = False
     failure_reason: str = ""
     failure_message: str = ""
+    # spec.activeDeadlineSeconds: the Job controller counts it from status.startTime, which it
+    # sets (again) when the Job is admitted (unsuspended).
+    active_deadline_seconds: int | None = None
 
     @staticmethod
     def from_manifest(job: Mapping[str, Any]) -> JobObservation:
@@ -124,6 +128,11 @@ class JobObservation:
             completion_time=status.get("completionTime"),
             complete=true("Complete") or true("SuccessCriteriaMet"),
             failed_condition=true("Failed") or true("FailureTarget"),
+            active_deadline_seconds=(
+                int(spec["activeDeadlineSeconds"])
+                if spec.get("activeDeadlineSeconds") is not None
+                else None
+            ),
             failure_reason=str((failing or {}).get("reason") or ""),
             failure_message=str((failing or {}).get("message") or ""),
         )
@@ -291,6 +300,9 @@ class TrainingDecision:
     delete_job: str | None = None
     # TTL: delete everything trimtab made for this TrainingJob.
     cleanup: bool = False
+    # Set this attempt's Job's activeDeadlineSeconds to this: it was admitted later than it was
+    # created (Kueue), and the Job controller counts from admission.
+    job_deadline_seconds: int | None = None
     # Look again after this many seconds even if nothing changes (backoff, deadline, TTL).
     requeue_after: float | None = None
     # An Event for a transition worth telling: (type "Normal"|"Warning", reason, message).
@@ -541,9 +553,11 @@ def decide_training(inputs: TrainingInputs) -> TrainingDecision:
     if status.start_time is None:
         status.start_time = job.start_time or b.now_text
     requeue = None
+    job_deadline = None
     if spec.active_deadline_seconds is not None:
         left = _deadline(inputs)
         requeue = (left - now).total_seconds() if left is not None else None
+        job_deadline = _job_deadline(job, left)
     running = job.ready + job.succeeded
     if running >= spec.workers:
         message = f"{spec.workers}/{spec.workers} workers running"
@@ -552,11 +566,32 @@ def decide_training(inputs: TrainingInputs) -> TrainingDecision:
         b.phase("Running", message)
         b.cond(CONDITION_RUNNING, "True", "AllWorkersRunning", message)
         b.clear(CONDITION_RESTARTING, "Recovered", message)
-        return b.done(requeue_after=requeue)
+        return b.done(requeue_after=requeue, job_deadline_seconds=job_deadline)
     message = f"{running}/{spec.workers} workers running"
     b.phase("Starting", message)
     b.cond(CONDITION_RUNNING, "False", "WorkersStarting", message)
-    return b.done(requeue_after=requeue)
+    return b.done(requeue_after=requeue, job_deadline_seconds=job_deadline)
+
+
+def _job_deadline(job: JobObservation, due: datetime.datetime | None) -> int | None:
+    """The activeDeadlineSeconds that makes an admitted Job stop at the TrainingJob's deadline,
+    when the one it has would stop it later; None when it needs none.
+
+    A Job gets what is left of the deadline when it is created, so that its workers stop on
+    time while the operator is down. Under Kueue it may wait long before admission, and the Job
+    controller counts its deadline from then (from each re-admission after a preemption too):
+    the deadline would pass that much late.
+
+    >>> at = lambda s: datetime.datetime(2025, 6, 1, 12, 0, s, tzinfo=datetime.UTC)
+    >>> queued = JobObservation("j", start_time="2025-06-01T12:00:40Z", active_deadline_seconds=50)
+    >>> _job_deadline(queued, at(59)), _job_deadline(queued, at(59) + datetime.timedelta(hours=1))
+    (19, None)
+    """
+    start = parse_time(job.start_time)
+    if due is None or start is None or job.active_deadline_seconds is None:
+        return None
+    wanted = max(1, math.ceil((due - start).total_seconds()))
+    return wanted if job.active_deadline_seconds > wanted else None
 
 
 def _on_failure(b: _Builder, inputs: TrainingInputs, job: JobObservation) -> TrainingDecision:

@@ -329,6 +329,17 @@ async def _act(
         except KubeError as err:
             if not err.conflict:
                 raise
+    if decision.job_deadline_seconds is not None:
+        name = job_name(owner.name, restarts)
+        await kube.patch(
+            JOBS, owner.namespace, name,
+            {"spec": {"activeDeadlineSeconds": decision.job_deadline_seconds}},
+        )  # fmt: skip
+        logger.info(
+            "Job %s admitted late: its activeDeadlineSeconds is now %d, to stop at the deadline",
+            name,
+            decision.job_deadline_seconds,
+        )
     if decision.cleanup:
         await cleanup(kube, owner, spec, logger)
 
