@@ -431,6 +431,12 @@ async def rollout_once(
         analysis=analysis,
         inputs=inputs,
     )
+    if judged:
+        # The analysis took a while (one Prometheus round): the autoscaler may have scaled
+        # since this loop read status, and applying the replicas read then would undo it.
+        fresh = await kube.get(MODELDEPLOYMENTS, namespace, name)
+        if fresh is not None:
+            status["autoscaling"] = (fresh.get("status") or {}).get("autoscaling")
     status_after = {**status, "rollout": after.to_wire()}
     plan_after = plan_for(parsed, status_after)
     total = replicas_for_revision(parsed, status)
