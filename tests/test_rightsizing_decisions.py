@@ -582,3 +582,67 @@ async def test_a_recommendation_that_drifts_is_told_each_time_it_has_moved_far_e
     announced = previous.containers[0].announced
     assert announced is not None and announced.cpu is not None
     assert abs(float(parse_quantity(announced.cpu)) - recommended[-1]) / recommended[-1] <= 0.1
+
+
+@pytest.mark.parametrize(
+    ("rollout", "applied"),
+    [
+        pytest.param({}, True, id="no-rollout-applies"),
+        pytest.param({"stableRevision": "a"}, True, id="between-rollouts-applies"),
+        pytest.param({"stableRevision": "a", "candidateRevision": "b"}, False,
+                     id="a-candidate-under-analysis-holds-it"),
+    ],
+)  # fmt: skip
+async def test_auto_waits_for_a_rollout_in_progress(
+    monkeypatch: pytest.MonkeyPatch, rollout: dict[str, str], applied: bool
+) -> None:
+    """A new revision mid-canary would replace the candidate being analysed and start the
+    rollout over; Auto holds the apply until the rollout ends, and says so."""
+    import logging
+    from types import SimpleNamespace
+    from typing import Any
+
+    from trimtab.handlers import rightsizing as handler
+    from trimtab.kube.resources import MODELDEPLOYMENTS
+    from trimtab.metrics.usage import UsageAnswer, UsageTarget
+
+    monkeypatch.setattr(handler.kopf, "event", lambda *_, **__: None)
+
+    class Reader:
+        async def read(self, *_: Any, **__: Any) -> UsageAnswer:
+            return UsageAnswer(steady(2016, 3.0, 2 * GiB))  # far over the 1-core request
+
+    written: dict[str, Any] = {}
+
+    class Kube:
+        async def patch_status(self, *args: Any) -> None:
+            written.update(args[-1])  # {"recommendations": ...}, before the reconcile fires
+
+    monkeypatch.setattr(handler, "make_reader", lambda memo: Reader())
+    sizing = handler.Sizing(
+        resource=MODELDEPLOYMENTS,
+        rightsizing=RightsizingSpec(mode="Auto"),
+        spec_resources=Resources(cpu="1", memory="2Gi"),
+        current=CurrentResources(cpu=1.0, memory=2 * GiB, memory_limit=2 * GiB),
+        target=UsageTarget("ml", "chat-.*", "server"),
+        applied_reason="NewRevision",
+        applied_note="rolled out as a new revision",
+        fire_reconcile=True,
+        apply_held=handler._rollout_in_progress({"rollout": rollout}),
+    )
+    patch = SimpleNamespace(status={}, metadata=SimpleNamespace(annotations={}))
+    await handler._rightsize(
+        {"metadata": {"name": "chat", "namespace": "ml"}}, RecommendationsStatus(), patch,
+        SimpleNamespace(kube=Kube()), logging.getLogger("t"), sizing, NOW,
+    )  # type: ignore[arg-type]  # a plain dict and namespaces stand in for kopf's
+    out = written.get("recommendations") or patch.status.get("recommendations")
+    assert out is not None  # written at once (an apply) or through kopf's patch
+    status = RecommendationsStatus.model_validate(out)
+    cond = {c.type: c for c in status.conditions}["RecommendationApplied"]
+    if applied:
+        assert status.applied is not None and cond.status == "True"
+        assert patch.metadata.annotations  # the reconcile is fired to roll it out
+    else:
+        assert status.applied is None and not patch.metadata.annotations
+        assert (cond.status, cond.reason) == ("False", "WaitingForRollout")
+        assert "revision b is being rolled out" in cond.message

@@ -155,6 +155,9 @@ class Sizing:
     fire_reconcile: bool
     # TrainingJob: the operator's own record of the last failed worker (an OOM kill counts).
     last_failure: WorkerFailure | None = None
+    # Why an Auto apply must wait now (a rollout in progress: a new revision would replace its
+    # candidate mid-analysis); empty when it may go ahead.
+    apply_held: str = ""
 
 
 @kopf.timer(
@@ -200,8 +203,18 @@ async def rightsize_modeldeployment(
         applied_reason="NewRevision",
         applied_note="rolled out as a new revision",
         fire_reconcile=True,
+        apply_held=_rollout_in_progress(status),
     )
     await _rightsize(body, previous, patch, memo, logger, sizing, now)
+
+
+def _rollout_in_progress(status: Any) -> str:
+    """Why an applied recommendation must wait: a candidate is being analysed (a new revision
+    now would replace it and start the rollout over); empty when none is."""
+    candidate = (dict(status or {}).get("rollout") or {}).get("candidateRevision")
+    if not candidate:
+        return ""
+    return f"revision {candidate} is being rolled out; applied once it is promoted or rolled back"
 
 
 @kopf.timer(
@@ -344,7 +357,17 @@ async def _rightsize(
 
     applied = previous.applied
     write_status_first = False
-    if rightsizing.mode == "Auto" and moved(rec, policy.min_change) and container.recommended:
+    apply_now = rightsizing.mode == "Auto" and moved(rec, policy.min_change)
+    if apply_now and container.recommended and sizing.apply_held:
+        conditions = set_condition(
+            conditions,
+            CONDITION_RECOMMENDATION_APPLIED,
+            "False",
+            "WaitingForRollout",
+            f"{_summary(container)}: not applied yet: {sizing.apply_held}",
+            stamp,
+        )
+    elif apply_now and container.recommended:
         applied = AppliedResources(
             resources=container.recommended,
             applied_at=stamp,
