@@ -401,3 +401,68 @@ async def test_a_job_admitted_late_is_given_only_the_deadline_left(
     await sync_trainingjob(cluster.kube, NS, "llama", log, now=now)  # once: nothing more
     job = await cluster.get(f"{JOB_PATH}/llama-r0")
     assert job is not None and job["spec"]["activeDeadlineSeconds"] == 2600
+
+
+async def test_a_gang_without_the_podgroup_api_waits_and_says_what_is_missing(
+    api: ApiServerEmulator, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the coscheduling CRD is not installed every PodGroup apply is a 404: the job used
+    to sit Pending ("creating the Job") with the error only in the operator's log. It now
+    waits with the reason in status, creates nothing, and goes on once the API is served."""
+    import logging
+
+    import kopf
+
+    from trimtab.handlers.trainingjob import sync_trainingjob
+    from trimtab.kube.client import KubeClient, KubeError
+
+    served = {"podgroups": False}
+
+    class Cluster404(KubeClient):
+        async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+            if "scheduling.x-k8s.io" in path and not served["podgroups"]:
+                raise KubeError(404, "NotFound", "the server could not find the requested resource")
+            return await super().request(method, path, **kwargs)
+
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # no operator runs: no poster
+    kube = Cluster404(str(api.url).rstrip("/"), ssl_context=False)
+    log = logging.getLogger("test")
+    pg_path = f"/apis/scheduling.x-k8s.io/v1alpha1/namespaces/{NS}/podgroups"
+    try:
+        await cluster.create(TJ_PATH, trainingjob(scheduling={"gang": {"enabled": True}}))
+        await sync_trainingjob(kube, NS, "llama", log)
+        status = await status_of(cluster)
+        assert status["phase"] == "Pending"
+        assert status["message"].startswith(
+            "waiting: scheduling.gang needs the PodGroup API (scheduling.x-k8s.io/v1alpha1)"
+        )
+        assert await cluster.get(f"{JOB_PATH}/llama-r0") is None
+
+        served["podgroups"] = True
+        await sync_trainingjob(kube, NS, "llama", log)
+        assert await cluster.get(f"{JOB_PATH}/llama-r0") is not None
+        assert await cluster.get(f"{pg_path}/llama-r0") is not None
+    finally:
+        await kube.close()
+
+
+async def test_clean_up_takes_the_podgroups_of_a_gang_since_turned_off(
+    api: ApiServerEmulator, cluster: Cluster
+) -> None:
+    """An attempt ran as a gang, then scheduling.gang was turned off: the TTL clean-up still
+    deletes that attempt's PodGroup (it looked for PodGroups only while gang was on)."""
+    import logging
+
+    from trimtab.api.trainingjob import TrainingJobSpec
+    from trimtab.builders.common import Owner
+    from trimtab.builders.training import build_podgroup
+    from trimtab.handlers.trainingjob import cleanup
+
+    created = await cluster.create(TJ_PATH, trainingjob())
+    owner = Owner(C.API_VERSION, C.TRAININGJOB_KIND, "llama", NS, created["metadata"]["uid"])
+    with_gang = trainingjob(scheduling={"gang": {"enabled": True}})
+    gang = TrainingJobSpec.model_validate(with_gang["spec"])
+    await cluster.kube.create(build_podgroup(owner, gang, 0))
+    now_off = TrainingJobSpec.model_validate(trainingjob()["spec"])
+    deleted = await cleanup(cluster.kube, owner, now_off, logging.getLogger("t"))
+    assert "PodGroup/llama-r0" in deleted

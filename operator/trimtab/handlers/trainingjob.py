@@ -233,12 +233,15 @@ async def sync_trainingjob(
         )
         raw_job = None
     job = JobObservation.from_manifest(raw_job) if raw_job is not None else None
-    # An attempt's Job is created only with its Service: first make sure the name is ours.
+    # An attempt's Job is created only with its Service (and PodGroup): first make sure the
+    # name is ours, and that the PodGroup API is there to gang-schedule it.
     if raw_job is None and not blocked and not problems and status.phase not in TERMINAL_PHASES:
         service = build_service(owner, spec)
         blocked = claim_problem(
             service, await kube.get(SERVICES, namespace, service["metadata"]["name"])
         )
+        if not blocked and spec.scheduling.gang.enabled:
+            blocked = await _podgroups_missing(kube)
     failure = None
     if job is not None and job.failed_condition:
         pods = await kube.list(PODS, namespace, {JOB_NAME_LABEL: name_now})
@@ -317,6 +320,8 @@ async def _act(
             label = (old["metadata"].get("labels") or {}).get(LABEL_RESTART, "")
             if label.isdigit() and int(label) < restarts:
                 await _delete_owned(kube, JOBS, owner, old["metadata"]["name"], "Foreground")
+                # Its PodGroup (named alike); a GET finds none where the API is not served.
+                await _delete_owned(kube, PODGROUPS, owner, old["metadata"]["name"])
         await kube.apply(build_service(owner, spec))
         if spec.scheduling.gang.enabled:
             await kube.apply(build_podgroup(owner, spec, restarts))
@@ -344,6 +349,25 @@ async def _act(
         await cleanup(kube, owner, spec, logger)
 
 
+async def _podgroups_missing(kube: KubeClient) -> str | None:
+    """Why a gang cannot be scheduled here: the PodGroup API is not served (the coscheduling
+    plugin's CRD is not installed); None when it is."""
+    path = f"/apis/{PODGROUPS.group}/{PODGROUPS.version}"
+    try:
+        served = await kube.request("GET", path)
+    except KubeError as err:
+        if not err.not_found:
+            raise
+        served = {}
+    if any(r.get("name") == PODGROUPS.plural for r in (served or {}).get("resources") or []):
+        return None
+    return (
+        f"scheduling.gang needs the PodGroup API ({PODGROUPS.group}/{PODGROUPS.version}), "
+        "which this cluster does not serve: install the scheduler-plugins coscheduling CRDs, "
+        "or turn scheduling.gang off"
+    )
+
+
 async def _owned_jobs(kube: KubeClient, owner: Owner) -> list[Manifest]:
     labels = {C.LABEL_MANAGED_BY: C.MANAGED_BY, C.LABEL_OWNER: owner.name}
     return [j for j in await kube.list(JOBS, owner.namespace, labels) if owned_by(j, owner)]
@@ -363,12 +387,17 @@ async def cleanup(kube: KubeClient, owner: Owner, spec: TrainingJobSpec, logger:
     """TTL clean-up: every Job, Service and PodGroup this TrainingJob owns, nothing else (its
     checkpoint PVC, ConfigMaps and Secrets are the user's). Returns what it deleted."""
     labels = {C.LABEL_MANAGED_BY: C.MANAGED_BY, C.LABEL_OWNER: owner.name}
-    kinds: list[Resource] = [JOBS, SERVICES]
-    if spec.scheduling.gang.enabled:
-        kinds.append(PODGROUPS)
+    # PodGroups whatever spec.scheduling.gang says now: it may have been on for an attempt.
+    kinds: list[Resource] = [JOBS, SERVICES, PODGROUPS]
     deleted: list[str] = []
     for res in kinds:
-        for obj in await kube.list(res, owner.namespace, labels):
+        try:
+            listed = await kube.list(res, owner.namespace, labels)
+        except KubeError as err:
+            if res is PODGROUPS and err.not_found:
+                continue  # the PodGroup API is not served here: there are none
+            raise
+        for obj in listed:
             if not owned_by(obj, owner):
                 continue
             name = obj["metadata"]["name"]
