@@ -495,6 +495,38 @@ CASES = [
         id="fallback-target-never-ready-fails-keeps-traffic",
     ),
     pytest.param(
+        # A new image while the fallback target still starts: starting c now would move the
+        # route to a (no pod yet) and off b, which serves; c waits for a.
+        spec(),
+        STABLE_A.model_copy(
+            update={"failed_revision": "b", "phase": "FellBack", "fallback_since": ts(-60)}
+        ),
+        dict(desired_revision="c", stable_ready=False),
+        Hold,
+        "b keeps serving until a has a ready replica; c starts once it is",
+        id="a-new-image-waits-for-the-fallback-target",
+    ),
+    pytest.param(
+        spec(),
+        STABLE_A.model_copy(
+            update={"failed_revision": "b", "phase": "FellBack", "fallback_since": ts(-60)}
+        ),
+        dict(desired_revision="c", stable_ready=True),
+        SetWeights,
+        "new revision c",
+        id="a-new-image-starts-once-the-fallback-target-serves",
+    ),
+    pytest.param(
+        # Status from before the failed mark was dropped on a new start: the spec goes back to
+        # the failed b while c is a candidate; no Deployment would be built for b.
+        spec(),
+        in_flight(0, candidate_revision="c", failed_revision="b"),
+        dict(desired_revision="b", candidate_ready=True),
+        Rollback,
+        "spec went back to b, which failed and is not retried while the spec says it",
+        id="back-to-a-failed-revision-mid-rollout-returns-to-stable",
+    ),
+    pytest.param(
         spec(),
         RolloutStatus(
             stable_revision="b",
@@ -588,8 +620,12 @@ def test_next_rollout_step(
         pytest.param(
             2, Weights(stable=90, candidate=10), False, True, (2, 1), id="replicas-min-one-each"
         ),
+        pytest.param(4, Weights(stable=0, candidate=100), True, True, (1, 4),
+                     id="a-100-percent-step-keeps-a-stable-replica-mesh"),
+        pytest.param(4, Weights(stable=0, candidate=100), False, True, (1, 4),
+                     id="a-100-percent-step-keeps-a-stable-replica-replicas"),
     ],
-)
+)  # fmt: skip
 def test_split_replicas(
     total: int, weights: Weights, exact: bool, in_rollout: bool, expected: tuple[int, int]
 ) -> None:
@@ -1171,3 +1207,28 @@ def test_a_fallback_written_without_fallback_since_gets_a_deadline() -> None:
     assert status.fallback_since == ts(100) and not action.fallback_failed
     status, action = drive(spec(), status, 100 + 1800, None, stable_ready=False)
     assert isinstance(action, Hold) and action.fallback_failed
+
+
+def test_a_failed_revision_is_retried_once_the_spec_has_moved_away_from_it() -> None:
+    """b was rolled back (failed). Setting the spec to c, or back to the stable a, drops the
+    mark: setting it to b afterwards is a deliberate retry, which starts b as a candidate
+    (plan_revisions builds it too). Before, the mark stayed until a promotion: b came back as
+    a candidate without a Deployment and rolled back 30 minutes later, "not ready"."""
+    rolled_back = STABLE_A.model_copy(update={"failed_revision": "b", "phase": "RolledBack"})
+    for moved_to in ("a", "c"):
+        now = T0 + timedelta(seconds=10)
+        inputs = RolloutInputs(desired_revision=moved_to, now=now, stable_ready=True)
+        action = next_rollout_step(spec(), rolled_back, inputs)
+        status = apply_action(
+            spec(), rolled_back, action, now=now, desired_model={"image": moved_to}
+        )
+        assert status.failed_revision is None, (moved_to, action)
+        if moved_to == "c":
+            status = apply_action(
+                spec(), status, Rollback("c aborted", mark_failed=False), now=now,
+                desired_model={"image": "c"},
+            )  # fmt: skip
+        retry = RolloutInputs(desired_revision="b", now=now, stable_ready=True)
+        action = next_rollout_step(spec(), status, retry)
+        assert isinstance(action, SetWeights) and action.start == "b", (moved_to, action)
+        assert plan_revisions("b", True, status).candidate == "b"

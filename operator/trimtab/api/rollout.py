@@ -349,6 +349,14 @@ CONDITION_ROLLED_BACK = "RolledBack"
 # revision, rebuilt from status, serves all traffic instead. False with reason FallbackFailed:
 # the rebuilt revision had no ready replica within progressDeadline; traffic stays where it was.
 CONDITION_FALLBACK_APPLIED = "FallbackApplied"
+ROLLOUT_CONDITIONS = frozenset(
+    {
+        CONDITION_ROLLOUT_PROGRESSING,
+        CONDITION_ROLLOUT_PAUSED,
+        CONDITION_ROLLED_BACK,
+        CONDITION_FALLBACK_APPLIED,
+    }
+)
 
 
 class AnalysisVerdict(StatusModel):

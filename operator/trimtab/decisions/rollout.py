@@ -7,7 +7,7 @@ Pure: the clock, the candidate's readiness and the analysis verdict are argument
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -94,6 +94,9 @@ class Hold:
     known_good: bool = False
     # The fallback target missed progressDeadline (traffic stays on the revision fallen from).
     fallback_failed: bool = False
+    # The spec went back to the stable revision: the failed revision's mark is dropped, so
+    # setting the spec to it again is a retry.
+    forget_failed: bool = False
     kind: Literal["Hold"] = "Hold"
 
 
@@ -250,6 +253,21 @@ def next_rollout_step(
         return Promote(desired, f"first revision {desired}: nothing to compare with")
 
     if candidate is None:
+        if status.phase == "FellBack" and not inputs.stable_ready and desired != stable:
+            # The revision fallen from serves until the fallback target is ready; a candidate
+            # started now would move traffic to the target before it has a pod.
+            held = _watch(spec, status, inputs)
+            if isinstance(held, Hold) and not held.fallback_failed:
+                return replace(held, reason=f"{held.reason}; {desired} starts once it is")
+        if (
+            desired == stable
+            and status.failed_revision is not None
+            and (status.phase != "FellBack" or inputs.stable_ready)
+        ):
+            held = _watch(spec, status, inputs)
+            if isinstance(held, Hold):
+                return replace(held, forget_failed=True)
+            return held
         if desired != stable and desired != status.failed_revision:
             unwatched = (
                 f"; {stable} had not finished its watch window and does not become known-good"
@@ -272,6 +290,14 @@ def next_rollout_step(
             mark_failed=False,
         )
     if desired != candidate:
+        if desired == status.failed_revision:
+            # plan_revisions builds no Deployment for a failed revision: starting it would wait
+            # for pods that never come. Back to the stable revision, which serves meanwhile.
+            return Rollback(
+                f"spec went back to {desired}, which failed and is not retried while the spec "
+                f"says it: candidate {candidate} removed, stable {stable} serves",
+                mark_failed=False,
+            )
         return SetWeights(
             100, 0, -1, f"new revision {desired} replaces candidate {candidate}", start=desired
         )
@@ -586,6 +612,10 @@ def apply_action(
     if isinstance(action, SetWeights):
         if action.start is not None:
             _clear_candidate(data)
+            # The spec moved on from the revision that failed: setting it back later is a
+            # deliberate retry, which plan_revisions and this machine then both allow.
+            if action.start != status.failed_revision:
+                data.failed_revision = None
             data.candidate_revision = action.start
             data.candidate_model = desired_model
             data.candidate_since = stamp
@@ -655,6 +685,8 @@ def apply_action(
         data.fallback_failed_at = (
             (status.fallback_failed_at or stamp) if action.fallback_failed else None
         )
+        if action.forget_failed:
+            data.failed_revision = None
         if status.phase == "FellBack" and status.fallback_since is None:
             # Written by a version that did not record it: the deadline counts from now.
             data.fallback_since = stamp
@@ -751,6 +783,7 @@ def split_replicas(
     - total 3, 90/10, replicas router -> (3, 1): the candidate's floor, on top (25%, not 33%)
     - total 4, shadow 100% mirror, mesh -> (4, 4): the candidate sees every request as a copy
     - total 0 (scaled to zero), in rollout -> (1, 1); no rollout, total 5 -> (5, 0)
+    - total 4, a 100% step -> (1, 4): the stable keeps one replica to roll back to
     """
     if not in_rollout:
         return total, 0
@@ -763,9 +796,9 @@ def split_replicas(
         # out of the total; without one the replica ratio is the split, and taking a replica
         # from the stable would send the candidate more than its step's share.
         cand_n = min(max(cand_n, 1 if exact_weights else 0), total - 1)
-    stable_n = total - cand_n
-    if weights.stable > 0:
-        stable_n = max(stable_n, 1)
+    # The stable keeps a replica even at a 100% step: a rollback there must have a pod to
+    # send traffic back to (on top of `total`, as the candidate's floor is).
+    stable_n = max(total - cand_n, 1)
     return stable_n, max(cand_n, 1)
 
 

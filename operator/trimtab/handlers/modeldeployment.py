@@ -22,7 +22,7 @@ from trimtab.api.modeldeployment import (
     CONDITION_READY,
     ModelDeploymentSpec,
 )
-from trimtab.api.rollout import RolloutStatus
+from trimtab.api.rollout import ROLLOUT_CONDITIONS, RolloutStatus
 from trimtab.builders.autoscaling import replicas_for_revision
 from trimtab.builders.common import Owner, merge_patch
 from trimtab.builders.serving import (
@@ -269,6 +269,8 @@ async def write_reconciled_status(
         desired["observedGeneration"] = generation
         if spec.autoscaling is None or not spec.autoscaling.enabled:
             _forget_autoscaler(desired)
+        if spec.rollout is None:
+            _forget_rollout(desired)
         return merge_patch(status, desired)
 
     try:
@@ -288,6 +290,17 @@ def _forget_autoscaler(desired: dict[str, Any]) -> None:
     desired["autoscaling"] = None
     desired["conditions"] = [
         c for c in desired["conditions"] if c.get("type") != CONDITION_METRICS_AVAILABLE
+    ]
+
+
+def _forget_rollout(desired: dict[str, Any]) -> None:
+    """spec.rollout is gone: the revision the spec names replaces the others, so what the
+    rollout recorded (stable, candidate, known-good revisions) no longer describes what runs.
+    Kept, a spec.rollout added back later would take its stale stable revision for the one
+    serving, rebuild it and route to it before it has a pod; it starts afresh instead."""
+    desired["rollout"] = None
+    desired["conditions"] = [
+        c for c in desired["conditions"] if c.get("type") not in ROLLOUT_CONDITIONS
     ]
 
 
