@@ -227,7 +227,8 @@ def test_hpa_scale_down_stabilization_and_scale_up_limit() -> None:
     ("waiting", "replicas", "want"),
     [
         pytest.param(0.0, 1, 1, id="empty-queue-min"),
-        pytest.param(52.0, 2, 6, id="ceil-total-over-threshold-but-plus-4-limit"),
+        # No behavior block (KEDA writes none): at most max(2 x 2, 4) = 4 per sync.
+        pytest.param(52.0, 2, 4, id="ceil-total-over-threshold-but-2x-or-4-limit"),
         pytest.param(23.0, 4, 5, id="ceil-23-over-5"),
         pytest.param(21.0, 4, 4, id="21-within-tolerance-of-20"),
         pytest.param(19.0, 4, 4, id="within-tolerance"),
@@ -274,6 +275,7 @@ def test_hpa_seeds_its_window_with_the_replicas_it_finds(policy: Any) -> None:
 )
 def test_knative_kpa_table(history: list[int], ready: int, want: int, mode: str) -> None:
     policy = KnativeKpaPolicy(1, 50)
+    policy.started = True  # an autoscaler that has run for a while (no start-up panic)
     decision = None
     for second, value in enumerate(history):
         policy.next_decision = 0.0 if second == len(history) - 1 else math.inf
@@ -411,3 +413,37 @@ def test_scenario_scrapes_as_the_spec_says(
         body["metrics"] = metrics
     spec = ModelDeploymentSpec.model_validate(body)
     assert Scenario.from_spec(spec, scrape_interval=override).metrics.scrape_interval == want
+
+
+def test_knative_kpa_starts_in_panic_mode_over_one_pod() -> None:
+    """newAutoscaler: "We always start in the panic mode, if the deployment is scaled up over
+    1 pod": the ready pods stay until a stable window passes (strictly) without panic, so one
+    quiet second after the start does not halve them. With one pod it starts stable."""
+    policy = KnativeKpaPolicy(1, 50)
+    decisions = []
+    for second in range(63):
+        policy.next_decision = 0.0
+        decisions.append(policy.decide(float(second), _Cluster(PrometheusView(), 4, 4, 0)))
+    assert all(d is not None and d.replicas == 4 for d in decisions[:61]), decisions[:3]
+    assert decisions[0] is not None and decisions[0].reason.startswith("panic")
+    last = decisions[-1]
+    assert last is not None and last.replicas == 2 and last.reason.startswith("stable")
+    one = KnativeKpaPolicy(1, 50)
+    first = one.decide(0.0, _Cluster(PrometheusView(), 1, 1, 0))
+    assert first is not None and first.reason.startswith("stable")
+
+
+def test_knative_kpa_panics_on_the_larger_of_stable_and_panic() -> None:
+    """In panic, upstream provisions for the stable window too when it asks more."""
+    policy = KnativeKpaPolicy(1, 50)
+    policy.started = True
+    # 60 s at 40 in flight, then 6 s at 12: the stable window still asks 7+, the panic 3.
+    history = [40] * 54 + [12] * 6
+    decision = None
+    for second, value in enumerate(history):
+        policy.next_decision = 0.0 if second == len(history) - 1 else math.inf
+        policy.panic_since = 50.0  # panicking since a burst
+        policy.max_panic_pods = 1
+        decision = policy.decide(float(second), _Cluster(PrometheusView(), 1, 1, value))
+    assert decision is not None and decision.reason.startswith("panic")
+    assert decision.replicas == math.ceil((40 * 54 + 12 * 6) / 60 / 5.6)

@@ -89,12 +89,21 @@ class HpaBehavior:
 
 class _HpaAlgorithm:
     """The HPA controller's replica calculation (pkg/controller/podautoscaler): the usage
-    ratio with a 10% tolerance, stabilization windows over past recommendations, and the
-    behavior's rate limits over their periods."""
+    ratio with a 10% tolerance, then one of its two paths. With a `behavior` block
+    (normalizeDesiredReplicasWithBehaviors): stabilization windows over past recommendations
+    and the behavior's rate limits over their periods. Without one (behavior None: what
+    `kubectl autoscale` and KEDA without advanced.horizontalPodAutoscalerConfig create; the API
+    server fills in a behavior's defaults only where a behavior block is given), the legacy
+    normalizeDesiredReplicas: the highest recommendation of the last 300 s
+    (--horizontal-pod-autoscaler-downscale-stabilization), and at most max(2 x current, 4)
+    replicas (calculateScaleUpLimit) per sync."""
 
     tolerance = 0.1
+    legacy_stabilization = 300.0
 
-    def __init__(self, min_replicas: int, max_replicas: int, behavior: HpaBehavior) -> None:
+    def __init__(
+        self, min_replicas: int, max_replicas: int, behavior: HpaBehavior | None
+    ) -> None:
         self.min_replicas = min_replicas
         self.max_replicas = max_replicas
         self.behavior = behavior
@@ -103,16 +112,18 @@ class _HpaAlgorithm:
         self.seed: tuple[float, int] | None = None
 
     def start(self, now: float, replicas: int) -> None:
-        """The controller's first look at its target (maybeInitScaleDownStabilizationWindow):
-        the replicas it finds count as a recommendation made then, so it does not scale down
+        """The controller's first look at its target (recordInitialRecommendation): the
+        replicas it finds count as a recommendation made then, so it does not scale down
         within one scale-down window of starting. The simulator calls this on the first
         decision; tests call it earlier to model a controller that has been running."""
         self.seed = (now, replicas)
 
     def stabilize_and_limit(self, now: float, current: int, raw: int) -> int:
-        b = self.behavior
         if self.seed is None:
             self.start(now, current)
+        if self.behavior is None:
+            return self._legacy(now, current, raw)
+        b = self.behavior
         self.recommendations.append((now, raw))
         keep = max(b.scale_up_stabilization, b.scale_down_stabilization)
         while self.recommendations and self.recommendations[0][0] < now - keep:
@@ -153,6 +164,21 @@ class _HpaAlgorithm:
             self.events.append((now, desired - current))
         return desired
 
+    def _legacy(self, now: float, current: int, raw: int) -> int:
+        """normalizeDesiredReplicas: stabilizeRecommendation, then
+        convertDesiredReplicasWithRules."""
+        assert self.seed is not None
+        cutoff = now - self.legacy_stabilization
+        while self.recommendations and self.recommendations[0][0] < cutoff:
+            self.recommendations.popleft()
+        window = [r for _, r in self.recommendations]
+        if self.seed[0] >= cutoff:
+            window.append(self.seed[1])
+        self.recommendations.append((now, raw))
+        stabilized = max([raw, *window])
+        up_limit = max(2 * current, 4)
+        return max(self.min_replicas, min(self.max_replicas, up_limit, stabilized))
+
 
 @dataclass(frozen=True)
 class CpuModel:
@@ -181,9 +207,10 @@ class CpuModel:
 
 class HpaCpuPolicy:
     """The Kubernetes HPA on CPU utilization (autoscaling/v2, Resource metric cpu,
-    averageUtilization `target`, default 80%): 15 s sync period, 10% tolerance, default
-    behavior (scale-up: no stabilization, max(100%, 4 pods) per 15 s; scale-down: 300 s
-    stabilization, 100% per 15 s). Utilization comes from metrics-server: each ready pod's
+    averageUtilization `target`, default 80%): 15 s sync period, 10% tolerance, and no
+    behavior block, as `kubectl autoscale` writes it (the legacy path: scale-down only to the
+    highest recommendation of 300 s, scale-up to at most max(2 x current, 4) per sync; with a
+    `behavior`, its rules instead). Utilization comes from metrics-server: each ready pod's
     CPU over the last resolution window (the scrape interval), by `cpu` (see `CpuModel`;
     default: CPU in proportion to busy request slots). Pods not yet ready count as 0% when the
     ratio says scale up, as the controller does for CPU.
@@ -205,7 +232,7 @@ class HpaCpuPolicy:
         self.target = target
         self.cpu = cpu or CpuModel()
         self.name = "hpa_cpu" if self.cpu.busy == "slots" else "hpa_cpu_engine_busy"
-        self.hpa = _HpaAlgorithm(min_replicas, max_replicas, behavior or HpaBehavior())
+        self.hpa = _HpaAlgorithm(min_replicas, max_replicas, behavior)
 
     def decide(self, now: float, cluster: Cluster) -> Decision | None:
         current = cluster.replicas
@@ -235,9 +262,11 @@ class KedaQueuePolicy:
     """KEDA's Prometheus scaler on queue depth, through the HPA: the ScaledObject trigger
     `sum(vllm:num_requests_waiting)` with metricType AverageValue and `threshold` 5 per replica
     (the value the vLLM production-stack and vendor guides use), minReplicaCount as the floor.
-    The HPA (15 s sync, 10% tolerance, default behavior as in `HpaCpuPolicy`) asks KEDA's
-    metrics server, which queries Prometheus on each request: desired = ceil(total / threshold),
-    unchanged while total / (threshold x current) is within 10% of 1."""
+    The HPA (15 s sync, 10% tolerance; KEDA writes no behavior block unless
+    advanced.horizontalPodAutoscalerConfig sets one, so the legacy path of `HpaCpuPolicy`)
+    asks KEDA's metrics server, which queries Prometheus on each request:
+    desired = ceil(total / threshold), unchanged while total / (threshold x current) is within
+    10% of 1."""
 
     name = "keda_queue"
     interval = 15.0
@@ -250,7 +279,7 @@ class KedaQueuePolicy:
         behavior: HpaBehavior | None = None,
     ) -> None:
         self.threshold = threshold
-        self.hpa = _HpaAlgorithm(min_replicas, max_replicas, behavior or HpaBehavior())
+        self.hpa = _HpaAlgorithm(min_replicas, max_replicas, behavior)
 
     def decide(self, now: float, cluster: Cluster) -> Decision | None:
         current = cluster.replicas
@@ -301,12 +330,20 @@ class KnativeKpaPolicy:
         self.panic_since: float | None = None
         self.max_panic_pods = 0
         self.next_decision = 0.0
+        self.started = False
 
     def decide(self, now: float, cluster: Cluster) -> Decision | None:
         c = self.config
         self.samples.append((now, cluster.in_flight()))
         while self.samples and self.samples[0][0] <= now - c.stable_window:
             self.samples.popleft()
+        if not self.started:
+            # newAutoscaler: "We always start in the panic mode, if the deployment is scaled
+            # up over 1 pod", keeping the ready pods until the windows hold enough data.
+            self.started = True
+            if cluster.ready > 1:
+                self.panic_since = now
+                self.max_panic_pods = cluster.ready
         if now < self.next_decision:
             return None
         self.next_decision = now + c.tick
@@ -325,11 +362,13 @@ class KnativeKpaPolicy:
             if self.panic_since is None:
                 self.max_panic_pods = ready
             self.panic_since = now  # every tick over the threshold extends the panic
-        elif self.panic_since is not None and now - self.panic_since >= c.stable_window:
+        elif self.panic_since is not None and now - self.panic_since > c.stable_window:
+            # panicTime.Add(StableWindow).Before(now): strictly after.
             self.panic_since = None
             self.max_panic_pods = 0
         if self.panic_since is not None:
-            desired = max(panic_pods, self.max_panic_pods)
+            # The larger of the stable and panic counts, and never below the panic's highest.
+            desired = max(stable_pods, panic_pods, self.max_panic_pods)
             self.max_panic_pods = desired
             reason = f"panic: {sum(panic) / len(panic):.1f} in flight (6 s)"
         else:
