@@ -104,7 +104,8 @@ async def test_reconcile_status_keeps_a_condition_written_while_it_ran() -> None
     from trimtab.decisions.serving import DeploymentObservation
     from trimtab.handlers.modeldeployment import parse_spec, write_reconciled_status
 
-    spec, problems = parse_spec({"image": "srv:1"})
+    # With spec.rollout: without one, the reconcile drops the rollout's conditions itself.
+    spec, problems = parse_spec({"image": "srv:1", "rollout": {}})
     assert spec is not None and not problems
     rev = revision_of(spec)
     rolled_back = {"type": "RolledBack", "status": "True", "reason": "RolledBack"}
