@@ -646,3 +646,49 @@ async def test_auto_waits_for_a_rollout_in_progress(
         assert status.applied is None and not patch.metadata.annotations
         assert (cond.status, cond.reason) == ("False", "WaitingForRollout")
         assert "revision b is being rolled out" in cond.message
+
+
+async def test_an_apply_whose_status_write_is_refused_posts_no_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Auto writes the applied resources to status before it fires the reconcile; when the API
+    server refuses that write, no RecommendationApplied Event tells of an apply that did not
+    happen (it used to be posted first)."""
+    import logging
+    from types import SimpleNamespace
+    from typing import Any
+
+    from trimtab.handlers import rightsizing as handler
+    from trimtab.kube.client import KubeError
+    from trimtab.kube.resources import MODELDEPLOYMENTS
+    from trimtab.metrics.usage import UsageAnswer, UsageTarget
+
+    told: list[str] = []
+    monkeypatch.setattr(handler.kopf, "event", lambda *_, **kw: told.append(kw["reason"]))
+
+    class Reader:
+        async def read(self, *_: Any, **__: Any) -> UsageAnswer:
+            return UsageAnswer(steady(2016, 3.0, 2 * GiB))
+
+    class Refusing:
+        async def patch_status(self, *_: Any) -> None:
+            raise KubeError(409, "Conflict", "the object has been modified")
+
+    monkeypatch.setattr(handler, "make_reader", lambda memo: Reader())
+    sizing = handler.Sizing(
+        resource=MODELDEPLOYMENTS,
+        rightsizing=RightsizingSpec(mode="Auto"),
+        spec_resources=Resources(cpu="1", memory="2Gi"),
+        current=CurrentResources(cpu=1.0, memory=2 * GiB, memory_limit=2 * GiB),
+        target=UsageTarget("ml", "chat-.*", "server"),
+        applied_reason="NewRevision",
+        applied_note="rolled out as a new revision",
+        fire_reconcile=True,
+    )
+    patch = SimpleNamespace(status={}, metadata=SimpleNamespace(annotations={}))
+    with pytest.raises(KubeError):
+        await handler._rightsize(
+            {"metadata": {"name": "chat", "namespace": "ml"}}, RecommendationsStatus(), patch,
+            SimpleNamespace(kube=Refusing()), logging.getLogger("t"), sizing, NOW,
+        )  # type: ignore[arg-type]  # a plain dict and namespaces stand in for kopf's
+    assert handler.EVENT_APPLIED not in told

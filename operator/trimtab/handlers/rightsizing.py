@@ -357,6 +357,7 @@ async def _rightsize(
 
     applied = previous.applied
     write_status_first = False
+    applied_message = ""
     apply_now = rightsizing.mode == "Auto" and moved(rec, policy.min_change)
     if apply_now and container.recommended and sizing.apply_held:
         conditions = set_condition(
@@ -381,9 +382,7 @@ async def _rightsize(
             f"{_summary(container)}: {sizing.applied_note}",
             stamp,
         )
-        message = f"{container.container}: {_summary(container)}: {sizing.applied_note}"
-        kopf.event(body, type="Normal", reason=EVENT_APPLIED, message=message)
-        logger.info("right-sizing applied: %s", _summary(container))
+        applied_message = f"{container.container}: {_summary(container)}: {sizing.applied_note}"
         if sizing.fire_reconcile:
             # Status changes fire no handler; this annotation makes the reconcile roll it out.
             # kopf patches metadata before status, so status is written here first: the event
@@ -407,6 +406,11 @@ async def _rightsize(
         )
     else:
         patch.status["recommendations"] = wire
+    if applied_message:
+        # After the status write that carries it: a refused write posts no Event of an apply
+        # that did not happen.
+        kopf.event(body, type="Normal", reason=EVENT_APPLIED, message=applied_message)
+        logger.info("right-sizing applied: %s", applied_message)
 
 
 def _summary(c: ContainerRecommendation) -> str:
