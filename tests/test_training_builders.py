@@ -190,6 +190,21 @@ def test_spec_env_overrides_ours() -> None:
     assert [e["value"] for e in container["env"] if e["name"] == "MASTER_PORT"] == ["1234"]
 
 
+def test_an_overridden_variable_comes_before_what_refers_to_it() -> None:
+    """The kubelet expands $(VAR) only from entries before it: a MASTER_PORT from the spec
+    takes the place of ours, so PET_MASTER_PORT=$(MASTER_PORT) expands to it (placed after,
+    it was left as the literal "$(MASTER_PORT)"); the spec's other entries follow ours."""
+    s = spec(env=[{"name": "HF_HOME", "value": "/cache/$(MASTER_ADDR)"},
+                  {"name": "MASTER_PORT", "value": "1234"}])  # fmt: skip
+    env = B.build_job(OWNER, s, restarts=0)["spec"]["template"]["spec"]["containers"][0]["env"]
+    names = [e["name"] for e in env]
+    assert names.count("MASTER_PORT") == 1
+    assert names.index("MASTER_PORT") < names.index("PET_MASTER_PORT")
+    assert env[names.index("MASTER_PORT")]["value"] == "1234"
+    assert names.index("HF_HOME") > names.index("MASTER_ADDR")
+    assert names[-1] == "HF_HOME"
+
+
 def test_launcher_none_runs_the_command_as_is() -> None:
     s = spec(command=["python", "-m", "pkg.train"], distributed={"launcher": "none"})
     container = B.build_job(OWNER, s, restarts=0)["spec"]["template"]["spec"]["containers"][0]

@@ -190,9 +190,14 @@ def _wants_shm(spec: TrainingJobSpec) -> bool:
 def build_container(owner: Owner, spec: TrainingJobSpec, restarts: int) -> Manifest:
     command, args = _command_and_args(spec)
     ours = distributed_env(owner, spec, restarts)
-    user_names = {e.name for e in spec.env}
-    # The spec's env wins over ours (kept in order, after ours, so `$(MASTER_ADDR)` expands in it).
-    env = [e for e in ours if e["name"] not in user_names] + [e.to_wire() for e in spec.env]
+    # The spec's env wins over ours. An entry that replaces one of ours takes its place, so
+    # ours that refer to it (PET_MASTER_PORT=$(MASTER_PORT)) expand to the spec's value: the
+    # kubelet expands $(VAR) only from entries before. The others follow ours, in order, so
+    # `$(MASTER_ADDR)` expands in them.
+    users = {e.name: e.to_wire() for e in spec.env}
+    replaced = [users.get(e["name"], e) for e in ours]
+    taken = {e["name"] for e in ours}
+    env = replaced + [e.to_wire() for e in spec.env if e.name not in taken]
     container: Manifest = {
         "name": CONTAINER_NAME,
         "image": spec.image,
