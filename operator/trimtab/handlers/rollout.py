@@ -484,13 +484,28 @@ async def rollout_once(
         )  # fmt: skip
     _record(body, namespace, name, before, after, action, metrics_error, logger)
     if raw_manual is not None and manual_action_done(raw_manual, manual, action, before, after):
-        await kube.patch(
+        await remove_manual_action(kube, namespace, name, raw_manual)
+    return interval
+
+
+async def remove_manual_action(kube: KubeClient, namespace: str, name: str, read: str) -> bool:
+    """Remove the rollout-action annotation, but only if it still holds what this loop read
+    and acted on (a JSON patch that tests the value first): one set to something else while
+    the loop ran stays, for the next loop to act on. False when it had changed (or gone)."""
+    key = ROLLOUT_ACTION_ANNOTATION.replace("~", "~0").replace("/", "~1")
+    path = f"/metadata/annotations/{key}"
+    try:
+        await kube.json_patch(
             MODELDEPLOYMENTS,
             namespace,
             name,
-            {"metadata": {"annotations": {ROLLOUT_ACTION_ANNOTATION: None}}},
+            [{"op": "test", "path": path, "value": read}, {"op": "remove", "path": path}],
         )
-    return interval
+    except KubeError as err:
+        if err.invalid or err.not_found:
+            return False
+        raise
+    return True
 
 
 async def write_rollout_status(

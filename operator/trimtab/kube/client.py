@@ -11,7 +11,7 @@ import json
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -249,6 +249,21 @@ class KubeClient:
             params={"fieldManager": C.FIELD_MANAGER},
             body=patch,
             content_type="application/merge-patch+json",
+        )
+
+    async def json_patch(
+        self, res: Resource, namespace: str, name: str, operations: Sequence[Json]
+    ) -> Json:
+        """An RFC 6902 JSON patch of the object: with a `test` operation first, the write
+        happens only if the object still holds that value (422 otherwise)."""
+        _check(res, "patch")
+        self._count("patch", res.kind)
+        return await self.request(
+            "PATCH",
+            res.path(namespace, name),
+            params={"fieldManager": C.FIELD_MANAGER},
+            body=list(operations),
+            content_type="application/json-patch+json",
         )
 
     async def patch_status(
