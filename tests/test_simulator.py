@@ -106,6 +106,36 @@ def test_ttft_measures_wait_plus_prefill() -> None:
     assert got == pytest.approx([0.5, 0.5, 4.5 + 0.5])
 
 
+@pytest.mark.parametrize(
+    ("latency", "counted_before_the_end"),
+    [
+        pytest.param("ttft", 1.0, id="ttft-observed-at-the-first-token"),
+        pytest.param("e2e", 0.0, id="e2e-observed-at-the-end"),
+    ],
+)
+def test_the_histogram_is_observed_when_the_server_observes_it(
+    latency: str, counted_before_the_end: float
+) -> None:
+    # One request: 0.5 s of prefill, then 20 s of decode. vLLM observes TTFT at the first
+    # token, so scrapes during the decode already count it; the e2e histogram only at the end.
+    sim = Simulation(
+        Trace("t", (Request(0.0, 500, 20),)),
+        Fixed(),
+        SERVER,  # type: ignore[arg-type]  # duck-typed policy
+        MetricsPath(scrape_interval=1.0, rate_window=10.0, latency=latency),
+        1,
+        slo_s=1.0,
+        tail=30.0,
+    )
+    sim.run()
+    during = [s for s in sim.prometheus.samples if 2.0 <= s.time <= 19.0]
+    after = [s for s in sim.prometheus.samples if s.time > 21.0]
+    assert during and after
+    assert {s.buckets[-1] for s in during} == {counted_before_the_end}
+    assert {s.completed for s in during} == {0.0}
+    assert {s.buckets[-1] for s in after} == {1.0}
+
+
 def test_histogram_quantile_matches_prometheus() -> None:
     assert histogram_quantile(0.5, (1.0, 2.0), [10, 20, 20]) == 1.0
     assert histogram_quantile(0.75, (1.0, 2.0), [10, 20, 20]) == 1.5

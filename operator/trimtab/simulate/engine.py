@@ -193,6 +193,7 @@ class Simulation:
         self._arrivals = 0
         self._completed = 0
         self._bucket_counts = [0] * (len(self.metrics.buckets) + 1)
+        self._e2e = self.metrics.latency == "e2e"
         self._service_sum = 0.0
         self._running = 0
         self._cost = 0.0
@@ -265,6 +266,9 @@ class Simulation:
         self._running += 1
         measured = service if self._e2e else prefill
         self._push(now + service, _FINISH, replica.id, arrival, service, now - arrival + measured)
+        if not self._e2e:
+            # vLLM observes time-to-first-token when the first token is out, not at the end.
+            self._push(now + prefill, _FIRST_TOKEN, 0, now - arrival + prefill)
 
     def _dispatch(self, now: float) -> None:
         while self._queue:
@@ -288,13 +292,17 @@ class Simulation:
         self._completed += 1
         self._service_sum += service
         self._latencies.append((arrival, latency))
+        if self._e2e:
+            self._observe(latency)
+        if replica.state == "draining" and replica.busy == 0:
+            self._remove(now, replica)
+
+    def _observe(self, latency: float) -> None:
         i = 0
         bounds = self.metrics.buckets
         while i < len(bounds) and latency > bounds[i]:
             i += 1
         self._bucket_counts[i] += 1
-        if replica.state == "draining" and replica.busy == 0:
-            self._remove(now, replica)
 
     def _scrape(self, now: float) -> None:
         cumulative = []
@@ -336,7 +344,6 @@ class Simulation:
             r.prompt_tokens / server.prefill_tokens_per_s * j
             for r, j in zip(requests, jitter, strict=True)
         ]
-        self._e2e = self.metrics.latency == "e2e"
         self.horizon = self.trace.duration + self.tail
         for _ in range(self.initial_replicas):
             self._add_replica(0.0, ready=True)
@@ -364,6 +371,8 @@ class Simulation:
             if kind == _FINISH:
                 self._finish(now, arg, a, b, c)
                 self._dispatch(now)
+            elif kind == _FIRST_TOKEN:
+                self._observe(a)
             elif kind == _ARRIVAL:
                 self._arrivals += 1
                 self._queue.append((now, services[arg], prefills[arg]))
@@ -417,4 +426,4 @@ class Simulation:
 
 
 # Event kinds; at equal times a finish frees its slot before an arrival looks for one.
-_FINISH, _READY, _ARRIVAL, _SCRAPE, _TICK, _SAMPLE = range(6)
+_FINISH, _FIRST_TOKEN, _READY, _ARRIVAL, _SCRAPE, _TICK, _SAMPLE = range(7)
