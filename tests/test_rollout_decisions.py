@@ -517,6 +517,18 @@ CASES = [
         id="a-new-image-starts-once-the-fallback-target-serves",
     ),
     pytest.param(
+        # The fallback target missed its deadline: c no longer waits for a, which may never
+        # come; b (fallen from, still serving) is stable again and c starts beside it.
+        spec(),
+        STABLE_A.model_copy(
+            update={"failed_revision": "b", "phase": "FellBack", "fallback_since": ts(-1800)}
+        ),
+        dict(desired_revision="c", stable_ready=False),
+        SetWeights,
+        "the fallback to a failed, so b, which serves, is stable again and c starts beside it",
+        id="a-new-image-after-a-failed-fallback-starts-beside-the-revision-that-serves",
+    ),
+    pytest.param(
         # Status from before the failed mark was dropped on a new start: the spec goes back to
         # the failed b while c is a candidate; no Deployment would be built for b.
         spec(),
@@ -1177,6 +1189,46 @@ def test_withholding_while_paused_stays_paused() -> None:
     assert status.phase == "Paused"
     conds = {c.type: c for c in rollout_conditions([], status, action, "", "", ts(15))}
     assert conds["RolloutPaused"].status == "True"
+
+
+def test_a_new_image_after_a_failed_fallback_is_canaried_beside_the_revision_that_serves() -> None:
+    """a never came up after the fallback from b. Before, c started beside a: the route went
+    to a, which had no pod, and off b, which served. Now b is stable again (a is retired once
+    b serves) and c walks its steps against b."""
+    failed = STABLE_A.model_copy(
+        update={
+            "failed_revision": "b",
+            "phase": "FellBack",
+            "fallback_since": ts(0),
+            "fallback_failed_at": ts(1800),
+        }
+    )
+    now = T0 + timedelta(seconds=2000)
+    inputs = RolloutInputs(desired_revision="c", now=now, stable_ready=False)
+    action = next_rollout_step(spec(), failed, inputs)
+    assert isinstance(action, SetWeights) and action.start == "c" and action.abandon_fallback
+    status = apply_action(
+        spec(), failed, action, now=now, desired_model={"image": "srv:c"}, inputs=inputs
+    )
+    assert (status.stable_revision, status.candidate_revision) == ("b", "c")
+    assert status.failed_revision is None and status.phase == "Canary"
+    assert status.fallback_since is None and status.fallback_failed_at is None
+    assert status.promoted_at is None and [k.revision for k in status.known_good] == ["a"]
+    # b's model is not in status: its Deployment is left as it is, never rebuilt as a's.
+    assert stable_model(status) is None
+    plan = plan_revisions("c", True, status, exact_weights=True)
+    assert (plan.stable, plan.candidate, plan.keep) == ("b", "c", frozenset({"b", "c"}))
+    assert plan.stable_model is None
+    assert routed_revisions(status, frozenset({"b"})) == ("b", "c", Weights())
+    # c serves: its first step, judged against b.
+    later = RolloutInputs(
+        desired_revision="c",
+        now=now + timedelta(seconds=15),
+        candidate_ready=True,
+        stable_ready=True,
+    )
+    step = next_rollout_step(spec(), restart(status), later)
+    assert isinstance(step, SetWeights) and step.step_index == 0 and step.candidate == 10
 
 
 def test_a_failed_fallback_that_recovers_says_what_holds_now() -> None:

@@ -52,6 +52,9 @@ class SetWeights:
     start: str | None = None
     # Acted on the rollout-action annotation (which is then removed).
     by_hand: bool = False
+    # With start, after a fallback whose target missed progressDeadline: the revision fallen
+    # from, which serves, is stable again, and `start` is canaried beside it.
+    abandon_fallback: bool = False
     kind: Literal["SetWeights"] = "SetWeights"
 
 
@@ -243,6 +246,9 @@ def next_rollout_step(
     - any step, analysis Fail -> Rollback(with the failing checks)
     - any step, metrics unavailable -> Hold("metrics unavailable: weights frozen at 10%")
     - promoted 3m ago (watch 10m), analysis Fail, known-good [b, a] -> Fallback(to a)
+    - fell back from b to a, a not ready yet, spec revision c -> Hold (c starts once a serves);
+      a not ready within progressDeadline -> SetWeights(start=c, abandon_fallback): b, which
+      serves, is stable again and c is canaried beside it
     """
     desired = inputs.desired_revision
     now = inputs.now
@@ -259,6 +265,20 @@ def next_rollout_step(
             held = _watch(spec, status, inputs)
             if isinstance(held, Hold) and not held.fallback_failed:
                 return replace(held, reason=f"{held.reason}; {desired} starts once it is")
+            failed = status.failed_revision
+            if isinstance(held, Hold) and failed is not None and desired != failed:
+                # The target will not come: waiting for it would hold the new revision for
+                # good, and starting beside it would route to a revision with no pod. The
+                # revision fallen from, which still serves, is the one to measure against.
+                return SetWeights(
+                    100,
+                    0,
+                    -1,
+                    f"new revision {desired}: the fallback to {stable} failed, so {failed}, "
+                    f"which serves, is stable again and {desired} starts beside it",
+                    start=desired,
+                    abandon_fallback=True,
+                )
         if (
             desired == stable
             and status.failed_revision is not None
@@ -616,6 +636,13 @@ def apply_action(
             # deliberate retry, which plan_revisions and this machine then both allow.
             if action.start != status.failed_revision:
                 data.failed_revision = None
+            if action.abandon_fallback and status.failed_revision is not None:
+                # Its model is not in status (the fallback replaced it): its Deployment is
+                # left as it is until the new revision is promoted and retires it.
+                data.stable_revision = status.failed_revision
+                data.stable_model = None
+                data.failed_revision = None
+                data.fallback_since = None
             data.candidate_revision = action.start
             data.candidate_model = desired_model
             data.candidate_since = stamp
