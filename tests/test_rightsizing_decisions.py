@@ -282,6 +282,14 @@ def test_daily_peak_is_kept() -> None:
             1728 * 2.0736, id="third-in-a-row",
         ),
         pytest.param([(0.0, 1000 * MiB), (7200.0, 1000 * MiB)], 1200, id="apart-no-chain"),
+        pytest.param(
+            [(0.0, 1000 * MiB), (300.0, 1000 * MiB), (600.0, 1000 * MiB)], 1200,
+            id="crash-loop-at-one-limit-no-chain",
+        ),
+        pytest.param(
+            [(0.0, 1000 * MiB), (300.0, 1000 * MiB), (900.0, 1200 * MiB)], 1728,
+            id="killed-again-after-the-bump-chains",
+        ),
     ],
 )
 def test_oom_floor(kills: list[tuple[float, float]], expected_mib: float) -> None:

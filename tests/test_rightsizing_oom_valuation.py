@@ -58,9 +58,21 @@ class ReplayedRollouts(UsageReader):
                 for pod, born, limit in self.pods
                 if limit is not None
             ]
-        if "OOMKilled" in promql:
-            near = [[t, "1"] for t in times if 0 <= t - self.kill_at < 3 * step_s]
-            return [{"metric": {"pod": FIRST_POD}, "values": near}] if near else []
+        if "OOMKilled" in promql:  # the last termination: an OOM kill, from the kill on
+            killed = [[t, "1" if t >= self.kill_at else "0"] for t in times]
+            return [{"metric": {"pod": FIRST_POD}, "values": killed}]
+        if promql.startswith(f"max by (pod) ({RESTARTS_SERIES}"):
+            return [
+                {
+                    "metric": {"pod": pod},
+                    "values": [
+                        [t, "1" if pod == FIRST_POD and t >= self.kill_at else "0"]
+                        for t in times
+                        if t >= born
+                    ],
+                }
+                for pod, born, _ in self.pods
+            ]
         if CPU_SERIES in promql:
             return [{"metric": {}, "values": flat(0.5)}]
         if MEMORY_SERIES in promql:

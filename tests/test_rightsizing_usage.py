@@ -120,6 +120,17 @@ class UsageReplayer:
         )
         self.e.inc_counter("kube_pod_container_status_restarts_total", 1, **self.labels)
 
+    def restart(self, reason: str) -> None:
+        """A restart whose termination had `reason` (kube-state-metrics: 1 for it, 0 others)."""
+        for r in ("OOMKilled", "Error"):
+            self.e.set_gauge(
+                "kube_pod_container_status_last_terminated_reason",
+                1 if r == reason else 0,
+                reason=r,
+                **self.labels,
+            )
+        self.e.inc_counter("kube_pod_container_status_restarts_total", 1, **self.labels)
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
@@ -199,6 +210,35 @@ async def test_reads_usage_oom_and_gpu_and_recommends(
     assert rec.state == "Recommended", rec.message
     assert rec.memory is not None and rec.memory >= 2.5 * GiB * 1.2  # the OOM bump
     assert rec.gpu_shape is not None and rec.gpu_shape.resource_name == "nvidia.com/mig-1g.10gb"
+
+
+async def test_each_kill_of_a_crash_loop_counts_and_other_restarts_do_not(
+    replay: tuple[UsageReplayer, PrometheusServer],
+) -> None:
+    """Three OOM kills of one container, then a restart for another reason. Each kill is a rise
+    of the restart counter while the last termination says OOMKilled: three kills (an
+    increase() over windows merged a crash loop into one), and the Error restart is none."""
+    replayer, prom = replay
+    reader = UsageReader(prom.url, rate_window="2s")
+    restarts = "kube_pod_container_status_restarts_total"
+    try:
+        wait_until(lambda: bool(prom.query(f"{MEMORY_SERIES}{{pod={POD!r}}}")), 20, what="data")
+        await asyncio.sleep(1.5)
+        for n, reason in enumerate(("OOMKilled", "OOMKilled", "OOMKilled", "Error"), start=1):
+            replayer.restart(reason)
+            wait_until(
+                lambda n=n: [float(r["value"][1]) for r in prom.query(f"{restarts}{{pod={POD!r}}}")]
+                == [float(n)],
+                10,
+                what=f"restart {n} scraped",
+            )
+            await asyncio.sleep(1.2)
+        answer = await reader.read(TARGET, 12.0, time.time())
+    finally:
+        await reader.close()
+    assert answer.usage is not None, answer.unavailable
+    assert len(answer.usage.oom_kills) == 3, answer.usage.oom_kills
+    assert {v for _, v in answer.usage.oom_kills} == {2.5 * GiB}
 
 
 async def test_gpu_memory_peak_between_points_is_kept(

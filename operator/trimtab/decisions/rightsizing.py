@@ -567,8 +567,10 @@ def oom_floor(oom_kills: Iterable[Sample]) -> float:
 
     A kill says only that the container wanted more than it had, not how much more. The first
     bump is the VPA's (1.2x, or +100 MiB, whichever is more); a kill within an hour of the
-    previous one means the bump was too small, so the ratio squares each time (1.2, 1.44,
-    2.07, capped at 2.5): a step change costs two or three kills, not one per 20%.
+    previous one, at a higher limit, means the bump was too small, so the ratio squares each
+    time (1.2, 1.44, 2.07, capped at 2.5): a step change costs two or three kills, not one per
+    20%. Kills at the same limit (a crash loop before any bump was applied) tell no more than
+    the first: they do not chain.
 
     >>> oom_floor([(0.0, 1000 * MiB)]) / MiB
     1200.0
@@ -576,15 +578,19 @@ def oom_floor(oom_kills: Iterable[Sample]) -> float:
     300.0
     >>> round(oom_floor([(0.0, 1000 * MiB), (600.0, 1200 * MiB)]) / MiB)
     1728
+    >>> oom_floor([(0.0, 1000 * MiB), (300.0, 1000 * MiB), (600.0, 1000 * MiB)]) / MiB
+    1200.0
     """
     floor = 0.0
     ratio = OOM_BUMP_RATIO
-    previous: float | None = None
+    previous: Sample | None = None
     for t, memory in sorted(oom_kills):
-        chained = previous is not None and t - previous <= OOM_CHAIN_S
+        if previous is not None and t - previous[0] <= OOM_CHAIN_S and memory <= previous[1]:
+            continue  # the same limit killed again: the bump for it is not tried yet
+        chained = previous is not None and t - previous[0] <= OOM_CHAIN_S
         ratio = min(ratio * ratio, OOM_MAX_BUMP_RATIO) if chained else OOM_BUMP_RATIO
         floor = max(floor, memory * ratio, memory + OOM_MIN_BUMP)
-        previous = t
+        previous = (t, memory)
     return floor
 
 

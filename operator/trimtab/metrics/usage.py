@@ -89,21 +89,22 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
     # Peaks are read over the step, but never over less than the rate window: a step shorter
     # than the scrape interval (a short `window`) would hold no sample at most points.
     step = f"{max(step_s, _seconds(rate_window))}s"
-    # A restart needs two scrapes of the counter inside the window to show; a window of at least
-    # the rate window makes one kill visible at several steps, which `_distinct_kills` merges.
-    oom_window = f"{max(step_s, _seconds(rate_window))}s"
-    oom = (
-        f"max by (pod) ((increase({RESTARTS_SERIES}{{{sel}}}[{oom_window}]) > 0)"
-        f" and on(namespace,pod,container)"
-        f" ({OOM_SERIES}{{{sel},reason=\"OOMKilled\"}} == 1))"
-    )
+    # OOM kills of containers restarted in place, per pod: the restart counter at each point and
+    # whether the last termination was an OOM kill. `_restart_kills` counts each rise of the
+    # counter: an increase() over windows as long as the step lost a restart whose two bracketing
+    # scrapes fell in adjacent windows (about one in step/scrape), and told a crash loop's
+    # restarts apart only by window.
+    oom = f"max by (pod) ({RESTARTS_SERIES}{{{sel}}})"
+    oom_reason = f"max by (pod) ({OOM_SERIES}{{{sel},reason=\"OOMKilled\"}})"
     if not target.restarts_in_place:
         # One series per killed pod, present from the kill until the pod is deleted.
         oom = f"max by (pod) ({TERMINATED_SERIES}{{{sel},reason=\"OOMKilled\"}} == 1)"
+        oom_reason = ""
     return {
         "cpu": f"max(rate({CPU_SERIES}{{{sel}}}[{rate_window}]))",
         "memory": f"max(max_over_time({MEMORY_SERIES}{{{sel}}}[{step}]))",
         "oom": oom,
+        **({"oom_reason": oom_reason} if oom_reason else {}),
         "memory_limit": f"max by (pod) ({LIMITS_SERIES}{{{sel},resource=\"memory\"}})",
         "kube_state": f"count({RESTARTS_SERIES}{{{sel}}})",
         # GPU memory is sized from its peak, like memory: each GPU's peak within the step,
@@ -248,17 +249,21 @@ class UsageReader:
             # scraped (or not for this namespace), so an empty OOM answer means nothing.
             missing.append(RESTARTS_SERIES)
         limits = _points_by_pod(by_key["memory_limit"])
-        merge_s = max(step_s, _seconds(self.rate_window))
-        ooms: Points = []
-        for pod, points in _points_by_pod(by_key["oom"]).items():
-            kills = _distinct_kills(points, merge_s) if target.restarts_in_place else points[:1]
-            for t, _ in kills:
-                limit = _at_or_before(limits.get(pod, []), t)
-                ooms.append((t, limit if limit else _nearest(memory, t)))
-        ooms.sort()
+        kills: list[tuple[float, str]] = []
+        if target.restarts_in_place:
+            reasons = _points_by_pod(by_key["oom_reason"])
+            for pod, counter in _points_by_pod(by_key["oom"]).items():
+                kills += [(t, pod) for t in _restart_kills(counter, reasons.get(pod, []), start)]
+        else:
+            kills = [(points[0][0], pod) for pod, points in _points_by_pod(by_key["oom"]).items()]
+        valued = [
+            ((t, _at_or_before(limits.get(pod, []), t) or _nearest(memory, t)), pod)
+            for t, pod in sorted(kills)
+        ]
+        ooms: Points = [kill for kill, _ in valued]
         if target.restarts_in_place:
             # A Deployment's replicas killed by one spike; a Job's pods are each an attempt.
-            ooms = _one_per_spike(ooms, merge_s)
+            ooms = _one_per_spike(valued, step_s)
         gpu_memory: Points = []
         gpu_util: Points = []
         gpu_model: GpuModel | None = None
@@ -295,34 +300,59 @@ def _seconds(duration: str) -> int:
     return int(duration[:-1]) * units[duration[-1]] if duration[-1] in units else int(duration)
 
 
-def _distinct_kills(points: Points, window_s: float) -> Points:
-    """One point per kill: points closer than the increase() window are the same restart.
+def _restart_kills(counter: Points, oom: Points, start: float) -> list[float]:
+    """When one pod's container was OOM-killed: each rise of its restart counter between two
+    points, as many times as it rose, when its last termination at the later point was an OOM
+    kill. A pod whose series begins inside the window (created then) with restarts already
+    counted was killed before its first scrape; one present from the window's start had them
+    before the window.
 
-    >>> _distinct_kills([(0.0, 1.0), (1.0, 1.0), (2.0, 1.0), (60.0, 1.0)], 5)
-    [(0.0, 1.0), (60.0, 1.0)]
+    >>> _restart_kills([(0.0, 0.0), (300.0, 1.0), (600.0, 1.0), (900.0, 3.0)],
+    ...                [(0.0, 0.0), (300.0, 1.0), (600.0, 1.0), (900.0, 1.0)], 0.0)
+    [300.0, 900.0, 900.0]
+    >>> _restart_kills([(0.0, 0.0), (300.0, 1.0)], [(300.0, 0.0)], 0.0)  # another reason
+    []
+    >>> _restart_kills([(600.0, 1.0), (900.0, 1.0)], [(600.0, 1.0)], 0.0)  # killed at once
+    [600.0]
+    >>> _restart_kills([(300.0, 4.0), (600.0, 4.0)], [(300.0, 1.0)], 0.0)  # before the window
+    []
     """
-    out: Points = []
-    last: float | None = None
-    for t, v in points:
-        if last is None or t - last > window_s:
-            out.append((t, v))
-        last = t
+    reason = dict(oom)
+    out: list[float] = []
+    for i, (t, value) in enumerate(counter):
+        if i == 0:
+            step = counter[1][0] - t if len(counter) > 1 else math.inf
+            before = 0.0 if t - start > step else value
+        else:
+            before = counter[i - 1][1]
+        if value > before and reason.get(t) == 1:
+            out += [t] * round(value - before)
     return out
 
 
-def _one_per_spike(kills: Points, window_s: float) -> Points:
-    """Kills of several pods within one increase() window are one event (one spike killed
-    every replica), valued at the highest memory among them.
+def _one_per_spike(kills: list[tuple[tuple[float, float], str]], step_s: float) -> Points:
+    """Kills of several pods within one step are one event (one spike killed every replica),
+    valued at the highest memory among them; kills of one pod are each an event.
 
-    >>> _one_per_spike([(0.0, 2.0), (30.0, 3.0), (600.0, 2.0)], 60)
+    >>> _one_per_spike([((0.0, 2.0), "a"), ((0.0, 3.0), "b"), ((600.0, 2.0), "a")], 300)
     [(0.0, 3.0), (600.0, 2.0)]
+    >>> _one_per_spike([((0.0, 2.0), "a"), ((0.0, 2.0), "a"), ((300.0, 2.0), "b")], 300)
+    [(0.0, 2.0), (0.0, 2.0)]
     """
     out: Points = []
-    for t, v in kills:
-        if out and t - out[-1][0] <= window_s:
-            out[-1] = (out[-1][0], max(out[-1][1], v))
-        else:
-            out.append((t, v))
+    group: list[tuple[tuple[float, float], str]] = []
+
+    def close() -> None:
+        if group:
+            per_pod = max(sum(1 for _, p in group if p == pod) for _, pod in group)
+            out.extend([(group[0][0][0], max(v for (_, v), _ in group))] * per_pod)
+
+    for kill in kills:
+        if group and kill[0][0] - group[0][0][0] > step_s:
+            close()
+            group = []
+        group.append(kill)
+    close()
     return out
 
 
