@@ -262,6 +262,52 @@ def test_memory_peaks_are_kept_for_the_window(
     assert rec.memory is not None and low <= rec.memory <= high
 
 
+@pytest.mark.parametrize(
+    ("at_limit_every", "low_gib", "high_gib", "held"),
+    [
+        # The working set sits at its 2 GiB limit at every step, no kill: memory stays 2 GiB.
+        # Headroom on top (2.2 GiB), applied by Auto, would be filled by cache again: a ratchet.
+        pytest.param(1, 2.0, 2.0, True, id="always-at-the-limit-holds-it"),
+        # At the limit now and then, 1.5 GiB otherwise: the limit still holds (not 1.65 GiB).
+        pytest.param(12, 2.0, 2.0, True, id="at-the-limit-hourly-holds-it"),
+        # Never at the limit: the peak plus headroom, as ever.
+        pytest.param(0, 1.65, 1.67, False, id="below-the-limit-peak-plus-headroom"),
+    ],
+)
+def test_a_working_set_at_its_limit_holds_memory_there(
+    at_limit_every: int, low_gib: float, high_gib: float, held: bool
+) -> None:
+    limit = 2 * GiB
+    bound = [at_limit_every and i % at_limit_every == 0 for i in range(2016)]
+    memory = series([0.99 * limit if b else 1.5 * GiB for b in bound])
+    usage = ContainerUsage(
+        "server",
+        STEP,
+        cpu=series([0.5] * 2016),
+        memory=memory,
+        memory_at_limit=[(t, limit) for (t, _), b in zip(memory, bound, strict=True) if b],
+    )
+    current = CurrentResources(cpu=0.5, memory=limit, memory_limit=limit)
+    rec = recommend_resources(usage, current, POLICY, NOW)
+    assert rec.memory is not None
+    assert low_gib * GiB <= rec.memory <= high_gib * GiB, rec.memory / GiB
+    assert ("held at the limit" in rec.message) is held, rec.message
+    assert rec.peak_memory == max(v for _, v in memory)
+
+
+def test_an_oom_kill_at_the_limit_still_raises_it() -> None:
+    """A kill says the limit was not enough, whatever the working set showed before it."""
+    limit = 2 * GiB
+    memory = series([0.99 * limit] * 2016)
+    usage = ContainerUsage(
+        "server", STEP, cpu=series([0.5] * 2016), memory=memory,
+        memory_at_limit=[(t, limit) for t, _ in memory], oom_kills=[(NOW - 3600, limit)],
+    )  # fmt: skip
+    current = CurrentResources(cpu=0.5, memory=limit, memory_limit=limit)
+    rec = recommend_resources(usage, current, POLICY, NOW)
+    assert rec.memory is not None and rec.memory >= limit * 1.2
+
+
 def test_daily_peak_is_kept() -> None:
     """A one-hour daily spike to 5 GiB over a 2 GiB base is what memory is sized for."""
     values = [5 * GiB if (i % 288) < 12 else 2 * GiB for i in range(2016)]

@@ -241,6 +241,37 @@ async def test_each_kill_of_a_crash_loop_counts_and_other_restarts_do_not(
     assert {v for _, v in answer.usage.oom_kills} == {2.5 * GiB}
 
 
+async def test_steps_whose_working_set_reached_the_limit_are_named_with_it(
+    replay: tuple[UsageReplayer, PrometheusServer],
+) -> None:
+    """2 GiB under a 2.5 GiB limit, then 2.45 GiB (98% of it: the kernel holding the working
+    set under the limit by reclaiming cache): only the later steps are at the limit, and they
+    carry the pod's limit, which right-sizing then holds without headroom."""
+    replayer, prom = replay
+    reader = UsageReader(prom.url, rate_window="2s")
+    try:
+        wait_until(lambda: bool(prom.query(f"{MEMORY_SERIES}{{pod={POD!r}}}")), 20, what="data")
+        await asyncio.sleep(3)
+        replayer.memory = 2.45 * GiB
+        wait_until(
+            lambda: [float(r["value"][1]) for r in prom.query(f"{MEMORY_SERIES}{{pod={POD!r}}}")]
+            == [2.45 * GiB],
+            10,
+            what="the working set at the limit",
+        )
+        await asyncio.sleep(2.5)
+        answer = await reader.read(TARGET, 10.0, time.time())
+    finally:
+        await reader.close()
+    assert answer.usage is not None, answer.unavailable
+    usage = answer.usage
+    at_limit = dict(usage.memory_at_limit)
+    assert at_limit and set(at_limit.values()) == {2.5 * GiB}, usage.memory_at_limit
+    below = [t for t, v in usage.memory if v == 2 * GiB]
+    assert below and not any(t in at_limit for t in below)
+    assert all(t in at_limit for t, v in usage.memory if v == 2.45 * GiB)
+
+
 async def test_gpu_memory_peak_between_points_is_kept(
     replay: tuple[UsageReplayer, PrometheusServer],
 ) -> None:

@@ -345,13 +345,16 @@ class ContainerUsage:
     """Usage of one container (all replicas, all revisions) over the window.
 
     cpu: cores per sample; memory: working-set bytes, the max over each step; oom_kills: the
-    times of OOM kills and the memory the container had then (its limit when known)."""
+    times of OOM kills and the memory the container had then (its limit when known);
+    memory_at_limit: the steps at which a pod's working set reached its memory limit (within
+    LIMIT_BOUND_RATIO) without a kill, with that limit."""
 
     container: str
     step_seconds: float
     cpu: Sequence[Sample] = ()
     memory: Sequence[Sample] = ()
     oom_kills: Sequence[Sample] = ()
+    memory_at_limit: Sequence[Sample] = ()
     gpu_memory: Sequence[Sample] = ()
     gpu_utilization: Sequence[Sample] = ()
     gpu_model: GpuModel | None = None
@@ -622,6 +625,29 @@ def memory_target(samples: Sequence[Sample], policy: Policy) -> float:
     return hist.percentile(policy.memory_percentile)
 
 
+def limit_bound(
+    memory: Sequence[Sample], at_limit: Sequence[Sample]
+) -> tuple[list[Sample], float]:
+    """The memory samples to size from with headroom, and the limit that peaks at the limit hold.
+
+    A working set at its memory limit without an OOM kill is the kernel reclaiming page cache
+    (weights read through mmap, files written) to stay under the limit: what the container needs
+    is at most that limit, and headroom on top would raise the limit, which the cache then
+    fills, and so on without end (a ratchet). Such a step holds memory at its limit (no less:
+    how much of it is cache is unknown) and adds no headroom; a step whose working set is above
+    the limit named there came from another pod and counts as usual.
+
+    >>> GB = 1e9
+    >>> limit_bound([(0.0, 1.0 * GB), (300.0, 1.99 * GB)], [(300.0, 2.0 * GB)])
+    ([(0.0, 1000000000.0)], 2000000000.0)
+    >>> limit_bound([(300.0, 3.0 * GB)], [(300.0, 2.0 * GB)])  # another pod's peak
+    ([(300.0, 3000000000.0)], 2000000000.0)
+    """
+    limits = dict(at_limit)
+    kept = [(t, v) for t, v in memory if t not in limits or v > limits[t]]
+    return kept, max(limits.values(), default=0.0)
+
+
 def _answer_kills(
     base: Recommendation,
     cpu: Sequence[Sample],
@@ -722,8 +748,12 @@ def recommend_resources(
     cpu_value = _clamp(cpu_value, policy.cpu_min, policy.cpu_max)
     # Every kill in the window holds memory up, as every peak does: each is valued at the limit
     # it happened at, so one already answered by a raise asks for no more than that raise.
-    memory_value = max(memory_target(memory, policy), oom_floor(ooms))
+    at_limit = _in_window(usage.memory_at_limit, start, now)
+    sized, held = limit_bound(memory, at_limit)
+    memory_value = max(memory_target(sized, policy) if sized else 0.0, oom_floor(ooms))
     memory_value *= 1 + policy.memory_headroom
+    held_at_limit = held >= memory_value
+    memory_value = max(memory_value, held)
     memory_value = _clamp(memory_value, policy.memory_min, policy.memory_max)
     # Round as the API server would write them, so status and the next revision agree.
     cpu_value = float(parse_quantity(format_cpu(cpu_value)))
@@ -759,6 +789,11 @@ def recommend_resources(
         parts[0] += f" ({cpu_capped})"
     if ooms:
         parts.append(f"after {len(ooms)} OOM kill(s)")
+    if held_at_limit:
+        parts.append(
+            f"memory held at the limit {format_bytes(held)} its working set reached without an "
+            "OOM kill (page cache the kernel reclaims; no headroom on top)"
+        )
     if gpu_shape is not None:
         parts.append(f"GPU {gpu_shape.count} x {gpu_shape.resource_name}")
     elif current.gpu and usage.missing_gpu_series:

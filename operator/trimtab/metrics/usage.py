@@ -39,6 +39,9 @@ DCGM_GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"  # percent
 # A window is read in about this many steps (168h -> 5-minute steps).
 TARGET_POINTS = 2016
 MIN_STEP_S = 1
+# A working set at least this share of its pod's memory limit is at the limit: the kernel keeps
+# it there by reclaiming page cache (see decisions.rightsizing.limit_bound).
+LIMIT_BOUND_RATIO = 0.97
 
 
 @dataclass(frozen=True)
@@ -100,12 +103,18 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
         # One series per killed pod, present from the kill until the pod is deleted.
         oom = f"max by (pod) ({TERMINATED_SERIES}{{{sel},reason=\"OOMKilled\"}} == 1)"
         oom_reason = ""
+    limit = f"max by (pod) ({LIMITS_SERIES}{{{sel},resource=\"memory\"}})"
     return {
         "cpu": f"max(rate({CPU_SERIES}{{{sel}}}[{rate_window}]))",
         "memory": f"max(max_over_time({MEMORY_SERIES}{{{sel}}}[{step}]))",
         "oom": oom,
         **({"oom_reason": oom_reason} if oom_reason else {}),
-        "memory_limit": f"max by (pod) ({LIMITS_SERIES}{{{sel},resource=\"memory\"}})",
+        "memory_limit": limit,
+        # The limit of each pod whose working-set peak in the step reached it.
+        "memory_at_limit": (
+            f"max({limit} and on(pod) (max by (pod) (max_over_time({MEMORY_SERIES}{{{sel}}}"
+            f"[{step}])) >= {LIMIT_BOUND_RATIO} * {limit}))"
+        ),
         "kube_state": f"count({RESTARTS_SERIES}{{{sel}}})",
         # GPU memory is sized from its peak, like memory: each GPU's peak within the step,
         # summed over the pod's GPUs (or MIG instances) once each: `max by` the device first,
@@ -286,6 +295,7 @@ class UsageReader:
             cpu=cpu,
             memory=memory,
             oom_kills=ooms,
+            memory_at_limit=_points(by_key["memory_at_limit"]),
             gpu_memory=gpu_memory,
             gpu_utilization=gpu_util,
             gpu_model=gpu_model,
