@@ -347,10 +347,44 @@ async def follow_serving_deployment(
     **kwargs: Any,
 ) -> None:
     """A Deployment changed: recompute its ModelDeployment's status, and (without spec.rollout)
-    retire old revisions once the current one is fully ready."""
+    retire old revisions once the current one is fully ready. One that should run but was
+    deleted (by hand, or by a tool pruning what it does not know) is created again at once, as
+    a ReplicaSet's deleted pod is, rather than at the next change of the ModelDeployment."""
+    if kwargs.get("type") == "DELETED":
+        await restore_deleted_revision(
+            memo.kube, namespace or "", labels[C.LABEL_OWNER], labels.get(C.LABEL_REVISION), logger
+        )
     await sync_status(
         memo.kube, namespace or "", labels[C.LABEL_OWNER], kwargs["serving_deployments"], logger
     )
+
+
+async def restore_deleted_revision(
+    kube: KubeClient, namespace: str, name: str, revision: str | None, logger: Log
+) -> bool:
+    """Apply the revisions again when `revision`, whose Deployment is gone, is one that runs.
+    True when it was recreated."""
+    body = await kube.get(MODELDEPLOYMENTS, namespace, name)
+    if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+        return False  # the ModelDeployment goes too (the garbage collector's cascade)
+    parsed, problems = parse_spec(body.get("spec") or {}, body.get("status") or {})
+    if parsed is None or problems:
+        return False
+    status = dict(body.get("status") or {})
+    if revision not in plan_for(parsed, status).keep:
+        return False  # retired: a revision the rollout (or the changeover) is done with
+    try:
+        await apply_revisions(kube, owner_of(cast(kopf.Body, body)), parsed, status)
+    except NameTaken:
+        return False  # the reconcile reports it and retries
+    logger.info("revision %s of %s/%s was deleted; created again", revision, namespace, name)
+    kopf.event(
+        cast(kopf.Body, body),
+        type="Normal",
+        reason="RevisionRecreated",
+        message=f"the Deployment of revision {revision} was deleted; it was created again",
+    )
+    return True
 
 
 async def sync_status(

@@ -1,0 +1,72 @@
+"""A Deployment of a revision that runs, deleted by hand (or pruned by a tool), is created again
+at once, as a ReplicaSet's deleted pod is; before, it stayed gone until the ModelDeployment
+next changed or the operator restarted. One the ModelDeployment is done with stays gone."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from tests.conftest import Cluster, wait_for
+from tests.kube_emulator import ApiServerEmulator
+from tests.test_modeldeployment_operator import (
+    DEPLOY_PATH,
+    MD_PATH,
+    NS,
+    model,
+    serving_deployments,
+)
+from trimtab import constants as C
+from trimtab.handlers import modeldeployment as handler
+
+
+async def test_a_deleted_deployment_of_the_running_revision_is_created_again(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any
+) -> None:
+    async with run_operator():
+        await cluster.create(MD_PATH, model())
+        first = (await wait_for(lambda: serving_deployments(cluster, "llama")))[0]
+        revision = first["metadata"]["labels"][C.LABEL_REVISION]
+        await cluster.kube.request("DELETE", f"{DEPLOY_PATH}/{first['metadata']['name']}")
+
+        async def recreated() -> dict[str, Any] | None:
+            found = await serving_deployments(cluster, "llama")
+            again = [d for d in found if d["metadata"]["uid"] != first["metadata"]["uid"]]
+            return again[0] if again else None
+
+        again = await wait_for(recreated, timeout=10)
+        assert again["metadata"]["labels"][C.LABEL_REVISION] == revision
+        assert again["spec"] == first["spec"]
+        events = await cluster.get(f"/api/v1/namespaces/{NS}/events") or {}
+        reasons = [e.get("reason") for e in events.get("items", [])]
+        assert "RevisionRecreated" in reasons
+
+
+@pytest.mark.parametrize(
+    ("revision", "recreated"),
+    [
+        pytest.param(None, True, id="the-running-revision"),
+        pytest.param("0123456789", False, id="a-revision-it-is-done-with"),
+    ],
+)
+async def test_only_a_revision_that_runs_is_restored(
+    api: ApiServerEmulator,
+    cluster: Cluster,
+    monkeypatch: pytest.MonkeyPatch,
+    revision: str | None,
+    recreated: bool,
+) -> None:
+    monkeypatch.setattr(handler.kopf, "event", lambda *_, **__: None)
+    created = await cluster.create(MD_PATH, model())
+    spec, _ = handler.parse_spec(created["spec"])
+    assert spec is not None
+    running = handler.revision_of(spec)
+    restored = await handler.restore_deleted_revision(
+        cluster.kube, NS, "llama", revision or running, logging.getLogger("t")
+    )
+    assert restored is recreated
+    names = [d["metadata"]["labels"][C.LABEL_REVISION]
+             for d in await serving_deployments(cluster, "llama")]  # fmt: skip
+    assert names == ([running] if recreated else [])
