@@ -183,6 +183,21 @@ def test_crds_install_false_renders_no_crds() -> None:
     assert by_kind(render({"crds": {"install": False}}), "CustomResourceDefinition") == []
 
 
+def test_openshift_can_leave_the_uid_to_its_security_context_constraints() -> None:
+    """restricted-v2 assigns a uid and fsGroup from the namespace's range and refuses any
+    other: with both set to null, no pod names one, and the restricted profile still holds."""
+    values = {"gpuAgent": {"enabled": True},
+              "securityContext": {"runAsUser": None, "runAsGroup": None}}  # fmt: skip
+    pods = [d["spec"]["template"]["spec"] for d in render(values)
+            if d["kind"] in ("Deployment", "DaemonSet")]  # fmt: skip
+    assert len(pods) == 2
+    for pod in pods:
+        contexts = [pod["securityContext"], *(c["securityContext"] for c in pod["containers"])]
+        for ctx in contexts:
+            assert not {"runAsUser", "runAsGroup", "fsGroup"} & ctx.keys(), ctx
+            assert ctx["runAsNonRoot"] is True
+
+
 @pytest.mark.parametrize("values", VALUE_SETS)
 def test_pods_meet_the_restricted_profile(values: dict[str, Any]) -> None:
     for doc in render(values):
@@ -325,11 +340,14 @@ def test_everything_renders_its_optional_parts() -> None:
 
     policy = one(docs, "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    # The kubelet's probes of /healthz are admitted from anywhere: NetworkPolicy v1 does not
+    # promise that traffic from the node passes, and a blocked liveness probe restarts the pod.
     assert policy["spec"]["ingress"] == [
+        {"ports": [{"port": "health", "protocol": "TCP"}]},
         {
             "ports": [{"port": "metrics", "protocol": "TCP"}],
             "from": EVERYTHING["networkPolicy"]["metricsFrom"],
-        }
+        },
     ]
     assert {"port": 53, "protocol": "UDP"} in policy["spec"]["egress"][0]["ports"]
     assert policy["spec"]["egress"][1:] == EVERYTHING["networkPolicy"]["egress"]
@@ -346,7 +364,10 @@ def test_network_policy_without_egress_rules_leaves_egress_open() -> None:
     policy = one(docs, "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     assert "egress" not in policy["spec"]
-    assert policy["spec"]["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+    assert policy["spec"]["ingress"] == [
+        {"ports": [{"port": "health", "protocol": "TCP"}]},
+        {"ports": [{"port": "metrics", "protocol": "TCP"}]},
+    ]
 
 
 def test_gpu_agent_runs_on_gpu_nodes_with_host_pids() -> None:

@@ -24,10 +24,13 @@ namespace, unique across releases of the same name in different namespaces. */}}
 {{- printf "%s-%s" (include "trimtab.fullname" .) .Release.Namespace | trunc 200 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* "true" when the chart should render kopf's peering CRD named .name: crds.install is on and
-the CRD is absent or this release's own. Offline renders (helm template, Argo CD) see no
-cluster, so they always render it. */}}
-{{- define "trimtab.installKopfPeeringCrd" -}}
+{{/* "true" when the chart should render the CRD named .name (trimtab's or kopf's peering
+CRDs): crds.install is on and the CRD is absent or this release's own. One another release
+created, or one applied by hand (no Helm ownership), is left as it is: Helm would refuse to
+take it over and fail the install (a reinstall under another name, after an uninstall kept the
+CRDs, included). Offline renders (helm template, Argo CD) see no cluster, so they always
+render it. */}}
+{{- define "trimtab.installCrd" -}}
 {{- if .root.Values.crds.install -}}
 {{- $crd := lookup "apiextensions.k8s.io/v1" "CustomResourceDefinition" "" .name -}}
 {{- $annotations := dig "metadata" "annotations" (dict) $crd -}}
@@ -83,8 +86,12 @@ app.kubernetes.io/part-of: trimtab
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
 runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
+{{- with .Values.securityContext.runAsUser }}
+runAsUser: {{ . }}
+{{- end }}
+{{- with .Values.securityContext.runAsGroup }}
+runAsGroup: {{ . }}
+{{- end }}
 capabilities:
   drop:
     - ALL
@@ -94,9 +101,13 @@ seccompProfile:
 
 {{- define "trimtab.podSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-fsGroup: 65532
+{{- with .Values.securityContext.runAsUser }}
+runAsUser: {{ . }}
+{{- end }}
+{{- with .Values.securityContext.runAsGroup }}
+runAsGroup: {{ . }}
+fsGroup: {{ . }}
+{{- end }}
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}

@@ -182,6 +182,21 @@ class GpuAgent(Values):
     priorityClassName: str = Field(default="", pattern=DNS_SUBDOMAIN)
 
 
+class SecurityContext(Values):
+    runAsUser: int | None = Field(
+        default=65532,
+        ge=1,
+        description="The uid the operator and GPU agent run as (the image's USER). null on "
+        "OpenShift: its restricted-v2 SCC assigns one from the namespace's range and refuses "
+        "any other.",
+    )
+    runAsGroup: int | None = Field(
+        default=65532,
+        ge=1,
+        description="Their gid, and the pods' fsGroup. null on OpenShift, as runAsUser.",
+    )
+
+
 class ChartValues(Values):
     """Everything `helm install -f values.yaml` accepts."""
 
@@ -199,6 +214,7 @@ class ChartValues(Values):
     networkPolicy: NetworkPolicy = Field(default_factory=NetworkPolicy)
     grafanaDashboard: GrafanaDashboard = Field(default_factory=GrafanaDashboard)
     gpuAgent: GpuAgent = Field(default_factory=GpuAgent)
+    securityContext: SecurityContext = Field(default_factory=SecurityContext)
     # Helm passes a parent chart's globals down to every subchart; accept them.
     global_: KubeObject = Field(default_factory=dict, alias="global")
 

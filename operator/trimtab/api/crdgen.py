@@ -333,7 +333,8 @@ def render_crd(definition: CrdDefinition) -> str:
 
 
 def render_chart_crd(definition: CrdDefinition) -> str:
-    """The same CRD as a chart template: installed only with crds.install, kept on uninstall
+    """The same CRD as a chart template: installed only with crds.install and when no other
+    release (or a hand) installed it (`trimtab.installCrd`), kept on uninstall
     (Helm) and never pruned (Argo CD, which honours resource-policy only on deleting the
     Application: a render without the CRDs would otherwise prune them, and with them every
     ModelDeployment and TrainingJob)."""
@@ -343,7 +344,8 @@ def render_chart_crd(definition: CrdDefinition) -> str:
         "argocd.argoproj.io/sync-options": "Prune=false",
     }
     body = yaml.safe_dump(crd, sort_keys=False, width=100)
-    return f"{HEADER}{{{{- if .Values.crds.install }}}}\n{body}{{{{- end }}}}\n"
+    gate = f'include "trimtab.installCrd" (dict "root" $ "name" "{crd["metadata"]["name"]}")'
+    return f"{HEADER}{{{{- if {gate} }}}}\n{body}{{{{- end }}}}\n"
 
 
 def outputs(root: Path) -> dict[Path, str]:
