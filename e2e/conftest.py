@@ -29,6 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # Only an explicit KUBECONFIG: a test run that merely happens to be inside a pod must not
 # create CRDs and namespaces in that pod's cluster.
 HAVE_CLUSTER = bool(os.environ.get("KUBECONFIG"))
+if HAVE_CLUSTER:
+    # kopf's login tries the pod's service account before KUBECONFIG: a runner that is itself
+    # a pod would run the in-process operator against its own cluster. Without the in-cluster
+    # variables kopf takes KUBECONFIG, as trimtab's client does (as `trimtab run` arranges).
+    os.environ.pop("KUBERNETES_SERVICE_HOST", None)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -183,6 +183,14 @@ def test_crds_install_false_renders_no_crds() -> None:
     assert by_kind(render({"crds": {"install": False}}), "CustomResourceDefinition") == []
 
 
+def test_an_ipv6_listen_address_reaches_the_operator_and_the_agent() -> None:
+    docs = render({"operator": {"listenAddress": "::"}, "gpuAgent": {"enabled": True}})
+    operator = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container_env(operator)["TRIMTAB_LISTEN_ADDRESS"] == "::"
+    agent = one(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+    assert "--address=::" in agent["args"]
+
+
 def test_openshift_can_leave_the_uid_to_its_security_context_constraints() -> None:
     """restricted-v2 assigns a uid and fsGroup from the namespace's range and refuses any
     other: with both set to null, no pod names one, and the restricted profile still holds."""
@@ -268,6 +276,7 @@ def test_operator_args_and_env_agree(
     assert settings.prometheus_url == merged.prometheusUrl
     assert settings.metrics_port == merged.metricsPort
     assert settings.health_port == merged.healthPort
+    assert settings.listen_address == merged.listenAddress
     assert settings.log_level == merged.logLevel
     # kopf's peering identity: the pod name, so the peering status names real pods.
     pod_id = next(e for e in container["env"] if e["name"] == "POD_ID")
@@ -376,7 +385,7 @@ def test_gpu_agent_runs_on_gpu_nodes_with_host_pids() -> None:
     pod = agent["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["command"] == ["trimtab"]
-    assert container["args"] == ["gpu-agent", "--port=9835"]
+    assert container["args"] == ["gpu-agent", "--port=9835", "--address=0.0.0.0"]
     assert container_env(container)["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert pod["hostPID"] is True
     assert pod["runtimeClassName"] == "nvidia"

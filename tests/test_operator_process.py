@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
 from tests.conftest import Cluster, wait_for
@@ -54,14 +55,34 @@ async def _get_text(url: str) -> str | None:
         return None
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("listen", "host"),
+    [
+        pytest.param("0.0.0.0", "127.0.0.1", id="ipv4"),
+        pytest.param(
+            "::", "[::1]", id="ipv6",
+            marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here"),
+        ),
+    ],
+)  # fmt: skip
 async def test_trimtab_run_serves_health_metrics_and_reconciles(
-    api: ApiServerEmulator, cluster: Cluster, tmp_path: Path
+    api: ApiServerEmulator, cluster: Cluster, tmp_path: Path, listen: str, host: str
 ) -> None:
     metrics_port, health_port = free_port(), free_port()
     env = {
         **os.environ,
         "KUBECONFIG": str(kubeconfig(tmp_path / "kubeconfig", str(api.url).rstrip("/"))),
         "TRIMTAB_LOG_LEVEL": "INFO",
+        "TRIMTAB_LISTEN_ADDRESS": listen,
     }
     env.pop("KUBERNETES_SERVICE_HOST", None)
     proc = subprocess.Popen(
@@ -82,7 +103,7 @@ async def test_trimtab_run_serves_health_metrics_and_reconciles(
         text=True,
     )
     try:
-        health = await wait_for(lambda: _get_text(f"http://127.0.0.1:{health_port}/healthz"), 30)
+        health = await wait_for(lambda: _get_text(f"http://{host}:{health_port}/healthz"), 30)
         assert health is not None
 
         async def watching() -> bool:
@@ -93,7 +114,7 @@ async def test_trimtab_run_serves_health_metrics_and_reconciles(
         assert await wait_for(lambda: serving_deployments(cluster, "proc"), 30)
 
         async def reconciled() -> str | None:
-            text = await _get_text(f"http://127.0.0.1:{metrics_port}/metrics")
+            text = await _get_text(f"http://{host}:{metrics_port}/metrics")
             ok = 'trimtab_reconcile_total{kind="ModelDeployment",result="ok"}'
             return text if text and ok in text else None
 

@@ -9,8 +9,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -24,6 +25,7 @@ def _run(args: argparse.Namespace) -> int:
     from trimtab.config import Settings
 
     settings = Settings.from_env()
+    prefer_kubeconfig(os.environ)
     namespace = args.namespace if args.namespace is not None else settings.namespace
     metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
     health_port = args.health_port if args.health_port is not None else settings.health_port
@@ -31,9 +33,9 @@ def _run(args: argparse.Namespace) -> int:
     kopf.configure(verbose=settings.log_level == "DEBUG", log_format=kopf.LogFormat.FULL)
     logging.getLogger().setLevel(settings.log_level)
     if metrics_port:
-        start_http_server(metrics_port)
+        start_http_server(metrics_port, addr=settings.listen_address)
     memo = kopf.Memo(settings=settings)
-    liveness = f"http://0.0.0.0:{health_port}/healthz" if health_port else None
+    liveness = liveness_url(settings.listen_address, health_port)
     clusterwide = args.all_namespaces or not namespace
     priority = args.priority if args.priority is not None else peer_priority()
     if peering:
@@ -52,10 +54,38 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def prefer_kubeconfig(env: MutableMapping[str, str]) -> None:
+    """A KUBECONFIG set explicitly names the cluster, even inside a pod. trimtab's client
+    honours it first (KubeClient.from_environment); kopf's login tries the pod's service account
+    first, so without the in-cluster variables it takes the same kubeconfig, and both clients
+    act on one cluster as one identity.
+
+    >>> env = {"KUBECONFIG": "/k", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    >>> prefer_kubeconfig(env); env
+    {'KUBECONFIG': '/k'}
+    >>> env = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    >>> prefer_kubeconfig(env); env
+    {'KUBERNETES_SERVICE_HOST': '10.0.0.1'}
+    """
+    if env.get("KUBECONFIG"):
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+
+
+def liveness_url(address: str, port: int) -> str | None:
+    """kopf's liveness endpoint on `address` (an IPv6 one in brackets); None without a port.
+
+    >>> liveness_url("0.0.0.0", 8081), liveness_url("::", 8081), liveness_url("::", 0)
+    ('http://0.0.0.0:8081/healthz', 'http://[::]:8081/healthz', None)
+    """
+    if not port:
+        return None
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}/healthz"
+
+
 def peer_priority() -> int:
     """A priority distinct per replica: kopf pauses every peer that shares the top priority, so
     two replicas at the default priority would both stand still."""
-    import os
     import zlib
 
     identity = os.environ.get("POD_ID") or os.environ.get("HOSTNAME") or str(os.getpid())

@@ -22,6 +22,12 @@ class Settings(BaseModel):
     namespace: str = Field(default="", description="Watch only this namespace; empty: all.")
     metrics_port: int = Field(default=8080, ge=0, le=65535, description="/metrics; 0 disables.")
     health_port: int = Field(default=8081, ge=0, le=65535, description="kopf liveness /healthz.")
+    listen_address: str = Field(
+        default="0.0.0.0",
+        pattern=r"^[0-9A-Fa-f.:]+$",
+        description="Address /metrics and /healthz listen on: 0.0.0.0 (IPv4), or :: where the "
+        "kubelet probes and Prometheus scrape pods over IPv6.",
+    )
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     # How long a status may go without a resync even when no watch event arrives.
     resync_seconds: float = Field(default=60.0, gt=0)

@@ -72,6 +72,12 @@ class Operator(Values):
     logLevel: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metricsPort: int = Field(default=8080, ge=1, le=65535, description="Serves /metrics.")
     healthPort: int = Field(default=8081, ge=1, le=65535, description="Serves /healthz.")
+    listenAddress: str = Field(
+        default="0.0.0.0",
+        pattern=r"^[0-9A-Fa-f.:]+$",
+        description="Address the operator's /metrics and /healthz (and the GPU agent's) listen "
+        "on: 0.0.0.0, or :: on a cluster whose pods are reached over IPv6.",
+    )
     extraEnv: list[KubeObject] = Field(
         default_factory=list, description="Extra container env entries (EnvVar objects)."
     )

@@ -89,10 +89,16 @@ class KubeClient:
         token: Callable[[], str | None] | None = None,
         timeout: float = 30.0,
         keepalive: bool = True,
+        server_hostname: str | None = None,
+        proxy: str | None = None,
     ) -> None:
         self.host = host.rstrip("/")
         self._keepalive = keepalive
         self._ssl = ssl_context
+        # A kubeconfig's tls-server-name (SNI and the name the certificate is checked against)
+        # and proxy-url, as kubectl and kopf honour them.
+        self._server_hostname = server_hostname
+        self._proxy = proxy
         self._token = token
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -101,16 +107,25 @@ class KubeClient:
         self.writes: Counter[tuple[str, str]] = Counter()
 
     @classmethod
-    def from_environment(cls) -> KubeClient:
-        """In a pod: its service account. Elsewhere: the current kubeconfig context."""
+    def from_environment(cls, env: Mapping[str, str] | None = None) -> KubeClient:
+        """The cluster KUBECONFIG names when it is set (even inside a pod: a CI runner's pod
+        must not act on its own cluster); else, in a pod, its service account; else the
+        current context of ~/.kube/config."""
+        import os
+
         from kubernetes import client as k8s_client
         from kubernetes import config as k8s_config
 
+        env = os.environ if env is None else env
         cfg = k8s_client.Configuration()
-        try:
-            k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]  # untyped in the kubernetes package
-        except k8s_config.ConfigException:
-            k8s_config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]  # untyped in the kubernetes package
+        if env.get("KUBECONFIG"):
+            # Named here: the package reads KUBECONFIG once, when it is imported.
+            k8s_config.load_kube_config(config_file=env["KUBECONFIG"], client_configuration=cfg)  # type: ignore[no-untyped-call]  # untyped in the kubernetes package
+        else:
+            try:
+                k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]  # untyped in the kubernetes package
+            except k8s_config.ConfigException:
+                k8s_config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]  # untyped in the kubernetes package
         context: ssl.SSLContext | bool
         if cfg.verify_ssl:
             context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
@@ -121,10 +136,18 @@ class KubeClient:
 
         def token() -> str | None:
             # get_api_key_with_prefix calls the refresh hook, so rotated tokens are picked up.
-            value = cfg.get_api_key_with_prefix("authorization")
+            # The kubernetes package keeps the token under "BearerToken" (in-cluster, kubeconfig
+            # tokens and exec plugins alike); releases before 2024 under "authorization".
+            value = cfg.get_api_key_with_prefix("BearerToken", alias="authorization")
             return str(value) if value else None
 
-        return cls(cfg.host, ssl_context=context, token=token)
+        return cls(
+            cfg.host,
+            ssl_context=context,
+            token=token,
+            server_hostname=getattr(cfg, "tls_server_name", None) or None,
+            proxy=getattr(cfg, "proxy", None) or None,
+        )
 
     async def _get_session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
@@ -157,8 +180,19 @@ class KubeClient:
         if self._token is not None and (token := self._token()):
             headers["Authorization"] = token if " " in token else f"Bearer {token}"
         data = json.dumps(body) if body is not None else None
+        extra: dict[str, Any] = {}
+        if self._server_hostname:
+            extra["server_hostname"] = self._server_hostname
+        if self._proxy:
+            extra["proxy"] = self._proxy
         async with session.request(
-            method, self.host + path, params=params, data=data, headers=headers, ssl=self._ssl
+            method,
+            self.host + path,
+            params=params,
+            data=data,
+            headers=headers,
+            ssl=self._ssl,
+            **extra,
         ) as resp:
             text = await resp.text()
             API_REQUESTS.labels(method=method, code=str(resp.status)).inc()
