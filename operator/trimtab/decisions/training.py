@@ -451,8 +451,10 @@ def decide_training(inputs: TrainingInputs) -> TrainingDecision:
         status.phase == "Failed"
         and failed is not None
         and failed.reason == "InvalidSpec"
+        and (failed.observed_generation is None or failed.observed_generation < inputs.generation)
     ):
-        # Fixed: start over.
+        # Fixed (a new generation: one the API server refused has no problem the model finds,
+        # and would be refused again): start over.
         b.status.completion_time = None
         b.clear(CONDITION_FAILED, "SpecFixed", "the spec was corrected")
         status.phase = None

@@ -265,7 +265,20 @@ async def sync_trainingjob(
         await kube.patch_status(TRAININGJOBS, namespace, name, patch)
     # A Job is created once per attempt, so right-sizing's applied resources (Auto) reach the
     # workers at the next attempt and never restart a running one.
-    await _act(kube, owner, effective_training_spec(spec, current_status), decision, logger)
+    try:
+        await _act(kube, owner, effective_training_spec(spec, current_status), decision, logger)
+    except KubeError as err:
+        if not (err.invalid or err.status == 400):
+            raise
+        # The API server refused an object built from the spec (a value the CRD schema let
+        # through, such as a node selector value that is not a label value): retrying would
+        # fail alike, so the job fails and says why until the spec changes.
+        message = f"the API server rejected an object built from the spec: {err.message}"
+        fresh = await kube.get(TRAININGJOBS, namespace, name) or body
+        fresh_status = TrainingJobStatus.model_validate(dict(fresh.get("status") or {}))
+        await _write_invalid(kube, fresh, fresh_status, [message], generation, now)
+        kopf.warn(cast(kopf.Body, body), reason="InvalidSpec", message=message[:1000])
+        return float("inf")
     if first is not new_status:
         await kube.patch_status(TRAININGJOBS, namespace, name, {"cleanedUp": True})
     for kind, reason, message in decision.events:
