@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
 from trimtab.api.quantity import QUANTITY_PATTERN
@@ -27,6 +27,11 @@ DNSSubdomain = Annotated[
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
         max_length=253,
     ),
+]
+# A label value (a node selector's): up to 63 of [A-Za-z0-9-_.], alphanumeric at both ends.
+LabelValue = Annotated[
+    str,
+    StringConstraints(pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$", max_length=63),
 ]
 # A duration as Go and Prometheus write it: "30s", "5m", "1h30m".
 Duration = Annotated[
@@ -107,11 +112,49 @@ class EnvVar(StrictModel):
 
 
 class Toleration(StrictModel):
-    key: str | None = None
+    """A pod toleration, held to the pod validation's rules."""
+
+    # The rules below are the API server's for pods: a toleration it would refuse in the pods
+    # trimtab creates is refused when the resource is applied, where the user sees why.
+
+    key: str | None = Field(default=None, max_length=316)
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.operator) || self.operator != 'Exists' "
+                    "|| !has(self.value) || self.value == ''",
+                    "message": "a toleration with operator Exists takes no value",
+                },
+                {
+                    "rule": "(has(self.key) && self.key != '') "
+                    "|| (has(self.operator) && self.operator == 'Exists')",
+                    "message": "a toleration without a key must have operator Exists",
+                },
+                {
+                    "rule": "!has(self.tolerationSeconds) "
+                    "|| (has(self.effect) && self.effect == 'NoExecute')",
+                    "message": "tolerationSeconds applies to effect NoExecute only",
+                },
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _as_the_api_server_checks(self) -> Toleration:
+        # The CEL rules above, for a spec that reached the operator without the CRD's checks.
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists takes no value")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key must have operator Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds applies to effect NoExecute only")
+        return self
 
 
 class Resources(StrictModel):

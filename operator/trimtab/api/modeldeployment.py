@@ -13,6 +13,7 @@ from trimtab.api.autoscaling import AutoscalingSpec, AutoscalingStatus, MetricsS
 from trimtab.api.common import (
     Condition,
     EnvVar,
+    LabelValue,
     Resources,
     StatusModel,
     StrictModel,
@@ -87,7 +88,9 @@ class ModelDeploymentSpec(StrictModel):
     resources: Resources = Field(
         default_factory=Resources, description="(model) Per-replica resources."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="(model) Node labels.")
+    node_selector: dict[str, LabelValue] = Field(
+        default_factory=dict, max_length=64, description="(model) Node labels."
+    )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=64, description="(model) Tolerations."
     )

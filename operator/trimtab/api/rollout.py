@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from trimtab.api.common import Duration, StatusModel, StrictModel
+from trimtab.api.common import DNSSubdomain, Duration, StatusModel, StrictModel
 
 # Steps are bounded so the "weights increase" rule can be written out pairwise in CEL
 # (the API server's CEL has no index ranges, and cost limits want bounded lists).
@@ -162,8 +162,8 @@ class GatewayApiRouterSpec(StrictModel):
     rules of that existing route and leaves its parents and hostnames to you."""
 
     type: Literal["gatewayApi"]
-    http_route: str | None = Field(
-        default=None, max_length=253, description="HTTPRoute name; default: the resource's name."
+    http_route: DNSSubdomain | None = Field(
+        default=None, description="HTTPRoute name; default: the resource's name."
     )
     parent_refs: list[ParentRef] | None = Field(default=None, max_length=32)
     hostnames: list[str] | None = Field(default=None, max_length=16)

@@ -14,6 +14,7 @@ from trimtab.api.common import (
     DNSLabel,
     DNSSubdomain,
     EnvVar,
+    LabelValue,
     Quantity,
     Resources,
     StatusModel,
@@ -146,7 +147,7 @@ class Scheduling(StrictModel):
         default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253
     )
     gang: Gang = Field(default_factory=Gang)
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=64)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
 
 
