@@ -61,7 +61,11 @@ TRITON_BUSY = (
 TS_QUEUE = rate("ts_queue_latency_microseconds{$S}")
 TS_BUSY = f"({rate('ts_inference_latency_microseconds{$S}')} - {TS_QUEUE})"
 TS_REQUESTS = rate("ts_inference_requests_total{$S}")
-VLLM_5XX = rate('http_requests_total{$S,status="5xx"}')
+VLLM_ROUTES = 'handler=~"/v1/.+",handler!="/v1/models"'
+VLLM_5XX = rate('http_requests_total{$S,' + VLLM_ROUTES + ',status="5xx"}')
+TGI_OK = rate("tgi_request_success{$S}")
+TGI_ALL = f"({TGI_OK} + ({rate('tgi_request_failure{$S}')} or vector(0)))"
+TGI_SERVER_FAILED = rate('tgi_request_failure{$S,err!~"validation|dropped"}')
 GENERIC_5XX = rate('http_requests_total{$S,status=~"5.."}')
 HTTP_BUCKETS = "http_request_duration_seconds_bucket{$S}"
 
@@ -88,7 +92,7 @@ PRESET_QUERIES = [
     (
         "vllm",
         "errorRate",
-        f"({VLLM_5XX} or vector(0)) / " + rate("http_requests_total{$S}"),
+        f"({VLLM_5XX} or vector(0)) / " + rate("http_requests_total{$S," + VLLM_ROUTES + "}"),
     ),
     # Triton
     ("triton", "queueDepth", "sum(nv_inference_pending_request_count{$S})"),
@@ -100,7 +104,8 @@ PRESET_QUERIES = [
     # TGI
     ("tgi", "queueDepth", "sum(tgi_queue_size{$S})"),
     ("tgi", "running", "sum(tgi_batch_current_size{$S})"),
-    ("tgi", "arrivalRate", rate("tgi_request_count{$S}")),
+    # tgi_request_count counts an OpenAI-style request twice (TGI issue #1901).
+    ("tgi", "arrivalRate", TGI_ALL),
     (
         "tgi",
         "serviceTime",
@@ -115,7 +120,7 @@ PRESET_QUERIES = [
     (
         "tgi",
         "errorRate",
-        f"({rate('tgi_request_failure{$S}')} or vector(0)) / {rate('tgi_request_count{$S}')}",
+        f"({TGI_SERVER_FAILED} or vector(0)) / {TGI_ALL}",
     ),
     # TorchServe
     ("torchserve", "queueDepth", f"{TS_QUEUE} / 1e6"),
@@ -126,8 +131,8 @@ PRESET_QUERIES = [
     (
         "torchserve",
         "errorRate",
-        f"({rate('Requests5XX{$S}')} or vector(0)) / (({rate('Requests2XX{$S}')} or vector(0))"
-        f" + ({rate('Requests4XX{$S}')} or vector(0)) + ({rate('Requests5XX{$S}')} or vector(0)))",
+        # Over inference requests: the status classes also count probes and scrapes.
+        f"({rate('Requests5XX{$S}')} or vector(0)) / {TS_REQUESTS}",
     ),
     # generic, with a queue gauge named by the user and no running gauge
     ("generic", "queueDepth", "sum(inference_queue_length{$S})"),

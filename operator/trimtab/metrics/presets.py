@@ -162,6 +162,14 @@ def _error_ratio(errors: str, total: str, t: QueryTarget) -> str:
     return f"({_rate(errors, t)} or vector(0)) / {_rate(total, t)}"
 
 
+# The handler label of vLLM's inference routes (OpenAI completions, chat, embeddings, ...):
+# /health, /metrics, /ping and /v1/models answer probes and scrapes, which would dilute errors.
+VLLM_INFERENCE_ROUTES = 'handler=~"/v1/.+",handler!="/v1/models"'
+# TGI's failures that are the server's: `validation` is a bad request (422) and `dropped` a
+# client that left, neither of which a canary or the SLO should be charged with.
+TGI_SERVER_FAILURES = 'err!~"validation|dropped"'
+
+
 def vllm_queries(t: QueryTarget, o: PresetOptions) -> SignalQueries:
     """vLLM's OpenAI server: scheduler gauges, request histograms, HTTP status counters."""
     latency = "e2e_request_latency_seconds" if o.latency == "e2e" else "time_to_first_token_seconds"
@@ -179,10 +187,11 @@ def vllm_queries(t: QueryTarget, o: PresetOptions) -> SignalQueries:
         # that histogram fall back to the end-to-end mean.
         "serviceTime": f"({_mean(run_sum, run_count, t)}) or ({_mean(e2e_sum, e2e_count, t)})",
         "p99Latency": _p99(_vllm_series(f"{latency}_bucket", t), t),
-        # vLLM's API server counts responses by status class (prometheus-fastapi-instrumentator).
+        # vLLM's API server counts responses by status class (prometheus-fastapi-instrumentator),
+        # on every route: only the inference routes count, not probes, scrapes or /v1/models.
         "errorRate": _error_ratio(
-            _series("http_requests_total", t, 'status="5xx"'),
-            _series("http_requests_total", t),
+            _series("http_requests_total", t, f'{VLLM_INFERENCE_ROUTES},status="5xx"'),
+            _series("http_requests_total", t, VLLM_INFERENCE_ROUTES),
             t,
         ),
     }
@@ -213,21 +222,26 @@ def triton_queries(t: QueryTarget, o: PresetOptions) -> SignalQueries:
 
 
 def tgi_queries(t: QueryTarget, o: PresetOptions) -> SignalQueries:
-    """Hugging Face TGI: queue and batch gauges, request histograms (seconds), counters."""
+    """Hugging Face TGI: queue and batch gauges, request histograms (seconds), counters.
+
+    Requests are its successes plus failures, each counted once per generation:
+    `tgi_request_count` counts an OpenAI-style request two or three times (the route and the
+    generation each add one; text-generation-inference issue #1901)."""
+    success = _series("tgi_request_success", t)
+    failure = _series("tgi_request_failure", t)
     return {
         "queueDepth": f"sum({_series('tgi_queue_size', t)})",
         "running": f"sum({_series('tgi_batch_current_size', t)})",
-        # TGI counts a request when it arrives, so this is the true arrival rate.
-        "arrivalRate": _rate(_series("tgi_request_count", t), t),
+        # Finished requests per second: arrivals in steady state, the queue carries the rest.
+        "arrivalRate": _plus_optional(success, failure, t),
         "serviceTime": _mean(
             _series("tgi_request_inference_duration_sum", t),
             _series("tgi_request_inference_duration_count", t),
             t,
         ),
         "p99Latency": _p99(_series("tgi_request_duration_bucket", t), t),
-        "errorRate": _error_ratio(
-            _series("tgi_request_failure", t), _series("tgi_request_count", t), t
-        ),
+        "errorRate": f"({_rate(_series('tgi_request_failure', t, TGI_SERVER_FAILURES), t)}"
+        f" or vector(0)) / {_plus_optional(success, failure, t)}",
     }
 
 
@@ -240,7 +254,6 @@ def torchserve_queries(t: QueryTarget, o: PresetOptions) -> SignalQueries:
     # ts_inference_latency_microseconds runs from arrival to response, queueing included.
     busy_us = f"({_rate(_series('ts_inference_latency_microseconds', t), t)} - {queue_us})"
     requests = _series("ts_inference_requests_total", t)
-    classes = ("Requests2XX", "Requests4XX", "Requests5XX")
     errors = _series("Requests5XX", t)
     return {
         "queueDepth": f"{queue_us} / 1e6",
@@ -248,11 +261,10 @@ def torchserve_queries(t: QueryTarget, o: PresetOptions) -> SignalQueries:
         "arrivalRate": _rate(requests, t),
         "serviceTime": f"{busy_us} / {_rate(requests, t)} / 1e6",
         "p99Latency": None,
-        # Every response, by status class; any class may not have a series yet. With none at
-        # all the ratio is 0/0, which reads as no data.
-        "errorRate": f"({_rate(errors, t)} or vector(0)) / ("
-        + " + ".join(f"({_rate(_series(c, t), t)} or vector(0))" for c in classes)
-        + ")",
+        # Server errors over inference requests: the Requests2XX/4XX/5XX classes count every
+        # HTTP response, the kubelet's /ping probes and Prometheus' scrapes included, which
+        # would dilute the ratio.
+        "errorRate": _error_ratio(errors, requests, t),
     }
 
 
@@ -471,10 +483,10 @@ def count_queries(
     exact count: the query then finds no series and latency is not judged). Triton and
     TorchServe export no latency histogram.
 
-    >>> q = count_queries("tgi", QueryTarget("p", "c", revision="r1", window="30s"), 0.5,
-    ...                   PresetOptions())
+    >>> q = count_queries("torchserve", QueryTarget("p", "c", revision="r1", window="30s"),
+    ...                   0.5, PresetOptions())
     >>> q["requests"]
-    'sum(increase(tgi_request_count{namespace="p",trimtab_io_owner="c",trimtab_io_revision="r1"}[30s]))'
+    'sum(increase(ts_inference_requests_total{namespace="p",trimtab_io_owner="c",trimtab_io_revision="r1"}[30s]))'
     """
     t = target
     latency: CountQueries = {"latencyRequests": None, "latencyFast": None}
@@ -490,16 +502,21 @@ def count_queries(
             }
     if preset == "vllm":
         return {
-            "requests": _increase(_series("http_requests_total", t), t),
+            "requests": _increase(_series("http_requests_total", t, VLLM_INFERENCE_ROUTES), t),
             "errors": _zero_if_absent(
-                _increase(_series("http_requests_total", t, 'status="5xx"'), t)
+                _increase(
+                    _series("http_requests_total", t, f'{VLLM_INFERENCE_ROUTES},status="5xx"'), t
+                )
             ),
             **latency,
         }
     if preset == "tgi":
+        failure = _zero_if_absent(_increase(_series("tgi_request_failure", t), t))
         return {
-            "requests": _increase(_series("tgi_request_count", t), t),
-            "errors": _zero_if_absent(_increase(_series("tgi_request_failure", t), t)),
+            "requests": f"({_increase(_series('tgi_request_success', t), t)} + {failure})",
+            "errors": _zero_if_absent(
+                _increase(_series("tgi_request_failure", t, TGI_SERVER_FAILURES), t)
+            ),
             **latency,
         }
     if preset == "generic":
