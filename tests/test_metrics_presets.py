@@ -446,3 +446,30 @@ def test_generic_preset_without_gauges_marks_them_unmeasured() -> None:
     answers[str(with_gauge["queueDepth"])] = QueryResult.no_data("no series matched")
     signals = asyncio.run(read_signals(FakeProvider(answers), with_gauge, "generic"))  # type: ignore[arg-type]
     assert signals.to_decision().unmeasured == {"running"}
+
+
+@pytest.mark.parametrize(
+    ("preset", "signal", "has", "lacks"),
+    [
+        pytest.param("triton", "arrivalRate", 'nv_inference_request_success{$S,model="ens"}', "",
+                     id="triton-counters"),
+        pytest.param("triton", "queueDepth", 'nv_inference_pending_request_count{$S,model="ens"}',
+                     "", id="triton-queue"),
+        pytest.param("triton", "p99Latency", 'model="ens",quantile="0.99"', "",
+                     id="triton-summary"),
+        pytest.param("vllm", "queueDepth", '$S,model_name="ens"}', "", id="vllm-gauges"),
+        pytest.param("vllm", "errorRate", "http_requests_total{$S,handler", 'model_name="ens"',
+                     id="vllm-http-counters-have-no-model-label"),
+        pytest.param("tgi", "arrivalRate", "tgi_request_success{$S}", "ens",
+                     id="tgi-serves-one-model"),
+    ],
+)  # fmt: skip
+def test_a_model_selects_the_per_model_series(
+    preset: str, signal: SignalName, has: str, lacks: str
+) -> None:
+    """metrics.model: a server serving several models (a Triton ensemble and the models it
+    runs, each counting every request) is read at the one named."""
+    query = build_queries(preset, TARGET, options=PresetOptions(model="ens"))[signal]
+    assert query is not None and q(has) in query, query
+    if lacks:
+        assert q(lacks) not in query, query

@@ -75,6 +75,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         e.set_load(RPS, LATENCY, QUEUE_S, ERRORS)
         exporters[server] = e
         targets.append(_pod(e, f"{server}-app", "r1", f"{server}-app-r1-0"))
+    # A Triton ensemble: its entry model and the one it runs, each reporting every request.
+    for model in ("ensemble", "tensorrt_llm"):
+        e = MetricsExporter("triton", model=model).start()
+        e.set_queue(WAITING)
+        e.set_load(RPS, LATENCY, QUEUE_S, ERRORS)
+        exporters[f"triton-{model}"] = e
+        targets.append(_pod(e, "ens-app", "r1", "ens-app-r1-0"))
     stable = MetricsExporter("vllm").start()
     canary = MetricsExporter("vllm").start()
     escaped = MetricsExporter("vllm", escape_colons=True).start()
@@ -230,6 +237,36 @@ def test_revisions_are_measured_apart(fleet: Fleet) -> None:
     wait_until(lambda: queue(None) == 10.0, timeout_s=10, what="both revisions scraped")
     assert queue("stable1") == 3.0
     assert queue("canary2") == 7.0
+
+
+@pytest.mark.parametrize(
+    ("model", "share"),
+    [
+        pytest.param(None, 2.0, id="every-model-counts-each-request-twice"),
+        pytest.param("ensemble", 1.0, id="the-entry-model-counts-it-once"),
+    ],
+)
+def test_a_triton_ensemble_is_read_at_its_entry_model(
+    fleet: Fleet, model: str | None, share: float
+) -> None:
+    options = PresetOptions(model=model)
+    target = _target("ens-app", "r1")
+    signals = _read(fleet.prometheus.url, "triton", target, options=options)
+    assert near(RPS * share)(signals.arrival_rate), signals.arrival_rate
+    assert near(ERRORS)(signals.error_rate), signals.error_rate
+
+    counts = count_queries("triton", target, None, options)
+    queries = {k: q for k, q in counts.items() if q}
+    read: dict[str, QueryResult] = {}
+
+    def counted() -> bool:
+        read.update(_together(fleet.prometheus.url, queries))
+        return math.isclose(read["requests"].value or 0.0, RPS * 2 * share, rel_tol=0.2)
+
+    try:
+        wait_until(counted, timeout_s=20, interval_s=0.3, what="triton counts")
+    except AssertionError:
+        pytest.fail(f"read {read}")
 
 
 def test_vllm_names_with_underscores_are_read(fleet: Fleet) -> None:

@@ -251,6 +251,15 @@ class MetricsSpec(StrictModel):
         description="generic preset: the gauge of requests waiting. Without it the autoscaler "
         "sizes from arrival rate x mean request duration (queueing included) and p99.",
     )
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="triton and vllm presets: the one model whose series are read when the "
+        "server serves several (Triton's `model` label, vLLM's `model_name`). For a Triton "
+        "ensemble name its entry model: summed over every model, each request counts once "
+        "per model it runs.",
+    )
     running_metric: str | None = Field(
         default=None,
         pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",

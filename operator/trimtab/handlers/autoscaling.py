@@ -307,6 +307,7 @@ async def _read(
             queue_metric=metrics.queue_metric if metrics else None,
             running_metric=metrics.running_metric if metrics else None,
             latency=spec.slo.latency if spec.slo else "e2e",
+            model=metrics.model if metrics else None,
         )
         queries = build_queries(
             spec.server, target, overrides_from_spec(metrics.queries if metrics else None), options

@@ -245,7 +245,10 @@ async def analyse(
     the source failed: the caller must not move weights then."""
     elapsed = max(1, math.ceil((now - parse_time(since)).total_seconds()))
     bound = latency_bound_seconds(rollout, spec.slo)
-    options = PresetOptions(latency=spec.slo.latency if spec.slo else "e2e")
+    options = PresetOptions(
+        latency=spec.slo.latency if spec.slo else "e2e",
+        model=spec.metrics.model if spec.metrics else None,
+    )
     metrics = spec.metrics
     provider = pool.get(metrics.prometheus_url if metrics else None)
     # The latency histogram's bucket nearest the bound: exporters with fixed bounds that are no

@@ -99,6 +99,16 @@ class PresetOptions:
     status_label: str = "status"
     # vllm: which latency the p99 is of: end-to-end ("e2e") or time to first token ("ttft").
     latency: str = "e2e"
+    # triton, vllm: the one model whose series count, for a server that serves several (a
+    # Triton ensemble's entry model: its composing models would count each request again).
+    model: str | None = None
+
+    def model_matcher(self, preset: str) -> str:
+        """The matcher on the model label of the preset's per-model series ("" for all)."""
+        label = {"triton": "model", "vllm": "model_name"}.get(preset)
+        if self.model is None or label is None:
+            return ""
+        return f'{label}="{_quote(self.model)}"'
 
     def __post_init__(self) -> None:
         for metric in (self.queue_metric, self.running_metric):
@@ -127,13 +137,17 @@ def _series_matching(name_regex: str, t: QueryTarget, extra: str = "") -> str:
     return f"{{{matchers}}}"
 
 
-def _vllm_series(name: str, t: QueryTarget) -> str:
+def _vllm_series(name: str, t: QueryTarget, extra: str = "") -> str:
     """vLLM's metric `vllm:<name>`, also matched as `vllm_<name>`.
 
     prometheus_client (which vLLM uses) rewrites the colon to an underscore when Prometheus
     negotiates OpenMetrics (client_python issue #1177), so which spelling is stored depends
     on both versions. Only one spelling exists per pod, so summing both never double counts."""
-    return _series_matching(f"vllm[:_]{name}", t)
+    return _series_matching(f"vllm[:_]{name}", t, extra)
+
+
+def _join(*matchers: str) -> str:
+    return ",".join(m for m in matchers if m)
 
 
 def _rate(selector: str, t: QueryTarget) -> str:
@@ -173,20 +187,21 @@ TGI_SERVER_FAILURES = 'err!~"validation|dropped"'
 def vllm_queries(t: QueryTarget, o: PresetOptions) -> SignalQueries:
     """vLLM's OpenAI server: scheduler gauges, request histograms, HTTP status counters."""
     latency = "e2e_request_latency_seconds" if o.latency == "e2e" else "time_to_first_token_seconds"
-    e2e_sum = _vllm_series("e2e_request_latency_seconds_sum", t)
-    e2e_count = _vllm_series("e2e_request_latency_seconds_count", t)
-    run_sum = _vllm_series("request_inference_time_seconds_sum", t)
-    run_count = _vllm_series("request_inference_time_seconds_count", t)
+    m = o.model_matcher("vllm")
+    e2e_sum = _vllm_series("e2e_request_latency_seconds_sum", t, m)
+    e2e_count = _vllm_series("e2e_request_latency_seconds_count", t, m)
+    run_sum = _vllm_series("request_inference_time_seconds_sum", t, m)
+    run_count = _vllm_series("request_inference_time_seconds_count", t, m)
     return {
-        "queueDepth": f"sum({_vllm_series('num_requests_waiting', t)})",
-        "running": f"sum({_vllm_series('num_requests_running', t)})",
+        "queueDepth": f"sum({_vllm_series('num_requests_waiting', t, m)})",
+        "running": f"sum({_vllm_series('num_requests_running', t, m)})",
         # Finished requests per second: equal to arrivals in steady state; under overload the
         # queue depth, read alongside, carries the rest.
         "arrivalRate": _rate(e2e_count, t),
         # Time in the RUNNING phase (prefill + decode), without queueing; older vLLMs without
         # that histogram fall back to the end-to-end mean.
         "serviceTime": f"({_mean(run_sum, run_count, t)}) or ({_mean(e2e_sum, e2e_count, t)})",
-        "p99Latency": _p99(_vllm_series(f"{latency}_bucket", t), t),
+        "p99Latency": _p99(_vllm_series(f"{latency}_bucket", t, m), t),
         # vLLM's API server counts responses by status class (prometheus-fastapi-instrumentator),
         # on every route: only the inference routes count, not probes, scrapes or /v1/models.
         "errorRate": _error_ratio(
@@ -199,15 +214,16 @@ def vllm_queries(t: QueryTarget, o: PresetOptions) -> SignalQueries:
 
 def triton_queries(t: QueryTarget, o: PresetOptions) -> SignalQueries:
     """NVIDIA Triton: the pending-request gauge and cumulative microsecond counters."""
-    success = _series("nv_inference_request_success", t)
-    failure = _series("nv_inference_request_failure", t)
+    m = o.model_matcher("triton")
+    success = _series("nv_inference_request_success", t, m)
+    failure = _series("nv_inference_request_failure", t, m)
     busy_us = (
-        f"({_rate(_series('nv_inference_request_duration_us', t), t)}"
-        f" - {_rate(_series('nv_inference_queue_duration_us', t), t)})"
+        f"({_rate(_series('nv_inference_request_duration_us', t, m), t)}"
+        f" - {_rate(_series('nv_inference_queue_duration_us', t, m), t)})"
     )
-    p99 = _series("nv_inference_request_summary_us", t, 'quantile="0.99"')
+    p99 = _series("nv_inference_request_summary_us", t, _join(m, 'quantile="0.99"'))
     return {
-        "queueDepth": f"sum({_series('nv_inference_pending_request_count', t)})",
+        "queueDepth": f"sum({_series('nv_inference_pending_request_count', t, m)})",
         # Little's law on the counters: microseconds of compute per second / 1e6 = requests
         # in service on average over the window.
         "running": f"{busy_us} / 1e6",
@@ -405,7 +421,11 @@ def _latency_selectors(
             if options.latency == "e2e"
             else "time_to_first_token_seconds"
         )
-        return _vllm_series(f"{vllm}_count", t), _series_matching(f"vllm[:_]{vllm}_bucket", t, le)
+        m = options.model_matcher("vllm")
+        return (
+            _vllm_series(f"{vllm}_count", t, m),
+            _series_matching(f"vllm[:_]{vllm}_bucket", t, _join(m, le)),
+        )
     hist = {"tgi": "tgi_request_duration", "generic": "http_request_duration_seconds"}.get(preset)
     if hist is None:
         return None
@@ -528,9 +548,11 @@ def count_queries(
             **latency,
         }
     if preset == "triton":
-        failure = _zero_if_absent(_increase(_series("nv_inference_request_failure", t), t))
+        m = options.model_matcher("triton")
+        failure = _zero_if_absent(_increase(_series("nv_inference_request_failure", t, m), t))
         return {
-            "requests": f"({_increase(_series('nv_inference_request_success', t), t)} + {failure})",
+            "requests": f"({_increase(_series('nv_inference_request_success', t, m), t)}"
+            f" + {failure})",
             "errors": failure,
             "latencyRequests": None,
             "latencyFast": None,
