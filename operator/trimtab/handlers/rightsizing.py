@@ -35,7 +35,7 @@ from trimtab.api.trainingjob import (
     TrainingJobStatus,
     WorkerFailure,
 )
-from trimtab.builders.common import child_name
+from trimtab.builders.common import child_name, merge_patch
 from trimtab.builders.serving import CONTAINER_NAME
 from trimtab.builders.training import CONTAINER_NAME as TRAINER_CONTAINER
 from trimtab.builders.training import worker_pod_regex
@@ -318,7 +318,7 @@ async def _rightsize(
             stamp,
         )
         out = out.model_copy(update={"conditions": conditions})
-        patch.status["recommendations"] = out.to_wire()
+        patch.status["recommendations"] = recommendations_patch(body, out)
         logger.warning("right-sizing: %s", answer.unavailable)
         return
 
@@ -397,9 +397,7 @@ async def _rightsize(
     out = out.model_copy(
         update={"containers": [*others, container], "applied": applied, "conditions": conditions}
     )
-    wire = out.to_wire()
-    if applied is None and previous.applied is not None:
-        wire["applied"] = None  # merge patch: null removes it
+    wire = recommendations_patch(body, out)
     if write_status_first:
         await memo.kube.patch_status(
             sizing.resource, meta["namespace"], meta["name"], {"recommendations": wire}
@@ -411,6 +409,14 @@ async def _rightsize(
         # that did not happen.
         kopf.event(body, type="Normal", reason=EVENT_APPLIED, message=applied_message)
         logger.info("right-sizing applied: %s", applied_message)
+
+
+def recommendations_patch(body: Any, out: RecommendationsStatus) -> dict[str, Any]:
+    """The merge patch that makes status.recommendations exactly `out`: a key it no longer has
+    is removed (null), at every depth. A plain merge patch of `out` left such keys behind: an
+    applied cpuLimit the user had since removed came back with the next apply."""
+    stored = ((body.get("status") or {}).get("recommendations")) or {}
+    return merge_patch(dict(stored), out.to_wire(), remove_missing=True)
 
 
 def _summary(c: ContainerRecommendation) -> str:
