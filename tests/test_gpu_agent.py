@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from trimtab.gpu import agent as agent_mod
-from trimtab.gpu.agent import GpuUsageCollector, NvmlReader, serve
+from trimtab.gpu.agent import GpuUsageCollector, NvmlReader, process_utilization, serve
 from trimtab.gpu.cgroup import parse_cgroup
 from trimtab.gpu.pods import PodDirectory
 
@@ -333,8 +333,10 @@ def test_metrics_per_container_over_http(served: tuple[FakeNvml, int, GpuUsageCo
     assert len(memory) == 2
 
     util = {s.labels["gpu"]: s.value for s in families["trimtab_gpu_utilization_ratio"]}
-    # Mean of 101's samples (50%) plus 102's 10%; none for MIG (NVML has no samples there).
-    assert util == {"0": pytest.approx(0.6)}
+    # Sample times 10, 15, 20: three periods of 5. 101 ran in two (40%, 60%) and 102 in one
+    # (10%); a period without a sample is an idle one, so (100 + 10) / 3 periods. None for MIG
+    # (NVML has no samples there).
+    assert util == {"0": pytest.approx(1.1 / 3, abs=1e-5)}
     assert families["trimtab_gpu_agent_nvml_up"][0].value == 1.0
 
     # The next scrape asks only for samples newer than the last one seen.
@@ -438,7 +440,9 @@ def test_memory_nvml_cannot_report_is_left_out_not_zero(
     fake.processes[("mig", 1, 0)] = [(201, not_available)]
     families = _scrape(port)
     assert families["trimtab_gpu_memory_used_bytes"] == []
-    assert _by_gpu(families["trimtab_gpu_utilization_ratio"]) == {"0": pytest.approx(0.6)}
+    assert _by_gpu(families["trimtab_gpu_utilization_ratio"]) == {
+        "0": pytest.approx(1.1 / 3, abs=1e-5)
+    }
     # 999 is no pod's process but counts: NVML cannot report memory on that GPU at all.
     assert _by_gpu(families["trimtab_gpu_agent_memory_unavailable_processes"]) == {
         "0": 2,
@@ -451,6 +455,27 @@ def test_memory_nvml_cannot_report_is_left_out_not_zero(
     families = _scrape(port)
     assert _by_gpu(families["trimtab_gpu_memory_used_bytes"]) == {"0": 4 * 2**30}
     assert _by_gpu(families["trimtab_gpu_agent_memory_unavailable_processes"])["0"] == 0
+
+
+@pytest.mark.parametrize(
+    ("samples", "expected"),
+    [
+        # A server busy one period in ten, at 80%, beside a process sampled every period.
+        pytest.param([(1, t, 80.0) for t in (0, 90)] + [(2, t, 5.0) for t in range(0, 100, 10)],
+                     {1: 0.16, 2: 0.05}, id="bursty-process-counts-its-idle-periods"),
+        pytest.param([(1, t, 50.0) for t in range(0, 100, 10)], {1: 0.5},
+                     id="busy-every-period-is-its-mean"),
+        pytest.param([(1, 7, 60.0)], {1: 0.6}, id="one-sample-time-is-its-mean"),
+        pytest.param([], {}, id="no-samples"),
+    ],
+)  # fmt: skip
+def test_process_utilization_counts_idle_periods(
+    samples: list[tuple[int, int, float]], expected: dict[int, float]
+) -> None:
+    """NVML returns a sample only for a process that ran in that period; averaging only those
+    read a server busy one period in ten at 80% as 0.8, which kept MIG and time-slicing
+    suggestions from the very workloads they are for."""
+    assert process_utilization(samples) == pytest.approx(expected)
 
 
 def test_a_driver_before_r510_is_read_through_the_v2_calls(

@@ -366,8 +366,14 @@ GPU_POLICY = GpuPolicy()
                      id="two-gpus-by-memory"),
         pytest.param(30, 0.9, 28, "H100-80GB", GPU_POLICY, "Whole", "nvidia.com/gpu", 4,
                      id="four-gpus-by-compute"),
-        pytest.param(6, 0.1, 7, None, GPU_POLICY, "TimeSliced", "nvidia.com/gpu.shared", 1,
-                     id="unknown-model-low-use-shares"),
+        pytest.param(6, 0.1, 7, None, GPU_POLICY, "Whole", "nvidia.com/gpu", 1,
+                     id="unknown-model-low-use-does-not-share-blind"),
+        pytest.param(85, 0.05, 7, None, GPU_POLICY, "Whole", "nvidia.com/gpu", 1,
+                     id="unknown-model-85gb-never-shared"),
+        pytest.param(16, 0.05, 28, "A100-80GB", GPU_POLICY, "Whole", "nvidia.com/gpu", 1,
+                     id="four-ranks-idle-whole-gpus-not-a-mig-slice"),
+        pytest.param(16, 0.05, 28, "A100-80GB", GpuPolicy(allow_mig=False), "Whole",
+                     "nvidia.com/gpu", 1, id="four-ranks-idle-not-time-sliced"),
         pytest.param(6, 0.1, 7, "H100-80GB", GpuPolicy(allow_mig=False), "TimeSliced",
                      "nvidia.com/gpu.shared", 1, id="mig-disallowed-shares"),
         pytest.param(6, 0.1, 7, "H100-80GB", GpuPolicy(allow_mig=False, allow_sharing=False),
@@ -448,7 +454,10 @@ def test_mig_shape_says_how_many_fit_per_gpu_and_unknown_model_says_no_table() -
     mig = suggest_gpu_shape(7 * GB, 0.12, 7, GPU_POLICY, "H100-80GB")
     assert "1g.10gb on H100-80GB (7 per GPU)" in mig.reason
     unknown = suggest_gpu_shape(6 * GB, 0.1, 7, GPU_POLICY, None)
-    assert unknown.kind == "TimeSliced" and "no MIG table for this GPU model" in unknown.reason
+    assert unknown.kind == "Whole" and "no MIG table for this GPU model" in unknown.reason
+    assert "no known capacity to share it safely" in unknown.reason
+    ranks = suggest_gpu_shape(16 * GB, 0.05, 28, GPU_POLICY, "A100-80GB")
+    assert "parallelism (ranks, tensor-parallel size) must change too" in ranks.reason
     busy_unknown = suggest_gpu_shape(30 * GB, 0.9, 7, GPU_POLICY, None)
     assert busy_unknown.kind == "Whole" and "no MIG table" in busy_unknown.reason
 

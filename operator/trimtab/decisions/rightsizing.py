@@ -263,7 +263,10 @@ def suggest_gpu_shape(
       - 30 GB peak, 60% busy on an A100-80GB -> 33 GB and 4.6 slices: mig-7g.80gb is a whole GPU,
         so "1 x nvidia.com/gpu"
       - 120 GB peak on H100s -> 132 GB: 2 whole GPUs
-      - 6 GB peak, 10% busy, GPU model unknown -> no MIG table: a time-sliced GPU would do
+      - 6 GB peak, 10% busy, GPU model unknown -> no MIG table, and no known capacity to share
+        safely (time-slicing isolates no memory): 1 whole GPU, saying so
+      - 4 GPUs (data or tensor parallel), 16 GB and 5% busy in all -> whole GPUs only: one
+        process per GPU is the program's shape, not a slice of one
     """
     needed_memory = peak_memory * (1 + policy.headroom)
     # Without utilization samples (MIG devices have none) keep the compute it has now.
@@ -279,6 +282,9 @@ def suggest_gpu_shape(
     )
     memory_text = format_bytes(needed_memory)
     gpu_memory = GPU_MEMORY[model] if model else None
+    # A container on several GPUs runs one process (rank, shard) per GPU: NCCL refuses two
+    # ranks on one device, and tensor parallelism is set in its arguments. Whole GPUs only.
+    multi_gpu = current_slices > 7
 
     if gpu_memory is not None and needed_memory > gpu_memory:
         count = max(math.ceil(needed_memory / gpu_memory), math.ceil(needed_slices / 7))
@@ -289,7 +295,7 @@ def suggest_gpu_shape(
             memory=format_bytes(gpu_memory),
             reason=f"peak GPU memory {memory_text} with headroom needs {count} x {model}",
         )
-    if model is not None and policy.allow_mig:
+    if model is not None and policy.allow_mig and not multi_gpu:
         fits = [
             p
             for p in MIG_PROFILES[model]
@@ -313,7 +319,11 @@ def suggest_gpu_shape(
     # Say why MIG was not considered when it was allowed: the card is not one trimtab has a
     # profile table for (spec.rightsizing.gpu.gpuModel names it when the metrics do not).
     no_table = "; no MIG table for this GPU model" if model is None and policy.allow_mig else ""
-    if low_use and (gpu_memory is None or needed_memory <= gpu_memory / 2):
+    if low_use and gpu_memory is None and not multi_gpu:
+        # Time-slicing isolates no memory: without the card's capacity a co-tenant could run it
+        # out of memory, so sharing is suggested only on a card trimtab knows.
+        no_table += " and no known capacity to share it safely (set rightsizing.gpu.gpuModel)"
+    if low_use and not multi_gpu and gpu_memory is not None and needed_memory <= gpu_memory / 2:
         busy = f"{utilization_p95:.0%}" if utilization_p95 is not None else "unknown"
         return GpuShape(
             kind="TimeSliced",
@@ -324,13 +334,19 @@ def suggest_gpu_shape(
             f"{memory_text}: sharing a GPU would do{no_table}",
         )
     count = max(1, math.ceil(needed_slices / 7))
+    fewer = (
+        f"; on fewer GPUs than its {current_slices // 7} the program's parallelism (ranks, "
+        "tensor-parallel size) must change too"
+        if multi_gpu and count < current_slices // 7
+        else ""
+    )
     return GpuShape(
         kind="Whole",
         resource_name=WHOLE_GPU,
         count=count,
         memory=format_bytes(gpu_memory) if gpu_memory else memory_text,
         reason=f"peak GPU memory {memory_text} and {needed_slices:.1f} of 7 compute slices "
-        f"need {count} whole GPU(s){no_table}",
+        f"need {count} whole GPU(s){no_table}{fewer}",
     )
 
 

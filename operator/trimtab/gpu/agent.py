@@ -215,8 +215,12 @@ class NvmlReader:
                 out.append((f"{i}/mig{m}", mig, model, profile))
         return out
 
-    def _utilization(self, label: str, handle: Any) -> dict[int, float] | None:
+    def _utilization(self, label: str, handle: Any, mig: bool = False) -> dict[int, float] | None:
         """Mean SM utilization per PID since the last read; None where NVML has none (MIG)."""
+        if mig:
+            # NVML does not sample processes on MIG devices; which error it answers is not
+            # documented, and a NOT_FOUND read as "idle" would suggest the smallest slice.
+            return None
         since = self._last_seen.get(label, 0)
         try:
             samples = pynvml.nvmlDeviceGetProcessUtilization(handle, since)
@@ -224,11 +228,11 @@ class NvmlReader:
             if getattr(err, "value", None) == pynvml.NVML_ERROR_NOT_FOUND:
                 return {}  # no process ran a kernel since `since`
             return None
-        sums: dict[int, list[float]] = {}
         for s in samples:
-            sums.setdefault(int(s.pid), []).append(float(s.smUtil))
             self._last_seen[label] = max(self._last_seen.get(label, 0), int(s.timeStamp))
-        return {pid: min(1.0, sum(v) / len(v) / 100.0) for pid, v in sums.items()}
+        return process_utilization(
+            [(int(s.pid), int(s.timeStamp), float(s.smUtil)) for s in samples]
+        )
 
     def read(self) -> list[GpuProcess]:
         if not self.ensure_init():
@@ -242,7 +246,7 @@ class NvmlReader:
                 self._device_failed(label, "cannot list its processes", err)
                 continue
             self._device_read(label)
-            util = self._utilization(label, handle)
+            util = self._utilization(label, handle, mig=bool(profile))
             for p in procs:
                 if _memory(p.usedGpuMemory) is None and label not in self._no_memory_logged:
                     self._no_memory_logged.add(label)
@@ -263,6 +267,36 @@ class NvmlReader:
                     )
                 )
         return out
+
+
+def process_utilization(samples: Sequence[tuple[int, int, float]]) -> dict[int, float]:
+    """Mean SM utilization (0..1) per PID over the span the samples cover, from NVML's
+    process samples (pid, timestamp in microseconds, smUtil in percent).
+
+    NVML returns a sample only for a process that ran a kernel in that sample period, so a
+    mean over a process's own samples leaves its idle periods out: a server busy one period in
+    twenty at 80% read 0.8. Its idle periods are counted instead, as periods of the device's
+    sampling (the median gap between sample times) within the span of all its samples, without
+    one of the process's. With one sample time there is no period to count, and the mean of the
+    samples is all there is.
+
+    >>> process_utilization([(1, 0, 80.0), (2, 10, 50.0), (2, 20, 50.0), (1, 30, 80.0)])
+    {1: 0.4, 2: 0.25}
+    >>> process_utilization([(1, 5, 30.0), (1, 5, 50.0)])
+    {1: 0.4}
+    """
+    stamps = sorted({t for _, t, _ in samples})
+    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    periods = 0.0
+    if gaps:
+        period = gaps[len(gaps) // 2]
+        periods = (stamps[-1] - stamps[0]) / period + 1
+    sums: dict[int, list[float]] = {}
+    for pid, _, value in samples:
+        sums.setdefault(pid, []).append(value)
+    return {
+        pid: round(min(1.0, sum(v) / max(len(v), periods) / 100.0), 6) for pid, v in sums.items()
+    }
 
 
 class GpuUsageCollector(Collector):
