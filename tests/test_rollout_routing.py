@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jsonschema
 import pydantic
 import pytest
 
@@ -19,6 +20,7 @@ from tests.validation import (
 )
 from trimtab.api.rollout import (
     GatewayApiRouterSpec,
+    HttpRouteTimeouts,
     IstioRouterSpec,
     ReplicasRouterSpec,
     RolloutSpec,
@@ -48,6 +50,9 @@ GW_OWNED = GatewayApiRouterSpec(
     hostnames=["chat.example.com"],
 )
 GW_EXISTING = GatewayApiRouterSpec(type="gatewayApi", http_route="chat-route")
+GW_TIMEOUTS = GW_OWNED.model_copy(
+    update={"timeouts": HttpRouteTimeouts(request="10m", backend_request="5m")}
+)
 ISTIO = IstioRouterSpec(type="istio", host="chat.example.com", gateways=["istio-system/public"])
 
 SPLITS = [
@@ -60,11 +65,20 @@ SPLITS = [
 
 @pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize(
-    "router", [pytest.param(GW_OWNED, id="owned"), pytest.param(GW_EXISTING, id="existing")]
+    "router",
+    [
+        pytest.param(GW_OWNED, id="owned"),
+        pytest.param(GW_EXISTING, id="existing"),
+        pytest.param(GW_TIMEOUTS, id="owned-with-timeouts"),
+    ],
 )
 def test_http_route_fits_the_published_schema(split: Split, router: GatewayApiRouterSpec) -> None:
     route = build_http_route(OWNER, router, split)
     validate_custom(route, HTTPROUTE_CRD)
+    timeouts = route["spec"]["rules"][0].get("timeouts")
+    assert timeouts == (
+        {"request": "10m", "backendRequest": "5m"} if router.timeouts is not None else None
+    )
     refs = route["spec"]["rules"][0]["backendRefs"]
     assert sum(r["weight"] for r in refs) == 100
     filters = route["spec"]["rules"][0].get("filters", [])
@@ -354,3 +368,36 @@ def test_weights_outside_0_100_rejected_by_schema() -> None:
         validate_custom(doc, MDEP_CRD)
     doc["spec"]["rollout"] = {"steps": [{"weight": 10}, {"weight": 100}]}
     validate_custom(doc, MDEP_CRD)
+
+
+@pytest.mark.parametrize(
+    ("timeouts", "error"),
+    [
+        pytest.param({"request": "10m", "backendRequest": "5m"}, None, id="backend-within-request"),
+        pytest.param({"request": "0s", "backendRequest": "5m"}, None, id="request-disabled"),
+        pytest.param({"request": "30s", "backendRequest": "5m"}, "at most timeouts.request",
+                     id="backend-longer-than-request"),
+        pytest.param({"request": "soon"}, "does not match", id="not-a-duration"),
+    ],
+)  # fmt: skip
+def test_route_timeouts_are_checked_as_the_httproute_crd_does(
+    timeouts: dict[str, str], error: str | None
+) -> None:
+    """A pair the published HTTPRoute CRD would refuse fails at the ModelDeployment, not at every
+    rollout loop's apply of the route."""
+    body = {
+        "apiVersion": "trimtab.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "chat", "namespace": "prod"},
+        "spec": {
+            "image": "srv:1",
+            "slo": {"p99LatencyMs": 500},
+            "rollout": {"router": {"type": "gatewayApi", "httpRoute": "chat-route",
+                                   "timeouts": timeouts}},
+        },
+    }  # fmt: skip
+    if error is None:
+        validate_custom(body, MDEP_CRD)
+    else:
+        with pytest.raises((AssertionError, jsonschema.ValidationError), match=error):
+            validate_custom(body, MDEP_CRD)

@@ -156,6 +156,33 @@ class ParentRef(StrictModel):
     kind: str | None = Field(default=None, max_length=63)
 
 
+class HttpRouteTimeouts(StrictModel):
+    """The route rule's timeouts, as Gateway API writes them (GEP-1742). Implementations set
+    their own default when none is given, Envoy Gateway 15 s, which cuts off long generations:
+    set `request` above the longest one. "0s" disables a timeout."""
+
+    request: Duration | None = Field(
+        default=None, description="From the request's arrival to the whole response."
+    )
+    backend_request: Duration | None = Field(
+        default=None, description="One try at a backend (at most `request`)."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    # The published HTTPRoute CRD's own rule, so a bad pair fails here.
+                    "rule": "!(has(self.request) && has(self.backendRequest) && "
+                    "duration(self.request) != duration('0s') && "
+                    "duration(self.backendRequest) > duration(self.request))",
+                    "message": "timeouts.backendRequest must be at most timeouts.request",
+                }
+            ]
+        }
+    )
+
+
 class GatewayApiRouterSpec(StrictModel):
     """Gateway API: trimtab writes the rules (weighted backendRefs, a RequestMirror filter) of
     an HTTPRoute. With parentRefs it creates the route; with only httpRoute it takes over the
@@ -167,6 +194,9 @@ class GatewayApiRouterSpec(StrictModel):
     )
     parent_refs: list[ParentRef] | None = Field(default=None, max_length=32)
     hostnames: list[str] | None = Field(default=None, max_length=16)
+    timeouts: HttpRouteTimeouts | None = Field(
+        default=None, description="Timeouts of the rule trimtab writes."
+    )
 
 
 class IstioRouterSpec(StrictModel):

@@ -79,6 +79,8 @@ def build_http_route(owner: Owner, router: GatewayApiRouterSpec, split: Split) -
         {"name": stable_svc, "port": split.port, "weight": split.stable_weight}
     ]
     rule: Manifest = {"backendRefs": backends}
+    if router.timeouts is not None and (timeouts := router.timeouts.to_wire()):
+        rule["timeouts"] = timeouts
     if split.candidate_revision is not None:
         cand_svc = revision_service_name(owner.name, split.candidate_revision)
         backends.append({"name": cand_svc, "port": split.port, "weight": split.candidate_weight})
