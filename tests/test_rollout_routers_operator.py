@@ -330,8 +330,14 @@ async def gateway_api_shadow_then_canary(cluster: Cluster, url: str) -> None:
         cluster, GW, lambda ro: ro.get("stableRevision") == b and not ro.get("candidateRevision")
     )
     assert promoted["weights"] == {"stable": 100, "candidate": 0, "mirrorPercent": 0}
+
+    # The previous stable keeps the share of its ready replicas until b's are all ready (the
+    # Deployment controller here makes them so within moments): then all of it is b's.
+    async def handed_over() -> bool:
+        return backends(await http_route(cluster, GW)) == {sb: 100}
+
+    await eventually(handed_over)
     route = await http_route(cluster, GW)
-    assert backends(route) == {sb: 100}
     assert mirrors(route) == []
     assert route["spec"]["parentRefs"] == PARENTS
 
@@ -441,8 +447,11 @@ async def istio_shadow_then_canary(cluster: Cluster, url: str, held: set[tuple[s
     await wait_rollout(
         cluster, MESH, lambda ro: ro.get("stableRevision") == b and not ro.get("candidateRevision")
     )
-    vs = await virtual_service(cluster, MESH)
-    assert destinations(vs) == {hb: 100}
+
+    async def mesh_handed_over() -> bool:  # once b's replicas are all ready
+        return destinations(await virtual_service(cluster, MESH)) == {hb: 100}
+
+    await eventually(mesh_handed_over)
 
     # A VirtualService deleted by hand comes back at the weights status holds.
     await cluster.kube.request("DELETE", f"{VS_PATH}/{MESH}")

@@ -569,6 +569,43 @@ def routed_revisions(
     return stable, candidate, weights
 
 
+def handover_share(
+    status: RolloutStatus,
+    stable_ready: int,
+    stable_target: int,
+    outgoing_ready: int,
+    now: datetime,
+    limit_s: float,
+) -> int | None:
+    """Percent of traffic the previous stable revision keeps while the promoted one's replicas
+    start; None when there is no handover (or it is over).
+
+    A promotion moves all traffic at once to a revision that may have only the replicas of its
+    last step; its others start then. Until they are ready the previous stable revision keeps
+    the share its ready replicas carry, and it is removed only after: once the promoted one
+    has its replicas ready, or `limit_s` after the promotion (a GPU pool too full for both
+    revisions at once must not wait forever).
+
+    >>> from datetime import timedelta
+    >>> t0 = parse_time("2025-01-01T00:00:00Z")
+    >>> st = RolloutStatus(stable_revision="b", promoted_at="2025-01-01T00:00:00Z",
+    ...                    phase="Watching")
+    >>> handover_share(st, 1, 5, 4, t0 + timedelta(seconds=30), 120)
+    80
+    >>> handover_share(st, 5, 5, 4, t0 + timedelta(seconds=30), 120) is None  # full
+    True
+    >>> handover_share(st, 1, 5, 4, t0 + timedelta(seconds=130), 120) is None  # time is up
+    True
+    """
+    if status.candidate_revision is not None or status.phase != "Watching":
+        return None
+    if status.promoted_at is None or outgoing_ready <= 0 or stable_ready >= stable_target:
+        return None
+    if _elapsed(status.promoted_at, now) >= limit_s:
+        return None
+    return round(100 * outgoing_ready / (outgoing_ready + max(0, stable_ready)))
+
+
 # --- status after an action -----------------------------------------------------------------
 
 
@@ -880,13 +917,15 @@ class RevisionPlan:
         """The revision whose signals measure user demand for the autoscaler; None: all of
         them. During a canary, user requests are split over both revisions, so both count;
         while mirroring, the candidate's requests are copies of the stable's (counting them
-        would double the demand), so only the stable's do. Without spec.rollout, the old
+        would double the demand), so only the stable's do. Without a candidate every revision
+        that still runs serves users: the previous stable during a handover, the revision fallen
+        back from until the known-good one serves. Without spec.rollout, the old
         revision serves through the shared Service until the new one is ready (then it is
         retired): all revisions count, or the new one, cold-starting, would be sized blind
         and then for the share of traffic its first ready pods get.
 
-        >>> plan_revisions("a", True, RolloutStatus(stable_revision="a")).signal_revision
-        'a'
+        >>> plan_revisions("a", True, RolloutStatus(stable_revision="a")).signal_revision is None
+        True
         >>> plan_revisions("b", False, RolloutStatus()).signal_revision is None
         True
         >>> shadow = RolloutStatus(stable_revision="a", candidate_revision="b",
@@ -897,9 +936,7 @@ class RevisionPlan:
         >>> plan_revisions("b", True, canary, exact_weights=True).signal_revision is None
         True
         """
-        if not self.rollout:
-            return None
-        if self.candidate is None or self.mirroring:
+        if self.rollout and self.mirroring:
             return self.stable
         return None
 

@@ -18,7 +18,7 @@ import kopf
 from pydantic import TypeAdapter, ValidationError
 
 from trimtab import constants as C
-from trimtab.api.autoscaling import MetricsSpec, duration_seconds
+from trimtab.api.autoscaling import AutoscalingSpec, MetricsSpec, duration_seconds
 from trimtab.api.common import Condition
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.rollout import (
@@ -47,6 +47,7 @@ from trimtab.decisions.rollout import (
     Mirror,
     Pause,
     Promote,
+    RevisionPlan,
     Rollback,
     RolloutAction,
     RolloutInputs,
@@ -54,6 +55,7 @@ from trimtab.decisions.rollout import (
     apply_action,
     carried_evidence,
     checks_for,
+    handover_share,
     latency_bound_seconds,
     manual_action_done,
     next_rollout_step,
@@ -443,18 +445,19 @@ async def rollout_once(
     status_after = {**status, "rollout": after.to_wire()}
     plan_after = plan_for(parsed, status_after)
     total = replicas_for_revision(parsed, status)
+    handover = _handover(parsed, rollout, after, plan_after, observed, total, now)
 
     moved = not isinstance(action, Hold | Pause)
     if moved:
         await apply_revisions(kube, owner, parsed, status_after)
-        await _route(kube, parsed, rollout, owner, before, after, action, total, ready)
+        await _route(kube, parsed, rollout, owner, before, after, action, total, ready, handover)
     elif rollout.router.type != "replicas":
         # Nothing moved, but the route is re-asserted at the weights status holds, so a router
         # added to or edited in spec.rollout (hostnames, gateways), a route deleted or edited
         # by hand, or one a restarted operator never wrote converges within one loop; and after
         # a fallback, traffic moves to the rebuilt revision once it serves. The applies are
         # reads when nothing differs.
-        await _route_as_status_says(kube, parsed, rollout, owner, after, total, ready)
+        await _route_as_status_says(kube, parsed, rollout, owner, after, total, ready, handover)
 
     def status_patch(current: dict[str, Any]) -> dict[str, Any]:
         """What to write over `current` status: the rollout part, and the conditions list
@@ -481,8 +484,9 @@ async def rollout_once(
 
     stale = set(observed) - plan_after.keep
     if stale or moved:
+        # Not while the promoted revision's replicas start: the previous one still serves.
         await retire(
-            kube, owner, plan_after.keep, observed, plan_after.stable in ready,
+            kube, owner, plan_after.keep, observed, plan_after.stable in ready and not handover,
             mesh=rollout.router.type != "replicas", logger=logger,
         )  # fmt: skip
     _record(body, namespace, name, before, after, action, metrics_error, logger)
@@ -550,6 +554,7 @@ async def _route(
     action: RolloutAction,
     total: int,
     ready: frozenset[str],
+    handover: tuple[str, int] | None = None,
 ) -> None:
     """Carry out `action` on the traffic router (the Deployments are applied already);
     `ready` holds the revisions with a ready replica."""
@@ -581,7 +586,7 @@ async def _route(
         assert after.stable_revision is not None
         first = before.stable_revision is None
         if mesh:
-            await _route_as_status_says(kube, spec, rollout, owner, after, total, ready)
+            await _route_as_status_says(kube, spec, rollout, owner, after, total, ready, handover)
         elif not first:
             # The replica router only scales, which apply_revisions has done for a first one.
             await router(after.stable_revision, None, Weights()).reconcile()
@@ -595,20 +600,48 @@ async def _route_as_status_says(
     status: RolloutStatus,
     total: int,
     ready: frozenset[str],
+    handover: tuple[str, int] | None = None,
 ) -> None:
     """Write a mesh route at the weights `status` holds, except that after a fallback the
     rebuilt known-good revision gets traffic only once it serves (routed_revisions): until
     then the route stays on the revision fallen back from, and the rebuilt one's Service is
-    created ahead so that it has endpoints by the time the route moves."""
+    created ahead so that it has endpoints by the time the route moves. During a handover
+    (`handover_share`) the previous stable revision keeps the share its ready replicas carry."""
     routed = routed_revisions(status, ready)
     if routed is None:
         return
     stable, candidate, weights = routed
+    if handover is not None and candidate is None and stable == status.stable_revision:
+        candidate, weights = handover[0], Weights(stable=100 - handover[1], candidate=handover[1])
     port = serving_ports(spec)[0]
     if status.stable_revision is not None and stable != status.stable_revision:
         await kube.apply(build_revision_service(owner, status.stable_revision, port))
     target = RouteTarget(owner, port, stable, candidate, weights, total_replicas=total)
     await build_router(rollout.router, target, KubeRouterClient(kube)).reconcile()
+
+
+def _handover(
+    spec: ModelDeploymentSpec,
+    rollout: RolloutSpec,
+    after: RolloutStatus,
+    plan: RevisionPlan,
+    observed: dict[str, DeploymentObservation],
+    total: int,
+    now: datetime.datetime,
+) -> tuple[str, int] | None:
+    """(previous stable revision, percent it keeps) while a promoted revision's replicas start;
+    None otherwise. The wait is bounded by twice the cold start (at most progressDeadline)."""
+    outgoing = [o for r, o in observed.items() if r not in plan.keep and o.ready_replicas > 0]
+    stable = observed.get(plan.stable)
+    if not outgoing or stable is None:
+        return None
+    previous = max(outgoing, key=lambda o: o.ready_replicas)
+    cold_start = (spec.autoscaling or AutoscalingSpec()).seconds().cold_start
+    limit = min(2 * cold_start, duration_seconds(rollout.progress_deadline))
+    share = handover_share(
+        after, stable.ready_replicas, plan.replicas(total)[0], previous.ready_replicas, now, limit
+    )
+    return None if share is None else (previous.revision, share)
 
 
 async def retire(
