@@ -450,7 +450,13 @@ async def rollout_once(
     moved = not isinstance(action, Hold | Pause)
     if moved:
         await apply_revisions(kube, owner, parsed, status_after)
-        await _route(kube, parsed, rollout, owner, before, after, action, total, ready, handover)
+        warning = await _route(
+            kube, parsed, rollout, owner, before, after, action, total, ready, handover
+        )
+        if warning:
+            note = f"{note}; {warning}" if note else warning
+            kopf.warn(cast(kopf.Body, body), reason="MirrorNotAsAsked", message=warning)
+            logger.warning("%s", warning)
     elif rollout.router.type != "replicas":
         # Nothing moved, but the route is re-asserted at the weights status holds, so a router
         # added to or edited in spec.rollout (hostnames, gateways), a route deleted or edited
@@ -555,9 +561,10 @@ async def _route(
     total: int,
     ready: frozenset[str],
     handover: tuple[str, int] | None = None,
-) -> None:
+) -> str:
     """Carry out `action` on the traffic router (the Deployments are applied already);
-    `ready` holds the revisions with a ready replica."""
+    `ready` holds the revisions with a ready replica. Returns a warning when the route the
+    cluster stored does not mirror what was asked ("" otherwise)."""
     client = KubeRouterClient(kube)
     port = serving_ports(spec)[0]
 
@@ -574,9 +581,19 @@ async def _route(
         # Where traffic can go: a candidate without a ready replica gets none yet.
         routed = routed_revisions(after, ready) if mesh else None
         w = routed[2] if routed is not None else after.weights
-        await router(after.stable_revision, after.candidate_revision, w).set_weights(
-            w.stable, w.candidate, w.mirror_percent
-        )
+        moving = router(after.stable_revision, after.candidate_revision, w)
+        await moving.set_weights(w.stable, w.candidate, w.mirror_percent)
+        if mesh and w.mirror_percent:
+            stored = await moving.get_weights()
+            if stored is not None and stored.mirror_percent != w.mirror_percent:
+                # Gateway API CRDs before v1.3 drop requestMirror.percent (the API server
+                # prunes the unknown field): the gateway then copies every request.
+                return (
+                    f"the route stored mirrors {stored.mirror_percent}% of requests, not the "
+                    f"{w.mirror_percent}% asked: this cluster's route CRD does not keep the "
+                    "mirror percentage (Gateway API before v1.3), so the candidate receives "
+                    "a copy of every request"
+                )
     elif isinstance(action, Rollback):
         if before.stable_revision and before.candidate_revision:
             await router(
@@ -590,6 +607,7 @@ async def _route(
         elif not first:
             # The replica router only scales, which apply_revisions has done for a first one.
             await router(after.stable_revision, None, Weights()).reconcile()
+    return ""
 
 
 async def _route_as_status_says(

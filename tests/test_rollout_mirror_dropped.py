@@ -1,0 +1,81 @@
+"""On a cluster whose HTTPRoute CRD predates Gateway API v1.3, the API server prunes
+requestMirror.percent and the gateway copies every request to the candidate. The rollout says
+so (condition message and a Warning) instead of shadowing at a share it does not get. The
+emulator keeps every field, so a client wrapper prunes the field as such an API server does."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+import pytest
+
+from tests.conftest import Cluster
+from tests.kube_emulator import ApiServerEmulator
+from tests.test_modeldeployment_operator import DEPLOY_PATH, MD_PATH, NS, mark_ready, model
+from tests.test_rollout_routers_operator import PARENTS, shadow_rollout
+from trimtab import constants as C
+from trimtab.api.modeldeployment import ModelDeploymentSpec
+from trimtab.builders.common import Owner
+from trimtab.builders.serving import build_deployment, revision_of
+from trimtab.handlers import rollout as handler
+from trimtab.kube.client import KubeClient
+
+NOW = datetime.datetime(2025, 6, 1, 12, 0, 0, tzinfo=datetime.UTC)
+
+
+class OldRouteCrd(KubeClient):
+    """Applies HTTPRoutes as an API server with a pre-v1.3 CRD stores them: no mirror percent."""
+
+    def __init__(self, inner: KubeClient, prune: bool) -> None:
+        super().__init__(inner.host, ssl_context=False, keepalive=False)
+        self.prune = prune
+
+    async def apply(self, manifest: dict[str, Any], adopt: bool = False) -> Any:
+        if self.prune and manifest.get("kind") == "HTTPRoute":
+            for rule in manifest.get("spec", {}).get("rules", []):
+                for f in rule.get("filters", []):
+                    f.get("requestMirror", {}).pop("percent", None)
+        return await super().apply(manifest, adopt=adopt)
+
+
+@pytest.mark.parametrize("prune", [pytest.param(True, id="old-crd"),
+                                   pytest.param(False, id="v1.3-crd")])  # fmt: skip
+async def test_a_mirror_percent_the_cluster_drops_is_reported(
+    api: ApiServerEmulator, cluster: Cluster, monkeypatch: pytest.MonkeyPatch, prune: bool
+) -> None:
+    extra = {"slo": {"p99LatencyMs": 2000},
+             "rollout": shadow_rollout({"type": "gatewayApi", "parentRefs": PARENTS}, 20, 30)}
+    specs = {image: ModelDeploymentSpec.model_validate(model("llm", image=image, **extra)["spec"])
+             for image in ("srv:a", "srv:b")}  # fmt: skip
+    a, b = (revision_of(s) for s in specs.values())
+    created = await cluster.create(MD_PATH, model("llm", image="srv:b", **extra))
+    owner = Owner(C.API_VERSION, C.MODELDEPLOYMENT_KIND, "llm", NS, created["metadata"]["uid"])
+    since = (NOW - datetime.timedelta(seconds=60)).isoformat().replace("+00:00", "Z")
+    await cluster.merge(f"{MD_PATH}/llm/status", {"status": {"rollout": {
+        "phase": "Canary", "stableRevision": a, "candidateRevision": b,
+        "stableModel": specs["srv:a"].model_part(), "candidateModel": specs["srv:b"].model_part(),
+        "candidateSince": since, "stepIndex": -1,
+    }}})  # fmt: skip
+    for spec, revision in ((specs["srv:a"], a), (specs["srv:b"], b)):
+        made = await cluster.create(DEPLOY_PATH, build_deployment(owner, spec, revision, 1))
+        await mark_ready(cluster, made)
+    warnings: list[str] = []
+    monkeypatch.setattr(handler.kopf, "warn", lambda *_, message, **__: warnings.append(message))
+    for name in ("event", "info"):
+        monkeypatch.setattr(handler.kopf, name, lambda *_, **__: None)
+
+    kube = OldRouteCrd(cluster.kube, prune)
+    try:
+        await handler.rollout_once(
+            kube, None, NS, "llm", logging.getLogger("t"), now=NOW  # type: ignore[arg-type]
+        )
+    finally:
+        await kube.close()
+    status = ((await cluster.get(f"{MD_PATH}/llm")) or {})["status"]
+    assert status["rollout"]["phase"] == "Shadow"
+    progressing = {c["type"]: c for c in status["conditions"]}["RolloutProgressing"]
+    dropped = "mirrors 100% of requests, not the 20% asked"
+    assert (dropped in progressing["message"]) is prune, progressing["message"]
+    assert bool(warnings) is prune
