@@ -65,7 +65,7 @@ class ReplayedRollouts(UsageReader):
         if "OOMKilled" in promql:  # the last termination: an OOM kill, from the kill on
             killed = [[t, "1" if t >= self.kill_at else "0"] for t in times]
             return [{"metric": {"pod": FIRST_POD}, "values": killed}]
-        if promql.startswith(f"max by (pod) ({RESTARTS_SERIES}"):
+        if RESTARTS_SERIES in promql:  # each pod's restart counter: 1 from the kill on
             return [
                 {
                     "metric": {"pod": pod},
@@ -81,8 +81,6 @@ class ReplayedRollouts(UsageReader):
             return [{"metric": {}, "values": flat(0.5)}]
         if MEMORY_SERIES in promql:
             return [{"metric": {}, "values": flat(1.8 * GiB)}]
-        if RESTARTS_SERIES in promql:
-            return [{"metric": {}, "values": flat(len(self.pods))}]
         return []
 
 

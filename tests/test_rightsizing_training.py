@@ -234,8 +234,9 @@ def test_job_pods_read_oom_kills_from_terminated_reason() -> None:
     job_pods = UsageTarget("ml", worker_pod_regex("llama"), "trainer", restarts_in_place=False)
     oom = usage_queries(job_pods, 300, "2m")["oom"]
     assert TERMINATED_SERIES in oom and "restarts_total" not in oom
-    served = usage_queries(UsageTarget("ml", "chat-.*", "server"), 300, "2m")["oom"]
-    assert TERMINATED_SERIES not in served and "restarts_total" in served
+    served = usage_queries(UsageTarget("ml", "chat-.*", "server"), 300, "2m")
+    assert TERMINATED_SERIES not in served["oom"] and "last_terminated_reason" in served["oom"]
+    assert "restarts_total" in served["restarts"]
 
 
 def test_next_attempt_job_and_podgroup_carry_the_applied_resources() -> None:

@@ -92,30 +92,28 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
     # Peaks are read over the step, but never over less than the rate window: a step shorter
     # than the scrape interval (a short `window`) would hold no sample at most points.
     step = f"{max(step_s, _seconds(rate_window))}s"
-    # OOM kills of containers restarted in place, per pod: the restart counter at each point and
-    # whether the last termination was an OOM kill. `_restart_kills` counts each rise of the
-    # counter: an increase() over windows as long as the step lost a restart whose two bracketing
-    # scrapes fell in adjacent windows (about one in step/scrape), and told a crash loop's
-    # restarts apart only by window.
-    oom = f"max by (pod) ({RESTARTS_SERIES}{{{sel}}})"
-    oom_reason = f"max by (pod) ({OOM_SERIES}{{{sel},reason=\"OOMKilled\"}})"
+    # OOM kills of containers restarted in place, per pod: the restart counter at each point
+    # ("restarts") and whether the last termination was an OOM kill ("oom"). `_restart_kills`
+    # counts each rise of the counter: an increase() over windows as long as the step lost a
+    # restart whose two bracketing scrapes fell in adjacent windows (about one in step/scrape),
+    # and told a crash loop's restarts apart only by window. The counter also says whether
+    # kube-state-metrics reports the container at all.
+    oom = f"max by (pod) ({OOM_SERIES}{{{sel},reason=\"OOMKilled\"}})"
     if not target.restarts_in_place:
         # One series per killed pod, present from the kill until the pod is deleted.
         oom = f"max by (pod) ({TERMINATED_SERIES}{{{sel},reason=\"OOMKilled\"}} == 1)"
-        oom_reason = ""
     limit = f"max by (pod) ({LIMITS_SERIES}{{{sel},resource=\"memory\"}})"
     return {
         "cpu": f"max(rate({CPU_SERIES}{{{sel}}}[{rate_window}]))",
         "memory": f"max(max_over_time({MEMORY_SERIES}{{{sel}}}[{step}]))",
+        "restarts": f"max by (pod) ({RESTARTS_SERIES}{{{sel}}})",
         "oom": oom,
-        **({"oom_reason": oom_reason} if oom_reason else {}),
         "memory_limit": limit,
         # The limit of each pod whose working-set peak in the step reached it.
         "memory_at_limit": (
             f"max({limit} and on(pod) (max by (pod) (max_over_time({MEMORY_SERIES}{{{sel}}}"
             f"[{step}])) >= {LIMIT_BOUND_RATIO} * {limit}))"
         ),
-        "kube_state": f"count({RESTARTS_SERIES}{{{sel}}})",
         # GPU memory is sized from its peak, like memory: each GPU's peak within the step,
         # summed over the pod's GPUs (or MIG instances) once each: `max by` the device first,
         # so an exporter two scrape jobs read (their job/instance labels differ) is not counted
@@ -253,15 +251,16 @@ class UsageReader:
             missing.append(CPU_SERIES)
         if not memory:
             missing.append(MEMORY_SERIES)
-        if not _points(by_key["kube_state"]):
+        restarts = _points_by_pod(by_key["restarts"])
+        if not restarts:
             # No restart counter for pods that have CPU samples: kube-state-metrics is not
             # scraped (or not for this namespace), so an empty OOM answer means nothing.
             missing.append(RESTARTS_SERIES)
         limits = _points_by_pod(by_key["memory_limit"])
         kills: list[tuple[float, str]] = []
         if target.restarts_in_place:
-            reasons = _points_by_pod(by_key["oom_reason"])
-            for pod, counter in _points_by_pod(by_key["oom"]).items():
+            reasons = _points_by_pod(by_key["oom"])
+            for pod, counter in restarts.items():
                 kills += [(t, pod) for t in _restart_kills(counter, reasons.get(pod, []), start)]
         else:
             kills = [(points[0][0], pod) for pod, points in _points_by_pod(by_key["oom"]).items()]
