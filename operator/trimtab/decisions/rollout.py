@@ -7,6 +7,7 @@ Pure: the clock, the candidate's readiness and the analysis verdict are argument
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
@@ -523,7 +524,9 @@ def _watch(spec: RolloutSpec, status: RolloutStatus, inputs: RolloutInputs) -> R
 
 
 def routed_revisions(
-    status: RolloutStatus, serving: frozenset[str]
+    status: RolloutStatus,
+    serving: frozenset[str],
+    handover: tuple[str, int] | None = None,
 ) -> tuple[str, str | None, Weights] | None:
     """(stable, candidate, weights) a mesh router should send traffic to now, given the
     revisions that have a ready replica; None before the first revision.
@@ -550,6 +553,9 @@ def routed_revisions(
     ('a', None)
     >>> routed_revisions(fell, frozenset())[:2]  # neither serves: route where status says
     ('a', None)
+    >>> promoted = RolloutStatus(stable_revision="b", phase="Watching")
+    >>> routed_revisions(promoted, frozenset({"a", "b"}), handover=("a", 80))
+    ('b', 'a', Weights(stable=20, candidate=80, mirror_percent=0))
     """
     stable = status.stable_revision
     if stable is None:
@@ -564,6 +570,9 @@ def routed_revisions(
     ):
         return failed, None, Weights()
     candidate, weights = status.candidate_revision, status.weights
+    if candidate is None and handover is not None:
+        # A promotion's handover (see `handover`): the previous stable keeps its share.
+        return stable, handover[0], Weights(stable=100 - handover[1], candidate=handover[1])
     if candidate is not None and weights.candidate > 0 and candidate not in serving:
         weights = Weights(stable=100, candidate=0, mirror_percent=weights.mirror_percent)
     return stable, candidate, weights
@@ -604,6 +613,35 @@ def handover_share(
     if _elapsed(status.promoted_at, now) >= limit_s:
         return None
     return round(100 * outgoing_ready / (outgoing_ready + max(0, stable_ready)))
+
+
+def handover(
+    status: RolloutStatus,
+    plan: RevisionPlan,
+    ready_replicas: Mapping[str, int],
+    total: int,
+    now: datetime,
+    limit_s: float,
+) -> tuple[str, int] | None:
+    """(previous stable revision, percent it keeps) while a promoted revision's replicas start
+    (`handover_share`); None otherwise. `ready_replicas`: each running revision's ready count;
+    the previous stable is the revision the plan no longer keeps with the most ready ones.
+
+    >>> st = RolloutStatus(stable_revision="b", promoted_at="2025-01-01T00:00:00Z",
+    ...                    phase="Watching")
+    >>> plan = plan_revisions("b", True, st)
+    >>> handover(st, plan, {"a": 4, "b": 1}, 5, parse_time("2025-01-01T00:00:30Z"), 120)
+    ('a', 80)
+    """
+    outgoing = {r: n for r, n in ready_replicas.items() if r not in plan.keep and n > 0}
+    if not outgoing or plan.stable not in ready_replicas:
+        return None
+    previous = max(outgoing, key=lambda r: outgoing[r])
+    share = handover_share(
+        status, ready_replicas[plan.stable], plan.replicas(total)[0], outgoing[previous], now,
+        limit_s,
+    )  # fmt: skip
+    return None if share is None else (previous, share)
 
 
 # --- status after an action -----------------------------------------------------------------

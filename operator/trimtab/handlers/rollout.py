@@ -55,7 +55,7 @@ from trimtab.decisions.rollout import (
     apply_action,
     carried_evidence,
     checks_for,
-    handover_share,
+    handover,
     latency_bound_seconds,
     manual_action_done,
     next_rollout_step,
@@ -625,12 +625,10 @@ async def _route_as_status_says(
     then the route stays on the revision fallen back from, and the rebuilt one's Service is
     created ahead so that it has endpoints by the time the route moves. During a handover
     (`handover_share`) the previous stable revision keeps the share its ready replicas carry."""
-    routed = routed_revisions(status, ready)
+    routed = routed_revisions(status, ready, handover)
     if routed is None:
         return
     stable, candidate, weights = routed
-    if handover is not None and candidate is None and stable == status.stable_revision:
-        candidate, weights = handover[0], Weights(stable=100 - handover[1], candidate=handover[1])
     port = serving_ports(spec)[0]
     if status.stable_revision is not None and stable != status.stable_revision:
         await kube.apply(build_revision_service(owner, status.stable_revision, port))
@@ -647,19 +645,12 @@ def _handover(
     total: int,
     now: datetime.datetime,
 ) -> tuple[str, int] | None:
-    """(previous stable revision, percent it keeps) while a promoted revision's replicas start;
-    None otherwise. The wait is bounded by twice the cold start (at most progressDeadline)."""
-    outgoing = [o for r, o in observed.items() if r not in plan.keep and o.ready_replicas > 0]
-    stable = observed.get(plan.stable)
-    if not outgoing or stable is None:
-        return None
-    previous = max(outgoing, key=lambda o: o.ready_replicas)
+    """`handover` on what this loop observed; the wait is bounded by twice the cold start (at
+    most progressDeadline)."""
     cold_start = (spec.autoscaling or AutoscalingSpec()).seconds().cold_start
     limit = min(2 * cold_start, duration_seconds(rollout.progress_deadline))
-    share = handover_share(
-        after, stable.ready_replicas, plan.replicas(total)[0], previous.ready_replicas, now, limit
-    )
-    return None if share is None else (previous.revision, share)
+    ready = {r: o.ready_replicas for r, o in observed.items()}
+    return handover(after, plan, ready, total, now, limit)
 
 
 async def retire(
