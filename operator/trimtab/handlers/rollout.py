@@ -582,18 +582,16 @@ async def _route(
         routed = routed_revisions(after, ready) if mesh else None
         w = routed[2] if routed is not None else after.weights
         moving = router(after.stable_revision, after.candidate_revision, w)
-        await moving.set_weights(w.stable, w.candidate, w.mirror_percent)
-        if mesh and w.mirror_percent:
-            stored = await moving.get_weights()
-            if stored is not None and stored.mirror_percent != w.mirror_percent:
-                # Gateway API CRDs before v1.3 drop requestMirror.percent (the API server
-                # prunes the unknown field): the gateway then copies every request.
-                return (
-                    f"the route stored mirrors {stored.mirror_percent}% of requests, not the "
-                    f"{w.mirror_percent}% asked: this cluster's route CRD does not keep the "
-                    "mirror percentage (Gateway API before v1.3), so the candidate receives "
-                    "a copy of every request"
-                )
+        stored = await moving.set_weights(w.stable, w.candidate, w.mirror_percent)
+        if w.mirror_percent and stored is not None and stored.mirror_percent != w.mirror_percent:
+            # Gateway API CRDs before v1.3 drop requestMirror.percent (the API server prunes
+            # the unknown field): the gateway then copies every request.
+            return (
+                f"the route stored mirrors {stored.mirror_percent}% of requests, not the "
+                f"{w.mirror_percent}% asked: this cluster's route CRD does not keep the mirror "
+                "percentage (Gateway API before v1.3), so the candidate receives a copy of "
+                "every request"
+            )
     elif isinstance(action, Rollback):
         if before.stable_revision and before.candidate_revision:
             await router(

@@ -59,12 +59,13 @@ class MeshRouter:
         await self._apply_services()
         await self.client.apply(self.build_route(self._split(self.target.weights)))
 
-    async def set_weights(self, stable: int, candidate: int, mirror_percent: int) -> None:
+    async def set_weights(self, stable: int, candidate: int, mirror_percent: int) -> Weights | None:
         weights = Weights(stable=stable, candidate=candidate, mirror_percent=mirror_percent)
         # Services first: a route pointing at a Service that does not exist yet drops traffic.
         await self._apply_services()
-        await self.client.apply(self.build_route(self._split(weights)))
+        stored = await self.client.apply(self.build_route(self._split(weights)))
         self.target = replace(self.target, weights=weights)
+        return self._weights_of(stored)
 
     async def get_weights(self) -> Weights | None:
         route = self.build_route(self._split(self.target.weights))
@@ -72,8 +73,10 @@ class MeshRouter:
         current = await self.client.get_object(
             route["apiVersion"], route["kind"], meta["namespace"], meta["name"]
         )
-        if current is None:
-            return None
+        return None if current is None else self._weights_of(current)
+
+    def _weights_of(self, current: Json) -> Weights:
+        """The split a stored route carries, for this target's two revisions."""
         by_service, mirror = self.read_route(current)
         t = self.target
         stable = by_service.get(revision_service_name(t.owner.name, t.stable_revision), 0)

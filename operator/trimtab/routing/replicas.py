@@ -43,7 +43,7 @@ class ReplicaRouter:
     async def reconcile(self) -> None:
         await self._scale(self.target.weights)
 
-    async def set_weights(self, stable: int, candidate: int, mirror_percent: int) -> None:
+    async def set_weights(self, stable: int, candidate: int, mirror_percent: int) -> Weights | None:
         if mirror_percent:
             raise CannotMirror(
                 "router replicas cannot mirror traffic: it splits by replica count behind one "
@@ -52,6 +52,7 @@ class ReplicaRouter:
         weights = Weights(stable=stable, candidate=candidate)
         await self._scale(weights)
         self.target = replace(self.target, weights=weights)
+        return None  # no routing object: the replica counts are the split
 
     async def get_weights(self) -> Weights | None:
         t = self.target
