@@ -6,6 +6,7 @@ import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -592,6 +593,24 @@ def test_cpu_request_never_exceeds_the_cpu_limit(
     assert (status.basis.cpu_capped is not None) is capped
 
 
+def _chat_sizing(mode: str, **kw: Any) -> Any:
+    """The right-sizing handler's inputs for a ModelDeployment `chat` at 1 core and 2 GiB."""
+    from trimtab.handlers import rightsizing as handler
+    from trimtab.kube.resources import MODELDEPLOYMENTS
+    from trimtab.metrics.usage import UsageTarget
+
+    return handler.Sizing(
+        resource=MODELDEPLOYMENTS,
+        rightsizing=RightsizingSpec(mode=mode),  # type: ignore[arg-type]  # str for the Literal
+        spec_resources=Resources(cpu="1", memory="2Gi"),
+        current=CurrentResources(cpu=1.0, memory=2 * GiB, memory_limit=2 * GiB),
+        target=UsageTarget("ml", "chat-.*", "server"),
+        applied_reason="NewRevision",
+        applied_note="rolled out as a new revision",
+        **kw,
+    )
+
+
 async def test_a_recommendation_that_drifts_is_told_each_time_it_has_moved_far_enough(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -601,11 +620,9 @@ async def test_a_recommendation_that_drifts_is_told_each_time_it_has_moved_far_e
     (`announced`) and tells again once the recommendation is 10% away from that."""
     import logging
     from types import SimpleNamespace
-    from typing import Any
 
     from trimtab.handlers import rightsizing as handler
-    from trimtab.kube.resources import MODELDEPLOYMENTS
-    from trimtab.metrics.usage import UsageAnswer, UsageTarget
+    from trimtab.metrics.usage import UsageAnswer
 
     told: list[str] = []
     monkeypatch.setattr(handler.kopf, "event", lambda *_, **kw: told.append(kw["message"]))
@@ -617,16 +634,7 @@ async def test_a_recommendation_that_drifts_is_told_each_time_it_has_moved_far_e
             return UsageAnswer(steady(2016, level["cpu"], 2 * GiB, seed=3))
 
     monkeypatch.setattr(handler, "make_reader", lambda memo: Reader())
-    sizing = handler.Sizing(
-        resource=MODELDEPLOYMENTS,
-        rightsizing=RightsizingSpec(mode="Recommend"),
-        spec_resources=Resources(cpu="1", memory="2Gi"),
-        current=CurrentResources(cpu=1.0, memory=2 * GiB, memory_limit=2 * GiB),
-        target=UsageTarget("ml", "chat-.*", "server"),
-        applied_reason="NewRevision",
-        applied_note="rolled out as a new revision",
-        fire_reconcile=False,
-    )
+    sizing = _chat_sizing("Recommend", fire_reconcile=False)
     body = {"metadata": {"name": "chat", "namespace": "ml"}}
     previous = RecommendationsStatus()
     recommended: list[float] = []
@@ -663,11 +671,9 @@ async def test_auto_waits_for_a_rollout_in_progress(
     rollout over; Auto holds the apply until the rollout ends, and says so."""
     import logging
     from types import SimpleNamespace
-    from typing import Any
 
     from trimtab.handlers import rightsizing as handler
-    from trimtab.kube.resources import MODELDEPLOYMENTS
-    from trimtab.metrics.usage import UsageAnswer, UsageTarget
+    from trimtab.metrics.usage import UsageAnswer
 
     monkeypatch.setattr(handler.kopf, "event", lambda *_, **__: None)
 
@@ -682,17 +688,8 @@ async def test_auto_waits_for_a_rollout_in_progress(
             written.update(args[-1])  # {"recommendations": ...}, before the reconcile fires
 
     monkeypatch.setattr(handler, "make_reader", lambda memo: Reader())
-    sizing = handler.Sizing(
-        resource=MODELDEPLOYMENTS,
-        rightsizing=RightsizingSpec(mode="Auto"),
-        spec_resources=Resources(cpu="1", memory="2Gi"),
-        current=CurrentResources(cpu=1.0, memory=2 * GiB, memory_limit=2 * GiB),
-        target=UsageTarget("ml", "chat-.*", "server"),
-        applied_reason="NewRevision",
-        applied_note="rolled out as a new revision",
-        fire_reconcile=True,
-        apply_held=handler._rollout_in_progress({"rollout": rollout}),
-    )
+    held = handler._rollout_in_progress({"rollout": rollout})
+    sizing = _chat_sizing("Auto", fire_reconcile=True, apply_held=held)
     patch = SimpleNamespace(status={}, metadata=SimpleNamespace(annotations={}))
     await handler._rightsize(
         {"metadata": {"name": "chat", "namespace": "ml"}}, RecommendationsStatus(), patch,
@@ -719,12 +716,10 @@ async def test_an_apply_whose_status_write_is_refused_posts_no_event(
     happen (it used to be posted first)."""
     import logging
     from types import SimpleNamespace
-    from typing import Any
 
     from trimtab.handlers import rightsizing as handler
     from trimtab.kube.client import KubeError
-    from trimtab.kube.resources import MODELDEPLOYMENTS
-    from trimtab.metrics.usage import UsageAnswer, UsageTarget
+    from trimtab.metrics.usage import UsageAnswer
 
     told: list[str] = []
     monkeypatch.setattr(handler.kopf, "event", lambda *_, **kw: told.append(kw["reason"]))
@@ -738,16 +733,7 @@ async def test_an_apply_whose_status_write_is_refused_posts_no_event(
             raise KubeError(409, "Conflict", "the object has been modified")
 
     monkeypatch.setattr(handler, "make_reader", lambda memo: Reader())
-    sizing = handler.Sizing(
-        resource=MODELDEPLOYMENTS,
-        rightsizing=RightsizingSpec(mode="Auto"),
-        spec_resources=Resources(cpu="1", memory="2Gi"),
-        current=CurrentResources(cpu=1.0, memory=2 * GiB, memory_limit=2 * GiB),
-        target=UsageTarget("ml", "chat-.*", "server"),
-        applied_reason="NewRevision",
-        applied_note="rolled out as a new revision",
-        fire_reconcile=True,
-    )
+    sizing = _chat_sizing("Auto", fire_reconcile=True)
     patch = SimpleNamespace(status={}, metadata=SimpleNamespace(annotations={}))
     with pytest.raises(KubeError):
         await handler._rightsize(

@@ -5,7 +5,6 @@ answered."""
 
 from __future__ import annotations
 
-import datetime
 import logging
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from tests.conftest import Cluster
 from tests.kube_emulator import ApiServerEmulator
 from tests.test_modeldeployment_operator import DEPLOY_PATH, MD_PATH, NS, mark_ready, model
+from tests.test_rollout_fresh_replicas import NOW, _ts
 from tests.test_rollout_routers_operator import HTTPROUTE_CRD, PARENTS, ROUTE_PATH
 from tests.validation import validate_custom
 from trimtab import constants as C
@@ -20,13 +20,6 @@ from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.builders.common import Owner
 from trimtab.builders.serving import build_deployment, deployment_name, revision_of
 from trimtab.handlers import rollout as handler
-
-NOW = datetime.datetime(2025, 6, 1, 12, 0, 0, tzinfo=datetime.UTC)
-
-
-def _ts(seconds_ago: float) -> str:
-    t = NOW - datetime.timedelta(seconds=seconds_ago)
-    return t.isoformat().replace("+00:00", "Z")
 
 
 async def test_a_new_image_after_a_failed_fallback_starts_beside_the_revision_that_serves(

@@ -4,7 +4,6 @@ only starting), and the previous stable revision was deleted in the same loop.""
 
 from __future__ import annotations
 
-import datetime
 import logging
 from typing import Any
 
@@ -14,6 +13,7 @@ from tests.conftest import Cluster
 from tests.kube_emulator import ApiServerEmulator
 from tests.test_modeldeployment_operator import DEPLOY_PATH, MD_PATH, NS, mark_ready, model
 from tests.test_rollout_decisions import PASS
+from tests.test_rollout_fresh_replicas import NOW, _ts
 from tests.test_rollout_routers_operator import PARENTS, ROUTE_PATH
 from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec
@@ -21,13 +21,6 @@ from trimtab.builders.common import Owner
 from trimtab.builders.routing import revision_service_name
 from trimtab.builders.serving import build_deployment, revision_of
 from trimtab.handlers import rollout as handler
-
-NOW = datetime.datetime(2025, 6, 1, 12, 0, 0, tzinfo=datetime.UTC)
-
-
-def _ts(seconds_ago: float) -> str:
-    t = NOW - datetime.timedelta(seconds=seconds_ago)
-    return t.isoformat().replace("+00:00", "Z")
 
 
 async def _weights(cluster: Cluster) -> dict[str, int]:

@@ -5,7 +5,6 @@ emulator keeps every field, so a client wrapper prunes the field as such an API 
 
 from __future__ import annotations
 
-import datetime
 import logging
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 from tests.conftest import Cluster
 from tests.kube_emulator import ApiServerEmulator
 from tests.test_modeldeployment_operator import DEPLOY_PATH, MD_PATH, NS, mark_ready, model
+from tests.test_rollout_fresh_replicas import NOW, _ts
 from tests.test_rollout_routers_operator import PARENTS, shadow_rollout
 from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec
@@ -21,8 +21,6 @@ from trimtab.builders.common import Owner
 from trimtab.builders.serving import build_deployment, revision_of
 from trimtab.handlers import rollout as handler
 from trimtab.kube.client import KubeClient
-
-NOW = datetime.datetime(2025, 6, 1, 12, 0, 0, tzinfo=datetime.UTC)
 
 
 class OldRouteCrd(KubeClient):
@@ -52,7 +50,7 @@ async def test_a_mirror_percent_the_cluster_drops_is_reported(
     a, b = (revision_of(s) for s in specs.values())
     created = await cluster.create(MD_PATH, model("llm", image="srv:b", **extra))
     owner = Owner(C.API_VERSION, C.MODELDEPLOYMENT_KIND, "llm", NS, created["metadata"]["uid"])
-    since = (NOW - datetime.timedelta(seconds=60)).isoformat().replace("+00:00", "Z")
+    since = _ts(60)
     await cluster.merge(f"{MD_PATH}/llm/status", {"status": {"rollout": {
         "phase": "Canary", "stableRevision": a, "candidateRevision": b,
         "stableModel": specs["srv:a"].model_part(), "candidateModel": specs["srv:b"].model_part(),
