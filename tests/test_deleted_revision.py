@@ -1,6 +1,7 @@
 """A Deployment of a revision that runs, deleted by hand (or pruned by a tool), is created again
 at once, as a ReplicaSet's deleted pod is; before, it stayed gone until the ModelDeployment
-next changed or the operator restarted. One the ModelDeployment is done with stays gone."""
+next changed or the operator restarted. One the ModelDeployment is done with stays gone. The
+same holds for the Service named after the resource."""
 
 from __future__ import annotations
 
@@ -70,3 +71,61 @@ async def test_only_a_revision_that_runs_is_restored(
     names = [d["metadata"]["labels"][C.LABEL_REVISION]
              for d in await serving_deployments(cluster, "llama")]  # fmt: skip
     assert names == ([running] if recreated else [])
+
+
+SERVICE_PATH = f"/api/v1/namespaces/{NS}/services"
+
+
+async def test_a_deleted_service_of_the_resource_is_created_again(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any
+) -> None:
+    async with run_operator():
+        await cluster.create(MD_PATH, model())
+        first = await wait_for(lambda: cluster.get(f"{SERVICE_PATH}/llama"))
+        await cluster.kube.request("DELETE", f"{SERVICE_PATH}/llama")
+
+        async def recreated() -> dict[str, Any] | None:
+            found = await cluster.get(f"{SERVICE_PATH}/llama")
+            return found if found and found["metadata"]["uid"] != first["metadata"]["uid"] else None
+
+        again = await wait_for(recreated, timeout=10)
+        assert again["spec"]["selector"] == first["spec"]["selector"]
+        assert again["spec"]["ports"] == first["spec"]["ports"]
+        events = await cluster.get(f"/api/v1/namespaces/{NS}/events") or {}
+        assert "ServiceRecreated" in [e.get("reason") for e in events.get("items", [])]
+
+
+@pytest.mark.parametrize(
+    ("owner_uid", "recreated"),
+    [
+        pytest.param(None, True, id="its-modeldeployment"),
+        pytest.param("uid-of-an-earlier-one", False, id="an-earlier-modeldeployment-of-the-name"),
+    ],
+)
+async def test_only_the_service_of_the_resource_that_exists_is_restored(
+    api: ApiServerEmulator,
+    cluster: Cluster,
+    monkeypatch: pytest.MonkeyPatch,
+    owner_uid: str | None,
+    recreated: bool,
+) -> None:
+    monkeypatch.setattr(handler.kopf, "event", lambda *_, **__: None)
+    created = await cluster.create(MD_PATH, model())
+    restored = await handler.restore_deleted_service(
+        cluster.kube, NS, "llama", owner_uid or created["metadata"]["uid"], logging.getLogger("t")
+    )
+    assert restored is recreated
+    service = await cluster.get(f"{SERVICE_PATH}/llama")
+    assert (service is not None) is recreated
+    if recreated:
+        assert service is not None
+        assert service["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+
+
+def test_only_a_modeldeployments_own_service_is_followed() -> None:
+    def service(kind: str) -> Any:
+        return {"metadata": {"ownerReferences": [{"kind": kind, "controller": True, "uid": "u"}]}}
+
+    assert handler._owned_by_modeldeployment(service("ModelDeployment"))
+    assert not handler._owned_by_modeldeployment(service("TrainingJob"))
+    assert not handler._owned_by_modeldeployment({"metadata": {}})

@@ -36,7 +36,7 @@ from trimtab.decisions.rightsizing import effective_spec
 from trimtab.decisions.rollout import RevisionPlan, plan_revisions, spec_with_model
 from trimtab.decisions.serving import DeploymentObservation, find_spec_problems, serving_state
 from trimtab.kube.client import KubeClient, KubeError, NameTaken, patch_status_from
-from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS
+from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS, SERVICES
 from trimtab.observability import RECONCILE_SECONDS, RECONCILES
 
 KIND = C.MODELDEPLOYMENT_KIND
@@ -45,6 +45,13 @@ SERVING_LABELS: dict[str, Any] = {
     C.LABEL_MANAGED_BY: C.MANAGED_BY,
     C.LABEL_OWNER: kopf.PRESENT,
     C.LABEL_REVISION: kopf.PRESENT,
+}
+# The Service named after a resource: trimtab's, with no revision (a mesh router's per-revision
+# Services carry one, and the rollout loop re-applies those itself).
+RESOURCE_SERVICE_LABELS: dict[str, Any] = {
+    C.LABEL_MANAGED_BY: C.MANAGED_BY,
+    C.LABEL_OWNER: kopf.PRESENT,
+    C.LABEL_REVISION: kopf.ABSENT,
 }
 # Degraded reasons set by the reconcile; Deployment events do not clear them.
 SPEC_REASONS = ("InvalidSpec", "ApplyRejected", "NameTaken")
@@ -383,6 +390,60 @@ async def restore_deleted_revision(
         type="Normal",
         reason="RevisionRecreated",
         message=f"the Deployment of revision {revision} was deleted; it was created again",
+    )
+    return True
+
+
+def _owned_by_modeldeployment(body: kopf.Body, **_: Any) -> bool:
+    """A TrainingJob's headless Service carries the same labels; only a ModelDeployment's own
+    is restored here."""
+    refs = body.get("metadata", {}).get("ownerReferences") or []
+    return any(r.get("kind") == KIND and r.get("controller") for r in refs)
+
+
+@kopf.on.event("", "v1", "services", labels=RESOURCE_SERVICE_LABELS, when=_owned_by_modeldeployment)
+async def follow_resource_service(
+    namespace: str | None, body: kopf.Body, memo: Any, logger: Log, **kwargs: Any
+) -> None:
+    """The Service named after a ModelDeployment was deleted (by hand, or by a tool pruning
+    what it does not know): every client that calls the resource by name lost it, so it is
+    created again at once rather than at the ModelDeployment's next change."""
+    if kwargs.get("type") != "DELETED":
+        return
+    uid = next(
+        r.get("uid") for r in body["metadata"]["ownerReferences"] if r.get("controller")
+    )
+    await restore_deleted_service(
+        memo.kube, namespace or "", body["metadata"]["name"], str(uid), logger
+    )
+
+
+async def restore_deleted_service(
+    kube: KubeClient, namespace: str, name: str, owner_uid: str, logger: Log
+) -> bool:
+    """Apply the Service of ModelDeployment `name` again, if that ModelDeployment (the one
+    with `owner_uid`, not a later one of the same name) still exists and is not being deleted.
+    True when it was recreated."""
+    body = await kube.get(MODELDEPLOYMENTS, namespace, name)
+    if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+        return False  # the garbage collector's cascade
+    if body["metadata"].get("uid") != owner_uid:
+        return False  # a ModelDeployment made since, whose own reconcile creates its Service
+    if await kube.get(SERVICES, namespace, name) is not None:
+        return False  # already back (the reconcile ran meanwhile)
+    parsed, problems = parse_spec(body.get("spec") or {}, body.get("status") or {})
+    if parsed is None or problems:
+        return False
+    try:
+        await kube.apply(build_service(owner_of(cast(kopf.Body, body)), parsed))
+    except NameTaken:
+        return False  # something else took the name meanwhile: the reconcile reports it
+    logger.info("the Service of %s/%s was deleted; created again", namespace, name)
+    kopf.event(
+        cast(kopf.Body, body),
+        type="Normal",
+        reason="ServiceRecreated",
+        message=f"Service {name} was deleted; it was created again",
     )
     return True
 
