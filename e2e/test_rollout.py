@@ -1,6 +1,7 @@
 """Progressive delivery on a real cluster with the Gateway API CRDs installed (skipped when they
-are absent): the operator writes the HTTPRoute for the stable revision, adds the candidate at
-weight 0 after an image change, and, where pods can run, moves it to the first step's weight.
+are absent): the operator writes the HTTPRoute for the stable revision, reports that no Gateway
+has accepted it (the one it names does not exist), adds the candidate at weight 0 after an image
+change, and, where pods can run, moves it to the first step's weight.
 
 No Prometheus is needed: starting a candidate and its first step need readiness only."""
 
@@ -85,6 +86,16 @@ async def test_image_change_adds_candidate_to_the_http_route(
         return await route_weights(kube, namespace) == {stable_svc: 100}
 
     await wait_until(route_for_stable)
+
+    # The Gateway the route names does not exist, so no controller reports on the route.
+    async def route_accepted() -> dict[str, Any] | None:
+        body = await kube.request("GET", md_path(namespace, "web"))
+        conditions = (body.get("status") or {}).get("conditions") or []
+        return next((c for c in conditions if c["type"] == "RouteAccepted"), None)
+
+    reported = await wait_until(route_accepted)
+    assert (reported["status"], reported["reason"]) == ("Unknown", "Pending"), reported
+    assert "Gateway" in reported["message"] and "trimtab-e2e-gw" in reported["message"]
 
     await kube.request(
         "PATCH",

@@ -62,7 +62,7 @@ RESOURCES: dict[str, tuple[str, bool, set[str], set[str]]] = {
         "VirtualService",
         True,
         {"list", "watch", "get", "patch", "create", "delete"},
-        set(),
+        {"status"},
     ),
     "scheduling.x-k8s.io/v1alpha1/podgroups": (
         "PodGroup",

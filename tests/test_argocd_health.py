@@ -258,6 +258,34 @@ MODELDEPLOYMENT_CASES = [
         "no GPUs",
         id="degraded-wins-over-paused",
     ),
+    pytest.param(
+        mdep(
+            ModelDeploymentStatus(
+                phase="Ready",
+                observed_generation=1,
+                conditions=[*READY, cond(
+                    "RouteAccepted", "False", "NotAllowedByListeners",
+                    "HTTPRoute llama: Gateway infra/main did not accept it",
+                )],
+                rollout=RolloutStatus(phase="Paused"),
+            )
+        ),
+        "Degraded",
+        "Route not accepted: HTTPRoute llama: Gateway infra/main did not accept it",
+        id="route-refused-by-its-gateway",
+    ),
+    pytest.param(
+        mdep(
+            ModelDeploymentStatus(
+                phase="Ready",
+                observed_generation=1,
+                conditions=[*READY, cond("RouteAccepted", "Unknown", "Pending", "no report yet")],
+            )
+        ),
+        "Healthy",
+        "",
+        id="route-not-yet-reported-on",
+    ),
 ]
 
 

@@ -78,6 +78,13 @@ if status.phase == "Degraded" or (degraded ~= nil and degraded.status == "True")
   return result("Degraded", text(status.message, text(why, "Degraded")))
 end
 
+-- A Gateway (or istiod) refused the route the rollout writes: no request reaches the model
+-- through it.
+local route = condition(status, "RouteAccepted")
+if route ~= nil and route.status == "False" then
+  return result("Degraded", "Route not accepted: " .. text(route.message, route.reason))
+end
+
 local rollout = status.rollout
 if rollout ~= nil then
   if rollout.phase == "RolledBack" then

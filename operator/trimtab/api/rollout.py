@@ -379,8 +379,14 @@ CONDITION_ROLLED_BACK = "RolledBack"
 # revision, rebuilt from status, serves all traffic instead. False with reason FallbackFailed:
 # the rebuilt revision had no ready replica within progressDeadline; traffic stays where it was.
 CONDITION_FALLBACK_APPLIED = "FallbackApplied"
+# With a mesh router: True when every Gateway the HTTPRoute names accepted it and resolved its
+# backends (Istio: no error in istiod's analysis of the VirtualService); False, with the
+# Gateway's (or istiod's) reason, when one refused it; Unknown while a Gateway has not
+# reported. Absent with the replica router, which writes no route.
+CONDITION_ROUTE_ACCEPTED = "RouteAccepted"
 ROLLOUT_CONDITIONS = frozenset(
     {
+        CONDITION_ROUTE_ACCEPTED,
         CONDITION_ROLLOUT_PROGRESSING,
         CONDITION_ROLLOUT_PAUSED,
         CONDITION_ROLLED_BACK,

@@ -54,3 +54,8 @@ def set_condition(
 
 def get_condition(conditions: Iterable[Condition], type_: str) -> Condition | None:
     return next((c for c in conditions if c.type == type_), None)
+
+
+def remove_condition(conditions: Iterable[Condition], type_: str) -> list[Condition]:
+    """`conditions` without `type_` (one that no longer applies, rather than one set False)."""
+    return [c for c in conditions if c.type != type_]

@@ -22,6 +22,7 @@ from trimtab.api.autoscaling import AutoscalingSpec, MetricsSpec, duration_secon
 from trimtab.api.common import Condition
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.rollout import (
+    CONDITION_ROUTE_ACCEPTED,
     MANUAL_ACTIONS,
     ROLLOUT_ACTION_ANNOTATION,
     GatewayApiRouterSpec,
@@ -41,6 +42,7 @@ from trimtab.builders.routing import (
     route_released,
 )
 from trimtab.builders.serving import revision_of, serving_ports
+from trimtab.decisions.conditions import get_condition
 from trimtab.decisions.rollout import (
     Fallback,
     Hold,
@@ -63,6 +65,7 @@ from trimtab.decisions.rollout import (
     rollout_conditions,
     routed_revisions,
 )
+from trimtab.decisions.routing import RouteHealth, route_condition
 from trimtab.decisions.serving import DeploymentObservation, revision_serving
 from trimtab.decisions.statistics import AnalysisResult, Counts, Metric, evaluate_checks
 from trimtab.handlers.modeldeployment import (
@@ -448,34 +451,41 @@ async def rollout_once(
     handover = _handover(parsed, rollout, after, plan_after, observed, total, now)
 
     moved = not isinstance(action, Hold | Pause)
+    mesh = rollout.router.type != "replicas"
+    route_health: RouteHealth | None = None
     if moved:
         await apply_revisions(kube, owner, parsed, status_after)
-        warning = await _route(
+        warning, route_health = await _route(
             kube, parsed, rollout, owner, before, after, action, total, ready, handover
         )
         if warning:
             note = f"{note}; {warning}" if note else warning
             kopf.warn(cast(kopf.Body, body), reason="MirrorNotAsAsked", message=warning)
             logger.warning("%s", warning)
-    elif rollout.router.type != "replicas":
+    elif mesh:
         # Nothing moved, but the route is re-asserted at the weights status holds, so a router
         # added to or edited in spec.rollout (hostnames, gateways), a route deleted or edited
         # by hand, or one a restarted operator never wrote converges within one loop; and after
         # a fallback, traffic moves to the rebuilt revision once it serves. The applies are
         # reads when nothing differs.
-        await _route_as_status_says(kube, parsed, rollout, owner, after, total, ready, handover)
+        route_health = await _route_as_status_says(
+            kube, parsed, rollout, owner, after, total, ready, handover
+        )
+    _report_route(body, status, route_health, logger)
 
     def status_patch(current: dict[str, Any]) -> dict[str, Any]:
         """What to write over `current` status: the rollout part, and the conditions list
         (which a merge patch replaces whole) rebuilt on `current`'s conditions."""
+        stamp = now_rfc3339()
         conditions = rollout_conditions(
             [Condition.model_validate(c) for c in current.get("conditions") or []],
             after,
             action,
             metrics_error if judged else "",
             note,
-            now_rfc3339(),
+            stamp,
         )
+        conditions = route_condition(conditions, route_health, mesh, stamp)
         out: dict[str, Any] = {}
         rollout_patch = replace_patch(current.get("rollout") or {}, after.to_wire())
         if rollout_patch:
@@ -493,7 +503,7 @@ async def rollout_once(
         # Not while the promoted revision's replicas start: the previous one still serves.
         await retire(
             kube, owner, plan_after.keep, observed, plan_after.stable in ready and not handover,
-            mesh=rollout.router.type != "replicas", logger=logger,
+            mesh=mesh, logger=logger,
         )  # fmt: skip
     _record(body, namespace, name, before, after, action, metrics_error, logger)
     if raw_manual is not None and manual_action_done(raw_manual, manual, action, before, after):
@@ -561,10 +571,11 @@ async def _route(
     total: int,
     ready: frozenset[str],
     handover: tuple[str, int] | None = None,
-) -> str:
+) -> tuple[str, RouteHealth | None]:
     """Carry out `action` on the traffic router (the Deployments are applied already);
     `ready` holds the revisions with a ready replica. Returns a warning when the route the
-    cluster stored does not mirror what was asked ("" otherwise)."""
+    cluster stored does not mirror what was asked ("" otherwise), and what the route's
+    controller reports on the route as last written (None: no route written)."""
     client = KubeRouterClient(kube)
     port = serving_ports(spec)[0]
 
@@ -591,21 +602,25 @@ async def _route(
                 f"{w.mirror_percent}% asked: this cluster's route CRD does not keep the mirror "
                 "percentage (Gateway API before v1.3), so the candidate receives a copy of "
                 "every request"
-            )
-    elif isinstance(action, Rollback):
+            ), moving.health()
+        return "", moving.health()
+    if isinstance(action, Rollback):
         if before.stable_revision and before.candidate_revision:
-            await router(
-                before.stable_revision, before.candidate_revision, before.weights
-            ).finalize()
+            leaving = router(before.stable_revision, before.candidate_revision, before.weights)
+            await leaving.finalize()
+            return "", leaving.health()
     elif isinstance(action, Promote | Fallback):
         assert after.stable_revision is not None
         first = before.stable_revision is None
         if mesh:
-            await _route_as_status_says(kube, spec, rollout, owner, after, total, ready, handover)
-        elif not first:
+            health = await _route_as_status_says(
+                kube, spec, rollout, owner, after, total, ready, handover
+            )
+            return "", health
+        if not first:
             # The replica router only scales, which apply_revisions has done for a first one.
             await router(after.stable_revision, None, Weights()).reconcile()
-    return ""
+    return "", None
 
 
 async def _route_as_status_says(
@@ -617,21 +632,40 @@ async def _route_as_status_says(
     total: int,
     ready: frozenset[str],
     handover: tuple[str, int] | None = None,
-) -> None:
+) -> RouteHealth | None:
     """Write a mesh route at the weights `status` holds, except that after a fallback the
     rebuilt known-good revision gets traffic only once it serves (routed_revisions): until
     then the route stays on the revision fallen back from, and the rebuilt one's Service is
     created ahead so that it has endpoints by the time the route moves. During a handover
-    (`handover_share`) the previous stable revision keeps the share its ready replicas carry."""
+    (`handover_share`) the previous stable revision keeps the share its ready replicas carry.
+    Returns what the route's controller reports on the route (None: nothing written)."""
     routed = routed_revisions(status, ready, handover)
     if routed is None:
-        return
+        return None
     stable, candidate, weights = routed
     port = serving_ports(spec)[0]
     if status.stable_revision is not None and stable != status.stable_revision:
         await kube.apply(build_revision_service(owner, status.stable_revision, port))
     target = RouteTarget(owner, port, stable, candidate, weights, total_replicas=total)
-    await build_router(rollout.router, target, KubeRouterClient(kube)).reconcile()
+    router = build_router(rollout.router, target, KubeRouterClient(kube))
+    await router.reconcile()
+    return router.health()
+
+
+def _report_route(body: Json, status: Json, health: RouteHealth | None, logger: Log) -> None:
+    """A Warning when the route's controller starts refusing the route (or refuses it for a
+    new reason): the condition says it too, but an Event reaches `kubectl describe` and
+    alerting on Warnings. Once per change, not every loop."""
+    if health is None or health.status != "False":
+        return
+    before = get_condition(
+        [Condition.model_validate(c) for c in status.get("conditions") or []],
+        CONDITION_ROUTE_ACCEPTED,
+    )
+    if before is not None and before.status == "False" and before.reason == health.reason:
+        return
+    kopf.warn(cast(kopf.Body, body), reason="RouteNotAccepted", message=health.message)
+    logger.warning("%s", health.message)
 
 
 def _handover(

@@ -10,6 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from trimtab.api.rollout import Weights
 from trimtab.builders.common import Owner
+from trimtab.decisions.routing import RouteHealth
 
 Json = dict[str, Any]
 
@@ -70,3 +71,8 @@ class TrafficRouter(Protocol):
     async def finalize(self) -> None:
         """Remove what only the rollout needed (the candidate's Service), leaving the stable
         revision reachable."""
+
+    def health(self) -> RouteHealth | None:
+        """What the route's controller reported on the route as this router last wrote it
+        (the write's answer, no extra read); None before a write, or where there is no
+        routing object (the replica router)."""

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from trimtab.api.rollout import GatewayApiRouterSpec
-from trimtab.builders.routing import Split, build_http_route, weights_from_http_route
+from trimtab.builders.routing import (
+    Split,
+    build_http_route,
+    weights_from_http_route,
+)
+from trimtab.decisions.routing import RouteHealth, http_route_health
 from trimtab.routing.base import Json, RouterClient, RouteTarget
 from trimtab.routing.mesh import MeshRouter
 
@@ -18,3 +23,6 @@ class GatewayApiRouter(MeshRouter):
 
     def read_route(self, route: Json) -> tuple[dict[str, int], int]:
         return weights_from_http_route(route, self.target.owner.name)
+
+    def read_health(self, route: Json) -> RouteHealth:
+        return http_route_health(route)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from trimtab.api.rollout import IstioRouterSpec
-from trimtab.builders.routing import Split, build_virtual_service, weights_from_virtual_service
+from trimtab.builders.routing import (
+    Split,
+    build_virtual_service,
+    weights_from_virtual_service,
+)
+from trimtab.decisions.routing import RouteHealth, virtual_service_health
 from trimtab.routing.base import Json, RouterClient, RouteTarget
 from trimtab.routing.mesh import MeshRouter
 
@@ -18,3 +23,6 @@ class IstioRouter(MeshRouter):
 
     def read_route(self, route: Json) -> tuple[dict[str, int], int]:
         return weights_from_virtual_service(route)
+
+    def read_health(self, route: Json) -> RouteHealth:
+        return virtual_service_health(route)

@@ -15,6 +15,7 @@ from trimtab.builders.routing import (
     revision_service_name,
     route_of,
 )
+from trimtab.decisions.routing import RouteHealth
 from trimtab.routing.base import Json, RouterClient, RouteTarget
 
 
@@ -26,12 +27,16 @@ class MeshRouter:
     def __init__(self, target: RouteTarget, client: RouterClient) -> None:
         self.target = target
         self.client = client
+        self.stored: Json | None = None  # the route as the last write returned it
 
     # --- to implement ---------------------------------------------------------------------
     def build_route(self, split: Split) -> Json:
         raise NotImplementedError
 
     def read_route(self, route: Json) -> tuple[dict[str, int], int]:
+        raise NotImplementedError
+
+    def read_health(self, route: Json) -> RouteHealth:
         raise NotImplementedError
 
     def route_owned(self) -> bool:
@@ -57,15 +62,18 @@ class MeshRouter:
 
     async def reconcile(self) -> None:
         await self._apply_services()
-        await self.client.apply(self.build_route(self._split(self.target.weights)))
+        self.stored = await self.client.apply(self.build_route(self._split(self.target.weights)))
 
     async def set_weights(self, stable: int, candidate: int, mirror_percent: int) -> Weights | None:
         weights = Weights(stable=stable, candidate=candidate, mirror_percent=mirror_percent)
         # Services first: a route pointing at a Service that does not exist yet drops traffic.
         await self._apply_services()
-        stored = await self.client.apply(self.build_route(self._split(weights)))
+        self.stored = await self.client.apply(self.build_route(self._split(weights)))
         self.target = replace(self.target, weights=weights)
-        return self._weights_of(stored)
+        return self._weights_of(self.stored)
+
+    def health(self) -> RouteHealth | None:
+        return None if self.stored is None else self.read_health(self.stored)
 
     async def get_weights(self) -> Weights | None:
         route = self.build_route(self._split(self.target.weights))
@@ -94,7 +102,7 @@ class MeshRouter:
     async def finalize(self) -> None:
         """All traffic to stable, then the candidate's Service goes."""
         t = self.target
-        await self.client.apply(
+        self.stored = await self.client.apply(
             self.build_route(
                 Split(t.stable_revision, None, t.port, stable_weight=100, candidate_weight=0)
             )

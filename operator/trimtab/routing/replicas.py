@@ -8,6 +8,7 @@ from dataclasses import replace
 from trimtab.api.rollout import ReplicasRouterSpec, Weights
 from trimtab.builders.serving import deployment_name
 from trimtab.decisions.rollout import effective_weights, split_replicas
+from trimtab.decisions.routing import RouteHealth
 from trimtab.routing.base import CannotMirror, RouterClient, RouteTarget
 
 
@@ -83,3 +84,6 @@ class ReplicaRouter:
             )
         self.target = replace(self.target, candidate_revision=None, weights=Weights())
         await self._scale(Weights())
+
+    def health(self) -> RouteHealth | None:
+        return None  # no routing object: the one Service always routes

@@ -1,0 +1,192 @@
+"""What a route's controller says of the route a mesh router wrote (a Gateway's report in an
+HTTPRoute's status, istiod's in a VirtualService's), and the `RouteAccepted` condition that
+carries it to the ModelDeployment's status.
+
+Pure: these read the route object the write returned, and never ask the cluster."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from trimtab.api.common import Condition, ConditionStatus
+from trimtab.api.rollout import CONDITION_ROUTE_ACCEPTED
+from trimtab.decisions.conditions import remove_condition, set_condition
+
+Manifest = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RouteHealth:
+    """What the route's controller says of a route trimtab wrote: `status` is "True" when
+    every parent (Gateway) accepted it and resolved its backends, "False" when one refused
+    (`reason` is the refusal's), "Unknown" while a parent has not reported on it."""
+
+    status: ConditionStatus
+    reason: str
+    message: str
+
+
+def _parent_key(ref: Manifest, namespace: str) -> tuple[str, str, str, str, str, str]:
+    """A parentRef with the API's defaults filled in, so spec and status entries compare."""
+    return (
+        str(ref.get("group", "gateway.networking.k8s.io")),
+        str(ref.get("kind", "Gateway")),
+        str(ref.get("namespace") or namespace),
+        str(ref.get("name", "")),
+        str(ref.get("sectionName", "")),
+        str(ref.get("port", "")),
+    )
+
+
+def _parent_text(ref: Manifest, namespace: str) -> str:
+    group, kind, ns, name, section, port = _parent_key(ref, namespace)
+    where = f"{kind} {ns}/{name}"
+    if section:
+        where += f" section {section}"
+    if port:
+        where += f" port {port}"
+    return where
+
+
+def http_route_health(route: Manifest) -> RouteHealth:
+    """Read an HTTPRoute's `status.parents` against its `spec.parentRefs`.
+
+    A parent that has not reported (no entry for it) is Unknown: its controller has not yet
+    seen the route, or the Gateway named does not exist or has no controller running. A
+    condition `Accepted` or `ResolvedRefs` that is False is a refusal, named with the
+    Gateway's own reason and message. Conditions written for an earlier generation are still
+    read (acceptance rarely depends on weights, and the apply that just changed them returns
+    the status the controller has not caught up with yet).
+
+    >>> route = {"metadata": {"name": "llama", "namespace": "ml", "generation": 2},
+    ...          "spec": {"parentRefs": [{"name": "main", "namespace": "infra"}]}}
+    >>> http_route_health(route).status
+    'Unknown'
+    >>> ok = {"type": "Accepted", "status": "True", "reason": "Accepted"}
+    >>> refs = {"type": "ResolvedRefs", "status": "False", "reason": "BackendNotFound",
+    ...         "message": "service ml/llama-abc not found"}
+    >>> route["status"] = {"parents": [{"parentRef": {"name": "main", "namespace": "infra"},
+    ...     "controllerName": "example.io/gateway", "conditions": [ok, refs]}]}
+    >>> health = http_route_health(route)
+    >>> health.status, health.reason
+    ('False', 'BackendNotFound')
+    >>> health.message
+    'HTTPRoute llama: Gateway infra/main cannot resolve its backends (BackendNotFound: service ml/llama-abc not found)'
+    >>> refs.update(status="True", reason="ResolvedRefs", message="")
+    >>> http_route_health(route)
+    RouteHealth(status='True', reason='Accepted', message='HTTPRoute llama: accepted by Gateway infra/main')
+    """  # noqa: E501
+    meta = route.get("metadata", {})
+    name = str(meta.get("name", ""))
+    namespace = str(meta.get("namespace", ""))
+    wanted = route.get("spec", {}).get("parentRefs") or []
+    reported: dict[tuple[str, ...], list[Manifest]] = {}
+    for parent in (route.get("status") or {}).get("parents") or []:
+        key = _parent_key(parent.get("parentRef") or {}, namespace)
+        reported.setdefault(key, []).extend(parent.get("conditions") or [])
+    if not wanted:
+        return RouteHealth(
+            "Unknown", "NoParents", f"HTTPRoute {name} has no parentRefs: no Gateway serves it"
+        )
+    refused: list[tuple[str, str]] = []
+    pending: list[str] = []
+    accepted: list[str] = []
+    for ref in wanted:
+        where = _parent_text(ref, namespace)
+        conditions = {c.get("type"): c for c in reported.get(_parent_key(ref, namespace), [])}
+        problems = [
+            (c.get("reason") or kind, f"{where} {what} ({c.get('reason') or kind}"
+             + (f": {c['message']}" if c.get("message") else "") + ")")
+            for kind, what in (
+                ("Accepted", "did not accept it"),
+                ("ResolvedRefs", "cannot resolve its backends"),
+            )
+            if (c := conditions.get(kind)) is not None and c.get("status") == "False"
+        ]  # fmt: skip
+        if problems:
+            refused.extend(problems)
+        elif (conditions.get("Accepted") or {}).get("status") == "True":
+            accepted.append(where)
+        else:
+            pending.append(where)
+    if refused:
+        return RouteHealth(
+            "False", refused[0][0], f"HTTPRoute {name}: " + "; ".join(p for _, p in refused)
+        )
+    if pending:
+        return RouteHealth(
+            "Unknown",
+            "Pending",
+            f"HTTPRoute {name}: no report yet from " + ", ".join(pending) + " (the Gateway may "
+            "not exist, or no controller serves it)",
+        )
+    return RouteHealth("True", "Accepted", f"HTTPRoute {name}: accepted by " + ", ".join(accepted))
+
+
+def virtual_service_health(vs: Manifest) -> RouteHealth:
+    """Read what istiod writes in a VirtualService's status: analysis messages (only where
+    istiod runs its analysis) and the `Reconciled` condition (only with status enabled).
+    An ERROR message is a refusal; without either, Istio reported nothing against the route.
+
+    >>> vs = {"metadata": {"name": "llama"}, "status": {"validationMessages": [
+    ...     {"level": "ERROR", "type": {"code": "IST0101", "name": "ReferencedResourceNotFound"},
+    ...      "documentationUrl": "https://istio.io/latest/docs/reference/config/analysis/ist0101/"}]}}
+    >>> health = virtual_service_health(vs)
+    >>> health.status, health.reason
+    ('False', 'ReferencedResourceNotFound')
+    >>> virtual_service_health({"metadata": {"name": "llama"}}).status
+    'True'
+    """  # noqa: E501
+    name = str(vs.get("metadata", {}).get("name", ""))
+    status = vs.get("status") or {}
+    errors = [m for m in status.get("validationMessages") or [] if m.get("level") == "ERROR"]
+    if errors:
+        texts = []
+        for m in errors:
+            kind = m.get("type") or {}
+            text = " ".join(str(x) for x in (kind.get("code"), kind.get("name")) if x)
+            if m.get("documentationUrl"):
+                text += f" (see {m['documentationUrl']})"
+            texts.append(text or "an error")
+        reason = str((errors[0].get("type") or {}).get("name") or "ValidationError")
+        return RouteHealth(
+            "False", reason, f"VirtualService {name}: Istio reports " + "; ".join(texts)
+        )
+    reconciled = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "Reconciled"), None
+    )
+    if reconciled is not None and reconciled.get("status") == "True":
+        return RouteHealth("True", "Reconciled", f"VirtualService {name}: reconciled by istiod")
+    if reconciled is not None:
+        return RouteHealth(
+            "Unknown",
+            "Pending",
+            f"VirtualService {name}: istiod has not yet pushed it to every proxy"
+            + (f" ({reconciled['message']})" if reconciled.get("message") else ""),
+        )
+    return RouteHealth("True", "NoErrorsReported", f"VirtualService {name}: Istio reports no error")
+
+
+
+def route_condition(
+    conditions: list[Condition], health: RouteHealth | None, routed: bool, now: str
+) -> list[Condition]:
+    """`conditions` with `RouteAccepted` as `health` says. `routed` is False where no route
+    object exists (the replica router): the condition goes. `health` None (no route written
+    this loop) keeps what the last loop found.
+
+    >>> bad = RouteHealth("False", "NotAllowedByListeners", "HTTPRoute llama: ...")
+    >>> [(c.type, c.status, c.reason) for c in route_condition([], bad, True, "t")]
+    [('RouteAccepted', 'False', 'NotAllowedByListeners')]
+    >>> route_condition(route_condition([], bad, True, "t"), None, False, "t")
+    []
+    """
+    if not routed:
+        return remove_condition(conditions, CONDITION_ROUTE_ACCEPTED)
+    if health is None:
+        return conditions
+    message = health.message[:1000]
+    return set_condition(
+        conditions, CONDITION_ROUTE_ACCEPTED, health.status, health.reason, message, now
+    )
