@@ -12,6 +12,7 @@ import pytest
 
 from tests.validation import (
     ROOT,
+    apply_defaults,
     cel_failures,
     crd_schema,
     thirdparty,
@@ -24,6 +25,7 @@ from trimtab.api.rollout import (
     IstioRouterSpec,
     ReplicasRouterSpec,
     RolloutSpec,
+    RouteMatch,
     Weights,
 )
 from trimtab.builders.common import Owner
@@ -33,6 +35,7 @@ from trimtab.builders.routing import (
     build_released_route,
     build_revision_service,
     build_virtual_service,
+    istio_match,
     route_released,
 )
 from trimtab.routing.base import CannotMirror, RouteTarget
@@ -54,6 +57,20 @@ GW_TIMEOUTS = GW_OWNED.model_copy(
     update={"timeouts": HttpRouteTimeouts(request="10m", backend_request="5m")}
 )
 ISTIO = IstioRouterSpec(type="istio", host="chat.example.com", gateways=["istio-system/public"])
+MATCHES = [
+    {"path": {"type": "PathPrefix", "value": "/v1/"},
+     "headers": [{"type": "RegularExpression", "name": "X-Model", "value": "chat-.*"}],
+     "method": "POST"},
+    {"path": {"type": "Exact", "value": "/healthz"},
+     "queryParams": [{"type": "Exact", "name": "full", "value": "1"}]},
+]  # fmt: skip
+GW_MATCHES = GatewayApiRouterSpec.model_validate(
+    {"type": "gatewayApi", "parentRefs": [{"name": "public"}], "matches": MATCHES}
+)
+GW_EXISTING_MATCHES = GatewayApiRouterSpec.model_validate(
+    {"type": "gatewayApi", "httpRoute": "chat-route", "matches": MATCHES}
+)
+ISTIO_MATCHES = ISTIO.model_copy(update={"matches": GW_MATCHES.matches})
 
 SPLITS = [
     pytest.param(Split("aaa", None, 8000), id="stable-only"),
@@ -70,11 +87,15 @@ SPLITS = [
         pytest.param(GW_OWNED, id="owned"),
         pytest.param(GW_EXISTING, id="existing"),
         pytest.param(GW_TIMEOUTS, id="owned-with-timeouts"),
+        pytest.param(GW_MATCHES, id="owned-with-matches"),
+        pytest.param(GW_EXISTING_MATCHES, id="existing-with-matches"),
     ],
 )
 def test_http_route_fits_the_published_schema(split: Split, router: GatewayApiRouterSpec) -> None:
     route = build_http_route(OWNER, router, split)
     validate_custom(route, HTTPROUTE_CRD)
+    # The rule takes what router.matches says, in the CRD's own form; without, every request.
+    assert route["spec"]["rules"][0].get("matches") == (MATCHES if router.matches else None)
     timeouts = route["spec"]["rules"][0].get("timeouts")
     assert timeouts == (
         {"request": "10m", "backendRequest": "5m"} if router.timeouts is not None else None
@@ -91,13 +112,25 @@ def test_http_route_fits_the_published_schema(split: Split, router: GatewayApiRo
 
 
 @pytest.mark.parametrize("split", SPLITS)
-def test_virtual_service_fits_the_published_schema(split: Split) -> None:
-    vs = build_virtual_service(OWNER, ISTIO, split)
+@pytest.mark.parametrize(
+    "router", [pytest.param(ISTIO, id="every-request"), pytest.param(ISTIO_MATCHES, id="matches")]
+)
+def test_virtual_service_fits_the_published_schema(split: Split, router: IstioRouterSpec) -> None:
+    vs = build_virtual_service(OWNER, router, split)
     # Istio's published schema lists no apiVersion/kind properties; check the rest strictly.
     assert (vs["apiVersion"], vs["kind"]) == ("networking.istio.io/v1", "VirtualService")
     body = {k: v for k, v in vs.items() if k not in ("apiVersion", "kind")}
     validate_custom(body, VS_CRD, version="v1")
     http = vs["spec"]["http"][0]
+    assert http.get("match") == (
+        [
+            {"uri": {"regex": "/v1(/.*)?"}, "headers": {"x-model": {"regex": "chat-.*"}},
+             "method": {"exact": "POST"}},
+            {"uri": {"exact": "/healthz"}, "queryParams": {"full": {"exact": "1"}}},
+        ]
+        if router.matches
+        else None
+    )  # fmt: skip
     assert sum(r["weight"] for r in http["route"]) == 100
     assert ("mirror" in http) == bool(split.mirror_percent)
     if split.mirror_percent:
@@ -154,19 +187,26 @@ def test_route_released(before: Any, after: Any, released: tuple[str, str] | Non
         pytest.param(GW_OWNED, id="owned-http-route"),
         pytest.param(GW_EXISTING, id="users-http-route"),
         pytest.param(ISTIO, id="virtual-service"),
+        pytest.param(GW_EXISTING_MATCHES, id="users-http-route-with-matches"),
+        pytest.param(ISTIO_MATCHES, id="virtual-service-with-matches"),
     ],
 )
 def test_released_route_sends_everything_to_the_resources_service(router: Any) -> None:
     route = build_released_route(OWNER, router, 8000)
     if route["kind"] == "HTTPRoute":
         validate_custom(route, HTTPROUTE_CRD)
-        assert route["spec"]["rules"] == [{"backendRefs": [{"name": "chat", "port": 8000}]}]
+        # Handed back, the route still takes only the requests router.matches named.
+        rule: dict[str, Any] = {"backendRefs": [{"name": "chat", "port": 8000}]}
+        if router.matches:
+            rule = {"matches": MATCHES, **rule}
+        assert route["spec"]["rules"] == [rule]
         # The user's route: only the rules are written, parents and hostnames stay theirs.
         assert ("parentRefs" in route["spec"]) == (router.parent_refs is not None)
     else:
         validate_custom({k: v for k, v in route.items() if k not in ("apiVersion", "kind")},
                         VS_CRD, version="v1")  # fmt: skip
         (http,) = route["spec"]["http"]
+        assert ("match" in http) == bool(router.matches)
         assert http["route"] == [
             {"destination": {"host": "chat.prod.svc.cluster.local", "port": {"number": 8000}},
              "weight": 100}
@@ -265,7 +305,8 @@ def test_registry_is_explicit() -> None:
 
 def rollout_failures(rollout: dict[str, Any]) -> list[str]:
     schema = crd_schema(MDEP_CRD)["properties"]["spec"]["properties"]["rollout"]
-    return list(cel_failures(schema, rollout))
+    # The API server fills in defaults before it runs the rules.
+    return list(cel_failures(schema, apply_defaults(schema, rollout)))
 
 
 @pytest.mark.parametrize(
@@ -339,8 +380,38 @@ def rollout_failures(rollout: dict[str, Any]) -> list[str]:
             "not both",
             id="pause-both",
         ),
+        pytest.param(
+            {"router": {"type": "istio", "host": "m", "matches": MATCHES}}, None,
+            id="istio-matches-ok"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r", "matches": [
+                {"path": {"type": "RegularExpression", "value": "^/v[0-9]+"}}]}},
+            None, id="regex-path-is-not-checked-as-a-path"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r",
+                        "matches": [{"path": {"value": "v1"}}]}},
+            "is absolute", id="relative-path"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r",
+                        "matches": [{"path": {"type": "Exact", "value": "/a/../b"}}]}},
+            "is absolute", id="dot-dot-segment"),
+        pytest.param(
+            {"router": {"type": "istio", "host": "m",
+                        "matches": [{"path": {"value": "/a b"}}]}},
+            "URL path characters", id="space-in-path"),
+        pytest.param(
+            {"router": {"type": "istio", "host": "m", "matches": [{"headers": [
+                {"name": "X-Model", "value": "a"}, {"name": "x-model", "value": "b"}]}]}},
+            "header is matched at most once", id="header-twice-in-two-cases"),
+        pytest.param(
+            {"router": {"type": "istio", "host": "m", "matches": [{"queryParams": [
+                {"name": "a", "value": "1"}, {"name": "a", "value": "2"}]}]}},
+            "query parameter is matched at most once", id="query-parameter-twice"),
+        pytest.param(
+            {"router": {"type": "replicas", "matches": MATCHES}},
+            "matches applies only", id="replicas-has-no-route-to-match-in"),
     ],
-)
+)  # fmt: skip
 def test_rollout_cel_rules(rollout: dict[str, Any], message: str | None) -> None:
     failures = rollout_failures(rollout)
     if message is None:
@@ -401,3 +472,28 @@ def test_route_timeouts_are_checked_as_the_httproute_crd_does(
     else:
         with pytest.raises((AssertionError, jsonschema.ValidationError), match=error):
             validate_custom(body, MDEP_CRD)
+
+
+def gateway_api_prefix_match(prefix: str, path: str) -> bool:
+    """Gateway API's PathPrefix, written from its definition: the prefix's path elements
+    (a trailing '/' ignored) are the first elements of the request path."""
+    want = [e for e in prefix.rstrip("/").split("/")]
+    have = path.split("/")
+    return have[: len(want)] == want
+
+
+@pytest.mark.parametrize("prefix", ["/", "/v1", "/v1/", "/v1/chat", "/a.b", "/a-b~c"])
+def test_an_istio_path_prefix_matches_what_gateway_api_matches(prefix: str) -> None:
+    """Istio's `prefix` is a string prefix (`/v1` would take `/v1beta`); the regex the Istio
+    router writes instead takes exactly the paths Gateway API's PathPrefix takes."""
+    import re
+
+    uri = istio_match(RouteMatch.model_validate({"path": {"value": prefix}}))["uri"]
+    paths = ["/", "/v1", "/v1/", "/v1/chat", "/v1/chat/x", "/v1beta", "/v10", "/a.b", "/axb",
+             "/a.b/c", "/a-b~c", "/a-b~cd", "/chat"]  # fmt: skip
+    for path in paths:
+        if "prefix" in uri:
+            istio = path.startswith(uri["prefix"])
+        else:
+            istio = re.fullmatch(uri["regex"], path) is not None  # RE2 full match, as Envoy's
+        assert istio == gateway_api_prefix_match(prefix, path), (prefix, path, uri)

@@ -88,10 +88,22 @@ def validate_builtin(obj: dict[str, Any]) -> None:
     kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
+def _lower_ascii(text: Any) -> Any:
+    """Kubernetes CEL's `lowerAscii()` (its strings extension library, which cel-python lacks):
+    only A-Z change, as there."""
+    return celpy.celtypes.StringType(
+        "".join(chr(ord(c) + 32) if "A" <= c <= "Z" else c for c in str(text))
+    )
+
+
+# Functions of Kubernetes CEL that rules trimtab writes use and cel-python does not have.
+KUBERNETES_CEL_FUNCTIONS = {"lowerAscii": _lower_ascii}
+
+
 @functools.cache
 def _program(rule: str) -> Any:
     env = celpy.Environment()
-    return env.program(env.compile(rule))
+    return env.program(env.compile(rule), functions=KUBERNETES_CEL_FUNCTIONS)
 
 
 def cel_failures(schema: dict[str, Any], value: Any, path: str = "") -> Iterator[str]:

@@ -5,6 +5,7 @@ Policy, not model: changing `spec.rollout` never starts a new revision."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -183,6 +184,123 @@ class HttpRouteTimeouts(StrictModel):
     )
 
 
+# An HTTP header or query parameter name (RFC 7230 token), as the HTTPRoute CRD has it.
+HTTP_TOKEN = r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$"
+# Characters a path may hold when matched as Exact or PathPrefix (the HTTPRoute CRD's rule).
+PATH_CHARACTERS = r"^(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|[%][0-9a-fA-F]{2})+$"
+
+
+class PathMatch(StrictModel):
+    """The request path to match. PathPrefix matches whole path elements: `/v1` matches `/v1`
+    and `/v1/completions`, not `/v1beta`."""
+
+    type: Literal["Exact", "PathPrefix", "RegularExpression"] = "PathPrefix"
+    value: str = Field(default="/", min_length=1, max_length=1024)
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                # The published HTTPRoute CRD's rules, so a path a Gateway would refuse fails
+                # at apply time rather than in the route.
+                {
+                    "rule": "self.type == 'RegularExpression' || (self.value.startsWith('/') "
+                    "&& !self.value.contains('//') && !self.value.contains('/./') "
+                    "&& !self.value.contains('/../') && !self.value.contains('%2f') "
+                    "&& !self.value.contains('%2F') && !self.value.contains('#') "
+                    "&& !self.value.endsWith('/..') && !self.value.endsWith('/.'))",
+                    "message": "an Exact or PathPrefix path is absolute ('/...') with no '//', "
+                    "'/./', '/../', '%2f', '#', and no trailing '/.' or '/..'",
+                },
+                {
+                    "rule": "self.type == 'RegularExpression' "
+                    f"|| self.value.matches(r\"\"\"{PATH_CHARACTERS}\"\"\")",
+                    "message": "an Exact or PathPrefix path holds only URL path characters",
+                },
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _as_the_api_server_checks(self) -> PathMatch:
+        if self.type == "RegularExpression":
+            return self
+        v = self.value
+        bad = ("//", "/./", "/../", "%2f", "%2F", "#")
+        if not v.startswith("/") or any(b in v for b in bad) or v.endswith(("/..", "/.")):
+            raise ValueError(
+                "an Exact or PathPrefix path is absolute ('/...') with no '//', '/./', "
+                "'/../', '%2f', '#', and no trailing '/.' or '/..'"
+            )
+        if not re.fullmatch(PATH_CHARACTERS[1:-1], v):
+            raise ValueError("an Exact or PathPrefix path holds only URL path characters")
+        return self
+
+
+class HeaderMatch(StrictModel):
+    """A request header that must have a value (names compare case-insensitively)."""
+
+    type: Literal["Exact", "RegularExpression"] = "Exact"
+    name: str = Field(min_length=1, max_length=256, pattern=HTTP_TOKEN)
+    value: str = Field(min_length=1, max_length=4096)
+
+
+class QueryParamMatch(StrictModel):
+    """A query parameter that must have a value (names compare exactly)."""
+
+    type: Literal["Exact", "RegularExpression"] = "Exact"
+    name: str = Field(min_length=1, max_length=256, pattern=HTTP_TOKEN)
+    value: str = Field(min_length=1, max_length=1024)
+
+
+HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"]
+
+
+class RouteMatch(StrictModel):
+    """Requests the route's rule takes: all of the conditions given must hold. In
+    `router.matches` a request is taken when any one match holds."""
+
+    path: PathMatch | None = None
+    headers: list[HeaderMatch] | None = Field(default=None, max_length=16)
+    method: HttpMethod | None = None
+    query_params: list[QueryParamMatch] | None = Field(default=None, max_length=16)
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.headers) || self.headers.all(h, "
+                    "self.headers.exists_one(o, o.name.lowerAscii() == h.name.lowerAscii()))",
+                    "message": "a header is matched at most once (names ignore case)",
+                },
+                {
+                    "rule": "!has(self.queryParams) || self.queryParams.all(q, "
+                    "self.queryParams.exists_one(o, o.name == q.name))",
+                    "message": "a query parameter is matched at most once",
+                },
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _names_once(self) -> RouteMatch:
+        headers = [h.name.lower() for h in self.headers or []]
+        params = [q.name for q in self.query_params or []]
+        if len(set(headers)) != len(headers):
+            raise ValueError("a header is matched at most once (names ignore case)")
+        if len(set(params)) != len(params):
+            raise ValueError("a query parameter is matched at most once")
+        return self
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+MATCHES_DESCRIPTION = (
+    "Requests the rule trimtab writes takes (any one match); default: every request. A route "
+    "taken over with httpRoute gets these instead of its own rules' matches."
+)
+
+
 class GatewayApiRouterSpec(StrictModel):
     """Gateway API: trimtab writes the rules (weighted backendRefs, a RequestMirror filter) of
     an HTTPRoute. With parentRefs it creates the route; with only httpRoute it takes over the
@@ -197,6 +315,9 @@ class GatewayApiRouterSpec(StrictModel):
     timeouts: HttpRouteTimeouts | None = Field(
         default=None, description="Timeouts of the rule trimtab writes."
     )
+    matches: list[RouteMatch] | None = Field(
+        default=None, min_length=1, max_length=16, description=MATCHES_DESCRIPTION
+    )
 
 
 class IstioRouterSpec(StrictModel):
@@ -206,6 +327,9 @@ class IstioRouterSpec(StrictModel):
     host: str = Field(min_length=1, max_length=253, description="Host clients call.")
     gateways: list[str] = Field(
         default_factory=list, max_length=16, description="Gateways; empty: the mesh only."
+    )
+    matches: list[RouteMatch] | None = Field(
+        default=None, min_length=1, max_length=16, description=MATCHES_DESCRIPTION
     )
 
 

@@ -9,8 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trimtab import constants as C
-from trimtab.api.rollout import GatewayApiRouterSpec, IstioRouterSpec, ReplicasRouterSpec
-from trimtab.builders.common import Manifest, Owner, child_name, object_meta
+from trimtab.api.rollout import (
+    GatewayApiRouterSpec,
+    IstioRouterSpec,
+    ReplicasRouterSpec,
+    RouteMatch,
+)
+from trimtab.builders.common import Manifest, Owner, child_name, literal_regex, object_meta
 
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
 ISTIO_API_VERSION = "networking.istio.io/v1"
@@ -101,6 +106,8 @@ def _http_route(owner: Owner, router: GatewayApiRouterSpec, rule: Manifest) -> M
     """The HTTPRoute `router` names with `rule` as its one rule: the whole route when trimtab
     owns it (parentRefs), only the rules of the user's route otherwise."""
     name = http_route_name(owner, router)
+    if router.matches:
+        rule = {"matches": [m.to_wire() for m in router.matches], **rule}
     spec: Manifest = {"rules": [rule]}
     if router.parent_refs is not None:
         spec = {"parentRefs": [p.to_wire() for p in router.parent_refs], **spec}
@@ -148,6 +155,9 @@ def build_virtual_service(owner: Owner, router: IstioRouterSpec, split: Split) -
 
 def _virtual_service(owner: Owner, router: IstioRouterSpec, http: Manifest) -> Manifest:
     """The VirtualService for `router.host` with `http` as its one HTTP route."""
+    if router.matches:
+        http = {"name": http["name"], "match": [istio_match(m) for m in router.matches],
+                **{k: v for k, v in http.items() if k != "name"}}  # fmt: skip
     spec: Manifest = {"hosts": [router.host], "http": [http]}
     if router.gateways:
         spec["gateways"] = list(router.gateways)
@@ -157,6 +167,40 @@ def _virtual_service(owner: Owner, router: IstioRouterSpec, http: Manifest) -> M
         "metadata": object_meta(owner, owner.name, labels={C.LABEL_NAME: owner.name}),
         "spec": spec,
     }
+
+
+def istio_match(match: RouteMatch) -> Manifest:
+    r"""A Gateway API route match as an Istio HTTPMatchRequest, with the same meaning. A
+    PathPrefix matches whole path elements in Gateway API but any string prefix in Istio, so
+    one other than `/` becomes an RE2 regex (Istio matches it against the whole path); header
+    names are lower case, as Istio requires.
+
+    >>> m = RouteMatch.model_validate({"path": {"value": "/v1/"}, "method": "POST",
+    ...     "headers": [{"name": "X-Model", "value": "llama-.*", "type": "RegularExpression"}]})
+    >>> istio_match(m)
+    {'uri': {'regex': '/v1(/.*)?'}, 'headers': {'x-model': {'regex': 'llama-.*'}}, 'method': {'exact': 'POST'}}
+    >>> istio_match(RouteMatch.model_validate({"path": {"value": "/"}}))
+    {'uri': {'prefix': '/'}}
+    """  # noqa: E501
+    out: Manifest = {}
+    if match.path is not None:
+        p = match.path
+        if p.type == "Exact":
+            out["uri"] = {"exact": p.value}
+        elif p.type == "RegularExpression":
+            out["uri"] = {"regex": p.value}
+        elif p.value.rstrip("/") == "":
+            out["uri"] = {"prefix": "/"}
+        else:
+            out["uri"] = {"regex": f"{literal_regex(p.value.rstrip('/'))}(/.*)?"}
+    kinds = {"Exact": "exact", "RegularExpression": "regex"}
+    if match.headers:
+        out["headers"] = {h.name.lower(): {kinds[h.type]: h.value} for h in match.headers}
+    if match.method is not None:
+        out["method"] = {"exact": match.method}
+    if match.query_params:
+        out["queryParams"] = {q.name: {kinds[q.type]: q.value} for q in match.query_params}
+    return out
 
 
 def weights_from_http_route(route: Manifest, owner_name: str) -> tuple[dict[str, int], int]:
