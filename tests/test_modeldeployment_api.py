@@ -69,6 +69,25 @@ INVALID = [
     pytest.param(
         with_spec(tolerations=[{"operator": "Maybe"}]), "operator", id="bad-toleration-op"
     ),
+    pytest.param(
+        with_spec(volumeMounts=[{"name": "weights", "mountPath": "/models"}]),
+        "volumeMounts",
+        id="mount-of-a-volume-not-in-volumes",
+    ),
+    pytest.param(
+        with_spec(volumes=[{"name": "weights", "hostPath": {"path": "/models"}}]),
+        "hostPath",
+        id="host-path-volume",
+    ),
+    pytest.param(
+        with_spec(volumes=[{"name": "weights"}]), "volumes", id="volume-without-a-source"
+    ),
+    pytest.param(
+        with_spec(volumes=[{"name": "w", "emptyDir": {}}],
+                  volumeMounts=[{"name": "w", "mountPath": "models"}]),
+        "mountPath",
+        id="relative-mount-path",
+    ),  # fmt: skip
 ]
 
 
@@ -95,7 +114,7 @@ def test_invalid_spec_rejected_by_model_naming_the_field(doc: dict[str, Any], fi
     from trimtab.decisions.serving import find_spec_problems
 
     problems = find_spec_problems(spec)
-    cel_only = {"gpuResourceName", "valueFrom", "metricsPort"}
+    cel_only = {"gpuResourceName", "valueFrom", "metricsPort", "volumes"}
     assert field in cel_only or problems, f"{field} accepted by the model"
 
 
@@ -127,6 +146,20 @@ def test_revision_ignores_replicas_but_not_image() -> None:
     c = ModelDeploymentSpec.model_validate({**BASE["spec"], "image": "vllm/vllm-openai:v0.7"})
     assert revision_of(a) == revision_of(b)
     assert revision_of(a) != revision_of(c)
+
+
+def test_volumes_are_part_of_the_revision_and_absent_ones_change_no_hash() -> None:
+    """An operator upgrade that adds spec.volumes must not give every existing ModelDeployment
+    a new revision (a rollout of every model at once)."""
+    a = ModelDeploymentSpec.model_validate(BASE["spec"])
+    empty = ModelDeploymentSpec.model_validate({**BASE["spec"], "volumes": [], "volumeMounts": []})
+    claim = {"name": "w", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}}
+    mounted = ModelDeploymentSpec.model_validate(
+        {**BASE["spec"], "volumes": [claim], "volumeMounts": [{"name": "w", "mountPath": "/m"}]}
+    )
+    # The hash trimtab gave this spec before spec.volumes existed.
+    assert revision_of(a) == revision_of(empty) == "b74a8b1f27"
+    assert revision_of(mounted) != revision_of(a)
 
 
 def test_wire_roundtrip_is_camel_case() -> None:

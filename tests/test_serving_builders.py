@@ -66,6 +66,45 @@ def test_every_preset_builds_valid_objects(server: str, gpu: int) -> None:
         assert "nvidia.com/gpu" not in limits
 
 
+CLAIM = {"name": "weights", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}}
+WEIGHTS = {"name": "weights", "mountPath": "/models", "readOnly": True}
+OWN_SHM = {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}
+ADDED_SHM = ({"name": "dshm", "emptyDir": {"medium": "Memory"}},
+             {"name": "dshm", "mountPath": "/dev/shm"})
+
+
+@pytest.mark.parametrize(
+    ("spec", "volumes", "mounts"),
+    [
+        pytest.param({"server": "vllm", "resources": {"gpu": 1}, "volumes": [CLAIM],
+                      "volumeMounts": [WEIGHTS]},
+                     [CLAIM, ADDED_SHM[0]], [WEIGHTS, ADDED_SHM[1]],
+                     id="weights-on-a-claim-beside-the-added-shm"),
+        pytest.param({"server": "vllm", "resources": {"gpu": 1}, "volumes": [CLAIM, OWN_SHM],
+                      "volumeMounts": [WEIGHTS, {"name": "shm", "mountPath": "/dev/shm"}]},
+                     [CLAIM, OWN_SHM], [WEIGHTS, {"name": "shm", "mountPath": "/dev/shm"}],
+                     id="own-shm-replaces-the-added-one"),
+        pytest.param({"server": "generic", "volumes": [{"name": "cfg", "configMap": {"name": "c"}}],
+                      "volumeMounts": [{"name": "cfg", "mountPath": "/etc/server"}]},
+                     [{"name": "cfg", "configMap": {"name": "c"}}],
+                     [{"name": "cfg", "mountPath": "/etc/server"}],
+                     id="cpu-server-with-a-config"),
+        pytest.param({"server": "vllm", "resources": {"gpu": 1}}, [ADDED_SHM[0]],
+                     [ADDED_SHM[1]], id="gpu-server-without-volumes"),
+        pytest.param({"server": "generic"}, None, None, id="no-volumes-at-all"),
+    ],
+)  # fmt: skip
+def test_volumes_reach_the_server_container(
+    spec: dict[str, Any], volumes: list[Any] | None, mounts: list[Any] | None
+) -> None:
+    parsed = ModelDeploymentSpec.model_validate({"image": "example/server:1", **spec})
+    deploy = build_deployment(OWNER, parsed, revision_of(parsed), replicas=1)
+    validate_builtin(deploy)
+    pod = deploy["spec"]["template"]["spec"]
+    assert pod.get("volumes") == volumes
+    assert pod["containers"][0].get("volumeMounts") == mounts
+
+
 def test_mig_profile_and_explicit_limits() -> None:
     spec = ModelDeploymentSpec.model_validate(
         {

@@ -138,7 +138,33 @@ PROBLEMS: list[Any] = [
         ["spec.env: duplicate names A"],
         id="duplicate-env",
     ),
-]
+    pytest.param(
+        {"volumes": [{"name": "w", "emptyDir": {}}],
+         "volumeMounts": [{"name": "w", "mountPath": "/m"}, {"name": "x", "mountPath": "/x"}]},
+        ["spec.volumeMounts: no volume named x"],
+        id="mount-of-an-unknown-volume"),
+    pytest.param(
+        {"volumes": [{"name": "w", "emptyDir": {}}, {"name": "v", "emptyDir": {}}],
+         "volumeMounts": [{"name": "w", "mountPath": "/m"}, {"name": "v", "mountPath": "/m"}]},
+        ["spec.volumeMounts: /m mounted more than once"],
+        id="two-mounts-on-one-path"),
+    pytest.param(
+        {"server": "vllm", "resources": {"gpu": 1}, "volumes": [{"name": "dshm", "emptyDir": {}}]},
+        ['the name "dshm" is taken'],
+        id="dshm-name-taken-by-the-added-shm"),
+    pytest.param(
+        {"server": "vllm", "resources": {"gpu": 1},
+         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}],
+         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]},
+        [],
+        id="own-shm-named-dshm"),
+    pytest.param(
+        {"server": "generic", "resources": {"gpu": 1},
+         "volumes": [{"name": "dshm", "emptyDir": {}}],
+         "volumeMounts": [{"name": "dshm", "mountPath": "/scratch"}]},
+        [],
+        id="dshm-free-where-no-shm-is-added"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("spec", "expected"), PROBLEMS)

@@ -18,6 +18,8 @@ from trimtab.api.common import (
     StatusModel,
     StrictModel,
     Toleration,
+    Volume,
+    VolumeMount,
 )
 from trimtab.api.rightsizing import RecommendationsStatus, RightsizingSpec
 from trimtab.api.rollout import RolloutSpec, RolloutStatus
@@ -54,6 +56,8 @@ class ModelDeploymentSpec(StrictModel):
         "node_selector",
         "tolerations",
         "service_account_name",
+        "volumes",
+        "volume_mounts",
     )
 
     server: ServerPreset = Field(
@@ -97,6 +101,17 @@ class ModelDeploymentSpec(StrictModel):
     service_account_name: str | None = Field(
         default=None, description="(model) Pod service account."
     )
+    volumes: list[Volume] = Field(
+        default_factory=list,
+        max_length=32,
+        description="(model) Pod volumes: model weights on a claim, a config, a secret.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    volume_mounts: list[VolumeMount] = Field(
+        default_factory=list,
+        max_length=32,
+        description="(model) Where the server's container mounts spec.volumes.",
+    )
     replicas: int = Field(default=1, ge=0, le=1000, description="Replicas when autoscaling is off.")
     rightsizing: RightsizingSpec = Field(
         default_factory=RightsizingSpec,
@@ -125,6 +140,12 @@ class ModelDeploymentSpec(StrictModel):
                     "|| self.metricsPort == self.port",
                     "message": "vllm serves metrics on its API port: metricsPort must equal port",
                     "fieldPath": ".metricsPort",
+                },
+                {
+                    "rule": "!has(self.volumeMounts) || self.volumeMounts.all(m, "
+                    "has(self.volumes) && self.volumes.exists(v, v.name == m.name))",
+                    "message": "volumeMounts names a volume that is not in volumes",
+                    "fieldPath": ".volumeMounts",
                 },
                 {
                     "rule": "!has(self.autoscaling) || !self.autoscaling.enabled || has(self.slo)",

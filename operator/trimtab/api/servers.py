@@ -31,3 +31,7 @@ SERVER_DEFAULTS: dict[str, ServerDefaults] = {
     # Any HTTP server exporting an http_request_duration_seconds histogram.
     "generic": ServerDefaults(8080, 8080, "/metrics", "/healthz", "/healthz"),
 }
+
+# Model servers with GPUs use shared memory for NCCL and tokenizer workers; Docker's 64 MiB
+# /dev/shm default makes tensor-parallel vLLM and TGI crash at start.
+SHM_SERVERS = frozenset({"vllm", "tgi", "triton"})

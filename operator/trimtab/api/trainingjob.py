@@ -12,14 +12,14 @@ from pydantic import ConfigDict, Field, StringConstraints
 from trimtab.api.common import (
     Condition,
     DNSLabel,
-    DNSSubdomain,
     EnvVar,
     LabelValue,
-    Quantity,
     Resources,
     StatusModel,
     StrictModel,
     Toleration,
+    Volume,
+    VolumeMount,
 )
 from trimtab.api.rightsizing import RecommendationsStatus, RightsizingSpec
 
@@ -34,71 +34,6 @@ _EnvName = Annotated[
 ]
 _Arg = Annotated[str, StringConstraints(max_length=4096)]
 _ExitCode = Annotated[int, Field(ge=1, le=255)]
-
-
-# --- volumes: a safe subset of the pod's volume sources --------------------------------------
-
-
-class PersistentVolumeClaimSource(StrictModel):
-    claim_name: DNSSubdomain = Field(
-        description="A PersistentVolumeClaim in the same namespace."
-    )
-    read_only: bool | None = None
-
-
-class EmptyDirSource(StrictModel):
-    medium: Literal["", "Memory"] | None = Field(
-        default=None, description='"Memory" for a tmpfs (e.g. a large /dev/shm for NCCL).'
-    )
-    size_limit: Quantity | None = None
-
-
-class KeyToPath(StrictModel):
-    key: str = Field(min_length=1)
-    path: str = Field(min_length=1, pattern=r"^[^/]")
-
-
-class ConfigMapSource(StrictModel):
-    name: DNSSubdomain
-    items: list[KeyToPath] | None = Field(default=None, max_length=64)
-    optional: bool | None = None
-
-
-class SecretSource(StrictModel):
-    secret_name: DNSSubdomain
-    items: list[KeyToPath] | None = Field(default=None, max_length=64)
-    optional: bool | None = None
-
-
-class Volume(StrictModel):
-    """A pod volume. Only claims, scratch space, ConfigMaps and Secrets: no hostPath, no
-    projected service account tokens, nothing that reaches outside the namespace."""
-
-    name: DNSLabel
-    persistent_volume_claim: PersistentVolumeClaimSource | None = None
-    empty_dir: EmptyDirSource | None = None
-    config_map: ConfigMapSource | None = None
-    secret: SecretSource | None = None
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "[has(self.persistentVolumeClaim), has(self.emptyDir), "
-                    "has(self.configMap), has(self.secret)].filter(x, x).size() == 1",
-                    "message": "volumes: set exactly one of persistentVolumeClaim, emptyDir, "
-                    "configMap, secret",
-                }
-            ]
-        }
-    )
-
-
-class VolumeMount(StrictModel):
-    name: DNSLabel = Field(description="The name of a volume in spec.volumes.")
-    mount_path: str = Field(pattern=r"^/", max_length=1024)
-    read_only: bool | None = None
-    sub_path: str | None = Field(default=None, pattern=r"^[^/]", max_length=1024)
 
 
 # --- policies --------------------------------------------------------------------------------

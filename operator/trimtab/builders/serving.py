@@ -19,11 +19,11 @@ from trimtab.builders.common import (
     content_hash,
     object_meta,
 )
+from trimtab.decisions.serving import wants_shm
 
 CONTAINER_NAME = "server"
-# Model servers with GPUs use shared memory for NCCL and tokenizer workers; Docker's 64 MiB
-# /dev/shm default makes tensor-parallel vLLM and TGI crash at start.
-SHM_SERVERS = {"vllm", "tgi", "triton"}
+SHM_VOLUME = "dshm"
+SHM_PATH = "/dev/shm"
 
 
 def revision_of(spec: ModelDeploymentSpec) -> str:
@@ -100,8 +100,11 @@ def build_container(spec: ModelDeploymentSpec) -> Manifest:
         container["env"] = [e.to_wire() for e in spec.env]
     if resources:
         container["resources"] = resources
-    if res.gpu and spec.server in SHM_SERVERS:
-        container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    mounts = [m.to_wire() for m in spec.volume_mounts]
+    if wants_shm(spec):
+        mounts.append({"name": SHM_VOLUME, "mountPath": SHM_PATH})
+    if mounts:
+        container["volumeMounts"] = mounts
     return container
 
 
@@ -123,8 +126,11 @@ def build_deployment(
         pod_spec["tolerations"] = [t.to_wire() for t in spec.tolerations]
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
-    if spec.resources.gpu and spec.server in SHM_SERVERS:
-        pod_spec["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    volumes = [v.to_wire() for v in spec.volumes]
+    if wants_shm(spec):
+        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
+    if volumes:
+        pod_spec["volumes"] = volumes
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

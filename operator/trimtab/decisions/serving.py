@@ -18,6 +18,7 @@ from trimtab.api.modeldeployment import (
     Phase,
 )
 from trimtab.api.quantity import parse_quantity
+from trimtab.api.servers import SHM_SERVERS
 from trimtab.decisions.conditions import set_condition
 
 _PARALLEL_FLAGS = {
@@ -34,6 +35,16 @@ def _flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
             if arg.startswith(name + "="):
                 return arg.split("=", 1)[1]
     return None
+
+
+def wants_shm(spec: ModelDeploymentSpec) -> bool:
+    """A GPU replica of a server that shares memory between processes (SHM_SERVERS) gets a
+    memory-backed /dev/shm, unless the spec mounts its own there."""
+    return (
+        bool(spec.resources.gpu)
+        and spec.server in SHM_SERVERS
+        and all(m.mount_path != "/dev/shm" for m in spec.volume_mounts)
+    )
 
 
 def find_spec_problems(spec: ModelDeploymentSpec) -> list[str]:
@@ -71,6 +82,19 @@ def find_spec_problems(spec: ModelDeploymentSpec) -> list[str]:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         problems.append(f"spec.env: duplicate names {', '.join(dupes)}")
+    volumes = {v.name for v in spec.volumes}
+    unknown = sorted({m.name for m in spec.volume_mounts} - volumes)
+    if unknown:
+        problems.append(f"spec.volumeMounts: no volume named {', '.join(unknown)} in spec.volumes")
+    paths = [m.mount_path for m in spec.volume_mounts]
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        problems.append(f"spec.volumeMounts: {', '.join(twice)} mounted more than once")
+    if wants_shm(spec) and "dshm" in volumes:
+        problems.append(
+            'spec.volumes: the name "dshm" is taken by the /dev/shm trimtab adds for GPU '
+            "replicas; rename it, or mount your own volume at /dev/shm"
+        )
     return problems
 
 
