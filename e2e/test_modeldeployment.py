@@ -58,6 +58,15 @@ async def test_example_reconciles_to_deployment_service_and_status(
         lambda: get_or_none(kube, f"/api/v1/namespaces/{namespace}/services/{name}")
     )
     assert service["metadata"]["ownerReferences"][0]["uid"] == uid
+    # A drain takes one of its pods at a time (the API server validates the budget's fields).
+    pdb = await wait_until(
+        lambda: get_or_none(
+            kube, f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets/{name}"
+        )
+    )
+    assert pdb["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"][C.LABEL_OWNER] == name
 
     async def status() -> dict[str, Any] | None:
         body = await kube.request("GET", md_path(namespace, name))

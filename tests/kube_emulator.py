@@ -50,6 +50,12 @@ RESOURCES: dict[str, tuple[str, bool, set[str], set[str]]] = {
         {"list", "watch", "get", "patch", "create", "delete"},
         {"status"},
     ),
+    "policy/v1/poddisruptionbudgets": (
+        "PodDisruptionBudget",
+        True,
+        {"list", "watch", "get", "patch", "create", "delete"},
+        {"status"},
+    ),
     "v1/pods": ("Pod", True, {"list", "watch", "get", "patch", "create", "delete"}, {"status"}),
     "v1/events": ("Event", True, {"list", "watch", "get", "create", "patch"}, set()),
     "gateway.networking.k8s.io/v1/httproutes": (

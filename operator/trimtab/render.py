@@ -13,7 +13,12 @@ from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.builders.autoscaling import replicas_for_revision
 from trimtab.builders.common import Owner
-from trimtab.builders.serving import build_deployment, build_service, revision_of
+from trimtab.builders.serving import (
+    build_deployment,
+    build_disruption_budget,
+    build_service,
+    revision_of,
+)
 from trimtab.decisions.serving import find_spec_problems
 
 
@@ -41,4 +46,7 @@ def render_modeldeployment(doc: dict[str, Any]) -> list[dict[str, Any]]:
     )
     revision = revision_of(spec)
     replicas = replicas_for_revision(spec, {})  # what the first reconcile applies
-    return [build_deployment(owner, spec, revision, replicas), build_service(owner, spec)]
+    rendered = [build_deployment(owner, spec, revision, replicas), build_service(owner, spec)]
+    if spec.disruption_budget.enabled:
+        rendered.append(build_disruption_budget(owner, spec))
+    return rendered

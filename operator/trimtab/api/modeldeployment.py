@@ -37,6 +37,22 @@ class Probes(StrictModel):
     )
 
 
+class DisruptionBudgetSpec(StrictModel):
+    """How many of the model's pods a voluntary disruption (a node drain, a cluster upgrade,
+    the cluster autoscaler removing a node) may take at once: a PodDisruptionBudget over every
+    revision's pods. Pods that are not ready can always be evicted, so a crashing replica never
+    blocks a drain."""
+
+    enabled: bool = Field(default=True, description="Write the PodDisruptionBudget.")
+    max_unavailable: int = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="Pods an eviction may leave unavailable at once. With one replica the "
+        "eviction is allowed (a drain is never blocked for good).",
+    )
+
+
 class ModelDeploymentSpec(StrictModel):
     """What to serve and on what. Fields marked "model" define a revision."""
 
@@ -116,6 +132,10 @@ class ModelDeploymentSpec(StrictModel):
     rightsizing: RightsizingSpec = Field(
         default_factory=RightsizingSpec,
         description="Right-sizing of CPU, memory and GPU from usage (policy, not a revision).",
+    )
+    disruption_budget: DisruptionBudgetSpec = Field(
+        default_factory=DisruptionBudgetSpec,
+        description="Limit on pods evicted at once by drains and upgrades (policy).",
     )
     slo: SLOSpec | None = Field(
         default=None, description="Service-level objective the autoscaler keeps (policy)."

@@ -187,6 +187,24 @@ def build_service(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
     }
 
 
+def build_disruption_budget(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
+    """The PodDisruptionBudget named after the resource, over the pods of every revision (the
+    Service's selector): a drain takes at most `maxUnavailable` of them at once, and waits for
+    a replacement to be ready before the next. `AlwaysAllow` lets a pod that is not ready be
+    evicted regardless, so a crash-looping replica never holds a node drain."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": object_meta(owner, owner.name, labels={C.LABEL_NAME: owner.name}),
+        "spec": {
+            "maxUnavailable": spec.disruption_budget.max_unavailable,
+            "selector": {"matchLabels": {C.LABEL_OWNER: owner.name,
+                                         C.LABEL_MANAGED_BY: C.MANAGED_BY}},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }  # fmt: skip
+
+
 def selector_string(owner: Owner) -> str:
     """status.selector for the scale subresource: every pod of every revision."""
     return f"{C.LABEL_MANAGED_BY}={C.MANAGED_BY},{C.LABEL_OWNER}={owner.name}"

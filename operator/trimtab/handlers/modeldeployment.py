@@ -27,6 +27,7 @@ from trimtab.builders.autoscaling import replicas_for_revision
 from trimtab.builders.common import Owner, merge_patch
 from trimtab.builders.serving import (
     build_deployment,
+    build_disruption_budget,
     build_service,
     revision_of,
     selector_string,
@@ -36,7 +37,12 @@ from trimtab.decisions.rightsizing import effective_spec
 from trimtab.decisions.rollout import RevisionPlan, plan_revisions, spec_with_model
 from trimtab.decisions.serving import DeploymentObservation, find_spec_problems, serving_state
 from trimtab.kube.client import KubeClient, KubeError, NameTaken, patch_status_from
-from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS, SERVICES
+from trimtab.kube.resources import (
+    DEPLOYMENTS,
+    MODELDEPLOYMENTS,
+    PODDISRUPTIONBUDGETS,
+    SERVICES,
+)
 from trimtab.observability import RECONCILE_SECONDS, RECONCILES
 
 KIND = C.MODELDEPLOYMENT_KIND
@@ -228,6 +234,7 @@ async def _reconcile(
     is_new = all(o.revision != revision for o in observations)
     try:
         plan = await apply_revisions(kube, owner, parsed, dict(body.get("status") or {}))
+        await apply_disruption_budget(kube, owner, parsed)
     except NameTaken as err:
         # Another resource holds a name this one needs: nothing was taken from it. Look again
         # later, since that resource may go (the garbage collector, or its user, removes it).
@@ -343,6 +350,20 @@ async def apply_revisions(
     if plan.candidate is not None:
         await kube.apply(build_deployment(owner, spec, plan.candidate, candidate_n))
     return plan
+
+
+async def apply_disruption_budget(
+    kube: KubeClient, owner: Owner, spec: ModelDeploymentSpec
+) -> None:
+    """Write the resource's PodDisruptionBudget, or with `disruptionBudget.enabled: false`
+    delete the one it controls (one of that name that something else made stays)."""
+    if spec.disruption_budget.enabled:
+        await kube.apply(build_disruption_budget(owner, spec))
+        return
+    current = await kube.get(PODDISRUPTIONBUDGETS, owner.namespace, owner.name)
+    refs = ((current or {}).get("metadata") or {}).get("ownerReferences") or []
+    if any(r.get("controller") and r.get("uid") == owner.uid for r in refs):
+        await kube.delete(PODDISRUPTIONBUDGETS, owner.namespace, owner.name)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)

@@ -77,6 +77,13 @@ JOBS = Resource(
     "batch", "v1", "jobs", "Job", verbs=_verbs("get", "list", "watch", "create", "patch", "delete")
 )
 PODS = Resource("", "v1", "pods", "Pod", verbs=_verbs("get", "list", "watch"))
+PODDISRUPTIONBUDGETS = Resource(
+    "policy",
+    "v1",
+    "poddisruptionbudgets",
+    "PodDisruptionBudget",
+    verbs=_verbs("get", "create", "patch", "delete"),
+)
 HTTPROUTES = Resource(
     "gateway.networking.k8s.io",
     "v1",
@@ -124,6 +131,7 @@ REGISTRY: tuple[Resource, ...] = (
     SERVICES,
     JOBS,
     PODS,
+    PODDISRUPTIONBUDGETS,
     HTTPROUTES,
     VIRTUALSERVICES,
     PODGROUPS,
