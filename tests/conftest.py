@@ -23,6 +23,7 @@ from trimtab.kube.client import KubeClient
 MDEP_RESOURCE = (C.GROUP, C.VERSION, C.MODELDEPLOYMENT_PLURAL)
 # Set before any test imports the handlers: the right-sizing timers tick every second in tests.
 os.environ.setdefault("TRIMTAB_RIGHTSIZING_TICK_SECONDS", "1")
+os.environ.setdefault("TRIMTAB_CONVERGE_SECONDS", "2")
 _LOGIN_URL: dict[str, str] = {}
 
 

@@ -6,8 +6,10 @@ Each handler parses, asks decisions/ and builders/, writes only what differs, an
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
+import os
 import time
 from typing import Any, cast
 
@@ -62,6 +64,11 @@ RESOURCE_SERVICE_LABELS: dict[str, Any] = {
 # Degraded reasons set by the reconcile; Deployment events do not clear them.
 SPEC_REASONS = ("InvalidSpec", "ApplyRejected", "NameTaken")
 NAME_TAKEN_RETRY_SECONDS = 30
+
+# How often a ModelDeployment is checked for a spec generation no reconcile has taken up.
+CONVERGE_S = float(os.environ.get("TRIMTAB_CONVERGE_SECONDS", "30"))
+# kopf's record of the reconcile handler in progress (or waiting to retry) on an object.
+RECONCILE_PROGRESS = f"{C.KOPF_ANNOTATION_PREFIX}/reconcile_modeldeployment"
 
 IndexKey = tuple[str, str]
 Log = logging.Logger | logging.LoggerAdapter[Any]
@@ -193,6 +200,61 @@ async def reconcile_modeldeployment(
     finally:
         RECONCILES.labels(kind=KIND, result=result).inc()
         RECONCILE_SECONDS.labels(kind=KIND).observe(time.monotonic() - started)
+
+
+def missed_generation(body: Any) -> int | None:
+    """The generation of `body`'s spec that no reconcile has taken up, or None.
+
+    kopf records a create as handled with the body it last saw: a spec change that lands
+    while the create's handlers finish is taken for handled and fires no update (kopf issue
+    1178). status.observedGeneration says what the reconcile did see; a generation past it,
+    with no reconcile in progress or waiting to retry (kopf's progress annotation), was missed.
+
+    >>> missed_generation({"metadata": {"generation": 2}, "status": {"observedGeneration": 1}})
+    2
+    >>> missed_generation({"metadata": {"generation": 2}, "status": {"observedGeneration": 2}})
+    >>> busy = {"annotations": {RECONCILE_PROGRESS: "{}"}, "generation": 2}
+    >>> missed_generation({"metadata": busy, "status": {"observedGeneration": 1}})
+    """
+    meta = body.get("metadata") or {}
+    if meta.get("deletionTimestamp") or RECONCILE_PROGRESS in (meta.get("annotations") or {}):
+        return None
+    generation = int(meta.get("generation") or 0)
+    observed = int((body.get("status") or {}).get("observedGeneration") or 0)
+    return generation if generation > observed else None
+
+
+@kopf.timer(C.GROUP, C.VERSION, C.MODELDEPLOYMENT_PLURAL, interval=CONVERGE_S, sharp=False)
+async def converge_modeldeployment(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    patch: kopf.Patch,
+    memo: Any,
+    logger: Log,
+    **kwargs: Any,
+) -> None:
+    """Reconcile a spec generation that kopf took for handled without running the reconcile
+    (see `missed_generation`); until the next change, the Deployments would otherwise keep
+    the previous spec. The outcome is in status, as from the reconcile handler."""
+    generation = missed_generation(body)
+    if generation is None:
+        return
+    # A change the reconcile handler is taking up right now looks the same until it writes
+    # status: look again after a while, on a fresh read.
+    await asyncio.sleep(CONVERGE_S / 2)
+    meta = body["metadata"]
+    fresh = await memo.kube.get(MODELDEPLOYMENTS, meta["namespace"], meta["name"])
+    if fresh is None or missed_generation(fresh) != generation:
+        return
+    logger.info("generation %s was never reconciled; reconciling it now", generation)
+    fresh_body = cast(kopf.Body, fresh)
+    try:
+        await _reconcile(
+            fresh_body, fresh["spec"], patch, memo, logger, kwargs["serving_deployments"]
+        )
+    except (kopf.PermanentError, kopf.TemporaryError) as err:
+        # Written to status (Degraded) or retried at the next check: the timer keeps going.
+        logger.warning("reconcile of generation %s: %s", generation, err)
 
 
 def _explain_ignored_replicas(body: kopf.Body, spec: kopf.Spec, diff: Any) -> None:
