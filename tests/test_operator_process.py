@@ -151,7 +151,7 @@ def test_render_cli_prints_manifests(capsys: Any) -> None:
 
     assert main(["render", "-f", str(ROOT / "examples" / "modeldeployment.yaml")]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["kind"] for d in docs] == ["Deployment", "Service"]
+    assert [d["kind"] for d in docs] == ["Deployment", "Service", "PodDisruptionBudget"]
 
 
 def test_peers_get_distinct_priorities(monkeypatch: Any) -> None:
