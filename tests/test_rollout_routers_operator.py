@@ -252,6 +252,18 @@ async def revision_services(cluster: Cluster, owner: str) -> set[str]:
     return names
 
 
+async def resource_service_selects(cluster: Cluster, owner: str) -> str | None:
+    """The one revision the Service named after the resource selects; None: all of them."""
+    svc = await cluster.get(f"{SVC_PATH}/{owner}")
+    assert svc is not None, f"no Service {owner}"
+    selector = svc["spec"]["selector"]
+    assert {k: v for k, v in selector.items() if k != C.LABEL_REVISION} == {
+        C.LABEL_OWNER: owner,
+        C.LABEL_MANAGED_BY: C.MANAGED_BY,
+    }
+    return selector.get(C.LABEL_REVISION)
+
+
 async def released_to_shared_service(cluster: Cluster, owner: str, route_name: str) -> bool:
     """The route sends everything to the Service named after the resource, no per-revision
     Service is left, and the RouteReleased Event is posted."""
@@ -315,6 +327,9 @@ async def gateway_api_shadow_then_canary(cluster: Cluster, url: str) -> None:
     assert backends(route) == {sa: 100, sb: 0}
     assert mirrors(route) == [(sb, 50)]
     assert await revision_services(cluster, GW) == {sa, sb}
+    # Callers of the resource's own Service reach the stable revision only: a shadow candidate
+    # answers no real request.
+    assert await resource_service_selects(cluster, GW) == a
 
     # Shadow passes (3 s, enough mirrored requests, analysis Pass): the canary step, no mirror.
     step = await wait_rollout(cluster, GW, lambda ro: ro.get("stepIndex") == 0)
@@ -345,6 +360,8 @@ async def gateway_api_shadow_then_canary(cluster: Cluster, url: str) -> None:
         return await revision_services(cluster, GW) == {sb}
 
     await eventually(old_service_gone)
+    # Promoted: the resource's Service selects every revision's pods again.
+    assert await resource_service_selects(cluster, GW) is None
 
     async def events_posted() -> bool:  # kopf posts Events in the background
         reasons = set(await event_reasons(cluster, GW))

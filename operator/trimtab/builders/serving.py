@@ -164,9 +164,12 @@ def build_deployment(
     }
 
 
-def build_service(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
-    """The Service named after the resource; it selects every revision's pods, so traffic keeps
-    flowing while revisions change."""
+def build_service(
+    owner: Owner, spec: ModelDeploymentSpec, revision: str | None = None
+) -> Manifest:
+    """The Service named after the resource. It selects every revision's pods, so traffic
+    keeps flowing while revisions change; or only `revision`'s (see
+    `RevisionPlan.service_revision`: the stable one while a mesh route weighs a candidate)."""
     port, metrics_port, _ = serving_ports(spec)
     ports: list[Manifest] = [
         {"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}
@@ -181,7 +184,11 @@ def build_service(owner: Owner, spec: ModelDeploymentSpec) -> Manifest:
         "metadata": object_meta(owner, owner.name, labels={C.LABEL_NAME: owner.name}),
         "spec": {
             "type": "ClusterIP",
-            "selector": {C.LABEL_OWNER: owner.name, C.LABEL_MANAGED_BY: C.MANAGED_BY},
+            "selector": {
+                C.LABEL_OWNER: owner.name,
+                C.LABEL_MANAGED_BY: C.MANAGED_BY,
+                **({C.LABEL_REVISION: revision} if revision else {}),
+            },
             "ports": ports,
         },
     }

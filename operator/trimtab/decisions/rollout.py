@@ -978,6 +978,30 @@ class RevisionPlan:
             return self.stable
         return None
 
+    @property
+    def service_revision(self) -> str | None:
+        """The one revision the Service named after the resource selects; None: every
+        revision's pods. With a mesh router and a candidate in flight, only the route sends
+        the candidate requests: callers of the Service itself (in-cluster clients, an Ingress,
+        sidecars the route does not cover) reach the stable revision, so a shadow candidate
+        never answers a real request and a canary gets no share beyond its weight. Otherwise
+        all: the replica router splits by pods behind this Service, and after a promotion or a
+        fallback the revision still serving keeps answering until it is retired.
+
+        >>> canary = RolloutStatus(stable_revision="a", candidate_revision="b",
+        ...                        weights=Weights(stable=90, candidate=10))
+        >>> plan_revisions("b", True, canary, exact_weights=True).service_revision
+        'a'
+        >>> plan_revisions("b", True, canary, exact_weights=False).service_revision is None
+        True
+        >>> promoted = RolloutStatus(stable_revision="b", phase="Watching")
+        >>> plan_revisions("b", True, promoted, exact_weights=True).service_revision is None
+        True
+        """
+        if self.rollout and self.exact_weights and (self.candidate or self.outgoing):
+            return self.stable
+        return None
+
     def replicas(self, total: int) -> tuple[int, int]:
         """(stable, candidate) replicas for `total` replicas of capacity."""
         return split_replicas(

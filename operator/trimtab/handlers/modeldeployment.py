@@ -406,7 +406,7 @@ async def apply_revisions(
         stable_spec = spec_with_model(spec, plan.stable_model)
     # The Service first: it claims the resource's name, so a resource whose name another one
     # holds (NameTaken) starts no pods.
-    await kube.apply(build_service(owner, spec))
+    await kube.apply(build_service(owner, spec, plan.service_revision))
     if stable_spec is not None:
         await kube.apply(build_deployment(owner, stable_spec, plan.stable, stable_n))
     if plan.candidate is not None:
@@ -518,7 +518,8 @@ async def restore_deleted_service(
     if parsed is None or problems:
         return False
     try:
-        await kube.apply(build_service(owner_of(cast(kopf.Body, body)), parsed))
+        pinned = plan_for(parsed, dict(body.get("status") or {})).service_revision
+        await kube.apply(build_service(owner_of(cast(kopf.Body, body)), parsed, pinned))
     except NameTaken:
         return False  # something else took the name meanwhile: the reconcile reports it
     logger.info("the Service of %s/%s was deleted; created again", namespace, name)
