@@ -83,6 +83,9 @@ INVALID = [
         with_spec(volumes=[{"name": "weights"}]), "volumes", id="volume-without-a-source"
     ),
     pytest.param(
+        with_spec(priorityClassName="High_Priority"), "priorityClassName", id="bad-priority-class"
+    ),
+    pytest.param(
         with_spec(volumes=[{"name": "w", "emptyDir": {}}],
                   volumeMounts=[{"name": "w", "mountPath": "models"}]),
         "mountPath",

@@ -105,6 +105,20 @@ def test_volumes_reach_the_server_container(
     assert pod["containers"][0].get("volumeMounts") == mounts
 
 
+def test_priority_class_reaches_the_pods_and_makes_a_revision() -> None:
+    plain = ModelDeploymentSpec.model_validate({"image": "srv:1"})
+    high = ModelDeploymentSpec.model_validate({"image": "srv:1", "priorityClassName": "serving"})
+    deploy = build_deployment(OWNER, high, revision_of(high), replicas=1)
+    validate_builtin(deploy)
+    assert deploy["spec"]["template"]["spec"]["priorityClassName"] == "serving"
+    assert "priorityClassName" not in build_deployment(
+        OWNER, plain, revision_of(plain), replicas=1
+    )["spec"]["template"]["spec"]
+    # A new pod template, so a new revision; unset, the hash is what it was before the field.
+    assert revision_of(high) != revision_of(plain)
+    assert plain.model_part() == {"image": "srv:1"}
+
+
 def test_mig_profile_and_explicit_limits() -> None:
     spec = ModelDeploymentSpec.model_validate(
         {

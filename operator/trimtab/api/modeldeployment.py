@@ -74,6 +74,7 @@ class ModelDeploymentSpec(StrictModel):
         "service_account_name",
         "volumes",
         "volume_mounts",
+        "priority_class_name",
     )
 
     server: ServerPreset = Field(
@@ -116,6 +117,13 @@ class ModelDeploymentSpec(StrictModel):
     )
     service_account_name: str | None = Field(
         default=None, description="(model) Pod service account."
+    )
+    priority_class_name: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        max_length=253,
+        description="(model) PriorityClass of the pods: serving above batch and training, so "
+        "the scheduler preempts those for a replica rather than leave it pending.",
     )
     volumes: list[Volume] = Field(
         default_factory=list,

@@ -126,6 +126,8 @@ def build_deployment(
         pod_spec["tolerations"] = [t.to_wire() for t in spec.tolerations]
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
     volumes = [v.to_wire() for v in spec.volumes]
     if wants_shm(spec):
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
