@@ -32,7 +32,7 @@ EVERYTHING: dict[str, Any] = {
         "logLevel": "DEBUG",
         "metricsPort": 9090,
         "healthPort": 9091,
-        "extraEnv": [{"name": "TRIMTAB_RESYNC_SECONDS", "value": "30"}],
+        "extraEnv": [{"name": "TRIMTAB_RIGHTSIZING_INTERVAL_SECONDS", "value": "600"}],
         "nodeSelector": {"node-role.kubernetes.io/control-plane": ""},
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops"}],
         "affinity": {
@@ -325,7 +325,7 @@ def test_everything_renders_its_optional_parts() -> None:
     assert pod["serviceAccountName"] == "trimtab-sa"
     assert pod["priorityClassName"] == "system-cluster-critical"
     assert pod["affinity"] == EVERYTHING["operator"]["affinity"]
-    assert container_env(container)["TRIMTAB_RESYNC_SECONDS"] == "30"
+    assert container_env(container)["TRIMTAB_RIGHTSIZING_INTERVAL_SECONDS"] == "600"
     assert deployment["spec"]["template"]["metadata"]["labels"]["team"] == "ml-platform"
     assert by_kind(docs, "CustomResourceDefinition") == []
 
