@@ -86,6 +86,14 @@ INVALID = [
         with_spec(priorityClassName="High_Priority"), "priorityClassName", id="bad-priority-class"
     ),
     pytest.param(
+        with_spec(topologySpread=[{"topologyKey": "zone", "whenUnsatisfiable": "Never"}]),
+        "whenUnsatisfiable",
+        id="unknown-when-unsatisfiable",
+    ),
+    pytest.param(
+        with_spec(topologySpread=[{"topologyKey": "a b"}]), "topologyKey", id="bad-topology-key"
+    ),
+    pytest.param(
         with_spec(volumes=[{"name": "w", "emptyDir": {}}],
                   volumeMounts=[{"name": "w", "mountPath": "models"}]),
         "mountPath",

@@ -119,6 +119,39 @@ def test_priority_class_reaches_the_pods_and_makes_a_revision() -> None:
     assert plain.model_part() == {"image": "srv:1"}
 
 
+@pytest.mark.parametrize(
+    ("spread", "expected"),
+    [
+        pytest.param([], None, id="none"),
+        pytest.param(
+            [{"topologyKey": "topology.kubernetes.io/zone"},
+             {"topologyKey": "kubernetes.io/hostname", "maxSkew": 2,
+              "whenUnsatisfiable": "DoNotSchedule"}],
+            [("topology.kubernetes.io/zone", 1, "ScheduleAnyway"),
+             ("kubernetes.io/hostname", 2, "DoNotSchedule")],
+            id="zones-preferred-nodes-required"),
+    ],
+)  # fmt: skip
+def test_topology_spread_covers_every_revisions_pods(
+    spread: list[dict[str, Any]], expected: list[tuple[str, int, str]] | None
+) -> None:
+    spec = ModelDeploymentSpec.model_validate({"image": "srv:1", "topologySpread": spread})
+    deploy = build_deployment(OWNER, spec, revision_of(spec), replicas=4)
+    validate_builtin(deploy)
+    pod = deploy["spec"]["template"]
+    constraints = pod["spec"].get("topologySpreadConstraints")
+    if expected is None:
+        assert constraints is None
+        assert revision_of(spec) == revision_of(ModelDeploymentSpec(image="srv:1"))
+        return
+    got = [(c["topologyKey"], c["maxSkew"], c["whenUnsatisfiable"]) for c in constraints]
+    assert got == expected
+    for c in constraints:
+        # Every revision's pods count together, and this pod is one of them.
+        assert c["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        assert C.LABEL_REVISION not in c["labelSelector"]["matchLabels"]
+
+
 def test_mig_profile_and_explicit_limits() -> None:
     spec = ModelDeploymentSpec.model_validate(
         {

@@ -164,6 +164,11 @@ PROBLEMS: list[Any] = [
          "volumeMounts": [{"name": "dshm", "mountPath": "/scratch"}]},
         [],
         id="dshm-free-where-no-shm-is-added"),
+    pytest.param(
+        {"topologySpread": [{"topologyKey": "kubernetes.io/hostname"},
+                            {"topologyKey": "kubernetes.io/hostname", "maxSkew": 2}]},
+        ["spec.topologySpread: kubernetes.io/hostname given more than once"],
+        id="one-topology-key-twice"),
 ]  # fmt: skip
 
 

@@ -37,6 +37,27 @@ class Probes(StrictModel):
     )
 
 
+class TopologySpread(StrictModel):
+    """Spread the model's replicas over the values of a node label: nodes
+    (`kubernetes.io/hostname`) or zones (`topology.kubernetes.io/zone`), so that one node or
+    zone going down takes only its share of them."""
+
+    topology_key: str = Field(
+        min_length=1,
+        max_length=317,
+        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="The node label whose values replicas spread over.",
+    )
+    max_skew: int = Field(
+        default=1, ge=1, le=100, description="Most replicas one value may have over another."
+    )
+    when_unsatisfiable: Literal["ScheduleAnyway", "DoNotSchedule"] = Field(
+        default="ScheduleAnyway",
+        description="ScheduleAnyway: a preference (a replica still starts where GPUs are free); "
+        "DoNotSchedule: a rule (it stays pending instead).",
+    )
+
+
 class DisruptionBudgetSpec(StrictModel):
     """How many of the model's pods a voluntary disruption (a node drain, a cluster upgrade,
     the cluster autoscaler removing a node) may take at once: a PodDisruptionBudget over every
@@ -75,6 +96,7 @@ class ModelDeploymentSpec(StrictModel):
         "volumes",
         "volume_mounts",
         "priority_class_name",
+        "topology_spread",
     )
 
     server: ServerPreset = Field(
@@ -124,6 +146,16 @@ class ModelDeploymentSpec(StrictModel):
         max_length=253,
         description="(model) PriorityClass of the pods: serving above batch and training, so "
         "the scheduler preempts those for a replica rather than leave it pending.",
+    )
+    topology_spread: list[TopologySpread] = Field(
+        default_factory=list,
+        max_length=8,
+        description="(model) Spread replicas over nodes or zones (topology spread constraints "
+        "over every revision's pods).",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["topologyKey"],
+        },
     )
     volumes: list[Volume] = Field(
         default_factory=list,

@@ -128,6 +128,20 @@ def build_deployment(
         pod_spec["serviceAccountName"] = spec.service_account_name
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
+    if spec.topology_spread:
+        # Over every revision's pods (the Service's selector): the model's serving capacity,
+        # whichever revision holds it, is what a node or zone outage must not take at once.
+        pod_spec["topologySpreadConstraints"] = [
+            {
+                "topologyKey": t.topology_key,
+                "maxSkew": t.max_skew,
+                "whenUnsatisfiable": t.when_unsatisfiable,
+                "labelSelector": {
+                    "matchLabels": {C.LABEL_OWNER: owner.name, C.LABEL_MANAGED_BY: C.MANAGED_BY}
+                },
+            }
+            for t in spec.topology_spread
+        ]
     volumes = [v.to_wire() for v in spec.volumes]
     if wants_shm(spec):
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}})

@@ -90,6 +90,10 @@ def find_spec_problems(spec: ModelDeploymentSpec) -> list[str]:
     twice = sorted({p for p in paths if paths.count(p) > 1})
     if twice:
         problems.append(f"spec.volumeMounts: {', '.join(twice)} mounted more than once")
+    keys = [t.topology_key for t in spec.topology_spread]
+    spread_twice = sorted({k for k in keys if keys.count(k) > 1})
+    if spread_twice:
+        problems.append(f"spec.topologySpread: {', '.join(spread_twice)} given more than once")
     if wants_shm(spec) and "dshm" in volumes:
         problems.append(
             'spec.volumes: the name "dshm" is taken by the /dev/shm trimtab adds for GPU '
