@@ -94,6 +94,31 @@ INVALID = [
         with_spec(topologySpread=[{"topologyKey": "a b"}]), "topologyKey", id="bad-topology-key"
     ),
     pytest.param(
+        with_spec(podMetadata={"labels": {"trimtab.io/revision": "x"}}),
+        "podMetadata",
+        id="pod-label-trimtab-selects-on",
+    ),
+    pytest.param(
+        with_spec(podMetadata={"labels": {"app.kubernetes.io/managed-by": "helm"}}),
+        "podMetadata",
+        id="pod-label-managed-by",
+    ),
+    pytest.param(
+        with_spec(podMetadata={"annotations": {"prometheus.io/scrape": "false"}}),
+        "podMetadata",
+        id="pod-annotation-trimtab-writes",
+    ),
+    pytest.param(
+        with_spec(podMetadata={"labels": {"team name": "search"}}),
+        "podMetadata",
+        id="pod-label-key-not-a-qualified-name",
+    ),
+    pytest.param(
+        with_spec(podMetadata={"labels": {"team": "search/ranking"}}),
+        "labels",
+        id="pod-label-value-with-a-slash",
+    ),
+    pytest.param(
         with_spec(volumes=[{"name": "w", "emptyDir": {}}],
                   volumeMounts=[{"name": "w", "mountPath": "models"}]),
         "mountPath",
@@ -157,6 +182,15 @@ def test_revision_ignores_replicas_but_not_image() -> None:
     c = ModelDeploymentSpec.model_validate({**BASE["spec"], "image": "vllm/vllm-openai:v0.7"})
     assert revision_of(a) == revision_of(b)
     assert revision_of(a) != revision_of(c)
+
+
+def test_pod_metadata_keys_the_api_server_accepts() -> None:
+    doc = with_spec(podMetadata={
+        "labels": {"team": "search", "example.com/cost-center": "ml-42"},
+        "annotations": {"vault.hashicorp.com/agent-inject": "true", "note": "a b / c"},
+    })  # fmt: skip
+    validate_custom(doc, CRD)
+    ModelDeploymentSpec.model_validate(doc["spec"])
 
 
 def test_volumes_are_part_of_the_revision_and_absent_ones_change_no_hash() -> None:

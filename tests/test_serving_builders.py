@@ -152,6 +152,28 @@ def test_topology_spread_covers_every_revisions_pods(
         assert C.LABEL_REVISION not in c["labelSelector"]["matchLabels"]
 
 
+def test_pod_metadata_reaches_the_pods_beside_trimtabs_own() -> None:
+    spec = ModelDeploymentSpec.model_validate({
+        "image": "srv:1",
+        "podMetadata": {"labels": {"team": "search", "cost-center": "ml-42"},
+                        "annotations": {"vault.hashicorp.com/agent-inject": "true"}},
+    })  # fmt: skip
+    revision = revision_of(spec)
+    deploy = build_deployment(OWNER, spec, revision, replicas=1)
+    validate_builtin(deploy)
+    meta = deploy["spec"]["template"]["metadata"]
+    assert meta["labels"]["team"] == "search" and meta["labels"]["cost-center"] == "ml-42"
+    assert meta["labels"][C.LABEL_REVISION] == revision
+    assert meta["annotations"]["vault.hashicorp.com/agent-inject"] == "true"
+    assert meta["annotations"]["prometheus.io/scrape"] == "true"
+    # The selector is trimtab's alone: a pod label change makes a new revision, never a
+    # Deployment whose selector no longer matches its pods.
+    assert deploy["spec"]["selector"]["matchLabels"] == {
+        C.LABEL_OWNER: "llama-8b", C.LABEL_REVISION: revision
+    }
+    assert revision != revision_of(ModelDeploymentSpec(image="srv:1"))
+
+
 def test_mig_profile_and_explicit_limits() -> None:
     spec = ModelDeploymentSpec.model_validate(
         {

@@ -163,12 +163,15 @@ def build_deployment(
             "revisionHistoryLimit": 2,
             "template": {
                 "metadata": {
+                    # The spec's own first: trimtab's keys are refused there, and win anyway.
                     "labels": {
+                        **spec.pod_metadata.labels,
                         **labels,
                         C.LABEL_MANAGED_BY: C.MANAGED_BY,
                         C.LABEL_NAME: owner.name,
                     },
                     "annotations": {
+                        **spec.pod_metadata.annotations,
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(metrics_port),
                         "prometheus.io/path": metrics_path,
