@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.conftest import Cluster, wait_for, wait_for_value
 from tests.kube_emulator import ApiServerEmulator
@@ -235,6 +236,11 @@ def test_the_warning_is_sent_once_per_refusal(monkeypatch: pytest.MonkeyPatch) -
     assert sent == ["RouteNotAccepted", "RouteNotAccepted"]
 
 
+def route_gauge(name: str) -> float | None:
+    """trimtab_route_accepted as the operator's /metrics would serve it (same process)."""
+    return REGISTRY.get_sample_value("trimtab_route_accepted", {"namespace": NS, "name": name})
+
+
 async def _condition(cluster: Cluster, name: str) -> dict[str, Any] | None:
     body = await cluster.get(f"{MD_PATH}/{name}") or {}
     conditions = (body.get("status") or {}).get("conditions") or []
@@ -283,12 +289,14 @@ async def test_the_gateways_report_reaches_the_modeldeployment(
         )
         assert got["reason"] == "NotAllowedByListeners"
         assert "namespace ml not allowed" in got["message"]
+        assert route_gauge("gw") == 0.0  # an alert on trimtab_route_accepted == 0 fires
         await asyncio.sleep(2.5)  # loops that find the same refusal send no second Warning
         await report([ACCEPTED, RESOLVED])
         got = await wait_for_value(
             lambda: _condition(cluster, "gw"), lambda c: c and c["status"] == "True", timeout=10
         )
         assert got["reason"] == "Accepted"
+        assert route_gauge("gw") == 1.0
         events = await cluster.get(f"/api/v1/namespaces/{NS}/events") or {}
         warned = [e for e in events.get("items", []) if e.get("reason") == "RouteNotAccepted"]
         assert len(warned) == 1

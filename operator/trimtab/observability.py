@@ -35,3 +35,9 @@ ROLLOUT_WEIGHT = Gauge(
 ROLLBACKS = Counter(
     "trimtab_rollbacks_total", "Rollbacks and fallbacks.", ["namespace", "name", "kind"]
 )
+ROUTE_ACCEPTED = Gauge(
+    "trimtab_route_accepted",
+    "The RouteAccepted condition of a ModelDeployment with a mesh router: 1 the route's Gateways "
+    "accepted it, 0 one refused it, -1 one has not reported.",
+    ["namespace", "name"],
+)

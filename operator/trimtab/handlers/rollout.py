@@ -87,7 +87,7 @@ from trimtab.metrics.presets import (
     choose_bucket,
     count_queries,
 )
-from trimtab.observability import ROLLBACKS, ROLLOUT_WEIGHT
+from trimtab.observability import ROLLBACKS, ROLLOUT_WEIGHT, ROUTE_ACCEPTED
 from trimtab.routing.base import Json, RouteTarget, TrafficRouter
 from trimtab.routing.mesh import release_route
 from trimtab.routing.registry import build_router
@@ -125,6 +125,9 @@ async def rollout_loop(
         except Exception:  # one bad loop must not end the daemon; the next one retries
             logger.exception("rollout loop failed; retrying in %.0fs", interval)
         await stopped.wait(interval)
+    # The resource or its spec.rollout is gone: so is what the route gauge said of it.
+    with contextlib.suppress(KeyError):
+        ROUTE_ACCEPTED.remove(meta["namespace"], meta["name"])
 
 
 def route_lock(memo: Any) -> asyncio.Lock:
@@ -472,6 +475,7 @@ async def rollout_once(
             kube, parsed, rollout, owner, after, total, ready, handover
         )
     _report_route(body, status, route_health, logger)
+    _route_gauge(namespace, name, route_health, mesh)
 
     def status_patch(current: dict[str, Any]) -> dict[str, Any]:
         """What to write over `current` status: the rollout part, and the conditions list
@@ -666,6 +670,19 @@ def _report_route(body: Json, status: Json, health: RouteHealth | None, logger: 
         return
     kopf.warn(cast(kopf.Body, body), reason="RouteNotAccepted", message=health.message)
     logger.warning("%s", health.message)
+
+
+ROUTE_GAUGE_VALUES = {"True": 1.0, "False": 0.0, "Unknown": -1.0}
+
+
+def _route_gauge(namespace: str, name: str, health: RouteHealth | None, mesh: bool) -> None:
+    """trimtab_route_accepted follows the RouteAccepted condition, for alerts on a refused
+    route (`trimtab_route_accepted == 0`); no series without a route (the replica router)."""
+    if not mesh:
+        with contextlib.suppress(KeyError):
+            ROUTE_ACCEPTED.remove(namespace, name)
+    elif health is not None:
+        ROUTE_ACCEPTED.labels(namespace, name).set(ROUTE_GAUGE_VALUES[health.status])
 
 
 def _handover(
