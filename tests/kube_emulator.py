@@ -3,6 +3,9 @@ it stamps uid, resourceVersion, generation, timestamps, apiVersion and kind, and
 the PATCH flavours (merge, JSON patch with `test`, server-side apply) and the status and scale
 subresources.
 
+An object with finalizers is marked for deletion (deletionTimestamp) when deleted, and goes
+when its last finalizer is removed, so kopf's deletion handlers run as against a cluster.
+
 It is a test fixture, not an API server: server-side apply is approximated by a merge of the
 applied object (lists replaced) that also removes the fields the same field manager applied
 last time and has left out now, which is what a single field manager sees."""
@@ -265,6 +268,12 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     async def _handle_one(self, request: kmock.Request) -> Any:
         if request.resource is not None and request.action == enums.action.WATCH:
             self.watches.append((str(request.resource.group), str(request.resource.plural)))
+        if request.resource is not None and request.action == enums.action.DELETE:
+            current = self._current(request)
+            if current is not None and current.get("metadata", {}).get("finalizers"):
+                # As the API server: an object with finalizers is only marked for deletion,
+                # and goes when the last finalizer is removed (see below).
+                return await super()._handle(self._mark_deleted(request, current))
         if request.resource is None or request.action not in (
             enums.action.CREATE,
             enums.action.UPDATE,
@@ -279,7 +288,22 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             request = self._prepare(request, content_type)
         except kmock.KubernetesError as err:
             return await self._render_error(err)
-        return await super()._handle(request)
+        response = await super()._handle(request)
+        after = self._current(request) if request.action == enums.action.UPDATE else None
+        meta = (after or {}).get("metadata") or {}
+        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            await super()._handle(_alter(request, action=enums.action.DELETE, data=None))
+        return response
+
+    def _mark_deleted(self, request: kmock.Request, current: dict[str, Any]) -> kmock.Request:
+        """The update that marks `current` for deletion: deletionTimestamp set once."""
+        meta = current["metadata"]
+        if meta.get("deletionTimestamp"):
+            return _alter(request, action=enums.action.FETCH, data=None)
+        new = copy.deepcopy(current)
+        new["metadata"]["deletionTimestamp"] = _now()
+        new["metadata"]["resourceVersion"] = str(next(_rv))
+        return _alter(request, action=enums.action.UPDATE, data=diff(current, new))
 
     def _prepare(self, request: kmock.Request, content_type: str) -> kmock.Request:
         if request.action == enums.action.CREATE:

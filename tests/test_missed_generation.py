@@ -8,6 +8,7 @@ reconcile is working on, and reconciles it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import types
 from typing import Any
@@ -24,7 +25,26 @@ from trimtab.builders.serving import revision_of
 from trimtab.handlers import modeldeployment as handler
 
 
-async def _converge(cluster: Cluster, body: dict[str, Any]) -> kopf.Patch:
+class Running:
+    """kopf's `stopped` of a timer nobody stops: its wait is a sleep."""
+
+    def wait(self, timeout: float) -> Any:
+        return asyncio.sleep(timeout)
+
+    def __bool__(self) -> bool:
+        return False
+
+
+class Stopping(Running):
+    """The timer kopf stops (the resource is being deleted) while it waits."""
+
+    def __bool__(self) -> bool:
+        return True
+
+
+async def _converge(
+    cluster: Cluster, body: dict[str, Any], stopped: Any = None
+) -> kopf.Patch:
     patch = kopf.Patch()
     await handler.converge_modeldeployment(
         body=kopf.Body(body),
@@ -32,6 +52,7 @@ async def _converge(cluster: Cluster, body: dict[str, Any]) -> kopf.Patch:
         patch=patch,
         memo=types.SimpleNamespace(kube=cluster.kube),
         logger=logging.getLogger("t"),
+        stopped=stopped or Running(),
         serving_deployments={},
     )
     return patch
@@ -78,4 +99,15 @@ async def test_an_object_whose_generation_was_seen_is_left_alone(
     body = await cluster.create(MD_PATH, model("llm", image="srv:1"))
     body = await cluster.merge(f"{MD_PATH}/llm/status", {"status": {"observedGeneration": 1}})
     await _converge(cluster, body)
+    assert await serving_deployments(cluster, "llm") == []
+
+
+async def test_a_timer_stopped_while_it_waits_returns_at_once(
+    api: ApiServerEmulator, cluster: Cluster
+) -> None:
+    """kopf keeps the resource's finalizer until the timer is done (and looks again a minute
+    later): a deletion must not wait for the timer's second look."""
+    await cluster.create(MD_PATH, model("llm", image="srv:1"))
+    body = await cluster.merge(f"{MD_PATH}/llm", {"spec": {"image": "srv:2"}})
+    await _converge(cluster, body, Stopping())
     assert await serving_deployments(cluster, "llm") == []

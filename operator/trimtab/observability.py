@@ -41,3 +41,13 @@ ROUTE_ACCEPTED = Gauge(
     "accepted it, 0 one refused it, -1 one has not reported.",
     ["namespace", "name"],
 )
+
+# The series one ModelDeployment owns, by its namespace and name.
+PER_RESOURCE = (DESIRED_REPLICAS, SCALE_ACTIONS, ROLLOUT_WEIGHT, ROLLBACKS, ROUTE_ACCEPTED)
+
+
+def forget_resource(namespace: str, name: str) -> None:
+    """Remove every series of a ModelDeployment that is gone: left, they would be served for
+    as long as the operator runs, one more set per resource ever created."""
+    for metric in PER_RESOURCE:
+        metric.remove_by_labels({"namespace": namespace, "name": name})

@@ -115,6 +115,9 @@ async def autoscaling_loop(
         except Exception:  # one bad loop must not end the daemon; the next one retries
             logger.exception("autoscaling loop failed; retrying in %.0fs", interval)
         await stopped.wait(interval)
+    # Autoscaling turned off (or the resource is going): no desired count is being kept.
+    meta = body["metadata"]
+    DESIRED_REPLICAS.remove_by_labels({"namespace": meta["namespace"], "name": meta["name"]})
 
 
 @dataclass

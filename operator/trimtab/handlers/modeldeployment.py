@@ -6,7 +6,6 @@ Each handler parses, asks decisions/ and builders/, writes only what differs, an
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import logging
 import os
@@ -45,7 +44,7 @@ from trimtab.kube.resources import (
     PODDISRUPTIONBUDGETS,
     SERVICES,
 )
-from trimtab.observability import RECONCILE_SECONDS, RECONCILES
+from trimtab.observability import RECONCILE_SECONDS, RECONCILES, forget_resource
 
 KIND = C.MODELDEPLOYMENT_KIND
 # Deployments of serving revisions; only these feed the index.
@@ -202,6 +201,13 @@ async def reconcile_modeldeployment(
         RECONCILE_SECONDS.labels(kind=KIND).observe(time.monotonic() - started)
 
 
+@kopf.on.delete(C.GROUP, C.VERSION, C.MODELDEPLOYMENT_PLURAL, optional=True)
+async def forget_modeldeployment(namespace: str | None, name: str | None, **_: Any) -> None:
+    """The resource is being deleted (its objects go with it, by owner reference): so do the
+    operator's metric series about it."""
+    forget_resource(namespace or "", name or "")
+
+
 def missed_generation(body: Any) -> int | None:
     """The generation of `body`'s spec that no reconcile has taken up, or None.
 
@@ -240,8 +246,13 @@ async def converge_modeldeployment(
     if generation is None:
         return
     # A change the reconcile handler is taking up right now looks the same until it writes
-    # status: look again after a while, on a fresh read.
-    await asyncio.sleep(CONVERGE_S / 2)
+    # status: look again after a while, on a fresh read. The wait ends at once when kopf stops
+    # the timer (the resource is being deleted): kopf holds its finalizer until the timer is
+    # done, and checks again only a minute later.
+    stopped: kopf.DaemonStopped = kwargs["stopped"]  # kopf passes it to timers as to daemons
+    await stopped.wait(CONVERGE_S / 2)
+    if stopped:
+        return
     meta = body["metadata"]
     fresh = await memo.kube.get(MODELDEPLOYMENTS, meta["namespace"], meta["name"])
     if fresh is None or missed_generation(fresh) != generation:

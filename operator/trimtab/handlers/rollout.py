@@ -125,9 +125,9 @@ async def rollout_loop(
         except Exception:  # one bad loop must not end the daemon; the next one retries
             logger.exception("rollout loop failed; retrying in %.0fs", interval)
         await stopped.wait(interval)
-    # The resource or its spec.rollout is gone: so is what the route gauge said of it.
-    with contextlib.suppress(KeyError):
-        ROUTE_ACCEPTED.remove(meta["namespace"], meta["name"])
+    # The resource or its spec.rollout is gone: so are the weights and the route's state.
+    for gauge in (ROLLOUT_WEIGHT, ROUTE_ACCEPTED):
+        gauge.remove_by_labels({"namespace": meta["namespace"], "name": meta["name"]})
 
 
 def route_lock(memo: Any) -> asyncio.Lock:
