@@ -315,6 +315,35 @@ def test_pdb_keeps_a_replica_through_drains() -> None:
     assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 
+def test_users_of_the_default_roles_get_the_custom_resources() -> None:
+    """Namespace admins and editors may create and scale ModelDeployments and TrainingJobs
+    and viewers may read them, through the aggregated ClusterRoles; without them a cluster
+    admin had to write RBAC before an ML team could apply one."""
+    roles = {r["metadata"]["name"]: r for r in by_kind(render(), "ClusterRole")}
+    edit, view = roles["trimtab-trimtab-system-edit"], roles["trimtab-trimtab-system-view"]
+    labels = edit["metadata"]["labels"]
+    assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+
+    def allowed(role: dict[str, Any]) -> set[tuple[str, str]]:
+        return {(res, verb) for rule in role["rules"] for res in rule["resources"]
+                for verb in rule["verbs"] if rule["apiGroups"] == ["trimtab.io"]}  # fmt: skip
+
+    for plural in ("modeldeployments", "trainingjobs"):
+        assert {(plural, v) for v in ("create", "delete", "patch", "update", "watch")} <= allowed(
+            edit
+        )
+        assert (plural, "create") not in allowed(view)
+        assert {(plural, v) for v in ("get", "list", "watch")} <= allowed(view)
+    assert ("modeldeployments/scale", "patch") in allowed(edit)  # kubectl scale mdep
+    # Nothing but trimtab's own API: the roles add no access to anything else.
+    assert all(rule["apiGroups"] == ["trimtab.io"] for r in (edit, view) for rule in r["rules"])
+    off = render({"rbac": {"aggregateToDefaultRoles": False}})
+    assert not [r for r in by_kind(off, "ClusterRole") if r["metadata"]["name"].endswith(
+        ("-edit", "-view"))]  # fmt: skip
+
+
 def test_everything_renders_its_optional_parts() -> None:
     docs = render(EVERYTHING)
     deployment = operator_deployment(docs)

@@ -61,9 +61,14 @@ def _paste_hint() -> str:
     )
 
 
+# The operator's own ClusterRole; the chart's others are the GPU agent's and the users' roles
+# aggregated into admin, edit and view (tests/test_chart.py).
+OPERATOR_ROLE = f"{RELEASE}-{NAMESPACE}"
+
+
 def test_cluster_wide_role_is_registry_plus_kopf() -> None:
     docs = render()
-    role = one(docs, "ClusterRole")
+    role = one(docs, "ClusterRole", OPERATOR_ROLE)
     expected = registry_triples() | KOPF_EVENTS | KOPF_CRD_DISCOVERY | KOPF_CLUSTER_PEERING
     got = triples(role["rules"])
     assert got - expected == set(), "granted but never used:\n" + _paste_hint()
@@ -77,7 +82,7 @@ def test_one_namespace_mode_grants_a_role_there() -> None:
     assert role["metadata"]["namespace"] == "ml"
     expected_role = registry_triples(namespaced=True) | KOPF_EVENTS | KOPF_NAMESPACED_PEERING
     assert triples(role["rules"]) == expected_role, _paste_hint()
-    discovery = one(docs, "ClusterRole")
+    discovery = one(docs, "ClusterRole", f"{OPERATOR_ROLE}-discovery")
     expected_cluster = (
         registry_triples(namespaced=False) | KOPF_CRD_DISCOVERY | KOPF_NAMESPACE_DISCOVERY
     )
@@ -93,7 +98,7 @@ def test_one_namespace_mode_grants_a_role_there() -> None:
 
 def test_standalone_needs_no_peering_rights() -> None:
     standalone = {"peering": {"enabled": False}, "operator": {"replicas": 1}}
-    role = one(render(standalone), "ClusterRole")
+    role = one(render(standalone), "ClusterRole", OPERATOR_ROLE)
     assert {t for t in triples(role["rules"]) if t[0] == "kopf.dev"} == set()
     one_namespace = {
         "peering": {"enabled": False},
@@ -121,6 +126,11 @@ def test_no_secrets_no_wildcards_and_bindings_name_the_service_account(
             assert "*" not in (group, res, verb)
             assert res.split("/")[0] not in ("secrets", "configmaps", "serviceaccounts")
             assert verb not in ("escalate", "bind", "impersonate", "deletecollection")
+    # The users' roles are bound by aggregation into admin, edit and view, not here.
+    aggregated = [r for r in roles if any(k.startswith("rbac.authorization.k8s.io/aggregate-to-")
+                                          for k in r["metadata"].get("labels", {}))]  # fmt: skip
+    assert len(aggregated) == 2
+    roles = [r for r in roles if r not in aggregated]
     names = {(r["kind"], r["metadata"]["name"]) for r in roles}
     bindings = by_kind(docs, "ClusterRoleBinding") + by_kind(docs, "RoleBinding")
     assert len(bindings) == len(roles)

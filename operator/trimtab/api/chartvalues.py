@@ -121,6 +121,11 @@ class Rbac(Values):
     create: bool = Field(
         default=True, description="Create the (Cluster)Role and binding the operator needs."
     )
+    aggregateToDefaultRoles: bool = Field(
+        default=True,
+        description="Let Kubernetes' admin and edit roles create and change ModelDeployments "
+        "and TrainingJobs, and view read them (aggregated ClusterRoles).",
+    )
 
 
 class PodDisruptionBudget(Values):
