@@ -17,6 +17,7 @@ from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.builders.common import Owner
 from trimtab.builders.serving import build_deployment, build_disruption_budget, revision_of
+from trimtab.decisions.serving import other_disruption_budget, selects
 from trimtab.handlers import modeldeployment as handler
 from trimtab.kube.resources import PODDISRUPTIONBUDGETS
 
@@ -92,3 +93,62 @@ async def test_a_budget_of_that_name_made_by_someone_else_is_left_alone(
     await handler.apply_disruption_budget(cluster.kube, OWNER, spec)
     kept = await cluster.kube.get(PODDISRUPTIONBUDGETS, NS, "llama")
     assert kept is not None and kept["spec"]["minAvailable"] == 1
+
+
+POD = {"trimtab.io/owner": "llama", "app.kubernetes.io/name": "llama", "team": "search"}
+
+
+@pytest.mark.parametrize(
+    ("selector", "selected"),
+    [
+        pytest.param({"matchLabels": {"app.kubernetes.io/name": "llama"}}, True, id="by-name"),
+        pytest.param({"matchLabels": {"app.kubernetes.io/name": "other"}}, False,
+                     id="another-app"),
+        pytest.param({}, True, id="empty-selects-every-pod"),
+        pytest.param(None, False, id="no-selector-selects-none"),
+        pytest.param({"matchExpressions": [{"key": "team", "operator": "In",
+                                            "values": ["search", "ads"]}]}, True, id="in"),
+        pytest.param({"matchExpressions": [{"key": "team", "operator": "NotIn",
+                                            "values": ["search"]}]}, False, id="not-in"),
+        pytest.param({"matchExpressions": [{"key": "gpu", "operator": "DoesNotExist"}]}, True,
+                     id="does-not-exist"),
+        pytest.param({"matchLabels": {"team": "search"},
+                      "matchExpressions": [{"key": "tier", "operator": "Exists"}]}, False,
+                     id="both-must-hold"),
+    ],
+)  # fmt: skip
+def test_which_budgets_cover_the_pods(selector: dict[str, Any] | None, selected: bool) -> None:
+    budget = {"metadata": {"name": "theirs"}, "spec": {"selector": selector}}
+    assert selects(selector, POD) is selected
+    assert (other_disruption_budget([budget], POD, "uid-1") == "theirs") is selected
+
+
+async def test_a_budget_someone_else_made_over_the_pods_replaces_trimtabs(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any
+) -> None:
+    """The eviction API refuses a pod that two budgets cover, so a drain would stop at every
+    replica: where the team already has a budget over the model's pods, trimtab's goes."""
+    async with run_operator():
+        await cluster.create(MD_PATH, model())
+        await wait_for(lambda: cluster.get(f"{PDB_PATH}/llama"))
+        theirs = {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": {"name": "llama-pdb", "namespace": NS},
+            "spec": {"minAvailable": 1,
+                     "selector": {"matchLabels": {"app.kubernetes.io/name": "llama"}}},
+        }  # fmt: skip
+        await cluster.create(PDB_PATH, theirs)
+        # The next reconcile (any spec change, or the operator's restart) finds it.
+        await cluster.merge(f"{MD_PATH}/llama", {"spec": {"replicas": 3}})
+        await wait_for_value(
+            lambda: cluster.get(f"{PDB_PATH}/llama"), lambda p: p is None, timeout=10
+        )
+        assert await cluster.get(f"{PDB_PATH}/llama-pdb") is not None
+
+        async def told() -> bool:
+            events = await cluster.get(f"/api/v1/namespaces/{NS}/events") or {}
+            reasons = [e.get("reason") for e in events.get("items", [])]
+            return "DisruptionBudgetLeftToYours" in reasons
+
+        await wait_for(told, timeout=10)

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,3 +279,62 @@ def serving_state(
         conditions=conds,
         current_ready=phase == "Ready",
     )
+
+
+def selects(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
+    """Whether a label selector (matchLabels and matchExpressions) selects an object with
+    `labels`, as the API server evaluates it. An empty selector selects everything (a
+    PodDisruptionBudget's, in policy/v1); a missing one selects nothing.
+
+    >>> pod = {"app": "llama", "tier": "serving"}
+    >>> selects({"matchLabels": {"app": "llama"}}, pod), selects({}, pod), selects(None, pod)
+    (True, True, False)
+    >>> selects({"matchExpressions": [{"key": "tier", "operator": "NotIn",
+    ...                                "values": ["batch"]}]}, pod)
+    True
+    >>> selects({"matchExpressions": [{"key": "team", "operator": "Exists"}]}, pod)
+    False
+    """
+    if selector is None:
+        return False
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def other_disruption_budget(
+    budgets: Sequence[Mapping[str, Any]], pod_labels: Mapping[str, str], owner_uid: str
+) -> str | None:
+    """The name of a PodDisruptionBudget that someone else made and that already covers the
+    model's pods (`pod_labels`), or None. The eviction API refuses to evict a pod that more
+    than one budget covers (every node drain would then stop at it), so trimtab writes its
+    own only where none does.
+
+    >>> mine = {"metadata": {"name": "llama", "ownerReferences": [
+    ...     {"uid": "u1", "controller": True}]}, "spec": {"selector": {}}}
+    >>> theirs = {"metadata": {"name": "llama-pdb"},
+    ...           "spec": {"selector": {"matchLabels": {"team": "search"}}}}
+    >>> other_disruption_budget([mine, theirs], {"team": "search"}, "u1")
+    'llama-pdb'
+    >>> other_disruption_budget([mine, theirs], {"team": "ads"}, "u1") is None
+    True
+    """
+    for budget in budgets:
+        meta = budget.get("metadata") or {}
+        refs = meta.get("ownerReferences") or []
+        if any(r.get("controller") and r.get("uid") == owner_uid for r in refs):
+            continue
+        if selects((budget.get("spec") or {}).get("selector"), pod_labels):
+            return str(meta.get("name", ""))
+    return None

@@ -36,7 +36,12 @@ from trimtab.builders.serving import (
 from trimtab.decisions.conditions import get_condition, set_condition
 from trimtab.decisions.rightsizing import effective_spec
 from trimtab.decisions.rollout import RevisionPlan, plan_revisions, spec_with_model
-from trimtab.decisions.serving import DeploymentObservation, find_spec_problems, serving_state
+from trimtab.decisions.serving import (
+    DeploymentObservation,
+    find_spec_problems,
+    other_disruption_budget,
+    serving_state,
+)
 from trimtab.kube.client import KubeClient, KubeError, NameTaken, patch_status_from
 from trimtab.kube.resources import (
     DEPLOYMENTS,
@@ -307,7 +312,7 @@ async def _reconcile(
     is_new = all(o.revision != revision for o in observations)
     try:
         plan = await apply_revisions(kube, owner, parsed, dict(body.get("status") or {}))
-        await apply_disruption_budget(kube, owner, parsed)
+        await apply_disruption_budget(kube, owner, parsed, body)
     except NameTaken as err:
         # Another resource holds a name this one needs: nothing was taken from it. Look again
         # later, since that resource may go (the garbage collector, or its user, removes it).
@@ -426,17 +431,35 @@ async def apply_revisions(
 
 
 async def apply_disruption_budget(
-    kube: KubeClient, owner: Owner, spec: ModelDeploymentSpec
+    kube: KubeClient, owner: Owner, spec: ModelDeploymentSpec, body: Any = None
 ) -> None:
-    """Write the resource's PodDisruptionBudget, or with `disruptionBudget.enabled: false`
-    delete the one it controls (one of that name that something else made stays)."""
-    if spec.disruption_budget.enabled:
-        await kube.apply(build_disruption_budget(owner, spec))
-        return
+    """Write the resource's PodDisruptionBudget, unless one that someone else made already
+    covers its pods (the eviction API refuses a pod with two budgets, so a drain would stop
+    at every replica): then trimtab's goes, and an Event says which budget is left in charge.
+    With `disruptionBudget.enabled: false`, delete the one trimtab made."""
     current = await kube.get(PODDISRUPTIONBUDGETS, owner.namespace, owner.name)
     refs = ((current or {}).get("metadata") or {}).get("ownerReferences") or []
-    if any(r.get("controller") and r.get("uid") == owner.uid for r in refs):
+    ours = current is not None and any(
+        r.get("controller") and r.get("uid") == owner.uid for r in refs
+    )
+    other = None
+    if spec.disruption_budget.enabled:
+        template = build_deployment(owner, spec, revision_of(spec), 1)["spec"]["template"]
+        budgets = await kube.list(PODDISRUPTIONBUDGETS, owner.namespace)
+        other = other_disruption_budget(budgets, template["metadata"]["labels"], owner.uid)
+        if other is None:
+            await kube.apply(build_disruption_budget(owner, spec))
+            return
+    if ours:
         await kube.delete(PODDISRUPTIONBUDGETS, owner.namespace, owner.name)
+    if other is not None and body is not None:
+        kopf.event(
+            cast(kopf.Body, body),
+            type="Normal",
+            reason="DisruptionBudgetLeftToYours",
+            message=f"PodDisruptionBudget {other} already covers the pods: trimtab writes none "
+            "(a pod two budgets cover cannot be evicted, which stops node drains)",
+        )
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)

@@ -82,7 +82,7 @@ PODDISRUPTIONBUDGETS = Resource(
     "v1",
     "poddisruptionbudgets",
     "PodDisruptionBudget",
-    verbs=_verbs("get", "create", "patch", "delete"),
+    verbs=_verbs("get", "list", "create", "patch", "delete"),
 )
 HTTPROUTES = Resource(
     "gateway.networking.k8s.io",
