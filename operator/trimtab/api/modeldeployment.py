@@ -114,7 +114,7 @@ class TopologySpread(StrictModel):
     topology_key: str = Field(
         min_length=1,
         max_length=317,
-        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        pattern=QUALIFIED_NAME,
         description="The node label whose values replicas spread over.",
     )
     max_skew: int = Field(

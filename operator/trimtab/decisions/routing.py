@@ -11,7 +11,7 @@ from typing import Any
 
 from trimtab.api.common import Condition, ConditionStatus
 from trimtab.api.rollout import CONDITION_ROUTE_ACCEPTED
-from trimtab.decisions.conditions import remove_condition, set_condition
+from trimtab.decisions.conditions import get_condition, remove_condition, set_condition
 
 Manifest = dict[str, Any]
 
@@ -190,3 +190,22 @@ def route_condition(
     return set_condition(
         conditions, CONDITION_ROUTE_ACCEPTED, health.status, health.reason, message, now
     )
+
+
+def refusal_to_report(conditions: list[Condition], health: RouteHealth | None) -> str | None:
+    """The message of a route refusal that is news (the route was not refused before, or is
+    now for another reason), for one Warning per refusal rather than one per loop; None
+    otherwise.
+
+    >>> bad = RouteHealth("False", "NotAllowedByListeners", "HTTPRoute llama: refused")
+    >>> refusal_to_report([], bad)
+    'HTTPRoute llama: refused'
+    >>> refusal_to_report(route_condition([], bad, True, "t"), bad) is None
+    True
+    """
+    if health is None or health.status != "False":
+        return None
+    before = get_condition(conditions, CONDITION_ROUTE_ACCEPTED)
+    if before is not None and before.status == "False" and before.reason == health.reason:
+        return None
+    return health.message

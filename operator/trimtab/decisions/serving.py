@@ -313,6 +313,12 @@ def selects(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bo
     return True
 
 
+def controlled_by(meta: Mapping[str, Any], owner_uid: str) -> bool:
+    """Whether an object's metadata names `owner_uid` as its controller."""
+    refs = meta.get("ownerReferences") or []
+    return any(r.get("controller") and r.get("uid") == owner_uid for r in refs)
+
+
 def other_disruption_budget(
     budgets: Sequence[Mapping[str, Any]], pod_labels: Mapping[str, str], owner_uid: str
 ) -> str | None:
@@ -332,9 +338,42 @@ def other_disruption_budget(
     """
     for budget in budgets:
         meta = budget.get("metadata") or {}
-        refs = meta.get("ownerReferences") or []
-        if any(r.get("controller") and r.get("uid") == owner_uid for r in refs):
+        if controlled_by(meta, owner_uid):
             continue
         if selects((budget.get("spec") or {}).get("selector"), pod_labels):
             return str(meta.get("name", ""))
     return None
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What to do with the resource's PodDisruptionBudget, from the namespace's budgets."""
+
+    write: bool  # apply trimtab's
+    delete: bool  # remove the one trimtab made
+    other: str | None  # a budget someone else made that covers the pods
+
+
+def plan_disruption_budget(
+    budgets: Sequence[Mapping[str, Any]],
+    pod_labels: Mapping[str, str],
+    owner_uid: str,
+    enabled: bool,
+) -> BudgetPlan:
+    """Write trimtab's budget when it is enabled and no other covers the pods; otherwise
+    remove the one trimtab made, if any.
+
+    >>> mine = {"metadata": {"name": "llama", "ownerReferences": [
+    ...     {"uid": "u1", "controller": True}]}, "spec": {"selector": {}}}
+    >>> theirs = {"metadata": {"name": "team"}, "spec": {"selector": {}}}
+    >>> plan_disruption_budget([mine], {}, "u1", True)
+    BudgetPlan(write=True, delete=False, other=None)
+    >>> plan_disruption_budget([mine, theirs], {}, "u1", True)
+    BudgetPlan(write=False, delete=True, other='team')
+    >>> plan_disruption_budget([mine, theirs], {}, "u1", False)
+    BudgetPlan(write=False, delete=True, other=None)
+    """
+    other = other_disruption_budget(budgets, pod_labels, owner_uid) if enabled else None
+    write = enabled and other is None
+    ours = any(controlled_by(b.get("metadata") or {}, owner_uid) for b in budgets)
+    return BudgetPlan(write=write, delete=ours and not write, other=other)

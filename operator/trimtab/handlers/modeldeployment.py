@@ -39,7 +39,7 @@ from trimtab.decisions.rollout import RevisionPlan, plan_revisions, spec_with_mo
 from trimtab.decisions.serving import (
     DeploymentObservation,
     find_spec_problems,
-    other_disruption_budget,
+    plan_disruption_budget,
     serving_state,
 )
 from trimtab.kube.client import KubeClient, KubeError, NameTaken, patch_status_from
@@ -192,11 +192,23 @@ async def reconcile_modeldeployment(
     **kwargs: Any,
 ) -> None:
     """Apply the running revisions' Deployments and the Service; write status if it changed."""
+    await _measured_reconcile(body, spec, patch, memo, logger, kwargs["serving_deployments"])
+    _explain_ignored_replicas(body, spec, kwargs.get("diff") or ())
+
+
+async def _measured_reconcile(
+    body: kopf.Body,
+    spec: Any,
+    patch: kopf.Patch,
+    memo: Any,
+    logger: Log,
+    index: kopf.Index[IndexKey, DeploymentObservation],
+) -> None:
+    """`_reconcile`, counted in trimtab_reconcile_total and timed, by whichever handler runs it."""
     started = time.monotonic()
     result = "error"
     try:
-        await _reconcile(body, spec, patch, memo, logger, kwargs["serving_deployments"])
-        _explain_ignored_replicas(body, spec, kwargs.get("diff") or ())
+        await _reconcile(body, spec, patch, memo, logger, index)
         result = "ok"
     except kopf.PermanentError:
         result = "invalid"
@@ -263,11 +275,11 @@ async def converge_modeldeployment(
     if fresh is None or missed_generation(fresh) != generation:
         return
     logger.info("generation %s was never reconciled; reconciling it now", generation)
-    fresh_body = cast(kopf.Body, fresh)
     try:
-        await _reconcile(
-            fresh_body, fresh["spec"], patch, memo, logger, kwargs["serving_deployments"]
-        )
+        await _measured_reconcile(
+            cast(kopf.Body, fresh), fresh["spec"], patch, memo, logger,
+            kwargs["serving_deployments"],
+        )  # fmt: skip
     except (kopf.PermanentError, kopf.TemporaryError) as err:
         # Written to status (Degraded) or retried at the next check: the timer keeps going.
         logger.warning("reconcile of generation %s: %s", generation, err)
@@ -434,31 +446,26 @@ async def apply_disruption_budget(
     kube: KubeClient, owner: Owner, spec: ModelDeploymentSpec, body: Any = None
 ) -> None:
     """Write the resource's PodDisruptionBudget, unless one that someone else made already
-    covers its pods (the eviction API refuses a pod with two budgets, so a drain would stop
-    at every replica): then trimtab's goes, and an Event says which budget is left in charge.
-    With `disruptionBudget.enabled: false`, delete the one trimtab made."""
-    current = await kube.get(PODDISRUPTIONBUDGETS, owner.namespace, owner.name)
-    refs = ((current or {}).get("metadata") or {}).get("ownerReferences") or []
-    ours = current is not None and any(
-        r.get("controller") and r.get("uid") == owner.uid for r in refs
+    covers its pods (see `plan_disruption_budget`): then trimtab's goes, and an Event says
+    which budget is left in charge. One list of the namespace's budgets decides."""
+    template = build_deployment(owner, spec, revision_of(spec), 1)["spec"]["template"]
+    plan = plan_disruption_budget(
+        await kube.list(PODDISRUPTIONBUDGETS, owner.namespace),
+        template["metadata"]["labels"],
+        owner.uid,
+        spec.disruption_budget.enabled,
     )
-    other = None
-    if spec.disruption_budget.enabled:
-        template = build_deployment(owner, spec, revision_of(spec), 1)["spec"]["template"]
-        budgets = await kube.list(PODDISRUPTIONBUDGETS, owner.namespace)
-        other = other_disruption_budget(budgets, template["metadata"]["labels"], owner.uid)
-        if other is None:
-            await kube.apply(build_disruption_budget(owner, spec))
-            return
-    if ours:
+    if plan.write:
+        await kube.apply(build_disruption_budget(owner, spec))
+    if plan.delete:
         await kube.delete(PODDISRUPTIONBUDGETS, owner.namespace, owner.name)
-    if other is not None and body is not None:
+    if plan.other is not None and body is not None:
         kopf.event(
             cast(kopf.Body, body),
             type="Normal",
             reason="DisruptionBudgetLeftToYours",
-            message=f"PodDisruptionBudget {other} already covers the pods: trimtab writes none "
-            "(a pod two budgets cover cannot be evicted, which stops node drains)",
+            message=f"PodDisruptionBudget {plan.other} already covers the pods: trimtab writes "
+            "none (a pod two budgets cover cannot be evicted, which stops node drains)",
         )
 
 

@@ -22,7 +22,6 @@ from trimtab.api.autoscaling import AutoscalingSpec, MetricsSpec, duration_secon
 from trimtab.api.common import Condition
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.rollout import (
-    CONDITION_ROUTE_ACCEPTED,
     MANUAL_ACTIONS,
     ROLLOUT_ACTION_ANNOTATION,
     GatewayApiRouterSpec,
@@ -42,7 +41,6 @@ from trimtab.builders.routing import (
     route_released,
 )
 from trimtab.builders.serving import revision_of, serving_ports
-from trimtab.decisions.conditions import get_condition
 from trimtab.decisions.rollout import (
     Fallback,
     Hold,
@@ -65,7 +63,7 @@ from trimtab.decisions.rollout import (
     rollout_conditions,
     routed_revisions,
 )
-from trimtab.decisions.routing import RouteHealth, route_condition
+from trimtab.decisions.routing import RouteHealth, refusal_to_report, route_condition
 from trimtab.decisions.serving import DeploymentObservation, revision_serving
 from trimtab.decisions.statistics import AnalysisResult, Counts, Metric, evaluate_checks
 from trimtab.handlers.modeldeployment import (
@@ -658,18 +656,13 @@ async def _route_as_status_says(
 
 def _report_route(body: Json, status: Json, health: RouteHealth | None, logger: Log) -> None:
     """A Warning when the route's controller starts refusing the route (or refuses it for a
-    new reason): the condition says it too, but an Event reaches `kubectl describe` and
-    alerting on Warnings. Once per change, not every loop."""
-    if health is None or health.status != "False":
-        return
-    before = get_condition(
-        [Condition.model_validate(c) for c in status.get("conditions") or []],
-        CONDITION_ROUTE_ACCEPTED,
-    )
-    if before is not None and before.status == "False" and before.reason == health.reason:
-        return
-    kopf.warn(cast(kopf.Body, body), reason="RouteNotAccepted", message=health.message)
-    logger.warning("%s", health.message)
+    new reason; see `refusal_to_report`): the condition says it too, but an Event reaches
+    `kubectl describe` and alerting on Warnings."""
+    conditions = [Condition.model_validate(c) for c in status.get("conditions") or []]
+    message = refusal_to_report(conditions, health)
+    if message is not None:
+        kopf.warn(cast(kopf.Body, body), reason="RouteNotAccepted", message=message)
+        logger.warning("%s", message)
 
 
 ROUTE_GAUGE_VALUES = {"True": 1.0, "False": 0.0, "Unknown": -1.0}
