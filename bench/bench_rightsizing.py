@@ -25,6 +25,8 @@ from trimtab.decisions.rightsizing import (
     GiB,
     MiB,
     Policy,
+    in_place_cpu,
+    in_place_due,
     moved,
     recommend_resources,
 )
@@ -156,6 +158,11 @@ class Recommender(Protocol):
         """New (cpu, memory) requests to restart the pod with, or None to keep it."""
         ...
 
+    def resize(self, t: float, ceiling: float, cpu: float) -> float | None:
+        """A CPU request to resize the running pod to in place (no restart), between revisions;
+        None to leave it at `cpu`. `ceiling` is the revision's request."""
+        ...
+
 
 class Unobserving:
     """A sizing that learns nothing from usage or OOM kills (static requests, the floor)."""
@@ -165,6 +172,9 @@ class Unobserving:
 
     def oom(self, t: float, memory_limit: float, age: float) -> None:
         pass
+
+    def resize(self, t: float, ceiling: float, cpu: float) -> float | None:
+        return None
 
 
 class Static(Unobserving):
@@ -183,15 +193,20 @@ PASS_INTERVAL = 300.0
 class Trimtab:
     """trimtab in Auto mode as the operator runs it: a pass every 300 s over a 168 h window,
     applied as a new revision when CPU or memory moves by more than 10%; an OOM kill is seen by
-    the next pass (the operator's timer reads kills on each pass; no other trigger)."""
+    the next pass (the operator's timer reads kills on each pass; no other trigger). Between
+    revisions, each pass also resizes the running pod's CPU request in place
+    (`rightsizing.inPlace.cpu`, on by default in Auto) with the operator's `in_place_cpu`; a
+    pass that applies a new revision resizes nothing (the new pods start at its request)."""
 
     name: str = "trimtab"
     policy: Policy = field(default_factory=lambda: Policy(window_s=168 * HOUR))
+    in_place: bool = True
     cpu: list[tuple[float, float]] = field(default_factory=list)
     memory: list[tuple[float, float]] = field(default_factory=list)
     ooms: list[tuple[float, float]] = field(default_factory=list)
     next_at: float = 0.0
     interval: float = PASS_INTERVAL
+    passed: bool = False  # whether the last decide() was a pass that applied nothing
 
     def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
         self.cpu.append((t, cpu))
@@ -203,6 +218,7 @@ class Trimtab:
     def decide(
         self, t: float, request: tuple[float, float], age: float
     ) -> tuple[float, float] | None:
+        self.passed = False
         if t < self.next_at:
             return None
         self.next_at = t + self.interval
@@ -214,8 +230,22 @@ class Trimtab:
         current = CurrentResources(cpu=request[0], memory=request[1], memory_limit=request[1])
         rec = recommend_resources(usage, current, self.policy, t)
         if rec.cpu is None or rec.memory is None or not moved(rec, self.policy.min_change):
+            self.passed = True
             return None
         return rec.cpu, rec.memory
+
+    def resize(self, t: float, ceiling: float, cpu: float) -> float | None:
+        if not (self.in_place and self.passed):
+            return None
+        target = in_place_cpu(self.cpu, t, ceiling, self.policy.cpu_min, STEP).request
+        if target is None or not in_place_due(cpu, target):
+            return None
+        return target
+
+
+def trimtab_revisions_only() -> Trimtab:
+    """trimtab with `inPlace: {cpu: false}`: requests change only with a new revision."""
+    return Trimtab(name="trimtab_revisions_only", in_place=False)
 
 
 @dataclass
@@ -248,6 +278,9 @@ class Vpa:
     memory_peak: float = 0.0  # usage peak of the current interval
     oom_peak: float = 0.0  # OOM sample of the current interval
     quick_oom: bool = False
+
+    def resize(self, t: float, ceiling: float, cpu: float) -> float | None:
+        return None  # requests change only with a restart
 
     def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
         if self.first is None:
@@ -335,6 +368,9 @@ class Krr:
     memory: list[tuple[float, float]] = field(default_factory=list)
     next_at: float = DAY
 
+    def resize(self, t: float, ceiling: float, cpu: float) -> float | None:
+        return None  # requests change only with a restart
+
     def observe(self, t: float, cpu: float, memory: float, request: tuple[float, float]) -> None:
         self.cpu.append((t, cpu))
         self.memory.append((t, memory))
@@ -399,6 +435,7 @@ class Outcome:
     throttled_seconds: float = 0.0
     cpu_shortfall_core_seconds: float = 0.0
     changes: int = 0
+    in_place_resizes: int = 0
     warm_cpu_request_s: float = 0.0
     warm_cpu_used_s: float = 0.0
     warm_mem_request_s: float = 0.0
@@ -426,6 +463,7 @@ class Outcome:
             "throttled_seconds": round(self.throttled_seconds),
             "cpu_shortfall_core_seconds": round(self.cpu_shortfall_core_seconds),
             "changes_per_day": round(self.changes / days, 3),
+            "in_place_resizes_per_day": round(self.in_place_resizes / days, 3),
         }
 
 
@@ -433,15 +471,18 @@ def replay(demand: Demand, rec: Recommender) -> Outcome:
     """One container, its requests set by `rec`. Memory limit = request. Demand above the limit
     is an OOM kill (one per 5-minute step while it lasts: CrashLoopBackOff caps at 5 minutes);
     CPU demand above the request counts as throttled time (no CPU limit, but on a full node a
-    container gets only its request). A change of requests restarts the container."""
+    container gets only its request). A change of requests restarts the container; an in-place
+    CPU resize does not (the request scored is the resized one; the revision's is its ceiling).
+    A resize up is assumed granted at once: on a full node the kubelet defers it."""
     out = Outcome()
     request = (STATIC_CPU, STATIC_MEMORY)
+    cpu_now = request[0]
     started = 0.0
     steps = int(DAYS * DAY / STEP)
     for k in range(steps):
         t = k * STEP
         cpu, mem = demand(t, t - started)
-        cpu_req, mem_req = request
+        cpu_req, mem_req = cpu_now, request[1]
         if t < WARMUP:
             out.warm_cpu_request_s += cpu_req * STEP
             out.warm_cpu_used_s += min(cpu, cpu_req) * STEP
@@ -463,8 +504,13 @@ def replay(demand: Demand, rec: Recommender) -> Outcome:
         new = rec.decide(t + STEP, request, t + STEP - started)
         if new is not None and new != request:
             request = new
+            cpu_now = new[0]
             started = t + STEP
             out.changes += 1
+        resized = rec.resize(t + STEP, request[0], cpu_now)
+        if resized is not None:
+            cpu_now = resized
+            out.in_place_resizes += 1
     return out
 
 
@@ -472,6 +518,7 @@ def run(seed: int = SEED) -> dict[str, Any]:
     traces = make_traces(seed)
     makers: dict[str, Callable[[], Recommender]] = {
         "trimtab": Trimtab,
+        "trimtab_revisions_only": trimtab_revisions_only,
         "vpa": Vpa,
         "krr": Krr,
         "static": Static,
@@ -527,13 +574,13 @@ def main() -> int:
     result = run()
     result["runtime_seconds"] = round(time.monotonic() - started, 1)
     keys = ["slack_fraction", "cpu_slack_fraction", "memory_slack_fraction", "oom_events",
-            "throttled_seconds", "changes_per_day"]
-    header = f"{'trace':<12} {'recommender':<9} " + " ".join(f"{k:>21}" for k in keys)
+            "throttled_seconds", "changes_per_day", "in_place_resizes_per_day"]
+    header = f"{'trace':<12} {'recommender':<22} " + " ".join(f"{k:>21}" for k in keys)
     print(header)
     totals = [("B5 (5)", result["overall"]), ("ALL (6)", result["overall_all_traces"])]
     for trace, rows in [*result["per_trace"].items(), *totals]:
         for name, row in rows.items():
-            print(f"{trace:<12} {name:<9} " + " ".join(f"{row[k]:>21}" for k in keys))
+            print(f"{trace:<12} {name:<22} " + " ".join(f"{row[k]:>21}" for k in keys))
     print(f"ratios: {result['ratios']}  targets met: {result['targets_met']}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -59,7 +59,12 @@ RESOURCES: dict[str, tuple[str, bool, set[str], set[str]]] = {
         {"list", "watch", "get", "patch", "create", "delete"},
         {"status"},
     ),
-    "v1/pods": ("Pod", True, {"list", "watch", "get", "patch", "create", "delete"}, {"status"}),
+    "v1/pods": (
+        "Pod",
+        True,
+        {"list", "watch", "get", "patch", "create", "delete"},
+        {"status", "resize"},
+    ),
     "v1/events": ("Event", True, {"list", "watch", "get", "create", "patch"}, set()),
     "gateway.networking.k8s.io/v1/httproutes": (
         "HTTPRoute",
@@ -182,6 +187,19 @@ def json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
     return doc
 
 
+def _key(res: Any) -> str:
+    """RESOURCES' key of a kmock resource: group/version/plural ("v1/pods" for the core API)."""
+    return f"{res.group + '/' if res.group else ''}{res.version}/{res.plural}"
+
+
+def _without_resources(pod: dict[str, Any]) -> dict[str, Any]:
+    """A pod without its containers' resources: what a resize may not change."""
+    out = copy.deepcopy(pod)
+    for container in (out.get("spec") or {}).get("containers") or []:
+        container.pop("resources", None)
+    return out
+
+
 def _alter(request: kmock.Request, **changes: Any) -> kmock.Request:
     """Change the parsed request in place: kmock matches reactions against this very object."""
     for key, value in changes.items():
@@ -214,7 +232,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         res = request.resource
         assert res is not None
         api_version = f"{res.group}/{res.version}" if res.group else str(res.version)
-        key = f"{res.group + '/' if res.group else ''}{res.version}/{res.plural}"
+        key = _key(res)
         kind = RESOURCES.get(key, ("",))[0] or str(
             getattr(self.resources.get(key), "kind", "") or ""
         )
@@ -279,6 +297,18 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             enums.action.UPDATE,
         ):
             return await super()._handle(request)
+        declared = self.resources.get(_key(request.resource))
+        if request.subresource and request.subresource not in (
+            getattr(declared, "subresources", None) or ()
+        ):
+            # As the API server: a subresource it does not serve is not found.
+            return await self._render_error(
+                kmock.KubernetesError(
+                    status=404,
+                    reason="NotFound",
+                    message="the server could not find the requested resource",
+                )
+            )
         content_type = str(request.headers.get("Content-Type", ""))
         self.writes.append((str(request.method), str(request.url.path), content_type))
         self.writers.append(
@@ -343,6 +373,13 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         else:  # merge and strategic merge (approximated): a merge of what was sent
             new = merge(current, request.data or {})
 
+        if request.subresource == "resize" and _without_resources(new) != _without_resources(
+            current
+        ):
+            # As the API server: the resize subresource changes container resources only.
+            raise kmock.KubernetesError(
+                status=422, reason="Invalid", message="only resources may change in a resize"
+            )
         if request.subresource == "status":
             # A copy of metadata: the resourceVersion bump below must differ from `current`, or
             # the diff leaves it out and status writes never move the resourceVersion.

@@ -41,9 +41,27 @@ ROUTE_ACCEPTED = Gauge(
     "accepted it, 0 one refused it, -1 one has not reported.",
     ["namespace", "name"],
 )
+IN_PLACE_CPU = Gauge(
+    "trimtab_in_place_cpu_request_cores",
+    "The CPU request trimtab resizes a ModelDeployment's running pods to in place.",
+    ["namespace", "name"],
+)
+IN_PLACE_RESIZES = Counter(
+    "trimtab_in_place_resizes_total",
+    "In-place pod resizes sent, by result (ok, refused, unsupported, forbidden, gone, changed).",
+    ["namespace", "name", "result"],
+)
 
 # The series one ModelDeployment owns, by its namespace and name.
-PER_RESOURCE = (DESIRED_REPLICAS, SCALE_ACTIONS, ROLLOUT_WEIGHT, ROLLBACKS, ROUTE_ACCEPTED)
+PER_RESOURCE = (
+    DESIRED_REPLICAS,
+    SCALE_ACTIONS,
+    ROLLOUT_WEIGHT,
+    ROLLBACKS,
+    ROUTE_ACCEPTED,
+    IN_PLACE_CPU,
+    IN_PLACE_RESIZES,
+)
 
 
 def forget_resource(namespace: str, name: str) -> None:

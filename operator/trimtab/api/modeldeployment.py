@@ -23,7 +23,7 @@ from trimtab.api.common import (
     Volume,
     VolumeMount,
 )
-from trimtab.api.rightsizing import RecommendationsStatus, RightsizingSpec
+from trimtab.api.rightsizing import RecommendationsStatus, ServingRightsizingSpec
 from trimtab.api.rollout import RolloutSpec, RolloutStatus
 from trimtab.api.servers import ServerPreset
 
@@ -243,8 +243,8 @@ class ModelDeploymentSpec(StrictModel):
         description="(model) Where the server's container mounts spec.volumes.",
     )
     replicas: int = Field(default=1, ge=0, le=1000, description="Replicas when autoscaling is off.")
-    rightsizing: RightsizingSpec = Field(
-        default_factory=RightsizingSpec,
+    rightsizing: ServingRightsizingSpec = Field(
+        default_factory=ServingRightsizingSpec,
         description="Right-sizing of CPU, memory and GPU from usage (policy, not a revision).",
     )
     disruption_budget: DisruptionBudgetSpec = Field(

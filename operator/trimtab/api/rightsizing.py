@@ -14,7 +14,8 @@ from trimtab.api.common import Condition, Duration, Quantity, StatusModel, Stric
 RightsizingMode = Literal[
     "Off",  # trimtab reads no usage and writes no recommendation
     "Recommend",  # recommendations go to status and Events; the pods keep their requests
-    "Auto",  # a recommendation that moves is applied as a new revision (rolled out, never in place)
+    "Auto",  # a recommendation that moves is applied as a new revision (rolled out); between
+    # revisions a ModelDeployment's CPU request follows usage in place (inPlace.cpu)
 ]
 
 DEFAULT_WINDOW = "168h"
@@ -90,6 +91,30 @@ class RightsizingSpec(StrictModel):
     gpu: GpuPolicy = Field(default_factory=GpuPolicy, description="GPU shape suggestions.")
 
 
+class InPlaceSpec(StrictModel):
+    """What trimtab resizes in running pods, without a restart, between revisions (Kubernetes
+    in-place pod resize: on by default since 1.33, stable since 1.35). Auto mode only."""
+
+    cpu: bool = Field(
+        default=True,
+        description="Follow CPU usage within the day: every pass sets the running pods' CPU "
+        "request to what the busiest pod used in the last 15 minutes or, on earlier days, in "
+        "the next 15 minutes (+20%), never above the revision's request. CPU has no limit by "
+        "default, so this changes only the CPU share under contention and what the scheduler "
+        "counts as taken; pods are never restarted for it.",
+    )
+
+
+class ServingRightsizingSpec(RightsizingSpec):
+    """A ModelDeployment's right-sizing: the revision's requests, and in-place resizes within
+    the day between revisions."""
+
+    in_place: InPlaceSpec = Field(
+        default_factory=InPlaceSpec,
+        description="In Auto mode, resize running pods in place between revisions.",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # status.recommendations
 
@@ -102,6 +127,8 @@ RecommendationState = Literal[
 # Condition types under status.recommendations.conditions:
 CONDITION_USAGE_AVAILABLE = "UsageAvailable"  # True: every series right-sizing reads has data
 CONDITION_RECOMMENDATION_APPLIED = "RecommendationApplied"  # True: Auto applied the latest one
+# True: the running pods' CPU requests follow usage in place; False: held or refused (why).
+CONDITION_CPU_RESIZED_IN_PLACE = "CPUResizedInPlace"
 
 
 class ResourceAmounts(StatusModel):
@@ -175,6 +202,29 @@ class AppliedResources(StatusModel):
     )
 
 
+class InPlaceStatus(StatusModel):
+    """The CPU request trimtab last resized the running pods of a revision to, and why."""
+
+    container: str
+    revision: str
+    cpu: str = Field(description="The request the pods were resized to.")
+    ceiling: str = Field(description="The revision's own request: in-place never goes above.")
+    reason: str
+    recent_peak: str | None = Field(
+        default=None, description="The busiest pod's CPU in the last 15 minutes."
+    )
+    same_time_peak: str | None = Field(
+        default=None,
+        description="The median, over earlier days, of each day's peak in the next 15 minutes.",
+    )
+    days: int = Field(default=0, description="Earlier days with usage at this time of day.")
+    pods: int = Field(default=0, description="Running pods of the revision at this request.")
+    pending: int = Field(
+        default=0, description="Pods whose resize the kubelet has not carried out yet."
+    )
+    updated_at: str
+
+
 class RecommendationsStatus(StatusModel):
     """Written only by the right-sizing timer."""
 
@@ -187,6 +237,10 @@ class RecommendationsStatus(StatusModel):
         },
     )
     applied: AppliedResources | None = None
+    in_place: InPlaceStatus | None = Field(
+        default=None,
+        description="Auto mode: the CPU request running pods were resized to in place.",
+    )
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},

@@ -5,6 +5,7 @@ Pure: usage, current resources, policy and the time `now` (unix seconds) are arg
 
 from __future__ import annotations
 
+import bisect
 import datetime
 import hashlib
 import json
@@ -1034,3 +1035,215 @@ def with_failure_kill(usage: ContainerUsage, failure: WorkerFailure | None) -> C
             return usage
         at_kill = near[0][1]
     return replace(usage, oom_kills=sorted([*usage.oom_kills, (t, at_kill)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# In-place CPU: between revisions, running pods' CPU requests follow usage within the day
+
+# What the pods use now: the busiest pod's peak over the last 15 minutes (three 5-minute steps).
+IN_PLACE_RECENT_S = 15 * 60.0
+# What they used at this time on earlier days, over the next 15 minutes: a rise that comes every
+# afternoon is met before it starts, not one pass after.
+IN_PLACE_AHEAD_S = 15 * 60.0
+IN_PLACE_DAYS = 7
+IN_PLACE_HEADROOM = 0.20
+# A pod is resized up when the target is more than 5% above its request, and down only when it
+# is more than 15% below: a raise is wanted at once, a cut can wait for a clear drop (noise in
+# the usage would otherwise resize a steady workload several times a day for nothing).
+IN_PLACE_MIN_RAISE = 0.05
+IN_PLACE_MIN_CUT = 0.15
+
+
+@dataclass(frozen=True)
+class InPlaceCpu:
+    """in_place_cpu's answer: the CPU request (cores) running pods should have now, or None
+    when the revision sets no CPU request (there is nothing to resize under)."""
+
+    request: float | None
+    reason: str
+    recent_peak: float | None = None
+    same_time_peak: float | None = None
+    days: int = 0
+
+
+def in_place_cpu(
+    samples: Sequence[Sample],
+    now: float,
+    ceiling: float | None,
+    floor: float = MIN_CPU,
+    step_s: float = 300.0,
+) -> InPlaceCpu:
+    """The CPU request running pods of a revision follow within the day: the larger of what the
+    busiest pod used in the last 15 minutes and what it used in the next 15 minutes of earlier
+    days (the median over up to 7 days of each day's peak there, so one day's burst does not
+    hold the request up every day after), plus 20%, between `floor` and `ceiling` (the
+    revision's own request, which the scheduler placed the pod with). With no recent usage it
+    is the ceiling: never smaller blind.
+
+    `samples` are the busiest pod's cores at each step, in time order (the right-sizing pass's
+    CPU series).
+
+    Worked examples (ceiling 2 cores):
+      - last 15 min peak 0.5, earlier days 0.4 at this time   -> 0.6 (0.5 + 20%)
+      - last 15 min 0.5, earlier days 1.5 in the next 15 min  -> 1.8 (the afternoon rise)
+      - last 15 min 1.9                                       -> 2 (the ceiling)
+      - no sample in the last 15 min (Prometheus lost them)   -> 2
+      - ceiling None (the revision requests no CPU)           -> None
+    """
+    if ceiling is None:
+        return InPlaceCpu(None, "the revision sets no CPU request")
+    times = [t for t, _ in samples]
+
+    def values(start: float, end: float) -> list[float]:
+        """The usable values in (start, end]."""
+        lo, hi = bisect.bisect_right(times, start), bisect.bisect_right(times, end)
+        return [v for _, v in samples[lo:hi] if math.isfinite(v) and v >= 0]
+
+    recent_since = now - max(IN_PLACE_RECENT_S, 2 * step_s)
+    recent = values(recent_since, now)
+    if not recent:
+        return InPlaceCpu(
+            ceiling,
+            f"no CPU usage in the last {_minutes(now - recent_since)}: the revision's request",
+        )
+    recent_peak = max(recent)
+    daily: list[float] = []
+    for d in range(1, IN_PLACE_DAYS + 1):
+        start = now - d * DAY
+        then = values(start, start + IN_PLACE_AHEAD_S)
+        if then:
+            daily.append(max(then))
+    same_time = sorted(daily)[len(daily) // 2] if daily else None
+    level = max(recent_peak, same_time or 0.0)
+    wanted = level * (1 + IN_PLACE_HEADROOM)
+    request = min(max(wanted, floor), ceiling)
+    why = f"{format_cpu(recent_peak)} in the last {_minutes(now - recent_since)}"
+    if same_time is not None:
+        why += (
+            f", {format_cpu(same_time)} in the next {_minutes(IN_PLACE_AHEAD_S)} on earlier "
+            f"days (median of {len(daily)})"
+        )
+    why += f", +{IN_PLACE_HEADROOM:.0%}"
+    if wanted > ceiling:
+        why += f"; capped at the revision's request {format_cpu(ceiling)}"
+    return InPlaceCpu(request, why, recent_peak, same_time, len(daily))
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f}m"
+
+
+def in_place_due(current: float | None, target: float) -> bool:
+    """Whether a pod at `current` cores is resized to `target`: up by more than 5%, or down by
+    more than 15%.
+
+    >>> in_place_due(1.0, 1.04), in_place_due(1.0, 1.06), in_place_due(1.0, 0.9)
+    (False, True, False)
+    >>> in_place_due(1.0, 0.8), in_place_due(None, 0.5)
+    (True, True)
+    """
+    if not current:
+        return True
+    if target >= current:
+        return (target - current) / current > IN_PLACE_MIN_RAISE
+    return (current - target) / current > IN_PLACE_MIN_CUT
+
+
+@dataclass(frozen=True)
+class PodCpuResize:
+    """One pod to resize: its container's index in spec.containers and the requests."""
+
+    pod: str
+    index: int
+    current: str
+    target: str
+
+
+@dataclass(frozen=True)
+class CpuResizePlan:
+    resizes: list[PodCpuResize] = field(default_factory=list)
+    # Pods close enough to the target already (`in_place_due` is False).
+    settled: list[str] = field(default_factory=list)
+    # Pods left alone, with why (Guaranteed QoS, a resize policy that restarts, not running).
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Pods whose last resize the kubelet has not carried out: (pod, reason, message).
+    pending: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def resize_pending(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Why the kubelet has not carried out a pod's resize yet: the PodResizePending condition's
+    reason (Deferred: no room on the node now; Infeasible: never on this node) and message, or
+    status.resize of Kubernetes before 1.33; None when nothing is pending."""
+    status = pod.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodResizePending" and cond.get("status") == "True":
+            return str(cond.get("reason") or "Pending"), str(cond.get("message") or "")
+    legacy = status.get("resize")
+    if legacy in ("Deferred", "Infeasible"):
+        return str(legacy), ""
+    return None
+
+
+def plan_cpu_resizes(
+    pods: Iterable[Mapping[str, Any]], container: str, target: float
+) -> CpuResizePlan:
+    """Which running pods get their `container`'s CPU request set to `target` in place.
+
+    Left alone: a pod being deleted or not Running (it starts with the revision's request); a
+    Guaranteed pod (its QoS class cannot change in place, and a request below its limit would);
+    a container whose CPU resize policy restarts it (trimtab never restarts a pod to resize);
+    a container without a CPU request (adding one changes the QoS class). A pod close enough to
+    the target (`in_place_due`: 5% below it, 15% above it) is settled. Pending resizes are
+    reported, not retried differently.
+
+    Worked examples (target 600m):
+      - Running, request 2                         -> resize 2 -> 600m
+      - Running, request 650m                      -> settled (8% above: a cut waits for 15%)
+      - Running, request 560m                      -> resize (a raise of 7%)
+      - Running, qosClass Guaranteed               -> skipped
+      - Running, resizePolicy cpu RestartContainer -> skipped
+      - Pending (not scheduled yet)                -> skipped
+    """
+    resizes: list[PodCpuResize] = []
+    settled: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    pending: list[tuple[str, str, str]] = []
+    wanted = format_cpu(target)
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        name = str(meta.get("name") or "")
+        status = pod.get("status") or {}
+        if meta.get("deletionTimestamp"):
+            skipped.append((name, "being deleted"))
+            continue
+        if status.get("phase") != "Running":
+            skipped.append((name, f"phase {status.get('phase') or 'unknown'}"))
+            continue
+        if status.get("qosClass") == "Guaranteed":
+            skipped.append((name, "Guaranteed QoS class cannot change in place"))
+            continue
+        containers = (pod.get("spec") or {}).get("containers") or []
+        index = next((i for i, c in enumerate(containers) if c.get("name") == container), None)
+        if index is None:
+            skipped.append((name, f"no container {container}"))
+            continue
+        spec_c = containers[index]
+        restarts = any(
+            p.get("resourceName") == "cpu" and p.get("restartPolicy") == "RestartContainer"
+            for p in spec_c.get("resizePolicy") or []
+        )
+        if restarts:
+            skipped.append((name, "its CPU resize policy restarts the container"))
+            continue
+        current = ((spec_c.get("resources") or {}).get("requests") or {}).get("cpu")
+        if not current:
+            skipped.append((name, "no CPU request"))
+            continue
+        waiting = resize_pending(pod)
+        if waiting is not None:
+            pending.append((name, *waiting))
+        if in_place_due(float(parse_quantity(str(current))), target):
+            resizes.append(PodCpuResize(name, index, str(current), wanted))
+        else:
+            settled.append(name)
+    return CpuResizePlan(resizes, settled, skipped, pending)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import kopf
@@ -53,6 +53,7 @@ from trimtab.decisions.rightsizing import (
     worker_resources,
 )
 from trimtab.decisions.training import oom_unanswered
+from trimtab.handlers.inplace import InPlaceWork, cpu_in_place
 from trimtab.kube.resources import MODELDEPLOYMENTS, TRAININGJOBS, Resource
 from trimtab.metrics.usage import UsageReader, UsageTarget, pod_regex_for
 
@@ -158,6 +159,8 @@ class Sizing:
     # Why an Auto apply must wait now (a rollout in progress: a new revision would replace its
     # candidate mid-analysis); empty when it may go ahead.
     apply_held: str = ""
+    # ModelDeployment: the running pods' CPU requests in place between revisions.
+    in_place: InPlaceWork | None = None
 
 
 @kopf.timer(
@@ -181,15 +184,21 @@ async def rightsize_modeldeployment(
         parsed = ModelDeploymentSpec.model_validate(dict(spec))
     except ValidationError:
         return  # reconcile reports an invalid spec; nothing to size
+    meta = body["metadata"]
+    in_place = InPlaceWork(
+        namespace=meta["namespace"],
+        name=meta["name"],
+        follow=parsed.rightsizing.mode == "Auto" and parsed.rightsizing.in_place.cpu,
+        held=_rollout_in_progress(status),
+        revision=dict(status or {}).get("currentRevision"),
+    )
+    now = time.time()
     if parsed.rightsizing.mode == "Off":
-        if dict(status or {}).get("recommendations"):
-            patch.status["recommendations"] = None
+        await _turn_off(body, status, patch, memo, logger, in_place, now)
         return
 
-    now = time.time()
     if not due(body, now):
         return
-    meta = body["metadata"]
     previous = _previous(status)
     running = effective_resources(parsed.resources, parsed.rightsizing.mode, previous)
     # Pods are named <name>-<revision>-<replicaset hash>-<suffix>; child_name trims long names.
@@ -203,9 +212,56 @@ async def rightsize_modeldeployment(
         applied_reason="NewRevision",
         applied_note="rolled out as a new revision",
         fire_reconcile=True,
-        apply_held=_rollout_in_progress(status),
+        apply_held=in_place.held,
+        in_place=in_place,
     )
     await _rightsize(body, previous, patch, memo, logger, sizing, now)
+
+
+async def _turn_off(
+    body: kopf.Body,
+    status: Any,
+    patch: kopf.Patch,
+    memo: Any,
+    logger: Any,
+    in_place: InPlaceWork,
+    now: float,
+) -> None:
+    """Mode Off: status.recommendations goes, once pods trimtab resized in place are back at
+    their revision's request (tried once per interval while that is refused)."""
+    if not dict(status or {}).get("recommendations"):
+        return
+    previous = _previous(status)
+    if previous.in_place is not None:
+        if not due(body, now):
+            return
+        stamp = _now_rfc3339(now)
+        outcome = await cpu_in_place(
+            memo.kube,
+            in_place,
+            [],
+            DEFAULT_INTERVAL_S,
+            0.0,
+            previous.in_place,
+            list(previous.conditions),
+            now,
+            stamp,
+            _warner(body),
+            logger,
+        )
+        if outcome.status is not None:
+            update = {"updated_at": stamp, "conditions": outcome.conditions}
+            out = previous.model_copy(update=update)
+            patch.status["recommendations"] = recommendations_patch(body, out)
+            return
+    patch.status["recommendations"] = None
+
+
+def _warner(body: kopf.Body) -> Any:
+    def warn(reason: str, message: str) -> None:
+        kopf.event(body, type="Warning", reason=reason, message=message)
+
+    return warn
 
 
 def _rollout_in_progress(status: Any) -> str:
@@ -317,6 +373,23 @@ async def _rightsize(
             answer.unavailable,
             stamp,
         )
+        if sizing.in_place is not None:
+            # Blind: the pods go back up to their revision's request (in_place_cpu of no usage).
+            moved_in_place = await cpu_in_place(
+                memo.kube,
+                sizing.in_place,
+                [],
+                DEFAULT_INTERVAL_S,
+                policy.cpu_min,
+                previous.in_place,
+                conditions,
+                now,
+                stamp,
+                _warner(body),
+                logger,
+            )
+            conditions = moved_in_place.conditions
+            out = out.model_copy(update={"in_place": moved_in_place.status})
         out = out.model_copy(update={"conditions": conditions})
         patch.status["recommendations"] = recommendations_patch(body, out)
         logger.warning("right-sizing: %s", answer.unavailable)
@@ -393,9 +466,34 @@ async def _rightsize(
         applied = None
         conditions = [c for c in conditions if c.type != CONDITION_RECOMMENDATION_APPLIED]
 
+    in_place_status = previous.in_place
+    if sizing.in_place is not None:
+        work = sizing.in_place
+        if applied_message and not work.held:
+            work = replace(work, held="a new revision with the applied requests is rolling out")
+        moved_in_place = await cpu_in_place(
+            memo.kube,
+            work,
+            usage.cpu,
+            usage.step_seconds,
+            policy.cpu_min,
+            previous.in_place,
+            conditions,
+            now,
+            stamp,
+            _warner(body),
+            logger,
+        )
+        conditions, in_place_status = moved_in_place.conditions, moved_in_place.status
+
     others = [c for c in previous.containers if c.container != container.container]
     out = out.model_copy(
-        update={"containers": [*others, container], "applied": applied, "conditions": conditions}
+        update={
+            "containers": [*others, container],
+            "applied": applied,
+            "conditions": conditions,
+            "in_place": in_place_status,
+        }
     )
     wire = recommendations_patch(body, out)
     if write_status_first:

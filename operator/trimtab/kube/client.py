@@ -286,15 +286,21 @@ class KubeClient:
         )
 
     async def json_patch(
-        self, res: Resource, namespace: str, name: str, operations: Sequence[Json]
+        self,
+        res: Resource,
+        namespace: str,
+        name: str,
+        operations: Sequence[Json],
+        subresource: str | None = None,
     ) -> Json:
-        """An RFC 6902 JSON patch of the object: with a `test` operation first, the write
-        happens only if the object still holds that value (422 otherwise)."""
-        _check(res, "patch")
-        self._count("patch", res.kind)
+        """An RFC 6902 JSON patch of the object (or of a subresource: a pod's resize): with a
+        `test` operation first, the write happens only if the object still holds that value
+        (422 otherwise)."""
+        _check(res, "patch", subresource)
+        self._count("patch" if subresource is None else f"patch/{subresource}", res.kind)
         return await self.request(
             "PATCH",
-            res.path(namespace, name),
+            res.path(namespace, name, subresource),
             params={"fieldManager": C.FIELD_MANAGER},
             body=list(operations),
             content_type="application/json-patch+json",

@@ -76,7 +76,15 @@ SERVICES = Resource(
 JOBS = Resource(
     "batch", "v1", "jobs", "Job", verbs=_verbs("get", "list", "watch", "create", "patch", "delete")
 )
-PODS = Resource("", "v1", "pods", "Pod", verbs=_verbs("get", "list", "watch"))
+# Pods are read, and resized in place through their resize subresource (rightsizing.inPlace).
+PODS = Resource(
+    "",
+    "v1",
+    "pods",
+    "Pod",
+    verbs=_verbs("get", "list", "watch"),
+    subresources=frozenset({"resize"}),
+)
 PODDISRUPTIONBUDGETS = Resource(
     "policy",
     "v1",
@@ -160,6 +168,7 @@ _SUBRESOURCE_VERBS = {
     "status": ["get", "patch"],
     "scale": ["get", "patch"],
     "finalizers": ["update"],
+    "resize": ["patch"],
 }
 
 
