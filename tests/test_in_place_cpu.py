@@ -9,9 +9,11 @@ import pytest
 
 from trimtab.decisions.rightsizing import (
     DAY,
-    IN_PLACE_MIN_CUT,
-    IN_PLACE_MIN_RAISE,
+    CpuResizePlan,
+    InPlaceCpu,
+    PodCpuResize,
     in_place_cpu,
+    in_place_verdict,
     plan_cpu_resizes,
     resize_pending,
 )
@@ -174,10 +176,6 @@ def test_plan_cpu_resizes(body: dict[str, Any], outcome: str) -> None:
         assert resize.current == body["spec"]["containers"][1]["resources"]["requests"]["cpu"]
 
 
-def test_raises_are_quicker_than_cuts() -> None:
-    assert (IN_PLACE_MIN_RAISE, IN_PLACE_MIN_CUT) == (0.05, 0.15)
-
-
 PENDING = [
     pytest.param(
         {"conditions": [{"type": "PodResizePending", "status": "True", "reason": "Deferred",
@@ -263,3 +261,40 @@ def test_template_cpu() -> None:
     assert template_cpu(deployment) == 1.5
     bare = {"spec": {"template": {"spec": {"containers": [{"name": "server"}]}}}}
     assert template_cpu(bare) is None
+
+
+TARGET = InPlaceCpu(0.6, "500m in the last 15m, +20%")
+RESIZE = PodCpuResize("a", 0, "2", "600m")
+VERDICTS = [
+    pytest.param(CpuResizePlan([RESIZE]), 1, {}, ("True", "Following"),
+                 "1 pod(s) at 600m: 500m in the last 15m, +20%", id="accepted"),
+    pytest.param(CpuResizePlan([], settled=["a", "b"]), 0, {}, ("True", "Following"),
+                 "2 pod(s) at 600m", id="already-there"),
+    pytest.param(CpuResizePlan([RESIZE], skipped=[("g", "Guaranteed QoS class cannot change")]),
+                 1, {}, ("True", "Following"), "; 1 left alone (Guaranteed QoS",
+                 id="one-left-alone"),
+    pytest.param(CpuResizePlan([RESIZE]), 0, {"unsupported": "no pods/resize"},
+                 ("False", "Unsupported"), "no pods/resize", id="no-resize-subresource"),
+    pytest.param(CpuResizePlan([RESIZE, RESIZE]), 0,
+                 {"refused": "a: QoS", "forbidden": "RBAC"}, ("False", "Forbidden"), "RBAC",
+                 id="forbidden-before-refused"),
+    pytest.param(CpuResizePlan([RESIZE], pending=[("a", "Deferred", "no room")]), 1, {},
+                 ("False", "Deferred"), "1 pod(s) wait for the kubelet, e.g. a: Deferred (no room)",
+                 id="kubelet-defers"),
+    pytest.param(CpuResizePlan([RESIZE], pending=[("a", "Infeasible", "")]), 0,
+                 {"refused": "a: QoS"}, ("False", "Refused"), "a: QoS",
+                 id="a-refusal-outranks-pending"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("plan", "resized", "refusals", "expected", "message"), VERDICTS)
+def test_in_place_verdict(
+    plan: CpuResizePlan,
+    resized: int,
+    refusals: dict[str, str],
+    expected: tuple[str, str],
+    message: str,
+) -> None:
+    status, reason, text = in_place_verdict(TARGET, plan, resized, refusals)
+    assert (status, reason) == expected
+    assert message in text

@@ -9,24 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import kopf
 import pytest
 from prometheus_client import REGISTRY
 
-import trimtab.handlers.rightsizing as rightsizing_handler
 from tests.conftest import Cluster, OperatorRunner, wait_for, wait_for_value
 from tests.kube_emulator import RESOURCES
 from tests.prometheus_fixture import (
-    MetricsExporter,
-    PodTarget,
     prometheus_bin,  # noqa: F401  # a fixture
 )
-from tests.test_rightsizing_usage import HonorLabelsPrometheus, UsageReplayer
+from tests.test_rightsizing_usage import usage_for_operator
 from trimtab import constants as C
 from trimtab.api.quantity import parse_quantity
 from trimtab.api.rightsizing import InPlaceStatus
 from trimtab.builders.serving import deployment_name
 from trimtab.handlers.inplace import InPlaceWork, cpu_in_place
-from trimtab.metrics.usage import UsageReader
 
 pytestmark = pytest.mark.prometheus
 
@@ -88,15 +85,7 @@ async def test_running_pods_follow_usage_in_place_and_go_back(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    exporter = MetricsExporter("generic").start()
-    replayer = UsageReplayer(exporter).start()  # the busiest pod: 0.5 cores
-    prom = HonorLabelsPrometheus([PodTarget(exporter.address)], tmp_path / "prom").start()
-    monkeypatch.setenv("TRIMTAB_RIGHTSIZING_INTERVAL_SECONDS", "1")
-    monkeypatch.setattr(
-        rightsizing_handler, "make_reader", lambda memo: UsageReader(prom.url, rate_window="2s")
-    )
-    try:
-        prom.wait_for_scrapes()
+    with usage_for_operator(tmp_path, monkeypatch):  # the busiest pod: 0.5 cores
         async with run_operator():
             await cluster.create(MD_PATH, chat())
 
@@ -174,10 +163,6 @@ async def test_running_pods_follow_usage_in_place_and_go_back(
                 )
                 is None
             )
-    finally:
-        prom.stop()
-        replayer.stop()
-        exporter.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,17 +207,24 @@ def _previous() -> InPlaceStatus:
     )
 
 
+@pytest.fixture
+def warnings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The reasons of the Events posted (kopf.event needs a running operator)."""
+    posted: list[str] = []
+    monkeypatch.setattr(kopf, "event", lambda body, **kw: posted.append(kw["reason"]))
+    return posted
+
+
+BODY = {"metadata": {"name": "chat", "namespace": NS}}
+
+
 async def test_a_rollout_puts_the_pods_back_at_their_revision_request(
-    api: Any, cluster: Cluster
+    api: Any, cluster: Cluster, warnings: list[str]
 ) -> None:
     await _revision_with_pod(cluster)
     held = "revision r2 is being rolled out"
-    work = InPlaceWork(NS, "chat", follow=True, held=held, revision="r2")
-    warnings: list[tuple[str, str]] = []
-    out = await cpu_in_place(
-        cluster.kube, work, [], 300.0, 0.01, _previous(), [], 0.0, "t",
-        lambda r, m: warnings.append((r, m)), Logger(),
-    )  # fmt: skip
+    work = InPlaceWork(NS, "chat", follow=True, held=held, revision="r2", floor=0.01)
+    out = await cpu_in_place(cluster.kube, BODY, work, _previous(), [], 0.0, "t", Logger())
     pod = await cluster.get(f"{PODS_PATH}/chat-a") or {}
     assert pod["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "2"
     assert out.status is None
@@ -250,22 +242,20 @@ def no_resize_subresource(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_a_cluster_without_pod_resize_is_named_once(
-    no_resize_subresource: None, api: Any, cluster: Cluster
+    no_resize_subresource: None, api: Any, cluster: Cluster, warnings: list[str]
 ) -> None:
     await _revision_with_pod(cluster, cpu="2")
-    work = InPlaceWork(NS, "chat", follow=True, held="", revision="r1")
-    warnings: list[tuple[str, str]] = []
-    samples = [(t, 0.5) for t in range(0, 1200, 300)]
+    work = InPlaceWork(NS, "chat", follow=True, held="", revision="r1", floor=0.01)
+    samples = [(float(t), 0.5) for t in range(0, 1200, 300)]
     conditions: list[Any] = []
     for _ in range(2):
         out = await cpu_in_place(
-            cluster.kube, work, samples, 300.0, 0.01, None, conditions, 1200.0, "t",
-            lambda r, m: warnings.append((r, m)), Logger(),
-        )  # fmt: skip
+            cluster.kube, BODY, work, None, conditions, 1200.0, "t", Logger(), cpu=samples
+        )
         conditions = out.conditions
     cond = conditions[0]
     assert (cond.type, cond.status, cond.reason) == ("CPUResizedInPlace", "False", "Unsupported")
     assert "Kubernetes 1.33" in cond.message
-    assert [r for r, _ in warnings] == ["InPlaceResizeFailed"]  # once, not every pass
+    assert warnings == ["InPlaceResizeFailed"]  # once, not every pass
     pod = await cluster.get(f"{PODS_PATH}/chat-a") or {}
     assert pod["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "2"

@@ -15,11 +15,9 @@ import pytest
 import trimtab.handlers.rightsizing as rightsizing_handler
 from tests.conftest import Cluster, OperatorRunner, wait_for
 from tests.prometheus_fixture import (
-    MetricsExporter,
-    PodTarget,
     prometheus_bin,  # noqa: F401  # a fixture
 )
-from tests.test_rightsizing_usage import HonorLabelsPrometheus, UsageReplayer
+from tests.test_rightsizing_usage import usage_for_operator
 from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.builders.serving import deployment_name, revision_of
@@ -64,15 +62,8 @@ async def test_recommend_then_auto(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    exporter = MetricsExporter("generic").start()
-    replayer = UsageReplayer(exporter).start()  # pod chat-0123456789-...: 0.5 cores, 2 GiB
-    prom = HonorLabelsPrometheus([PodTarget(exporter.address)], tmp_path / "prom").start()
-    monkeypatch.setenv("TRIMTAB_RIGHTSIZING_INTERVAL_SECONDS", "1")
-    monkeypatch.setattr(
-        rightsizing_handler, "make_reader", lambda memo: UsageReader(prom.url, rate_window="2s")
-    )
-    try:
-        prom.wait_for_scrapes()
+    # pod chat-0123456789-...: 0.5 cores, 2 GiB
+    with usage_for_operator(tmp_path, monkeypatch):
         async with run_operator():
             await cluster.create(MD_PATH, chat("Recommend"))
 
@@ -132,10 +123,6 @@ async def test_recommend_then_auto(
             deploy = await wait_for(resized, timeout=20, interval=0.5)
             container = deploy["spec"]["template"]["spec"]["containers"][0]
             assert container["resources"]["requests"]["memory"] == applied_res["memory"]
-    finally:
-        prom.stop()
-        replayer.stop()
-        exporter.stop()
 
 
 async def test_unreachable_prometheus_names_the_source(

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-import trimtab.handlers.rightsizing as rightsizing_handler
 from tests.conftest import Cluster, OperatorRunner, wait_for
 from tests.prometheus_fixture import (
     MetricsExporter,
@@ -23,7 +22,7 @@ from tests.prometheus_fixture import (
     prometheus_bin,  # noqa: F401  # a fixture
 )
 from tests.test_rightsizing_operator import recommended
-from tests.test_rightsizing_usage import HonorLabelsPrometheus
+from tests.test_rightsizing_usage import HonorLabelsPrometheus, usage_for_operator
 from tests.test_training_operator import fail_worker, set_job_status
 from trimtab import constants as C
 from trimtab.builders.training import worker_pod_regex
@@ -117,14 +116,7 @@ async def test_recommend_then_auto_resizes_the_next_attempt(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    exporter = MetricsExporter("generic").start()
-    replayer = WorkerReplayer(exporter).start()
-    prom = HonorLabelsPrometheus([PodTarget(exporter.address)], tmp_path / "prom").start()
-    monkeypatch.setenv("TRIMTAB_RIGHTSIZING_INTERVAL_SECONDS", "1")
-    monkeypatch.setattr(
-        rightsizing_handler, "make_reader", lambda memo: UsageReader(prom.url, rate_window="2s")
-    )
-    try:
+    with usage_for_operator(tmp_path, monkeypatch, WorkerReplayer, wait=False):
         # Prometheus fills its window while the operator starts and the job runs.
         async with run_operator():
             await cluster.create(TJ_PATH, llama("Recommend"))
@@ -183,10 +175,6 @@ async def test_recommend_then_auto_resizes_the_next_attempt(
             assert resources["requests"]["cpu"] == applied_res["cpu"]
             assert resources["requests"]["memory"] == applied_res["memory"]
             assert resources["limits"]["memory"] == applied_res["memoryLimit"]
-    finally:
-        prom.stop()
-        replayer.stop()
-        exporter.stop()
 
 
 async def test_reader_counts_each_oom_killed_worker_once(

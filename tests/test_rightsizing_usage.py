@@ -4,15 +4,17 @@ as cAdvisor, kube-state-metrics and trimtab's gpu-agent expose it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
+import trimtab.handlers.rightsizing as rightsizing_handler
 from tests.prometheus_fixture import (
     MetricsExporter,
     PodTarget,
@@ -134,6 +136,33 @@ class UsageReplayer:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def usage_for_operator(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    replayer: Callable[[MetricsExporter], Any] = UsageReplayer,
+    wait: bool = True,
+) -> Iterator[Any]:
+    """For the operator's right-sizing timers: a real Prometheus scraping an exporter that
+    `replayer` moves, read with a 2 s rate window, a pass every second. Yields the replayer;
+    with `wait`, once Prometheus has scraped."""
+    exporter = MetricsExporter("generic").start()
+    moving = replayer(exporter).start()
+    prom = HonorLabelsPrometheus([PodTarget(exporter.address)], tmp_path / "prom").start()
+    monkeypatch.setenv("TRIMTAB_RIGHTSIZING_INTERVAL_SECONDS", "1")
+    monkeypatch.setattr(
+        rightsizing_handler, "make_reader", lambda memo: UsageReader(prom.url, rate_window="2s")
+    )
+    try:
+        if wait:
+            prom.wait_for_scrapes()
+        yield moving
+    finally:
+        prom.stop()
+        moving.stop()
+        exporter.stop()
 
 
 @pytest.fixture

@@ -59,3 +59,17 @@ def get_condition(conditions: Iterable[Condition], type_: str) -> Condition | No
 def remove_condition(conditions: Iterable[Condition], type_: str) -> list[Condition]:
     """`conditions` without `type_` (one that no longer applies, rather than one set False)."""
     return [c for c in conditions if c.type != type_]
+
+
+def is_news(conditions: Iterable[Condition], type_: str, status: str, reason: str) -> bool:
+    """Whether setting `type_` to `status` with `reason` changes what it says: for an Event once
+    per change (a refusal, a failure) rather than once per loop that finds it unchanged.
+
+    >>> old = set_condition([], "RouteAccepted", "False", "NotAllowedByListeners", "", "t")
+    >>> is_news(old, "RouteAccepted", "False", "NotAllowedByListeners")
+    False
+    >>> is_news(old, "RouteAccepted", "False", "BackendNotFound"), is_news([], "X", "False", "Y")
+    (True, True)
+    """
+    before = get_condition(conditions, type_)
+    return before is None or before.status != status or before.reason != reason

@@ -1247,3 +1247,34 @@ def plan_cpu_resizes(
         else:
             settled.append(name)
     return CpuResizePlan(resizes, settled, skipped, pending)
+
+
+# Why a resize was refused (the handler's classification of the API server's answer), worst
+# first, and the CPUResizedInPlace reason each gives.
+IN_PLACE_REFUSALS = {"unsupported": "Unsupported", "forbidden": "Forbidden", "refused": "Refused"}
+
+
+def in_place_verdict(
+    target: InPlaceCpu, plan: CpuResizePlan, resized: int, refusals: Mapping[str, str]
+) -> tuple[Literal["True", "False"], str, str]:
+    """The CPUResizedInPlace condition (status, reason, message) after a pass that followed
+    usage: `resized` of `plan.resizes` were accepted; `refusals` maps each kind of refusal
+    (IN_PLACE_REFUSALS) to the first message of that kind.
+
+    Worked examples (target 600m, one pod resized from 2):
+      - accepted                                  -> True  Following "1 pod(s) at 600m: ..."
+      - the API server has no pods/resize         -> False Unsupported (its message)
+      - accepted, the kubelet defers it           -> False Deferred "1 pod(s) wait for ..."
+      - accepted, a Guaranteed pod beside it      -> True  Following "...; 1 left alone (...)"
+    """
+    for kind, reason in IN_PLACE_REFUSALS.items():
+        if kind in refusals:
+            return "False", reason, refusals[kind]
+    if plan.pending:
+        pod, reason, message = plan.pending[0]
+        text = f"{len(plan.pending)} pod(s) wait for the kubelet, e.g. {pod}: {reason}"
+        return "False", reason, text + (f" ({message})" if message else "")
+    done = len(plan.settled) + resized
+    cpu = format_cpu(target.request) if target.request is not None else "unset"
+    skipped = f"; {len(plan.skipped)} left alone ({plan.skipped[0][1]})" if plan.skipped else ""
+    return "True", "Following", f"{done} pod(s) at {cpu}: {target.reason}{skipped}"

@@ -11,7 +11,7 @@ from typing import Any
 
 from trimtab.api.common import Condition, ConditionStatus
 from trimtab.api.rollout import CONDITION_ROUTE_ACCEPTED
-from trimtab.decisions.conditions import get_condition, remove_condition, set_condition
+from trimtab.decisions.conditions import is_news, remove_condition, set_condition
 
 Manifest = dict[str, Any]
 
@@ -205,7 +205,6 @@ def refusal_to_report(conditions: list[Condition], health: RouteHealth | None) -
     """
     if health is None or health.status != "False":
         return None
-    before = get_condition(conditions, CONDITION_ROUTE_ACCEPTED)
-    if before is not None and before.status == "False" and before.reason == health.reason:
+    if not is_news(conditions, CONDITION_ROUTE_ACCEPTED, "False", health.reason):
         return None
     return health.message

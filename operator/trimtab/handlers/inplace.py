@@ -10,21 +10,25 @@ kept small blind."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import kopf
+
 from trimtab import constants as C
-from trimtab.api.common import Condition
+from trimtab.api.common import Condition, ConditionStatus
 from trimtab.api.quantity import format_cpu, parse_quantity
 from trimtab.api.rightsizing import CONDITION_CPU_RESIZED_IN_PLACE, InPlaceStatus
 from trimtab.builders.serving import CONTAINER_NAME, deployment_name
-from trimtab.decisions.conditions import set_condition
+from trimtab.decisions.conditions import is_news, remove_condition, set_condition
 from trimtab.decisions.rightsizing import (
+    IN_PLACE_REFUSALS,
     InPlaceCpu,
     PodCpuResize,
     Sample,
     in_place_cpu,
+    in_place_verdict,
     plan_cpu_resizes,
 )
 from trimtab.kube.client import KubeClient, KubeError
@@ -56,6 +60,8 @@ class InPlaceWork:
     held: str
     # status.currentRevision: the revision whose pods follow usage.
     revision: str | None
+    # The smallest request (rightsizing.cpu.min, at least MIN_CPU).
+    floor: float
 
 
 @dataclass(frozen=True)
@@ -107,30 +113,25 @@ async def _resize(
 
 async def cpu_in_place(
     kube: KubeClient,
+    body: Any,
     work: InPlaceWork,
-    cpu: Sequence[Sample],
-    step_s: float,
-    floor: float,
     previous: InPlaceStatus | None,
     conditions: list[Condition],
     now: float,
     stamp: str,
-    warn: Callable[[str, str], None],
     logger: Any,
+    cpu: Sequence[Sample] = (),
+    step_s: float = 300.0,
 ) -> InPlaceOutcome:
     """Resize the running pods of one revision in place; the status and conditions after it.
 
     Following (Auto, inPlace.cpu, no rollout): the pods of status.currentRevision go to
-    `in_place_cpu` of the usage. Otherwise, pods trimtab resized before (`previous`) go back to
-    their revision's request, and status.recommendations.inPlace is dropped once they are."""
+    `in_place_cpu` of the usage `cpu` (none: back to the revision's request). Otherwise, pods
+    trimtab resized before (`previous`) go back to their revision's request, and
+    status.recommendations.inPlace is dropped once they are."""
     restore = not work.follow or bool(work.held)
     if restore and previous is None:
-        kept = [c for c in conditions if c.type != CONDITION_CPU_RESIZED_IN_PLACE]
-        if work.follow and work.held:
-            kept = set_condition(
-                kept, CONDITION_CPU_RESIZED_IN_PLACE, "False", "RolloutInProgress", work.held, stamp
-            )
-        return InPlaceOutcome(None, kept)
+        return _done_restoring(work, conditions, stamp)
     revision = previous.revision if restore and previous is not None else work.revision
     if not revision:
         return InPlaceOutcome(previous, conditions)
@@ -138,51 +139,34 @@ async def cpu_in_place(
     if deployment is None:
         if restore:  # the revision is gone, and its pods with it
             return _done_restoring(work, conditions, stamp)
+        waiting = f"revision {revision} has no Deployment yet"
         return InPlaceOutcome(
-            previous,
-            set_condition(
-                conditions,
-                CONDITION_CPU_RESIZED_IN_PLACE,
-                "False",
-                "WaitingForRevision",
-                f"revision {revision} has no Deployment yet",
-                stamp,
-            ),
+            previous, _set(conditions, "False", "WaitingForRevision", waiting, stamp)
         )
     ceiling = template_cpu(deployment)
     if restore:
         why = work.held or "in-place CPU is off"
         target = InPlaceCpu(ceiling, f"back to the revision's request: {why}")
     else:
-        target = in_place_cpu(cpu, now, ceiling, floor, step_s)
-    if target.request is None:
+        target = in_place_cpu(cpu, now, ceiling, work.floor, step_s)
+    if target.request is None or ceiling is None:
         IN_PLACE_CPU.remove_by_labels({"namespace": work.namespace, "name": work.name})
-        return InPlaceOutcome(
-            None,
-            set_condition(
-                conditions,
-                CONDITION_CPU_RESIZED_IN_PLACE,
-                "False",
-                "NoCPURequest",
-                f"{target.reason}: there is no request to follow usage under",
-                stamp,
-            ),
-        )
+        message = f"{target.reason}: there is no request to follow usage under"
+        return InPlaceOutcome(None, _set(conditions, "False", "NoCPURequest", message, stamp))
 
     pods = await kube.list(
         PODS, work.namespace, {C.LABEL_OWNER: work.name, C.LABEL_REVISION: revision}
     )
     plan = plan_cpu_resizes(pods, CONTAINER_NAME, target.request)
     resized = 0
-    failures: dict[str, str] = {}
+    refusals: dict[str, str] = {}
     for resize in plan.resizes:
         result, message = await _resize(kube, work.namespace, resize)
         IN_PLACE_RESIZES.labels(work.namespace, work.name, result).inc()
         if result == "ok":
             resized += 1
-        elif result not in ("gone", "changed"):
-            failures.setdefault(result, message)
-    done = len(plan.settled) + resized
+        elif result in IN_PLACE_REFUSALS:
+            refusals.setdefault(result, message)
     if plan.resizes:
         logger.info(
             "in-place CPU: %d of %d pods of revision %s -> %s (%s)",
@@ -192,69 +176,44 @@ async def cpu_in_place(
             format_cpu(target.request),
             target.reason,
         )
-
-    before = next((c for c in conditions if c.type == CONDITION_CPU_RESIZED_IN_PLACE), None)
-    if failures:
-        result = next(r for r in ("unsupported", "forbidden", "refused") if r in failures)
-        reason = {"unsupported": "Unsupported", "forbidden": "Forbidden", "refused": "Refused"}[
-            result
-        ]
-        message = failures[result]
-        if before is None or before.reason != reason:
-            warn(EVENT_IN_PLACE_FAILED, message)
-        return InPlaceOutcome(
-            previous,
-            set_condition(
-                conditions, CONDITION_CPU_RESIZED_IN_PLACE, "False", reason, message, stamp
-            ),
-        )
-    if restore:
+    if restore and not refusals:
         return _done_restoring(work, conditions, stamp)
 
+    status, reason, message = in_place_verdict(target, plan, resized, refusals)
+    if refusals:
+        if is_news(conditions, CONDITION_CPU_RESIZED_IN_PLACE, status, reason):
+            kopf.event(body, type="Warning", reason=EVENT_IN_PLACE_FAILED, message=message)
+        # What was set before stays: the next pass tries again.
+        return InPlaceOutcome(previous, _set(conditions, status, reason, message, stamp))
     IN_PLACE_CPU.labels(work.namespace, work.name).set(target.request)
-    status = InPlaceStatus(
+    in_place = InPlaceStatus(
         container=CONTAINER_NAME,
         revision=revision,
         cpu=format_cpu(target.request),
-        ceiling=format_cpu(ceiling) if ceiling else format_cpu(target.request),
+        ceiling=format_cpu(ceiling),
         reason=target.reason,
         recent_peak=format_cpu(target.recent_peak) if target.recent_peak is not None else None,
         same_time_peak=(
             format_cpu(target.same_time_peak) if target.same_time_peak is not None else None
         ),
         days=target.days,
-        pods=done,
+        pods=len(plan.settled) + resized,
         pending=len(plan.pending),
         updated_at=stamp,
     )
-    if plan.pending:
-        pod, reason, message = plan.pending[0]
-        text = f"{len(plan.pending)} pod(s) wait for the kubelet, e.g. {pod}: {reason}"
-        text += f" ({message})" if message else ""
-        return InPlaceOutcome(
-            status,
-            set_condition(conditions, CONDITION_CPU_RESIZED_IN_PLACE, "False", reason, text, stamp),
-        )
-    skipped = f"; {len(plan.skipped)} left alone ({plan.skipped[0][1]})" if plan.skipped else ""
-    return InPlaceOutcome(
-        status,
-        set_condition(
-            conditions,
-            CONDITION_CPU_RESIZED_IN_PLACE,
-            "True",
-            "Following",
-            f"{done} pod(s) at {format_cpu(target.request)}: {target.reason}{skipped}",
-            stamp,
-        ),
-    )
+    return InPlaceOutcome(in_place, _set(conditions, status, reason, message, stamp))
+
+
+def _set(
+    conditions: list[Condition], status: ConditionStatus, reason: str, message: str, stamp: str
+) -> list[Condition]:
+    return set_condition(conditions, CONDITION_CPU_RESIZED_IN_PLACE, status, reason, message, stamp)
 
 
 def _done_restoring(work: InPlaceWork, conditions: list[Condition], stamp: str) -> InPlaceOutcome:
-    """Every pod is back at its revision's request: no in-place status; a held pass says why."""
+    """No pod is held below its revision's request: no in-place status; a held pass says why."""
     IN_PLACE_CPU.remove_by_labels({"namespace": work.namespace, "name": work.name})
-    kept = [c for c in conditions if c.type != CONDITION_CPU_RESIZED_IN_PLACE]
+    kept = remove_condition(conditions, CONDITION_CPU_RESIZED_IN_PLACE)
     if work.follow and work.held:
-        kept = set_condition(
-            kept, CONDITION_CPU_RESIZED_IN_PLACE, "False", "RolloutInProgress", work.held, stamp
-        )
+        kept = _set(kept, "False", "RolloutInProgress", work.held, stamp)
     return InPlaceOutcome(None, kept)

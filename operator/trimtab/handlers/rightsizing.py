@@ -191,6 +191,7 @@ async def rightsize_modeldeployment(
         follow=parsed.rightsizing.mode == "Auto" and parsed.rightsizing.in_place.cpu,
         held=_rollout_in_progress(status),
         revision=dict(status or {}).get("currentRevision"),
+        floor=Policy.from_spec(parsed.rightsizing).cpu_min,
     )
     now = time.time()
     if parsed.rightsizing.mode == "Off":
@@ -237,31 +238,15 @@ async def _turn_off(
             return
         stamp = _now_rfc3339(now)
         outcome = await cpu_in_place(
-            memo.kube,
-            in_place,
-            [],
-            DEFAULT_INTERVAL_S,
-            0.0,
-            previous.in_place,
-            list(previous.conditions),
-            now,
-            stamp,
-            _warner(body),
+            memo.kube, body, in_place, previous.in_place, list(previous.conditions), now, stamp,
             logger,
-        )
+        )  # fmt: skip
         if outcome.status is not None:
             update = {"updated_at": stamp, "conditions": outcome.conditions}
             out = previous.model_copy(update=update)
             patch.status["recommendations"] = recommendations_patch(body, out)
             return
     patch.status["recommendations"] = None
-
-
-def _warner(body: kopf.Body) -> Any:
-    def warn(reason: str, message: str) -> None:
-        kopf.event(body, type="Warning", reason=reason, message=message)
-
-    return warn
 
 
 def _rollout_in_progress(status: Any) -> str:
@@ -376,17 +361,7 @@ async def _rightsize(
         if sizing.in_place is not None:
             # Blind: the pods go back up to their revision's request (in_place_cpu of no usage).
             moved_in_place = await cpu_in_place(
-                memo.kube,
-                sizing.in_place,
-                [],
-                DEFAULT_INTERVAL_S,
-                policy.cpu_min,
-                previous.in_place,
-                conditions,
-                now,
-                stamp,
-                _warner(body),
-                logger,
+                memo.kube, body, sizing.in_place, previous.in_place, conditions, now, stamp, logger
             )
             conditions = moved_in_place.conditions
             out = out.model_copy(update={"in_place": moved_in_place.status})
@@ -472,18 +447,9 @@ async def _rightsize(
         if applied_message and not work.held:
             work = replace(work, held="a new revision with the applied requests is rolling out")
         moved_in_place = await cpu_in_place(
-            memo.kube,
-            work,
-            usage.cpu,
-            usage.step_seconds,
-            policy.cpu_min,
-            previous.in_place,
-            conditions,
-            now,
-            stamp,
-            _warner(body),
-            logger,
-        )
+            memo.kube, body, work, previous.in_place, conditions, now, stamp, logger,
+            cpu=usage.cpu, step_s=usage.step_seconds,
+        )  # fmt: skip
         conditions, in_place_status = moved_in_place.conditions, moved_in_place.status
 
     others = [c for c in previous.containers if c.container != container.container]
