@@ -25,6 +25,14 @@ def md_path(ns: str, name: str = "") -> str:
     return f"{base}/{name}" if name else base
 
 
+# A filter of the rule trimtab writes, which the real HTTPRoute CRD must take as it is.
+NO_STORE = {
+    "type": "ResponseHeaderModifier",
+    "responseHeaderModifier": {"set": [{"name": "Cache-Control", "value": "no-store"}]},
+}
+REWRITE = {"type": "URLRewrite", "urlRewrite": {"hostname": "web.internal"}}
+
+
 def canary(ns: str) -> dict[str, Any]:
     return {
         "apiVersion": C.API_VERSION,
@@ -41,7 +49,11 @@ def canary(ns: str) -> dict[str, Any]:
             "rollout": {
                 "steps": [{"weight": 25, "pause": {"untilPromoted": True}}],
                 "analysis": {"interval": "2s"},
-                "router": {"type": "gatewayApi", "parentRefs": [{"name": "trimtab-e2e-gw"}]},
+                "router": {
+                    "type": "gatewayApi",
+                    "parentRefs": [{"name": "trimtab-e2e-gw"}],
+                    "filters": [NO_STORE],
+                },
             },
         },
     }
@@ -86,6 +98,8 @@ async def test_image_change_adds_candidate_to_the_http_route(
         return await route_weights(kube, namespace) == {stable_svc: 100}
 
     await wait_until(route_for_stable)
+    route = await kube.request("GET", f"/apis/{GATEWAY_API}/namespaces/{namespace}/httproutes/web")
+    assert route["spec"]["rules"][0]["filters"] == [NO_STORE]
 
     # The Gateway the route names does not exist, so no controller reports on the route.
     async def route_accepted() -> dict[str, Any] | None:
@@ -164,3 +178,58 @@ async def test_removing_the_rollout_hands_the_route_back(
         return refs == [("web", 80)] and not per_revision
 
     await wait_until(released)
+
+
+async def test_taking_over_a_route_names_what_its_rules_lose(
+    gateway_api: None, operator: KubeClient, namespace: str
+) -> None:
+    """Needs no running pods: the user's route (rewriting the host, setting a header) is taken
+    over with only the header filter listed; the rules keep it, and a Warning names the
+    rewrite they lose."""
+    kube = operator
+    routes = f"/apis/{GATEWAY_API}/namespaces/{namespace}/httproutes"
+    await kube.request(
+        "POST",
+        routes,
+        body={
+            "apiVersion": GATEWAY_API,
+            "kind": "HTTPRoute",
+            "metadata": {"name": "users-route", "namespace": namespace},
+            "spec": {
+                "parentRefs": [{"name": "trimtab-e2e-gw"}],
+                "rules": [
+                    {"backendRefs": [{"name": "legacy", "port": 80}],
+                     "filters": [NO_STORE, REWRITE]}
+                ],
+            },
+        },
+    )  # fmt: skip
+    body = canary(namespace)
+    body["spec"]["rollout"]["router"] = {
+        "type": "gatewayApi", "httpRoute": "users-route", "filters": [NO_STORE]
+    }  # fmt: skip
+    await kube.request("POST", md_path(namespace), body=body)
+    a = await wait_until(lambda: rollout_field(kube, namespace, "stableRevision"))
+
+    async def taken_over() -> dict[str, Any] | None:
+        route = await kube.request("GET", f"{routes}/users-route")
+        (rule,) = route["spec"]["rules"]
+        names = [ref["name"] for ref in rule.get("backendRefs", [])]
+        return route if names == [revision_service_name("web", a)] else None
+
+    route = await wait_until(taken_over)
+    assert route["spec"]["rules"][0]["filters"] == [NO_STORE]
+    assert route["spec"]["parentRefs"][0]["name"] == "trimtab-e2e-gw"  # still the user's
+    assert not route["metadata"].get("ownerReferences")
+
+    async def warned() -> dict[str, Any] | None:
+        events = await kube.request("GET", f"/api/v1/namespaces/{namespace}/events")
+        return next(
+            (e for e in events.get("items", []) if e.get("reason") == "RouteRulesReplaced"),
+            None,
+        )
+
+    warning = await wait_until(warned)
+    assert warning["type"] == "Warning"
+    assert warning["involvedObject"]["name"] == "web"
+    assert "filter URLRewrite" in warning["message"]

@@ -110,9 +110,14 @@ FALL_ROLLOUT = {
     "postPromotion": {"watchWindow": "10m", "automaticFallback": True},
     "progressDeadline": "60s",
 }
+# The user's route sets a header trimtab is told to keep, and rewrites a path it is not.
+KEEP_HEADER = {"type": "RequestHeaderModifier",
+               "requestHeaderModifier": {"set": [{"name": "X-Tenant", "value": "late"}]}}
+DROP_REWRITE = {"type": "URLRewrite",
+                "urlRewrite": {"path": {"type": "ReplaceFullPath", "replaceFullPath": "/v1"}}}
 LATE_ROLLOUT = {
     "steps": [{"weight": 50}],
-    "router": {"type": "gatewayApi", "httpRoute": USER_ROUTE},
+    "router": {"type": "gatewayApi", "httpRoute": USER_ROUTE, "filters": [KEEP_HEADER]},
     "progressDeadline": "2s",
 }
 
@@ -264,13 +269,19 @@ async def resource_service_selects(cluster: Cluster, owner: str) -> str | None:
     return selector.get(C.LABEL_REVISION)
 
 
-async def released_to_shared_service(cluster: Cluster, owner: str, route_name: str) -> bool:
-    """The route sends everything to the Service named after the resource, no per-revision
-    Service is left, and the RouteReleased Event is posted."""
+async def released_to_shared_service(
+    cluster: Cluster, owner: str, route_name: str, filters: list[dict[str, Any]] | None = None
+) -> bool:
+    """The route sends everything to the Service named after the resource (through the
+    router's `filters`), no per-revision Service is left, and the RouteReleased Event is
+    posted."""
     route = await cluster.get(f"{ROUTE_PATH}/{route_name}")
+    rule: dict[str, Any] = {"backendRefs": [{"name": owner, "port": port()}]}
+    if filters:
+        rule["filters"] = filters
     return (
         route is not None
-        and route["spec"]["rules"] == [{"backendRefs": [{"name": owner, "port": port()}]}]
+        and route["spec"]["rules"] == [rule]
         and not await revision_services(cluster, owner)
         and "RouteReleased" in await event_reasons(cluster, owner)
     )
@@ -508,7 +519,12 @@ async def taken_over_route_and_progress_deadline(cluster: Cluster, url: str) -> 
             "spec": {
                 "parentRefs": PARENTS,
                 "hostnames": ["late.example.com"],
-                "rules": [{"backendRefs": [{"name": "legacy", "port": 80}]}],
+                "rules": [
+                    {
+                        "backendRefs": [{"name": "legacy", "port": 80}],
+                        "filters": [KEEP_HEADER, DROP_REWRITE],
+                    }
+                ],
             },
         },
     )
@@ -525,6 +541,18 @@ async def taken_over_route_and_progress_deadline(cluster: Cluster, url: str) -> 
     assert route["spec"]["hostnames"] == ["late.example.com"]
     # The user's route: never owned by (so never garbage-collected with) the ModelDeployment.
     assert "ownerReferences" not in route["metadata"]
+    # The filter router.filters lists stays; the one it does not is named in a Warning.
+    assert route["spec"]["rules"][0]["filters"] == [KEEP_HEADER]
+
+    async def losses_reported() -> bool:
+        return "RouteRulesReplaced" in await event_reasons(cluster, LATE)
+
+    await eventually(losses_reported)
+    events = await cluster.get(f"/api/v1/namespaces/{NS}/events") or {}
+    (warning,) = [e for e in events["items"] if e.get("reason") == "RouteRulesReplaced"]
+    assert warning["type"] == "Warning"
+    assert "filter URLRewrite" in warning["message"]
+    assert "RequestHeaderModifier" not in warning["message"]
 
     await cluster.merge(f"{MD_PATH}/{LATE}", {"spec": {"image": BROKEN}})
     await wait_rollout(cluster, LATE, lambda ro: ro.get("candidateRevision") == broken)
@@ -559,11 +587,15 @@ async def taken_over_route_and_progress_deadline(cluster: Cluster, url: str) -> 
         return revisions == {a} and await revision_services(cluster, LATE) == {sa}
 
     await eventually(candidate_gone)
+    # Once the rules are trimtab's, later loops find nothing to report.
+    assert (await event_reasons(cluster, LATE)).count("RouteRulesReplaced") == 1
 
     # spec.rollout removed: the user's route gets rules that send everything to the resource's
-    # Service; its parents and hostnames stay, and it is still not owned.
+    # Service, its header still set; its parents and hostnames stay, and it is still not owned.
     await cluster.merge(f"{MD_PATH}/{LATE}", {"spec": {"rollout": None}})
-    await eventually(lambda: released_to_shared_service(cluster, LATE, USER_ROUTE))
+    await eventually(
+        lambda: released_to_shared_service(cluster, LATE, USER_ROUTE, filters=[KEEP_HEADER])
+    )
     route = await http_route(cluster, USER_ROUTE)
     assert route["spec"]["parentRefs"] == PARENTS
     assert route["spec"]["hostnames"] == ["late.example.com"]

@@ -37,7 +37,9 @@ from trimtab.builders.routing import (
     build_virtual_service,
     istio_match,
     route_released,
+    weights_from_http_route,
 )
+from trimtab.decisions.routing import takeover_losses
 from trimtab.routing.base import CannotMirror, RouteTarget
 from trimtab.routing.mesh import release_route
 from trimtab.routing.registry import ROUTERS, UnknownRouterError, build_router
@@ -71,6 +73,31 @@ GW_EXISTING_MATCHES = GatewayApiRouterSpec.model_validate(
     {"type": "gatewayApi", "httpRoute": "chat-route", "matches": MATCHES}
 )
 ISTIO_MATCHES = ISTIO.model_copy(update={"matches": GW_MATCHES.matches})
+# One filter of each type a router takes, in the HTTPRoute's own form.
+FILTERS = [
+    {"type": "RequestHeaderModifier", "requestHeaderModifier": {
+        "set": [{"name": "X-Tenant", "value": "chat"}], "remove": ["X-Debug"]}},
+    {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+        "add": [{"name": "X-Served-By", "value": "trimtab"}]}},
+    {"type": "URLRewrite", "urlRewrite": {
+        "hostname": "llm.internal",
+        "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/v1"}}},
+    {"type": "ExtensionRef", "extensionRef": {
+        "group": "gateway.envoyproxy.io", "kind": "HTTPRouteFilter", "name": "auth"}},
+]  # fmt: skip
+GW_FILTERS = GatewayApiRouterSpec.model_validate(
+    {"type": "gatewayApi", "parentRefs": [{"name": "public"}], "filters": FILTERS,
+     "matches": [{"path": {"type": "PathPrefix", "value": "/openai"}}]}
+)  # fmt: skip
+# A takeover with no matches: every request, which the HTTPRoute CRD writes as PathPrefix /.
+GW_EXISTING_FILTERS = GatewayApiRouterSpec.model_validate(
+    {"type": "gatewayApi", "httpRoute": "chat-route", "filters": FILTERS}
+)
+# A match with headers only has the CRD's default path, PathPrefix /, so a prefix is replaced.
+GW_HEADER_MATCH_FILTERS = GatewayApiRouterSpec.model_validate(
+    {"type": "gatewayApi", "httpRoute": "chat-route", "filters": FILTERS,
+     "matches": [{"headers": [{"name": "X-Model", "value": "chat"}]}]}
+)  # fmt: skip
 
 SPLITS = [
     pytest.param(Split("aaa", None, 8000), id="stable-only"),
@@ -89,26 +116,58 @@ SPLITS = [
         pytest.param(GW_TIMEOUTS, id="owned-with-timeouts"),
         pytest.param(GW_MATCHES, id="owned-with-matches"),
         pytest.param(GW_EXISTING_MATCHES, id="existing-with-matches"),
+        pytest.param(GW_FILTERS, id="owned-with-filters"),
+        pytest.param(GW_EXISTING_FILTERS, id="existing-with-filters"),
+        pytest.param(GW_HEADER_MATCH_FILTERS, id="header-match-with-prefix-rewrite"),
     ],
 )
 def test_http_route_fits_the_published_schema(split: Split, router: GatewayApiRouterSpec) -> None:
     route = build_http_route(OWNER, router, split)
     validate_custom(route, HTTPROUTE_CRD)
     # The rule takes what router.matches says, in the CRD's own form; without, every request.
-    assert route["spec"]["rules"][0].get("matches") == (MATCHES if router.matches else None)
+    wanted = [m.to_wire() for m in router.matches] if router.matches else None
+    assert route["spec"]["rules"][0].get("matches") == wanted
     timeouts = route["spec"]["rules"][0].get("timeouts")
     assert timeouts == (
         {"request": "10m", "backendRequest": "5m"} if router.timeouts is not None else None
     )
     refs = route["spec"]["rules"][0]["backendRefs"]
     assert sum(r["weight"] for r in refs) == 100
-    filters = route["spec"]["rules"][0].get("filters", [])
+    filters = [
+        f for f in route["spec"]["rules"][0].get("filters", []) if f["type"] == "RequestMirror"
+    ]
     assert bool(filters) == bool(split.mirror_percent)
     if filters:
         assert filters[0]["requestMirror"]["percent"] == split.mirror_percent
         assert filters[0]["requestMirror"]["backendRef"]["name"] == "chat-bbb"
     # Someone else's route: no ownerReference, only the rules are ours.
     assert ("ownerReferences" in route["metadata"]) == (router.parent_refs is not None)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize(
+    "router",
+    [
+        pytest.param(GW_OWNED, id="no-filters"),
+        pytest.param(GW_FILTERS, id="owned"),
+        pytest.param(GW_EXISTING_FILTERS, id="taken-over"),
+    ],
+)
+def test_http_route_carries_the_routers_filters_before_the_mirror(
+    split: Split, router: GatewayApiRouterSpec
+) -> None:
+    """router.filters are the rule's filters at every weight, in their order; trimtab's mirror
+    comes after them, so a mirrored request is the one the candidate gets in the canary."""
+    route = build_http_route(OWNER, router, split)
+    filters = route["spec"]["rules"][0].get("filters", [])
+    mine = FILTERS if router.filters else []
+    mirror = [{"type": "RequestMirror", "requestMirror": {
+        "backendRef": {"name": "chat-bbb", "port": 8000}, "percent": split.mirror_percent}}]
+    assert filters == mine + (mirror if split.mirror_percent else [])  # fmt: skip
+    # The mirror is still read back as trimtab's, the user's filters are not taken for one.
+    weights, mirror_percent = weights_from_http_route(route, "chat")
+    assert mirror_percent == split.mirror_percent
+    assert sum(weights.values()) == 100
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -189,6 +248,7 @@ def test_route_released(before: Any, after: Any, released: tuple[str, str] | Non
         pytest.param(ISTIO, id="virtual-service"),
         pytest.param(GW_EXISTING_MATCHES, id="users-http-route-with-matches"),
         pytest.param(ISTIO_MATCHES, id="virtual-service-with-matches"),
+        pytest.param(GW_EXISTING_FILTERS, id="users-http-route-with-filters"),
     ],
 )
 def test_released_route_sends_everything_to_the_resources_service(router: Any) -> None:
@@ -197,6 +257,8 @@ def test_released_route_sends_everything_to_the_resources_service(router: Any) -
         validate_custom(route, HTTPROUTE_CRD)
         # Handed back, the route still takes only the requests router.matches named.
         rule: dict[str, Any] = {"backendRefs": [{"name": "chat", "port": 8000}]}
+        if router.filters:  # its header changes and rewrites go on working too
+            rule = {**rule, "filters": FILTERS}
         if router.matches:
             rule = {"matches": MATCHES, **rule}
         assert route["spec"]["rules"] == [rule]
@@ -410,6 +472,60 @@ def rollout_failures(rollout: dict[str, Any]) -> list[str]:
         pytest.param(
             {"router": {"type": "replicas", "matches": MATCHES}},
             "matches applies only", id="replicas-has-no-route-to-match-in"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r", "filters": FILTERS}},
+            None, id="filters-ok"),
+        pytest.param(
+            {"router": {"type": "istio", "host": "m", "filters": FILTERS[:1]}},
+            "filters applies only", id="filters-are-gateway-api-only"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r", "filters": [
+                {"type": "URLRewrite", "requestHeaderModifier": {"remove": ["a"]}}]}},
+            "urlRewrite is set exactly when type is URLRewrite", id="settings-of-another-type"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r", "filters": [
+                {"type": "ExtensionRef", "extensionRef": {"group": "", "kind": "F", "name": "a"},
+                 "urlRewrite": {"hostname": "a"}}]}},
+            "urlRewrite is set exactly when type is URLRewrite", id="two-settings"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r",
+                        "filters": [FILTERS[0], FILTERS[0]]}},
+            "RequestHeaderModifier at most once", id="header-modifier-twice"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r",
+                        "filters": [FILTERS[3], FILTERS[3]]}},
+            None, id="extension-ref-may-repeat"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r", "filters": [FILTERS[2]],
+                        "matches": [{"path": {"type": "Exact", "value": "/v1"}}]}},
+            "ReplacePrefixMatch rewrite needs", id="prefix-rewrite-of-an-exact-path"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r", "filters": [FILTERS[2]],
+                        "matches": [{"path": {"value": "/a"}}, {"path": {"value": "/b"}}]}},
+            "ReplacePrefixMatch rewrite needs", id="prefix-rewrite-of-two-matches"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r", "filters": [FILTERS[2]],
+                        "matches": [{"path": {"value": "/a"}}]}},
+            None, id="prefix-rewrite-of-one-prefix"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r", "filters": [
+                {"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplaceFullPath"}}}]}},
+            "replaceFullPath is set exactly", id="full-path-without-a-path"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r", "filters": [
+                {"type": "URLRewrite", "urlRewrite": {"path": {
+                    "type": "ReplaceFullPath", "replacePrefixMatch": "/a"}}}]}},
+            "replacePrefixMatch is set exactly", id="prefix-value-on-a-full-path-rewrite"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r", "filters": [
+                {"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [
+                    {"name": "X-A", "value": "1"}, {"name": "x-a", "value": "2"}]}}]}},
+            "a header is named at most once", id="header-set-twice-in-two-cases"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r", "filters": [
+                {"type": "ResponseHeaderModifier",
+                 "responseHeaderModifier": {"remove": ["X-A", "x-a"]}}]}},
+            "a header is named at most once", id="header-removed-twice"),
     ],
 )  # fmt: skip
 def test_rollout_cel_rules(rollout: dict[str, Any], message: str | None) -> None:
@@ -497,3 +613,84 @@ def test_an_istio_path_prefix_matches_what_gateway_api_matches(prefix: str) -> N
         else:
             istio = re.fullmatch(uri["regex"], path) is not None  # RE2 full match, as Envoy's
         assert istio == gateway_api_prefix_match(prefix, path), (prefix, path, uri)
+
+
+@pytest.mark.parametrize("kind", ["RequestMirror", "RequestRedirect", "CORS"])
+def test_filters_trimtab_does_not_take_are_refused_by_the_schema(kind: str) -> None:
+    """The mirror is trimtab's own (shadow traffic) and a redirect sends nothing to a
+    backend, so neither is a filter of the rule trimtab writes."""
+    body = {
+        "apiVersion": "trimtab.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "chat", "namespace": "prod"},
+        "spec": {"image": "srv:1", "rollout": {"router": {
+            "type": "gatewayApi", "httpRoute": "r", "filters": [{"type": kind}]}}},
+    }  # fmt: skip
+    with pytest.raises(jsonschema.ValidationError, match=kind):
+        validate_custom(body, MDEP_CRD)
+    with pytest.raises(pydantic.ValidationError):
+        RolloutSpec.model_validate(body["spec"]["rollout"])
+
+
+# --- what a takeover of the user's route would drop -----------------------------------------
+
+TAKEOVER = {"type": "gatewayApi", "httpRoute": "chat-route"}
+REWRITE = FILTERS[2]
+MIRROR_OURS = {"type": "RequestMirror", "requestMirror": {
+    "backendRef": {"name": "chat-bbb", "port": 8000}, "percent": 10}}
+MIRROR_THEIRS = {"type": "RequestMirror", "requestMirror": {
+    "backendRef": {"name": "audit-log", "port": 80}}}
+
+
+def rules(*rules: dict[str, Any]) -> dict[str, Any]:
+    return {"spec": {"rules": list(rules)}}
+
+
+@pytest.mark.parametrize(
+    ("route", "router", "losses"),
+    [
+        pytest.param(rules({"backendRefs": [{"name": "legacy", "port": 80}]}), TAKEOVER, [],
+                     id="another-backend-is-what-a-takeover-replaces"),
+        pytest.param({}, TAKEOVER, [], id="route-not-found"),
+        pytest.param(rules({"filters": [REWRITE]}), TAKEOVER, ["filter URLRewrite"],
+                     id="filter-not-listed"),
+        pytest.param(rules({"filters": [REWRITE]}), {**TAKEOVER, "filters": [REWRITE]}, [],
+                     id="filter-listed"),
+        pytest.param(rules({"filters": [FILTERS[3]]}), TAKEOVER,
+                     ["filter ExtensionRef auth"], id="extension-ref-named"),
+        pytest.param(rules({"filters": [MIRROR_OURS]}), TAKEOVER, [],
+                     id="trimtabs-own-mirror"),
+        pytest.param(rules({"filters": [MIRROR_THEIRS]}), TAKEOVER,
+                     ["filter RequestMirror audit-log"], id="the-users-mirror"),
+        pytest.param(rules({"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]}),
+                     TAKEOVER, [], id="the-default-match-is-every-request"),
+        pytest.param(rules({"matches": [{"path": {"value": "/v1"}, "method": "POST",
+                                         "headers": [{"name": "X-Model", "value": "a"}]}]}),
+                     TAKEOVER, ["match POST PathPrefix /v1 (X-Model)"], id="match-not-listed"),
+        pytest.param(rules({"matches": [{"path": {"type": "PathPrefix", "value": "/v1"},
+                                         "headers": [{"type": "Exact", "name": "X-Model",
+                                                      "value": "a"}]}]}),
+                     {**TAKEOVER, "matches": [{"path": {"value": "/v1"},
+                                               "headers": [{"name": "X-Model", "value": "a"}]}]},
+                     [], id="match-listed-defaults-compared-filled"),
+        pytest.param(rules({"backendRefs": [{"name": "chat-aaa"}]},
+                           {"matches": [{"path": {"value": "/v2"}}],
+                            "backendRefs": [{"name": "embeddings"}]}),
+                     TAKEOVER, ["match PathPrefix /v2"], id="another-rule-would-go"),
+        pytest.param(rules({"timeouts": {"request": "10m"}}), TAKEOVER,
+                     ['timeouts {"request": "10m"}'], id="timeouts-not-listed"),
+        pytest.param(rules({"timeouts": {"request": "10m"}}),
+                     {**TAKEOVER, "timeouts": {"request": "10m"}}, [], id="timeouts-listed"),
+        pytest.param(rules({"filters": [REWRITE]}, {"filters": [REWRITE]}), TAKEOVER,
+                     ["filter URLRewrite"], id="said-once"),
+    ],
+)  # fmt: skip
+def test_takeover_losses(route: dict[str, Any], router: dict[str, Any], losses: list[str]) -> None:
+    spec = GatewayApiRouterSpec.model_validate(router)
+    assert takeover_losses(route, spec, "chat") == losses
+    # What trimtab writes with that router, as the API server stores it (the HTTPRoute CRD's
+    # defaults filled in), loses nothing of itself, at any split.
+    schema = crd_schema(HTTPROUTE_CRD)
+    for split in SPLITS:
+        stored = apply_defaults(schema, build_http_route(OWNER, spec, split.values[0]))
+        assert takeover_losses(stored, spec, "chat") == []

@@ -151,7 +151,8 @@ def _resolve(schema: JSON, defs: JSON) -> JSON:
 
 def _merge_union(schema: JSON, defs: JSON, path: str) -> JSON:
     """A discriminated union becomes one object schema: the union of the branches' fields, the
-    discriminator restricted to its values, and CEL rules that forbid another branch's fields."""
+    discriminator restricted to its values, CEL rules that forbid another branch's fields, and
+    each branch's own rules, which hold only where the discriminator names it."""
     discriminator = schema.get("discriminator", {}).get("propertyName")
     if discriminator is None:
         raise SchemaError(f"{path}: unions need a discriminator to become a structural schema")
@@ -200,6 +201,11 @@ def _merge_union(schema: JSON, defs: JSON, path: str) -> JSON:
                         "message": f"{discriminator} {tag} needs {name}",
                     }
                 )
+        # A branch's own rules hold for it alone.
+        for own in branch.get("x-kubernetes-validations", []):
+            rules.append(
+                {**own, "rule": f"self.{discriminator} != '{tag}' || ({own['rule']})"}
+            )
     if rules:
         merged["x-kubernetes-validations"] = rules
     for key in ("description",):

@@ -295,10 +295,168 @@ class RouteMatch(StrictModel):
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
+class HttpHeader(StrictModel):
+    """A header name and the value to give it."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=HTTP_TOKEN)
+    value: str = Field(min_length=1, max_length=4096)
+
+
+def _names_unique(field: str) -> dict[str, Any]:
+    return {
+        "rule": f"!has(self.{field}) || self.{field}.all(h, "
+        f"self.{field}.exists_one(o, o.name.lowerAscii() == h.name.lowerAscii()))",
+        "message": f"{field}: a header is named at most once (names ignore case)",
+    }
+
+
+class HeaderModifier(StrictModel):
+    """Headers changed on the way through: `set` replaces (or adds) a header, `add` appends a
+    value to it, `remove` deletes it. Gateway API's RequestHeaderModifier and
+    ResponseHeaderModifier."""
+
+    set: list[HttpHeader] | None = Field(default=None, max_length=16)
+    add: list[HttpHeader] | None = Field(default=None, max_length=16)
+    remove: list[Annotated[str, Field(min_length=1, max_length=256, pattern=HTTP_TOKEN)]] | None = (
+        Field(default=None, max_length=16)
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _names_unique("set"),
+                _names_unique("add"),
+                {
+                    "rule": "!has(self.remove) || self.remove.all(h, "
+                    "self.remove.exists_one(o, o.lowerAscii() == h.lowerAscii()))",
+                    "message": "remove: a header is named at most once (names ignore case)",
+                },
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _names_once(self) -> HeaderModifier:
+        for field, names in (
+            ("set", [h.name for h in self.set or []]),
+            ("add", [h.name for h in self.add or []]),
+            ("remove", list(self.remove or [])),
+        ):
+            lowered = [n.lower() for n in names]
+            if len(set(lowered)) != len(lowered):
+                raise ValueError(f"{field}: a header is named at most once (names ignore case)")
+        return self
+
+
+class UrlRewritePath(StrictModel):
+    """The path the backend sees: the whole path replaced, or the prefix the rule matched."""
+
+    type: Literal["ReplaceFullPath", "ReplacePrefixMatch"]
+    replace_full_path: str | None = Field(default=None, max_length=1024)
+    replace_prefix_match: str | None = Field(default=None, max_length=1024)
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                # The published HTTPRoute CRD's rules: the value named by the type, only it.
+                {
+                    "rule": "has(self.replaceFullPath) == (self.type == 'ReplaceFullPath')",
+                    "message": "replaceFullPath is set exactly when type is ReplaceFullPath",
+                },
+                {
+                    "rule": "has(self.replacePrefixMatch) == (self.type == 'ReplacePrefixMatch')",
+                    "message": "replacePrefixMatch is set exactly when type is ReplacePrefixMatch",
+                },
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _value_of_type(self) -> UrlRewritePath:
+        if (self.replace_full_path is not None) != (self.type == "ReplaceFullPath"):
+            raise ValueError("replaceFullPath is set exactly when type is ReplaceFullPath")
+        if (self.replace_prefix_match is not None) != (self.type == "ReplacePrefixMatch"):
+            raise ValueError("replacePrefixMatch is set exactly when type is ReplacePrefixMatch")
+        return self
+
+
+class UrlRewrite(StrictModel):
+    """Gateway API's URLRewrite: the Host header and the path the backend sees."""
+
+    hostname: DNSSubdomain | None = None
+    path: UrlRewritePath | None = None
+
+
+class ExtensionRef(StrictModel):
+    """A filter of the Gateway's own implementation (a resource it defines)."""
+
+    group: str = Field(
+        max_length=253,
+        pattern=r"^$|^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    )
+    kind: str = Field(min_length=1, max_length=63, pattern=r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$")
+    name: str = Field(min_length=1, max_length=253)
+
+
+FilterType = Literal[
+    "RequestHeaderModifier", "ResponseHeaderModifier", "URLRewrite", "ExtensionRef"
+]
+# Each filter type and the field that holds its settings.
+FILTER_FIELDS: dict[str, str] = {
+    "RequestHeaderModifier": "requestHeaderModifier",
+    "ResponseHeaderModifier": "responseHeaderModifier",
+    "URLRewrite": "urlRewrite",
+    "ExtensionRef": "extensionRef",
+}
+# Filter types a rule may carry once (Gateway API's rule); ExtensionRef may repeat.
+SINGLE_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier", "URLRewrite")
+
+
+class RouteFilter(StrictModel):
+    """A Gateway API HTTPRoute filter, in the route's own form, so a route's filters copy
+    over as they are. RequestMirror is trimtab's (shadow traffic) and RequestRedirect sends
+    nothing to a backend, so neither is taken."""
+
+    type: FilterType
+    request_header_modifier: HeaderModifier | None = None
+    response_header_modifier: HeaderModifier | None = None
+    url_rewrite: UrlRewrite | None = None
+    extension_ref: ExtensionRef | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"has(self.{field}) == (self.type == '{kind}')",
+                    "message": f"{field} is set exactly when type is {kind}",
+                }
+                for kind, field in FILTER_FIELDS.items()
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _settings_of_type(self) -> RouteFilter:
+        for kind, field in FILTER_FIELDS.items():
+            if (self.to_wire().get(field) is not None) != (self.type == kind):
+                raise ValueError(f"{field} is set exactly when type is {kind}")
+        return self
+
+
 MATCHES_DESCRIPTION = (
     "Requests the rule trimtab writes takes (any one match); default: every request. A route "
     "taken over with httpRoute gets these instead of its own rules' matches."
 )
+
+
+def _once_rules() -> list[dict[str, Any]]:
+    return [
+        {
+            "rule": f"!has(self.filters) || self.filters.filter(f, f.type == '{kind}').size() <= 1",
+            "message": f"filters: {kind} at most once",
+        }
+        for kind in SINGLE_FILTERS
+    ]
 
 
 class GatewayApiRouterSpec(StrictModel):
@@ -318,6 +476,55 @@ class GatewayApiRouterSpec(StrictModel):
     matches: list[RouteMatch] | None = Field(
         default=None, min_length=1, max_length=16, description=MATCHES_DESCRIPTION
     )
+    filters: list[RouteFilter] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=8,
+        description="Filters of the rule trimtab writes (header changes, URL rewrites, your "
+        "Gateway's own), applied before trimtab's mirror. A route taken over with httpRoute "
+        "gets these instead of its own rules' filters.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                *_once_rules(),
+                {
+                    # The HTTPRoute CRD's rule: a prefix is replaced only where one was matched.
+                    # No matches is every request, the CRD's default match (PathPrefix /), as
+                    # is a match without a path.
+                    "rule": "!has(self.filters) || !self.filters.exists(f, "
+                    "f.type == 'URLRewrite' && has(f.urlRewrite.path) "
+                    "&& f.urlRewrite.path.type == 'ReplacePrefixMatch') || !has(self.matches) "
+                    "|| (size(self.matches) == 1 && (!has(self.matches[0].path) "
+                    "|| self.matches[0].path.type == 'PathPrefix'))",
+                    "message": "filters: a ReplacePrefixMatch rewrite needs one match at most, "
+                    "with a PathPrefix path",
+                },
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _filters_fit_the_rule(self) -> GatewayApiRouterSpec:
+        filters = self.filters or []
+        for kind in SINGLE_FILTERS:
+            if sum(f.type == kind for f in filters) > 1:
+                raise ValueError(f"filters: {kind} at most once")
+        prefix_rewrite = any(
+            f.url_rewrite is not None
+            and f.url_rewrite.path is not None
+            and f.url_rewrite.path.type == "ReplacePrefixMatch"
+            for f in filters
+        )
+        if prefix_rewrite and self.matches is not None:
+            one = self.matches[0] if len(self.matches) == 1 else None
+            if one is None or (one.path is not None and one.path.type != "PathPrefix"):
+                raise ValueError(
+                    "filters: a ReplacePrefixMatch rewrite needs one match at most, "
+                    "with a PathPrefix path"
+                )
+        return self
 
 
 class IstioRouterSpec(StrictModel):

@@ -103,9 +103,13 @@ def build_http_route(owner: Owner, router: GatewayApiRouterSpec, split: Split) -
 
 
 def _http_route(owner: Owner, router: GatewayApiRouterSpec, rule: Manifest) -> Manifest:
-    """The HTTPRoute `router` names with `rule` as its one rule: the whole route when trimtab
-    owns it (parentRefs), only the rules of the user's route otherwise."""
+    """The HTTPRoute `router` names with `rule` as its one rule, with router.matches and
+    router.filters: the whole route when trimtab owns it (parentRefs), only the rules of the
+    user's route otherwise."""
     name = http_route_name(owner, router)
+    if router.filters:
+        # The user's filters first: a mirrored request is the one the candidate would get.
+        rule = {**rule, "filters": [f.to_wire() for f in router.filters] + rule.get("filters", [])}
     if router.matches:
         rule = {"matches": [m.to_wire() for m in router.matches], **rule}
     spec: Manifest = {"rules": [rule]}

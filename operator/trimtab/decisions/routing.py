@@ -1,16 +1,18 @@
 """What a route's controller says of the route a mesh router wrote (a Gateway's report in an
 HTTPRoute's status, istiod's in a VirtualService's), and the `RouteAccepted` condition that
-carries it to the ModelDeployment's status.
+carries it to the ModelDeployment's status; and what taking over a user's HTTPRoute would
+drop of its rules.
 
 Pure: these read the route object the write returned, and never ask the cluster."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from trimtab.api.common import Condition, ConditionStatus
-from trimtab.api.rollout import CONDITION_ROUTE_ACCEPTED
+from trimtab.api.rollout import CONDITION_ROUTE_ACCEPTED, GatewayApiRouterSpec
 from trimtab.decisions.conditions import is_news, remove_condition, set_condition
 
 Manifest = dict[str, Any]
@@ -208,3 +210,82 @@ def refusal_to_report(conditions: list[Condition], health: RouteHealth | None) -
     if not is_news(conditions, CONDITION_ROUTE_ACCEPTED, "False", health.reason):
         return None
     return health.message
+
+
+def _match_key(match: Manifest) -> str:
+    """A route match with the HTTPRoute CRD's defaults filled in, as a comparable string."""
+    path = match.get("path") or {}
+    out: Manifest = {
+        "path": {"type": path.get("type", "PathPrefix"), "value": path.get("value", "/")}
+    }
+    for key in ("headers", "queryParams"):
+        if match.get(key):
+            out[key] = sorted(
+                ({"type": "Exact", **item} for item in match[key]), key=lambda i: str(i["name"])
+            )
+    if match.get("method"):
+        out["method"] = match["method"]
+    return json.dumps(out, sort_keys=True)
+
+
+def _match_text(match: Manifest) -> str:
+    path = match.get("path") or {}
+    text = f"{path.get('type', 'PathPrefix')} {path.get('value', '/')}"
+    if match.get("method"):
+        text = f"{match['method']} {text}"
+    extra = [str(h.get("name")) for h in match.get("headers") or []]
+    extra += [f"?{q.get('name')}" for q in match.get("queryParams") or []]
+    return f"{text} ({', '.join(extra)})" if extra else text
+
+
+def _filter_text(f: Manifest) -> str:
+    ref = f.get("extensionRef") or f.get("requestMirror", {}).get("backendRef")
+    return f"{f.get('type')} {ref.get('name')}" if isinstance(ref, dict) else str(f.get("type"))
+
+
+def takeover_losses(route: Manifest, router: GatewayApiRouterSpec, owner_name: str) -> list[str]:
+    """What the rules of a route `router` takes over (httpRoute, no parentRefs) hold that the
+    one rule trimtab writes there would not: their matches, filters and timeouts that
+    router.matches, router.filters and router.timeouts do not repeat. Empty once trimtab's rule
+    is the route's (or it was never more than that). Backends are not listed: pointing the
+    route at the model's revisions is what a takeover is for.
+
+    >>> gw = GatewayApiRouterSpec(type="gatewayApi", http_route="public")
+    >>> rewrite = {"type": "URLRewrite", "urlRewrite": {"hostname": "llm.internal"}}
+    >>> route = {"spec": {"rules": [
+    ...     {"backendRefs": [{"name": "old"}], "filters": [rewrite]},
+    ...     {"matches": [{"path": {"value": "/v2"}}], "backendRefs": [{"name": "other"}]}]}}
+    >>> takeover_losses(route, gw, "llm")
+    ['filter URLRewrite', 'match PathPrefix /v2']
+    >>> kept = GatewayApiRouterSpec.model_validate({**gw.to_wire(), "filters": [rewrite]})
+    >>> takeover_losses({"spec": {"rules": route["spec"]["rules"][:1]}}, kept, "llm")
+    []
+    """
+    matches = router.matches or []
+    kept_matches = {_match_key(m.to_wire()) for m in matches} or {_match_key({})}
+    kept_filters = {json.dumps(f.to_wire(), sort_keys=True) for f in router.filters or []}
+    kept_timeouts = (router.timeouts.to_wire() if router.timeouts is not None else None) or None
+    ours = f"{owner_name}-"
+    lost: list[str] = []
+    for rule in (route.get("spec") or {}).get("rules") or []:
+        for match in rule.get("matches") or [{}]:
+            if _match_key(match) not in kept_matches:
+                lost.append(f"match {_match_text(match)}")
+        for f in rule.get("filters") or []:
+            mirror = (f.get("requestMirror") or {}).get("backendRef") or {}
+            if f.get("type") == "RequestMirror" and str(mirror.get("name", "")).startswith(ours):
+                continue  # trimtab's own shadow traffic
+            if json.dumps(f, sort_keys=True) not in kept_filters:
+                lost.append(f"filter {_filter_text(f)}")
+        if rule.get("timeouts") and rule["timeouts"] != kept_timeouts:
+            lost.append(f"timeouts {json.dumps(rule['timeouts'], sort_keys=True)}")
+    return list(dict.fromkeys(lost))
+
+
+def takeover_warning(route_name: str, losses: list[str]) -> str:
+    """The Warning for takeover_losses, naming where to keep them."""
+    return (
+        f"HTTPRoute {route_name}: taking it over replaces its rules with trimtab's one rule, "
+        f"which lacks the route's {', '.join(losses)}; list what to keep in "
+        "spec.rollout.router (matches, filters, timeouts)"
+    )

@@ -63,7 +63,13 @@ from trimtab.decisions.rollout import (
     rollout_conditions,
     routed_revisions,
 )
-from trimtab.decisions.routing import RouteHealth, refusal_to_report, route_condition
+from trimtab.decisions.routing import (
+    RouteHealth,
+    refusal_to_report,
+    route_condition,
+    takeover_losses,
+    takeover_warning,
+)
 from trimtab.decisions.serving import DeploymentObservation, revision_serving
 from trimtab.decisions.statistics import AnalysisResult, Counts, Metric, evaluate_checks
 from trimtab.handlers.modeldeployment import (
@@ -454,6 +460,8 @@ async def rollout_once(
     moved = not isinstance(action, Hold | Pause)
     mesh = rollout.router.type != "replicas"
     route_health: RouteHealth | None = None
+    if mesh:
+        await _warn_takeover_losses(kube, body, owner, rollout.router, logger)
     if moved:
         await apply_revisions(kube, owner, parsed, status_after)
         warning, route_health = await _route(
@@ -652,6 +660,27 @@ async def _route_as_status_says(
     router = build_router(rollout.router, target, KubeRouterClient(kube))
     await router.reconcile()
     return router.health()
+
+
+async def _warn_takeover_losses(
+    kube: KubeClient, body: Json, owner: Owner, router: RouterSpec, logger: Log
+) -> None:
+    """Before trimtab writes the rules of a user's HTTPRoute (httpRoute without parentRefs),
+    a Warning names what of them its one rule would drop (takeover_losses): found once, at
+    the takeover, and again only if something puts such rules back (a GitOps tool syncing the
+    user's route, which then fights trimtab for the rules)."""
+    if not isinstance(router, GatewayApiRouterSpec) or router.parent_refs is not None:
+        return
+    ref = route_of(owner, router)
+    assert ref is not None
+    route = await KubeRouterClient(kube).get_object(
+        ref.api_version, ref.kind, owner.namespace, ref.name
+    )
+    losses = takeover_losses(route or {}, router, owner.name)
+    if losses:
+        message = takeover_warning(ref.name, losses)
+        kopf.warn(cast(kopf.Body, body), reason="RouteRulesReplaced", message=message)
+        logger.warning("%s", message)
 
 
 def _report_route(body: Json, status: Json, health: RouteHealth | None, logger: Log) -> None:
