@@ -20,6 +20,10 @@ from trimtab.api.chartvalues import ChartValues, render_schema
 from trimtab.config import Settings
 
 SERVICEMONITOR_CRD = thirdparty("prometheus-operator", "monitoring.coreos.com_servicemonitors.yaml")
+MONITOR_CRDS = {
+    "ServiceMonitor": SERVICEMONITOR_CRD,
+    "PodMonitor": thirdparty("prometheus-operator", "monitoring.coreos.com_podmonitors.yaml"),
+}
 
 EVERYTHING: dict[str, Any] = {
     "fullnameOverride": "tt",
@@ -57,6 +61,11 @@ EVERYTHING: dict[str, Any] = {
         "scrapeTimeout": "5s",
         "labels": {"release": "kube-prometheus-stack"},
     },
+    "modelServerPodMonitor": {
+        "enabled": True,
+        "interval": "5s",
+        "labels": {"release": "kube-prometheus-stack"},
+    },
     "networkPolicy": {
         "enabled": True,
         "metricsFrom": [
@@ -72,7 +81,10 @@ EVERYTHING: dict[str, Any] = {
     "grafanaDashboard": {"enabled": True, "namespace": "monitoring"},
     "gpuAgent": {"enabled": True, "port": 9500, "runtimeClassName": "nvidia-cdi"},
 }
-NAMESPACED: dict[str, Any] = {"operator": {"watchNamespace": "ml"}}
+NAMESPACED: dict[str, Any] = {
+    "operator": {"watchNamespace": "ml"},
+    "modelServerPodMonitor": {"enabled": True},
+}
 MINIMAL: dict[str, Any] = {
     "operator": {"replicas": 1},
     "peering": {"enabled": False},
@@ -114,7 +126,7 @@ def test_every_rendered_object_is_valid(values: dict[str, Any]) -> None:
     assert docs
     for doc in docs:
         if doc["apiVersion"] == "monitoring.coreos.com/v1":
-            validate_custom(doc, SERVICEMONITOR_CRD)
+            validate_custom(doc, MONITOR_CRDS[doc["kind"]])
         else:
             validate_builtin(doc)
         name = doc["metadata"]["name"]

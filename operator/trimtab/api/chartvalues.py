@@ -144,6 +144,23 @@ class ServiceMonitor(Values):
     )
 
 
+class ModelServerPodMonitor(Values):
+    enabled: bool = Field(
+        default=False,
+        description="Create a prometheus-operator PodMonitor that scrapes every "
+        "ModelDeployment's pods with the labels trimtab's queries select by.",
+    )
+    interval: str = Field(
+        default="15s",
+        pattern=DURATION,
+        description="Scrape interval: the autoscaler reacts one scrape plus one loop late.",
+    )
+    scrapeTimeout: str = Field(default="10s", pattern=DURATION)
+    labels: Labels = Field(
+        default_factory=dict, description="Labels your Prometheus' podMonitorSelector wants."
+    )
+
+
 class NetworkPolicy(Values):
     enabled: bool = Field(default=False, description="Restrict the operator pods' traffic.")
     metricsFrom: list[KubeObject] = Field(
@@ -222,6 +239,7 @@ class ChartValues(Values):
     rbac: Rbac = Field(default_factory=Rbac)
     podDisruptionBudget: PodDisruptionBudget = Field(default_factory=PodDisruptionBudget)
     serviceMonitor: ServiceMonitor = Field(default_factory=ServiceMonitor)
+    modelServerPodMonitor: ModelServerPodMonitor = Field(default_factory=ModelServerPodMonitor)
     networkPolicy: NetworkPolicy = Field(default_factory=NetworkPolicy)
     grafanaDashboard: GrafanaDashboard = Field(default_factory=GrafanaDashboard)
     gpuAgent: GpuAgent = Field(default_factory=GpuAgent)
