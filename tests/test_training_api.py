@@ -239,3 +239,40 @@ def test_examples_validate(path: Path) -> None:
 
 def test_there_is_an_example() -> None:
     assert examples()
+
+
+@pytest.mark.parametrize(
+    ("pod_metadata", "complaint"),
+    [
+        pytest.param({"labels": {"team": "search", "example.com/cost-center": "ml-42"},
+                      "annotations": {"sidecar.istio.io/inject": "false",
+                                      "prometheus.io/scrape": "true",
+                                      "prometheus.io/port": "9400"}},
+                     None, id="team-labels-sidecar-off-and-the-trainers-own-scrape"),
+        pytest.param({"labels": {"trimtab.io/restart": "9"}}, "labels: trimtab.io/*",
+                     id="trimtabs-restart-label"),
+        pytest.param({"labels": {"scheduling.x-k8s.io/pod-group": "other"}}, "labels:",
+                     id="another-gang"),
+        pytest.param({"labels": {"kueue.x-k8s.io/queue-name": "team-b"}}, "labels:",
+                     id="kueue-would-queue-each-pod-alone"),
+        pytest.param({"labels": {"job-name": "x"}}, "labels:", id="job-controllers-label"),
+        pytest.param({"labels": {"app.kubernetes.io/component": "x"}}, "labels:",
+                     id="trimtabs-component-label"),
+        pytest.param({"annotations": {"batch.kubernetes.io/job-completion-index": "3"}},
+                     "annotations:", id="a-workers-rank"),
+        pytest.param({"annotations": {"kueue.x-k8s.io/workload": "w"}}, "annotations:",
+                     id="kueues-annotation"),
+        pytest.param({"labels": {"team name": "a"}}, "label or annotation key", id="bad-key"),
+    ],
+)  # fmt: skip
+def test_pod_metadata(pod_metadata: dict[str, Any], complaint: str | None) -> None:
+    """A worker's labels and annotations beside trimtab's: the keys trimtab, the Job
+    controller, Kueue and the gang scheduler act on are refused, by the CRD and the model."""
+    obj = tj(podMetadata=pod_metadata)
+    if complaint is None:
+        assert rejection(obj) == ""
+        TrainingJobSpec.model_validate(obj["spec"])
+    else:
+        assert complaint in rejection(obj)
+        with pytest.raises(pydantic.ValidationError, match=complaint.rstrip(":*")):
+            TrainingJobSpec.model_validate(obj["spec"])

@@ -34,6 +34,10 @@ FULL: dict[str, Any] = {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },
     "failurePolicy": {"maxRestarts": 5, "neverRetryExitCodes": [2, 3]},
+    "podMetadata": {
+        "labels": {"team": "search"},
+        "annotations": {"sidecar.istio.io/inject": "false"},
+    },
 }
 
 
@@ -159,6 +163,21 @@ def test_gang_podgroup_ties_to_the_pods() -> None:
     no_gang = B.build_job(OWNER, spec(scheduling={}), restarts=0)["spec"]["template"]
     assert "scheduling.x-k8s.io/pod-group" not in no_gang["metadata"]["labels"]
     assert "schedulerName" not in no_gang["spec"]
+
+
+def test_pod_metadata_reaches_the_workers_beside_trimtabs_own() -> None:
+    job = B.build_job(OWNER, spec(), restarts=2)
+    meta = job["spec"]["template"]["metadata"]
+    assert meta["annotations"] == {"sidecar.istio.io/inject": "false"}
+    assert meta["labels"] == {
+        "team": "search",
+        **B.worker_labels(OWNER, 2),
+        "scheduling.x-k8s.io/pod-group": B.podgroup_name("llama", 2),
+    }
+    # The Job's own labels (which Kueue reads) stay trimtab's: podMetadata is the pods'.
+    assert "team" not in job["metadata"]["labels"]
+    bare = B.build_job(OWNER, spec(podMetadata={}), restarts=2)["spec"]["template"]["metadata"]
+    assert "annotations" not in bare and "team" not in bare["labels"]
 
 
 def test_never_retry_exit_codes_fail_the_job_through_pod_failure_policy() -> None:

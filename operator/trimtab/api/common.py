@@ -5,7 +5,9 @@ Field names are camelCase on the wire (aliases) and snake_case in Python."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
@@ -63,6 +65,102 @@ class StatusModel(BaseModel):
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# A label or annotation key: an optional DNS-subdomain prefix and "/", then a name of up to 63
+# characters.
+QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+
+
+@dataclass(frozen=True)
+class ReservedKeys:
+    """Pod label and annotation keys a workload's builder writes itself (or that a controller
+    acting on its pods reads), which the user's podMetadata may not set; `*_why` say why."""
+
+    labels: tuple[str, ...]
+    label_prefixes: tuple[str, ...]
+    labels_why: str
+    annotation_prefixes: tuple[str, ...]
+    annotations_why: str
+
+    @staticmethod
+    def _listed(exact: tuple[str, ...], prefixes: tuple[str, ...]) -> str:
+        names = [f"{p}*" for p in prefixes] + list(exact)
+        return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+
+    def labels_message(self) -> str:
+        return f"labels: {self._listed(self.labels, self.label_prefixes)} are {self.labels_why}"
+
+    def annotations_message(self) -> str:
+        listed = self._listed((), self.annotation_prefixes)
+        return f"annotations: {listed} are {self.annotations_why}"
+
+    def label_held(self, key: str) -> bool:
+        return key in self.labels or key.startswith(self.label_prefixes)
+
+    def annotation_held(self, key: str) -> bool:
+        return key.startswith(self.annotation_prefixes)
+
+
+def _reserved_rule(field: str, exact: tuple[str, ...], prefixes: tuple[str, ...]) -> str:
+    held = " && ".join(
+        [*(f"k != '{key}'" for key in exact), *(f"!k.startsWith('{p}')" for p in prefixes)]
+    )
+    return f"!has(self.{field}) || self.{field}.all(k, {held})"
+
+
+def pod_metadata_rules(reserved: ReservedKeys) -> dict[str, Any]:
+    """The CEL rules of a podMetadata field: keys as the API server takes them, and none of
+    `reserved`."""
+    return {
+        "x-kubernetes-validations": [
+            {
+                "rule": "(!has(self.labels) || self.labels.all(k, size(k) <= 317 && "
+                f'k.matches(r"""{QUALIFIED_NAME}"""))) && (!has(self.annotations) '
+                "|| self.annotations.all(k, size(k) <= 317 && "
+                f'k.matches(r"""{QUALIFIED_NAME}""")))',
+                "message": "a label or annotation key is an optional DNS prefix and '/', "
+                "then a name of up to 63 letters, digits, '-', '_' and '.'",
+            },
+            {
+                "rule": _reserved_rule("labels", reserved.labels, reserved.label_prefixes),
+                "message": reserved.labels_message(),
+            },
+            {
+                "rule": _reserved_rule("annotations", (), reserved.annotation_prefixes),
+                "message": reserved.annotations_message(),
+            },
+        ]
+    }
+
+
+class PodMetadataBase(StrictModel):
+    """Labels and annotations a workload's pods carry besides trimtab's own. A subclass names
+    its `reserved` keys and sets `model_config` from `pod_metadata_rules` of them."""
+
+    reserved: ClassVar[ReservedKeys]
+
+    labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=64)
+    annotations: dict[str, Annotated[str, StringConstraints(max_length=4096)]] = Field(
+        default_factory=dict, max_length=64
+    )
+
+    @model_validator(mode="after")
+    def _as_the_api_server_checks(self) -> PodMetadataBase:
+        for key in [*self.labels, *self.annotations]:
+            if len(key) > 317 or not re.fullmatch(QUALIFIED_NAME, key):
+                raise ValueError(f"{key!r} is not a valid label or annotation key")
+        held = self.reserved
+        for key in self.labels:
+            if held.label_held(key):
+                raise ValueError(f"label {key}: {held.labels_message()}")
+        for key in self.annotations:
+            if held.annotation_held(key):
+                raise ValueError(f"annotation {key}: {held.annotations_message()}")
+        return self
 
 
 class KeyRef(StrictModel):

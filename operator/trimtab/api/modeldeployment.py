@@ -5,23 +5,26 @@ is a new revision."""
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, StringConstraints, model_validator
+from pydantic import ConfigDict, Field, StringConstraints
 
 from trimtab import constants as C
 from trimtab.api.autoscaling import AutoscalingSpec, AutoscalingStatus, MetricsSpec, SLOSpec
 from trimtab.api.common import (
+    QUALIFIED_NAME,
     Condition,
     EnvVar,
     LabelValue,
+    PodMetadataBase,
+    ReservedKeys,
     Resources,
     StatusModel,
     StrictModel,
     Toleration,
     Volume,
     VolumeMount,
+    pod_metadata_rules,
 )
 from trimtab.api.rightsizing import RecommendationsStatus, ServingRightsizingSpec
 from trimtab.api.rollout import RolloutSpec, RolloutStatus
@@ -39,71 +42,23 @@ class Probes(StrictModel):
     )
 
 
-# A label or annotation key: an optional DNS-subdomain prefix and "/", then a name of up to 63
-# characters.
-QUALIFIED_NAME = (
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-)
 # Pod labels trimtab's selectors rest on, and pod annotations it writes itself.
-RESERVED_POD_LABELS = (C.LABEL_MANAGED_BY, C.LABEL_NAME)
-RESERVED_POD_PREFIXES = (f"{C.GROUP}/",)
-RESERVED_ANNOTATION_PREFIXES = (f"{C.GROUP}/", "prometheus.io/")
+SERVING_POD_KEYS = ReservedKeys(
+    labels=(C.LABEL_MANAGED_BY, C.LABEL_NAME),
+    label_prefixes=(f"{C.GROUP}/",),
+    labels_why="trimtab's (its selectors rest on them)",
+    annotation_prefixes=(f"{C.GROUP}/", "prometheus.io/"),
+    annotations_why="written by trimtab (the scrape annotations from the server's metrics port "
+    "and path)",
+)
 
 
-def _reserved_rule(field: str, exact: tuple[str, ...], prefixes: tuple[str, ...]) -> str:
-    held = " && ".join(
-        [*(f"k != '{key}'" for key in exact), *(f"!k.startsWith('{p}')" for p in prefixes)]
-    )
-    return f"!has(self.{field}) || self.{field}.all(k, {held})"
-
-
-class PodMetadata(StrictModel):
+class PodMetadata(PodMetadataBase):
     """Labels and annotations the server's pods carry besides trimtab's own: a team or cost
     label, an agent's annotation (log shipping, secrets injection, a sidecar's settings)."""
 
-    labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=64)
-    annotations: dict[str, Annotated[str, StringConstraints(max_length=4096)]] = Field(
-        default_factory=dict, max_length=64
-    )
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "(!has(self.labels) || self.labels.all(k, size(k) <= 317 && "
-                    f"k.matches(r\"\"\"{QUALIFIED_NAME}\"\"\"))) && (!has(self.annotations) "
-                    "|| self.annotations.all(k, size(k) <= 317 && "
-                    f"k.matches(r\"\"\"{QUALIFIED_NAME}\"\"\")))",
-                    "message": "a label or annotation key is an optional DNS prefix and '/', "
-                    "then a name of up to 63 letters, digits, '-', '_' and '.'",
-                },
-                {
-                    "rule": _reserved_rule("labels", RESERVED_POD_LABELS, RESERVED_POD_PREFIXES),
-                    "message": "labels: trimtab.io/*, app.kubernetes.io/managed-by and "
-                    "app.kubernetes.io/name are trimtab's (its selectors rest on them)",
-                },
-                {
-                    "rule": _reserved_rule("annotations", (), RESERVED_ANNOTATION_PREFIXES),
-                    "message": "annotations: trimtab.io/* and prometheus.io/* are written by "
-                    "trimtab (the scrape annotations from the server's metrics port and path)",
-                },
-            ]
-        }
-    )
-
-    @model_validator(mode="after")
-    def _as_the_api_server_checks(self) -> PodMetadata:
-        for key in [*self.labels, *self.annotations]:
-            if len(key) > 317 or not re.fullmatch(QUALIFIED_NAME, key):
-                raise ValueError(f"{key!r} is not a valid label or annotation key")
-        for key in self.labels:
-            if key in RESERVED_POD_LABELS or key.startswith(RESERVED_POD_PREFIXES):
-                raise ValueError(f"label {key} is trimtab's (its selectors rest on it)")
-        for key in self.annotations:
-            if key.startswith(RESERVED_ANNOTATION_PREFIXES):
-                raise ValueError(f"annotation {key} is written by trimtab")
-        return self
+    reserved: ClassVar[ReservedKeys] = SERVING_POD_KEYS
+    model_config = ConfigDict(json_schema_extra=pod_metadata_rules(SERVING_POD_KEYS))
 
 
 class TopologySpread(StrictModel):

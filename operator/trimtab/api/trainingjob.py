@@ -5,21 +5,25 @@ Spec fields are validated by the schema and CEL rules here, so bad input names i
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints
 
+from trimtab import constants as C
 from trimtab.api.common import (
     Condition,
     DNSLabel,
     EnvVar,
     LabelValue,
+    PodMetadataBase,
+    ReservedKeys,
     Resources,
     StatusModel,
     StrictModel,
     Toleration,
     Volume,
     VolumeMount,
+    pod_metadata_rules,
 )
 from trimtab.api.rightsizing import RecommendationsStatus, RightsizingSpec
 
@@ -145,6 +149,28 @@ class Checkpoint(StrictModel):
 # --- the spec ---------------------------------------------------------------------------------
 
 
+# Worker pod labels trimtab's selectors and the gang scheduler rest on, those the Job
+# controller and Kueue set or read on pods, and the annotations they write.
+WORKER_POD_KEYS = ReservedKeys(
+    labels=(C.LABEL_MANAGED_BY, C.LABEL_NAME, C.LABEL_COMPONENT, "job-name", "controller-uid"),
+    label_prefixes=(f"{C.GROUP}/", "batch.kubernetes.io/", "kueue.x-k8s.io/",
+                    "scheduling.x-k8s.io/"),  # fmt: skip
+    labels_why="set by trimtab, the Job controller, Kueue or the gang scheduler",
+    annotation_prefixes=(f"{C.GROUP}/", "batch.kubernetes.io/", "kueue.x-k8s.io/"),
+    annotations_why="written by trimtab, the Job controller or Kueue (the worker's rank is "
+    "the job-completion-index annotation)",
+)
+
+
+class WorkerPodMetadata(PodMetadataBase):
+    """Labels and annotations the workers carry besides trimtab's own: a team or cost label,
+    an agent's annotation (a sidecar left out, log shipping, a scrape of the trainer's own
+    metrics through prometheus.io/*)."""
+
+    reserved: ClassVar[ReservedKeys] = WORKER_POD_KEYS
+    model_config = ConfigDict(json_schema_extra=pod_metadata_rules(WORKER_POD_KEYS))
+
+
 class TrainingJobSpec(StrictModel):
     """What to train and how to keep it running."""
 
@@ -184,6 +210,11 @@ class TrainingJobSpec(StrictModel):
     scheduling: Scheduling = Field(default_factory=Scheduling)
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy)
     checkpoint: Checkpoint | None = None
+    pod_metadata: WorkerPodMetadata = Field(
+        default_factory=WorkerPodMetadata,
+        description="Extra labels and annotations of the workers (from the next attempt on, "
+        "like every spec change while a Job runs).",
+    )
     service_account_name: str | None = Field(
         default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
     )

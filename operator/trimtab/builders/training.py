@@ -265,6 +265,10 @@ def build_job(
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
     if volumes:
         pod_spec["volumes"] = volumes
+    # The spec's labels first: trimtab's keys are refused there, and win anyway.
+    pod_metadata: Manifest = {"labels": {**spec.pod_metadata.labels, **pod_labels}}
+    if spec.pod_metadata.annotations:
+        pod_metadata["annotations"] = dict(spec.pod_metadata.annotations)
 
     job_spec: Manifest = {
         "completionMode": "Indexed",
@@ -275,7 +279,7 @@ def build_job(
         "backoffLimit": 0,
         # Kueue admits a queued Job by setting suspend to false; without a queue it runs now.
         "suspend": bool(sched.queue_name),
-        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        "template": {"metadata": pod_metadata, "spec": pod_spec},
     }
     codes = spec.failure_policy.never_retry_exit_codes
     if codes:
