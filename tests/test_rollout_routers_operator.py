@@ -101,9 +101,16 @@ def shadow_rollout(router: dict[str, Any], mirror: int, weight: int) -> dict[str
 GW_ROLLOUT = shadow_rollout(
     {"type": "gatewayApi", "parentRefs": PARENTS, "hostnames": ["gw.example.com"]}, 50, 30
 )
+# The Istio route also sets a response header and rewrites the host, in Gateway API's form.
+MESH_FILTERS = [
+    {"type": "ResponseHeaderModifier",
+     "responseHeaderModifier": {"set": [{"name": "Cache-Control", "value": "no-store"}]}},
+    {"type": "URLRewrite", "urlRewrite": {"hostname": "mesh.internal"}},
+]  # fmt: skip
 MESH_ROLLOUT = shadow_rollout(
-    {"type": "istio", "host": "mesh.example.com", "gateways": ["istio-system/public"]}, 100, 25
-)
+    {"type": "istio", "host": "mesh.example.com", "gateways": ["istio-system/public"],
+     "filters": MESH_FILTERS}, 100, 25,
+)  # fmt: skip
 FALL_ROLLOUT = {
     "steps": [{"weight": 50, "pause": {"duration": "2s"}}],
     "router": {"type": "istio", "host": "fall.example.com"},
@@ -422,6 +429,8 @@ async def istio_shadow_then_canary(cluster: Cluster, url: str, held: set[tuple[s
     assert vs["spec"]["hosts"] == ["mesh.example.com"]
     assert vs["spec"]["gateways"] == ["istio-system/public"]
     assert "mirror" not in vs["spec"]["http"][0]
+    assert vs["spec"]["http"][0]["headers"] == {"response": {"set": {"Cache-Control": "no-store"}}}
+    assert vs["spec"]["http"][0]["rewrite"] == {"authority": "mesh.internal"}
 
     await cluster.merge(f"{MD_PATH}/{MESH}", {"spec": {"image": NEXT}})
     await wait_rollout(
@@ -440,6 +449,7 @@ async def istio_shadow_then_canary(cluster: Cluster, url: str, held: set[tuple[s
     assert destinations(vs) == {ha: 75, hb: 25}
     assert "mirror" not in vs["spec"]["http"][0]
     assert "mirrorPercentage" not in vs["spec"]["http"][0]
+    assert vs["spec"]["http"][0]["rewrite"] == {"authority": "mesh.internal"}  # at every weight
 
     await wait_rollout(cluster, MESH, lambda ro: ro.get("phase") == "Paused")
 

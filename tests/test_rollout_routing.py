@@ -26,6 +26,7 @@ from trimtab.api.rollout import (
     ReplicasRouterSpec,
     RolloutSpec,
     RouteMatch,
+    UrlRewritePath,
     Weights,
 )
 from trimtab.builders.common import Owner
@@ -36,6 +37,7 @@ from trimtab.builders.routing import (
     build_revision_service,
     build_virtual_service,
     istio_match,
+    istio_path_rewrite,
     route_released,
     weights_from_http_route,
 )
@@ -85,6 +87,10 @@ FILTERS = [
     {"type": "ExtensionRef", "extensionRef": {
         "group": "gateway.envoyproxy.io", "kind": "HTTPRouteFilter", "name": "auth"}},
 ]  # fmt: skip
+ISTIO_FILTERS = IstioRouterSpec.model_validate(
+    {"type": "istio", "host": "chat.example.com", "filters": FILTERS[:3],
+     "matches": [{"path": {"type": "PathPrefix", "value": "/openai"}}]}
+)  # fmt: skip
 GW_FILTERS = GatewayApiRouterSpec.model_validate(
     {"type": "gatewayApi", "parentRefs": [{"name": "public"}], "filters": FILTERS,
      "matches": [{"path": {"type": "PathPrefix", "value": "/openai"}}]}
@@ -172,7 +178,12 @@ def test_http_route_carries_the_routers_filters_before_the_mirror(
 
 @pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize(
-    "router", [pytest.param(ISTIO, id="every-request"), pytest.param(ISTIO_MATCHES, id="matches")]
+    "router",
+    [
+        pytest.param(ISTIO, id="every-request"),
+        pytest.param(ISTIO_MATCHES, id="matches"),
+        pytest.param(ISTIO_FILTERS, id="filters"),
+    ],
 )
 def test_virtual_service_fits_the_published_schema(split: Split, router: IstioRouterSpec) -> None:
     vs = build_virtual_service(OWNER, router, split)
@@ -181,15 +192,24 @@ def test_virtual_service_fits_the_published_schema(split: Split, router: IstioRo
     body = {k: v for k, v in vs.items() if k not in ("apiVersion", "kind")}
     validate_custom(body, VS_CRD, version="v1")
     http = vs["spec"]["http"][0]
-    assert http.get("match") == (
-        [
+    if router is ISTIO_MATCHES:
+        assert http["match"] == [
             {"uri": {"regex": "/v1(/.*)?"}, "headers": {"x-model": {"regex": "chat-.*"}},
              "method": {"exact": "POST"}},
             {"uri": {"exact": "/healthz"}, "queryParams": {"full": {"exact": "1"}}},
-        ]
-        if router.matches
-        else None
-    )  # fmt: skip
+        ]  # fmt: skip
+    assert ("match" in http) == bool(router.matches)
+    if router.filters:
+        assert http["headers"] == {
+            "request": {"set": {"X-Tenant": "chat"}, "remove": ["X-Debug"]},
+            "response": {"add": {"X-Served-By": "trimtab"}},
+        }
+        assert http["rewrite"] == {
+            "authority": "llm.internal",
+            "uriRegexRewrite": {"match": "^/openai(/.*)?$", "rewrite": "/v1\\1"},
+        }
+    else:
+        assert "headers" not in http and "rewrite" not in http
     assert sum(r["weight"] for r in http["route"]) == 100
     assert ("mirror" in http) == bool(split.mirror_percent)
     if split.mirror_percent:
@@ -476,8 +496,18 @@ def rollout_failures(rollout: dict[str, Any]) -> list[str]:
             {"router": {"type": "gatewayApi", "httpRoute": "r", "filters": FILTERS}},
             None, id="filters-ok"),
         pytest.param(
-            {"router": {"type": "istio", "host": "m", "filters": FILTERS[:1]}},
-            "filters applies only", id="filters-are-gateway-api-only"),
+            {"router": {"type": "istio", "host": "m", "filters": FILTERS[:3]}},
+            None, id="istio-filters-ok"),
+        pytest.param(
+            {"router": {"type": "istio", "host": "m", "filters": FILTERS[3:]}},
+            "ExtensionRef names a Gateway API", id="istio-has-no-extension-filters"),
+        pytest.param(
+            {"router": {"type": "istio", "host": "m", "filters": [FILTERS[2]],
+                        "matches": [{"path": {"type": "Exact", "value": "/v1"}}]}},
+            "ReplacePrefixMatch rewrite needs", id="istio-prefix-rewrite-of-an-exact-path"),
+        pytest.param(
+            {"router": {"type": "replicas", "filters": FILTERS[:1]}},
+            "filters applies only", id="replicas-have-no-route-to-filter"),
         pytest.param(
             {"router": {"type": "gatewayApi", "httpRoute": "r", "filters": [
                 {"type": "URLRewrite", "requestHeaderModifier": {"remove": ["a"]}}]}},
@@ -694,3 +724,54 @@ def test_takeover_losses(route: dict[str, Any], router: dict[str, Any], losses: 
     for split in SPLITS:
         stored = apply_defaults(schema, build_http_route(OWNER, spec, split.values[0]))
         assert takeover_losses(stored, spec, "chat") == []
+
+
+def gateway_api_prefix_rewrite(prefix: str, replacement: str, path: str) -> str:
+    """Gateway API's ReplacePrefixMatch, written from its definition (the spec's table): the
+    matched prefix's path elements give way to the replacement's, trailing slashes of both
+    ignored, and "/" when nothing is left."""
+    rest = path[len(prefix.rstrip("/")):]
+    return (replacement.rstrip("/") + rest) or "/"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "replacement"),
+    [("/foo", "/xyz"), ("/foo", "/xyz/"), ("/foo/", "/xyz"), ("/foo/", "/xyz/"), ("/foo", ""),
+     ("/foo", "/"), ("/", "/xyz"), ("/", ""), ("/", "/"), ("/a.b", "/c~d"), ("/v1", "/a-b")],
+)  # fmt: skip
+def test_an_istio_prefix_rewrite_rewrites_as_gateway_api_does(
+    prefix: str, replacement: str
+) -> None:
+    """The spec's table (`/foo/bar` under `/foo` to `/xyz` is `/xyz/bar`, `/foo` to `` is `/`)
+    and more: the regex rewrite the Istio router writes gives Gateway API's path for every
+    path the match takes, as RE2 would (one anchored replacement)."""
+    import re
+
+    match = RouteMatch.model_validate({"path": {"value": prefix}})
+    rewrite = istio_path_rewrite(
+        UrlRewritePath(type="ReplacePrefixMatch", replace_prefix_match=replacement), [match]
+    )
+    uri = istio_match(match)["uri"]
+    for path in ["/", "/foo", "/foo/", "/foo/bar", "/foo/bar/", "/a.b", "/a.b/c", "/v1",
+                 "/v1/chat", "/x"]:  # fmt: skip
+        taken = path.startswith(uri["prefix"]) if "prefix" in uri else bool(
+            re.fullmatch(uri["regex"], path)
+        )
+        if not taken:
+            continue
+        # RE2's \1 is Python's \g<1>; an unmatched group is empty in both.
+        istio = re.sub(rewrite["match"], rewrite["rewrite"].replace("\\1", "\\g<1>"), path,
+                       count=1)  # fmt: skip
+        assert istio == gateway_api_prefix_rewrite(prefix, replacement, path), (path, rewrite)
+
+
+def test_an_istio_full_path_rewrite_replaces_the_whole_path() -> None:
+    import re
+
+    rewrite = istio_path_rewrite(
+        UrlRewritePath(type="ReplaceFullPath", replace_full_path="/v1/chat/completions"), None
+    )
+    for path in ["/", "/openai/deployments/chat", "/v1/completions/"]:
+        assert re.sub(rewrite["match"], rewrite["rewrite"], path, count=1) == (
+            "/v1/chat/completions"
+        )

@@ -449,14 +449,51 @@ MATCHES_DESCRIPTION = (
 )
 
 
-def _once_rules() -> list[dict[str, Any]]:
-    return [
+PREFIX_REWRITE_MESSAGE = (
+    "filters: a ReplacePrefixMatch rewrite needs one match at most, with a PathPrefix path"
+)
+
+
+def _filter_rules() -> list[dict[str, Any]]:
+    """CEL rules of a router's filters, with its matches: a filter type at most once, and the
+    HTTPRoute CRD's rule that a prefix is replaced only where one was matched (no matches is
+    every request, the CRD's default match, PathPrefix /, as is a match without a path)."""
+    once = [
         {
             "rule": f"!has(self.filters) || self.filters.filter(f, f.type == '{kind}').size() <= 1",
             "message": f"filters: {kind} at most once",
         }
         for kind in SINGLE_FILTERS
     ]
+    prefix = {
+        "rule": "!has(self.filters) || !self.filters.exists(f, "
+        "f.type == 'URLRewrite' && has(f.urlRewrite.path) "
+        "&& f.urlRewrite.path.type == 'ReplacePrefixMatch') || !has(self.matches) "
+        "|| (size(self.matches) == 1 && (!has(self.matches[0].path) "
+        "|| self.matches[0].path.type == 'PathPrefix'))",
+        "message": PREFIX_REWRITE_MESSAGE,
+    }
+    return [*once, prefix]
+
+
+def prefix_rewrite(filters: list[RouteFilter] | None) -> str | None:
+    """The replacement of a ReplacePrefixMatch rewrite among `filters`, or None."""
+    for f in filters or []:
+        path = f.url_rewrite.path if f.url_rewrite is not None else None
+        if path is not None and path.type == "ReplacePrefixMatch":
+            return path.replace_prefix_match
+    return None
+
+
+def _check_filters(filters: list[RouteFilter] | None, matches: list[RouteMatch] | None) -> None:
+    """What _filter_rules says, for the model."""
+    for kind in SINGLE_FILTERS:
+        if sum(f.type == kind for f in filters or []) > 1:
+            raise ValueError(f"filters: {kind} at most once")
+    if prefix_rewrite(filters) is not None and matches is not None:
+        one = matches[0] if len(matches) == 1 else None
+        if one is None or (one.path is not None and one.path.type != "PathPrefix"):
+            raise ValueError(PREFIX_REWRITE_MESSAGE)
 
 
 class GatewayApiRouterSpec(StrictModel):
@@ -485,50 +522,17 @@ class GatewayApiRouterSpec(StrictModel):
         "gets these instead of its own rules' filters.",
     )
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                *_once_rules(),
-                {
-                    # The HTTPRoute CRD's rule: a prefix is replaced only where one was matched.
-                    # No matches is every request, the CRD's default match (PathPrefix /), as
-                    # is a match without a path.
-                    "rule": "!has(self.filters) || !self.filters.exists(f, "
-                    "f.type == 'URLRewrite' && has(f.urlRewrite.path) "
-                    "&& f.urlRewrite.path.type == 'ReplacePrefixMatch') || !has(self.matches) "
-                    "|| (size(self.matches) == 1 && (!has(self.matches[0].path) "
-                    "|| self.matches[0].path.type == 'PathPrefix'))",
-                    "message": "filters: a ReplacePrefixMatch rewrite needs one match at most, "
-                    "with a PathPrefix path",
-                },
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [*_filter_rules()]})
 
     @model_validator(mode="after")
     def _filters_fit_the_rule(self) -> GatewayApiRouterSpec:
-        filters = self.filters or []
-        for kind in SINGLE_FILTERS:
-            if sum(f.type == kind for f in filters) > 1:
-                raise ValueError(f"filters: {kind} at most once")
-        prefix_rewrite = any(
-            f.url_rewrite is not None
-            and f.url_rewrite.path is not None
-            and f.url_rewrite.path.type == "ReplacePrefixMatch"
-            for f in filters
-        )
-        if prefix_rewrite and self.matches is not None:
-            one = self.matches[0] if len(self.matches) == 1 else None
-            if one is None or (one.path is not None and one.path.type != "PathPrefix"):
-                raise ValueError(
-                    "filters: a ReplacePrefixMatch rewrite needs one match at most, "
-                    "with a PathPrefix path"
-                )
+        _check_filters(self.filters, self.matches)
         return self
 
 
 class IstioRouterSpec(StrictModel):
-    """Istio: trimtab writes a VirtualService with weighted destinations and a mirror."""
+    """Istio: trimtab writes a VirtualService with weighted destinations and a mirror (and the
+    headers and rewrite `filters` ask for)."""
 
     type: Literal["istio"]
     host: str = Field(min_length=1, max_length=253, description="Host clients call.")
@@ -538,6 +542,37 @@ class IstioRouterSpec(StrictModel):
     matches: list[RouteMatch] | None = Field(
         default=None, min_length=1, max_length=16, description=MATCHES_DESCRIPTION
     )
+    filters: list[RouteFilter] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=8,
+        description="Header changes and a URL rewrite of the route trimtab writes, in Gateway "
+        "API's form (RequestHeaderModifier, ResponseHeaderModifier, URLRewrite): they become "
+        "the VirtualService route's headers and rewrite.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                *_filter_rules(),
+                {
+                    "rule": "!has(self.filters) || self.filters.all(f, f.type != 'ExtensionRef')",
+                    "message": "filters: ExtensionRef names a Gateway API implementation's "
+                    "filter; an Istio route has none",
+                },
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _filters_fit_the_route(self) -> IstioRouterSpec:
+        _check_filters(self.filters, self.matches)
+        if any(f.type == "ExtensionRef" for f in self.filters or []):
+            raise ValueError(
+                "filters: ExtensionRef names a Gateway API implementation's filter; "
+                "an Istio route has none"
+            )
+        return self
 
 
 class ReplicasRouterSpec(StrictModel):

@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from trimtab import constants as C
 from trimtab.api.rollout import (
     GatewayApiRouterSpec,
+    HeaderModifier,
     IstioRouterSpec,
     ReplicasRouterSpec,
+    RouteFilter,
     RouteMatch,
+    UrlRewritePath,
 )
 from trimtab.builders.common import Manifest, Owner, child_name, literal_regex, object_meta
 
@@ -158,7 +161,10 @@ def build_virtual_service(owner: Owner, router: IstioRouterSpec, split: Split) -
 
 
 def _virtual_service(owner: Owner, router: IstioRouterSpec, http: Manifest) -> Manifest:
-    """The VirtualService for `router.host` with `http` as its one HTTP route."""
+    """The VirtualService for `router.host` with `http` as its one HTTP route, with
+    router.matches and router.filters."""
+    if router.filters:
+        http = {**http, **istio_filters(router.filters, router.matches)}
     if router.matches:
         http = {"name": http["name"], "match": [istio_match(m) for m in router.matches],
                 **{k: v for k, v in http.items() if k != "name"}}  # fmt: skip
@@ -204,6 +210,70 @@ def istio_match(match: RouteMatch) -> Manifest:
         out["method"] = {"exact": match.method}
     if match.query_params:
         out["queryParams"] = {q.name: {kinds[q.type]: q.value} for q in match.query_params}
+    return out
+
+
+def _istio_headers(modifier: HeaderModifier) -> Manifest:
+    out: Manifest = {}
+    if modifier.set:
+        out["set"] = {h.name: h.value for h in modifier.set}
+    if modifier.add:
+        out["add"] = {h.name: h.value for h in modifier.add}
+    if modifier.remove:
+        out["remove"] = list(modifier.remove)
+    return out
+
+
+def istio_path_rewrite(path: UrlRewritePath, matches: list[RouteMatch] | None) -> Manifest:
+    r"""A Gateway API path rewrite as an Istio `uriRegexRewrite` (RE2, against the path
+    without its query), with Gateway API's meaning. A full path is replaced whole. A prefix
+    is replaced as Gateway API does it, path element by path element, trailing slashes of the
+    prefix and the replacement ignored, "/" where nothing would be left. Istio's own `uri`
+    replaces a matched string prefix, and the whole path where the match is a regex, which
+    is what trimtab writes for a PathPrefix.
+
+    >>> p = UrlRewritePath(type="ReplacePrefixMatch", replace_prefix_match="/api/")
+    >>> istio_path_rewrite(p, [RouteMatch.model_validate({"path": {"value": "/v1"}})])
+    {'match': '^/v1(/.*)?$', 'rewrite': '/api\\1'}
+    >>> istio_path_rewrite(p.model_copy(update={"replace_prefix_match": "/"}), None)
+    {'match': '^/?(.*)$', 'rewrite': '/\\1'}
+    """
+    if path.type == "ReplaceFullPath":
+        return {"match": "^.*$", "rewrite": _re2_replacement(path.replace_full_path or "/")}
+    matched = "/"
+    if matches and matches[0].path is not None:
+        matched = matches[0].path.value
+    prefix = literal_regex(matched.rstrip("/"))
+    replacement = _re2_replacement((path.replace_prefix_match or "").rstrip("/"))
+    if replacement:
+        return {"match": f"^{prefix}(/.*)?$", "rewrite": f"{replacement}\\1"}
+    return {"match": f"^{prefix}/?(.*)$", "rewrite": "/\\1"}
+
+
+def _re2_replacement(text: str) -> str:
+    """`text` as literal text in an RE2 substitution (a backslash starts a group there)."""
+    return text.replace("\\", "\\\\")
+
+
+def istio_filters(filters: list[RouteFilter], matches: list[RouteMatch] | None) -> Manifest:
+    """Gateway API filters as an Istio HTTP route's `headers` and `rewrite` (ExtensionRef has
+    no Istio form; the router spec refuses it)."""
+    out: Manifest = {}
+    headers: Manifest = {}
+    for f in filters:
+        if f.request_header_modifier is not None:
+            headers["request"] = _istio_headers(f.request_header_modifier)
+        if f.response_header_modifier is not None:
+            headers["response"] = _istio_headers(f.response_header_modifier)
+        if f.url_rewrite is not None:
+            rewrite: Manifest = {}
+            if f.url_rewrite.hostname is not None:
+                rewrite["authority"] = f.url_rewrite.hostname
+            if f.url_rewrite.path is not None:
+                rewrite["uriRegexRewrite"] = istio_path_rewrite(f.url_rewrite.path, matches)
+            out["rewrite"] = rewrite
+    if headers:
+        out["headers"] = headers
     return out
 
 
