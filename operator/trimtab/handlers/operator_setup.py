@@ -33,6 +33,11 @@ async def configure_operator(
     # users as Events, not kopf's info-level log lines.
     settings.posting.level = logging.WARNING
     settings.networking.request_timeout = 60
+    # A resource's timers stop when it is deleted; kopf holds its finalizer until they have
+    # returned. Wait a moment for a timer to return (the right-sizing passes stop at once, see
+    # handlers/stopping.py) and, for one that has not, look again in seconds, not a minute.
+    settings.background.instant_exit_timeout = 2.0
+    settings.background.cancellation_polling = 5.0
     if getattr(memo, "settings", None) is None:
         memo.settings = Settings.from_env()
     if getattr(memo, "kube", None) is None:

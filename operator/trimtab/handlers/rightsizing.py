@@ -54,6 +54,7 @@ from trimtab.decisions.rightsizing import (
 )
 from trimtab.decisions.training import oom_unanswered
 from trimtab.handlers.inplace import InPlaceWork, cpu_in_place
+from trimtab.handlers.stopping import unless_stopped
 from trimtab.kube.resources import MODELDEPLOYMENTS, TRAININGJOBS, Resource
 from trimtab.metrics.usage import UsageReader, UsageTarget, pod_regex_for
 
@@ -177,9 +178,22 @@ async def rightsize_modeldeployment(
     patch: kopf.Patch,
     memo: Any,
     logger: Any,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
-    """One right-sizing pass for the server container of one ModelDeployment."""
+    """One right-sizing pass for the server container of one ModelDeployment, cut short when
+    the resource is deleted (see unless_stopped)."""
+    work = _modeldeployment_pass(body, spec, status, patch, memo, logger)
+    await unless_stopped(work, kwargs["stopped"], patch)  # kopf passes it to timers too
+
+
+async def _modeldeployment_pass(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: Any,
+    logger: Any,
+) -> None:
     try:
         parsed = ModelDeploymentSpec.model_validate(dict(spec))
     except ValidationError:
@@ -272,11 +286,24 @@ async def rightsize_trainingjob(
     patch: kopf.Patch,
     memo: Any,
     logger: Any,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
-    """One right-sizing pass for the worker container of one TrainingJob: one worker is sized
-    from the usage of every worker of every attempt (the busiest worker at each step, since a
-    throttled or killed worker stalls or restarts all of them)."""
+    """One right-sizing pass for the worker container of one TrainingJob, cut short when the
+    resource is deleted (see unless_stopped)."""
+    work = _trainingjob_pass(body, spec, status, patch, memo, logger)
+    await unless_stopped(work, kwargs["stopped"], patch)  # kopf passes it to timers too
+
+
+async def _trainingjob_pass(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: Any,
+    logger: Any,
+) -> None:
+    """One worker is sized from the usage of every worker of every attempt (the busiest
+    worker at each step, since a throttled or killed worker stalls or restarts all of them)."""
     try:
         parsed = TrainingJobSpec.model_validate(dict(spec))
     except ValidationError:
