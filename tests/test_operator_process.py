@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import yaml
 
+import trimtab
 from tests.conftest import Cluster, wait_for
 from tests.kube_emulator import ApiServerEmulator
 from tests.test_modeldeployment_operator import MD_PATH, model, serving_deployments
@@ -120,6 +121,8 @@ async def test_trimtab_run_serves_health_metrics_and_reconciles(
 
         metrics = await wait_for(reconciled, 30)
         assert "trimtab_reconcile_duration_seconds_bucket" in metrics
+        # What TrimtabOperatorDown looks for (charts/trimtab/alerts).
+        assert f'trimtab_build_info{{version="{trimtab.__version__}"}} 1.0' in metrics
         assert 'trimtab_api_writes_total{kind="Deployment",verb="apply"} 1.0' in metrics
     finally:
         proc.terminate()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,22 @@ def crd_schema(path: Path, version: str | None = None) -> dict[str, Any]:
     chosen = next(
         v for v in versions if (version is None and v.get("storage")) or v["name"] == version
     )
-    return copy.deepcopy(chosen["schema"]["openAPIV3Schema"])
+    return _python_patterns(copy.deepcopy(chosen["schema"]["openAPIV3Schema"]))
+
+
+def _python_patterns(schema: Any) -> Any:
+    """Go's regexp takes flags anywhere (`^(?i)abort`, in the PrometheusRule CRD); Python's
+    only at the start. `^(?i)` and `(?i)^` mean the same: move the flags first."""
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key == "pattern" and isinstance(value, str):
+                schema[key] = re.sub(r"^\^\((\?[a-z]+)\)", r"(\1)^", value)
+            else:
+                _python_patterns(value)
+    elif isinstance(schema, list):
+        for item in schema:
+            _python_patterns(item)
+    return schema
 
 
 def validate_custom(obj: dict[str, Any], crd_path: Path, version: str | None = None) -> None:

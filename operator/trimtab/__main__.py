@@ -33,6 +33,10 @@ def _run(args: argparse.Namespace) -> int:
     kopf.configure(verbose=settings.log_level == "DEBUG", log_format=kopf.LogFormat.FULL)
     logging.getLogger().setLevel(settings.log_level)
     if metrics_port:
+        from trimtab import __version__
+        from trimtab.observability import BUILD_INFO
+
+        BUILD_INFO.labels(version=__version__).set(1)
         start_http_server(metrics_port, addr=settings.listen_address)
     memo = kopf.Memo(settings=settings)
     liveness = liveness_url(settings.listen_address, health_port)

@@ -6,6 +6,12 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+BUILD_INFO = Gauge(
+    "trimtab_build_info",
+    "1 for each running operator process (active or standing by), labelled with its version; "
+    "its absence is the operator down or not scraped.",
+    ["version"],
+)
 RECONCILES = Counter(
     "trimtab_reconcile_total", "Reconciles by kind and result.", ["kind", "result"]
 )

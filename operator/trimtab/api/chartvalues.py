@@ -161,6 +161,22 @@ class ModelServerPodMonitor(Values):
     )
 
 
+class PrometheusRule(Values):
+    enabled: bool = Field(
+        default=False,
+        description="Ship trimtab's alerts (alerts/trimtab.rules.yaml) as a prometheus-operator "
+        "PrometheusRule. They read the operator's metrics: scrape it (serviceMonitor).",
+    )
+    labels: Labels = Field(
+        default_factory=dict, description="Labels your Prometheus' ruleSelector wants."
+    )
+    additionalRuleLabels: Labels = Field(
+        default_factory=dict,
+        description="Labels added to every alert (e.g. a team for Alertmanager's routing); an "
+        "alert's own severity wins.",
+    )
+
+
 class NetworkPolicy(Values):
     enabled: bool = Field(default=False, description="Restrict the operator pods' traffic.")
     metricsFrom: list[KubeObject] = Field(
@@ -240,6 +256,7 @@ class ChartValues(Values):
     podDisruptionBudget: PodDisruptionBudget = Field(default_factory=PodDisruptionBudget)
     serviceMonitor: ServiceMonitor = Field(default_factory=ServiceMonitor)
     modelServerPodMonitor: ModelServerPodMonitor = Field(default_factory=ModelServerPodMonitor)
+    prometheusRule: PrometheusRule = Field(default_factory=PrometheusRule)
     networkPolicy: NetworkPolicy = Field(default_factory=NetworkPolicy)
     grafanaDashboard: GrafanaDashboard = Field(default_factory=GrafanaDashboard)
     gpuAgent: GpuAgent = Field(default_factory=GpuAgent)
