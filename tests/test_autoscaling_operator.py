@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.conftest import Cluster, wait_for, wait_for_value
 from tests.kube_emulator import ApiServerEmulator
@@ -28,6 +29,11 @@ from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.builders.serving import deployment_name, revision_of
 
 pytestmark = pytest.mark.prometheus
+
+
+def available(name: str) -> float | None:
+    """trimtab_metrics_available of a ModelDeployment in NS, as the operator exports it."""
+    return REGISTRY.get_sample_value("trimtab_metrics_available", {"namespace": NS, "name": name})
 
 
 def autoscaled_model(prometheus_url: str) -> dict[str, Any]:
@@ -127,6 +133,7 @@ async def test_queue_scales_up_and_a_dead_prometheus_freezes_scale_down(
             assert auto["desiredReplicas"] > 1 and "40 queued" in auto["reason"], auto
             conds = {c["type"]: c for c in body["status"]["conditions"]}
             assert conds["MetricsAvailable"]["status"] == "True"
+            assert available("chat") == 1.0
 
             async def scale_event() -> list[dict[str, Any]]:
                 events = await cluster.get(f"/api/v1/namespaces/{NS}/events") or {}
@@ -148,6 +155,7 @@ async def test_queue_scales_up_and_a_dead_prometheus_freezes_scale_down(
 
             cond = await wait_for(unavailable, timeout=20)
             assert "refused" in cond["message"].lower() or "reach" in cond["message"].lower()
+            assert available("chat") == 0.0  # TrimtabMetricsUnavailable's series
             before = (await cluster.get(deploy_path) or {})["spec"]["replicas"]
             await asyncio.sleep(3.5)  # three more loops without metrics
             after = (await cluster.get(deploy_path) or {})["spec"]["replicas"]

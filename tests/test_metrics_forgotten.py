@@ -14,6 +14,7 @@ from tests.kube_emulator import ApiServerEmulator
 from tests.test_modeldeployment_operator import MD_PATH, NS, model
 from trimtab.observability import (
     DESIRED_REPLICAS,
+    METRICS_AVAILABLE,
     ROLLBACKS,
     ROLLOUT_WEIGHT,
     ROUTE_ACCEPTED,
@@ -34,6 +35,7 @@ def series(namespace: str, name: str) -> list[str]:
 
 def record(namespace: str, name: str) -> None:
     DESIRED_REPLICAS.labels(namespace, name).set(3)
+    METRICS_AVAILABLE.labels(namespace, name).set(1)
     SCALE_ACTIONS.labels(namespace, name, "up").inc()
     ROLLOUT_WEIGHT.labels(namespace, name, "abc").set(10)
     ROLLBACKS.labels(namespace, name, "rollback").inc()

@@ -32,6 +32,12 @@ DESIRED_REPLICAS = Gauge(
     "Replicas the autoscaler wants.",
     ["namespace", "name"],
 )
+METRICS_AVAILABLE = Gauge(
+    "trimtab_metrics_available",
+    "The MetricsAvailable condition of a ModelDeployment's autoscaling loop: 1 every signal was "
+    "read, 0 the source failed (no scale-down until it is back).",
+    ["namespace", "name"],
+)
 SCALE_ACTIONS = Counter(
     "trimtab_scale_actions_total", "Scale actions taken.", ["namespace", "name", "direction"]
 )
@@ -61,6 +67,7 @@ IN_PLACE_RESIZES = Counter(
 # The series one ModelDeployment owns, by its namespace and name.
 PER_RESOURCE = (
     DESIRED_REPLICAS,
+    METRICS_AVAILABLE,
     SCALE_ACTIONS,
     ROLLOUT_WEIGHT,
     ROLLBACKS,

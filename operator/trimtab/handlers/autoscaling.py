@@ -61,7 +61,7 @@ from trimtab.metrics.presets import (
     build_queries,
     overrides_from_spec,
 )
-from trimtab.observability import DESIRED_REPLICAS, SCALE_ACTIONS
+from trimtab.observability import DESIRED_REPLICAS, METRICS_AVAILABLE, SCALE_ACTIONS
 
 # The loop's interval when the spec gives none that can be read: the model's default.
 DEFAULT_INTERVAL = duration_seconds(str(AutoscalingSpec.model_fields["interval"].default))
@@ -117,7 +117,8 @@ async def autoscaling_loop(
         await stopped.wait(interval)
     # Autoscaling turned off (or the resource is going): no desired count is being kept.
     meta = body["metadata"]
-    DESIRED_REPLICAS.remove_by_labels({"namespace": meta["namespace"], "name": meta["name"]})
+    for gauge in (DESIRED_REPLICAS, METRICS_AVAILABLE):
+        gauge.remove_by_labels({"namespace": meta["namespace"], "name": meta["name"]})
 
 
 @dataclass
@@ -235,6 +236,7 @@ async def autoscale_once(
     )
     memory.autoscaling = built
     desired: dict[str, Any] = {"autoscaling": built}
+    METRICS_AVAILABLE.labels(namespace=namespace, name=name).set(1 if signals.available else 0)
     conditions = [Condition.model_validate(c) for c in status.get("conditions") or []]
     if signals.available:
         cond = set_condition(
