@@ -563,6 +563,21 @@ async def taken_over_route_and_progress_deadline(cluster: Cluster, url: str) -> 
     assert warning["type"] == "Warning"
     assert "filter URLRewrite" in warning["message"]
     assert "RequestHeaderModifier" not in warning["message"]
+    # A GitOps tool syncs the user's rules back: trimtab takes the rules again (the fight is
+    # the user's to end), and does not repeat the same Warning at every loop.
+    await cluster.merge(
+        f"{ROUTE_PATH}/{USER_ROUTE}",
+        {"spec": {"rules": [{"backendRefs": [{"name": "legacy", "port": 80}],
+                             "filters": [KEEP_HEADER, DROP_REWRITE]}]}},
+    )  # fmt: skip
+
+    async def retaken() -> bool:
+        route = await cluster.get(f"{ROUTE_PATH}/{USER_ROUTE}")
+        rules = (route or {}).get("spec", {}).get("rules", [])
+        return [r.get("filters") for r in rules] == [[KEEP_HEADER]]
+
+    await eventually(retaken)
+    assert (await event_reasons(cluster, LATE)).count("RouteRulesReplaced") == 1
 
     await cluster.merge(f"{MD_PATH}/{LATE}", {"spec": {"image": BROKEN}})
     await wait_rollout(cluster, LATE, lambda ro: ro.get("candidateRevision") == broken)

@@ -289,3 +289,28 @@ def takeover_warning(route_name: str, losses: list[str]) -> str:
         f"which lacks the route's {', '.join(losses)}; list what to keep in "
         "spec.rollout.router (matches, filters, timeouts)"
     )
+
+
+# While something keeps writing the same rules back (a GitOps tool syncing the user's route),
+# the takeover's Warning is repeated at most this often, not at every loop.
+TAKEOVER_WARNING_REPEAT_S = 3600.0
+
+
+def warning_due(
+    message: str, posted: dict[str, float], now: float, repeat_s: float = TAKEOVER_WARNING_REPEAT_S
+) -> bool:
+    """Whether to post `message` now, given when each message was last posted (`posted`,
+    which this updates when it says yes): a new message at once, the same one again only
+    `repeat_s` later.
+
+    >>> posted: dict[str, float] = {}
+    >>> [warning_due(m, posted, t) for m, t in (("a", 0.0), ("a", 60.0), ("b", 60.0))]
+    [True, False, True]
+    >>> warning_due("a", posted, 3600.0)
+    True
+    """
+    last = posted.get(message)
+    if last is not None and now - last < repeat_s:
+        return False
+    posted[message] = now
+    return True

@@ -69,6 +69,7 @@ from trimtab.decisions.routing import (
     route_condition,
     takeover_losses,
     takeover_warning,
+    warning_due,
 )
 from trimtab.decisions.serving import DeploymentObservation, revision_serving
 from trimtab.decisions.statistics import AnalysisResult, Counts, Metric, evaluate_checks
@@ -124,8 +125,9 @@ async def rollout_loop(
         try:
             async with route_lock(memo):
                 interval = await rollout_once(
-                    memo.kube, memo.metrics_pool, meta["namespace"], meta["name"], logger
-                )
+                    memo.kube, memo.metrics_pool, meta["namespace"], meta["name"], logger,
+                    warned=warnings_posted(memo),
+                )  # fmt: skip
         except Exception:  # one bad loop must not end the daemon; the next one retries
             logger.exception("rollout loop failed; retrying in %.0fs", interval)
         await stopped.wait(interval)
@@ -142,6 +144,15 @@ def route_lock(memo: Any) -> asyncio.Lock:
     if lock is None:
         lock = memo.route_lock = asyncio.Lock()
     return lock
+
+
+def warnings_posted(memo: Any) -> dict[str, float]:
+    """When each takeover Warning of this ModelDeployment was last posted (per resource, as
+    its memo is), so a rules fight repeats it hourly rather than every loop."""
+    posted: dict[str, float] | None = getattr(memo, "takeover_warnings", None)
+    if posted is None:
+        posted = memo.takeover_warnings = {}
+    return posted
 
 
 _ROUTER = TypeAdapter(RouterSpec)
@@ -373,8 +384,10 @@ async def rollout_once(
     name: str,
     logger: Log,
     now: datetime.datetime | None = None,
+    warned: dict[str, float] | None = None,
 ) -> float:
-    """One loop: observe, decide, act, record. Returns the seconds until the next loop."""
+    """One loop: observe, decide, act, record. Returns the seconds until the next loop.
+    `warned` remembers the takeover Warnings posted (see warning_due); None posts each."""
     body = await kube.get(MODELDEPLOYMENTS, namespace, name)
     if body is None or body.get("metadata", {}).get("deletionTimestamp"):
         return DEFAULT_INTERVAL
@@ -461,7 +474,8 @@ async def rollout_once(
     mesh = rollout.router.type != "replicas"
     route_health: RouteHealth | None = None
     if mesh:
-        await _warn_takeover_losses(kube, body, owner, rollout.router, logger)
+        posted = {} if warned is None else warned
+        await _warn_takeover_losses(kube, body, owner, rollout.router, posted, now, logger)
     if moved:
         await apply_revisions(kube, owner, parsed, status_after)
         warning, route_health = await _route(
@@ -663,12 +677,18 @@ async def _route_as_status_says(
 
 
 async def _warn_takeover_losses(
-    kube: KubeClient, body: Json, owner: Owner, router: RouterSpec, logger: Log
+    kube: KubeClient,
+    body: Json,
+    owner: Owner,
+    router: RouterSpec,
+    posted: dict[str, float],
+    now: datetime.datetime,
+    logger: Log,
 ) -> None:
     """Before trimtab writes the rules of a user's HTTPRoute (httpRoute without parentRefs),
     a Warning names what of them its one rule would drop (takeover_losses): found once, at
     the takeover, and again only if something puts such rules back (a GitOps tool syncing the
-    user's route, which then fights trimtab for the rules)."""
+    user's route, which then fights trimtab for the rules), then at most hourly."""
     if not isinstance(router, GatewayApiRouterSpec) or router.parent_refs is not None:
         return
     ref = route_of(owner, router)
@@ -677,10 +697,12 @@ async def _warn_takeover_losses(
         ref.api_version, ref.kind, owner.namespace, ref.name
     )
     losses = takeover_losses(route or {}, router, owner.name)
-    if losses:
-        message = takeover_warning(ref.name, losses)
+    if not losses:
+        return
+    message = takeover_warning(ref.name, losses)
+    logger.warning("%s", message)
+    if warning_due(message, posted, now.timestamp()):
         kopf.warn(cast(kopf.Body, body), reason="RouteRulesReplaced", message=message)
-        logger.warning("%s", message)
 
 
 def _report_route(body: Json, status: Json, health: RouteHealth | None, logger: Log) -> None:
