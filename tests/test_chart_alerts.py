@@ -92,11 +92,13 @@ CASES: list[tuple[str, dict[str, str], list[tuple[int, list[dict[str, str]]]]]] 
     ("TrimtabRouteNotReported",
      {'trimtab_route_accepted{namespace="ml", name="chat"}': "-1x45"},
      [(20, []), (35, [{"namespace": "ml", "name": "chat"}])]),
-    # "old" has had a fallback before the window; another comes at 21m. "new" has its first
-    # rollback at 26m: a series that appears, which increase() alone would miss.
+    # "old" has had a fallback before the window; another comes at 21m. "new" starts at 0
+    # (its rollout began at 21m) and has its first rollback at 26m. "seen" is an operator a
+    # new Prometheus first scrapes with a rollback long ago: not news.
     ("TrimtabRolledBack",
      {'trimtab_rollbacks_total{namespace="ml", name="old", kind="fallback"}': "1x20 2x25",
-      'trimtab_rollbacks_total{namespace="ml", name="new", kind="rollback"}': "_x25 1x20"},
+      'trimtab_rollbacks_total{namespace="ml", name="new", kind="rollback"}': "_x20 0x5 1x20",
+      'trimtab_rollbacks_total{namespace="ml", name="seen", kind="rollback"}': "_x10 3x35"},
      [(17, []),
       (23, [{"namespace": "ml", "name": "old", "kind": "fallback"}]),
       (28, [{"namespace": "ml", "name": "new", "kind": "rollback"},
@@ -114,9 +116,27 @@ CASES: list[tuple[str, dict[str, str], list[tuple[int, list[dict[str, str]]]]]] 
      [(10, []), (25, [{"method": "PATCH", "code": "403"}])]),
     ("TrimtabInPlaceResizeRefused",
      {'trimtab_in_place_resizes_total{namespace="ml", name="chat", result="forbidden"}':
-          "_x3 1x45",
+          "0x3 1x45",
       'trimtab_in_place_resizes_total{namespace="ml", name="chat", result="ok"}': "0+3x48"},
      [(2, []), (6, [{"namespace": "ml", "name": "chat", "result": "forbidden"}]), (45, [])]),
+    ("TrimtabTrainingJobFailed",
+     {'trimtab_trainingjob_status_phase{namespace="ml", name="sft", phase="Running"}':
+          "1x5 0x10",
+      'trimtab_trainingjob_status_phase{namespace="ml", name="sft", phase="Failed"}':
+          "0x5 1x10",
+      'trimtab_trainingjob_status_phase{namespace="ml", name="ok", phase="Succeeded"}': "1x15"},
+     [(3, []), (7, [{"namespace": "ml", "name": "sft", "phase": "Failed"}])]),
+    # "flaky" restarts every 10 minutes, "rare" twice in the hour.
+    ("TrimtabTrainingJobRestarting",
+     {'trimtab_trainingjob_restarts{namespace="ml", name="flaky"}':
+          "0x9 1x9 2x9 3x9 4x9 5x9 6x9",
+      'trimtab_trainingjob_restarts{namespace="ml", name="rare"}': "0x20 1x20 2x30"},
+     [(20, []), (65, [{"namespace": "ml", "name": "flaky"}])]),
+    ("TrimtabTrainingJobWaiting",
+     {'trimtab_trainingjob_status_phase{namespace="ml", name="big", phase="Queued"}': "1x400",
+      'trimtab_trainingjob_status_phase{namespace="ml", name="ran", phase="Queued"}':
+          "1x60 0x340"},
+     [(300, []), (370, [{"namespace": "ml", "name": "big", "phase": "Queued"}])]),
 ]  # fmt: skip
 
 

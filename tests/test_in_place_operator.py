@@ -24,6 +24,7 @@ from trimtab.api.quantity import parse_quantity
 from trimtab.api.rightsizing import InPlaceStatus
 from trimtab.builders.serving import deployment_name
 from trimtab.handlers.inplace import InPlaceWork, cpu_in_place
+from trimtab.observability import forget_resource
 
 pytestmark = pytest.mark.prometheus
 
@@ -85,6 +86,7 @@ async def test_running_pods_follow_usage_in_place_and_go_back(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    forget_resource(NS, "chat")  # series the tests below leave in this process's registry
     with usage_for_operator(tmp_path, monkeypatch):  # the busiest pod: 0.5 cores
         async with run_operator():
             await cluster.create(MD_PATH, chat())
@@ -133,6 +135,10 @@ async def test_running_pods_follow_usage_in_place_and_go_back(
             )
             assert gauge is not None and 0.5 < gauge < 0.75
             assert body["spec"]["resources"] == {"cpu": "2", "memory": "8Gi"}  # spec untouched
+            # The refusal counters exist at 0 before any refusal, for the alert's increase().
+            for refusal in ("refused", "unsupported", "forbidden"):
+                labels = {"namespace": NS, "name": "chat", "result": refusal}
+                assert REGISTRY.get_sample_value("trimtab_in_place_resizes_total", labels) == 0
 
             # inPlace.cpu off: back at the revision's request, the status and condition gone.
             await cluster.merge(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.conftest import Cluster, wait_for, wait_for_value
 from tests.kube_emulator import ApiServerEmulator
@@ -37,6 +38,7 @@ from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.rollout import ROLLOUT_ACTION_ANNOTATION
 from trimtab.builders.serving import deployment_name, revision_of
+from trimtab.observability import forget_resource
 
 pytestmark = pytest.mark.prometheus
 
@@ -254,20 +256,29 @@ async def test_good_candidate_walks_steps_survives_restart_promotes_then_falls_b
             assert "FallbackApplied" in await event_reasons(cluster)
 
 
+def rollbacks(kind: str) -> float | None:
+    labels = {"namespace": NS, "name": NAME, "kind": kind}
+    return REGISTRY.get_sample_value("trimtab_rollbacks_total", labels)
+
+
 async def test_bad_candidate_rolls_back_and_dead_prometheus_freezes_weights(
     api: ApiServerEmulator, cluster: Cluster, run_operator: Any, tmp_path: Path
 ) -> None:
     a, b, c = (revision(i) for i in IMAGES)
     steps: list[dict[str, Any]] = [{"weight": 20, "pause": {"duration": "4s"}}, {"weight": 50}]
+    forget_resource(NS, NAME)  # series an earlier test left in this process's registry
     async with revisions_scraped(tmp_path) as scraped, deployment_controller(cluster):
         prometheus = scraped.prometheus
         scraped.exporters[IMAGES[1]].set_load(40.0, 0.05, error_ratio=0.3)
         async with run_operator():
             await cluster.create(MD_PATH, rollout_model(prometheus.url, IMAGES[0], steps))
             await wait_rollout(cluster, lambda ro: ro.get("stableRevision") == a)
+            # At 0 before the first rollback, so TrimtabRolledBack's increase() sees it.
+            assert rollbacks("rollback") == rollbacks("fallback") == 0
             await cluster.merge(f"{MD_PATH}/{NAME}", {"spec": {"image": IMAGES[1]}})
 
             rolled = await wait_rollout(cluster, lambda ro: ro.get("phase") == "RolledBack")
+            assert rollbacks("rollback") == 1
             assert rolled["stableRevision"] == a and rolled["failedRevision"] == b
             assert rolled["weights"] == {"stable": 100, "candidate": 0, "mirrorPercent": 0}
             assert any(

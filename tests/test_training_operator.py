@@ -9,6 +9,7 @@ import copy
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 import trimtab.handlers.trainingjob  # noqa: F401  # registers the TrainingJob handlers with kopf
 from tests.conftest import Cluster, wait_for
@@ -50,6 +51,11 @@ def trainingjob(**spec: Any) -> dict[str, Any]:
 async def status_of(cluster: Cluster, name: str = "llama") -> dict[str, Any]:
     body = await cluster.get(f"{TJ_PATH}/{name}") or {}
     return dict(body.get("status") or {})
+
+
+def gauge(metric: str, **labels: str) -> float | None:
+    """An operator metric of the TrainingJob `llama`, as it exports it."""
+    return REGISTRY.get_sample_value(metric, {"namespace": NS, "name": "llama", **labels})
 
 
 def phase_is(cluster: Cluster, phase: str, **fields: Any) -> Any:
@@ -187,6 +193,10 @@ async def test_failed_job_restarts_then_exhausts(
         status = await wait_for(phase_is(cluster, "Running", restarts=1))
         conditions = {c["type"]: c for c in status["conditions"]}
         assert conditions["Restarting"]["status"] == "False"
+        # The metrics the chart's training alerts read.
+        assert gauge("trimtab_trainingjob_restarts") == 1
+        assert gauge("trimtab_trainingjob_status_phase", phase="Running") == 1
+        assert gauge("trimtab_trainingjob_status_phase", phase="Failed") == 0
 
         await fail_worker(cluster, "llama-r1", index=0, code=1, reason="Error")
         status = await wait_for(phase_is(cluster, "Failed"))
@@ -198,6 +208,17 @@ async def test_failed_job_restarts_then_exhausts(
         # The failed Job stays for its logs; no third attempt.
         assert await cluster.get(f"{JOB_PATH}/llama-r1") is not None
         assert await cluster.get(f"{JOB_PATH}/llama-r2") is None
+        assert gauge("trimtab_trainingjob_status_phase", phase="Failed") == 1
+        assert gauge("trimtab_trainingjob_status_phase", phase="Running") == 0
+
+        # Deleted: its series go with it.
+        await cluster.kube.request("DELETE", f"{TJ_PATH}/llama")
+
+        async def forgotten() -> bool:
+            return gauge("trimtab_trainingjob_status_phase", phase="Failed") is None
+
+        await wait_for(forgotten)
+        assert gauge("trimtab_trainingjob_restarts") is None
 
 
 async def test_kueue_suspend_is_queued_and_admission_runs(

@@ -4,6 +4,8 @@ Served on /metrics by `trimtab run`; the Grafana dashboard in the chart charts t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 BUILD_INFO = Gauge(
@@ -64,6 +66,17 @@ IN_PLACE_RESIZES = Counter(
     ["namespace", "name", "result"],
 )
 
+TRAINING_PHASE = Gauge(
+    "trimtab_trainingjob_status_phase",
+    "A TrainingJob's phase: 1 for the one it is in, 0 for the others.",
+    ["namespace", "name", "phase"],
+)
+TRAINING_RESTARTS = Gauge(
+    "trimtab_trainingjob_restarts",
+    "Whole-job restarts of a TrainingJob so far (status.restarts).",
+    ["namespace", "name"],
+)
+
 # The series one ModelDeployment owns, by its namespace and name.
 PER_RESOURCE = (
     DESIRED_REPLICAS,
@@ -81,4 +94,20 @@ def forget_resource(namespace: str, name: str) -> None:
     """Remove every series of a ModelDeployment that is gone: left, they would be served for
     as long as the operator runs, one more set per resource ever created."""
     for metric in PER_RESOURCE:
+        metric.remove_by_labels({"namespace": namespace, "name": name})
+
+
+def export_training(
+    namespace: str, name: str, phase: str, restarts: int, phases: Iterable[str]
+) -> None:
+    """A TrainingJob's phase (one of `phases`) and restarts, as its status says."""
+    for each in phases:
+        TRAINING_PHASE.labels(namespace, name, each).set(1 if each == phase else 0)
+    TRAINING_RESTARTS.labels(namespace, name).set(restarts)
+
+
+def forget_training(namespace: str, name: str) -> None:
+    """Remove the series of a TrainingJob that is gone (its own: a ModelDeployment of the same
+    name keeps its series)."""
+    for metric in (TRAINING_PHASE, TRAINING_RESTARTS):
         metric.remove_by_labels({"namespace": namespace, "name": name})

@@ -5,7 +5,7 @@ Spec fields are validated by the schema and CEL rules here, so bad input names i
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, get_args
 
 from pydantic import ConfigDict, Field, StringConstraints
 
@@ -306,6 +306,7 @@ Phase = Literal[
     "Succeeded",  # every worker exited 0; terminal
     "Failed",  # gave up (never-retry exit code, restarts exhausted, deadline, bad spec); terminal
 ]
+PHASES: tuple[str, ...] = get_args(Phase)
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
 
 # Condition types:

@@ -160,6 +160,9 @@ async def cpu_in_place(
     plan = plan_cpu_resizes(pods, CONTAINER_NAME, target.request)
     resized = 0
     refusals: dict[str, str] = {}
+    for refusal in IN_PLACE_REFUSALS:
+        # At 0 from the start, so a first refusal is an increase an alert sees.
+        IN_PLACE_RESIZES.labels(work.namespace, work.name, refusal)
     for resize in plan.resizes:
         result, message = await _resize(kube, work.namespace, resize)
         IN_PLACE_RESIZES.labels(work.namespace, work.name, result).inc()

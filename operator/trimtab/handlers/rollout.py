@@ -120,6 +120,10 @@ async def rollout_loop(
 ) -> None:
     """Run the loop until the resource goes or drops spec.rollout (kopf stops the daemon)."""
     meta = body["metadata"]
+    for kind in ("rollback", "fallback"):
+        # At 0 from the start, so the first one is an increase an alert sees (increase()
+        # cannot count a series' first sample).
+        ROLLBACKS.labels(meta["namespace"], meta["name"], kind)
     while not stopped:
         interval = DEFAULT_INTERVAL
         try:

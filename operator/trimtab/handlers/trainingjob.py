@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from trimtab import constants as C
 from trimtab.api.trainingjob import (
+    PHASES,
     TERMINAL_PHASES,
     Diagnosis,
     TrainingJobSpec,
@@ -51,7 +52,12 @@ from trimtab.decisions.training import (
 from trimtab.kube.client import KubeClient, KubeError
 from trimtab.kube.resources import JOBS, PODGROUPS, PODS, SERVICES, TRAININGJOBS, Resource
 from trimtab.metrics.base import MetricsProvider
-from trimtab.observability import RECONCILE_SECONDS, RECONCILES
+from trimtab.observability import (
+    RECONCILE_SECONDS,
+    RECONCILES,
+    export_training,
+    forget_training,
+)
 
 KIND = C.TRAININGJOB_KIND
 # The Jobs trimtab runs workers in; only these wake a TrainingJob.
@@ -183,6 +189,8 @@ async def run_trainingjob(
         wakeups = getattr(memo, "training_wakeups", None)
         if wakeups is not None:
             wakeups.pop(key, None)
+        # Gone (or the operator stopping, whose successor exports them again): its series go.
+        forget_training(*key)
 
 
 # --- one step ---------------------------------------------------------------------------------
@@ -263,6 +271,7 @@ async def sync_trainingjob(
     patch = status_patch(current_status, first.to_wire())
     if patch:
         await kube.patch_status(TRAININGJOBS, namespace, name, patch)
+    _export(namespace, name, new_status)
     # A Job is created once per attempt, so right-sizing's applied resources (Auto) reach the
     # workers at the next attempt and never restart a running one.
     try:
@@ -286,6 +295,12 @@ async def sync_trainingjob(
     return float("inf") if decision.requeue_after is None else decision.requeue_after
 
 
+def _export(namespace: str, name: str, status: TrainingJobStatus) -> None:
+    """The phase and restarts as metrics (for the chart's alerts), once there is a phase."""
+    if status.phase is not None:
+        export_training(namespace, name, status.phase, status.restarts, PHASES)
+
+
 async def _write_invalid(
     kube: KubeClient,
     body: Mapping[str, Any],
@@ -296,7 +311,9 @@ async def _write_invalid(
 ) -> None:
     """A spec the model refuses (the CRD schema was bypassed or is older): say so, do nothing."""
     message = "; ".join(problems)
+    meta = body["metadata"]
     if status.phase == "Failed" and status.message == message:
+        _export(meta["namespace"], meta["name"], status)
         return
     status.phase = "Failed"
     status.message = message
@@ -304,13 +321,13 @@ async def _write_invalid(
     status.conditions = set_condition(
         status.conditions, "Failed", "True", "InvalidSpec", message, format_time(now), generation
     )
-    meta = body["metadata"]
     await kube.patch_status(
         TRAININGJOBS,
         meta["namespace"],
         meta["name"],
         status_patch(dict(body.get("status") or {}), status.to_wire()),
     )
+    _export(meta["namespace"], meta["name"], status)
     kopf.warn(cast(kopf.Body, body), reason="InvalidSpec", message=message)
 
 
