@@ -16,6 +16,8 @@ VALUE_SETS = [
     pytest.param(
         {
             "serviceMonitor": {"enabled": True},
+            "modelServerPodMonitor": {"enabled": True},
+            "prometheusRule": {"enabled": True, "additionalRuleLabels": {"team": "ml"}},
             "networkPolicy": {
                 "enabled": True,
                 "egress": [{"ports": [{"port": 443, "protocol": "TCP"}]}],
@@ -85,7 +87,8 @@ async def test_chart_passes_server_side_dry_run(
         assert result["kind"] == doc["kind"]
         assert result["metadata"]["name"] == doc["metadata"]["name"]
     # Only optional integrations may be missing from a bare cluster.
-    assert set(skipped) <= {"monitoring.coreos.com/v1 ServiceMonitor"}, skipped
+    monitoring = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    assert set(skipped) <= {f"monitoring.coreos.com/v1 {kind}" for kind in monitoring}, skipped
 
 
 async def test_one_namespace_mode_dry_run(kube: KubeClient, namespace: str) -> None:
