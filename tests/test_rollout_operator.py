@@ -278,7 +278,11 @@ async def test_bad_candidate_rolls_back_and_dead_prometheus_freezes_weights(
             await cluster.merge(f"{MD_PATH}/{NAME}", {"spec": {"image": IMAGES[1]}})
 
             rolled = await wait_rollout(cluster, lambda ro: ro.get("phase") == "RolledBack")
-            assert rollbacks("rollback") == 1
+
+            async def counted() -> float | None:  # counted after status is written
+                return rollbacks("rollback")
+
+            await wait_for_value(counted, lambda n: n == 1, timeout=10)
             assert rolled["stableRevision"] == a and rolled["failedRevision"] == b
             assert rolled["weights"] == {"stable": 100, "candidate": 0, "mirrorPercent": 0}
             assert any(

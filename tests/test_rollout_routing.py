@@ -89,7 +89,8 @@ FILTERS = [
 ]  # fmt: skip
 ISTIO_FILTERS = IstioRouterSpec.model_validate(
     {"type": "istio", "host": "chat.example.com", "filters": FILTERS[:3],
-     "matches": [{"path": {"type": "PathPrefix", "value": "/openai"}}]}
+     "matches": [{"path": {"type": "PathPrefix", "value": "/openai"}}],
+     "timeouts": {"request": "10m"}}
 )  # fmt: skip
 GW_FILTERS = GatewayApiRouterSpec.model_validate(
     {"type": "gatewayApi", "parentRefs": [{"name": "public"}], "filters": FILTERS,
@@ -210,6 +211,8 @@ def test_virtual_service_fits_the_published_schema(split: Split, router: IstioRo
         }
     else:
         assert "headers" not in http and "rewrite" not in http
+    # Gateway API's request timeout is the Istio route's timeout.
+    assert http.get("timeout") == ("10m" if router.timeouts is not None else None)
     assert sum(r["weight"] for r in http["route"]) == 100
     assert ("mirror" in http) == bool(split.mirror_percent)
     if split.mirror_percent:
@@ -502,6 +505,13 @@ def rollout_failures(rollout: dict[str, Any]) -> list[str]:
             {"router": {"type": "istio", "host": "m", "filters": FILTERS[3:]}},
             "ExtensionRef names a Gateway API", id="istio-has-no-extension-filters"),
         pytest.param(
+            {"router": {"type": "istio", "host": "m", "timeouts": {"request": "10m"}}},
+            None, id="istio-request-timeout"),
+        pytest.param(
+            {"router": {"type": "istio", "host": "m",
+                        "timeouts": {"request": "10m", "backendRequest": "5m"}}},
+            "timeouts.backendRequest is Gateway API's", id="istio-has-no-backend-timeout"),
+        pytest.param(
             {"router": {"type": "istio", "host": "m", "filters": [FILTERS[2]],
                         "matches": [{"path": {"type": "Exact", "value": "/v1"}}]}},
             "ReplacePrefixMatch rewrite needs", id="istio-prefix-rewrite-of-an-exact-path"),
@@ -775,3 +785,12 @@ def test_an_istio_full_path_rewrite_replaces_the_whole_path() -> None:
         assert re.sub(rewrite["match"], rewrite["rewrite"], path, count=1) == (
             "/v1/chat/completions"
         )
+
+
+def test_a_disabled_request_timeout_writes_none_on_istio() -> None:
+    """Gateway API's "0s" is no timeout, Istio's default; its CRD takes only >= 1ms."""
+    router = ISTIO.model_copy(update={"timeouts": HttpRouteTimeouts(request="0s")})
+    vs = build_virtual_service(OWNER, router, Split("aaa", None, 8000))
+    assert "timeout" not in vs["spec"]["http"][0]
+    body = {k: v for k, v in vs.items() if k not in ("apiVersion", "kind")}
+    validate_custom(body, VS_CRD, version="v1")

@@ -539,6 +539,11 @@ class IstioRouterSpec(StrictModel):
     gateways: list[str] = Field(
         default_factory=list, max_length=16, description="Gateways; empty: the mesh only."
     )
+    timeouts: HttpRouteTimeouts | None = Field(
+        default=None,
+        description="request: the route's timeout (Istio's default is none); backendRequest "
+        "is Gateway API's only (Istio's per-try timeout comes with its retry policy).",
+    )
     matches: list[RouteMatch] | None = Field(
         default=None, min_length=1, max_length=16, description=MATCHES_DESCRIPTION
     )
@@ -556,6 +561,11 @@ class IstioRouterSpec(StrictModel):
             "x-kubernetes-validations": [
                 *_filter_rules(),
                 {
+                    "rule": "!has(self.timeouts) || !has(self.timeouts.backendRequest)",
+                    "message": "timeouts.backendRequest is Gateway API's; an Istio route's "
+                    "per-try timeout comes with its retry policy",
+                },
+                {
                     "rule": "!has(self.filters) || self.filters.all(f, f.type != 'ExtensionRef')",
                     "message": "filters: ExtensionRef names a Gateway API implementation's "
                     "filter; an Istio route has none",
@@ -567,6 +577,11 @@ class IstioRouterSpec(StrictModel):
     @model_validator(mode="after")
     def _filters_fit_the_route(self) -> IstioRouterSpec:
         _check_filters(self.filters, self.matches)
+        if self.timeouts is not None and self.timeouts.backend_request is not None:
+            raise ValueError(
+                "timeouts.backendRequest is Gateway API's; an Istio route's per-try timeout "
+                "comes with its retry policy"
+            )
         if any(f.type == "ExtensionRef" for f in self.filters or []):
             raise ValueError(
                 "filters: ExtensionRef names a Gateway API implementation's filter; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trimtab import constants as C
+from trimtab.api.autoscaling import duration_seconds
 from trimtab.api.rollout import (
     GatewayApiRouterSpec,
     HeaderModifier,
@@ -162,9 +163,13 @@ def build_virtual_service(owner: Owner, router: IstioRouterSpec, split: Split) -
 
 def _virtual_service(owner: Owner, router: IstioRouterSpec, http: Manifest) -> Manifest:
     """The VirtualService for `router.host` with `http` as its one HTTP route, with
-    router.matches and router.filters."""
+    router.matches, router.filters and router.timeouts.request."""
     if router.filters:
         http = {**http, **istio_filters(router.filters, router.matches)}
+    request = router.timeouts.request if router.timeouts is not None else None
+    if request is not None and duration_seconds(request) > 0:
+        # "0s" is Gateway API's "no timeout", which is Istio's default (its CRD takes >= 1ms).
+        http = {**http, "timeout": request}
     if router.matches:
         http = {"name": http["name"], "match": [istio_match(m) for m in router.matches],
                 **{k: v for k, v in http.items() if k != "name"}}  # fmt: skip

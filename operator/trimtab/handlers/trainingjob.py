@@ -268,10 +268,11 @@ async def sync_trainingjob(
     first = new_status
     if decision.cleanup:
         first = new_status.model_copy(update={"cleaned_up": status.cleaned_up})
+    # Metrics first, so they never lag what status says.
+    _export(namespace, name, new_status)
     patch = status_patch(current_status, first.to_wire())
     if patch:
         await kube.patch_status(TRAININGJOBS, namespace, name, patch)
-    _export(namespace, name, new_status)
     # A Job is created once per attempt, so right-sizing's applied resources (Auto) reach the
     # workers at the next attempt and never restart a running one.
     try:
@@ -321,13 +322,13 @@ async def _write_invalid(
     status.conditions = set_condition(
         status.conditions, "Failed", "True", "InvalidSpec", message, format_time(now), generation
     )
+    _export(meta["namespace"], meta["name"], status)
     await kube.patch_status(
         TRAININGJOBS,
         meta["namespace"],
         meta["name"],
         status_patch(dict(body.get("status") or {}), status.to_wire()),
     )
-    _export(meta["namespace"], meta["name"], status)
     kopf.warn(cast(kopf.Body, body), reason="InvalidSpec", message=message)
 
 
