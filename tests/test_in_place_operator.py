@@ -18,6 +18,7 @@ from tests.kube_emulator import RESOURCES
 from tests.prometheus_fixture import (
     prometheus_bin,  # noqa: F401  # a fixture
 )
+from tests.test_rightsizing_operator import chat as rightsized_chat
 from tests.test_rightsizing_usage import usage_for_operator
 from trimtab import constants as C
 from trimtab.api.quantity import parse_quantity
@@ -34,18 +35,12 @@ PODS_PATH = f"/api/v1/namespaces/{NS}/pods"
 
 
 def chat() -> dict[str, Any]:
-    return {
-        "apiVersion": C.API_VERSION,
-        "kind": C.MODELDEPLOYMENT_KIND,
-        "metadata": {"name": "chat", "namespace": NS},
-        "spec": {
-            "image": "ghcr.io/example/chat:1",
-            "resources": {"cpu": "2", "memory": "8Gi"},
-            # minChange 1: the recommendation never moves enough for a new revision, so the
-            # pods of the first revision are the ones that follow usage.
-            "rightsizing": {"mode": "Auto", "window": "8s", "minChange": 1.0},
-        },
-    }
+    """The right-sizing operator tests' ModelDeployment in Auto mode, with minChange 1: the
+    recommendation never moves enough for a new revision, so the pods of the first revision
+    are the ones that follow usage."""
+    body = rightsized_chat("Auto")
+    body["spec"]["rightsizing"]["minChange"] = 1.0
+    return body
 
 
 def server_pod(name: str, revision: str) -> dict[str, Any]:

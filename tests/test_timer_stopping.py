@@ -17,12 +17,9 @@ from kopf._cogs.aiokits.aioenums import FlagSetter  # what kopf sets to stop a t
 
 import trimtab.handlers.rightsizing as rightsizing_handler
 from tests.conftest import Cluster, OperatorRunner, wait_for
-from trimtab import constants as C
+from tests.test_rightsizing_operator import MD_PATH, chat
 from trimtab.handlers.stopping import unless_stopped
 from trimtab.metrics.usage import UsageReader
-
-NS = "ml"
-MD_PATH = f"/apis/{C.GROUP}/{C.VERSION}/namespaces/{NS}/{C.MODELDEPLOYMENT_PLURAL}"
 
 
 @contextlib.asynccontextmanager
@@ -49,19 +46,6 @@ async def silent_prometheus() -> AsyncIterator[tuple[str, list[float]]]:
         await server.wait_closed()
 
 
-def model(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": C.API_VERSION,
-        "kind": C.MODELDEPLOYMENT_KIND,
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "image": "ghcr.io/example/chat:1",
-            "resources": {"cpu": "2", "memory": "8Gi"},
-            "rightsizing": {"mode": "Recommend", "window": "8s"},
-        },
-    }
-
-
 async def test_a_busy_right_sizing_pass_does_not_hold_a_deletion(
     run_operator: OperatorRunner, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -72,17 +56,17 @@ async def test_a_busy_right_sizing_pass_does_not_hold_a_deletion(
             rightsizing_handler, "make_reader", lambda memo: UsageReader(url, timeout_s=120)
         )
         async with run_operator():
-            await cluster.create(MD_PATH, model("busy"))
+            await cluster.create(MD_PATH, chat("Recommend"))
 
             async def pass_waiting() -> bool:
                 return bool(arrived)
 
             await wait_for(pass_waiting, timeout=30, interval=0.2)
-            await cluster.kube.request("DELETE", f"{MD_PATH}/busy")
+            await cluster.kube.request("DELETE", f"{MD_PATH}/chat")
             deleted = time.monotonic()
 
             async def gone() -> bool:
-                return await cluster.get(f"{MD_PATH}/busy") is None
+                return await cluster.get(f"{MD_PATH}/chat") is None
 
             # Well under kopf's 60 s re-check: the pass was stopped, not waited for.
             await wait_for(gone, timeout=20, interval=0.2)

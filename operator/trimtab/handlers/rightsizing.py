@@ -54,7 +54,7 @@ from trimtab.decisions.rightsizing import (
 )
 from trimtab.decisions.training import oom_unanswered
 from trimtab.handlers.inplace import InPlaceWork, cpu_in_place
-from trimtab.handlers.stopping import unless_stopped
+from trimtab.handlers.stopping import stoppable
 from trimtab.kube.resources import MODELDEPLOYMENTS, TRAININGJOBS, Resource
 from trimtab.metrics.usage import UsageReader, UsageTarget, pod_regex_for
 
@@ -171,6 +171,7 @@ class Sizing:
     interval=TICK_S,
     sharp=False,
 )
+@stoppable  # a pass cut short when the resource is deleted
 async def rightsize_modeldeployment(
     body: kopf.Body,
     spec: kopf.Spec,
@@ -178,22 +179,9 @@ async def rightsize_modeldeployment(
     patch: kopf.Patch,
     memo: Any,
     logger: Any,
-    **kwargs: Any,
+    **_: Any,
 ) -> None:
-    """One right-sizing pass for the server container of one ModelDeployment, cut short when
-    the resource is deleted (see unless_stopped)."""
-    work = _modeldeployment_pass(body, spec, status, patch, memo, logger)
-    await unless_stopped(work, kwargs["stopped"], patch)  # kopf passes it to timers too
-
-
-async def _modeldeployment_pass(
-    body: kopf.Body,
-    spec: kopf.Spec,
-    status: kopf.Status,
-    patch: kopf.Patch,
-    memo: Any,
-    logger: Any,
-) -> None:
+    """One right-sizing pass for the server container of one ModelDeployment."""
     try:
         parsed = ModelDeploymentSpec.model_validate(dict(spec))
     except ValidationError:
@@ -279,6 +267,7 @@ def _rollout_in_progress(status: Any) -> str:
     interval=TICK_S,
     sharp=False,
 )
+@stoppable  # a pass cut short when the resource is deleted
 async def rightsize_trainingjob(
     body: kopf.Body,
     spec: kopf.Spec,
@@ -286,24 +275,11 @@ async def rightsize_trainingjob(
     patch: kopf.Patch,
     memo: Any,
     logger: Any,
-    **kwargs: Any,
+    **_: Any,
 ) -> None:
-    """One right-sizing pass for the worker container of one TrainingJob, cut short when the
-    resource is deleted (see unless_stopped)."""
-    work = _trainingjob_pass(body, spec, status, patch, memo, logger)
-    await unless_stopped(work, kwargs["stopped"], patch)  # kopf passes it to timers too
-
-
-async def _trainingjob_pass(
-    body: kopf.Body,
-    spec: kopf.Spec,
-    status: kopf.Status,
-    patch: kopf.Patch,
-    memo: Any,
-    logger: Any,
-) -> None:
-    """One worker is sized from the usage of every worker of every attempt (the busiest
-    worker at each step, since a throttled or killed worker stalls or restarts all of them)."""
+    """One right-sizing pass for the worker container of one TrainingJob: one worker is sized
+    from the usage of every worker of every attempt (the busiest worker at each step, since a
+    throttled or killed worker stalls or restarts all of them)."""
     try:
         parsed = TrainingJobSpec.model_validate(dict(spec))
     except ValidationError:

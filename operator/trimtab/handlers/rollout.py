@@ -704,9 +704,9 @@ async def _warn_takeover_losses(
     if not losses:
         return
     message = takeover_warning(ref.name, losses)
-    logger.warning("%s", message)
     if warning_due(message, posted, now.timestamp()):
         kopf.warn(cast(kopf.Body, body), reason="RouteRulesReplaced", message=message)
+        logger.warning("%s", message)
 
 
 def _report_route(body: Json, status: Json, health: RouteHealth | None, logger: Log) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+import functools
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import kopf
@@ -40,3 +41,17 @@ async def unless_stopped(
     with contextlib.suppress(asyncio.CancelledError):
         await task
     patch.clear()
+
+
+Pass = Callable[..., Coroutine[Any, Any, None]]
+
+
+def stoppable(one_pass: Pass) -> Pass:
+    """A timer handler that runs `one_pass` (kopf's keyword arguments) through unless_stopped.
+    It keeps the pass's name, so kopf's handler id, and what kopf has stored under it, stay."""
+
+    @functools.wraps(one_pass)
+    async def timer(**kwargs: Any) -> None:
+        await unless_stopped(one_pass(**kwargs), kwargs["stopped"], kwargs["patch"])
+
+    return timer
