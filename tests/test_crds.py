@@ -10,6 +10,7 @@ import celpy
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic import BaseModel, Field
 
 from tests.validation import ROOT
 from trimtab.api import crdgen
@@ -67,3 +68,32 @@ def test_modeldeployment_crd_shape() -> None:
     assert "status" in version["subresources"]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns[:4] == ["Phase", "Ready", "Replicas", "Revision"] and columns[-1] == "Age"
+
+
+class _Bounded(BaseModel):
+    labels: dict[str, str] = Field(default_factory=dict, min_length=1, max_length=64)
+    steps: list[int] = Field(default_factory=list, max_length=8)
+    weight: float = Field(gt=0, le=100, multiple_of=0.5)
+
+
+class _Unique(BaseModel):
+    # pydantic writes uniqueItems for a set; a structural schema may not use it.
+    zones: set[str]
+
+
+def test_the_models_bounds_reach_the_crd() -> None:
+    """A map or list bound pydantic enforces is one the API server enforces too: a CEL rule that
+    walks a map without maxProperties makes the API server refuse the whole CRD."""
+    schema = crdgen.model_schema(_Bounded)
+    labels = schema["properties"]["labels"]
+    assert (labels["minProperties"], labels["maxProperties"]) == (1, 64)
+    assert schema["properties"]["steps"]["maxItems"] == 8
+    weight = schema["properties"]["weight"]
+    assert weight["minimum"] == 0 and weight["exclusiveMinimum"] is True
+    assert weight["maximum"] == 100 and "exclusiveMaximum" not in weight
+    assert weight["multipleOf"] == 0.5
+
+
+def test_a_constraint_without_a_translation_is_refused_not_dropped() -> None:
+    with pytest.raises(crdgen.SchemaError, match="uniqueItems"):
+        crdgen.model_schema(_Unique)

@@ -30,13 +30,29 @@ _KEPT = {
     "enum",
     "minimum",
     "maximum",
+    "multipleOf",
     "minLength",
     "maxLength",
     "pattern",
     "minItems",
     "maxItems",
+    "minProperties",
+    "maxProperties",
     "format",
     "nullable",
+}
+# Keys that to_structural translates, or that carry nothing the API server checks. Any other key
+# is refused rather than dropped: a bound the models enforce but the CRD lost would leave the API
+# server accepting what the operator then rejects, and an unbounded map or list that a CEL rule
+# walks makes the API server refuse the whole CRD for the rule's estimated cost.
+_TRANSLATED = {
+    "properties",
+    "additionalProperties",
+    "items",
+    "required",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "title",
 }
 
 
@@ -237,6 +253,11 @@ def to_structural(schema: JSON, defs: JSON, path: str = "") -> JSON:
     if "const" in schema:
         schema = {**schema, "enum": [schema["const"]]}
         schema.setdefault("type", "string")
+    unknown = sorted(
+        k for k in schema if k not in _KEPT | _TRANSLATED and not k.startswith("x-kubernetes-")
+    )
+    if unknown:
+        raise SchemaError(f"{path}: no structural-schema translation for {unknown}")
     out: JSON = {k: v for k, v in schema.items() if k in _KEPT}
     for key, value in schema.items():
         if key.startswith("x-kubernetes-"):
