@@ -44,6 +44,11 @@ class Unsupported(ValueError):
     """A rule uses CEL this port does not model; extend the port rather than guess."""
 
 
+class CompileError(ValueError):
+    """The API server would refuse the rule before costing it: it does not type-check against
+    the schema (a field the schema lacks, operands of different types)."""
+
+
 # --- Sizes and costs: ranges with saturating arithmetic, as cel-go's SizeEstimate/CostEstimate.
 
 
@@ -493,14 +498,16 @@ class Coster:
     def _select(self, e: Select) -> Range:
         operand_cost = self.cost(e.operand)
         operand = self.types[e.operand.id]
-        if e.test_only:
-            self.types[e.id] = Type("bool")
-            return fixed(PRESENCE_TEST_COST) + operand_cost
         if operand.kind == "object":
             assert operand.decl is not None
             decl = operand.decl.fields.get(e.field)
             if decl is None:
-                raise Unsupported(f"no field {e.field} in the schema")
+                raise CompileError(f"undefined field '{e.field}'")
+        if e.test_only:
+            self.types[e.id] = Type("bool")
+            return fixed(PRESENCE_TEST_COST) + operand_cost
+        if operand.kind == "object":
+            assert decl is not None
             self.types[e.id] = _type_of_decl(decl)
         elif operand.kind == "map":
             assert operand.elem is not None
@@ -628,6 +635,8 @@ class Coster:
             if types[0].kind == "list":
                 return fixed(1) + arg_sum, result
             return result.by_factor(STRING_TRAVERSAL_COST_FACTOR) + arg_sum, result
+        if fn in ("_==_", "_!=_") or fn in COMPARISONS:
+            _same_type(fn, types[0], types[1])
         if fn in ("_==_", "_!=_") or (
             fn in COMPARISONS and types[0].kind in ("string", "bytes")
         ):
@@ -664,6 +673,20 @@ class Coster:
     def _require(actual: Type | None, kind: str, fn: str) -> None:
         if actual is None or actual.kind != kind:
             raise Unsupported(f"{fn} on {actual.kind if actual else 'nothing'}")
+
+
+NUMBERS = {"int", "uint", "double"}
+
+
+def _same_type(fn: str, lhs: Type, rhs: Type) -> None:
+    """cel-go finds no overload of ==, != or an ordering for operands of different types
+    (numbers aside: Kubernetes allows cross-type numeric comparisons)."""
+    loose = {"dyn", "null"}
+    if lhs.kind in loose or rhs.kind in loose or lhs.kind == rhs.kind:
+        return
+    if lhs.kind in NUMBERS and rhs.kind in NUMBERS:
+        return
+    raise CompileError(f"no matching overload for '{fn}' applied to ({lhs.kind}, {rhs.kind})")
 
 
 def rule_cost(rule: str, decl: Decl) -> int:

@@ -11,6 +11,7 @@ import yaml
 from tests.cel_cost import (
     CRD_COST_LIMIT,
     RULE_COST_LIMIT,
+    CompileError,
     Unsupported,
     crd_rule_costs,
     decl_from_schema,
@@ -116,6 +117,26 @@ def test_an_unmodelled_construct_is_refused_not_priced_at_zero() -> None:
         rule_cost("oldSelf == self", decl_from_schema(_string(10)))
 
 
+OBJECT = {
+    "type": "object",
+    "properties": {"replicas": {"type": "integer"}, "name": {"type": "string", "maxLength": 8}},
+}
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        pytest.param("!has(self.replica) || self.replicas > 0", id="has() of a missing field"),
+        pytest.param("self.nmae.size() > 0", id="a missing field"),
+        pytest.param("self.replicas == '1'", id="int == string"),
+        pytest.param("self.name < 3", id="string < int"),
+    ],
+)
+def test_a_rule_that_does_not_type_check_is_refused(rule: str) -> None:
+    with pytest.raises(CompileError):
+        rule_cost(rule, decl_from_schema(OBJECT))
+
+
 def test_map_keys_read_as_empty_strings_so_a_key_regex_costs_per_entry() -> None:
     """Why a map a rule walks needs maxProperties: the API server sizes keys at zero, but charges
     each entry the regex, and without maxProperties counts 393,215 entries in 3 MiB."""
@@ -138,3 +159,29 @@ def test_every_rule_is_within_the_api_servers_budget(path: Any) -> None:
     )
     total = sum(c.total for c in costs)
     assert total <= CRD_COST_LIMIT, f"{path.name}: rules cost {total:,} in all"
+
+
+def _field_path_resolves(schema: dict[str, Any], field_path: str) -> bool:
+    node: dict[str, Any] | None = schema
+    for part in field_path.removeprefix(".").split("."):
+        node = (node or {}).get("properties", {}).get(part)
+    return node is not None
+
+
+@pytest.mark.parametrize("path", CRD_FILES, ids=lambda p: p.name)
+def test_every_rules_field_path_names_a_field_of_its_schema(path: Any) -> None:
+    """The API server refuses a CRD whose rule names a fieldPath its schema does not have."""
+    crd = yaml.safe_load(path.read_text())
+    seen = 0
+    pending = [crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]]
+    while pending:
+        node = pending.pop()
+        for rule in node.get("x-kubernetes-validations", []):
+            if "fieldPath" in rule:
+                seen += 1
+                assert _field_path_resolves(node, rule["fieldPath"]), rule
+        pending += list(node.get("properties", {}).values())
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                pending.append(node[key])
+    assert seen, f"{path.name}: no rule names a fieldPath"
