@@ -105,6 +105,11 @@ class Decl:
     fields: dict[str, Decl] = field(default_factory=dict)
     elem: Decl | None = None  # list items, map values
     key: Decl | None = None  # map keys
+    # Fields every object of this schema has by the time rules run: required, or defaulted.
+    always: frozenset[str] = frozenset()
+    # Fields a valid object has when a discriminator has a value, from its own rules of the
+    # form `self.D != 'V' || has(self.F)`: (D, V) -> {F}.
+    implied: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)
 
 
 MIN_SIZES = {"string": 2, "int": 1, "double": 1, "bool": 4}  # apiservercel Min*Size
@@ -139,7 +144,17 @@ def decl_from_schema(schema: dict[str, Any], resource_root: bool = False) -> Dec
             fields[name] = decl
             if name in required and "default" not in sub:
                 min_size += len(name) + decl.min_size + 4
-        return Decl("object", 0, min_size, fields=fields)
+        always = frozenset(n for n, sub in schema.get("properties", {}).items()
+                           if n in required or "default" in sub)  # fmt: skip
+        if resource_root:
+            always |= {"apiVersion", "kind", "metadata"}
+        implied: dict[tuple[str, str], frozenset[str]] = {}
+        for rule in schema.get("x-kubernetes-validations", []):
+            if match := _TAG_NEEDS.fullmatch(rule["rule"]):
+                tag = (match["tag"] or match["tag2"], match["value"] or match["value2"])
+                needed = match["field"] or match["field2"]
+                implied[tag] = implied.get(tag, frozenset()) | {needed}
+        return Decl("object", 0, min_size, fields=fields, always=always, implied=implied)
     if kind == "string":
         if "maxLength" in schema:
             most = schema["maxLength"] * 4  # maxLength counts runes, the estimate bytes
@@ -154,6 +169,12 @@ def decl_from_schema(schema: dict[str, Any], resource_root: bool = False) -> Dec
     raise Unsupported(f"schema type {kind!r}")
 
 
+_TAG_NEEDS = re.compile(
+    r"self\.(?P<tag>\w+) != '(?P<value>[^']*)' \|\| has\(self\.(?P<field>\w+)\)"
+    r"|has\(self\.(?P<field2>\w+)\) == \(self\.(?P<tag2>\w+) == '(?P<value2>[^']*)'\)"
+)
+
+
 def _with_type_and_object_meta(schema: dict[str, Any]) -> dict[str, Any]:
     """At a resource's root, rules may read apiVersion, kind and metadata.name/generateName;
     the API server swaps in plain strings for them unless the schema declares all four."""
@@ -163,9 +184,11 @@ def _with_type_and_object_meta(schema: dict[str, Any]) -> dict[str, Any]:
         return schema
     props["kind"] = {"type": "string"}
     props["apiVersion"] = {"type": "string"}
+    # A name is generated from generateName before an object is validated.
     props["metadata"] = {
         "type": "object",
         "properties": {"name": {"type": "string"}, "generateName": {"type": "string"}},
+        "required": ["name"],
     }
     return {**schema, "properties": props}
 
@@ -409,6 +432,10 @@ class Coster:
         self.entries: dict[int, tuple[str, Range, Range]] = {}
         self.types: dict[int, Type] = {}
         self.locals: dict[str, list[_Local]] = {"self": []}
+        # Selections of an object's field that the object may lack (not required, no default).
+        self.optional: set[int] = set()
+        # Fields a comparison of a discriminator implies, when it is true: `x.type == 'V'`.
+        self.tag_facts: dict[int, frozenset[str]] = {}
 
     # Kubernetes' sizeEstimator: follow the path from `self` through the schema.
     def _estimate_size(self, path: list[str]) -> Range | None:
@@ -507,8 +534,10 @@ class Coster:
             self.types[e.id] = Type("bool")
             return fixed(PRESENCE_TEST_COST) + operand_cost
         if operand.kind == "object":
-            assert decl is not None
+            assert decl is not None and operand.decl is not None
             self.types[e.id] = _type_of_decl(decl)
+            if e.field not in operand.decl.always:
+                self.optional.add(e.id)
         elif operand.kind == "map":
             assert operand.elem is not None
             self.types[e.id] = operand.elem
@@ -637,6 +666,8 @@ class Coster:
             return result.by_factor(STRING_TRAVERSAL_COST_FACTOR) + arg_sum, result
         if fn in ("_==_", "_!=_") or fn in COMPARISONS:
             _same_type(fn, types[0], types[1])
+        if fn in ("_==_", "_!=_"):
+            self._note_tag(e)
         if fn in ("_==_", "_!=_") or (
             fn in COMPARISONS and types[0].kind in ("string", "bytes")
         ):
@@ -669,6 +700,18 @@ class Coster:
             return fixed(1) + arg_sum, None
         raise Unsupported(f"function {fn}")
 
+    def _note_tag(self, e: Call) -> None:
+        tag, value = e.args
+        if not (isinstance(tag, Select) and isinstance(value, Lit) and value.kind == "string"):
+            return
+        owner = self.types[tag.operand.id]
+        base = _key(tag.operand)
+        if owner.kind != "object" or owner.decl is None or base is None:
+            return
+        fields = owner.decl.implied.get((tag.field, value.value), frozenset())
+        if fields:
+            self.tag_facts[e.id] = frozenset(f"{base}.{f}" for f in fields)
+
     @staticmethod
     def _require(actual: Type | None, kind: str, fn: str) -> None:
         if actual is None or actual.kind != kind:
@@ -689,6 +732,91 @@ def _same_type(fn: str, lhs: Type, rhs: Type) -> None:
     raise CompileError(f"no matching overload for '{fn}' applied to ({lhs.kind}, {rhs.kind})")
 
 
+def unguarded_fields(rule: str, decl: Decl) -> list[str]:
+    """The optional fields `rule` reads without a has() that guarantees them. On an object
+    without such a field the API server's evaluation fails ("no such key") and the object is
+    refused, however valid. CEL's && and || absorb an error on one side when the other side
+    decides the result, so a guard may stand on either side."""
+    coster = Coster(decl)
+    expr = parse(rule)
+    coster.cost(expr)
+    return _Guards(coster).unguarded(expr)
+
+
+def _key(e: Expr) -> str | None:
+    """A name for the value `e` reads, the same wherever it is read: `self.matches[0].path`."""
+    if isinstance(e, Ident):
+        return e.name
+    if isinstance(e, Select) and (operand := _key(e.operand)) is not None:
+        return f"{operand}.{e.field}"
+    if not (isinstance(e, Call) and e.function == "_[_]" and isinstance(e.args[1], Lit)):
+        return None
+    container = _key(e.args[0])
+    return None if container is None else f"{container}[{e.args[1].value!r}]"
+
+
+class _Guards:
+    """Which fields each condition guarantees when it is true or false."""
+
+    def __init__(self, coster: Coster) -> None:
+        self.coster = coster
+        self.found: list[str] = []
+
+    def unguarded(self, e: Expr) -> list[str]:
+        self._check(e, frozenset())
+        return self.found
+
+    def when_true(self, e: Expr) -> frozenset[str]:
+        if isinstance(e, Select) and e.test_only and (operand := _key(e.operand)) is not None:
+            return frozenset({f"{operand}.{e.field}"})
+        if isinstance(e, Call) and e.function == "_==_":
+            return self.coster.tag_facts.get(e.id, frozenset())
+        if isinstance(e, Call) and e.function == "_&&_":
+            return self.when_true(e.args[0]) | self.when_true(e.args[1])
+        if isinstance(e, Call) and e.function == "_||_":
+            return self.when_true(e.args[0]) & self.when_true(e.args[1])
+        if isinstance(e, Call) and e.function == "!_":
+            return self.when_false(e.args[0])
+        return frozenset()
+
+    def when_false(self, e: Expr) -> frozenset[str]:
+        if isinstance(e, Call) and e.function == "_!=_":
+            return self.coster.tag_facts.get(e.id, frozenset())
+        if isinstance(e, Call) and e.function == "_&&_":
+            return self.when_false(e.args[0]) & self.when_false(e.args[1])
+        if isinstance(e, Call) and e.function == "_||_":
+            return self.when_false(e.args[0]) | self.when_false(e.args[1])
+        if isinstance(e, Call) and e.function == "!_":
+            return self.when_true(e.args[0])
+        return frozenset()
+
+    def _check(self, e: Expr, known: frozenset[str]) -> None:
+        if isinstance(e, Select):
+            self._check(e.operand, known)
+            key = _key(e)
+            if not e.test_only and e.id in self.coster.optional and key not in known:
+                self.found.append(key or f"?.{e.field}")
+        elif isinstance(e, Call) and e.function in ("_&&_", "_||_"):
+            lhs, rhs = e.args
+            side = self.when_true if e.function == "_&&_" else self.when_false
+            self._check(lhs, known | side(rhs))
+            self._check(rhs, known | side(lhs))
+        elif isinstance(e, Call) and e.function == "_?_:_":
+            condition, if_true, if_false = e.args
+            self._check(condition, known)
+            self._check(if_true, known | self.when_true(condition))
+            self._check(if_false, known | self.when_false(condition))
+        elif isinstance(e, Call):
+            for sub in [*([e.target] if e.target is not None else []), *e.args]:
+                self._check(sub, known)
+        elif isinstance(e, ListLit):
+            for sub in e.elements:
+                self._check(sub, known)
+        elif isinstance(e, Comprehension):
+            for sub in (e.iter_range, e.accu_init, e.loop_condition, e.loop_step, e.result):
+                self._check(sub, known)
+
+
 def rule_cost(rule: str, decl: Decl) -> int:
     """The API server's estimated worst-case cost of one evaluation of `rule` on `decl`."""
     return Coster(decl).cost(parse(rule)).hi
@@ -703,29 +831,42 @@ class RuleCost:
     total: int  # cost x cardinality: what the API server holds to RULE_COST_LIMIT
 
 
-def crd_rule_costs(crd: dict[str, Any]) -> Iterator[RuleCost]:
-    """Every rule of every version of `crd`, with the cost the API server estimates for it."""
+@dataclass(frozen=True)
+class CrdRule:
+    path: str
+    rule: dict[str, Any]  # as written: rule, message, fieldPath...
+    decl: Decl  # what `self` is
+    cardinality: int | None  # the most evaluations per object; None under an unbounded list
+
+
+def crd_rules(crd: dict[str, Any]) -> Iterator[CrdRule]:
+    """Every rule of every version of `crd`."""
     for version in crd["spec"]["versions"]:
-        schema = version["schema"]["openAPIV3Schema"]
-        yield from _walk(schema, version["name"], 1, True)
+        yield from _walk(version["schema"]["openAPIV3Schema"], version["name"], 1, True)
+
+
+def crd_rule_costs(crd: dict[str, Any]) -> Iterator[RuleCost]:
+    """Every rule of `crd`, with the cost the API server estimates for it."""
+    for found in crd_rules(crd):
+        if found.cardinality is None:
+            # The API server would multiply by a count estimated from the request size limit;
+            # no rule of trimtab's should depend on that.
+            raise Unsupported(f"{found.path}: rules under a list or map without a bound")
+        if "messageExpression" in found.rule:
+            raise Unsupported("messageExpression is not modelled")
+        cost = rule_cost(found.rule["rule"], found.decl)
+        total = _mul(cost, found.cardinality)
+        yield RuleCost(found.path, found.rule["rule"], cost, found.cardinality, total)
 
 
 def _walk(
     schema: dict[str, Any], path: str, cardinality: int | None, root: bool
-) -> Iterator[RuleCost]:
-    """`cardinality` is None under a list or map without maxItems or maxProperties."""
+) -> Iterator[CrdRule]:
     rules = schema.get("x-kubernetes-validations") or []
     if rules:
-        if cardinality is None:
-            # The API server would multiply by a count estimated from the request size limit;
-            # no rule of trimtab's should depend on that.
-            raise Unsupported(f"{path}: rules under a list or map without a bound")
         decl = decl_from_schema(schema, resource_root=root)
         for rule in rules:
-            if "messageExpression" in rule:
-                raise Unsupported("messageExpression is not modelled")
-            cost = rule_cost(rule["rule"], decl)
-            yield RuleCost(path, rule["rule"], cost, cardinality, _mul(cost, cardinality))
+            yield CrdRule(path, rule, decl, cardinality)
     for name, sub in schema.get("properties", {}).items():
         yield from _walk(sub, f"{path}.{name}", cardinality, False)
     if schema.get("type") == "array":

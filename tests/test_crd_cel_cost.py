@@ -12,10 +12,13 @@ from tests.cel_cost import (
     CRD_COST_LIMIT,
     RULE_COST_LIMIT,
     CompileError,
+    Decl,
     Unsupported,
     crd_rule_costs,
+    crd_rules,
     decl_from_schema,
     rule_cost,
+    unguarded_fields,
 )
 from tests.validation import ROOT
 
@@ -161,27 +164,82 @@ def test_every_rule_is_within_the_api_servers_budget(path: Any) -> None:
     assert total <= CRD_COST_LIMIT, f"{path.name}: rules cost {total:,} in all"
 
 
-def _field_path_resolves(schema: dict[str, Any], field_path: str) -> bool:
-    node: dict[str, Any] | None = schema
-    for part in field_path.removeprefix(".").split("."):
-        node = (node or {}).get("properties", {}).get(part)
-    return node is not None
-
-
 @pytest.mark.parametrize("path", CRD_FILES, ids=lambda p: p.name)
 def test_every_rules_field_path_names_a_field_of_its_schema(path: Any) -> None:
     """The API server refuses a CRD whose rule names a fieldPath its schema does not have."""
     crd = yaml.safe_load(path.read_text())
-    seen = 0
-    pending = [crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]]
-    while pending:
-        node = pending.pop()
-        for rule in node.get("x-kubernetes-validations", []):
-            if "fieldPath" in rule:
-                seen += 1
-                assert _field_path_resolves(node, rule["fieldPath"]), rule
-        pending += list(node.get("properties", {}).values())
-        for key in ("items", "additionalProperties"):
-            if isinstance(node.get(key), dict):
-                pending.append(node[key])
-    assert seen, f"{path.name}: no rule names a fieldPath"
+    paths = [(r, r.rule["fieldPath"]) for r in crd_rules(crd) if "fieldPath" in r.rule]
+    assert paths, f"{path.name}: no rule names a fieldPath"
+    for found, field_path in paths:
+        decl: Decl | None = found.decl
+        for part in field_path.removeprefix(".").split("."):
+            decl = decl.fields.get(part) if decl is not None else None
+        assert decl is not None, f"{found.path}: {field_path} is not in the schema"
+
+
+GUARDED = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {
+        "type": {"type": "string", "enum": ["Rewrite", "Plain"]},
+        "limit": {"type": "integer"},
+        "port": {"type": "integer", "default": 8000},
+        "rewrite": {
+            "type": "object",
+            "properties": {"path": {"type": "string", "maxLength": 64}},
+        },
+        "items": {
+            "type": "array",
+            "maxItems": 4,
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "maxLength": 8},
+                    "weight": {"type": "integer"},
+                },
+            },
+        },
+    },
+    "x-kubernetes-validations": [
+        {"rule": "has(self.rewrite) == (self.type == 'Rewrite')", "message": "tag"},
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("rule", "unguarded"),
+    [
+        pytest.param("self.limit > 0", ["self.limit"], id="an optional field, unguarded"),
+        pytest.param("!has(self.limit) || self.limit > 0", [], id="guarded before"),
+        pytest.param("self.limit > 0 || !has(self.limit)", [], id="guarded after: || absorbs"),
+        pytest.param("has(self.limit) && self.limit > 0", [], id="guarded by &&"),
+        pytest.param("has(self.limit) ? self.limit > 0 : true", [], id="guarded by ?:"),
+        pytest.param("self.port > 0", [], id="a defaulted field is always there"),
+        pytest.param("self.type == 'Plain' || has(self.rewrite.path)", ["self.rewrite"],
+                     id="has() reads its operand"),
+        pytest.param("self.type != 'Rewrite' || !has(self.rewrite.path) || "
+                     "self.rewrite.path.startsWith('/')", [],
+                     id="a discriminator implies its branch's field"),
+        pytest.param("!has(self.items) || self.items.all(i, i.name != '')", [],
+                     id="a required field of an item"),
+        pytest.param("self.items.all(i, i.weight > 0)", ["self.items", "i.weight"],
+                     id="an optional list and its items' optional field"),
+        pytest.param("!has(self.items) || size(self.items) == 0 || !has(self.items[0].weight) "
+                     "|| self.items[0].weight > 0", [], id="guarded through an index"),
+    ],
+)  # fmt: skip
+def test_unguarded_reads_of_optional_fields_are_found(rule: str, unguarded: list[str]) -> None:
+    """On an object without the field the API server's evaluation fails, refusing it."""
+    assert unguarded_fields(rule, decl_from_schema(GUARDED)) == unguarded
+
+
+@pytest.mark.parametrize("path", CRD_FILES, ids=lambda p: p.name)
+def test_no_rule_reads_an_optional_field_without_a_guard(path: Any) -> None:
+    crd = yaml.safe_load(path.read_text())
+    found = [
+        f"{r.path}: {fields} in {r.rule['rule']}"
+        for r in crd_rules(crd)
+        if (fields := unguarded_fields(r.rule["rule"], r.decl))
+    ]
+    assert not found, "\n".join(found)
