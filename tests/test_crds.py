@@ -3,16 +3,18 @@ and every CEL rule compiles."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import celpy
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from pydantic import BaseModel, Field
 
-from tests.validation import ROOT
+from tests.validation import ROOT, apply_defaults, cel_failures, closed_schema
 from trimtab.api import crdgen
 
 
@@ -97,3 +99,21 @@ def test_the_models_bounds_reach_the_crd() -> None:
 def test_a_constraint_without_a_translation_is_refused_not_dropped() -> None:
     with pytest.raises(crdgen.SchemaError, match="uniqueItems"):
         crdgen.model_schema(_Unique)
+
+
+def _defaults(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    return [(where, node) for where, node in _walk(schema, path) if "default" in node]
+
+
+@pytest.mark.parametrize("path", CRD_FILES, ids=lambda p: p.name)
+def test_every_default_is_valid_where_it_stands(path: Path) -> None:
+    """The API server refuses a CRD whose default its own schema or rules would refuse."""
+    crd = yaml.safe_load(path.read_text())
+    defaults = _defaults(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    assert defaults, f"{path.name} has no defaults"
+    for where, node in defaults:
+        schema = {k: v for k, v in node.items() if k != "default"}
+        value = apply_defaults(schema, copy.deepcopy(node["default"]))
+        jsonschema.validate(value, closed_schema(schema))
+        failures = list(cel_failures(schema, value, where))
+        assert not failures, failures

@@ -23,11 +23,11 @@ THIRDPARTY = ROOT / "tests" / "thirdparty-crds"
 K8S_VERSION = "1.37.0"
 
 
-def _closed(schema: Any) -> Any:
+def closed_schema(schema: Any) -> Any:
     """A copy of `schema` with additionalProperties: false wherever properties are listed and
     nothing else allows extras, since the API server would prune unknown fields silently."""
     if isinstance(schema, dict):
-        out = {k: _closed(v) for k, v in schema.items()}
+        out = {k: closed_schema(v) for k, v in schema.items()}
         if (
             "properties" in out
             and "additionalProperties" not in out
@@ -49,7 +49,7 @@ def _closed(schema: Any) -> Any:
             out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
         return out
     if isinstance(schema, list):
-        return [_closed(v) for v in schema]
+        return [closed_schema(v) for v in schema]
     return schema
 
 
@@ -92,7 +92,7 @@ def validate_custom(obj: dict[str, Any], crd_path: Path, version: str | None = N
         version = obj.get("apiVersion", "").rsplit("/", 1)[-1] or None
     schema = crd_schema(crd_path, version)
     body = {k: v for k, v in obj.items() if k != "metadata"}
-    closed = _closed(schema)
+    closed = closed_schema(schema)
     closed["properties"]["metadata"] = {"type": "object"}
     jsonschema.validate({**body, "metadata": obj.get("metadata", {})}, closed)
     failures = list(cel_failures(schema, apply_defaults(schema, obj)))
