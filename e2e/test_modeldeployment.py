@@ -104,6 +104,14 @@ async def test_example_reconciles_to_deployment_service_and_status(
             "gpuResourceName",
             id="cel-gpu-name-without-gpu",
         ),
+        # The pod-metadata rules walk the label and annotation maps: they install only because
+        # the maps are bounded (64 keys), and here run on a real API server.
+        pytest.param({"podMetadata": {"labels": {"trimtab.io/owner": "x"}}},
+                     "spec.podMetadata", id="cel-reserved-label"),
+        pytest.param({"podMetadata": {"annotations": {"not a key": "x"}}},
+                     "spec.podMetadata", id="cel-invalid-annotation-key"),
+        pytest.param({"podMetadata": {"labels": {f"team-{i}": "x" for i in range(65)}}},
+                     "spec.podMetadata.labels", id="too-many-labels"),
     ],
 )
 async def test_api_server_rejects_bad_specs_naming_the_field(

@@ -91,6 +91,10 @@ async def test_example_runs_as_indexed_job_with_service_and_status(
         pytest.param({"checkpoint": {"directory": "/elsewhere"}}, "checkpoint.directory",
                      id="checkpoint-not-on-a-volume"),
         pytest.param({"gpuResourceName": ""}, "gpuResourceName", id="empty-gpu-resource"),
+        pytest.param({"podMetadata": {"labels": {"trimtab.io/owner": "x"}}},
+                     "spec.podMetadata", id="cel-reserved-label"),
+        pytest.param({"podMetadata": {"annotations": {f"a{i}": "x" for i in range(65)}}},
+                     "spec.podMetadata.annotations", id="too-many-annotations"),
     ],
 )
 async def test_crd_rejects_bad_specs_naming_the_field(
