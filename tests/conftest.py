@@ -42,6 +42,9 @@ def login_to_emulator(**_: Any) -> kopf.ConnectionInfo:
 async def api(kmock: ApiServerEmulator) -> AsyncIterator[ApiServerEmulator]:
     kmock.declare_resources()
     yield kmock
+    # A real API server prunes a status field its CRD does not declare and refuses a value of
+    # the wrong type: state the operator keeps there would be lost, or never written.
+    assert not kmock.status_problems, "\n".join(kmock.status_problems)
 
 
 class Cluster:

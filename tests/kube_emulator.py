@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import itertools
 import uuid
 from typing import Any
 
 import attrs
+import jsonschema
 import kmock
 from kmock._internal import enums  # the action enum kmock dispatches on
 
+from tests.validation import ROOT, closed_schema, crd_schema
 from trimtab import constants as C
 
 _rv = itertools.count(1000)
@@ -200,6 +203,14 @@ def _without_resources(pod: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@functools.cache
+def _status_schema(plural: str, version: str) -> dict[str, Any]:
+    """The status schema of a trimtab CRD, closed: an undeclared field is an error here."""
+    schema = crd_schema(ROOT / "crds" / f"{C.GROUP}_{plural}.yaml", version)
+    result: dict[str, Any] = closed_schema(schema["properties"]["status"])
+    return result
+
+
 def _alter(request: kmock.Request, **changes: Any) -> kmock.Request:
     """Change the parsed request in place: kmock matches reactions against this very object."""
     for key, value in changes.items():
@@ -220,6 +231,10 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     # What each field manager applied last, per object: server-side apply removes the fields
     # a manager applied before and leaves out now.
     applied: dict[tuple[Any, ...], dict[str, Any]] = attrs.field(factory=dict)
+    # Status writes to trimtab's resources that the real API server would not keep as written:
+    # a field its CRD does not declare (pruned without a word) or a value of the wrong type
+    # (refused). The `api` fixture fails a test that made any.
+    status_problems: list[str] = attrs.field(factory=list)
 
     def declare_resources(self) -> None:
         self.resources.load_bundled()
@@ -325,6 +340,14 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             await super()._handle(_alter(request, action=enums.action.DELETE, data=None))
         return response
 
+    def _check_status(self, request: kmock.Request, status: dict[str, Any]) -> None:
+        res = request.resource
+        assert res is not None
+        schema = _status_schema(str(res.plural), str(res.version))
+        for error in jsonschema.Draft202012Validator(schema).iter_errors(status):
+            where = f"{res.plural}/{request.name} status{error.json_path.removeprefix('$')}"
+            self.status_problems.append(f"{where}: {error.message}")
+
     def _mark_deleted(self, request: kmock.Request, current: dict[str, Any]) -> kmock.Request:
         """The update that marks `current` for deletion: deletionTimestamp set once."""
         meta = current["metadata"]
@@ -393,6 +416,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             new["status"] = current["status"]
         elif request.subresource is None:
             new.pop("status", None) if "status" not in current else None
+
+        if request.resource.group == C.GROUP and new.get("status") != current.get("status"):
+            self._check_status(request, new.get("status") or {})
 
         meta = new.setdefault("metadata", {})
         for key in ("uid", "creationTimestamp", "generation"):

@@ -84,16 +84,36 @@ async def test_emulator_status_writes_move_the_resource_version(api: Any, cluste
     created = await cluster.create(MD_PATH, model("rv"))
     read = created["metadata"]["resourceVersion"]
     first = await cluster.kube.patch_status(
-        MODELDEPLOYMENTS, NS, "rv", {"conditions": [{"type": "A"}]}, read
+        MODELDEPLOYMENTS, NS, "rv", {"conditions": [{"type": "A", "status": "True"}]}, read
     )
     assert first["metadata"]["resourceVersion"] != read
     with pytest.raises(KubeError) as err:
         await cluster.kube.patch_status(
-            MODELDEPLOYMENTS, NS, "rv", {"conditions": [{"type": "B"}]}, read
+            MODELDEPLOYMENTS, NS, "rv", {"conditions": [{"type": "B", "status": "True"}]}, read
         )
     assert err.value.conflict
     stored = await cluster.get(f"{MD_PATH}/rv")
-    assert stored is not None and stored["status"]["conditions"] == [{"type": "A"}]
+    assert stored is not None
+    assert stored["status"]["conditions"] == [{"type": "A", "status": "True"}]
+
+
+async def test_emulator_reports_status_the_api_server_would_not_keep(
+    api: Any, cluster: Any
+) -> None:
+    """As the API server: a status field the CRD does not declare is pruned, and a value of the
+    wrong type refused. The emulator keeps both, and reports them: the `api` fixture fails the
+    test that wrote them."""
+    from tests.test_modeldeployment_operator import MD_PATH, NS, model
+    from trimtab.kube.resources import MODELDEPLOYMENTS
+
+    created = await cluster.create(MD_PATH, model("pruned"))
+    read = created["metadata"]["resourceVersion"]
+    await cluster.kube.patch_status(
+        MODELDEPLOYMENTS, NS, "pruned", {"rolloutStep": 2, "replicas": "two"}, read
+    )
+    problems, api.status_problems[:] = list(api.status_problems), []
+    assert any("'rolloutStep' was unexpected" in p for p in problems), problems
+    assert any("status.replicas: 'two' is not of type 'integer'" in p for p in problems), problems
 
 
 async def test_every_write_names_trimtab_as_its_field_manager(api: Any, cluster: Any) -> None:
