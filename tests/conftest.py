@@ -44,7 +44,7 @@ async def api(kmock: ApiServerEmulator) -> AsyncIterator[ApiServerEmulator]:
     yield kmock
     # A real API server prunes a status field its CRD does not declare and refuses a value of
     # the wrong type: state the operator keeps there would be lost, or never written.
-    assert not kmock.status_problems, "\n".join(kmock.status_problems)
+    assert not kmock.schema_problems, "\n".join(kmock.schema_problems)
 
 
 class Cluster:

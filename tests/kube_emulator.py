@@ -12,11 +12,13 @@ last time and has left out now, which is what a single field manager sees."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime
 import functools
 import itertools
 import uuid
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -24,7 +26,7 @@ import jsonschema
 import kmock
 from kmock._internal import enums  # the action enum kmock dispatches on
 
-from tests.validation import ROOT, closed_schema, crd_schema
+from tests.validation import ROOT, closed_schema, crd_schema, thirdparty, validate_custom
 from trimtab import constants as C
 
 _rv = itertools.count(1000)
@@ -203,6 +205,17 @@ def _without_resources(pod: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The published CRDs of the kinds trimtab writes, as the API server would hold writes to them.
+THIRDPARTY_CRDS = {
+    ("gateway.networking.k8s.io", "httproutes"):
+        thirdparty("gateway-api", "standard", "gateway.networking.k8s.io_httproutes.yaml"),
+    ("networking.istio.io", "virtualservices"):
+        thirdparty("istio", "virtualservices.networking.istio.io.yaml"),
+    ("scheduling.x-k8s.io", "podgroups"):
+        thirdparty("scheduler-plugins", "scheduling.x-k8s.io_podgroups.yaml"),
+}  # fmt: skip
+
+
 @functools.cache
 def _status_schema(plural: str, version: str) -> dict[str, Any]:
     """The status schema of a trimtab CRD, closed: an undeclared field is an error here."""
@@ -231,10 +244,11 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     # What each field manager applied last, per object: server-side apply removes the fields
     # a manager applied before and leaves out now.
     applied: dict[tuple[Any, ...], dict[str, Any]] = attrs.field(factory=dict)
-    # Status writes to trimtab's resources that the real API server would not keep as written:
-    # a field its CRD does not declare (pruned without a word) or a value of the wrong type
-    # (refused). The `api` fixture fails a test that made any.
-    status_problems: list[str] = attrs.field(factory=list)
+    # Writes the real API server would not keep as written: a status of trimtab's resources,
+    # or an object of a third-party CRD trimtab writes (HTTPRoute, VirtualService, PodGroup),
+    # with a field the CRD does not declare (pruned without a word), a value of the wrong type
+    # or one its CEL rules refuse (refused). The `api` fixture fails a test that made any.
+    schema_problems: list[str] = attrs.field(factory=list)
 
     def declare_resources(self) -> None:
         self.resources.load_bundled()
@@ -334,6 +348,11 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         except kmock.KubernetesError as err:
             return await self._render_error(err)
         response = await super()._handle(request)
+        crd = THIRDPARTY_CRDS.get((str(request.resource.group), str(request.resource.plural)))
+        if crd is not None and (stored := self._stored(request)) is not None:
+            # In a thread: CEL over a route takes milliseconds, and the operator shares this loop.
+            version = str(request.resource.version)
+            await asyncio.to_thread(self._check_object, stored, crd, version)
         after = self._current(request) if request.action == enums.action.UPDATE else None
         meta = (after or {}).get("metadata") or {}
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):
@@ -346,7 +365,24 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         schema = _status_schema(str(res.plural), str(res.version))
         for error in jsonschema.Draft202012Validator(schema).iter_errors(status):
             where = f"{res.plural}/{request.name} status{error.json_path.removeprefix('$')}"
-            self.status_problems.append(f"{where}: {error.message}")
+            self.schema_problems.append(f"{where}: {error.message}")
+
+    def _stored(self, request: kmock.Request) -> dict[str, Any] | None:
+        name = request.name or ((request.data or {}).get("metadata") or {}).get("name")
+        key = (request.resource, request.namespace, name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        return copy.deepcopy(self.objects[key].raw)
+
+    def _check_object(self, obj: dict[str, Any], crd: Path, version: str) -> None:
+        where = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+        if "apiVersion" not in crd_schema(crd, version).get("properties", {}):
+            # Istio's CRDs list no apiVersion or kind: the API server sets both.
+            obj = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}
+        try:
+            validate_custom(obj, crd, version)
+        except (jsonschema.ValidationError, AssertionError) as err:
+            self.schema_problems.append(f"{where}: {str(err).splitlines()[0]}")
 
     def _mark_deleted(self, request: kmock.Request, current: dict[str, Any]) -> kmock.Request:
         """The update that marks `current` for deletion: deletionTimestamp set once."""

@@ -111,9 +111,28 @@ async def test_emulator_reports_status_the_api_server_would_not_keep(
     await cluster.kube.patch_status(
         MODELDEPLOYMENTS, NS, "pruned", {"rolloutStep": 2, "replicas": "two"}, read
     )
-    problems, api.status_problems[:] = list(api.status_problems), []
+    problems, api.schema_problems[:] = list(api.schema_problems), []
     assert any("'rolloutStep' was unexpected" in p for p in problems), problems
     assert any("status.replicas: 'two' is not of type 'integer'" in p for p in problems), problems
+
+
+async def test_emulator_reports_a_route_the_gateway_api_crd_refuses(
+    api: Any, cluster: Any
+) -> None:
+    """As the API server with the Gateway API CRDs: a Service backend without a port is refused
+    by the HTTPRoute CRD's CEL rules. The emulator keeps it, and reports it."""
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "portless", "namespace": "ns"},
+        "spec": {"rules": [{"backendRefs": [{"name": "s"}]}]},
+    }
+    await cluster.kube.apply(route)
+    problems, api.schema_problems[:] = list(api.schema_problems), []
+    assert problems == [
+        "HTTPRoute/portless: ['.spec.rules[0].backendRefs[0]: Must have port for Service "
+        "reference']"
+    ]
 
 
 async def test_every_write_names_trimtab_as_its_field_manager(api: Any, cluster: Any) -> None:
@@ -129,7 +148,7 @@ async def test_every_write_names_trimtab_as_its_field_manager(api: Any, cluster:
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "HTTPRoute",
         "metadata": {"name": "r", "namespace": NS},
-        "spec": {"rules": [{"backendRefs": [{"name": "s"}]}]},
+        "spec": {"rules": [{"backendRefs": [{"name": "s", "port": 80}]}]},
     }
     await kube.create(route)
     await kube.patch(HTTPROUTES, NS, "r", {"metadata": {"labels": {"a": "b"}}})
@@ -151,7 +170,10 @@ async def test_apply_removes_a_field_it_no_longer_sends(api: Any, cluster: Any) 
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "HTTPRoute",
         "metadata": {"name": "r", "namespace": "ns"},
-        "spec": {"hostnames": ["a.example"], "rules": [{"backendRefs": [{"name": "s"}]}]},
+        "spec": {
+            "hostnames": ["a.example"],
+            "rules": [{"backendRefs": [{"name": "s", "port": 80}]}],
+        },
     }
     kube = cluster.kube
     await kube.apply(route)
