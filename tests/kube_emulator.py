@@ -241,6 +241,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     writers: list[tuple[str | None, str | None]] = attrs.field(factory=list)
     # Watch requests as (group, plural): kopf is ready once it watches.
     watches: list[tuple[str, str]] = attrs.field(factory=list)
+    # Reads of one object, by path: tests count the requests a loop makes.
+    reads: list[str] = attrs.field(factory=list)
     # What each field manager applied last, per object: server-side apply removes the fields
     # a manager applied before and leaves out now.
     applied: dict[tuple[Any, ...], dict[str, Any]] = attrs.field(factory=dict)
@@ -315,6 +317,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     async def _handle_one(self, request: kmock.Request) -> Any:
         if request.resource is not None and request.action == enums.action.WATCH:
             self.watches.append((str(request.resource.group), str(request.resource.plural)))
+        if request.resource is not None and request.action == enums.action.FETCH:
+            self.reads.append(str(request.url.path))
         if request.resource is not None and request.action == enums.action.DELETE:
             current = self._current(request)
             if current is not None and current.get("metadata", {}).get("finalizers"):

@@ -135,6 +135,29 @@ async def test_emulator_reports_a_route_the_gateway_api_crd_refuses(
     ]
 
 
+async def test_apply_shows_what_it_read_before_writing_over_it(api: Any, cluster: Any) -> None:
+    """`before_write` sees the object apply read, before the write and without a read of its
+    own: the rollout loop checks what a takeover drops on the one read of the route."""
+    route: dict[str, Any] = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "seen", "namespace": "ns"},
+        "spec": {"rules": [{"backendRefs": [{"name": "s", "port": 80}]}]},
+    }
+    kube = cluster.kube
+    await kube.apply(route)
+    seen: list[Any] = []
+    path = "/apis/gateway.networking.k8s.io/v1/namespaces/ns/httproutes/seen"
+    reads = api.reads.count(path)
+    changed = {**route, "spec": {"rules": [{"backendRefs": [{"name": "t", "port": 80}]}]}}
+    await kube.apply(changed, before_write=seen.append)
+    assert api.reads.count(path) == reads + 1
+    (before,) = seen
+    assert before["spec"]["rules"][0]["backendRefs"][0]["name"] == "s"
+    stored = await kube.get(HTTPROUTES, "ns", "seen")
+    assert stored["spec"]["rules"][0]["backendRefs"][0]["name"] == "t"
+
+
 async def test_every_write_names_trimtab_as_its_field_manager(api: Any, cluster: Any) -> None:
     """A write that names no fieldManager is recorded under its User-Agent (aiohttp's
     "Python/3.11 aiohttp/..."): every write names trimtab, so managedFields say who owns what."""

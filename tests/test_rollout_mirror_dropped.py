@@ -30,12 +30,12 @@ class OldRouteCrd(KubeClient):
         super().__init__(inner.host, ssl_context=False, keepalive=False)
         self.prune = prune
 
-    async def apply(self, manifest: dict[str, Any], adopt: bool = False) -> Any:
+    async def apply(self, manifest: dict[str, Any], adopt: bool = False, **kwargs: Any) -> Any:
         if self.prune and manifest.get("kind") == "HTTPRoute":
             for rule in manifest.get("spec", {}).get("rules", []):
                 for f in rule.get("filters", []):
                     f.get("requestMirror", {}).pop("percent", None)
-        return await super().apply(manifest, adopt=adopt)
+        return await super().apply(manifest, adopt=adopt, **kwargs)
 
 
 @pytest.mark.parametrize("prune", [pytest.param(True, id="old-crd"),

@@ -210,16 +210,23 @@ async def release_router(
 
 
 class KubeRouterClient:
-    """trimtab.kube's client as the RouterClient the routers write through."""
+    """trimtab.kube's client as the RouterClient the routers write through. `route_read`, if
+    given, sees each route as read before it is applied over (the takeover check)."""
 
-    def __init__(self, kube: KubeClient) -> None:
+    def __init__(
+        self, kube: KubeClient, route_read: Callable[[Json | None], None] | None = None
+    ) -> None:
         self.kube = kube
+        self.route_read = route_read
 
     async def apply(self, manifest: Json) -> Json:
         # The route spec.rollout.router names is the user's request to write it: one without a
         # controller is adopted, one another resource controls is still refused. The per-revision
         # Services are named by trimtab and adopted only when labelled for this resource.
-        return await self.kube.apply(manifest, adopt=manifest.get("kind") in ROUTE_KINDS)
+        route = manifest.get("kind") in ROUTE_KINDS
+        return await self.kube.apply(
+            manifest, adopt=route, before_write=self.route_read if route else None
+        )
 
     async def get_object(
         self, api_version: str, kind: str, namespace: str, name: str
@@ -477,13 +484,15 @@ async def rollout_once(
     moved = not isinstance(action, Hold | Pause)
     mesh = rollout.router.type != "replicas"
     route_health: RouteHealth | None = None
-    if mesh:
-        posted = {} if warned is None else warned
-        await _warn_takeover_losses(kube, body, owner, rollout.router, posted, now, logger)
+    # The route each write reads is checked for rules the takeover would drop, so the loop
+    # reads it once.
+    check = _takeover_check(body, owner, rollout.router, {} if warned is None else warned, now,
+                            logger)  # fmt: skip
+    client = KubeRouterClient(kube, route_read=check)
     if moved:
         await apply_revisions(kube, owner, parsed, status_after)
         warning, route_health = await _route(
-            kube, parsed, rollout, owner, before, after, action, total, ready, handover
+            kube, client, parsed, rollout, owner, before, after, action, total, ready, handover
         )
         if warning:
             note = f"{note}; {warning}" if note else warning
@@ -496,7 +505,7 @@ async def rollout_once(
         # a fallback, traffic moves to the rebuilt revision once it serves. The applies are
         # reads when nothing differs.
         route_health = await _route_as_status_says(
-            kube, parsed, rollout, owner, after, total, ready, handover
+            kube, client, parsed, rollout, owner, after, total, ready, handover
         )
     _report_route(body, status, route_health, logger)
     _route_gauge(namespace, name, route_health, mesh)
@@ -590,6 +599,7 @@ async def write_rollout_status(
 
 async def _route(
     kube: KubeClient,
+    client: KubeRouterClient,
     spec: ModelDeploymentSpec,
     rollout: RolloutSpec,
     owner: Owner,
@@ -604,7 +614,6 @@ async def _route(
     `ready` holds the revisions with a ready replica. Returns a warning when the route the
     cluster stored does not mirror what was asked ("" otherwise), and what the route's
     controller reports on the route as last written (None: no route written)."""
-    client = KubeRouterClient(kube)
     port = serving_ports(spec)[0]
 
     def router(stable: str, candidate: str | None, weights: Weights) -> TrafficRouter:
@@ -642,7 +651,7 @@ async def _route(
         first = before.stable_revision is None
         if mesh:
             health = await _route_as_status_says(
-                kube, spec, rollout, owner, after, total, ready, handover
+                kube, client, spec, rollout, owner, after, total, ready, handover
             )
             return "", health
         if not first:
@@ -653,6 +662,7 @@ async def _route(
 
 async def _route_as_status_says(
     kube: KubeClient,
+    client: KubeRouterClient,
     spec: ModelDeploymentSpec,
     rollout: RolloutSpec,
     owner: Owner,
@@ -675,38 +685,39 @@ async def _route_as_status_says(
     if status.stable_revision is not None and stable != status.stable_revision:
         await kube.apply(build_revision_service(owner, status.stable_revision, port))
     target = RouteTarget(owner, port, stable, candidate, weights, total_replicas=total)
-    router = build_router(rollout.router, target, KubeRouterClient(kube))
+    router = build_router(rollout.router, target, client)
     await router.reconcile()
     return router.health()
 
 
-async def _warn_takeover_losses(
-    kube: KubeClient,
+def _takeover_check(
     body: Json,
     owner: Owner,
     router: RouterSpec,
     posted: dict[str, float],
     now: datetime.datetime,
     logger: Log,
-) -> None:
-    """Before trimtab writes the rules of a user's HTTPRoute (httpRoute without parentRefs),
-    a Warning names what of them its one rule would drop (takeover_losses): found once, at
-    the takeover, and again only if something puts such rules back (a GitOps tool syncing the
-    user's route, which then fights trimtab for the rules), then at most hourly."""
+) -> Callable[[Json | None], None] | None:
+    """For a user's HTTPRoute that trimtab takes over (httpRoute without parentRefs): what
+    sees the route before trimtab writes its one rule over it, and sends a Warning naming
+    what of its rules that drops (takeover_losses). It is found once, at the takeover, and
+    again only if something puts such rules back (a GitOps tool syncing the user's route,
+    which then fights trimtab for the rules), then at most hourly."""
     if not isinstance(router, GatewayApiRouterSpec) or router.parent_refs is not None:
-        return
+        return None
     ref = route_of(owner, router)
     assert ref is not None
-    route = await KubeRouterClient(kube).get_object(
-        ref.api_version, ref.kind, owner.namespace, ref.name
-    )
-    losses = takeover_losses(route or {}, router, owner.name)
-    if not losses:
-        return
-    message = takeover_warning(ref.name, losses)
-    if warning_due(message, posted, now.timestamp()):
-        kopf.warn(cast(kopf.Body, body), reason="RouteRulesReplaced", message=message)
-        logger.warning("%s", message)
+
+    def check(route: Json | None) -> None:
+        losses = takeover_losses(route or {}, router, owner.name)
+        if not losses:
+            return
+        message = takeover_warning(ref.name, losses)
+        if warning_due(message, posted, now.timestamp()):
+            kopf.warn(cast(kopf.Body, body), reason="RouteRulesReplaced", message=message)
+            logger.warning("%s", message)
+
+    return check
 
 
 def _report_route(body: Json, status: Json, health: RouteHealth | None, logger: Log) -> None:

@@ -245,13 +245,19 @@ class KubeClient:
 
         API_WRITES.labels(verb=verb, kind=kind).inc()
 
-    async def apply(self, manifest: Json, adopt: bool = False) -> Json:
+    async def apply(
+        self,
+        manifest: Json,
+        adopt: bool = False,
+        before_write: Callable[[Json | None], None] | None = None,
+    ) -> Json:
         """Server-side apply as field manager `trimtab`, unless the object already holds every
         field we would set and was last applied from this same manifest (the
         `trimtab.io/applied` hash): then nothing is written and the current object is returned.
         A field left out since the last apply is removed by the apply that the changed hash
         sends. An object of that name that another resource controls, or that trimtab did not
-        make for this one (unless `adopt`), raises NameTaken and is left as it is."""
+        make for this one (unless `adopt`), raises NameTaken and is left as it is.
+        `before_write` sees the object as read, before anything is written over it."""
         manifest = with_applied_hash(manifest)
         res = for_manifest(manifest)
         _check(res, "patch")
@@ -260,6 +266,8 @@ class KubeClient:
         problem = claim_problem(manifest, current, adopt)
         if problem is not None:
             raise NameTaken(problem)
+        if before_write is not None:
+            before_write(current)
         if current is not None and is_applied(manifest, current):
             return current
         self._count("apply", res.kind)
