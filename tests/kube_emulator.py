@@ -205,6 +205,84 @@ def _without_resources(pod: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Fields the API server refuses to change once an object exists (422 "field is immutable"), per
+# resource: (path, a predicate on the stored object that makes the field mutable after all).
+def _get(obj: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def _suspended_job(job: dict[str, Any]) -> bool:
+    """A Job that is suspended and has never started: Kueue sets its pods' scheduling fields
+    before it admits it (apps/job validation: mutable scheduling directives)."""
+    return bool(_get(job, ("spec", "suspend"))) and not _get(job, ("status", "startTime"))
+
+
+# What of a suspended Job's pod template may change: its scheduling directives, labels and
+# annotations; the rest (containers, volumes, restart policy...) stays immutable.
+_JOB_TEMPLATE_SCHEDULING = (
+    ("metadata", "labels"), ("metadata", "annotations"), ("spec", "nodeSelector"),
+    ("spec", "tolerations"), ("spec", "affinity"), ("spec", "schedulingGates"),
+)  # fmt: skip
+
+
+def _job_template_rest(template: Any) -> Any:
+    out = copy.deepcopy(template) if isinstance(template, dict) else {}
+    for section, field in _JOB_TEMPLATE_SCHEDULING:
+        if isinstance(out.get(section), dict):
+            out[section].pop(field, None)
+    return out
+
+
+# Pod fields a pod update may change (apps' ValidatePodUpdate): images, the active deadline and
+# added tolerations; everything else in spec needs a new pod (resources: the resize subresource).
+def _pod_spec_rest(spec: Any) -> Any:
+    out = copy.deepcopy(spec) if isinstance(spec, dict) else {}
+    for key in ("containers", "initContainers"):
+        for container in out.get(key) or []:
+            container.pop("image", None)
+    for key in ("activeDeadlineSeconds", "tolerations"):
+        out.pop(key, None)
+    return out
+
+
+def immutable_change(plural: str, current: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The field an update changes that the API server would refuse to change, or None.
+
+    >>> immutable_change("deployments", {"spec": {"selector": {"a": 1}}},
+    ...                  {"spec": {"selector": {"a": 2}}})
+    'spec.selector'
+    """
+    fixed: list[tuple[str, ...]] = []
+    if plural == "deployments":
+        fixed = [("spec", "selector")]
+    elif plural == "jobs":
+        fixed = [
+            ("spec", "selector"), ("spec", "manualSelector"), ("spec", "completionMode"),
+            ("spec", "completions"), ("spec", "podFailurePolicy"),
+            ("spec", "backoffLimitPerIndex"),
+        ]  # fmt: skip
+        before, after = _get(current, ("spec", "template")), _get(new, ("spec", "template"))
+        if _suspended_job(current):
+            before, after = _job_template_rest(before), _job_template_rest(after)
+        if before != after:
+            return "spec.template"
+    elif plural == "services":
+        if _get(current, ("spec", "clusterIP")):
+            fixed = [("spec", "clusterIP")]
+    elif plural == "pods":
+        if _pod_spec_rest(current.get("spec")) != _pod_spec_rest(new.get("spec")):
+            return "spec"
+        added = _get(new, ("spec", "tolerations")) or []
+        if any(t not in added for t in _get(current, ("spec", "tolerations")) or []):
+            return "spec.tolerations"
+    for path in fixed:
+        if _get(current, path) != _get(new, path):
+            return ".".join(path)
+    return None
+
+
 # The published CRDs of the kinds trimtab writes, as the API server would hold writes to them.
 THIRDPARTY_CRDS = {
     ("gateway.networking.k8s.io", "httproutes"):
@@ -436,6 +514,13 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         else:  # merge and strategic merge (approximated): a merge of what was sent
             new = merge(current, request.data or {})
 
+        changed = request.subresource is None and immutable_change(
+            str(request.resource.plural), current, new
+        )
+        if changed:
+            raise kmock.KubernetesError(
+                status=422, reason="Invalid", message=f"{changed}: field is immutable"
+            )
         if request.subresource == "resize" and _without_resources(new) != _without_resources(
             current
         ):

@@ -210,3 +210,120 @@ async def test_apply_removes_a_field_it_no_longer_sends(api: Any, cluster: Any) 
     assert stored["metadata"]["annotations"][C.ANNOTATION_APPLIED]
     await kube.apply(without)
     assert len(api.writes) == writes + 1  # applied already: nothing written
+
+
+_JOB = {
+    "spec": {
+        "completions": 4,
+        "completionMode": "Indexed",
+        "template": {"spec": {"containers": [{"name": "w", "image": "a"}]}},
+    }
+}
+
+
+def _with(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    import copy
+
+    out = copy.deepcopy(obj)
+    *parents, last = path.split(".")
+    node = out
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return out
+
+
+IMMUTABLE = [
+    pytest.param(
+        "deployments", {"spec": {"selector": {"matchLabels": {"a": "1"}}, "replicas": 1}},
+        {"spec": {"selector": {"matchLabels": {"a": "2"}}, "replicas": 1}}, "spec.selector",
+        id="deployment-selector",
+    ),
+    pytest.param(
+        "deployments", {"spec": {"selector": {"matchLabels": {"a": "1"}}, "replicas": 1}},
+        {"spec": {"selector": {"matchLabels": {"a": "1"}}, "replicas": 3}}, None,
+        id="deployment-replicas-change",
+    ),
+    pytest.param(
+        "jobs", _JOB, _with(_JOB, "spec.template.spec.containers", [{"name": "w", "image": "b"}]),
+        "spec.template", id="running-job-template",
+    ),
+    pytest.param(
+        "jobs", _with(_JOB, "spec.suspend", True),
+        _with(_with(_JOB, "spec.suspend", True), "spec.template.spec.nodeSelector", {"z": "a"}),
+        None, id="suspended-job-scheduling-directives-kueue-sets",
+    ),
+    pytest.param(
+        "jobs", _with(_JOB, "spec.suspend", True),
+        _with(_with(_JOB, "spec.suspend", True), "spec.template.spec.containers", []),
+        "spec.template", id="suspended-job-containers",
+    ),
+    pytest.param(
+        "jobs", _JOB, _with(_JOB, "spec.completions", 8), "spec.completions",
+        id="job-completions",
+    ),
+    pytest.param(
+        "jobs", _JOB, _with(_with(_JOB, "spec.activeDeadlineSeconds", 60), "spec.suspend", False),
+        None, id="job-deadline-and-suspend-change",
+    ),
+    pytest.param(
+        "services", {"spec": {"clusterIP": "10.0.0.1", "ports": [{"port": 80}]}},
+        {"spec": {"clusterIP": "10.0.0.2", "ports": [{"port": 80}]}}, "spec.clusterIP",
+        id="service-cluster-ip",
+    ),
+    pytest.param(
+        "services", {"spec": {"ports": [{"port": 80}]}}, {"spec": {"ports": [{"port": 81}]}},
+        None, id="service-ports-change",
+    ),
+    pytest.param(
+        "pods", {"spec": {"containers": [{"name": "c", "image": "a"}]}},
+        {"spec": {"containers": [{"name": "c", "image": "b"}]}}, None, id="pod-image",
+    ),
+    pytest.param(
+        "pods", {"spec": {"containers": [{"name": "c", "image": "a"}]}},
+        {"spec": {"containers": [{"name": "c", "image": "a", "env": []}]}}, "spec",
+        id="pod-container-env",
+    ),
+    pytest.param(
+        "pods", {"spec": {"tolerations": [{"key": "a"}]}},
+        {"spec": {"tolerations": []}}, "spec.tolerations", id="pod-toleration-removed",
+    ),
+    pytest.param(
+        "httproutes", {"spec": {"rules": [1]}}, {"spec": {"rules": [2]}}, None,
+        id="kinds-without-rules",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("plural", "current", "new", "field"), IMMUTABLE)
+def test_emulator_knows_the_fields_the_api_server_keeps(
+    plural: str, current: dict[str, Any], new: dict[str, Any], field: str | None
+) -> None:
+    from tests.kube_emulator import immutable_change
+
+    assert immutable_change(plural, current, new) == field
+
+
+async def test_emulator_refuses_changing_an_immutable_field(api: Any, cluster: Any) -> None:
+    """As the API server: a Deployment's selector cannot change once it exists (422)."""
+    from trimtab.kube.client import KubeError
+
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "d", "namespace": "ns"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "d"}},
+            "template": {
+                "metadata": {"labels": {"app": "d"}},
+                "spec": {"containers": [{"name": "c", "image": "i"}]},
+            },
+        },
+    }
+    await cluster.kube.apply(deployment)
+    deployment["spec"]["selector"] = {"matchLabels": {"app": "d", "v": "2"}}
+    deployment["spec"]["template"]["metadata"]["labels"]["v"] = "2"
+    with pytest.raises(KubeError) as err:
+        await cluster.kube.apply(deployment)
+    assert err.value.status == 422
+    assert "spec.selector: field is immutable" in str(err.value)
