@@ -212,7 +212,7 @@ async def test_apply_removes_a_field_it_no_longer_sends(api: Any, cluster: Any) 
     assert len(api.writes) == writes + 1  # applied already: nothing written
 
 
-_JOB = {
+_JOB: dict[str, Any] = {
     "spec": {
         "completions": 4,
         "completionMode": "Indexed",
@@ -226,7 +226,7 @@ def _with(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 
     out = copy.deepcopy(obj)
     *parents, last = path.split(".")
-    node = out
+    node: dict[str, Any] = out
     for part in parents:
         node = node.setdefault(part, {})
     node[last] = value
