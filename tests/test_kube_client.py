@@ -308,7 +308,7 @@ async def test_emulator_refuses_changing_an_immutable_field(api: Any, cluster: A
     """As the API server: a Deployment's selector cannot change once it exists (422)."""
     from trimtab.kube.client import KubeError
 
-    deployment = {
+    deployment: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": "d", "namespace": "ns"},
