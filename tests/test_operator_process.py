@@ -157,6 +157,83 @@ def test_render_cli_prints_manifests(capsys: Any) -> None:
     assert [d["kind"] for d in docs] == ["Deployment", "Service", "PodDisruptionBudget"]
 
 
+RENDERED_KINDS = [
+    pytest.param("modeldeployment.yaml", ["Deployment", "Service", "PodDisruptionBudget"],
+                 id="modeldeployment"),
+    # The ConfigMap it mounts is the user's to apply: left out.
+    pytest.param("modeldeployment-torchserve.yaml",
+                 ["Deployment", "Service", "PodDisruptionBudget"], id="with-a-configmap"),
+    pytest.param("trainingjob.yaml", ["Service", "Job"], id="trainingjob"),
+    pytest.param("trainingjob-gang.yaml", ["Service", "PodGroup", "Job"], id="gang"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("example", "kinds"), RENDERED_KINDS)
+def test_render_cli_prints_what_the_operator_creates_first(
+    example: str, kinds: list[str], capsys: Any
+) -> None:
+    from trimtab.__main__ import main
+
+    assert main(["render", "-f", str(ROOT / "examples" / example)]) == 0
+    out = capsys.readouterr()
+    assert [d["kind"] for d in yaml.safe_load_all(out.out)] == kinds
+    assert out.err == ""
+
+
+def test_render_cli_prints_nothing_for_a_suspended_trainingjob(tmp_path: Path, capsys: Any) -> None:
+    """A TrainingJob created suspended starts no attempt: nothing to create yet."""
+    from trimtab.__main__ import main
+
+    doc = yaml.safe_load((ROOT / "examples" / "trainingjob.yaml").read_text())
+    doc["spec"]["suspend"] = True
+    path = tmp_path / "suspended.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["render", "-f", str(path)]) == 0
+    assert capsys.readouterr().out == ""
+
+
+RENDER_REFUSALS = [
+    pytest.param(
+        "apiVersion: trimtab.io/v1alpha1\nkind: ModelDeployment\nmetadata: {name: x}\n"
+        "spec: {server: vllm, image: i, replicas: -1}\n",
+        "ModelDeployment/x: spec.replicas: Input should be greater than or equal to 0",
+        id="invalid-modeldeployment-names-the-field",
+    ),
+    pytest.param(
+        "apiVersion: trimtab.io/v1alpha1\nkind: TrainingJob\nmetadata: {name: t}\n"
+        "spec: {image: i, workers: 0}\n",
+        "TrainingJob/t: spec.workers: Input should be greater than or equal to 1",
+        id="invalid-trainingjob-names-the-field",
+    ),
+    pytest.param(
+        "apiVersion: trimtab.io/v1alpha1\nkind: Widget\nmetadata: {name: w}\n",
+        "Widget/w: not a ModelDeployment or a TrainingJob",
+        id="unknown-kind-of-the-group",
+    ),
+    pytest.param(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n",
+        "no trimtab.io/v1alpha1 ModelDeployment or TrainingJob",
+        id="nothing-to-render",
+    ),
+    pytest.param("a: [", "while parsing", id="not-yaml"),
+]
+
+
+@pytest.mark.parametrize(("text", "said"), RENDER_REFUSALS)
+def test_render_cli_names_what_the_operator_would_refuse(
+    text: str, said: str, tmp_path: Path, capsys: Any
+) -> None:
+    """No traceback and no partial output: exit 1, and why on stderr."""
+    from trimtab.__main__ import main
+
+    path = tmp_path / "in.yaml"
+    path.write_text(text)
+    assert main(["render", "-f", str(path)]) == 1
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert said in out.err and out.err.startswith(f"trimtab render: {path}: ")
+
+
 def test_peers_get_distinct_priorities(monkeypatch: Any) -> None:
     from trimtab.__main__ import peer_priority
 

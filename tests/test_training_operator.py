@@ -321,10 +321,25 @@ async def test_gang_podgroup_per_attempt(
 ) -> None:
     pg_path = f"/apis/scheduling.x-k8s.io/v1alpha1/namespaces/{NS}/podgroups"
     async with run_operator():
-        await cluster.create(TJ_PATH, trainingjob(scheduling={"gang": {"enabled": True}}))
+        created = await cluster.create(
+            TJ_PATH, trainingjob(scheduling={"gang": {"enabled": True}})
+        )
         pg = await wait_for(lambda: cluster.get(f"{pg_path}/llama-r0"))
         assert pg["spec"]["minMember"] == 2
         job = await wait_for(lambda: cluster.get(f"{JOB_PATH}/llama-r0"))
+        service = await wait_for(lambda: cluster.get(f"{SVC_PATH}/llama"))
+
+        # `trimtab render` prints what the operator creates: the same objects, field for field
+        # (less what the API server stamps and the applied-hash annotation).
+        from trimtab.render import render
+
+        def essence(obj: dict[str, Any]) -> tuple[Any, ...]:
+            meta = obj["metadata"]
+            return (obj["kind"], meta["name"], meta.get("labels"), meta["ownerReferences"],
+                    obj["spec"])  # fmt: skip
+
+        rendered = render(created)
+        assert [essence(o) for o in rendered] == [essence(o) for o in (service, pg, job)]
         pod = job["spec"]["template"]
         assert pod["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] == "llama-r0"
         assert pod["spec"]["schedulerName"] == "scheduler-plugins-scheduler"

@@ -121,13 +121,37 @@ async def _ensure_peering(name: str, namespace: str | None) -> None:
 
 
 def _render(args: argparse.Namespace) -> int:
-    """What the reconcile would apply for a ModelDeployment file: a real dry run of the builders."""
-    from trimtab.render import render_modeldeployment
+    """What the reconciles would apply for the ModelDeployments and TrainingJobs in a file: a
+    real dry run of the builders. Other documents (a ConfigMap they mount) are the user's to
+    apply and are left out; a resource the operator would refuse is named, with why, and
+    nothing is printed."""
+    from trimtab import constants as C
+    from trimtab.render import RenderError, render
 
-    docs = [d for d in yaml.safe_load_all(Path(args.file).read_text()) if d]
-    out = []
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(args.file).read_text()) if d]
+    except (OSError, yaml.YAMLError) as err:
+        print(f"trimtab render: {args.file}: {err}", file=sys.stderr)
+        return 1
+    out, refused, ours = [], [], 0
     for doc in docs:
-        out.extend(render_modeldeployment(doc))
+        if not isinstance(doc, dict) or doc.get("apiVersion") != C.API_VERSION:
+            continue
+        ours += 1
+        name = f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
+        try:
+            out.extend(render(doc))
+        except RenderError as err:
+            refused.append(f"trimtab render: {args.file}: {name}: {err}")
+    for line in refused:
+        print(line, file=sys.stderr)
+    if ours == 0:
+        print(
+            f"trimtab render: {args.file}: no {C.API_VERSION} ModelDeployment or TrainingJob",
+            file=sys.stderr,
+        )
+    if refused or ours == 0:
+        return 1
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -173,7 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--priority", type=int, help="kopf peering priority (default: derived from POD_ID)"
     )
     render = sub.add_parser("render", help="print the objects the operator would create")
-    render.add_argument("-f", "--file", required=True, help="a ModelDeployment YAML file")
+    render.add_argument(
+        "-f", "--file", required=True, help="a YAML file of ModelDeployments and TrainingJobs"
+    )
     render.add_argument("--json", action="store_true")
     for name, help_ in (
         ("simulate", "replay a trace through trimtab's autoscaler and the baselines"),
