@@ -7,13 +7,11 @@ It goes through the same parse, feasibility check, decision and builders as the 
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
-
 from trimtab import constants as C
-from trimtab.api.modeldeployment import ModelDeploymentSpec
-from trimtab.api.trainingjob import TrainingJobSpec, TrainingJobStatus
+from trimtab.api.trainingjob import TrainingJobStatus
 from trimtab.builders.autoscaling import replicas_for_revision
 from trimtab.builders.common import Owner
 from trimtab.builders.serving import (
@@ -24,35 +22,38 @@ from trimtab.builders.serving import (
 )
 from trimtab.builders.training import build_job, build_podgroup
 from trimtab.builders.training import build_service as build_training_service
-from trimtab.decisions.serving import find_spec_problems
+from trimtab.decisions.serving import checked_spec as checked_serving_spec
 from trimtab.decisions.training import TrainingInputs, decide_training
-from trimtab.decisions.training import find_spec_problems as find_training_problems
+from trimtab.decisions.training import checked_spec as checked_training_spec
 
-S = TypeVar("S", bound=BaseModel)
+S = TypeVar("S")
 
 
 class RenderError(ValueError):
     """The resource would be rejected or marked Degraded by the operator."""
 
 
-def _parse(model: type[S], doc: dict[str, Any]) -> S:
-    """The spec as the operator parses it; a spec it would refuse raises, naming each field."""
-    try:
-        return model.model_validate(doc.get("spec") or {})
-    except ValidationError as err:
-        fields = [f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise RenderError("; ".join(fields)) from err
-
-
-def _owner(doc: dict[str, Any], kind: str) -> Owner:
+def _checked(
+    doc: dict[str, Any],
+    kind: str,
+    check: Callable[[Mapping[str, Any]], tuple[S | None, list[str]]],
+) -> tuple[S, Owner]:
+    """The document's spec as the operator's reconcile reads it (the same check), and its
+    owner; a spec the operator would refuse raises, naming each field."""
+    if doc.get("kind") != kind:
+        raise RenderError(f"not a {kind}: kind {doc.get('kind')!r}")
+    spec, problems = check(doc.get("spec") or {})
+    if spec is None or problems:
+        raise RenderError("; ".join(problems))
     meta = doc.get("metadata") or {}
-    return Owner(
+    owner = Owner(
         C.API_VERSION,
         kind,
         meta.get("name", "example"),
         meta.get("namespace", "default"),
         meta.get("uid", "00000000-0000-0000-0000-000000000000"),
     )
+    return spec, owner
 
 
 def render(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -64,13 +65,7 @@ def render(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render_modeldeployment(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    if doc.get("kind") != C.MODELDEPLOYMENT_KIND:
-        raise RenderError(f"not a ModelDeployment: kind {doc.get('kind')!r}")
-    spec = _parse(ModelDeploymentSpec, doc)
-    problems = find_spec_problems(spec)
-    if problems:
-        raise RenderError("; ".join(problems))
-    owner = _owner(doc, C.MODELDEPLOYMENT_KIND)
+    spec, owner = _checked(doc, C.MODELDEPLOYMENT_KIND, checked_serving_spec)
     revision = revision_of(spec)
     replicas = replicas_for_revision(spec, {})  # what the first reconcile applies
     rendered = [build_deployment(owner, spec, revision, replicas), build_service(owner, spec)]
@@ -83,13 +78,7 @@ def render_trainingjob(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The first attempt's objects, as the reconcile creates them for a new TrainingJob: its
     headless Service, its PodGroup (gang scheduling) and its Indexed Job; none for a TrainingJob
     created suspended, which starts no attempt."""
-    if doc.get("kind") != C.TRAININGJOB_KIND:
-        raise RenderError(f"not a TrainingJob: kind {doc.get('kind')!r}")
-    spec = _parse(TrainingJobSpec, doc)
-    problems = find_training_problems(spec)
-    if problems:
-        raise RenderError("; ".join(problems))
-    owner = _owner(doc, C.TRAININGJOB_KIND)
+    spec, owner = _checked(doc, C.TRAININGJOB_KIND, checked_training_spec)
     now = datetime.datetime.now(datetime.UTC)
     decision = decide_training(TrainingInputs(spec, TrainingJobStatus(), None, None, now, 1))
     if not decision.create_job:

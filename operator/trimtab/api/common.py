@@ -9,7 +9,14 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from trimtab.api.quantity import QUANTITY_PATTERN
@@ -364,3 +371,9 @@ class VolumeMount(StrictModel):
     mount_path: str = Field(pattern=r"^/", max_length=1024)
     read_only: bool | None = None
     sub_path: str | None = Field(default=None, pattern=r"^[^/]", max_length=1024)
+
+
+def validation_problems(err: ValidationError) -> list[str]:
+    """A spec the models refuse, as the problems status names: one per field, each
+    `spec.<field path>: <what is wrong>`."""
+    return [f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]

@@ -9,7 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trimtab.api.common import Condition
+from pydantic import ValidationError
+
+from trimtab.api.common import Condition, validation_problems
 from trimtab.api.modeldeployment import (
     CONDITION_DEGRADED,
     CONDITION_PROGRESSING,
@@ -45,6 +47,16 @@ def wants_shm(spec: ModelDeploymentSpec) -> bool:
         and spec.server in SHM_SERVERS
         and all(m.mount_path != "/dev/shm" for m in spec.volume_mounts)
     )
+
+
+def checked_spec(raw: Mapping[str, Any]) -> tuple[ModelDeploymentSpec | None, list[str]]:
+    """The spec as the operator reads it (None if the models refuse it), and the problems that
+    make it unusable, each naming the field: the models' errors, else find_spec_problems'."""
+    try:
+        spec = ModelDeploymentSpec.model_validate(dict(raw))
+    except ValidationError as err:
+        return None, validation_problems(err)
+    return spec, find_spec_problems(spec)
 
 
 def find_spec_problems(spec: ModelDeploymentSpec) -> list[str]:

@@ -13,7 +13,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from trimtab.api.common import ConditionStatus
+from pydantic import ValidationError
+
+from trimtab.api.common import ConditionStatus, validation_problems
 from trimtab.api.quantity import parse_quantity
 from trimtab.api.trainingjob import (
     CONDITION_FAILED,
@@ -234,6 +236,16 @@ def restart_backoff(policy: FailurePolicy, restart: int) -> int:
     exponent = min(max(0, restart - 1), 30)
     wait: int = policy.backoff_seconds * (1 << exponent)
     return min(policy.max_backoff_seconds, wait)
+
+
+def checked_spec(raw: Mapping[str, Any]) -> tuple[TrainingJobSpec | None, list[str]]:
+    """The spec as the operator reads it (None if the models refuse it), and the problems that
+    make it unusable, each naming the field: the models' errors, else find_spec_problems'."""
+    try:
+        spec = TrainingJobSpec.model_validate(dict(raw))
+    except ValidationError as err:
+        return None, validation_problems(err)
+    return spec, find_spec_problems(spec)
 
 
 def find_spec_problems(spec: TrainingJobSpec) -> list[str]:

@@ -13,7 +13,6 @@ import time
 from typing import Any, cast
 
 import kopf
-from pydantic import ValidationError
 
 from trimtab import constants as C
 from trimtab.api.common import Condition
@@ -38,7 +37,7 @@ from trimtab.decisions.rightsizing import effective_spec
 from trimtab.decisions.rollout import RevisionPlan, plan_revisions, spec_with_model
 from trimtab.decisions.serving import (
     DeploymentObservation,
-    find_spec_problems,
+    checked_spec,
     plan_disruption_budget,
     serving_state,
 )
@@ -94,14 +93,8 @@ def parse_spec(spec: Any, status: Any = None) -> tuple[ModelDeploymentSpec | Non
     With `status`, resources that right-sizing applied in Auto mode replace spec.resources:
     every handler takes the revision from this, so an applied recommendation is a new revision
     that goes through the normal rollout."""
-    try:
-        parsed = ModelDeploymentSpec.model_validate(dict(spec))
-    except ValidationError as err:
-        return None, [
-            f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-        ]
-    problems = find_spec_problems(parsed)
-    if status is not None and not problems:
+    parsed, problems = checked_spec(spec)
+    if parsed is not None and status is not None and not problems:
         parsed = effective_spec(parsed, dict(status))
     return parsed, problems
 

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
-from pydantic import ValidationError
 
 from trimtab import constants as C
 from trimtab.api.trainingjob import (
@@ -42,9 +41,9 @@ from trimtab.decisions.training import (
     JobObservation,
     TrainingDecision,
     TrainingInputs,
+    checked_spec,
     decide_training,
     diagnose,
-    find_spec_problems,
     first_worker_failure,
     format_time,
     parse_time,
@@ -196,16 +195,6 @@ async def run_trainingjob(
 # --- one step ---------------------------------------------------------------------------------
 
 
-def _parse(spec: Any) -> tuple[TrainingJobSpec | None, list[str]]:
-    try:
-        parsed = TrainingJobSpec.model_validate(dict(spec or {}))
-    except ValidationError as err:
-        return None, [
-            f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-        ]
-    return parsed, find_spec_problems(parsed)
-
-
 async def sync_trainingjob(
     kube: KubeClient,
     namespace: str,
@@ -223,7 +212,7 @@ async def sync_trainingjob(
     generation = int(body["metadata"].get("generation") or 0)
     current_status = dict(body.get("status") or {})
     status = TrainingJobStatus.model_validate(current_status)
-    spec, problems = _parse(body.get("spec"))
+    spec, problems = checked_spec(body.get("spec") or {})
     owner = owner_of(body)
     if spec is None:
         await _write_invalid(kube, body, status, problems, generation, now)
