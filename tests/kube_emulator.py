@@ -329,6 +329,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     # with a field the CRD does not declare (pruned without a word), a value of the wrong type
     # or one its CEL rules refuse (refused). The `api` fixture fails a test that made any.
     schema_problems: list[str] = attrs.field(factory=list)
+    # The CRD each third-party kind is held to, by (group, plural): a test of a cluster with
+    # another channel of a CRD (Gateway API's experimental HTTPRoute) replaces one.
+    crds: dict[tuple[str, str], Path] = attrs.field(factory=lambda: dict(THIRDPARTY_CRDS))
 
     def declare_resources(self) -> None:
         self.resources.load_bundled()
@@ -430,7 +433,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         except kmock.KubernetesError as err:
             return await self._render_error(err)
         response = await super()._handle(request)
-        crd = THIRDPARTY_CRDS.get((str(request.resource.group), str(request.resource.plural)))
+        crd = self.crds.get((str(request.resource.group), str(request.resource.plural)))
         if crd is not None and (stored := self._stored(request)) is not None:
             # In a thread: CEL over a route takes milliseconds, and the operator shares this loop.
             version = str(request.resource.version)

@@ -510,7 +510,37 @@ def rollout_failures(rollout: dict[str, Any]) -> list[str]:
         pytest.param(
             {"router": {"type": "istio", "host": "m",
                         "timeouts": {"request": "10m", "backendRequest": "5m"}}},
-            "timeouts.backendRequest is Gateway API's", id="istio-has-no-backend-timeout"),
+            "per-try timeout, which is part of its retry policy",
+            id="istio-backend-timeout-needs-retries"),
+        pytest.param(
+            {"router": {"type": "istio", "host": "m", "retries": {"attempts": 3},
+                        "timeouts": {"request": "10m", "backendRequest": "5m"}}},
+            None, id="istio-backend-timeout-is-the-per-try-timeout"),
+        pytest.param(
+            {"router": {"type": "istio", "host": "m", "retries": {"attempts": 0},
+                        "timeouts": {"backendRequest": "5m"}}},
+            "per-try timeout, which is part of its retry policy",
+            id="istio-per-try-timeout-without-retries"),
+        pytest.param(
+            {"router": {"type": "istio", "host": "m", "retries": {"attempts": 0}}},
+            None, id="istio-retries-off"),
+        pytest.param(
+            {"router": {"type": "istio", "host": "m",
+                        "retries": {"attempts": 0, "codes": [503]}}},
+            "attempts 0 turns retries off", id="istio-codes-with-retries-off"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r",
+                        "retries": {"attempts": 2, "codes": [500, 503], "backoff": "250ms"}}},
+            None, id="gateway-retries"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r", "retries": {"attempts": 0}}},
+            "Gateway API's retry takes 1 or more", id="gateway-retry-cannot-be-off"),
+        pytest.param(
+            {"router": {"type": "gatewayApi", "httpRoute": "r", "retries": {"backoff": "0s"}}},
+            "retries.backoff is at least 1ms", id="zero-backoff"),
+        pytest.param(
+            {"router": {"type": "replicas", "retries": {"attempts": 1}}},
+            "retries applies only", id="replicas-have-no-route-to-retry"),
         pytest.param(
             {"router": {"type": "istio", "host": "m", "filters": [FILTERS[2]],
                         "matches": [{"path": {"type": "Exact", "value": "/v1"}}]}},
@@ -605,6 +635,7 @@ def test_weights_outside_0_100_rejected_by_schema() -> None:
         pytest.param({"request": "30s", "backendRequest": "5m"}, "at most timeouts.request",
                      id="backend-longer-than-request"),
         pytest.param({"request": "soon"}, "does not match", id="not-a-duration"),
+        pytest.param({"request": "100000s"}, "does not match", id="over-five-digits"),
     ],
 )  # fmt: skip
 def test_route_timeouts_are_checked_as_the_httproute_crd_does(
@@ -721,6 +752,11 @@ def rules(*rules: dict[str, Any]) -> dict[str, Any]:
                      ['timeouts {"request": "10m"}'], id="timeouts-not-listed"),
         pytest.param(rules({"timeouts": {"request": "10m"}}),
                      {**TAKEOVER, "timeouts": {"request": "10m"}}, [], id="timeouts-listed"),
+        pytest.param(rules({"retry": {"attempts": 2, "codes": [503]}}), TAKEOVER,
+                     ['retry {"attempts": 2, "codes": [503]}'], id="retry-not-listed"),
+        pytest.param(rules({"retry": {"codes": [504, 503]}}),
+                     {**TAKEOVER, "retries": {"codes": [503, 504]}}, [],
+                     id="retry-listed-codes-are-a-set"),
         pytest.param(rules({"filters": [REWRITE]}, {"filters": [REWRITE]}), TAKEOVER,
                      ["filter URLRewrite"], id="said-once"),
     ],

@@ -34,6 +34,8 @@ def closed_schema(schema: Any) -> Any:
             and not out.get("x-kubernetes-preserve-unknown-fields")
         ):
             out["additionalProperties"] = False
+        if out.get("x-kubernetes-list-type") == "set":
+            out["uniqueItems"] = True  # the API server refuses a duplicate in a set list
         if out.get("type") == "object" and out.get("x-kubernetes-int-or-string"):
             out.pop("type")
         # OpenAPI v3.0 (what CRDs use) spells exclusive bounds as booleans; JSON Schema as numbers.

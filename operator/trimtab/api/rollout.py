@@ -8,8 +8,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
+from trimtab.api.autoscaling import duration_seconds
 from trimtab.api.common import DNSSubdomain, Duration, StatusModel, StrictModel
 
 # Steps are bounded so the "weights increase" rule can be written out pairwise in CEL
@@ -25,6 +26,14 @@ ManualAction = Literal["promote", "promote-full", "abort"]
 MANUAL_ACTIONS: tuple[str, ...] = ("promote", "promote-full", "abort")
 
 Strategy = Literal["Canary", "ShadowThenCanary", "Immediate"]
+
+# A duration as Gateway API writes one (GEP-2257): 1 to 4 parts of up to 5 digits each and a
+# unit of h, m, s or ms. The HTTPRoute CRD refuses any other, so the router's fields take this.
+GatewayDuration = Annotated[
+    str,
+    StringConstraints(pattern=r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"),
+    Field(description='A Gateway API duration such as "30s", "10m" or "1h30m".'),
+]
 
 
 class StepPause(StrictModel):
@@ -162,11 +171,13 @@ class HttpRouteTimeouts(StrictModel):
     their own default when none is given, Envoy Gateway 15 s, which cuts off long generations:
     set `request` above the longest one. "0s" disables a timeout."""
 
-    request: Duration | None = Field(
+    request: GatewayDuration | None = Field(
         default=None, description="From the request's arrival to the whole response."
     )
-    backend_request: Duration | None = Field(
-        default=None, description="One try at a backend (at most `request`)."
+    backend_request: GatewayDuration | None = Field(
+        default=None,
+        description="One try at a backend (at most `request`); on Istio the retry policy's "
+        "per-try timeout, so it needs `retries`.",
     )
 
     model_config = ConfigDict(
@@ -182,6 +193,75 @@ class HttpRouteTimeouts(StrictModel):
             ]
         }
     )
+
+
+
+# A status code a route may retry: the HTTPRoute CRD's range (5xx is what to retry; 4xx is
+# allowed, rarely wise).
+RetryStatusCode = Annotated[int, Field(ge=400, le=599)]
+# Istio retries this many times when its retry policy does not say (its default policy's count).
+ISTIO_DEFAULT_RETRY_ATTEMPTS = 2
+
+
+class RouteRetry(StrictModel):
+    """Retries of the rule trimtab writes, in Gateway API's form (GEP-1731). Without it the
+    gateway's or mesh's default holds: Istio retries twice on a failed or refused connection
+    and on a 503. A retry of a model request runs its whole generation again, on the same
+    revision (a canary's error is retried on a canary pod, and its metrics count both tries).
+
+    Gateway API: the rule's `retry`, which HTTPRoute keeps in its experimental channel and in
+    the standard channel from v1.7; an older standard CRD drops it and trimtab warns. Istio:
+    the route's `retries`, with connection failures retried besides `codes`."""
+
+    attempts: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Retries after the first try; 0 turns Istio's default retries off (Gateway "
+        "API's retry takes 1 or more). Default: the implementation's (Istio: 2).",
+    )
+    codes: list[RetryStatusCode] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        description="Response status codes to retry (400-599). Default: the "
+        "implementation's (Istio: 503).",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    backoff: GatewayDuration | None = Field(
+        default=None, description="The least wait between tries (at least 1ms)."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    # Istio's VirtualService CRD refuses a backoff under 1ms.
+                    "rule": "!has(self.backoff) || duration(self.backoff) >= duration('1ms')",
+                    "message": "retries.backoff is at least 1ms",
+                },
+                {
+                    "rule": "!has(self.attempts) || self.attempts > 0 "
+                    "|| (!has(self.codes) && !has(self.backoff))",
+                    "message": "retries.attempts 0 turns retries off: codes and backoff need "
+                    "attempts of 1 or more",
+                },
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RouteRetry:
+        if self.backoff is not None and duration_seconds(self.backoff) < 0.001:
+            raise ValueError("retries.backoff is at least 1ms")
+        if self.attempts == 0 and (self.codes is not None or self.backoff is not None):
+            raise ValueError(
+                "retries.attempts 0 turns retries off: codes and backoff need attempts of 1 "
+                "or more"
+            )
+        if self.codes is not None and len(set(self.codes)) != len(self.codes):
+            raise ValueError("retries.codes names a status code at most once")
+        return self
 
 
 # An HTTP header or query parameter name (RFC 7230 token), as the HTTPRoute CRD has it.
@@ -496,6 +576,16 @@ def _check_filters(filters: list[RouteFilter] | None, matches: list[RouteMatch] 
             raise ValueError(PREFIX_REWRITE_MESSAGE)
 
 
+GATEWAY_RETRY_ATTEMPTS_MESSAGE = (
+    "retries.attempts: Gateway API's retry takes 1 or more (leave retries out for the "
+    "gateway's default)"
+)
+ISTIO_PER_TRY_MESSAGE = (
+    "timeouts.backendRequest is an Istio route's per-try timeout, which is part of its retry "
+    "policy: set retries too (with attempts of 1 or more)"
+)
+
+
 class GatewayApiRouterSpec(StrictModel):
     """Gateway API: trimtab writes the rules (weighted backendRefs, a RequestMirror filter) of
     an HTTPRoute. With parentRefs it creates the route; with only httpRoute it takes over the
@@ -510,6 +600,10 @@ class GatewayApiRouterSpec(StrictModel):
     timeouts: HttpRouteTimeouts | None = Field(
         default=None, description="Timeouts of the rule trimtab writes."
     )
+    retries: RouteRetry | None = Field(
+        default=None,
+        description="Retries of the rule trimtab writes; default: the gateway's or mesh's.",
+    )
     matches: list[RouteMatch] | None = Field(
         default=None, min_length=1, max_length=16, description=MATCHES_DESCRIPTION
     )
@@ -522,11 +616,24 @@ class GatewayApiRouterSpec(StrictModel):
         "gets these instead of its own rules' filters.",
     )
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [*_filter_rules()]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                *_filter_rules(),
+                {
+                    "rule": "!has(self.retries) || !has(self.retries.attempts) "
+                    "|| self.retries.attempts > 0",
+                    "message": GATEWAY_RETRY_ATTEMPTS_MESSAGE,
+                },
+            ]
+        }
+    )
 
     @model_validator(mode="after")
     def _filters_fit_the_rule(self) -> GatewayApiRouterSpec:
         _check_filters(self.filters, self.matches)
+        if self.retries is not None and self.retries.attempts == 0:
+            raise ValueError(GATEWAY_RETRY_ATTEMPTS_MESSAGE)
         return self
 
 
@@ -541,8 +648,13 @@ class IstioRouterSpec(StrictModel):
     )
     timeouts: HttpRouteTimeouts | None = Field(
         default=None,
-        description="request: the route's timeout (Istio's default is none); backendRequest "
-        "is Gateway API's only (Istio's per-try timeout comes with its retry policy).",
+        description="request: the route's timeout (Istio's default is none); backendRequest: "
+        "the retry policy's per-try timeout (needs retries).",
+    )
+    retries: RouteRetry | None = Field(
+        default=None,
+        description="The route's retry policy, in Gateway API's form; default: Istio's "
+        "(2 retries on a failed connection or a 503). attempts 0: no retries.",
     )
     matches: list[RouteMatch] | None = Field(
         default=None, min_length=1, max_length=16, description=MATCHES_DESCRIPTION
@@ -561,9 +673,10 @@ class IstioRouterSpec(StrictModel):
             "x-kubernetes-validations": [
                 *_filter_rules(),
                 {
-                    "rule": "!has(self.timeouts) || !has(self.timeouts.backendRequest)",
-                    "message": "timeouts.backendRequest is Gateway API's; an Istio route's "
-                    "per-try timeout comes with its retry policy",
+                    "rule": "!has(self.timeouts) || !has(self.timeouts.backendRequest) "
+                    "|| (has(self.retries) && (!has(self.retries.attempts) "
+                    "|| self.retries.attempts > 0))",
+                    "message": ISTIO_PER_TRY_MESSAGE,
                 },
                 {
                     "rule": "!has(self.filters) || self.filters.all(f, f.type != 'ExtensionRef')",
@@ -577,11 +690,12 @@ class IstioRouterSpec(StrictModel):
     @model_validator(mode="after")
     def _filters_fit_the_route(self) -> IstioRouterSpec:
         _check_filters(self.filters, self.matches)
-        if self.timeouts is not None and self.timeouts.backend_request is not None:
-            raise ValueError(
-                "timeouts.backendRequest is Gateway API's; an Istio route's per-try timeout "
-                "comes with its retry policy"
-            )
+        if (
+            self.timeouts is not None
+            and self.timeouts.backend_request is not None
+            and (self.retries is None or self.retries.attempts == 0)
+        ):
+            raise ValueError(ISTIO_PER_TRY_MESSAGE)
         if any(f.type == "ExtensionRef" for f in self.filters or []):
             raise ValueError(
                 "filters: ExtensionRef names a Gateway API implementation's filter; "

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from trimtab import constants as C
 from trimtab.api.autoscaling import duration_seconds
 from trimtab.api.rollout import (
+    ISTIO_DEFAULT_RETRY_ATTEMPTS,
     GatewayApiRouterSpec,
     HeaderModifier,
     IstioRouterSpec,
     ReplicasRouterSpec,
     RouteFilter,
     RouteMatch,
+    RouteRetry,
     UrlRewritePath,
 )
 from trimtab.builders.common import Manifest, Owner, child_name, literal_regex, object_meta
@@ -88,8 +90,6 @@ def build_http_route(owner: Owner, router: GatewayApiRouterSpec, split: Split) -
         {"name": stable_svc, "port": split.port, "weight": split.stable_weight}
     ]
     rule: Manifest = {"backendRefs": backends}
-    if router.timeouts is not None and (timeouts := router.timeouts.to_wire()):
-        rule["timeouts"] = timeouts
     if split.candidate_revision is not None:
         cand_svc = revision_service_name(owner.name, split.candidate_revision)
         backends.append({"name": cand_svc, "port": split.port, "weight": split.candidate_weight})
@@ -107,10 +107,14 @@ def build_http_route(owner: Owner, router: GatewayApiRouterSpec, split: Split) -
 
 
 def _http_route(owner: Owner, router: GatewayApiRouterSpec, rule: Manifest) -> Manifest:
-    """The HTTPRoute `router` names with `rule` as its one rule, with router.matches and
-    router.filters: the whole route when trimtab owns it (parentRefs), only the rules of the
-    user's route otherwise."""
+    """The HTTPRoute `router` names with `rule` as its one rule, with router.matches,
+    router.filters, router.timeouts and router.retries: the whole route when trimtab owns it
+    (parentRefs), only the rules of the user's route otherwise."""
     name = http_route_name(owner, router)
+    if router.timeouts is not None and (timeouts := router.timeouts.to_wire()):
+        rule = {**rule, "timeouts": timeouts}
+    if router.retries is not None:
+        rule = {**rule, "retry": router.retries.to_wire()}
     if router.filters:
         # The user's filters first: a mirrored request is the one the candidate would get.
         rule = {**rule, "filters": [f.to_wire() for f in router.filters] + rule.get("filters", [])}
@@ -163,13 +167,16 @@ def build_virtual_service(owner: Owner, router: IstioRouterSpec, split: Split) -
 
 def _virtual_service(owner: Owner, router: IstioRouterSpec, http: Manifest) -> Manifest:
     """The VirtualService for `router.host` with `http` as its one HTTP route, with
-    router.matches, router.filters and router.timeouts.request."""
+    router.matches, router.filters, router.timeouts and router.retries."""
     if router.filters:
         http = {**http, **istio_filters(router.filters, router.matches)}
     request = router.timeouts.request if router.timeouts is not None else None
     if request is not None and duration_seconds(request) > 0:
         # "0s" is Gateway API's "no timeout", which is Istio's default (its CRD takes >= 1ms).
         http = {**http, "timeout": request}
+    if router.retries is not None:
+        per_try = router.timeouts.backend_request if router.timeouts is not None else None
+        http = {**http, "retries": istio_retries(router.retries, per_try)}
     if router.matches:
         http = {"name": http["name"], "match": [istio_match(m) for m in router.matches],
                 **{k: v for k, v in http.items() if k != "name"}}  # fmt: skip
@@ -182,6 +189,43 @@ def _virtual_service(owner: Owner, router: IstioRouterSpec, http: Manifest) -> M
         "metadata": object_meta(owner, owner.name, labels={C.LABEL_NAME: owner.name}),
         "spec": spec,
     }
+
+
+# What Istio's own default policy retries besides status codes: a connection that failed or was
+# refused, and gRPC's unavailable and cancelled. Gateway API's retry retries connection errors
+# whatever its codes say, and so does the route trimtab writes from it.
+ISTIO_CONNECTION_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled"
+
+
+def istio_retries(retry: RouteRetry, per_try_timeout: str | None) -> Manifest:
+    """A Gateway API retry (and backendRequest timeout, the per-try one) as an Istio route's
+    retry policy. Istio takes an unset attempts for 0, no retries, so the count Istio uses by
+    default is written out; codes join the connection failures in retryOn, where a number is
+    a status code to retry. An unset `codes` leaves retryOn to Istio's default (which retries
+    a 503).
+
+    >>> istio_retries(RouteRetry(codes=[503, 504], backoff="100ms"), "30s")
+    {'attempts': 2, 'retryOn': 'connect-failure,refused-stream,unavailable,cancelled,\
+retriable-status-codes,503,504', 'backoff': '100ms', 'perTryTimeout': '30s'}
+    >>> istio_retries(RouteRetry(attempts=0), None)
+    {'attempts': 0}
+    >>> istio_retries(RouteRetry(attempts=1), "0s")
+    {'attempts': 1}
+    """
+    if retry.attempts == 0:
+        return {"attempts": 0}
+    out: Manifest = {
+        "attempts": retry.attempts if retry.attempts is not None else ISTIO_DEFAULT_RETRY_ATTEMPTS
+    }
+    if retry.codes:
+        codes = ",".join(str(c) for c in retry.codes)
+        out["retryOn"] = f"{ISTIO_CONNECTION_RETRY_ON},retriable-status-codes,{codes}"
+    if retry.backoff is not None:
+        out["backoff"] = retry.backoff
+    if per_try_timeout is not None and duration_seconds(per_try_timeout) > 0:
+        # "0s" is Gateway API's "no per-try timeout": Istio's default, and below its CRD's 1ms.
+        out["perTryTimeout"] = per_try_timeout
+    return out
 
 
 def istio_match(match: RouteMatch) -> Manifest:

@@ -245,10 +245,10 @@ def _filter_text(f: Manifest) -> str:
 
 def takeover_losses(route: Manifest, router: GatewayApiRouterSpec, owner_name: str) -> list[str]:
     """What the rules of a route `router` takes over (httpRoute, no parentRefs) hold that the
-    one rule trimtab writes there would not: their matches, filters and timeouts that
-    router.matches, router.filters and router.timeouts do not repeat. Empty once trimtab's rule
-    is the route's (or it was never more than that). Backends are not listed: pointing the
-    route at the model's revisions is what a takeover is for.
+    one rule trimtab writes there would not: their matches, filters, timeouts and retry that
+    router.matches, router.filters, router.timeouts and router.retries do not repeat. Empty
+    once trimtab's rule is the route's (or it was never more than that). Backends are not
+    listed: pointing the route at the model's revisions is what a takeover is for.
 
     >>> gw = GatewayApiRouterSpec(type="gatewayApi", http_route="public")
     >>> rewrite = {"type": "URLRewrite", "urlRewrite": {"hostname": "llm.internal"}}
@@ -265,6 +265,7 @@ def takeover_losses(route: Manifest, router: GatewayApiRouterSpec, owner_name: s
     kept_matches = {_match_key(m.to_wire()) for m in matches} or {_match_key({})}
     kept_filters = {json.dumps(f.to_wire(), sort_keys=True) for f in router.filters or []}
     kept_timeouts = (router.timeouts.to_wire() if router.timeouts is not None else None) or None
+    kept_retry = _retry_key(router.retries.to_wire()) if router.retries is not None else None
     ours = f"{owner_name}-"
     lost: list[str] = []
     for rule in (route.get("spec") or {}).get("rules") or []:
@@ -279,7 +280,46 @@ def takeover_losses(route: Manifest, router: GatewayApiRouterSpec, owner_name: s
                 lost.append(f"filter {_filter_text(f)}")
         if rule.get("timeouts") and rule["timeouts"] != kept_timeouts:
             lost.append(f"timeouts {json.dumps(rule['timeouts'], sort_keys=True)}")
+        if rule.get("retry") and _retry_key(rule["retry"]) != kept_retry:
+            lost.append(f"retry {json.dumps(rule['retry'], sort_keys=True)}")
     return list(dict.fromkeys(lost))
+
+
+def _retry_key(retry: Manifest) -> str:
+    """A rule's retry compared as the CRD has it: codes are a set."""
+    codes = sorted(retry.get("codes") or [])
+    return json.dumps({**retry, **({"codes": codes} if codes else {})}, sort_keys=True)
+
+
+def retry_not_kept(asked: Manifest, stored: Manifest) -> bool:
+    """Whether the HTTPRoute trimtab applied (`asked`) has a rule retry policy that the route
+    the API server stored lacks: what an HTTPRoute CRD without `rules[].retry` (the standard
+    channel before Gateway API v1.7) does, pruning the field it does not know; the gateway
+    then retries as its own default says.
+
+    >>> rule = {"backendRefs": [{"name": "llm-a"}]}
+    >>> asked = {"spec": {"rules": [{**rule, "retry": {"attempts": 1}}]}}
+    >>> retry_not_kept(asked, {"spec": {"rules": [rule]}})
+    True
+    >>> retry_not_kept(asked, asked), retry_not_kept({"spec": {"rules": [rule]}}, asked)
+    (False, False)
+    """
+    asked_rules = (asked.get("spec") or {}).get("rules") or []
+    stored_rules = (stored.get("spec") or {}).get("rules") or []
+    return any(
+        "retry" in a and (i >= len(stored_rules) or "retry" not in stored_rules[i])
+        for i, a in enumerate(asked_rules)
+    )
+
+
+def retry_warning(route_name: str) -> str:
+    """The Warning for retry_not_kept."""
+    return (
+        f"HTTPRoute {route_name}: the cluster's HTTPRoute CRD does not keep a rule's retry "
+        "(Gateway API's standard channel before v1.7), so spec.rollout.router.retries has no "
+        "effect and the gateway retries as its default says; install the experimental "
+        "channel's HTTPRoute CRD or v1.7 or later"
+    )
 
 
 def takeover_warning(route_name: str, losses: list[str]) -> str:
@@ -287,7 +327,7 @@ def takeover_warning(route_name: str, losses: list[str]) -> str:
     return (
         f"HTTPRoute {route_name}: taking it over replaces its rules with trimtab's one rule, "
         f"which lacks the route's {', '.join(losses)}; list what to keep in "
-        "spec.rollout.router (matches, filters, timeouts)"
+        "spec.rollout.router (matches, filters, timeouts, retries)"
     )
 
 

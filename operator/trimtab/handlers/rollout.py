@@ -66,6 +66,8 @@ from trimtab.decisions.rollout import (
 from trimtab.decisions.routing import (
     RouteHealth,
     refusal_to_report,
+    retry_not_kept,
+    retry_warning,
     route_condition,
     takeover_losses,
     takeover_warning,
@@ -151,8 +153,9 @@ def route_lock(memo: Any) -> asyncio.Lock:
 
 
 def warnings_posted(memo: Any) -> dict[str, float]:
-    """When each takeover Warning of this ModelDeployment was last posted (per resource, as
-    its memo is), so a rules fight repeats it hourly rather than every loop."""
+    """When each route Warning of this ModelDeployment (a takeover's losses, a retry the
+    route's CRD drops) was last posted (per resource, as its memo is), so one that holds at
+    every loop repeats hourly rather than every loop."""
     posted: dict[str, float] | None = getattr(memo, "takeover_warnings", None)
     if posted is None:
         posted = memo.takeover_warnings = {}
@@ -211,22 +214,30 @@ async def release_router(
 
 class KubeRouterClient:
     """trimtab.kube's client as the RouterClient the routers write through. `route_read`, if
-    given, sees each route as read before it is applied over (the takeover check)."""
+    given, sees each route as read before it is applied over (the takeover check);
+    `route_written` each route as applied and as the API server stored it."""
 
     def __init__(
-        self, kube: KubeClient, route_read: Callable[[Json | None], None] | None = None
+        self,
+        kube: KubeClient,
+        route_read: Callable[[Json | None], None] | None = None,
+        route_written: Callable[[Json, Json], None] | None = None,
     ) -> None:
         self.kube = kube
         self.route_read = route_read
+        self.route_written = route_written
 
     async def apply(self, manifest: Json) -> Json:
         # The route spec.rollout.router names is the user's request to write it: one without a
         # controller is adopted, one another resource controls is still refused. The per-revision
         # Services are named by trimtab and adopted only when labelled for this resource.
         route = manifest.get("kind") in ROUTE_KINDS
-        return await self.kube.apply(
+        stored = await self.kube.apply(
             manifest, adopt=route, before_write=self.route_read if route else None
         )
+        if route and self.route_written is not None:
+            self.route_written(manifest, stored)
+        return stored
 
     async def get_object(
         self, api_version: str, kind: str, namespace: str, name: str
@@ -486,9 +497,10 @@ async def rollout_once(
     route_health: RouteHealth | None = None
     # The route each write reads is checked for rules the takeover would drop, so the loop
     # reads it once.
-    check = _takeover_check(body, owner, rollout.router, {} if warned is None else warned, now,
-                            logger)  # fmt: skip
-    client = KubeRouterClient(kube, route_read=check)
+    posted = {} if warned is None else warned
+    check = _takeover_check(body, owner, rollout.router, posted, now, logger)
+    written = _retry_check(body, rollout.router, posted, now, logger)
+    client = KubeRouterClient(kube, route_read=check, route_written=written)
     if moved:
         await apply_revisions(kube, owner, parsed, status_after)
         warning, route_health = await _route(
@@ -715,6 +727,26 @@ def _takeover_check(
         message = takeover_warning(ref.name, losses)
         if warning_due(message, posted, now.timestamp()):
             kopf.warn(cast(kopf.Body, body), reason="RouteRulesReplaced", message=message)
+            logger.warning("%s", message)
+
+    return check
+
+
+def _retry_check(
+    body: Json, router: RouterSpec, posted: dict[str, float], now: datetime.datetime, logger: Log
+) -> Callable[[Json, Json], None] | None:
+    """For an HTTPRoute with router.retries: what sees the route as written and as stored, and
+    sends a Warning when the API server dropped the retry (retry_not_kept), at once and then at
+    most hourly while it keeps dropping it (the route is written at every loop)."""
+    if not isinstance(router, GatewayApiRouterSpec) or router.retries is None:
+        return None
+
+    def check(asked: Json, stored: Json) -> None:
+        if asked.get("kind") != "HTTPRoute" or not retry_not_kept(asked, stored):
+            return
+        message = retry_warning(str(asked["metadata"]["name"]))
+        if warning_due(message, posted, now.timestamp()):
+            kopf.warn(cast(kopf.Body, body), reason="RouteRetryDropped", message=message)
             logger.warning("%s", message)
 
     return check
