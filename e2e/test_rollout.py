@@ -233,3 +233,50 @@ async def test_taking_over_a_route_names_what_its_rules_lose(
     assert warning["type"] == "Warning"
     assert warning["involvedObject"]["name"] == "web"
     assert "filter URLRewrite" in warning["message"]
+
+
+async def crd_keeps_retry(kube: KubeClient) -> bool:
+    """Whether the cluster's HTTPRoute CRD has a rule's `retry` (the experimental channel, or
+    the standard one from Gateway API v1.7)."""
+    crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    crd = await kube.request("GET", f"{crds}/httproutes.gateway.networking.k8s.io")
+    v1 = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    rules = v1["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["rules"]
+    return "retry" in rules["items"]["properties"]
+
+
+async def test_a_route_retry_is_written_or_its_loss_reported(
+    gateway_api: None, operator: KubeClient, namespace: str
+) -> None:
+    """Needs no running pods. Where the HTTPRoute CRD has a rule's retry, the route carries
+    the spec's; where it does not, the API server drops the field from what trimtab writes
+    and a Warning says so."""
+    kube = operator
+    keeps = await crd_keeps_retry(kube)
+    retry = {"attempts": 1, "codes": [503], "backoff": "250ms"}
+    body = canary(namespace)
+    body["spec"]["rollout"]["router"]["retries"] = retry
+    await kube.request("POST", md_path(namespace), body=body)
+    a = await wait_until(lambda: rollout_field(kube, namespace, "stableRevision"))
+    stable_svc = revision_service_name("web", a)
+
+    async def route_for_stable() -> bool:
+        return await route_weights(kube, namespace) == {stable_svc: 100}
+
+    await wait_until(route_for_stable)
+    route = await kube.request("GET", f"/apis/{GATEWAY_API}/namespaces/{namespace}/httproutes/web")
+    assert route["spec"]["rules"][0].get("retry") == (retry if keeps else None)
+
+    async def warned() -> dict[str, Any] | None:
+        events = await kube.request("GET", f"/api/v1/namespaces/{namespace}/events")
+        return next(
+            (e for e in events.get("items", []) if e.get("reason") == "RouteRetryDropped"),
+            None,
+        )
+
+    if keeps:
+        assert await warned() is None
+        return
+    warning = await wait_until(warned)
+    assert warning["type"] == "Warning"
+    assert "does not keep a rule's retry" in warning["message"]

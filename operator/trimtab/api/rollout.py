@@ -195,11 +195,10 @@ class HttpRouteTimeouts(StrictModel):
     )
 
 
-
 # A status code a route may retry: the HTTPRoute CRD's range (5xx is what to retry; 4xx is
 # allowed, rarely wise).
 RetryStatusCode = Annotated[int, Field(ge=400, le=599)]
-# Istio retries this many times when its retry policy does not say (its default policy's count).
+# How often Istio's default policy (a route without one) retries a request.
 ISTIO_DEFAULT_RETRY_ATTEMPTS = 2
 
 
