@@ -270,7 +270,7 @@ async def test_a_route_retry_is_written_or_its_loss_reported(
     async def warned() -> dict[str, Any] | None:
         events = await kube.request("GET", f"/api/v1/namespaces/{namespace}/events")
         return next(
-            (e for e in events.get("items", []) if e.get("reason") == "RouteRetryDropped"),
+            (e for e in events.get("items", []) if e.get("reason") == "RouteFieldsDropped"),
             None,
         )
 
@@ -279,4 +279,4 @@ async def test_a_route_retry_is_written_or_its_loss_reported(
         return
     warning = await wait_until(warned)
     assert warning["type"] == "Warning"
-    assert "does not keep a rule's retry" in warning["message"]
+    assert "drops a rule's retry" in warning["message"]

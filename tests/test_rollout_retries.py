@@ -2,7 +2,7 @@
 HTTPRoute rule's `retry` against the published experimental-channel CRD (the standard channel
 before v1.7 has no such field), its translation to an Istio retry policy against the
 VirtualService CRD, the spec's bounds, and the Warning when a cluster's HTTPRoute CRD drops the
-retry."""
+retry (or, before v1.2, the timeouts)."""
 
 from __future__ import annotations
 
@@ -163,18 +163,19 @@ def test_retries_schema(retries: dict[str, Any], error: str | None) -> None:
         GatewayApiRouterSpec.model_validate(router)
 
 
-class StandardRouteCrd(KubeClient):
-    """Applies HTTPRoutes as an API server with the standard channel's CRD before v1.7 stores
-    them: without a rule's retry (pruned as an unknown field)."""
+class OlderRouteCrd(KubeClient):
+    """Applies HTTPRoutes as an API server with an older CRD stores them: without the rule
+    fields it does not have (pruned as unknown fields): a rule's retry before the standard
+    channel of v1.7, its timeouts before v1.2."""
 
-    def __init__(self, inner: KubeClient, prune: bool) -> None:
+    def __init__(self, inner: KubeClient, prune: tuple[str, ...]) -> None:
         super().__init__(inner.host, ssl_context=False, keepalive=False)
         self.prune = prune
 
     async def apply(self, manifest: dict[str, Any], adopt: bool = False, **kwargs: Any) -> Any:
-        if self.prune and manifest.get("kind") == "HTTPRoute":
+        if manifest.get("kind") == "HTTPRoute":
             manifest = {**manifest, "spec": {**manifest["spec"], "rules": [
-                {k: v for k, v in rule.items() if k != "retry"}
+                {k: v for k, v in rule.items() if k not in self.prune}
                 for rule in manifest["spec"]["rules"]
             ]}}  # fmt: skip
         return await super().apply(manifest, adopt=adopt, **kwargs)
@@ -199,27 +200,42 @@ async def _shadowing(cluster: Cluster, router: dict[str, Any]) -> None:
         await mark_ready(cluster, made)
 
 
-@pytest.mark.parametrize("prune", [pytest.param(True, id="standard-crd-before-v1.7"),
-                                   pytest.param(False, id="crd-with-retry")])  # fmt: skip
-async def test_a_retry_the_cluster_drops_is_reported_hourly(
-    api: ApiServerEmulator, cluster: Cluster, monkeypatch: pytest.MonkeyPatch, prune: bool
+@pytest.mark.parametrize(
+    ("prune", "said"),
+    [
+        pytest.param((), None, id="crd-with-both"),
+        pytest.param(("retry",), "a rule's retry, so spec.rollout.router.retries has no effect",
+                     id="standard-crd-before-v1.7"),
+        pytest.param(("timeouts", "retry"),
+                     "a rule's timeouts, so spec.rollout.router.timeouts has no effect and the "
+                     "gateway times requests out on its own default",
+                     id="crd-before-v1.2"),
+    ],
+)  # fmt: skip
+async def test_rule_fields_the_cluster_drops_are_reported_hourly(
+    api: ApiServerEmulator,
+    cluster: Cluster,
+    monkeypatch: pytest.MonkeyPatch,
+    prune: tuple[str, ...],
+    said: str | None,
 ) -> None:
-    """The route is written at every loop; the Warning comes at once, then not again within
-    the hour however many loops write the route, then again while the CRD still drops it.
+    """A Warning names each rule field an older HTTPRoute CRD drops. The route is written at
+    every loop; the Warning comes at once, then not again within the hour however many loops
+    write the route, then again while the CRD still drops it.
     The first loop starts the shadow (the route written with new weights); the later ones
     find no Prometheus, so weights hold and the route is re-asserted as status says."""
-    await _shadowing(
-        cluster, {"type": "gatewayApi", "parentRefs": PARENTS, "retries": {"attempts": 1}}
-    )
+    router = {"type": "gatewayApi", "parentRefs": PARENTS, "retries": {"attempts": 1},
+              "timeouts": {"request": "10m"}}  # fmt: skip
+    await _shadowing(cluster, router)
     warnings: list[tuple[str, str]] = []
     monkeypatch.setattr(handler.kopf, "warn",
                         lambda *_, reason, message, **__: warnings.append((reason, message)))
     for name in ("event", "info"):
         monkeypatch.setattr(handler.kopf, name, lambda *_, **__: None)
 
-    if not prune:
+    if "retry" not in prune:
         api.crds[("gateway.networking.k8s.io", "httproutes")] = EXPERIMENTAL_HTTPROUTE_CRD
-    kube = StandardRouteCrd(cluster.kube, prune)
+    kube = OlderRouteCrd(cluster.kube, prune)
     # Nothing listens on the discard port: each analysis finds its source unavailable.
     pool = ProviderPool("http://127.0.0.1:9", timeout_s=2.0)
     warned: dict[str, float] = {}
@@ -239,15 +255,14 @@ async def test_a_retry_the_cluster_drops_is_reported_hourly(
         f"/apis/gateway.networking.k8s.io/v1/namespaces/{NS}/httproutes/llm"
     )
     assert route is not None
-    assert ("retry" in route["spec"]["rules"][0]) is not prune
-    dropped = [m for reason, m in warnings if reason == "RouteRetryDropped"]
-    if prune:
-        assert len(dropped) == 2, warnings
-        assert "HTTPRoute llm: the cluster's HTTPRoute CRD does not keep a rule's retry" in (
-            dropped[0]
-        )
-    else:
+    assert {"timeouts", "retry"} - set(route["spec"]["rules"][0]) == set(prune)
+    dropped = [m for reason, m in warnings if reason == "RouteFieldsDropped"]
+    if said is None:
         assert dropped == []
+        return
+    assert len(dropped) == 2, warnings
+    assert dropped[0].startswith("HTTPRoute llm: the cluster's HTTPRoute CRD drops " + said)
+    assert ("retries has no effect" in dropped[0]) is ("retry" in prune)
 
 
 async def test_the_operator_writes_the_istio_retry_policy(

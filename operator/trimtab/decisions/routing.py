@@ -291,35 +291,65 @@ def _retry_key(retry: Manifest) -> str:
     return json.dumps({**retry, **({"codes": codes} if codes else {})}, sort_keys=True)
 
 
-def retry_not_kept(asked: Manifest, stored: Manifest) -> bool:
-    """Whether the HTTPRoute trimtab applied (`asked`) has a rule retry policy that the route
-    the API server stored lacks: what an HTTPRoute CRD without `rules[].retry` (the standard
-    channel before Gateway API v1.7) does, pruning the field it does not know; the gateway
-    then retries as its own default says.
+# The fields of a rule trimtab writes that HTTPRoute CRDs still in use may not have, each with
+# the spec field it comes from, the CRDs that have it, and what the gateway does without it.
+RULE_FIELDS_SINCE: dict[str, tuple[str, str, str]] = {
+    "timeouts": (
+        "timeouts",
+        "v1.2 or later",
+        "the gateway times requests out on its own default (Envoy Gateway: 15 s, which cuts "
+        "off long generations)",
+    ),
+    "retry": (
+        "retries",
+        "the experimental channel's, or v1.7 or later",
+        "the gateway retries as its own default says",
+    ),
+}
+
+
+def rule_fields_not_kept(asked: Manifest, stored: Manifest) -> list[str]:
+    """The fields of the rules in the HTTPRoute trimtab applied (`asked`) that the route the
+    API server stored lacks, of those some CRDs do not have (RULE_FIELDS_SINCE): a CRD
+    without one prunes it without a word (`timeouts` came to the standard channel in Gateway
+    API v1.2, a rule's `retry` in v1.7).
 
     >>> rule = {"backendRefs": [{"name": "llm-a"}]}
     >>> asked = {"spec": {"rules": [{**rule, "retry": {"attempts": 1}}]}}
-    >>> retry_not_kept(asked, {"spec": {"rules": [rule]}})
-    True
-    >>> retry_not_kept(asked, asked), retry_not_kept({"spec": {"rules": [rule]}}, asked)
-    (False, False)
+    >>> rule_fields_not_kept(asked, {"spec": {"rules": [rule]}})
+    ['retry']
+    >>> rule_fields_not_kept(asked, asked), rule_fields_not_kept({"spec": {"rules": [rule]}}, asked)
+    ([], [])
     """
     asked_rules = (asked.get("spec") or {}).get("rules") or []
     stored_rules = (stored.get("spec") or {}).get("rules") or []
-    return any(
-        "retry" in a and (i >= len(stored_rules) or "retry" not in stored_rules[i])
-        for i, a in enumerate(asked_rules)
-    )
+    return [
+        name
+        for name in RULE_FIELDS_SINCE
+        if any(
+            name in a and (i >= len(stored_rules) or name not in stored_rules[i])
+            for i, a in enumerate(asked_rules)
+        )
+    ]
 
 
-def retry_warning(route_name: str) -> str:
-    """The Warning for retry_not_kept."""
-    return (
-        f"HTTPRoute {route_name}: the cluster's HTTPRoute CRD does not keep a rule's retry "
-        "(Gateway API's standard channel before v1.7), so spec.rollout.router.retries has no "
-        "effect and the gateway retries as its default says; install the experimental "
-        "channel's HTTPRoute CRD or v1.7 or later"
-    )
+def fields_not_kept_warning(route_name: str, fields: list[str]) -> str:
+    """The Warning for rule_fields_not_kept: each field, the CRD that keeps it, and what the
+    gateway does without it.
+
+    >>> fields_not_kept_warning("llm", ["retry"])  # doctest: +NORMALIZE_WHITESPACE
+    "HTTPRoute llm: the cluster's HTTPRoute CRD drops a rule's retry, so
+    spec.rollout.router.retries has no effect and the gateway retries as its own default says
+    (a CRD that keeps it: the experimental channel's, or v1.7 or later)"
+    """
+    parts = []
+    for name in fields:
+        spec_field, since, without = RULE_FIELDS_SINCE[name]
+        parts.append(
+            f"a rule's {name}, so spec.rollout.router.{spec_field} has no effect and {without} "
+            f"(a CRD that keeps it: {since})"
+        )
+    return f"HTTPRoute {route_name}: the cluster's HTTPRoute CRD drops " + "; and ".join(parts)
 
 
 def takeover_warning(route_name: str, losses: list[str]) -> str:

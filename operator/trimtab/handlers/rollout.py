@@ -65,10 +65,10 @@ from trimtab.decisions.rollout import (
 )
 from trimtab.decisions.routing import (
     RouteHealth,
+    fields_not_kept_warning,
     refusal_to_report,
-    retry_not_kept,
-    retry_warning,
     route_condition,
+    rule_fields_not_kept,
     takeover_losses,
     takeover_warning,
     warning_due,
@@ -153,7 +153,7 @@ def route_lock(memo: Any) -> asyncio.Lock:
 
 
 def warnings_posted(memo: Any) -> dict[str, float]:
-    """When each route Warning of this ModelDeployment (a takeover's losses, a retry the
+    """When each route Warning of this ModelDeployment (a takeover's losses, rule fields the
     route's CRD drops) was last posted (per resource, as its memo is), so one that holds at
     every loop repeats hourly rather than every loop."""
     posted: dict[str, float] | None = getattr(memo, "takeover_warnings", None)
@@ -499,7 +499,7 @@ async def rollout_once(
     # reads it once.
     posted = {} if warned is None else warned
     check = _takeover_check(body, owner, rollout.router, posted, now, logger)
-    written = _retry_check(body, rollout.router, posted, now, logger)
+    written = _kept_check(body, rollout.router, posted, now, logger)
     client = KubeRouterClient(kube, route_read=check, route_written=written)
     if moved:
         await apply_revisions(kube, owner, parsed, status_after)
@@ -732,21 +732,27 @@ def _takeover_check(
     return check
 
 
-def _retry_check(
+def _kept_check(
     body: Json, router: RouterSpec, posted: dict[str, float], now: datetime.datetime, logger: Log
 ) -> Callable[[Json, Json], None] | None:
-    """For an HTTPRoute with router.retries: what sees the route as written and as stored, and
-    sends a Warning when the API server dropped the retry (retry_not_kept), at once and then at
-    most hourly while it keeps dropping it (the route is written at every loop)."""
-    if not isinstance(router, GatewayApiRouterSpec) or router.retries is None:
+    """For an HTTPRoute with router.timeouts or router.retries: what sees the route as written
+    and as stored, and sends a Warning when the API server dropped either from the rule
+    (rule_fields_not_kept), at once and then at most hourly while it keeps dropping it (the
+    route is written at every loop)."""
+    if not isinstance(router, GatewayApiRouterSpec) or (
+        router.timeouts is None and router.retries is None
+    ):
         return None
 
     def check(asked: Json, stored: Json) -> None:
-        if asked.get("kind") != "HTTPRoute" or not retry_not_kept(asked, stored):
+        if asked.get("kind") != "HTTPRoute":
             return
-        message = retry_warning(str(asked["metadata"]["name"]))
+        fields = rule_fields_not_kept(asked, stored)
+        if not fields:
+            return
+        message = fields_not_kept_warning(str(asked["metadata"]["name"]), fields)
         if warning_due(message, posted, now.timestamp()):
-            kopf.warn(cast(kopf.Body, body), reason="RouteRetryDropped", message=message)
+            kopf.warn(cast(kopf.Body, body), reason="RouteFieldsDropped", message=message)
             logger.warning("%s", message)
 
     return check
