@@ -84,20 +84,26 @@ async def route_weights(kube: KubeClient, ns: str) -> dict[str, int]:
     }
 
 
+async def stable_route(kube: KubeClient, ns: str) -> str:
+    """Waits for the stable revision and for the HTTPRoute to send it all traffic; returns the
+    revision's Service."""
+    a = await wait_until(lambda: rollout_field(kube, ns, "stableRevision"))
+    stable_svc = revision_service_name("web", a)
+
+    async def route_for_stable() -> bool:
+        return await route_weights(kube, ns) == {stable_svc: 100}
+
+    await wait_until(route_for_stable)
+    return stable_svc
+
+
 async def test_image_change_adds_candidate_to_the_http_route(
     gateway_api: None, operator: KubeClient, namespace: str
 ) -> None:
     kube = operator
 
     await kube.request("POST", md_path(namespace), body=canary(namespace))
-
-    a = await wait_until(lambda: rollout_field(kube, namespace, "stableRevision"))
-    stable_svc = revision_service_name("web", a)
-
-    async def route_for_stable() -> bool:
-        return await route_weights(kube, namespace) == {stable_svc: 100}
-
-    await wait_until(route_for_stable)
+    stable_svc = await stable_route(kube, namespace)
     route = await kube.request("GET", f"/apis/{GATEWAY_API}/namespaces/{namespace}/httproutes/web")
     assert route["spec"]["rules"][0]["filters"] == [NO_STORE]
 
@@ -146,13 +152,7 @@ async def test_removing_the_rollout_hands_the_route_back(
     kube = operator
 
     await kube.request("POST", md_path(namespace), body=canary(namespace))
-
-    a = await wait_until(lambda: rollout_field(kube, namespace, "stableRevision"))
-
-    async def route_for_stable() -> bool:
-        return await route_weights(kube, namespace) == {revision_service_name("web", a): 100}
-
-    await wait_until(route_for_stable)
+    await stable_route(kube, namespace)
     await kube.request(
         "PATCH",
         md_path(namespace, "web"),
@@ -257,13 +257,7 @@ async def test_a_route_retry_is_written_or_its_loss_reported(
     body = canary(namespace)
     body["spec"]["rollout"]["router"]["retries"] = retry
     await kube.request("POST", md_path(namespace), body=body)
-    a = await wait_until(lambda: rollout_field(kube, namespace, "stableRevision"))
-    stable_svc = revision_service_name("web", a)
-
-    async def route_for_stable() -> bool:
-        return await route_weights(kube, namespace) == {stable_svc: 100}
-
-    await wait_until(route_for_stable)
+    await stable_route(kube, namespace)
     route = await kube.request("GET", f"/apis/{GATEWAY_API}/namespaces/{namespace}/httproutes/web")
     assert route["spec"]["rules"][0].get("retry") == (retry if keeps else None)
 

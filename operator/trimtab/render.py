@@ -20,8 +20,7 @@ from trimtab.builders.serving import (
     build_service,
     revision_of,
 )
-from trimtab.builders.training import build_job, build_podgroup
-from trimtab.builders.training import build_service as build_training_service
+from trimtab.builders.training import build_attempt
 from trimtab.decisions.serving import checked_spec as checked_serving_spec
 from trimtab.decisions.training import TrainingInputs, decide_training
 from trimtab.decisions.training import checked_spec as checked_training_spec
@@ -83,12 +82,10 @@ def render_trainingjob(doc: dict[str, Any]) -> list[dict[str, Any]]:
     decision = decide_training(TrainingInputs(spec, TrainingJobStatus(), None, None, now, 1))
     if not decision.create_job:
         return []
-    restarts = decision.status.restarts
-    rendered = [build_training_service(owner, spec)]
-    if spec.scheduling.gang.enabled:
-        rendered.append(build_podgroup(owner, spec, restarts))
-    rendered.append(build_job(owner, spec, restarts, decision.active_deadline_seconds))
-    return rendered
+    attempt = build_attempt(
+        owner, spec, decision.status.restarts, decision.active_deadline_seconds
+    )
+    return attempt.manifests()
 
 
 RENDERERS = {

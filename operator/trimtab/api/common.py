@@ -6,8 +6,9 @@ Field names are camelCase on the wire (aliases) and snake_case in Python."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -377,3 +378,20 @@ def validation_problems(err: ValidationError) -> list[str]:
     """A spec the models refuse, as the problems status names: one per field, each
     `spec.<field path>: <what is wrong>`."""
     return [f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+
+
+SpecModel = TypeVar("SpecModel", bound=BaseModel)
+
+
+def checked_model(
+    model: type[SpecModel],
+    raw: Mapping[str, Any],
+    find_problems: Callable[[SpecModel], list[str]],
+) -> tuple[SpecModel | None, list[str]]:
+    """A spec as the operator reads it (None if `model` refuses it), and the problems that make
+    it unusable, each naming the field: the model's errors, else `find_problems`'."""
+    try:
+        spec = model.model_validate(dict(raw))
+    except ValidationError as err:
+        return None, validation_problems(err)
+    return spec, find_problems(spec)

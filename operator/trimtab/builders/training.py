@@ -7,6 +7,7 @@ mutation of a running one (a Job's pod template is immutable, and Kueue owns `su
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from decimal import Decimal
 
 from trimtab import constants as C
@@ -377,3 +378,27 @@ def build_all(
         out.append(build_podgroup(owner, spec, restarts))
     out.append(build_job(owner, spec, restarts, active_deadline_seconds))
     return out
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The objects of one attempt, as the reconcile creates them: the headless Service (applied),
+    the PodGroup when the gang is scheduled together (applied), and the Job (created once)."""
+
+    service: Manifest
+    podgroup: Manifest | None
+    job: Manifest
+
+    def manifests(self) -> list[Manifest]:
+        """In the order they are created: the Service and PodGroup before the Job's pods."""
+        return [m for m in (self.service, self.podgroup, self.job) if m is not None]
+
+
+def build_attempt(
+    owner: Owner, spec: TrainingJobSpec, restarts: int, active_deadline_seconds: int | None
+) -> Attempt:
+    return Attempt(
+        service=build_service(owner, spec),
+        podgroup=build_podgroup(owner, spec, restarts) if spec.scheduling.gang.enabled else None,
+        job=build_job(owner, spec, restarts, active_deadline_seconds),
+    )

@@ -9,9 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
-from trimtab.api.common import Condition, validation_problems
+from trimtab.api.common import Condition, checked_model
 from trimtab.api.modeldeployment import (
     CONDITION_DEGRADED,
     CONDITION_PROGRESSING,
@@ -51,12 +49,8 @@ def wants_shm(spec: ModelDeploymentSpec) -> bool:
 
 def checked_spec(raw: Mapping[str, Any]) -> tuple[ModelDeploymentSpec | None, list[str]]:
     """The spec as the operator reads it (None if the models refuse it), and the problems that
-    make it unusable, each naming the field: the models' errors, else find_spec_problems'."""
-    try:
-        spec = ModelDeploymentSpec.model_validate(dict(raw))
-    except ValidationError as err:
-        return None, validation_problems(err)
-    return spec, find_spec_problems(spec)
+    make it unusable, each naming the field (see checked_model)."""
+    return checked_model(ModelDeploymentSpec, raw, find_spec_problems)
 
 
 def find_spec_problems(spec: ModelDeploymentSpec) -> list[str]:

@@ -13,9 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pydantic import ValidationError
-
-from trimtab.api.common import ConditionStatus, validation_problems
+from trimtab.api.common import ConditionStatus, checked_model
 from trimtab.api.quantity import parse_quantity
 from trimtab.api.trainingjob import (
     CONDITION_FAILED,
@@ -240,12 +238,8 @@ def restart_backoff(policy: FailurePolicy, restart: int) -> int:
 
 def checked_spec(raw: Mapping[str, Any]) -> tuple[TrainingJobSpec | None, list[str]]:
     """The spec as the operator reads it (None if the models refuse it), and the problems that
-    make it unusable, each naming the field: the models' errors, else find_spec_problems'."""
-    try:
-        spec = TrainingJobSpec.model_validate(dict(raw))
-    except ValidationError as err:
-        return None, validation_problems(err)
-    return spec, find_spec_problems(spec)
+    make it unusable, each naming the field (see checked_model)."""
+    return checked_model(TrainingJobSpec, raw, find_spec_problems)
 
 
 def find_spec_problems(spec: TrainingJobSpec) -> list[str]:

@@ -29,8 +29,7 @@ from trimtab.builders.common import Manifest, Owner, claim_problem, merge_patch,
 from trimtab.builders.training import (
     COMPONENT,
     LABEL_RESTART,
-    build_job,
-    build_podgroup,
+    build_attempt,
     build_service,
     job_name,
     job_pod_regex,
@@ -342,10 +341,11 @@ async def _act(
                 await _delete_owned(kube, JOBS, owner, old["metadata"]["name"], "Foreground")
                 # Its PodGroup (named alike); a GET finds none where the API is not served.
                 await _delete_owned(kube, PODGROUPS, owner, old["metadata"]["name"])
-        await kube.apply(build_service(owner, spec))
-        if spec.scheduling.gang.enabled:
-            await kube.apply(build_podgroup(owner, spec, restarts))
-        job = build_job(owner, spec, restarts, decision.active_deadline_seconds)
+        attempt = build_attempt(owner, spec, restarts, decision.active_deadline_seconds)
+        await kube.apply(attempt.service)
+        if attempt.podgroup is not None:
+            await kube.apply(attempt.podgroup)
+        job = attempt.job
         try:
             # Created once, never applied again: Kueue owns `suspend` and the pod template is
             # immutable, so a later apply would fight Kueue or be rejected.
