@@ -400,6 +400,15 @@ async def gateway_api_shadow_then_canary(cluster: Cluster, url: str) -> None:
     route = await http_route(cluster, GW)
     assert backends(route) == {sb: 100}
 
+    async def recorded() -> bool:  # status.route: what to release when the spec moves on
+        status = (await cluster.get(f"{MD_PATH}/{GW}") or {}).get("status") or {}
+        return status.get("route") == {
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "name": GW,
+            "router": router,
+        }  # fmt: skip
+
+    await eventually(recorded)
+
     # Back to the replica router: the route trimtab created is handed back pointing at the
     # resource's Service (every revision's pods), and the per-revision Services go.
     # (The replica router cannot mirror, so the shadow phase goes too.)
@@ -412,6 +421,7 @@ async def gateway_api_shadow_then_canary(cluster: Cluster, url: str) -> None:
     route = await http_route(cluster, GW)
     assert route["spec"]["parentRefs"] == PARENTS
     assert route["spec"]["hostnames"] == hostnames
+    assert "route" not in ((await cluster.get(f"{MD_PATH}/{GW}") or {}).get("status") or {})
 
 
 async def istio_shadow_then_canary(cluster: Cluster, url: str, held: set[tuple[str, str]]) -> None:

@@ -27,7 +27,7 @@ from trimtab.api.common import (
     pod_metadata_rules,
 )
 from trimtab.api.rightsizing import RecommendationsStatus, ServingRightsizingSpec
-from trimtab.api.rollout import RolloutSpec, RolloutStatus
+from trimtab.api.rollout import RolloutSpec, RolloutStatus, RouteRecord
 from trimtab.api.servers import ServerPreset
 
 
@@ -305,4 +305,9 @@ class ModelDeploymentStatus(StatusModel):
     )
     rollout: RolloutStatus | None = Field(
         default=None, description="Revisions, weights, verdicts and known-good history."
+    )
+    route: RouteRecord | None = Field(
+        default=None,
+        description="The route trimtab routes through (a mesh router's HTTPRoute or "
+        "VirtualService), released when spec.rollout stops naming it.",
     )

@@ -932,6 +932,19 @@ class CheckEvidence(StatusModel):
     log_evidence: float = 0.0
 
 
+class RouteRecord(StatusModel):
+    """The route trimtab last wrote for spec.rollout.router, with that router: when the spec
+    stops naming the route (the rollout removed, the router type or the route's name changed),
+    the route is handed back as this router would leave it (see build_released_route)."""
+
+    api_version: str
+    kind: str
+    name: str
+    router: dict[str, Any] = Field(
+        description="spec.rollout.router as it was when the route was last written."
+    )
+
+
 class RolloutStatus(StatusModel):
     phase: RolloutPhase = "Stable"
     reason: str | None = Field(default=None, description="Why the last action was taken.")

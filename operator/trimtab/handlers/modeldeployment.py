@@ -41,6 +41,7 @@ from trimtab.decisions.serving import (
     plan_disruption_budget,
     serving_state,
 )
+from trimtab.handlers.routes import release_stale_route, route_lock
 from trimtab.kube.client import KubeClient, KubeError, NameTaken, patch_status_from
 from trimtab.kube.resources import (
     DEPLOYMENTS,
@@ -318,6 +319,7 @@ async def _reconcile(
     try:
         plan = await apply_revisions(kube, owner, parsed, dict(body.get("status") or {}))
         await apply_disruption_budget(kube, owner, parsed, body)
+        await release_route_not_named(kube, body, owner, parsed, memo, logger)
     except NameTaken as err:
         # Another resource holds a name this one needs: nothing was taken from it. Look again
         # later, since that resource may go (the garbage collector, or its user, removes it).
@@ -339,6 +341,31 @@ async def _reconcile(
         logger.info("revision %s applied", revision)
 
     await write_reconciled_status(kube, body, parsed, index, generation)
+
+
+async def release_route_not_named(
+    kube: KubeClient,
+    body: Any,
+    owner: Owner,
+    spec: ModelDeploymentSpec,
+    memo: Any,
+    logger: Log,
+) -> None:
+    """Hand back the route status.route records if the spec no longer routes through it (see
+    handlers.routes): the rollout loop that would otherwise do it stops with spec.rollout.
+    Decided on a fresh read under the route lock, not on `body`: a rollout loop that read the
+    spec before it changed may have written and recorded a route since. Without a record in
+    `body` and with no route writer run for this resource in this process (it would have made
+    the lock), there is none to read: a resource without spec.rollout costs no read."""
+    if getattr(memo, "route_lock", None) is None and not (body.get("status") or {}).get("route"):
+        return
+    async with route_lock(memo):
+        fresh = await kube.get(MODELDEPLOYMENTS, owner.namespace, owner.name)
+        if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+            return
+        now, problems = parse_spec(fresh.get("spec") or {}, fresh.get("status") or {})
+        if now is not None and not problems:
+            await release_stale_route(kube, fresh, owner, now, logger)
 
 
 async def write_reconciled_status(

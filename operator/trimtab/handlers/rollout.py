@@ -3,11 +3,11 @@ analysis interval it reads per-revision request counts in one query, asks next_r
 acts through the traffic router, retires revisions the rollout is done with, and records why
 (status.rollout, conditions, Events, the trimtab_rollout_* metrics).
 
-All state lives in status.rollout, so a restarted operator resumes at the same step."""
+All state lives in status.rollout (and the route written in status.route), so a restarted
+operator resumes at the same step."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime
 import math
@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import kopf
-from pydantic import TypeAdapter, ValidationError
 
 from trimtab import constants as C
 from trimtab.api.autoscaling import AutoscalingSpec, MetricsSpec, duration_seconds
@@ -25,7 +24,6 @@ from trimtab.api.rollout import (
     MANUAL_ACTIONS,
     ROLLOUT_ACTION_ANNOTATION,
     GatewayApiRouterSpec,
-    IstioRouterSpec,
     ManualAction,
     RolloutSpec,
     RolloutStatus,
@@ -35,10 +33,8 @@ from trimtab.api.rollout import (
 from trimtab.builders.autoscaling import replicas_for_revision
 from trimtab.builders.common import Owner, merge_patch, owner_labels
 from trimtab.builders.routing import (
-    ROUTE_KINDS,
     build_revision_service,
     route_of,
-    route_released,
 )
 from trimtab.builders.serving import revision_of, serving_ports
 from trimtab.decisions.rollout import (
@@ -83,8 +79,17 @@ from trimtab.handlers.modeldeployment import (
     parse_spec,
     plan_for,
 )
+from trimtab.handlers.routes import (
+    KubeRouterClient,
+    delete_revision_services,
+    raw_router,
+    record_route,
+    release_stale_route,
+    route_lock,
+    route_record,
+)
 from trimtab.kube.client import KubeClient, KubeError, patch_status_from
-from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS, SERVICES, for_manifest
+from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS
 from trimtab.metrics.base import QueryResult
 from trimtab.metrics.factory import ProviderPool
 from trimtab.metrics.presets import (
@@ -96,7 +101,6 @@ from trimtab.metrics.presets import (
 )
 from trimtab.observability import ROLLBACKS, ROLLOUT_WEIGHT, ROUTE_ACCEPTED
 from trimtab.routing.base import Json, RouteTarget, TrafficRouter
-from trimtab.routing.mesh import release_route
 from trimtab.routing.registry import build_router
 
 DEFAULT_INTERVAL = 15.0
@@ -142,16 +146,6 @@ async def rollout_loop(
         gauge.remove_by_labels({"namespace": meta["namespace"], "name": meta["name"]})
 
 
-def route_lock(memo: Any) -> asyncio.Lock:
-    """The lock one ModelDeployment's route writers share (kopf gives each resource its own
-    memo): a loop that read spec.rollout before it changed finishes before a route the change
-    releases is rewritten, so the loop never writes it back."""
-    lock: asyncio.Lock | None = getattr(memo, "route_lock", None)
-    if lock is None:
-        lock = memo.route_lock = asyncio.Lock()
-    return lock
-
-
 def warnings_posted(memo: Any) -> dict[str, float]:
     """When each route Warning of this ModelDeployment (a takeover's losses, rule fields the
     route's CRD drops) was last posted (per resource, as its memo is), so one that holds at
@@ -160,98 +154,6 @@ def warnings_posted(memo: Any) -> dict[str, float]:
     if posted is None:
         posted = memo.takeover_warnings = {}
     return posted
-
-
-_ROUTER = TypeAdapter(RouterSpec)
-
-
-def _router_of(rollout: Any) -> RouterSpec | None:
-    """The router a spec.rollout value (wire form) names; None without a rollout or when it
-    does not parse (the reconcile reports that)."""
-    if not isinstance(rollout, dict):
-        return None
-    try:
-        return _ROUTER.validate_python(rollout.get("router") or {"type": "replicas"})
-    except ValidationError:
-        return None
-
-
-@kopf.on.field(C.GROUP, C.VERSION, C.MODELDEPLOYMENT_PLURAL, field="spec.rollout")
-async def release_router(
-    old: Any,
-    new: Any,
-    body: kopf.Body,
-    memo: Any,
-    logger: Log,
-    **_: Any,
-) -> None:
-    """spec.rollout stopped routing through a route (removed, router type or route name
-    changed): hand the route back pointing at the resource's Service, and without a mesh
-    router left, remove the per-revision Services nothing routes to any more."""
-    owner = owner_of(body)
-    before, after = _router_of(old), _router_of(new)
-    if route_released(owner, before, after) is None:
-        return
-    assert isinstance(before, GatewayApiRouterSpec | IstioRouterSpec)
-    parsed, problems = parse_spec(body.get("spec") or {}, body.get("status") or {})
-    if parsed is None or problems:
-        raise kopf.TemporaryError("the spec does not parse: the route is released once it does")
-    kube: KubeClient = memo.kube
-    async with route_lock(memo):
-        released = await release_route(
-            owner, before, serving_ports(parsed)[0], KubeRouterClient(kube)
-        )
-        if route_of(owner, after) is None:
-            await delete_revision_services(kube, owner, frozenset())
-    if released is not None:
-        message = (
-            f"{released.kind} {released.name} sends all traffic to Service {owner.name}: "
-            "spec.rollout no longer routes through it"
-        )
-        logger.info(message)
-        kopf.event(body, type="Normal", reason="RouteReleased", message=message)
-
-
-class KubeRouterClient:
-    """trimtab.kube's client as the RouterClient the routers write through. `route_read`, if
-    given, sees each route as read before it is applied over (the takeover check);
-    `route_written` each route as applied and as the API server stored it."""
-
-    def __init__(
-        self,
-        kube: KubeClient,
-        route_read: Callable[[Json | None], None] | None = None,
-        route_written: Callable[[Json, Json], None] | None = None,
-    ) -> None:
-        self.kube = kube
-        self.route_read = route_read
-        self.route_written = route_written
-
-    async def apply(self, manifest: Json) -> Json:
-        # The route spec.rollout.router names is the user's request to write it: one without a
-        # controller is adopted, one another resource controls is still refused. The per-revision
-        # Services are named by trimtab and adopted only when labelled for this resource.
-        route = manifest.get("kind") in ROUTE_KINDS
-        stored = await self.kube.apply(
-            manifest, adopt=route, before_write=self.route_read if route else None
-        )
-        if route and self.route_written is not None:
-            self.route_written(manifest, stored)
-        return stored
-
-    async def get_object(
-        self, api_version: str, kind: str, namespace: str, name: str
-    ) -> Json | None:
-        res = for_manifest({"apiVersion": api_version, "kind": kind})
-        return await self.kube.get(res, namespace, name)
-
-    async def delete_object(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
-        res = for_manifest({"apiVersion": api_version, "kind": kind})
-        return await self.kube.delete(res, namespace, name)
-
-    async def scale(self, kind: str, namespace: str, name: str, replicas: int) -> None:
-        res = for_manifest({"apiVersion": "apps/v1", "kind": kind})
-        await self.kube.scale(res, namespace, name, replicas)
 
 
 # --- reading the counts ---------------------------------------------------------------------
@@ -416,12 +318,16 @@ async def rollout_once(
     parsed, problems = parse_spec(body.get("spec") or {}, body.get("status") or {})
     if parsed is None or problems or parsed.rollout is None:
         return DEFAULT_INTERVAL  # the reconcile reports a bad spec
+    owner = owner_of(cast(kopf.Body, body))
+    # A route the spec no longer names is handed back before the one it names is recorded in
+    # its place; then this loop goes on from a fresh read.
+    if await release_stale_route(kube, body, owner, parsed, logger):
+        return 1.0
     rollout = parsed.rollout
     interval = duration_seconds(rollout.analysis.interval)
     now = now or datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     status = dict(body.get("status") or {})
     before = RolloutStatus.model_validate(status.get("rollout") or {})
-    owner = owner_of(cast(kopf.Body, body))
     annotations = body["metadata"].get("annotations") or {}
     raw_manual = annotations.get(ROLLOUT_ACTION_ANNOTATION)
     manual = cast(ManualAction, raw_manual) if raw_manual in MANUAL_ACTIONS else None
@@ -519,6 +425,10 @@ async def rollout_once(
         route_health = await _route_as_status_says(
             kube, client, parsed, rollout, owner, after, total, ready, handover
         )
+    if client.applied:
+        # Recorded at once, not with the step below, which is not written when status.rollout
+        # changed meanwhile: a route written and not recorded would not be released.
+        await record_route(kube, body, route_record(client.applied[-1], raw_router(body)))
     _report_route(body, status, route_health, logger)
     _route_gauge(namespace, name, route_health, mesh)
 
@@ -822,14 +732,6 @@ async def retire(
     if mesh:
         await delete_revision_services(kube, owner, keep)
     return gone
-
-
-async def delete_revision_services(kube: KubeClient, owner: Owner, keep: frozenset[str]) -> None:
-    """Delete the owner's per-revision Services (a mesh router's) but those of `keep`."""
-    for svc in await kube.list(SERVICES, owner.namespace, owner_labels(owner)):
-        revision = (svc["metadata"].get("labels") or {}).get(C.LABEL_REVISION)
-        if revision and revision not in keep:
-            await kube.delete(SERVICES, owner.namespace, svc["metadata"]["name"])
 
 
 # --- status, conditions, Events, metrics ------------------------------------------------------

@@ -1,0 +1,200 @@
+"""The routes a ModelDeployment's mesh router writes (an HTTPRoute or a VirtualService): the
+client the routers write through, the lock their writers share, and handing a route back once
+spec.rollout stops naming it.
+
+Which route trimtab routes through is recorded in status.route each time the rollout loop
+writes it, with the router that wrote it. Handing a route back follows that record, not the
+spec change that kopf reports: kopf can take a change that lands while a create's handlers
+finish for handled without firing anything (kopf issue 1178), and a change made while the
+operator is down arrives only as the spec it led to. The reconcile (on every spec change, at
+start-up, and from the timer that finds a generation no reconcile took up) and every rollout
+loop compare the record with the spec and release a route the spec no longer names, so the
+route never keeps pointing at per-revision Services that are about to go."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, cast
+
+import kopf
+from pydantic import TypeAdapter, ValidationError
+
+from trimtab import constants as C
+from trimtab.api.modeldeployment import ModelDeploymentSpec
+from trimtab.api.rollout import GatewayApiRouterSpec, IstioRouterSpec, RouteRecord, RouterSpec
+from trimtab.builders.common import Owner, merge_patch, owner_labels
+from trimtab.builders.routing import ROUTE_KINDS, route_of
+from trimtab.builders.serving import serving_ports
+from trimtab.kube.client import KubeClient, NameTaken
+from trimtab.kube.resources import MODELDEPLOYMENTS, SERVICES, for_manifest
+from trimtab.routing.base import Json
+from trimtab.routing.mesh import release_route
+
+Log = logging.Logger | logging.LoggerAdapter[Any]
+
+_ROUTER = TypeAdapter(RouterSpec)
+
+
+def route_lock(memo: Any) -> asyncio.Lock:
+    """The lock one ModelDeployment's route writers share (kopf gives each resource its own
+    memo): a loop that read spec.rollout before it changed finishes before a route the change
+    releases is rewritten, so the loop never writes it back."""
+    lock: asyncio.Lock | None = getattr(memo, "route_lock", None)
+    if lock is None:
+        lock = memo.route_lock = asyncio.Lock()
+    return lock
+
+
+class KubeRouterClient:
+    """trimtab.kube's client as the RouterClient the routers write through. `route_read`, if
+    given, sees each route as read before it is applied over (the takeover check);
+    `route_written` each route as applied and as the API server stored it. `applied` lists
+    the routes applied through this client, in order."""
+
+    def __init__(
+        self,
+        kube: KubeClient,
+        route_read: Callable[[Json | None], None] | None = None,
+        route_written: Callable[[Json, Json], None] | None = None,
+    ) -> None:
+        self.kube = kube
+        self.route_read = route_read
+        self.route_written = route_written
+        self.applied: list[Json] = []
+
+    async def apply(self, manifest: Json) -> Json:
+        # The route spec.rollout.router names is the user's request to write it: one without a
+        # controller is adopted, one another resource controls is still refused. The per-revision
+        # Services are named by trimtab and adopted only when labelled for this resource.
+        route = manifest.get("kind") in ROUTE_KINDS
+        stored = await self.kube.apply(
+            manifest, adopt=route, before_write=self.route_read if route else None
+        )
+        if route:
+            self.applied.append(manifest)
+            if self.route_written is not None:
+                self.route_written(manifest, stored)
+        return stored
+
+    async def get_object(
+        self, api_version: str, kind: str, namespace: str, name: str
+    ) -> Json | None:
+        res = for_manifest({"apiVersion": api_version, "kind": kind})
+        return await self.kube.get(res, namespace, name)
+
+    async def delete_object(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        res = for_manifest({"apiVersion": api_version, "kind": kind})
+        return await self.kube.delete(res, namespace, name)
+
+    async def scale(self, kind: str, namespace: str, name: str, replicas: int) -> None:
+        res = for_manifest({"apiVersion": "apps/v1", "kind": kind})
+        await self.kube.scale(res, namespace, name, replicas)
+
+
+async def delete_revision_services(kube: KubeClient, owner: Owner, keep: frozenset[str]) -> None:
+    """Delete the owner's per-revision Services (a mesh router's) but those of `keep`."""
+    for svc in await kube.list(SERVICES, owner.namespace, owner_labels(owner)):
+        revision = (svc["metadata"].get("labels") or {}).get(C.LABEL_REVISION)
+        if revision and revision not in keep:
+            await kube.delete(SERVICES, owner.namespace, svc["metadata"]["name"])
+
+
+def route_record(manifest: Json, router: Json) -> Json:
+    """status.route for `manifest`, a route written for spec.rollout.router `router` (wire
+    form).
+
+    >>> route_record({"apiVersion": "v1x", "kind": "HTTPRoute", "metadata": {"name": "web"}},
+    ...              {"type": "gatewayApi", "httpRoute": "web"})
+    {'apiVersion': 'v1x', 'kind': 'HTTPRoute', 'name': 'web', 'router': {'type': 'gatewayApi', \
+'httpRoute': 'web'}}
+    """
+    return RouteRecord(
+        api_version=manifest["apiVersion"],
+        kind=manifest["kind"],
+        name=manifest["metadata"]["name"],
+        router=router,
+    ).to_wire()
+
+
+def raw_router(body: Json) -> Json:
+    """spec.rollout.router of `body` as written (the replica router when left out)."""
+    rollout = (body.get("spec") or {}).get("rollout") or {}
+    router: Json = rollout.get("router") or {"type": "replicas"}
+    return router
+
+
+async def record_route(kube: KubeClient, body: Json, record: Json) -> None:
+    """Write `record` to status.route unless `body` (a fresh read) holds it already; the
+    record is replaced whole, so no field of an earlier router stays in it."""
+    current = (body.get("status") or {}).get("route") or {}
+    patch = merge_patch(current, record, remove_missing=True)
+    if not patch:
+        return
+    meta = body["metadata"]
+    await kube.patch_status(MODELDEPLOYMENTS, meta["namespace"], meta["name"], {"route": patch})
+
+
+def route_still_named(owner: Owner, record: Any, spec: ModelDeploymentSpec) -> bool:
+    """Whether `spec` routes through the route `record` (status.route) names; True without a
+    record (nothing to release).
+
+    >>> from trimtab.api.modeldeployment import ModelDeploymentSpec
+    >>> o = Owner("trimtab.io/v1alpha1", "ModelDeployment", "llm", "ml", "u1")
+    >>> rec = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+    ...        "name": "web", "router": {"type": "gatewayApi", "httpRoute": "web"}}
+    >>> spec = ModelDeploymentSpec(image="vllm/vllm-openai:v0.6.3")
+    >>> route_still_named(o, rec, spec)
+    False
+    >>> route_still_named(o, None, spec)
+    True
+    """
+    if not isinstance(record, dict):
+        return True
+    router = spec.rollout.router if spec.rollout is not None else None
+    now = route_of(owner, router)
+    return now is not None and (now.kind, now.name) == (record.get("kind"), record.get("name"))
+
+
+async def release_stale_route(
+    kube: KubeClient, body: Json, owner: Owner, spec: ModelDeploymentSpec, logger: Log
+) -> bool:
+    """Hand back the route status.route records once `spec` (the spec of `body`, a fresh read)
+    no longer routes through it: its rules send everything to the Service named after the
+    resource (see build_released_route), and without a mesh router left the per-revision
+    Services go. The record is then cleared; True when it was (the caller's status is stale).
+    A route that is gone stays gone, and one another resource has taken since is left to it.
+    The caller holds route_lock."""
+    record = (body.get("status") or {}).get("route")
+    if route_still_named(owner, record, spec):
+        return False
+    assert isinstance(record, dict)
+    try:
+        router = _ROUTER.validate_python(record.get("router") or {})
+    except ValidationError as err:
+        router = None
+        logger.warning(
+            "status.route names %s %s with a router this operator cannot read (%s): "
+            "the route is left as it is",
+            record.get("kind"), record.get("name"), err.errors()[0].get("msg"),
+        )  # fmt: skip
+    released = None
+    if isinstance(router, GatewayApiRouterSpec | IstioRouterSpec):
+        try:
+            released = await release_route(
+                owner, router, serving_ports(spec)[0], KubeRouterClient(kube)
+            )
+        except NameTaken as err:
+            logger.info("route not released: %s", err.message)
+    if route_of(owner, spec.rollout.router if spec.rollout is not None else None) is None:
+        await delete_revision_services(kube, owner, frozenset())
+    await kube.patch_status(MODELDEPLOYMENTS, owner.namespace, owner.name, {"route": None})
+    if released is not None:
+        message = (
+            f"{released.kind} {released.name} sends all traffic to Service {owner.name}: "
+            "spec.rollout no longer routes through it"
+        )
+        logger.info(message)
+        kopf.event(cast(kopf.Body, body), type="Normal", reason="RouteReleased", message=message)
+    return True
