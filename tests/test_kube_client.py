@@ -212,6 +212,73 @@ async def test_apply_removes_a_field_it_no_longer_sends(api: Any, cluster: Any) 
     assert len(api.writes) == writes + 1  # applied already: nothing written
 
 
+class PruningApiServer(KubeClient):
+    """What an API server whose HTTPRoute CRD predates a rule's `retry` stores: the apply
+    request loses the field in transit, as the server prunes it, while the caller's manifest
+    keeps it."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, ssl_context=False, keepalive=False)
+        self.now = 0.0
+        self.clock = lambda: self.now
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        body = kwargs.get("body")
+        if kwargs.get("content_type") == "application/apply-patch+yaml" and "httproutes" in path:
+            rules = [{k: v for k, v in r.items() if k != "retry"} for r in body["spec"]["rules"]]
+            kwargs["body"] = {**body, "spec": {**body["spec"], "rules": rules}}
+        return await super().request(method, path, **kwargs)
+
+
+async def test_an_apply_the_server_stores_otherwise_is_not_sent_every_loop(
+    api: Any, cluster: Any
+) -> None:
+    """The stored route never holds the pruned retry, so it never looks applied: sent once, the
+    same manifest is not sent again while nobody changes the route, for SETTLED_S. An edit by
+    someone else (a new resourceVersion) is undone at once; so is a changed manifest; and
+    after SETTLED_S the apply is tried again, for a CRD upgraded meanwhile."""
+    from trimtab.kube.client import SETTLED_S
+
+    route: dict[str, Any] = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "ns"},
+        "spec": {"rules": [{"backendRefs": [{"name": "s", "port": 80}],
+                            "retry": {"attempts": 2}}]},
+    }  # fmt: skip
+    kube = PruningApiServer(cluster.url)
+    try:
+
+        async def applies(manifest: dict[str, Any], later: float = 0.0) -> int:
+            kube.now += later
+            before = kube.writes[("apply", "HTTPRoute")]
+            await kube.apply(manifest)
+            return kube.writes[("apply", "HTTPRoute")] - before
+
+        assert await applies(route) == 1
+        stored = await kube.get(HTTPROUTES, "ns", "r")
+        assert "retry" not in stored["spec"]["rules"][0]
+        assert not is_applied(route, stored)
+        assert [await applies(route, later=15) for _ in range(4)] == [0, 0, 0, 0]
+
+        # Someone edits the route: trimtab's rules come back at the next loop.
+        await kube.patch(HTTPROUTES, "ns", "r", {"spec": {"rules": [
+            {"backendRefs": [{"name": "other", "port": 80}]}]}})  # fmt: skip
+        assert await applies(route, later=15) == 1
+        backend = (await kube.get(HTTPROUTES, "ns", "r"))["spec"]["rules"][0]["backendRefs"][0]
+        assert backend["name"] == "s"
+        assert await applies(route, later=15) == 0
+
+        changed = {**route, "spec": {"rules": [{**route["spec"]["rules"][0], "backendRefs": [
+            {"name": "t", "port": 80}]}]}}  # fmt: skip
+        assert await applies(changed) == 1
+        assert await applies(changed, later=SETTLED_S - 1) == 0
+        assert await applies(changed, later=1) == 1  # tried again: a CRD upgraded meanwhile
+        assert await applies(changed) == 0
+    finally:
+        await kube.close()
+
+
 _JOB: dict[str, Any] = {
     "spec": {
         "completions": 4,

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import ssl
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,6 +26,10 @@ from trimtab.observability import API_REQUESTS
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"trimtab/{__version__}"
+# How long an apply that the API server stored otherwise than sent counts as done while the
+# object stays as that apply left it (see KubeClient.apply): then it is sent again, so a
+# CRD upgraded meanwhile (which does not rewrite stored objects) gets the fields it now keeps.
+SETTLED_S = 600.0
 Json = dict[str, Any]
 
 
@@ -105,6 +110,10 @@ class KubeClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Writes sent, by (verb, kind): tests and the bench count them.
         self.writes: Counter[tuple[str, str]] = Counter()
+        # Applies stored otherwise than sent, by object path: (applied hash, resourceVersion
+        # of the object as stored, when). Time from `clock`.
+        self._settled: dict[str, tuple[str, str, float]] = {}
+        self.clock: Callable[[], float] = time.monotonic
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> KubeClient:
@@ -257,27 +266,64 @@ class KubeClient:
         A field left out since the last apply is removed by the apply that the changed hash
         sends. An object of that name that another resource controls, or that trimtab did not
         make for this one (unless `adopt`), raises NameTaken and is left as it is.
-        `before_write` sees the object as read, before anything is written over it."""
+        `before_write` sees the object as read, before anything is written over it.
+
+        The API server may store an apply otherwise than sent: it prunes a field the cluster's
+        CRD does not declare (a rule's `retry` under a Gateway API CRD before v1.7). Such an
+        object never holds every field sent, and every loop would apply it again, to the same
+        result. So an apply stored otherwise is not sent again while the object keeps the
+        resourceVersion that apply left (nothing has changed it since) and the manifest is
+        the same, for SETTLED_S; an edit by anyone else changes the resourceVersion, and is
+        undone at once."""
         manifest = with_applied_hash(manifest)
         res = for_manifest(manifest)
         _check(res, "patch")
         meta = manifest["metadata"]
+        path = res.path(meta.get("namespace"), meta["name"])
+        applied_hash = meta["annotations"][C.ANNOTATION_APPLIED]
         current = await self.get(res, meta.get("namespace", ""), meta["name"])
         problem = claim_problem(manifest, current, adopt)
         if problem is not None:
             raise NameTaken(problem)
         if before_write is not None:
             before_write(current)
-        if current is not None and is_applied(manifest, current):
+        if current is not None and (
+            is_applied(manifest, current) or self._settled_as(path, applied_hash, current)
+        ):
             return current
         self._count("apply", res.kind)
-        return await self.request(
+        stored = await self.request(
             "PATCH",
-            res.path(meta.get("namespace"), meta["name"]),
+            path,
             params={"fieldManager": C.FIELD_MANAGER, "force": "true"},
             body=manifest,
             content_type="application/apply-patch+yaml",
         )
+        self._settle(path, applied_hash, manifest, stored)
+        return stored
+
+    def _settled_as(self, path: str, applied_hash: str, current: Json) -> bool:
+        """Whether `current` is the object as an apply of the manifest hashed `applied_hash`
+        left it (stored otherwise than sent), no more than SETTLED_S ago."""
+        settled = self._settled.get(path)
+        version = (current.get("metadata") or {}).get("resourceVersion")
+        return (
+            settled is not None
+            and bool(version)
+            and settled[:2] == (applied_hash, version)
+            and self.clock() - settled[2] < SETTLED_S
+        )
+
+    def _settle(self, path: str, applied_hash: str, manifest: Json, stored: Json) -> None:
+        """Remember an apply the API server stored otherwise than sent (see `apply`)."""
+        version = (stored.get("metadata") or {}).get("resourceVersion")
+        if is_applied(manifest, stored) or not version:
+            self._settled.pop(path, None)
+            return
+        now = self.clock()
+        if len(self._settled) >= 4096:  # objects deleted since: forget the expired
+            self._settled = {p: s for p, s in self._settled.items() if now - s[2] < SETTLED_S}
+        self._settled[path] = (applied_hash, str(version), now)
 
     async def patch(
         self, res: Resource, namespace: str, name: str, patch: Json, subresource: str | None = None
