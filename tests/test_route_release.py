@@ -38,6 +38,7 @@ from trimtab.handlers import modeldeployment as md_handler
 from trimtab.handlers import rollout as rollout_handler
 from trimtab.handlers import routes
 from trimtab.handlers.routes import route_record, route_still_named
+from trimtab.kube.client import KubeClient, KubeError
 from trimtab.metrics.factory import ProviderPool
 
 OWNER = Owner(C.API_VERSION, C.MODELDEPLOYMENT_KIND, "llm", NS, "u1")
@@ -126,7 +127,7 @@ async def _revision_services(cluster: Cluster) -> set[str]:
     }
 
 
-async def _converge(cluster: Cluster) -> None:
+async def _converge(cluster: Cluster, kube: KubeClient | None = None) -> None:
     """The timer that reconciles a generation kopf took for handled (no update fired)."""
     body = await cluster.get(f"{MD_PATH}/llm")
     assert body is not None
@@ -134,7 +135,7 @@ async def _converge(cluster: Cluster) -> None:
         body=kopf.Body(body),
         spec=kopf.Spec(kopf.Body(body)),
         patch=kopf.Patch(),
-        memo=types.SimpleNamespace(kube=cluster.kube),
+        memo=types.SimpleNamespace(kube=kube or cluster.kube),
         logger=logging.getLogger("t"),
         stopped=Running(),
         serving_deployments={},
@@ -150,7 +151,7 @@ def events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
     for module in (md_handler, routes, rollout_handler):
         monkeypatch.setattr(module.kopf, "event", event)
-        monkeypatch.setattr(module.kopf, "warn", lambda *_, **__: None)
+        monkeypatch.setattr(module.kopf, "warn", event)
         monkeypatch.setattr(module.kopf, "info", lambda *_, **__: None)
     return posted
 
@@ -225,6 +226,37 @@ async def test_a_route_deleted_since_stays_deleted(
     assert await cluster.get(f"{VS_PATH}/llm") is None
     assert "route" not in (await cluster.get(f"{MD_PATH}/llm") or {})["status"]
     assert not [r for r, _ in events if r == "RouteReleased"]
+
+
+class RefusesRoutes(KubeClient):
+    """An API server whose HTTPRoute CRD (changed since the route was written) refuses the
+    route as the old router leaves it."""
+
+    async def apply(self, manifest: dict[str, Any], adopt: bool = False, **kwargs: Any) -> Any:
+        if manifest.get("kind") == "HTTPRoute":
+            raise KubeError(422, "Invalid", "spec.rules[0].backendRefs: Invalid value")
+        return await super().apply(manifest, adopt=adopt, **kwargs)
+
+
+async def test_a_route_the_api_server_refuses_is_reported_and_left(
+    api: ApiServerEmulator, cluster: Cluster, events: list[tuple[str, str]]
+) -> None:
+    """Nothing better than the released route can be written: a Warning says what to do by
+    hand, the record goes, and the reconcile of the resource itself goes on."""
+    await _routed(cluster, GW_USER, {"rollout": None})
+    before = await cluster.get(f"{ROUTE_PATH}/chat")
+    kube = RefusesRoutes(cluster.url, ssl_context=False, keepalive=False)
+    try:
+        await _converge(cluster, kube)
+    finally:
+        await kube.close()
+    assert await cluster.get(f"{ROUTE_PATH}/chat") == before
+    status = (await cluster.get(f"{MD_PATH}/llm") or {})["status"]
+    assert "route" not in status and status["observedGeneration"] == 2
+    (message,) = [m for r, m in events if r == "RouteNotReleased"]
+    assert message.startswith("HTTPRoute chat was not handed back: the API server refused")
+    assert message.endswith("point it at Service llm or delete it")
+    assert await _revision_services(cluster) == set()
 
 
 async def test_a_record_this_operator_cannot_read_is_dropped(

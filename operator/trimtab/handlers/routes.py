@@ -27,7 +27,7 @@ from trimtab.api.rollout import GatewayApiRouterSpec, IstioRouterSpec, RouteReco
 from trimtab.builders.common import Owner, merge_patch, owner_labels
 from trimtab.builders.routing import ROUTE_KINDS, route_of
 from trimtab.builders.serving import serving_ports
-from trimtab.kube.client import KubeClient, NameTaken
+from trimtab.kube.client import KubeClient, KubeError, NameTaken
 from trimtab.kube.resources import MODELDEPLOYMENTS, SERVICES, for_manifest
 from trimtab.routing.base import Json
 from trimtab.routing.mesh import release_route
@@ -165,7 +165,8 @@ async def release_stale_route(
     resource (see build_released_route), and without a mesh router left the per-revision
     Services go. The record is then cleared; True when it was (the caller's status is stale).
     A route that is gone stays gone, and one another resource has taken since is left to it.
-    The caller holds route_lock."""
+    A route the API server refuses as the old router leaves it is reported (Warning
+    RouteNotReleased) and left. The caller holds route_lock."""
     record = (body.get("status") or {}).get("route")
     if route_still_named(owner, record, spec):
         return False
@@ -187,6 +188,18 @@ async def release_stale_route(
             )
         except NameTaken as err:
             logger.info("route not released: %s", err.message)
+        except KubeError as err:
+            if not (err.invalid or err.status == 400):
+                raise  # the API server could not answer: tried again, the record kept
+            # The API server refuses the route as the old router leaves it (its CRD changed
+            # since): nothing better can be written, and the resource's own reconcile goes on.
+            message = (
+                f"{record.get('kind')} {record.get('name')} was not handed back: the API "
+                f"server refused the route as spec.rollout left it ({err.message}); point it "
+                f"at Service {owner.name} or delete it"
+            )
+            logger.warning(message)
+            kopf.warn(cast(kopf.Body, body), reason="RouteNotReleased", message=message)
     if route_of(owner, spec.rollout.router if spec.rollout is not None else None) is None:
         await delete_revision_services(kube, owner, frozenset())
     await kube.patch_status(MODELDEPLOYMENTS, owner.namespace, owner.name, {"route": None})
