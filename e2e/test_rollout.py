@@ -148,11 +148,21 @@ async def test_removing_the_rollout_hands_the_route_back(
     gateway_api: None, operator: KubeClient, namespace: str
 ) -> None:
     """Needs no running pods: the first revision is stable at once; dropping spec.rollout points
-    the HTTPRoute at the resource's Service and removes the per-revision Services."""
+    the HTTPRoute at the resource's Service (the one status.route records, which the real
+    status schema must keep) and removes the per-revision Services."""
     kube = operator
 
     await kube.request("POST", md_path(namespace), body=canary(namespace))
     await stable_route(kube, namespace)
+
+    async def recorded() -> bool:
+        body = await kube.request("GET", md_path(namespace, "web"))
+        route = (body.get("status") or {}).get("route") or {}
+        return (route.get("kind"), route.get("name")) == ("HTTPRoute", "web") and route.get(
+            "router"
+        ) == canary(namespace)["spec"]["rollout"]["router"]
+
+    await wait_until(recorded)
     await kube.request(
         "PATCH",
         md_path(namespace, "web"),
@@ -178,6 +188,8 @@ async def test_removing_the_rollout_hands_the_route_back(
         return refs == [("web", 80)] and not per_revision
 
     await wait_until(released)
+    body = await kube.request("GET", md_path(namespace, "web"))
+    assert "route" not in (body.get("status") or {})
 
 
 async def test_taking_over_a_route_names_what_its_rules_lose(
