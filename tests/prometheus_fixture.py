@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -554,17 +555,31 @@ class PrometheusServer:
         *,
         scrape_interval: str = "200ms",
         binary: str | None = None,
+        web_config: dict[str, Any] | None = None,
+        ready_headers: dict[str, str] | None = None,
+        ready_context: ssl.SSLContext | None = None,
     ) -> None:
         self.targets = targets
         self.data_dir = data_dir
         self.scrape_interval = scrape_interval
         self.binary = binary or require_prometheus()
+        # Prometheus' --web.config.file (TLS, basic auth users); it reads the file again at
+        # each request, so a test may change it while Prometheus runs (`write_web_config`).
+        self.web_config = web_config
+        # What the readiness check sends with such a config (an Authorization header).
+        self.ready_headers = ready_headers or {}
+        self.ready_context = ready_context
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        tls = self.web_config is not None and "tls_server_config" in self.web_config
+        return f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+
+    def write_web_config(self, web_config: dict[str, Any]) -> None:
+        self.web_config = web_config
+        (self.data_dir / "web.yml").write_text(yaml.safe_dump(web_config))
 
     def config(self) -> dict[str, Any]:
         return {
@@ -586,6 +601,10 @@ class PrometheusServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "prometheus.yml"
         config.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        web = []
+        if self.web_config is not None:
+            self.write_web_config(self.web_config)
+            web = [f"--web.config.file={self.data_dir / 'web.yml'}"]
         # A free port can be taken between probing and binding; try a few.
         for _attempt in range(3):
             self.port = _free_port()
@@ -597,6 +616,7 @@ class PrometheusServer:
                     f"--storage.tsdb.path={self.data_dir / 'tsdb'}",
                     f"--web.listen-address=127.0.0.1:{self.port}",
                     "--storage.tsdb.retention.time=1h",
+                    *web,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -612,9 +632,14 @@ class PrometheusServer:
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 return False
+            request = urllib.request.Request(f"{self.url}/-/ready", headers=self.ready_headers)
+            # Readiness only: the certificate is the test's to check, not this loop's.
+            context = self.ready_context
+            if context is None and self.url.startswith("https"):
+                context = ssl._create_unverified_context()
             with (
                 contextlib.suppress(OSError),
-                urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r,
+                urllib.request.urlopen(request, timeout=1, context=context) as r,
             ):
                 if r.status == 200:
                     return True

@@ -43,11 +43,17 @@ async def configure_operator(
     if getattr(memo, "kube", None) is None:
         memo.kube = KubeClient.from_environment()
     if getattr(memo, "metrics_pool", None) is None:
-        memo.metrics_pool = ProviderPool(memo.settings.prometheus_url)
+        memo.metrics_pool = ProviderPool(
+            memo.settings.prometheus_url, connection=memo.settings.prometheus_connection()
+        )
     if getattr(memo, "metrics", None) is None:
         # The operator's default source, for loops that name no Prometheus of their own.
         memo.metrics = memo.metrics_pool.get()
-    logger.info("trimtab configured; Prometheus at %s", memo.settings.prometheus_url)
+    logger.info(
+        "trimtab configured; Prometheus at %s (%s)",
+        memo.settings.prometheus_url,
+        memo.settings.prometheus_connection().describe(),
+    )
 
 
 @kopf.on.cleanup()

@@ -121,7 +121,9 @@ def make_reader(memo: Any) -> UsageReader:
     """The usage source, one per operator (kept in memo)."""
     reader = getattr(memo, "usage_reader", None)
     if reader is None:
-        reader = UsageReader(memo.settings.prometheus_url)
+        reader = UsageReader(
+            memo.settings.prometheus_url, connection=memo.settings.prometheus_connection()
+        )
         memo.usage_reader = reader
     return reader
 

@@ -3,10 +3,11 @@ names a provider, this module builds it, and an unknown name is an error, never 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from trimtab.metrics.base import MetricsProvider
+from trimtab.metrics.connection import NO_SETTINGS, Connection, settings_for
 from trimtab.metrics.prometheus import PrometheusProvider
 
 
@@ -20,16 +21,12 @@ class ProviderConfig:
 
     url: str
     timeout_s: float = 5.0
-    headers: Mapping[str, str] = field(default_factory=dict)
-    verify_tls: bool = True
+    connection: Connection = NO_SETTINGS
 
 
 def _prometheus(config: ProviderConfig) -> MetricsProvider:
     return PrometheusProvider(
-        config.url,
-        timeout_s=config.timeout_s,
-        headers=config.headers or None,
-        verify_tls=config.verify_tls,
+        config.url, timeout_s=config.timeout_s, connection=config.connection
     )
 
 
@@ -56,20 +53,32 @@ def create_provider(kind: str, config: ProviderConfig) -> MetricsProvider:
 
 class ProviderPool:
     """One provider per source URL, shared by every loop of the operator: a ModelDeployment
-    may name its own Prometheus, and each source keeps one connection pool."""
+    may name its own Prometheus, and each source keeps one connection pool. `connection` (auth,
+    headers, TLS) goes with requests to the default source's origin only (see
+    `connection.settings_for`)."""
 
-    def __init__(self, default_url: str, kind: str = "prometheus", timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        default_url: str,
+        kind: str = "prometheus",
+        timeout_s: float = 5.0,
+        connection: Connection = NO_SETTINGS,
+    ) -> None:
         self.default_url = default_url
         self.kind = kind
         self.timeout_s = timeout_s
+        self.connection = connection
         self._providers: dict[str, MetricsProvider] = {}
 
     def get(self, url: str | None = None) -> MetricsProvider:
         key = (url or self.default_url).rstrip("/")
         if key not in self._providers:
-            self._providers[key] = create_provider(
-                self.kind, ProviderConfig(url=key, timeout_s=self.timeout_s)
+            config = ProviderConfig(
+                url=key,
+                timeout_s=self.timeout_s,
+                connection=settings_for(key, self.default_url, self.connection),
             )
+            self._providers[key] = create_provider(self.kind, config)
         return self._providers[key]
 
     async def close(self) -> None:

@@ -15,11 +15,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import requests
-from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
 from trimtab.metrics.base import LabelValues, QueryResult, in_thread
+from trimtab.metrics.connection import NO_SETTINGS, Connection, CredentialsUnreadable, connect
 
 _ERRNO = re.compile(r"\[Errno -?\d+\][^'\")]*")
 _BYTES_BODY = re.compile(r"\((b(?P<q>['\"]).*(?P=q))\)\s*$", re.S)
@@ -38,8 +38,7 @@ class PrometheusProvider:
         *,
         timeout_s: float = 5.0,
         retries: int = 1,
-        headers: Mapping[str, str] | None = None,
-        verify_tls: bool = True,
+        connection: Connection = NO_SETTINGS,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
@@ -57,13 +56,7 @@ class PrometheusProvider:
             allowed_methods=frozenset({"GET"}),
             raise_on_status=False,
         )
-        self._client = PrometheusConnect(
-            url=self.url,
-            headers=dict(headers) if headers else None,
-            disable_ssl=not verify_tls,
-            retry=retry,
-            timeout=timeout_s,
-        )
+        self._client = connect(self.url, connection, timeout_s, retry)
 
     def __repr__(self) -> str:
         return f"PrometheusProvider({self.url!r})"
@@ -127,6 +120,8 @@ class PrometheusProvider:
             )
         except PrometheusApiClientException as exc:
             return QueryResult.unavailable(_api_error_text(str(exc)))
+        except CredentialsUnreadable as exc:
+            return QueryResult.unavailable(f"no query sent to {self.url}: {exc}")
         except requests.RequestException as exc:
             return QueryResult.unavailable(f"cannot reach Prometheus at {self.url}: {_reason(exc)}")
         except (ValueError, KeyError) as exc:

@@ -9,17 +9,16 @@ from __future__ import annotations
 import asyncio
 import datetime
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import requests
-from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 
 from trimtab.builders.common import GENERATE_NAME_LIMIT, literal_regex
 from trimtab.decisions.rightsizing import ContainerUsage, GpuModel, gpu_model_from_name
 from trimtab.metrics.base import in_thread
+from trimtab.metrics.connection import NO_SETTINGS, Connection, CredentialsUnreadable, connect
 
 CPU_SERIES = "container_cpu_usage_seconds_total"
 MEMORY_SERIES = "container_memory_working_set_bytes"
@@ -179,18 +178,12 @@ class UsageReader:
         *,
         timeout_s: float = 10.0,
         rate_window: str = "2m",
-        headers: Mapping[str, str] | None = None,
-        verify_tls: bool = True,
+        connection: Connection = NO_SETTINGS,
     ) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.rate_window = rate_window
-        self._client = PrometheusConnect(
-            url=self.url,
-            headers=dict(headers) if headers else None,
-            disable_ssl=not verify_tls,
-            timeout=timeout_s,
-        )
+        self._client = connect(self.url, connection, timeout_s)
 
     async def close(self) -> None:
         self._client._session.close()
@@ -238,6 +231,8 @@ class UsageReader:
             )
         except PrometheusApiClientException as exc:
             return UsageAnswer(None, f"Prometheus rejected a usage query: {exc}")
+        except CredentialsUnreadable as exc:
+            return UsageAnswer(None, f"no query sent to {self.url}: {exc}")
         except requests.RequestException as exc:
             return UsageAnswer(None, f"cannot reach Prometheus at {self.url}: {type(exc).__name__}")
         except (ValueError, KeyError) as exc:
