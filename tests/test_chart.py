@@ -33,6 +33,12 @@ EVERYTHING: dict[str, Any] = {
     "operator": {
         "replicas": 3,
         "prometheusUrl": "https://prometheus.example.com:9090",
+        "prometheusClient": {
+            "bearerTokenSecret": {"name": "prom-token", "key": "token"},
+            "headers": {"X-Scope-OrgID": "team-a"},
+            "ca": {"configMap": "prometheus-ca", "key": "service-ca.crt"},
+            "clientCertSecret": "trimtab-client-tls",
+        },
         "logLevel": "DEBUG",
         "metricsPort": 9090,
         "healthPort": 9091,
@@ -312,6 +318,96 @@ def test_ports_probes_and_service_line_up(values: dict[str, Any]) -> None:
     assert service["spec"]["selector"].items() <= pod_labels.items()
 
 
+def _mounted_file(spec: dict[str, Any], path: str) -> tuple[str, str, str]:
+    """(kind, name, key) of the ConfigMap or Secret the pod's file `path` comes from."""
+    container = spec["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    assert mount.get("readOnly") is True
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    relative = path.removeprefix(mount["mountPath"] + "/")
+    source = volume.get("secret") or volume["configMap"]
+    kind, name = ("Secret", source["secretName"]) if "secret" in volume else (
+        "ConfigMap", source["name"])  # fmt: skip
+    items = {i["path"]: i["key"] for i in source.get("items", [])}
+    return kind, name, items.get(relative, relative)
+
+
+@pytest.mark.parametrize(
+    ("client", "files"),
+    [
+        pytest.param({}, {}, id="nothing"),
+        pytest.param({"serviceAccountToken": True, "ca": {"configMap": "openshift-service-ca.crt",
+                                                          "key": "service-ca.crt"}},
+                     {"ca_file": ("ConfigMap", "openshift-service-ca.crt", "service-ca.crt")},
+                     id="openshift-thanos-querier"),
+        pytest.param({"bearerTokenSecret": {"name": "prom-token", "key": "token"},
+                      "headers": {"X-Scope-OrgID": "team-a"}},
+                     {"bearer_token_file": ("Secret", "prom-token", "token")},
+                     id="mimir-tenant"),
+        pytest.param({"basicAuth": {"username": "trimtab",
+                                    "passwordSecret": {"name": "prom-basic", "key": "pw"}},
+                      "ca": {"secret": "prom-ca"}, "clientCertSecret": "trimtab-tls"},
+                     {"basic_auth_password_file": ("Secret", "prom-basic", "pw"),
+                      "ca_file": ("Secret", "prom-ca", "ca.crt"),
+                      "cert_file": ("Secret", "trimtab-tls", "tls.crt"),
+                      "key_file": ("Secret", "trimtab-tls", "tls.key")},
+                     id="basic-auth-and-mutual-tls"),
+        pytest.param({"insecureSkipVerify": True}, {}, id="no-certificate-check"),
+    ],
+)  # fmt: skip
+def test_prometheus_client_settings_reach_the_operator(
+    client: dict[str, Any], files: dict[str, tuple[str, str, str]]
+) -> None:
+    """What the values ask for is what the operator's settings parse from the rendered env,
+    and every file those settings name is mounted from the Secret or ConfigMap key asked for."""
+    values = {"operator": {"prometheusClient": client}}
+    spec = operator_deployment(render(values))["spec"]["template"]["spec"]
+    env = container_env(spec["containers"][0])
+    settings = Settings.from_env({k: v for k, v in env.items() if k.startswith("TRIMTAB_")})
+    connection = settings.prometheus_connection()
+    assert dict(connection.headers) == client.get("headers", {})
+    assert connection.insecure_skip_verify is client.get("insecureSkipVerify", False)
+    assert connection.basic_auth_username == client.get("basicAuth", {}).get("username", "")
+    if client.get("serviceAccountToken"):
+        # Projected by the kubelet (automountServiceAccountToken) and rotated by it.
+        assert spec["automountServiceAccountToken"] is True
+        assert connection.bearer_token_file == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    for setting, source in files.items():
+        assert _mounted_file(spec, getattr(connection, setting)) == source
+    named = {f for f in ("bearer_token_file", "basic_auth_password_file", "ca_file",
+                         "cert_file", "key_file") if getattr(connection, f)}  # fmt: skip
+    assert named == set(files) | ({"bearer_token_file"} if client.get("serviceAccountToken")
+                                  else set())  # fmt: skip
+    if not client:
+        assert not any(v["name"].startswith("prometheus-") for v in spec["volumes"])
+
+
+@pytest.mark.parametrize(
+    ("client", "error"),
+    [
+        pytest.param({"serviceAccountToken": True,
+                      "bearerTokenSecret": {"name": "t", "key": "token"}},
+                     "serviceAccountToken and bearerTokenSecret", id="two-tokens"),
+        pytest.param({"bearerTokenSecret": {"name": "t"}}, "bearerTokenSecret needs a key",
+                     id="secret-without-key"),
+        pytest.param({"serviceAccountToken": True, "basicAuth": {
+                      "username": "u", "passwordSecret": {"name": "p", "key": "pw"}}},
+                     "a bearer token and basicAuth exclude each other", id="token-and-basic"),
+        pytest.param({"basicAuth": {"username": "u"}}, "basicAuth needs passwordSecret",
+                     id="basic-auth-without-password"),
+        pytest.param({"ca": {"configMap": "a", "secret": "b"}}, "a configMap or a secret",
+                     id="two-cas"),
+        pytest.param({"ca": {"secret": "b"}, "insecureSkipVerify": True},
+                     "a CA and insecureSkipVerify", id="ca-and-no-check"),
+    ],
+)  # fmt: skip
+def test_contradictory_prometheus_client_values_fail_the_install(
+    client: dict[str, Any], error: str
+) -> None:
+    with pytest.raises(Exception, match=error):
+        render({"operator": {"prometheusClient": client}})
+
+
 def test_pdb_keeps_a_replica_through_drains() -> None:
     docs = render()
     pdb = one(docs, "PodDisruptionBudget")
@@ -490,6 +586,10 @@ BAD_VALUES = [
     pytest.param({"serviceMonitor": {"interval": "30 seconds"}}, id="bad-duration"),
     pytest.param({"gpuAgent": {"port": 70000}}, id="port-out-of-range"),
     pytest.param({"crds": "yes"}, id="section-not-an-object"),
+    pytest.param({"operator": {"prometheusClient": {"bearerTokenSecret": {"name": "Tok_en"}}}},
+                 id="bad-secret-name"),
+    pytest.param({"operator": {"prometheusClient": {"caBundle": "x"}}},
+                 id="misspelt-prometheus-client-key"),
     pytest.param({"tolerations": []}, id="unknown-top-level-key"),
 ]
 

@@ -55,6 +55,52 @@ class Crds(Values):
     )
 
 
+class SecretKey(Values):
+    name: str = Field(default="", pattern=DNS_SUBDOMAIN, description="Secret name.")
+    key: str = Field(default="", pattern=r"^$|^[-._a-zA-Z0-9]+$", description="Key in it.")
+
+
+class BasicAuth(Values):
+    username: str = Field(default="", description="Empty: no basic auth.")
+    passwordSecret: SecretKey = Field(
+        default_factory=SecretKey, description="The password: a Secret key, {name, key}."
+    )
+
+
+class CaBundle(Values):
+    configMap: str = Field(default="", pattern=DNS_SUBDOMAIN, description="A ConfigMap's name.")
+    secret: str = Field(default="", pattern=DNS_SUBDOMAIN, description="Or a Secret's name.")
+    key: str = Field(default="ca.crt", pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class PrometheusClient(Values):
+    serviceAccountToken: bool = Field(
+        default=False,
+        description="Send the operator's ServiceAccount token as a bearer token (OpenShift's "
+        "thanos-querier, Prometheus behind kube-rbac-proxy).",
+    )
+    bearerTokenSecret: SecretKey = Field(
+        default_factory=SecretKey, description="A bearer token from a Secret key, {name, key}."
+    )
+    basicAuth: BasicAuth = Field(default_factory=BasicAuth)
+    headers: Labels = Field(
+        default_factory=dict,
+        description="Headers on every query, e.g. {X-Scope-OrgID: team-a} (a Mimir, Cortex or "
+        "Thanos tenant).",
+    )
+    ca: CaBundle = Field(
+        default_factory=CaBundle, description="CA bundle that signs Prometheus' certificate."
+    )
+    clientCertSecret: str = Field(
+        default="",
+        pattern=DNS_SUBDOMAIN,
+        description="A kubernetes.io/tls Secret: the client certificate for mutual TLS.",
+    )
+    insecureSkipVerify: bool = Field(
+        default=False, description="Do not check Prometheus' certificate (test clusters only)."
+    )
+
+
 class Operator(Values):
     replicas: int = Field(
         default=2, ge=1, le=10, description="Operator pods; kopf peering keeps one active."
@@ -68,6 +114,11 @@ class Operator(Values):
         default="http://prometheus-operated.monitoring.svc:9090",
         pattern=r"^https?://[^\s]+$",
         description="Prometheus the operator queries for SLO and usage metrics.",
+    )
+    prometheusClient: PrometheusClient = Field(
+        default_factory=PrometheusClient,
+        description="How the operator authenticates to prometheusUrl and checks its "
+        "certificate; sent to that URL's host and port only.",
     )
     logLevel: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metricsPort: int = Field(default=8080, ge=1, le=65535, description="Serves /metrics.")
