@@ -360,3 +360,41 @@ async def test_the_reconcile_reads_a_record_written_after_its_body(
     rules = [{"backendRefs": [{"name": "llm", "port": 8000}]}]
     assert (route["spec"]["rules"] == rules) is released
     assert ("route" in (await cluster.get(f"{MD_PATH}/llm") or {})["status"]) is not released
+
+
+@pytest.mark.parametrize(
+    ("old_router", "released"),
+    [
+        pytest.param(GW_USER, True, id="kopfs-last-handled-spec-names-the-route"),
+        pytest.param(None, False, id="nothing-names-a-route"),
+    ],
+)  # fmt: skip
+async def test_a_route_written_before_routes_were_recorded(
+    api: ApiServerEmulator,
+    cluster: Cluster,
+    events: list[tuple[str, str]],
+    old_router: dict[str, Any] | None,
+    released: bool,
+) -> None:
+    """An operator upgraded from a version that kept no status.route: the router changed
+    while it was down, so status has no record. kopf's update carries the spec it last handled
+    (`old`), whose route is released as a recorded one would be."""
+    await _routed(cluster, GW_USER, {"rollout": None})
+    body = await cluster.merge(f"{MD_PATH}/llm/status", {"status": {"route": None}})
+    old = {"spec": {"rollout": {"router": old_router}}} if old_router else {"spec": {}}
+    await md_handler.reconcile_modeldeployment(
+        body=kopf.Body(body),
+        spec=kopf.Spec(kopf.Body(body)),
+        patch=kopf.Patch(),
+        memo=types.SimpleNamespace(kube=cluster.kube),
+        logger=logging.getLogger("t"),
+        serving_deployments={},
+        old=old,
+        diff=(),
+    )
+    route = await cluster.get(f"{ROUTE_PATH}/chat")
+    assert route is not None
+    rules = [{"backendRefs": [{"name": "llm", "port": 8000}]}]
+    assert (route["spec"]["rules"] == rules) is released
+    assert (await _revision_services(cluster) == set()) is released
+    assert bool([r for r, _ in events if r == "RouteReleased"]) is released

@@ -41,7 +41,7 @@ from trimtab.decisions.serving import (
     plan_disruption_budget,
     serving_state,
 )
-from trimtab.handlers.routes import release_stale_route, route_lock
+from trimtab.handlers.routes import record_for, release_stale_route, route_lock
 from trimtab.kube.client import KubeClient, KubeError, NameTaken, patch_status_from
 from trimtab.kube.resources import (
     DEPLOYMENTS,
@@ -186,7 +186,13 @@ async def reconcile_modeldeployment(
     **kwargs: Any,
 ) -> None:
     """Apply the running revisions' Deployments and the Service; write status if it changed."""
-    await _measured_reconcile(body, spec, patch, memo, logger, kwargs["serving_deployments"])
+    # On an update, kopf's `old` is the spec last handled: its router names the route to
+    # release where status.route has no record yet (one written before trimtab recorded it).
+    old = kwargs.get("old")
+    before = ((old.get("spec") or {}).get("rollout") if isinstance(old, dict) else None) or None
+    await _measured_reconcile(
+        body, spec, patch, memo, logger, kwargs["serving_deployments"], before
+    )
     _explain_ignored_replicas(body, spec, kwargs.get("diff") or ())
 
 
@@ -197,12 +203,13 @@ async def _measured_reconcile(
     memo: Any,
     logger: Log,
     index: kopf.Index[IndexKey, DeploymentObservation],
+    rollout_before: Any = None,
 ) -> None:
     """`_reconcile`, counted in trimtab_reconcile_total and timed, by whichever handler runs it."""
     started = time.monotonic()
     result = "error"
     try:
-        await _reconcile(body, spec, patch, memo, logger, index)
+        await _reconcile(body, spec, patch, memo, logger, index, rollout_before)
         result = "ok"
     except kopf.PermanentError:
         result = "invalid"
@@ -302,6 +309,7 @@ async def _reconcile(
     memo: Any,
     logger: Log,
     index: kopf.Index[IndexKey, DeploymentObservation],
+    rollout_before: Any = None,
 ) -> None:
     kube: KubeClient = memo.kube
     meta = body["metadata"]
@@ -319,7 +327,7 @@ async def _reconcile(
     try:
         plan = await apply_revisions(kube, owner, parsed, dict(body.get("status") or {}))
         await apply_disruption_budget(kube, owner, parsed, body)
-        await release_route_not_named(kube, body, owner, parsed, memo, logger)
+        await release_route_not_named(kube, body, owner, parsed, memo, logger, rollout_before)
     except NameTaken as err:
         # Another resource holds a name this one needs: nothing was taken from it. Look again
         # later, since that resource may go (the garbage collector, or its user, removes it).
@@ -350,14 +358,24 @@ async def release_route_not_named(
     spec: ModelDeploymentSpec,
     memo: Any,
     logger: Log,
+    rollout_before: Any = None,
 ) -> None:
     """Hand back the route status.route records if the spec no longer routes through it (see
     handlers.routes): the rollout loop that would otherwise do it stops with spec.rollout.
     Decided on a fresh read under the route lock, not on `body`: a rollout loop that read the
     spec before it changed may have written and recorded a route since. Without a record in
     `body` and with no route writer run for this resource in this process (it would have made
-    the lock), there is none to read: a resource without spec.rollout costs no read."""
-    if getattr(memo, "route_lock", None) is None and not (body.get("status") or {}).get("route"):
+    the lock), there is none to read: a resource without spec.rollout costs no read.
+
+    Where status has no record, the route of `rollout_before` (spec.rollout as kopf last
+    handled it, on an update) is released instead: a route an earlier trimtab wrote, which did
+    not record routes, changed while the operator was being upgraded."""
+    earlier = record_for(owner, rollout_before)
+    if (
+        getattr(memo, "route_lock", None) is None
+        and not (body.get("status") or {}).get("route")
+        and earlier is None
+    ):
         return
     async with route_lock(memo):
         fresh = await kube.get(MODELDEPLOYMENTS, owner.namespace, owner.name)
@@ -365,7 +383,7 @@ async def release_route_not_named(
             return
         now, problems = parse_spec(fresh.get("spec") or {}, fresh.get("status") or {})
         if now is not None and not problems:
-            await release_stale_route(kube, fresh, owner, now, logger)
+            await release_stale_route(kube, fresh, owner, now, logger, unrecorded=earlier)
 
 
 async def write_reconciled_status(

@@ -157,8 +157,37 @@ def route_still_named(owner: Owner, record: Any, spec: ModelDeploymentSpec) -> b
     return now is not None and (now.kind, now.name) == (record.get("kind"), record.get("name"))
 
 
+def record_for(owner: Owner, rollout: Any) -> Json | None:
+    """The record (status.route) of the route spec.rollout `rollout` (wire form) writes; None
+    for the replica router, no rollout, or one that does not parse.
+
+    >>> o = Owner("trimtab.io/v1alpha1", "ModelDeployment", "llm", "ml", "u1")
+    >>> record_for(o, {"router": {"type": "istio", "host": "llm.example.com"}})["kind"]
+    'VirtualService'
+    >>> record_for(o, {"steps": []}), record_for(o, None)
+    (None, None)
+    """
+    if not isinstance(rollout, dict) or not isinstance(rollout.get("router"), dict):
+        return None
+    try:
+        router = _ROUTER.validate_python(rollout["router"])
+    except ValidationError:
+        return None
+    ref = route_of(owner, router)
+    if ref is None:
+        return None
+    return RouteRecord(
+        api_version=ref.api_version, kind=ref.kind, name=ref.name, router=rollout["router"]
+    ).to_wire()
+
+
 async def release_stale_route(
-    kube: KubeClient, body: Json, owner: Owner, spec: ModelDeploymentSpec, logger: Log
+    kube: KubeClient,
+    body: Json,
+    owner: Owner,
+    spec: ModelDeploymentSpec,
+    logger: Log,
+    unrecorded: Json | None = None,
 ) -> bool:
     """Hand back the route status.route records once `spec` (the spec of `body`, a fresh read)
     no longer routes through it: its rules send everything to the Service named after the
@@ -166,8 +195,9 @@ async def release_stale_route(
     Services go. The record is then cleared; True when it was (the caller's status is stale).
     A route that is gone stays gone, and one another resource has taken since is left to it.
     A route the API server refuses as the old router leaves it is reported (Warning
-    RouteNotReleased) and left. The caller holds route_lock."""
-    record = (body.get("status") or {}).get("route")
+    RouteNotReleased) and left. `unrecorded` stands in for a record status does not have.
+    The caller holds route_lock."""
+    record = (body.get("status") or {}).get("route") or unrecorded
     if route_still_named(owner, record, spec):
         return False
     assert isinstance(record, dict)
@@ -202,7 +232,8 @@ async def release_stale_route(
             kopf.warn(cast(kopf.Body, body), reason="RouteNotReleased", message=message)
     if route_of(owner, spec.rollout.router if spec.rollout is not None else None) is None:
         await delete_revision_services(kube, owner, frozenset())
-    await kube.patch_status(MODELDEPLOYMENTS, owner.namespace, owner.name, {"route": None})
+    if (body.get("status") or {}).get("route"):
+        await kube.patch_status(MODELDEPLOYMENTS, owner.namespace, owner.name, {"route": None})
     if released is not None:
         message = (
             f"{released.kind} {released.name} sends all traffic to Service {owner.name}: "
