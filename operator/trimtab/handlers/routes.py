@@ -192,7 +192,8 @@ async def release_stale_route(
     """Hand back the route status.route records once `spec` (the spec of `body`, a fresh read)
     no longer routes through it: its rules send everything to the Service named after the
     resource (see build_released_route), and without a mesh router left the per-revision
-    Services go. The record is then cleared; True when it was (the caller's status is stale).
+    Services go. The record is then cleared. True when the route was dealt with so (the
+    caller's read of status may be stale), False when the spec still names it.
     A route that is gone stays gone, and one another resource has taken since is left to it.
     A route the API server refuses as the old router leaves it is reported (Warning
     RouteNotReleased) and left. `unrecorded` stands in for a record status does not have.
