@@ -164,11 +164,14 @@ class TenantGateway:
         self.tenant = tenant
         self.seen: list[dict[str, str]] = []
         self.url = ""
+        self.redirect = ""  # answer every request with a redirect there
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.seen.append(dict(request.headers))
+        if self.redirect:
+            raise web.HTTPFound(self.redirect + request.path_qs)
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.Response(status=401, text="Unauthorized")
         if request.headers.get("X-Scope-OrgID") != self.tenant:
@@ -239,6 +242,12 @@ async def test_a_rotated_bearer_token_and_a_tenant_header(
         assert empty["x"].message == (
             f"no query sent to {gateway.url}: the bearer token file {token} is empty"
         )
+        # A token a header cannot carry: said without the token (requests' own error would
+        # quote the header, and this message goes to a condition and the logs).
+        token.write_text("tok-secret\nen")
+        broken = (await provider.query_batch({"x": "vector(1)"}))["x"].message
+        assert "holds characters a header cannot carry" in broken
+        assert "tok-secret" not in broken
     finally:
         await pool.close()
 
@@ -273,8 +282,22 @@ async def test_credentials_never_go_to_another_origin(
     try:
         assert await pool.get(configured.url + "/").is_online()
         assert not await pool.get(elsewhere.url).is_online()
-        assert elsewhere.seen, "the query did reach the other origin"
+        # Python's URL parser reads the configured host after the "@"; urllib3, which
+        # requests connects with, stops at the backslash: such a URL is nobody's origin.
+        crafted = elsewhere.url + "\\@" + configured.url.removeprefix("http://")
+        assert not await pool.get(crafted).is_online()
+        assert not await pool.get(configured.url.replace("//", "//user@")).is_online()
+        assert len(elsewhere.seen) == 2, "the queries did reach the other origin"
         assert all("Authorization" not in h and "X-Scope-OrgID" not in h for h in elsewhere.seen)
+
+        # The configured Prometheus redirects elsewhere: the redirect is not followed.
+        configured.redirect = elsewhere.url
+        redirected = (await pool.get().query_batch({"x": "vector(1)"}))["x"]
+        assert not redirected.has_value
+        assert "is not sent: it would carry the settings of the configured Prometheus" in (
+            redirected.message
+        )
+        assert len(elsewhere.seen) == 2
     finally:
         await pool.close()
 

@@ -10,22 +10,31 @@ of them, so the operator's credentials never go to a URL a user wrote."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 from prometheus_api_client import PrometheusConnect
 from requests.auth import AuthBase, HTTPBasicAuth
 from urllib3.exceptions import InsecureRequestWarning
+from urllib3.util import parse_url
 from urllib3.util.retry import Retry
 
 
 class CredentialsUnreadable(requests.RequestException):
-    """A credential file could not be read (not mounted, empty, no permission): the query is not
-    sent, and the source reads as unavailable with this message."""
+    """A credential file could not be read (not mounted, empty, no permission) or holds what a
+    header cannot carry: the query is not sent, and the source reads as unavailable with this
+    message (which never holds the credential)."""
+
+
+class ForeignOrigin(requests.RequestException):
+    """A request with the configured settings was about to leave the configured Prometheus'
+    origin (a redirect to another host): it is not sent."""
 
 
 @dataclass(frozen=True)
@@ -86,24 +95,45 @@ class Connection:
 NO_SETTINGS = Connection()
 
 
-def origin(url: str) -> tuple[str, str, int | None]:
-    """(scheme, host, port) of `url`, the port filled in for http and https.
+Origin = tuple[str, str, int]
+_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str) -> Origin | None:
+    r"""(scheme, host, port) of `url`, the port filled in for http and https; None for a URL
+    without one, with user info, or that Python's parser and urllib3's (which requests
+    connects with) read differently: such a URL is no known origin.
 
     >>> origin("http://prometheus.monitoring:9090/") == origin("http://PROMETHEUS.monitoring:9090")
     True
-    >>> origin("https://thanos.example/api/prom") == origin("https://thanos.example:443")
-    True
+    >>> origin("https://thanos.example/api/prom")
+    ('https', 'thanos.example', 443)
     >>> origin("http://prometheus:9090") == origin("http://prometheus.evil:9090")
     False
+    >>> origin("http://evil.example\\@prometheus:9090"), origin("http://u:p@prometheus:9090")
+    (None, None)
+    >>> origin("http://prometheus:http"), origin("prometheus:9090")
+    (None, None)
+    >>> origin("http://[fd00::1]:9090/")
+    ('http', 'fd00::1', 9090)
     """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    port = parts.port or {"http": 80, "https": 443}.get(scheme)
-    return scheme, (parts.hostname or "").lower(), port
+    try:
+        ours = urlsplit(url)
+        theirs = parse_url(url)
+        ours_port = ours.port
+    except ValueError:  # urllib3's LocationParseError is one too
+        return None
+    scheme = ours.scheme.lower()
+    if scheme not in _PORTS or ours.username is not None or theirs.auth is not None:
+        return None
+    found = (scheme, (ours.hostname or "").lower(), ours_port or _PORTS[scheme])
+    seen = ((theirs.scheme or "").lower(), (theirs.host or "").lower().strip("[]"),
+            theirs.port or _PORTS[scheme])  # fmt: skip
+    return found if found == seen and found[1] else None
 
 
 def settings_for(url: str, configured_url: str, connection: Connection) -> Connection:
-    """The settings a request to `url` carries: `connection` on the origin of the configured
+    r"""The settings a request to `url` carries: `connection` on the origin of the configured
     Prometheus, none elsewhere.
 
     >>> token = Connection(bearer_token_file="/var/run/token")
@@ -111,8 +141,30 @@ def settings_for(url: str, configured_url: str, connection: Connection) -> Conne
     True
     >>> settings_for("http://team-prom:9090", "http://prom:9090", token) is NO_SETTINGS
     True
+    >>> settings_for("http://team-prom\\@prom:9090", "http://prom:9090", token) is NO_SETTINGS
+    True
     """
-    return connection if origin(url) == origin(configured_url) else NO_SETTINGS
+    here = origin(url)
+    return connection if here is not None and here == origin(configured_url) else NO_SETTINGS
+
+
+class OriginBoundSession(requests.Session):
+    """A session whose every request (redirects included) must go to one origin: the
+    configured settings (headers, credentials, the client certificate) never leave it."""
+
+    def __init__(self, bound: Origin | None) -> None:
+        super().__init__()
+        self.bound = bound
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        target = origin(request.url or "")
+        if target != self.bound:
+            where = f"{target[1]}:{target[2]}" if target else "a URL of no clear origin"
+            raise ForeignOrigin(
+                f"a request to {where} is not sent: it would carry the settings of the "
+                "configured Prometheus elsewhere (a redirect to another host?)"
+            )
+        return super().send(request, **kwargs)
 
 
 class FileSecret:
@@ -127,7 +179,9 @@ class FileSecret:
         self._stamp: tuple[int, int, int] | None = None
         self._value = ""
 
-    def read(self) -> str:
+    def read(self, allowed: re.Pattern[str] | None = None) -> str:
+        """The secret, which must match `allowed` whole when given (else CredentialsUnreadable,
+        whose message never holds the secret)."""
         with self._lock:
             try:
                 st = os.stat(self.path)
@@ -141,10 +195,19 @@ class FileSecret:
                 reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
                 raise CredentialsUnreadable(
                     f"cannot read the {self.what} file {self.path}: {reason}"
-                ) from err
+                ) from None
             if not self._value:
                 raise CredentialsUnreadable(f"the {self.what} file {self.path} is empty")
+            if allowed is not None and not allowed.fullmatch(self._value):
+                raise CredentialsUnreadable(
+                    f"the {self.what} file {self.path} holds characters a header cannot carry "
+                    "(a space or a line break inside it?)"
+                )
             return self._value
+
+
+# A bearer token is visible ASCII (RFC 6750's b64token, and what a JWT or a random token is).
+_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
 class BearerToken(AuthBase):
@@ -154,7 +217,7 @@ class BearerToken(AuthBase):
         self.token = FileSecret(path, "bearer token")
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {self.token.read()}"
+        request.headers["Authorization"] = f"Bearer {self.token.read(_TOKEN)}"
         return request
 
 
@@ -174,8 +237,9 @@ class BasicAuthFromFile(AuthBase):
 def connect(
     url: str, connection: Connection, timeout_s: float, retry: Retry | None = None
 ) -> PrometheusConnect:
-    """A prometheus-api-client for `url` whose every request carries `connection`."""
-    session = requests.Session()
+    """A prometheus-api-client for `url` whose every request carries `connection`; with
+    settings, its requests cannot leave `url`'s origin."""
+    session = requests.Session() if connection == NO_SETTINGS else OriginBoundSession(origin(url))
     session.verify = connection.ca_file or not connection.insecure_skip_verify
     if connection.insecure_skip_verify:
         # Asked for in the settings and said once at start-up (`describe`), not at every query.
