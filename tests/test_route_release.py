@@ -90,8 +90,11 @@ def test_the_record_round_trips_through_the_crd_schema() -> None:
     validate_custom({k: v for k, v in body.items() if k not in ("apiVersion", "kind")}, MDEP_CRD)
 
 
-async def _routed(cluster: Cluster, router: dict[str, Any], then: dict[str, Any]) -> Owner:
-    """A ModelDeployment whose status records `router`'s route, written at 90/10 between
+async def _routed(
+    cluster: Cluster, router: dict[str, Any], then: dict[str, Any], marked: bool = True
+) -> Owner:
+    """A ModelDeployment whose status records `router`'s route, written (applied, so it
+    carries trimtab's mark; unless not `marked`: created by someone else) at 90/10 between
     revisions aaa and bbb (their Services exist), created with spec.rollout.router `router`
     and then changed to `then` (a change no reconcile has seen: generation 2)."""
     created = await cluster.create(MD_PATH, model("llm", rollout={"router": router}))
@@ -101,13 +104,19 @@ async def _routed(cluster: Cluster, router: dict[str, Any], then: dict[str, Any]
     split = Split("aaa", "bbb", port, 90, 10)
     if isinstance(parsed, IstioRouterSpec):
         route = build_virtual_service(owner, parsed, split)
-        await cluster.create(VS_PATH, route)
+        path = VS_PATH
     else:
         assert isinstance(parsed, GatewayApiRouterSpec)
         route = build_http_route(owner, parsed, split)
+        path = ROUTE_PATH
         if parsed.parent_refs is None:  # the user's route: trimtab wrote only its rules
-            route["spec"]["parentRefs"] = PARENTS
-        await cluster.create(ROUTE_PATH, route)
+            await cluster.create(ROUTE_PATH, {**route, "spec": {"parentRefs": PARENTS}})
+    if marked:
+        await cluster.kube.apply(route, adopt=True)
+    elif parsed.type == "istio" or parsed.parent_refs is not None:
+        await cluster.create(path, route)
+    else:
+        await cluster.merge(f"{path}/{route['metadata']['name']}", {"spec": route["spec"]})
     for revision in ("aaa", "bbb"):
         await cluster.create(SVC_PATH, build_revision_service(owner, revision, port))
     await cluster.merge(
@@ -216,6 +225,19 @@ async def test_a_route_another_resource_took_is_left_to_it(
     assert not [r for r, _ in events if r == "RouteReleased"]
 
 
+async def test_a_route_without_trimtabs_mark_is_left_alone(
+    api: ApiServerEmulator, cluster: Cluster, events: list[tuple[str, str]]
+) -> None:
+    """Its rules are not trimtab's (it never wrote them, or the route was replaced whole
+    since): nothing is written over them."""
+    await _routed(cluster, GW_USER, {"rollout": None}, marked=False)
+    before = await cluster.get(f"{ROUTE_PATH}/chat")
+    await _converge(cluster)
+    assert await cluster.get(f"{ROUTE_PATH}/chat") == before
+    assert "route" not in (await cluster.get(f"{MD_PATH}/llm") or {})["status"]
+    assert not [r for r, _ in events if r == "RouteReleased"]
+
+
 async def test_a_route_deleted_since_stays_deleted(
     api: ApiServerEmulator, cluster: Cluster, events: list[tuple[str, str]]
 ) -> None:
@@ -255,8 +277,9 @@ async def test_a_route_the_api_server_refuses_is_reported_and_left(
     assert "route" not in status and status["observedGeneration"] == 2
     (message,) = [m for r, m in events if r == "RouteNotReleased"]
     assert message.startswith("HTTPRoute chat was not handed back: the API server refused")
-    assert message.endswith("point it at Service llm or delete it")
-    assert await _revision_services(cluster) == set()
+    assert "point it at Service llm or delete it" in message
+    # The route may still send traffic to them: they stay.
+    assert await _revision_services(cluster) == {"llm-aaa", "llm-bbb"}
 
 
 async def test_a_record_this_operator_cannot_read_is_dropped(
@@ -274,6 +297,7 @@ async def test_a_record_this_operator_cannot_read_is_dropped(
 
     assert await cluster.get(f"{ROUTE_PATH}/chat") == before
     assert "route" not in (await cluster.get(f"{MD_PATH}/llm") or {})["status"]
+    assert await _revision_services(cluster) == {"llm-aaa", "llm-bbb"}  # it may use them
 
 
 async def test_the_rollout_loop_releases_the_old_route_then_records_the_new(
@@ -398,3 +422,35 @@ async def test_a_route_written_before_routes_were_recorded(
     assert (route["spec"]["rules"] == rules) is released
     assert (await _revision_services(cluster) == set()) is released
     assert bool([r for r, _ in events if r == "RouteReleased"]) is released
+
+
+async def test_an_unrecorded_route_is_released_beside_a_recorded_one(
+    api: ApiServerEmulator, cluster: Cluster, events: list[tuple[str, str]]
+) -> None:
+    """The operator was upgraded while the router changed from Istio to Gateway API, and kopf
+    starts the rollout loop before the update handler: the loop has written and recorded the
+    HTTPRoute by the time the reconcile sees kopf's `old` spec. Its VirtualService, which the
+    earlier trimtab never recorded, is still released; the record of the HTTPRoute stays."""
+    gateway = {**GW_OWNED, "host": None}
+    await _routed(cluster, ISTIO, {"rollout": {"router": gateway}})
+    body = await cluster.merge(
+        f"{MD_PATH}/llm/status", {"status": {"route": record(GW_OWNED)}}
+    )
+    await md_handler.reconcile_modeldeployment(
+        body=kopf.Body(body),
+        spec=kopf.Spec(kopf.Body(body)),
+        patch=kopf.Patch(),
+        memo=types.SimpleNamespace(kube=cluster.kube),
+        logger=logging.getLogger("t"),
+        serving_deployments={},
+        old={"spec": {"rollout": {"router": ISTIO}}},
+        diff=(),
+    )
+    vs = await cluster.get(f"{VS_PATH}/llm")
+    assert vs is not None
+    (destination,) = [r["destination"] for r in vs["spec"]["http"][0]["route"]]
+    assert destination["host"] == f"llm.{NS}.svc.cluster.local"
+    status = (await cluster.get(f"{MD_PATH}/llm") or {})["status"]
+    assert status["route"]["kind"] == "HTTPRoute"
+    assert await _revision_services(cluster) == {"llm-aaa", "llm-bbb"}
+    assert [r for r, _ in events if r == "RouteReleased"] == ["RouteReleased"]

@@ -407,28 +407,32 @@ async def rollout_once(
     check = _takeover_check(body, owner, rollout.router, posted, now, logger)
     written = _kept_check(body, rollout.router, posted, now, logger)
     client = KubeRouterClient(kube, route_read=check, route_written=written)
-    if moved:
-        await apply_revisions(kube, owner, parsed, status_after)
-        warning, route_health = await _route(
-            kube, client, parsed, rollout, owner, before, after, action, total, ready, handover
-        )
-        if warning:
-            note = f"{note}; {warning}" if note else warning
-            kopf.warn(cast(kopf.Body, body), reason="MirrorNotAsAsked", message=warning)
-            logger.warning("%s", warning)
-    elif mesh:
-        # Nothing moved, but the route is re-asserted at the weights status holds, so a router
-        # added to or edited in spec.rollout (hostnames, gateways), a route deleted or edited
-        # by hand, or one a restarted operator never wrote converges within one loop; and after
-        # a fallback, traffic moves to the rebuilt revision once it serves. The applies are
-        # reads when nothing differs.
-        route_health = await _route_as_status_says(
-            kube, client, parsed, rollout, owner, after, total, ready, handover
-        )
-    if client.applied:
-        # Recorded at once, not with the step below, which is not written when status.rollout
-        # changed meanwhile: a route written and not recorded would not be released.
-        await record_route(kube, body, route_record(client.applied[-1], raw_router(body)))
+    try:
+        if moved:
+            await apply_revisions(kube, owner, parsed, status_after)
+            warning, route_health = await _route(
+                kube, client, parsed, rollout, owner, before, after, action, total, ready,
+                handover,
+            )  # fmt: skip
+            if warning:
+                note = f"{note}; {warning}" if note else warning
+                kopf.warn(cast(kopf.Body, body), reason="MirrorNotAsAsked", message=warning)
+                logger.warning("%s", warning)
+        elif mesh:
+            # Nothing moved, but the route is re-asserted at the weights status holds, so a
+            # router added to or edited in spec.rollout (hostnames, gateways), a route deleted
+            # or edited by hand, or one a restarted operator never wrote converges within one
+            # loop; and after a fallback, traffic moves to the rebuilt revision once it serves.
+            # The applies are reads when nothing differs.
+            route_health = await _route_as_status_says(
+                kube, client, parsed, rollout, owner, after, total, ready, handover
+            )
+    finally:
+        if client.applied:
+            # Recorded at once (also when a later write of this loop failed), not with the
+            # step below, which is not written when status.rollout changed meanwhile: a route
+            # written and not recorded would not be released.
+            await record_route(kube, body, route_record(client.applied[-1], raw_router(body)))
     _report_route(body, status, route_health, logger)
     _route_gauge(namespace, name, route_health, mesh)
 

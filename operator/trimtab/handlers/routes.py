@@ -190,51 +190,86 @@ async def release_stale_route(
     unrecorded: Json | None = None,
 ) -> bool:
     """Hand back the route status.route records once `spec` (the spec of `body`, a fresh read)
-    no longer routes through it: its rules send everything to the Service named after the
-    resource (see build_released_route), and without a mesh router left the per-revision
-    Services go. The record is then cleared. True when the route was dealt with so (the
-    caller's read of status may be stale), False when the spec still names it.
-    A route that is gone stays gone, and one another resource has taken since is left to it.
-    A route the API server refuses as the old router leaves it is reported (Warning
-    RouteNotReleased) and left. `unrecorded` stands in for a record status does not have.
+    no longer routes through it, and so the route `unrecorded` names (one an earlier trimtab
+    wrote without recording it, from the spec kopf last handled): its rules send everything to
+    the Service named after the resource (see build_released_route), and without a mesh router
+    left the per-revision Services go. The record is then cleared. True when a route was dealt
+    with so (the caller's read of status may be stale), False when the spec names them all.
+
+    A route that is gone stays gone; one another resource has taken since, or that carries no
+    mark of trimtab's, is left to its owner. A route the API server refuses as the old router
+    leaves it (Warning RouteNotReleased), or one recorded with a router this operator cannot
+    read, is left as it is, and so are the per-revision Services it may still send traffic to.
     The caller holds route_lock."""
-    record = (body.get("status") or {}).get("route") or unrecorded
-    if route_still_named(owner, record, spec):
+    recorded = (body.get("status") or {}).get("route")
+    stale: list[Json] = []
+    for record in (recorded, unrecorded):
+        if (
+            isinstance(record, dict)
+            and not route_still_named(owner, record, spec)
+            and all(_named(record) != _named(other) for other in stale)
+        ):
+            stale.append(record)
+    if not stale:
         return False
-    assert isinstance(record, dict)
+    routes_left_on_services = False
+    for record in stale:
+        if not await _release_one(kube, body, owner, spec, record, logger):
+            routes_left_on_services = True
+    if not routes_left_on_services and route_of(
+        owner, spec.rollout.router if spec.rollout is not None else None
+    ) is None:
+        await delete_revision_services(kube, owner, frozenset())
+    if any(r is recorded for r in stale):
+        await kube.patch_status(MODELDEPLOYMENTS, owner.namespace, owner.name, {"route": None})
+    return True
+
+
+def _named(record: Json) -> tuple[Any, Any]:
+    return record.get("kind"), record.get("name")
+
+
+async def _release_one(
+    kube: KubeClient,
+    body: Json,
+    owner: Owner,
+    spec: ModelDeploymentSpec,
+    record: Json,
+    logger: Log,
+) -> bool:
+    """Release the route `record` names (see release_stale_route); False when it was left
+    as it is, possibly still sending traffic to the per-revision Services."""
+    what = f"{record.get('kind')} {record.get('name')}"
     try:
         router = _ROUTER.validate_python(record.get("router") or {})
     except ValidationError as err:
-        router = None
         logger.warning(
-            "status.route names %s %s with a router this operator cannot read (%s): "
-            "the route is left as it is",
-            record.get("kind"), record.get("name"), err.errors()[0].get("msg"),
+            "status.route names %s with a router this operator cannot read (%s): the route "
+            "is left as it is", what, err.errors()[0].get("msg"),
         )  # fmt: skip
-    released = None
-    if isinstance(router, GatewayApiRouterSpec | IstioRouterSpec):
-        try:
-            released = await release_route(
-                owner, router, serving_ports(spec)[0], KubeRouterClient(kube)
-            )
-        except NameTaken as err:
-            logger.info("route not released: %s", err.message)
-        except KubeError as err:
-            if not (err.invalid or err.status == 400):
-                raise  # the API server could not answer: tried again, the record kept
-            # The API server refuses the route as the old router leaves it (its CRD changed
-            # since): nothing better can be written, and the resource's own reconcile goes on.
-            message = (
-                f"{record.get('kind')} {record.get('name')} was not handed back: the API "
-                f"server refused the route as spec.rollout left it ({err.message}); point it "
-                f"at Service {owner.name} or delete it"
-            )
-            logger.warning(message)
-            kopf.warn(cast(kopf.Body, body), reason="RouteNotReleased", message=message)
-    if route_of(owner, spec.rollout.router if spec.rollout is not None else None) is None:
-        await delete_revision_services(kube, owner, frozenset())
-    if (body.get("status") or {}).get("route"):
-        await kube.patch_status(MODELDEPLOYMENTS, owner.namespace, owner.name, {"route": None})
+        return False
+    if not isinstance(router, GatewayApiRouterSpec | IstioRouterSpec):
+        return True
+    try:
+        released = await release_route(
+            owner, router, serving_ports(spec)[0], KubeRouterClient(kube)
+        )
+    except NameTaken as err:
+        logger.info("route not released: %s", err.message)
+        return True
+    except KubeError as err:
+        if not (err.invalid or err.status == 400):
+            raise  # the API server could not answer: tried again, the record kept
+        # The API server refuses the route as the old router leaves it (its CRD changed
+        # since): nothing better can be written, and the resource's own reconcile goes on.
+        message = (
+            f"{what} was not handed back: the API server refused the route as spec.rollout "
+            f"left it ({err.message}); point it at Service {owner.name} or delete it (the "
+            "per-revision Services it may send traffic to stay until then)"
+        )
+        logger.warning(message)
+        kopf.warn(cast(kopf.Body, body), reason="RouteNotReleased", message=message)
+        return False
     if released is not None:
         message = (
             f"{released.kind} {released.name} sends all traffic to Service {owner.name}: "

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from trimtab import constants as C
 from trimtab.api.rollout import GatewayApiRouterSpec, IstioRouterSpec, Weights
-from trimtab.builders.common import Owner
+from trimtab.builders.common import Owner, is_applied, with_applied_hash
 from trimtab.builders.routing import (
     RouteRef,
     Split,
@@ -124,12 +125,20 @@ async def release_route(
     client: RouterClient,
 ) -> RouteRef | None:
     """Point the route `router` wrote at the Service named after the resource (see
-    build_released_route), once spec.rollout stops routing through it; a route that is gone
-    is left gone. Returns the route released, or None."""
+    build_released_route), once spec.rollout stops routing through it. A route that is gone
+    is left gone, and one without trimtab's `trimtab.io/applied` mark is left as it is: trimtab
+    never wrote it (or it was replaced whole since), so its rules are not trimtab's to hand
+    back. Returns the route released, or None (also for one released already)."""
     ref = route_of(owner, router)
     if ref is None:
         return None
-    if await client.get_object(ref.api_version, ref.kind, owner.namespace, ref.name) is None:
+    current = await client.get_object(ref.api_version, ref.kind, owner.namespace, ref.name)
+    if current is None:
         return None
-    await client.apply(build_released_route(owner, router, port))
+    if C.ANNOTATION_APPLIED not in ((current.get("metadata") or {}).get("annotations") or {}):
+        return None
+    released = build_released_route(owner, router, port)
+    if is_applied(with_applied_hash(released), current):
+        return None  # released already
+    await client.apply(released)
     return ref
