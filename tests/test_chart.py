@@ -399,6 +399,12 @@ def test_prometheus_client_settings_reach_the_operator(
                      id="two-cas"),
         pytest.param({"ca": {"secret": "b"}, "insecureSkipVerify": True},
                      "a CA and insecureSkipVerify", id="ca-and-no-check"),
+        pytest.param({"basicAuth": {"passwordSecret": {"name": "p", "key": "pw"}}},
+                     "passwordSecret needs basicAuth.username", id="password-without-user"),
+        pytest.param({"bearerTokenSecret": {"key": "token"}}, "bearerTokenSecret needs a name",
+                     id="token-key-without-secret"),
+        pytest.param({"serviceAccountToken": True, "headers": {"authorization": "Bearer x"}},
+                     "an Authorization header and a bearer token", id="two-authorizations"),
     ],
 )  # fmt: skip
 def test_contradictory_prometheus_client_values_fail_the_install(
@@ -590,6 +596,10 @@ BAD_VALUES = [
                  id="bad-secret-name"),
     pytest.param({"operator": {"prometheusClient": {"caBundle": "x"}}},
                  id="misspelt-prometheus-client-key"),
+    pytest.param({"operator": {"prometheusClient": {"headers": {"X Scope": "a"}}}},
+                 id="header-name-with-a-space"),
+    pytest.param({"operator": {"prometheusClient": {"headers": {"X-Tenant": "a\r\nX-Evil: 1"}}}},
+                 id="header-value-with-a-line-break"),
     pytest.param({"tolerations": []}, id="unknown-top-level-key"),
 ]
 
