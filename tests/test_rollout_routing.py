@@ -19,6 +19,7 @@ from tests.validation import (
     validate_builtin,
     validate_custom,
 )
+from trimtab import constants as C
 from trimtab.api.rollout import (
     GatewayApiRouterSpec,
     HttpRouteTimeouts,
@@ -29,7 +30,7 @@ from trimtab.api.rollout import (
     UrlRewritePath,
     Weights,
 )
-from trimtab.builders.common import Owner
+from trimtab.builders.common import Owner, with_applied_hash
 from trimtab.builders.routing import (
     Split,
     build_http_route,
@@ -300,15 +301,25 @@ def test_released_route_sends_everything_to_the_resources_service(router: Any) -
 
 
 async def test_release_route_leaves_a_deleted_route_deleted() -> None:
+    """A route that is gone stays gone, one without trimtab's mark is not trimtab's to write
+    over, and one released already is not written (nor reported) again."""
     cluster = FakeCluster()
     assert await release_route(OWNER, GW_EXISTING, 8000, cluster) is None
     assert cluster.objects == {}
-    cluster.objects[("HTTPRoute", "chat-route")] = {"spec": {"rules": []}}
+    users = {"metadata": {"name": "chat-route"}, "spec": {"rules": []}}
+    cluster.objects[("HTTPRoute", "chat-route")] = users
+    assert await release_route(OWNER, GW_EXISTING, 8000, cluster) is None
+    assert cluster.objects[("HTTPRoute", "chat-route")] is users
+    marked = {"metadata": {"name": "chat-route", "annotations": {C.ANNOTATION_APPLIED: "x"}},
+              "spec": {"rules": []}}  # fmt: skip
+    cluster.objects[("HTTPRoute", "chat-route")] = marked
     ref = await release_route(OWNER, GW_EXISTING, 8000, cluster)
     assert ref is not None and ref.name == "chat-route"
-    assert cluster.objects[("HTTPRoute", "chat-route")]["spec"]["rules"][0]["backendRefs"] == [
-        {"name": "chat", "port": 8000}
-    ]
+    released = cluster.objects[("HTTPRoute", "chat-route")]
+    assert released["spec"]["rules"][0]["backendRefs"] == [{"name": "chat", "port": 8000}]
+    # As the API server stores it: the apply carried its hash.
+    cluster.objects[("HTTPRoute", "chat-route")] = with_applied_hash(released)
+    assert await release_route(OWNER, GW_EXISTING, 8000, cluster) is None
 
 
 class FakeCluster:
