@@ -454,3 +454,31 @@ async def test_an_unrecorded_route_is_released_beside_a_recorded_one(
     assert status["route"]["kind"] == "HTTPRoute"
     assert await _revision_services(cluster) == {"llm-aaa", "llm-bbb"}
     assert [r for r, _ in events if r == "RouteReleased"] == ["RouteReleased"]
+
+
+async def test_a_route_written_is_recorded_when_the_loop_then_fails(
+    api: ApiServerEmulator,
+    cluster: Cluster,
+    events: list[tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop wrote the route and then failed (an API error after the write, the daemon
+    cancelled): the route is recorded all the same, or a later change would never release it."""
+    await _shadowing(cluster, ISTIO)
+    route = rollout_handler._route
+
+    async def routes_then_fails(*args: Any, **kwargs: Any) -> Any:
+        await route(*args, **kwargs)
+        raise RuntimeError("the API server went away after the route was written")
+
+    monkeypatch.setattr(rollout_handler, "_route", routes_then_fails)
+    no_pool: Any = None  # the first loop starts the shadow, judging nothing
+    with pytest.raises(RuntimeError):
+        await rollout_handler.rollout_once(
+            cluster.kube, no_pool, NS, "llm", logging.getLogger("t"), now=NOW
+        )
+    assert await cluster.get(f"{VS_PATH}/llm") is not None
+    status = (await cluster.get(f"{MD_PATH}/llm") or {})["status"]
+    assert status["route"] == {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                               "name": "llm", "router": ISTIO}  # fmt: skip
+    assert status["rollout"]["phase"] == "Canary"  # the step itself was not recorded
