@@ -138,7 +138,7 @@ def run_operator(api: ApiServerEmulator) -> OperatorRunner:
                 settings=settings,
                 memo=kopf.Memo(
                     kube=kube,
-                    settings=Settings(prometheus_url="http://127.0.0.1:9", **overrides),
+                    settings=Settings(**{"prometheus_url": "http://127.0.0.1:9", **overrides}),
                 ),
                 stop_flag=stop,
                 ready_flag=ready,

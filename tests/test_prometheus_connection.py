@@ -7,6 +7,7 @@ settings mistake stops the operator at start with a message that names the setti
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 import time
@@ -20,7 +21,12 @@ import pytest
 import trustme
 from aiohttp import web
 
+from tests.conftest import Cluster, wait_for
+from tests.kube_emulator import ApiServerEmulator
 from tests.prometheus_fixture import PrometheusServer, prometheus_bin  # noqa: F401
+from tests.test_autoscaling_operator import autoscaled_model, quiet_server
+from tests.test_modeldeployment_operator import DEPLOY_PATH, MD_PATH, mark_ready
+from trimtab.builders.serving import deployment_name
 from trimtab.config import Settings
 from trimtab.metrics.connection import NO_SETTINGS, Connection
 from trimtab.metrics.factory import ProviderPool
@@ -350,3 +356,48 @@ def test_settings(env: dict[str, str], error: str | None) -> None:
         Settings.from_env(env)
     assert error in str(raised.value)
     assert "hunter2" not in str(raised.value)  # a header may be a secret: never echoed
+
+
+async def test_the_operator_reads_its_prometheus_through_the_settings(
+    api: ApiServerEmulator, cluster: Cluster, run_operator: Any, tmp_path: Path
+) -> None:
+    """The whole path: TRIMTAB_PROMETHEUS_* settings, the operator's source, the autoscaling
+    loop, status. Behind a gateway that wants a token and a tenant, the loop reads its signals;
+    once the token file goes, MetricsAvailable says why and nothing is scaled down."""
+    async with quiet_server(tmp_path) as (exporter, prometheus, revision):
+        gateway = await TenantGateway(prometheus.url, "token-1", "team-a").start()
+        token = tmp_path / "token"
+        token.write_text("token-1")
+        deploy_path = f"{DEPLOY_PATH}/{deployment_name('chat', revision)}"
+        body = autoscaled_model(gateway.url)
+        del body["spec"]["metrics"]["prometheusUrl"]  # the operator's own Prometheus
+        try:
+            async with run_operator(
+                prometheus_url=gateway.url,
+                prometheus_bearer_token_file=str(token),
+                prometheus_headers={"X-Scope-OrgID": "team-a"},
+            ):
+                await cluster.create(MD_PATH, body)
+                deploy = await wait_for(lambda: cluster.get(deploy_path))
+                await mark_ready(cluster, deploy)
+
+                async def metrics_available(state: str) -> dict[str, Any] | None:
+                    b = await cluster.get(f"{MD_PATH}/chat") or {}
+                    conds = {c["type"]: c for c in b.get("status", {}).get("conditions", [])}
+                    cond = conds.get("MetricsAvailable")
+                    return cond if cond and cond["status"] == state else None
+
+                await wait_for(lambda: metrics_available("True"), timeout=20)
+                auto = ((await cluster.get(f"{MD_PATH}/chat")) or {})["status"]["autoscaling"]
+                signals = {s["name"]: s for s in auto["signals"]}
+                assert signals["queueDepth"]["state"] == "value"
+                assert all(h.get("X-Scope-OrgID") == "team-a" for h in gateway.seen)
+
+                token.unlink()
+                cond = await wait_for(lambda: metrics_available("False"), timeout=20)
+                assert f"cannot read the bearer token file {token}" in cond["message"]
+                before = (await cluster.get(deploy_path) or {})["spec"]["replicas"]
+                await asyncio.sleep(2.5)  # more loops without metrics
+                assert (await cluster.get(deploy_path) or {})["spec"]["replicas"] >= before
+        finally:
+            await gateway.stop()
