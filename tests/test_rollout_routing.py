@@ -32,6 +32,7 @@ from trimtab.api.rollout import (
 )
 from trimtab.builders.common import Owner, with_applied_hash
 from trimtab.builders.routing import (
+    ROUTER,
     Split,
     build_http_route,
     build_released_route,
@@ -39,7 +40,8 @@ from trimtab.builders.routing import (
     build_virtual_service,
     istio_match,
     istio_path_rewrite,
-    route_released,
+    route_record,
+    route_still_named,
     weights_from_http_route,
 )
 from trimtab.decisions.routing import takeover_losses
@@ -242,7 +244,7 @@ GW_TAKES_OVER_OWN = GatewayApiRouterSpec(type="gatewayApi", http_route="chat")
 @pytest.mark.parametrize(
     ("before", "after", "released"),
     [
-        pytest.param(None, GW_OWNED, None, id="rollout-added"),
+        pytest.param(None, GW_OWNED, None, id="rollout-added-nothing-recorded"),
         pytest.param(GW_OWNED, None, ("HTTPRoute", "chat"), id="rollout-removed-owned"),
         pytest.param(GW_EXISTING, None, ("HTTPRoute", "chat-route"), id="rollout-removed-users"),
         pytest.param(GW_EXISTING, REPLICAS, ("HTTPRoute", "chat-route"), id="to-replicas"),
@@ -259,9 +261,14 @@ GW_TAKES_OVER_OWN = GatewayApiRouterSpec(type="gatewayApi", http_route="chat")
         pytest.param(REPLICAS, None, None, id="replicas-removed"),
     ],
 )
-def test_route_released(before: Any, after: Any, released: tuple[str, str] | None) -> None:
-    ref = route_released(OWNER, before, after)
-    assert (None if ref is None else (ref.kind, ref.name)) == released
+def test_route_still_named(before: Any, after: Any, released: tuple[str, str] | None) -> None:
+    """The route status.route records for `before` is handed back once `after` is the
+    router (None: spec.rollout removed) unless `after` still writes it."""
+    record = None if before is None else route_record(OWNER, before.to_wire())
+    assert route_still_named(OWNER, record, after) is (released is None)
+    if released is not None:
+        assert record is not None and (record["kind"], record["name"]) == released
+        assert ROUTER.validate_python(record["router"]) == before  # what the release rebuilds
 
 
 @pytest.mark.parametrize(

@@ -28,16 +28,17 @@ from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.api.rollout import GatewayApiRouterSpec, IstioRouterSpec
 from trimtab.builders.common import Owner
 from trimtab.builders.routing import (
+    ROUTER,
     Split,
     build_http_route,
     build_revision_service,
     build_virtual_service,
+    route_record,
 )
 from trimtab.builders.serving import serving_ports
 from trimtab.handlers import modeldeployment as md_handler
 from trimtab.handlers import rollout as rollout_handler
 from trimtab.handlers import routes
-from trimtab.handlers.routes import route_record, route_still_named
 from trimtab.kube.client import KubeClient, KubeError
 from trimtab.metrics.factory import ProviderPool
 
@@ -49,39 +50,14 @@ ISTIO = {"type": "istio", "host": "llm.example.com"}
 
 def record(router: dict[str, Any]) -> dict[str, Any]:
     """status.route as the rollout loop writes it after writing `router`'s route."""
-    parsed = routes._ROUTER.validate_python(router)
-    split = Split("aaa", "bbb", 8000, 90, 10)
-    if isinstance(parsed, IstioRouterSpec):
-        return route_record(build_virtual_service(OWNER, parsed, split), router)
-    assert isinstance(parsed, GatewayApiRouterSpec)
-    return route_record(build_http_route(OWNER, parsed, split), router)
+    written = route_record(OWNER, router)
+    assert written is not None
+    return written
 
 
 def spec_with(router: dict[str, Any] | None) -> ModelDeploymentSpec:
     extra = {} if router is None else {"rollout": {"router": router}}
     return ModelDeploymentSpec.model_validate(model("llm", **extra)["spec"])
-
-
-@pytest.mark.parametrize(
-    ("recorded", "router", "named"),
-    [
-        pytest.param(None, GW_USER, True, id="nothing-recorded"),
-        pytest.param(record(GW_USER), GW_USER, True, id="same-route"),
-        pytest.param(record(GW_USER), {**GW_USER, "hostnames": ["a.example"]}, True,
-                     id="same-route-other-settings"),
-        pytest.param(record(GW_OWNED), {**GW_OWNED, "httpRoute": "llm"}, True,
-                     id="a-created-route-taken-over-under-its-name"),
-        pytest.param(record(GW_USER), {"type": "gatewayApi", "httpRoute": "web"}, False,
-                     id="another-route-name"),
-        pytest.param(record(GW_OWNED), ISTIO, False, id="another-router-type"),
-        pytest.param(record(ISTIO), {"type": "replicas"}, False, id="replica-router"),
-        pytest.param(record(ISTIO), None, False, id="rollout-removed"),
-    ],
-)  # fmt: skip
-def test_route_still_named(
-    recorded: dict[str, Any] | None, router: dict[str, Any] | None, named: bool
-) -> None:
-    assert route_still_named(OWNER, recorded, spec_with(router)) is named
 
 
 def test_the_record_round_trips_through_the_crd_schema() -> None:
@@ -100,7 +76,7 @@ async def _routed(
     created = await cluster.create(MD_PATH, model("llm", rollout={"router": router}))
     owner = Owner(C.API_VERSION, C.MODELDEPLOYMENT_KIND, "llm", NS, created["metadata"]["uid"])
     port = serving_ports(ModelDeploymentSpec.model_validate(created["spec"]))[0]
-    parsed = routes._ROUTER.validate_python(router)
+    parsed = ROUTER.validate_python(router)
     split = Split("aaa", "bbb", port, 90, 10)
     if isinstance(parsed, IstioRouterSpec):
         route = build_virtual_service(owner, parsed, split)
@@ -121,10 +97,24 @@ async def _routed(
         await cluster.create(SVC_PATH, build_revision_service(owner, revision, port))
     await cluster.merge(
         f"{MD_PATH}/llm/status",
-        {"status": {"observedGeneration": 1, "route": route_record(route, router)}},
+        {"status": {"observedGeneration": 1, "route": route_record(owner, router)}},
     )
     await cluster.merge(f"{MD_PATH}/llm", {"spec": then})
     return owner
+
+
+async def _update(cluster: Cluster, body: dict[str, Any], old: dict[str, Any]) -> None:
+    """kopf's update handler on `body`, with `old` the essence kopf last handled."""
+    await md_handler.reconcile_modeldeployment(
+        body=kopf.Body(body),
+        spec=kopf.Spec(kopf.Body(body)),
+        patch=kopf.Patch(),
+        memo=types.SimpleNamespace(kube=cluster.kube),
+        logger=logging.getLogger("t"),
+        serving_deployments={},
+        old=old,
+        diff=(),
+    )
 
 
 async def _revision_services(cluster: Cluster) -> set[str]:
@@ -406,16 +396,7 @@ async def test_a_route_written_before_routes_were_recorded(
     await _routed(cluster, GW_USER, {"rollout": None})
     body = await cluster.merge(f"{MD_PATH}/llm/status", {"status": {"route": None}})
     old = {"spec": {"rollout": {"router": old_router}}} if old_router else {"spec": {}}
-    await md_handler.reconcile_modeldeployment(
-        body=kopf.Body(body),
-        spec=kopf.Spec(kopf.Body(body)),
-        patch=kopf.Patch(),
-        memo=types.SimpleNamespace(kube=cluster.kube),
-        logger=logging.getLogger("t"),
-        serving_deployments={},
-        old=old,
-        diff=(),
-    )
+    await _update(cluster, body, old)
     route = await cluster.get(f"{ROUTE_PATH}/chat")
     assert route is not None
     rules = [{"backendRefs": [{"name": "llm", "port": 8000}]}]
@@ -436,16 +417,7 @@ async def test_an_unrecorded_route_is_released_beside_a_recorded_one(
     body = await cluster.merge(
         f"{MD_PATH}/llm/status", {"status": {"route": record(GW_OWNED)}}
     )
-    await md_handler.reconcile_modeldeployment(
-        body=kopf.Body(body),
-        spec=kopf.Spec(kopf.Body(body)),
-        patch=kopf.Patch(),
-        memo=types.SimpleNamespace(kube=cluster.kube),
-        logger=logging.getLogger("t"),
-        serving_deployments={},
-        old={"spec": {"rollout": {"router": ISTIO}}},
-        diff=(),
-    )
+    await _update(cluster, body, {"spec": {"rollout": {"router": ISTIO}}})
     vs = await cluster.get(f"{VS_PATH}/llm")
     assert vs is not None
     (destination,) = [r["destination"] for r in vs["spec"]["http"][0]["route"]]

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trimtab.api.common import header_problem
 from trimtab.metrics.connection import Connection
-
-# An HTTP header name (RFC 9110's token).
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 class Settings(BaseModel):
@@ -68,10 +65,8 @@ class Settings(BaseModel):
     @classmethod
     def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
         for name, text in value.items():
-            if not _HEADER_NAME.match(name):
-                raise ValueError(f"{name!r} is not an HTTP header name")
-            if any(c in text for c in "\r\n\0"):
-                raise ValueError(f"the value of header {name} has a line break or NUL")
+            if problem := header_problem(name, text):
+                raise ValueError(problem)
         return value
 
     @model_validator(mode="after")

@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from trimtab.api.common import HTTP_HEADER_NAME, HTTP_HEADER_VALUE, header_problem
 
 JSON = dict[str, Any]
 
@@ -27,9 +28,6 @@ Labels = dict[str, str]
 DNS_SUBDOMAIN = r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 DNS_LABEL = r"^$|^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DURATION = r"^([0-9]+(ms|s|m|h))+$"
-# An HTTP header's name (RFC 9110's token) and a value without line breaks.
-HEADER_NAME = r"^[-!#$%&'*+.^_`|~0-9A-Za-z]+$"
-HEADER_VALUE = r"^[^\r\n\x00]*$"
 
 
 class Values(BaseModel):
@@ -92,8 +90,8 @@ class PrometheusClient(Values):
         description="Headers on every query, e.g. {X-Scope-OrgID: team-a} (a Mimir, Cortex or "
         "Thanos tenant).",
         json_schema_extra={
-            "propertyNames": {"pattern": HEADER_NAME},
-            "additionalProperties": {"type": "string", "pattern": HEADER_VALUE},
+            "propertyNames": {"pattern": HTTP_HEADER_NAME},
+            "additionalProperties": {"type": "string", "pattern": HTTP_HEADER_VALUE},
         },
     )
 
@@ -101,9 +99,8 @@ class PrometheusClient(Values):
     @classmethod
     def _header_names_and_values(cls, value: Labels) -> Labels:
         for name, text in value.items():
-            if not re.fullmatch(HEADER_NAME, name) or not re.fullmatch(HEADER_VALUE, text):
-                raise ValueError(f"{name!r}: not an HTTP header name, or its value has a line "
-                                 "break")  # fmt: skip
+            if problem := header_problem(name, text):
+                raise ValueError(problem)
         return value
     ca: CaBundle = Field(
         default_factory=CaBundle, description="CA bundle that signs Prometheus' certificate."

@@ -77,6 +77,27 @@ class StatusModel(BaseModel):
 
 # A label or annotation key: an optional DNS-subdomain prefix and "/", then a name of up to 63
 # characters.
+# An HTTP header's name (RFC 9110's token), and a value without a line break or NUL (which
+# would end the header and start another).
+HTTP_HEADER_NAME = r"^[-!#$%&'*+.^_`|~0-9A-Za-z]+$"
+HTTP_HEADER_VALUE = r"^[^\r\n\x00]*$"
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """What is wrong with the HTTP header `name: value`, or None.
+
+    >>> header_problem("X-Scope-OrgID", "team-a") is None
+    True
+    >>> header_problem("X Scope", "a"), header_problem("X-Tenant", "a\\r\\nX-Evil: 1")
+    ("'X Scope' is not an HTTP header name", 'the value of header X-Tenant has a line break or NUL')
+    """
+    if not re.fullmatch(HTTP_HEADER_NAME, name):
+        return f"{name!r} is not an HTTP header name"
+    if not re.fullmatch(HTTP_HEADER_VALUE, value):
+        return f"the value of header {name} has a line break or NUL"
+    return None
+
+
 QUALIFIED_NAME = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"

@@ -7,6 +7,9 @@ requests to the candidate and discards its answers (shadow traffic)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
 
 from trimtab import constants as C
 from trimtab.api.autoscaling import duration_seconds
@@ -18,10 +21,15 @@ from trimtab.api.rollout import (
     ReplicasRouterSpec,
     RouteFilter,
     RouteMatch,
+    RouteRecord,
     RouteRetry,
+    RouterSpec,
     UrlRewritePath,
 )
 from trimtab.builders.common import Manifest, Owner, child_name, literal_regex, object_meta
+
+# spec.rollout.router in its wire form, as status.route keeps it.
+ROUTER: TypeAdapter[RouterSpec] = TypeAdapter(RouterSpec)
 
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
 ISTIO_API_VERSION = "networking.istio.io/v1"
@@ -393,26 +401,50 @@ def route_of(
     return None
 
 
-def route_released(
-    owner: Owner,
-    before: GatewayApiRouterSpec | IstioRouterSpec | ReplicasRouterSpec | None,
-    after: GatewayApiRouterSpec | IstioRouterSpec | ReplicasRouterSpec | None,
-) -> RouteRef | None:
-    """The route `before` wrote that `after` no longer writes (spec.rollout removed, the
-    router type or the route's name changed); None when it still does or there was none.
-    Taking over a route trimtab created (or the reverse) under the same name keeps it.
+def route_record(owner: Owner, router: Any) -> Manifest | None:
+    """status.route for the route spec.rollout.router `router` (wire form, as the user wrote
+    it) writes: the route and the router, which is what handing the route back needs (see
+    build_released_route). None for the replica router, no router, or one that does not parse.
+
+    >>> o = Owner("trimtab.io/v1alpha1", "ModelDeployment", "llm", "ml", "u1")
+    >>> route_record(o, {"type": "gatewayApi", "httpRoute": "web"})
+    {'apiVersion': 'gateway.networking.k8s.io/v1', 'kind': 'HTTPRoute', 'name': 'web', \
+'router': {'type': 'gatewayApi', 'httpRoute': 'web'}}
+    >>> route_record(o, {"type": "replicas"}), route_record(o, None)
+    (None, None)
+    """
+    if not isinstance(router, dict):
+        return None
+    try:
+        parsed = ROUTER.validate_python(router)
+    except ValidationError:
+        return None
+    ref = route_of(owner, parsed)
+    if ref is None:
+        return None
+    return RouteRecord(
+        api_version=ref.api_version, kind=ref.kind, name=ref.name, router=router
+    ).to_wire()
+
+
+def route_still_named(owner: Owner, record: Any, router: RouterSpec | None) -> bool:
+    """Whether `router` (spec.rollout.router; None without a rollout) writes the route
+    `record` (status.route) names; True without a record, since there is nothing to hand back.
+    Editing the router, or taking over a route trimtab created under the same name (or the
+    reverse), keeps the route.
 
     >>> o = Owner("trimtab.io/v1alpha1", "ModelDeployment", "llm", "ml", "u1")
     >>> gw = GatewayApiRouterSpec(type="gatewayApi", http_route="public")
-    >>> route_released(o, gw, None).name
-    'public'
-    >>> route_released(o, gw, gw.model_copy(update={"hostnames": ["a.example"]})) is None
+    >>> rec = route_record(o, gw.to_wire())
+    >>> route_still_named(o, rec, None), route_still_named(o, None, None)
+    (False, True)
+    >>> route_still_named(o, rec, gw.model_copy(update={"hostnames": ["a.example"]}))
     True
     """
-    old, new = route_of(owner, before), route_of(owner, after)
-    if old is None or (new is not None and (new.kind, new.name) == (old.kind, old.name)):
-        return None
-    return old
+    if not isinstance(record, dict):
+        return True
+    now = route_of(owner, router)
+    return now is not None and (now.kind, now.name) == (record.get("kind"), record.get("name"))
 
 
 def build_released_route(

@@ -25,6 +25,7 @@ from trimtab.api.modeldeployment import (
 from trimtab.api.rollout import ROLLOUT_CONDITIONS, RolloutStatus
 from trimtab.builders.autoscaling import replicas_for_revision
 from trimtab.builders.common import Owner, merge_patch
+from trimtab.builders.routing import route_record
 from trimtab.builders.serving import (
     build_deployment,
     build_disruption_budget,
@@ -41,7 +42,7 @@ from trimtab.decisions.serving import (
     plan_disruption_budget,
     serving_state,
 )
-from trimtab.handlers.routes import record_for, release_stale_route, route_lock
+from trimtab.handlers.routes import release_stale_route, route_lock
 from trimtab.kube.client import KubeClient, KubeError, NameTaken, patch_status_from
 from trimtab.kube.resources import (
     DEPLOYMENTS,
@@ -370,7 +371,9 @@ async def release_route_not_named(
     Where status has no record, the route of `rollout_before` (spec.rollout as kopf last
     handled it, on an update) is released instead: a route an earlier trimtab wrote, which did
     not record routes, changed while the operator was being upgraded."""
-    earlier = record_for(owner, rollout_before)
+    earlier = route_record(
+        owner, rollout_before.get("router") if isinstance(rollout_before, dict) else None
+    )
     if (
         getattr(memo, "route_lock", None) is None
         and not (body.get("status") or {}).get("route")

@@ -35,6 +35,7 @@ from trimtab.builders.common import Owner, merge_patch, owner_labels
 from trimtab.builders.routing import (
     build_revision_service,
     route_of,
+    route_record,
 )
 from trimtab.builders.serving import revision_of, serving_ports
 from trimtab.decisions.rollout import (
@@ -82,11 +83,9 @@ from trimtab.handlers.modeldeployment import (
 from trimtab.handlers.routes import (
     KubeRouterClient,
     delete_revision_services,
-    raw_router,
     record_route,
     release_stale_route,
     route_lock,
-    route_record,
 )
 from trimtab.kube.client import KubeClient, KubeError, patch_status_from
 from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS
@@ -432,7 +431,9 @@ async def rollout_once(
             # Recorded at once (also when a later write of this loop failed), not with the
             # step below, which is not written when status.rollout changed meanwhile: a route
             # written and not recorded would not be released.
-            await record_route(kube, body, route_record(client.applied[-1], raw_router(body)))
+            record = route_record(owner, body["spec"]["rollout"].get("router"))
+            if record is not None:
+                await record_route(kube, body, record)
     _report_route(body, status, route_health, logger)
     _route_gauge(namespace, name, route_health, mesh)
 

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import kopf
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec
-from trimtab.api.rollout import GatewayApiRouterSpec, IstioRouterSpec, RouteRecord, RouterSpec
+from trimtab.api.rollout import GatewayApiRouterSpec, IstioRouterSpec
 from trimtab.builders.common import Owner, merge_patch, owner_labels
-from trimtab.builders.routing import ROUTE_KINDS, route_of
+from trimtab.builders.routing import ROUTE_KINDS, ROUTER, route_of, route_still_named
 from trimtab.builders.serving import serving_ports
 from trimtab.kube.client import KubeClient, KubeError, NameTaken
 from trimtab.kube.resources import MODELDEPLOYMENTS, SERVICES, for_manifest
@@ -34,7 +34,6 @@ from trimtab.routing.mesh import release_route
 
 Log = logging.Logger | logging.LoggerAdapter[Any]
 
-_ROUTER = TypeAdapter(RouterSpec)
 
 
 def route_lock(memo: Any) -> asyncio.Lock:
@@ -101,30 +100,6 @@ async def delete_revision_services(kube: KubeClient, owner: Owner, keep: frozens
             await kube.delete(SERVICES, owner.namespace, svc["metadata"]["name"])
 
 
-def route_record(manifest: Json, router: Json) -> Json:
-    """status.route for `manifest`, a route written for spec.rollout.router `router` (wire
-    form).
-
-    >>> route_record({"apiVersion": "v1x", "kind": "HTTPRoute", "metadata": {"name": "web"}},
-    ...              {"type": "gatewayApi", "httpRoute": "web"})
-    {'apiVersion': 'v1x', 'kind': 'HTTPRoute', 'name': 'web', 'router': {'type': 'gatewayApi', \
-'httpRoute': 'web'}}
-    """
-    return RouteRecord(
-        api_version=manifest["apiVersion"],
-        kind=manifest["kind"],
-        name=manifest["metadata"]["name"],
-        router=router,
-    ).to_wire()
-
-
-def raw_router(body: Json) -> Json:
-    """spec.rollout.router of `body` as written (the replica router when left out)."""
-    rollout = (body.get("spec") or {}).get("rollout") or {}
-    router: Json = rollout.get("router") or {"type": "replicas"}
-    return router
-
-
 async def record_route(kube: KubeClient, body: Json, record: Json) -> None:
     """Write `record` to status.route unless `body` (a fresh read) holds it already; the
     record is replaced whole, so no field of an earlier router stays in it."""
@@ -134,51 +109,6 @@ async def record_route(kube: KubeClient, body: Json, record: Json) -> None:
         return
     meta = body["metadata"]
     await kube.patch_status(MODELDEPLOYMENTS, meta["namespace"], meta["name"], {"route": patch})
-
-
-def route_still_named(owner: Owner, record: Any, spec: ModelDeploymentSpec) -> bool:
-    """Whether `spec` routes through the route `record` (status.route) names; True without a
-    record (nothing to release).
-
-    >>> from trimtab.api.modeldeployment import ModelDeploymentSpec
-    >>> o = Owner("trimtab.io/v1alpha1", "ModelDeployment", "llm", "ml", "u1")
-    >>> rec = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-    ...        "name": "web", "router": {"type": "gatewayApi", "httpRoute": "web"}}
-    >>> spec = ModelDeploymentSpec(image="vllm/vllm-openai:v0.6.3")
-    >>> route_still_named(o, rec, spec)
-    False
-    >>> route_still_named(o, None, spec)
-    True
-    """
-    if not isinstance(record, dict):
-        return True
-    router = spec.rollout.router if spec.rollout is not None else None
-    now = route_of(owner, router)
-    return now is not None and (now.kind, now.name) == (record.get("kind"), record.get("name"))
-
-
-def record_for(owner: Owner, rollout: Any) -> Json | None:
-    """The record (status.route) of the route spec.rollout `rollout` (wire form) writes; None
-    for the replica router, no rollout, or one that does not parse.
-
-    >>> o = Owner("trimtab.io/v1alpha1", "ModelDeployment", "llm", "ml", "u1")
-    >>> record_for(o, {"router": {"type": "istio", "host": "llm.example.com"}})["kind"]
-    'VirtualService'
-    >>> record_for(o, {"steps": []}), record_for(o, None)
-    (None, None)
-    """
-    if not isinstance(rollout, dict) or not isinstance(rollout.get("router"), dict):
-        return None
-    try:
-        router = _ROUTER.validate_python(rollout["router"])
-    except ValidationError:
-        return None
-    ref = route_of(owner, router)
-    if ref is None:
-        return None
-    return RouteRecord(
-        api_version=ref.api_version, kind=ref.kind, name=ref.name, router=rollout["router"]
-    ).to_wire()
 
 
 async def release_stale_route(
@@ -202,11 +132,12 @@ async def release_stale_route(
     read, is left as it is, and so are the per-revision Services it may still send traffic to.
     The caller holds route_lock."""
     recorded = (body.get("status") or {}).get("route")
+    router_now = spec.rollout.router if spec.rollout is not None else None
     stale: list[Json] = []
     for record in (recorded, unrecorded):
         if (
             isinstance(record, dict)
-            and not route_still_named(owner, record, spec)
+            and not route_still_named(owner, record, router_now)
             and all(_named(record) != _named(other) for other in stale)
         ):
             stale.append(record)
@@ -216,9 +147,7 @@ async def release_stale_route(
     for record in stale:
         if not await _release_one(kube, body, owner, spec, record, logger):
             routes_left_on_services = True
-    if not routes_left_on_services and route_of(
-        owner, spec.rollout.router if spec.rollout is not None else None
-    ) is None:
+    if not routes_left_on_services and route_of(owner, router_now) is None:
         await delete_revision_services(kube, owner, frozenset())
     if any(r is recorded for r in stale):
         await kube.patch_status(MODELDEPLOYMENTS, owner.namespace, owner.name, {"route": None})
@@ -241,7 +170,7 @@ async def _release_one(
     as it is, possibly still sending traffic to the per-revision Services."""
     what = f"{record.get('kind')} {record.get('name')}"
     try:
-        router = _ROUTER.validate_python(record.get("router") or {})
+        router = ROUTER.validate_python(record.get("router") or {})
     except ValidationError as err:
         logger.warning(
             "status.route names %s with a router this operator cannot read (%s): the route "
