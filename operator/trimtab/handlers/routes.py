@@ -35,7 +35,6 @@ from trimtab.routing.mesh import release_route
 Log = logging.Logger | logging.LoggerAdapter[Any]
 
 
-
 def route_lock(memo: Any) -> asyncio.Lock:
     """The lock one ModelDeployment's route writers share (kopf gives each resource its own
     memo): a loop that read spec.rollout before it changed finishes before a route the change
