@@ -191,10 +191,44 @@ def test_chart_crds_are_the_generated_ones() -> None:
 
 
 def test_standalone_replicas_are_refused() -> None:
-    """Without peering every replica acts on every ModelDeployment: two would fight."""
+    """Without peering every replica acts on every ModelDeployment: two would fight, also for
+    the moment a rolling update runs the new pod beside the old one."""
     with pytest.raises(Exception, match="operator.replicas to 1"):
         render({"peering": {"enabled": False}})
-    assert operator_deployment(render(MINIMAL))["spec"]["replicas"] == 1
+    standalone = operator_deployment(render(MINIMAL))["spec"]
+    assert standalone["replicas"] == 1
+    assert standalone["strategy"] == {"type": "Recreate"}
+    peered = operator_deployment(render())["spec"]["strategy"]
+    assert peered == {"type": "RollingUpdate",
+                      "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}  # fmt: skip
+
+
+# Values the schema accepts one by one but that together make an operator that cannot work,
+# or one with too much reach: the chart refuses them with a message.
+REFUSED_COMBINATIONS = [
+    pytest.param({"serviceAccount": {"create": False}}, "needs serviceAccount.name",
+                 id="no-account-would-bind-the-default-one"),
+    pytest.param({"operator": {"metricsPort": 9000, "healthPort": 9000}}, "must differ",
+                 id="one-port-for-metrics-and-health"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("values", "said"), REFUSED_COMBINATIONS)
+def test_contradictory_values_are_refused(values: dict[str, Any], said: str) -> None:
+    with pytest.raises(Exception, match=said):
+        render(values)
+
+
+def test_long_release_names_keep_service_names_dns_labels() -> None:
+    """Helm allows 53-character release names; a Service's name is a DNS label of at most 63
+    characters, suffix included."""
+    release = "r" * 53
+    docs = render({"gpuAgent": {"enabled": True}}, release=release)
+    services = by_kind(docs, "Service")
+    assert {s["metadata"]["name"].rsplit("-", 2)[-1] for s in services} >= {"metrics", "agent"}
+    for svc in services:
+        name = svc["metadata"]["name"]
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, name
 
 
 def test_crds_install_false_renders_no_crds() -> None:
@@ -287,6 +321,12 @@ def test_operator_args_and_env_agree(
     assert (parsed.peering or "") == peering
 
     env = container_env(container)
+    # Settings ignores a TRIMTAB_* name it has no field for: a misspelt one would fall back to
+    # the default unnoticed. Every one the chart sets (extraEnv aside) is a setting's.
+    extra = {e["name"] for e in ChartValues.model_validate(values).operator.extraEnv}
+    fields = {f"TRIMTAB_{name.upper()}" for name in Settings.model_fields}
+    set_by_chart = {e["name"] for e in container["env"]} - extra
+    assert {n for n in set_by_chart if n.startswith("TRIMTAB_")} <= fields
     settings = Settings.from_env({k: v for k, v in env.items() if k.startswith("TRIMTAB_")})
     merged = ChartValues.model_validate(values).operator
     assert settings.namespace == namespace
@@ -631,5 +671,9 @@ def test_notes_tell_the_user_what_to_do_next() -> None:
     text = gpu_notes[f"{CHART.name}/templates/NOTES.txt"]
     assert "pod-security.kubernetes.io/enforce=privileged" in text
     assert "install the CRDs yourself" in text
+    assert "exit at start" in text  # without kopf's peering CRDs: see _ensure_peering
+    standalone_crds = {**MINIMAL, "crds": {"install": False}}
+    text = render_files(standalone_crds)[f"{CHART.name}/templates/NOTES.txt"]
+    assert "The operator waits for them" in text and "kopf-peering-crds" not in text
     standalone = render_files(MINIMAL)[f"{CHART.name}/templates/NOTES.txt"]
     assert "--standalone" in standalone

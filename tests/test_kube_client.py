@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from trimtab.builders.common import is_applied, merge_patch
-from trimtab.kube.client import ForbiddenCall, KubeClient
+from trimtab.kube.client import ForbiddenCall, KubeClient, _check
 from trimtab.kube.resources import DEPLOYMENTS, HTTPROUTES, PODS, rbac_rules
 
 APPLIED = [
@@ -59,6 +59,12 @@ async def test_client_refuses_calls_outside_its_rbac() -> None:
         await client.delete(PODS, "ns", "p")  # pods are read-only for trimtab
     with pytest.raises(ForbiddenCall):
         await client.patch(PODS, "ns", "p", {}, subresource="status")
+    with pytest.raises(ForbiddenCall):
+        await client.get(PODS, "ns", "p")  # listed by label, never read one by one
+    with pytest.raises(ForbiddenCall):
+        _check(DEPLOYMENTS, "get", "scale")  # scaled by a patch, never read through scale
+    _check(DEPLOYMENTS, "patch", "scale")
+    _check(PODS, "patch", "resize")
     await client.close()
 
 
@@ -67,7 +73,7 @@ def test_rbac_rules_cover_subresources() -> None:
     assert {
         "apiGroups": ["apps"],
         "resources": ["deployments/scale"],
-        "verbs": ["get", "patch"],
+        "verbs": ["patch"],
     } in rules
     deploy = next(r for r in rules if r["resources"] == ["deployments"])
     assert set(deploy["verbs"]) == set(DEPLOYMENTS.verbs)

@@ -242,3 +242,53 @@ def test_peers_get_distinct_priorities(monkeypatch: Any) -> None:
         monkeypatch.setenv("POD_ID", pod)
         seen.add(peer_priority())
     assert len(seen) == 3 and all(p > 0 for p in seen)
+
+
+@pytest.mark.parametrize(
+    ("namespace", "path", "said"),
+    [
+        pytest.param(None, "/apis/kopf.dev/v1/clusterkopfpeerings",
+                     "Install kopf's peering CRD clusterkopfpeerings.kopf.dev", id="cluster-wide"),
+        pytest.param("ml", "/apis/kopf.dev/v1/namespaces/ml/kopfpeerings",
+                     "Install kopf's peering CRD kopfpeerings.kopf.dev (or the namespace)",
+                     id="one-namespace"),
+    ],
+)  # fmt: skip
+async def test_peering_without_its_crd_exits_naming_what_to_install(
+    tmp_path: Path, monkeypatch: Any, namespace: str | None, path: str, said: str
+) -> None:
+    """With crds.install=false and kopf's peering CRDs not applied yet, the API server answers
+    404 to the peering object's create: the process exits with what to install, not a
+    traceback, and the pod restarts until it is there."""
+    from aiohttp import web
+
+    from trimtab.__main__ import _ensure_peering
+
+    seen: list[tuple[str, str]] = []
+
+    async def not_served(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path))
+        return web.json_response(
+            {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+             "reason": "NotFound", "message": "the server could not find the requested resource"},
+            status=404,
+        )  # fmt: skip
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", not_served)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path / "kc", f"http://{host}:{port}")))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        with pytest.raises(SystemExit) as exited:
+            await _ensure_peering("trimtab", namespace)
+    finally:
+        await runner.cleanup()
+    assert seen == [("POST", path)]
+    message = str(exited.value)
+    assert said in message and "could not find the requested resource" in message
+    assert "peering.enabled=false" in message

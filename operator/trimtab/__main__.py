@@ -89,17 +89,21 @@ def liveness_url(address: str, port: int) -> str | None:
 
 def peer_priority() -> int:
     """A priority distinct per replica: kopf pauses every peer that shares the top priority, so
-    two replicas at the default priority would both stand still."""
+    two replicas at the same priority would both stand still, and nothing would say so. Drawn
+    from the pod's name over 2**31 - 1 values: two live pods share one with a chance of about
+    5e-10."""
     import zlib
 
     identity = os.environ.get("POD_ID") or os.environ.get("HOSTNAME") or str(os.getpid())
-    return 1 + zlib.crc32(identity.encode()) % 10_000
+    return 1 + zlib.crc32(identity.encode()) % (2**31 - 1)
 
 
 async def _ensure_peering(name: str, namespace: str | None) -> None:
     """kopf watches its peering object but never creates it; without one, replicas would not
-    see each other and would both act."""
-    from trimtab.kube.client import KubeClient
+    see each other and would both act. Without kopf's peering CRDs there is nothing to create
+    it in: the process exits, saying which CRD to install, and the pod restarts until it is
+    there (the chart installs it unless crds.install is false)."""
+    from trimtab.kube.client import KubeClient, KubeError
 
     kube = KubeClient.from_environment()
     try:
@@ -115,7 +119,22 @@ async def _ensure_peering(name: str, namespace: str | None) -> None:
                 "kind": "KopfPeering",
                 "metadata": {"name": name, "namespace": namespace},
             }
-        await kube.ensure(manifest)
+        try:
+            await kube.ensure(manifest)
+        except KubeError as err:
+            if not err.not_found:
+                raise
+            plural = "clusterkopfpeerings" if namespace is None else "kopfpeerings"
+            where = "" if namespace is None else f" in namespace {namespace}"
+            missing = f"kopf's peering CRD {plural}.kopf.dev" + (
+                "" if namespace is None else " (or the namespace)"
+            )
+            raise SystemExit(
+                f"trimtab run: cannot create the {manifest['kind']} {name}{where} that keeps "
+                f"one replica active: 404 {err.message}. Install {missing} (the chart's "
+                "templates/kopf-peering-crds.yaml), or run one replica without peering "
+                "(peering.enabled=false)."
+            ) from None
     finally:
         await kube.close()
 

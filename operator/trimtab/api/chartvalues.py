@@ -178,7 +178,12 @@ class Peering(Values):
 
 class ServiceAccount(Values):
     create: bool = True
-    name: str = Field(default="", pattern=DNS_SUBDOMAIN, description="Empty: the fullname.")
+    name: str = Field(
+        default="",
+        pattern=DNS_SUBDOMAIN,
+        description="Empty: the fullname. Required when create is false (the RBAC is bound to "
+        "it).",
+    )
     annotations: Labels = Field(default_factory=dict)
 
 
@@ -251,7 +256,11 @@ class NetworkPolicy(Values):
     egress: list[KubeObject] = Field(
         default_factory=list,
         description="NetworkPolicyEgressRules; empty: egress is not restricted. When set, add "
-        "the API server and Prometheus (DNS is always allowed).",
+        "the API server and Prometheus (DNS is always allowed). Name the API server by its "
+        "endpoints (`kubectl get endpointslices -n default -l "
+        "kubernetes.io/service-name=kubernetes`: often port 6443), not the kubernetes "
+        "Service's IP and 443: many network plugins check egress after that address is "
+        "translated.",
     )
 
 

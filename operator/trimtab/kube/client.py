@@ -20,7 +20,7 @@ import aiohttp
 from trimtab import __version__
 from trimtab import constants as C
 from trimtab.builders.common import claim_problem, is_applied, with_applied_hash
-from trimtab.kube.resources import REGISTRY, Resource, for_manifest
+from trimtab.kube.resources import REGISTRY, SUBRESOURCE_VERBS, Resource, for_manifest
 from trimtab.observability import API_REQUESTS
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,10 @@ def _check(res: Resource, verb: str, sub: str | None = None) -> None:
     if res not in REGISTRY:
         raise ForbiddenCall(f"{res.plural} is not in trimtab's resource registry")
     if sub is not None:
-        if sub not in res.subresources:
-            raise ForbiddenCall(f"{res.plural}/{sub} is not in trimtab's resource registry")
+        if sub not in res.subresources or verb not in SUBRESOURCE_VERBS[sub]:
+            raise ForbiddenCall(
+                f"verb {verb} on {res.plural}/{sub} is not in trimtab's resource registry"
+            )
     elif verb not in res.verbs:
         raise ForbiddenCall(f"verb {verb} on {res.plural} is not in trimtab's resource registry")
 

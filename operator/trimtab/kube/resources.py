@@ -1,7 +1,9 @@
 """Every Kubernetes resource trimtab reads or writes, and the verbs it uses on each.
 
 The client refuses a call that is not listed here, so this table is also the operator's RBAC:
-the Helm chart's ClusterRole is tested against it."""
+the Helm chart's ClusterRole is tested against it. `watch` is listed only where kopf watches
+the kind (trimtab's own resources, and the Deployments, Services and Jobs it makes); `create`
+wherever trimtab applies an object, since server-side apply creates one that is missing."""
 
 from __future__ import annotations
 
@@ -76,13 +78,13 @@ SERVICES = Resource(
 JOBS = Resource(
     "batch", "v1", "jobs", "Job", verbs=_verbs("get", "list", "watch", "create", "patch", "delete")
 )
-# Pods are read, and resized in place through their resize subresource (rightsizing.inPlace).
+# Pods are listed, and resized in place through their resize subresource (rightsizing.inPlace).
 PODS = Resource(
     "",
     "v1",
     "pods",
     "Pod",
-    verbs=_verbs("get", "list", "watch"),
+    verbs=_verbs("list"),
     subresources=frozenset({"resize"}),
 )
 PODDISRUPTIONBUDGETS = Resource(
@@ -97,21 +99,21 @@ HTTPROUTES = Resource(
     "v1",
     "httproutes",
     "HTTPRoute",
-    verbs=_verbs("get", "list", "watch", "create", "patch", "delete"),
+    verbs=_verbs("get", "create", "patch", "delete"),
 )
 VIRTUALSERVICES = Resource(
     "networking.istio.io",
     "v1",
     "virtualservices",
     "VirtualService",
-    verbs=_verbs("get", "list", "watch", "create", "patch", "delete"),
+    verbs=_verbs("get", "create", "patch", "delete"),
 )
 PODGROUPS = Resource(
     "scheduling.x-k8s.io",
     "v1alpha1",
     "podgroups",
     "PodGroup",
-    verbs=_verbs("get", "list", "watch", "create", "patch", "delete"),
+    verbs=_verbs("get", "list", "create", "patch", "delete"),
 )
 
 # kopf's peering objects: trimtab creates the one its replicas share (kopf only lists, watches
@@ -164,9 +166,9 @@ PEERING = (CLUSTERKOPFPEERINGS, KOPFPEERINGS)
 # `finalizers` is never called: the API server checks `update` on it when trimtab creates an
 # object whose ownerReference has blockOwnerDeletion (the OwnerReferencesPermissionEnforcement
 # admission plugin, on in OpenShift); without it every create there is refused.
-_SUBRESOURCE_VERBS = {
-    "status": ["get", "patch"],
-    "scale": ["get", "patch"],
+SUBRESOURCE_VERBS = {
+    "status": ["patch"],
+    "scale": ["patch"],
     "finalizers": ["update"],
     "resize": ["patch"],
 }
@@ -183,7 +185,7 @@ def rbac_rules() -> list[dict[str, list[str]]]:
             {"apiGroups": [res.group], "resources": [res.plural], "verbs": sorted(res.verbs)}
         )
         for sub in sorted(res.subresources):
-            sub_verbs = _SUBRESOURCE_VERBS.get(sub, ["get"])
+            sub_verbs = SUBRESOURCE_VERBS[sub]
             rules.append(
                 {"apiGroups": [res.group], "resources": [f"{res.plural}/{sub}"], "verbs": sub_verbs}
             )
