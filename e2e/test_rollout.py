@@ -261,8 +261,8 @@ async def test_a_route_retry_is_written_or_its_loss_reported(
     gateway_api: None, operator: KubeClient, namespace: str
 ) -> None:
     """Needs no running pods. Where the HTTPRoute CRD has a rule's retry, the route carries
-    the spec's; where it does not, the API server drops the field from what trimtab writes
-    and a Warning says so."""
+    the spec's; where it does not, the API server refuses an apply that sets it (field not
+    declared in schema), trimtab writes the route without it, and a Warning says so."""
     kube = operator
     keeps = await crd_keeps_retry(kube)
     retry = {"attempts": 1, "codes": [503], "backoff": "250ms"}

@@ -26,7 +26,14 @@ import jsonschema
 import kmock
 from kmock._internal import enums  # the action enum kmock dispatches on
 
-from tests.validation import ROOT, closed_schema, crd_schema, thirdparty, validate_custom
+from tests.validation import (
+    ROOT,
+    closed_schema,
+    crd_schema,
+    thirdparty,
+    undeclared_fields,
+    validate_custom,
+)
 from trimtab import constants as C
 
 _rv = itertools.count(1000)
@@ -168,9 +175,17 @@ def json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
         if kind == "test":
             actual = parent[int(last)] if isinstance(parent, list) else parent.get(last)  # type: ignore[arg-type]  # last is set for tests
             if actual != op.get("value"):
+                # As the API server (a generic 422): the JSON patch library's words are
+                # only in the details' causes.
                 raise kmock.KubernetesError(
-                    status=422, reason="Invalid", message=f"test failed at {op['path']}"
-                )
+                    status=422,
+                    reason="Invalid",
+                    message="the server rejected our request due to an error in our request",
+                    details={"causes": [{
+                        "type": "UnexpectedServerResponse",
+                        "message": f"testing value {op['path']} failed: test failed",
+                    }]},
+                )  # fmt: skip
         elif kind in ("add", "replace"):
             if isinstance(parent, list):
                 idx = len(parent) if last == "-" else int(last)  # type: ignore[arg-type]  # list paths carry an index
@@ -469,6 +484,32 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         except (jsonschema.ValidationError, AssertionError) as err:
             self.schema_problems.append(f"{where}: {str(err).splitlines()[0]}")
 
+    def _refuse_undeclared(self, request: kmock.Request) -> None:
+        """As the API server: a server-side apply that sets a field the kind's CRD does not
+        declare is refused whole, as a 500 naming each such field (a create or a merge patch
+        would have the field pruned instead; the `api` fixture counts those as problems)."""
+        res = request.resource
+        assert res is not None
+        crd = self.crds.get((str(res.group), str(res.plural)))
+        if crd is None or not isinstance(request.data, dict):
+            return
+        fields = list(undeclared_fields(crd_schema(crd, str(res.version)), request.data))
+        if not fields:
+            return
+        api_version, kind = self._kind(request)
+        group, _, version = api_version.rpartition("/")
+        errors = (
+            f"{fields[0]}: field not declared in schema"
+            if len(fields) == 1
+            else "errors:\n" + "\n".join(f"  {f}: field not declared in schema" for f in fields)
+        )
+        raise kmock.KubernetesError(
+            status=500,
+            reason=None,  # the API server gives none: the error is not a Status of its own
+            message=f"failed to create typed patch object ({request.namespace}/{request.name}; "
+            f"{group}/{version}, Kind={kind}): {errors}",
+        )
+
     def _mark_deleted(self, request: kmock.Request, current: dict[str, Any]) -> kmock.Request:
         """The update that marks `current` for deletion: deletionTimestamp set once."""
         meta = current["metadata"]
@@ -487,6 +528,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
 
         current = self._current(request)
         applying = "apply-patch" in content_type and request.subresource is None
+        if applying:
+            self._refuse_undeclared(request)
         manager = (request.resource, request.namespace, request.name)
         manager += (request.params.get("fieldManager"),)
         if current is None:

@@ -129,3 +129,43 @@ def test_only_a_modeldeployments_own_service_is_followed() -> None:
     assert handler._owned_by_modeldeployment(service("ModelDeployment"))
     assert not handler._owned_by_modeldeployment(service("TrainingJob"))
     assert not handler._owned_by_modeldeployment({"metadata": {}})
+
+
+class TerminatingNamespace:
+    """A client whose every write answers as the NamespaceLifecycle admission plugin does in a
+    namespace being deleted (reads go through)."""
+
+    def __init__(self, kube: Any) -> None:
+        self.kube = kube
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.kube, name)
+
+    async def apply(self, manifest: dict[str, Any], *_: Any, **__: Any) -> Any:
+        from trimtab.kube.client import KubeError
+
+        raise KubeError(
+            403, "Forbidden",
+            f"{manifest['kind'].lower()}s \"{manifest['metadata']['name']}\" is forbidden: "
+            f"unable to create new content in namespace {NS} because it is being terminated",
+            {"details": {"causes": [{"reason": "NamespaceTerminating",
+                                     "message": f"namespace {NS} is being terminated"}]}},
+        )  # fmt: skip
+
+
+async def test_nothing_is_restored_in_a_namespace_being_deleted(
+    api: ApiServerEmulator, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The namespace's deletion removes a Deployment or the Service before the
+    ModelDeployment is marked for deletion: the restore finds the namespace refusing new
+    content, and lets it go instead of failing (an error logged per deleted object)."""
+    monkeypatch.setattr(handler.kopf, "event", lambda *_, **__: None)
+    created = await cluster.create(MD_PATH, model())
+    spec, _ = handler.parse_spec(created["spec"])
+    assert spec is not None
+    kube = TerminatingNamespace(cluster.kube)
+    log = logging.getLogger("t")
+    running = handler.revision_of(spec)
+    assert await handler.restore_deleted_revision(kube, NS, "llama", running, log) is False
+    uid = created["metadata"]["uid"]
+    assert await handler.restore_deleted_service(kube, NS, "llama", uid, log) is False

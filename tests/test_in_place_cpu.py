@@ -226,10 +226,22 @@ FAILURES = [
     pytest.param(KubeError(403, "Forbidden", "cannot patch pods/resize", {}), "forbidden",
                  id="rbac"),
     pytest.param(KubeError(409, "Conflict", "modified", {}), "changed", id="conflict"),
+    # What the API server answers to a JSON patch whose `test` failed: a generic message,
+    # the patch library's words in details.causes (apiserver handlers/patch.go).
     pytest.param(
-        KubeError(422, "Invalid", "the server rejected our request: testing value failed", {}),
+        KubeError(422, "Invalid", "the server rejected our request due to an error in our "
+                  "request", {"details": {"causes": [{"type": "UnexpectedServerResponse",
+                  "message": "testing value /spec/containers/0/resources/requests/cpu failed: "
+                             "test failed"}]}}),
         "changed",
         id="request-changed-since-listed",
+    ),
+    pytest.param(
+        KubeError(422, "Invalid", "the server rejected our request due to an error in our "
+                  "request", {"details": {"causes": [{"type": "FieldValueInvalid",
+                  "message": "Invalid value: resize is infeasible"}]}}),
+        "refused",
+        id="generic-422-for-another-reason",
     ),
     pytest.param(
         KubeError(422, "Invalid", "Pod QoS is immutable", {}), "refused", id="api-server-refuses"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from trimtab.builders.common import is_applied, merge_patch
-from trimtab.kube.client import ForbiddenCall, KubeClient, _check
+from trimtab.kube.client import ForbiddenCall, KubeClient, KubeError, _check
 from trimtab.kube.resources import DEPLOYMENTS, HTTPROUTES, PODS, rbac_rules
 
 APPLIED = [
@@ -218,71 +218,106 @@ async def test_apply_removes_a_field_it_no_longer_sends(api: Any, cluster: Any) 
     assert len(api.writes) == writes + 1  # applied already: nothing written
 
 
-class PruningApiServer(KubeClient):
-    """What an API server whose HTTPRoute CRD predates a rule's `retry` stores: the apply
-    request loses the field in transit, as the server prunes it, while the caller's manifest
-    keeps it."""
+class ClockedClient(KubeClient):
+    """A client whose clock the test moves."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url, ssl_context=False, keepalive=False)
         self.now = 0.0
         self.clock = lambda: self.now
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        body = kwargs.get("body")
-        if kwargs.get("content_type") == "application/apply-patch+yaml" and "httproutes" in path:
-            rules = [{k: v for k, v in r.items() if k != "retry"} for r in body["spec"]["rules"]]
-            kwargs["body"] = {**body, "spec": {**body["spec"], "rules": rules}}
-        return await super().request(method, path, **kwargs)
+
+ROUTE_WITH_RETRY: dict[str, Any] = {
+    "apiVersion": "gateway.networking.k8s.io/v1",
+    "kind": "HTTPRoute",
+    "metadata": {"name": "r", "namespace": "ns"},
+    "spec": {"rules": [{"backendRefs": [{"name": "s", "port": 80}],
+                        "retry": {"attempts": 2}}]},
+}  # fmt: skip
+
+
+async def test_an_apply_of_a_field_the_crd_lacks_is_refused_whole(api: Any, cluster: Any) -> None:
+    """The emulator holds HTTPRoutes to the standard-channel CRD, which has no rule `retry`
+    before v1.7: as the API server, it refuses the whole apply (500, "field not declared in
+    schema") and stores nothing."""
+    with pytest.raises(KubeError) as refused:
+        await cluster.kube.apply(ROUTE_WITH_RETRY)
+    err = refused.value
+    assert err.status == 500 and err.rejected
+    assert err.undeclared == [".spec.rules[0].retry"]
+    assert await cluster.kube.get(HTTPROUTES, "ns", "r") is None
 
 
 async def test_an_apply_the_server_stores_otherwise_is_not_sent_every_loop(
     api: Any, cluster: Any
 ) -> None:
-    """The stored route never holds the pruned retry, so it never looks applied: sent once, the
-    same manifest is not sent again while nobody changes the route, for SETTLED_S. An edit by
-    someone else (a new resourceVersion) is undone at once; so is a changed manifest; and
-    after SETTLED_S the apply is tried again, for a CRD upgraded meanwhile."""
+    """With drop_undeclared, the apply the API server refuses for the rule's `retry` is sent
+    again without it. The stored route then never holds the retry, so it never looks applied:
+    the same manifest is not sent again while nobody changes the route, for SETTLED_S. An edit
+    by someone else (a new resourceVersion) is undone at once; so is a changed manifest; and
+    after SETTLED_S the apply is tried again, for a CRD upgraded meanwhile. Each try is two
+    requests: the one refused and the one without the field."""
     from trimtab.kube.client import SETTLED_S
 
-    route: dict[str, Any] = {
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "HTTPRoute",
-        "metadata": {"name": "r", "namespace": "ns"},
-        "spec": {"rules": [{"backendRefs": [{"name": "s", "port": 80}],
-                            "retry": {"attempts": 2}}]},
-    }  # fmt: skip
-    kube = PruningApiServer(cluster.url)
+    route = ROUTE_WITH_RETRY
+    kube = ClockedClient(cluster.url)
     try:
 
         async def applies(manifest: dict[str, Any], later: float = 0.0) -> int:
             kube.now += later
             before = kube.writes[("apply", "HTTPRoute")]
-            await kube.apply(manifest)
+            await kube.apply(manifest, drop_undeclared=True)
             return kube.writes[("apply", "HTTPRoute")] - before
 
-        assert await applies(route) == 1
+        assert await applies(route) == 2
         stored = await kube.get(HTTPROUTES, "ns", "r")
         assert "retry" not in stored["spec"]["rules"][0]
+        assert "retry" in route["spec"]["rules"][0]  # the caller's manifest is left as it was
         assert not is_applied(route, stored)
         assert [await applies(route, later=15) for _ in range(4)] == [0, 0, 0, 0]
 
         # Someone edits the route: trimtab's rules come back at the next loop.
         await kube.patch(HTTPROUTES, "ns", "r", {"spec": {"rules": [
             {"backendRefs": [{"name": "other", "port": 80}]}]}})  # fmt: skip
-        assert await applies(route, later=15) == 1
+        assert await applies(route, later=15) == 2
         backend = (await kube.get(HTTPROUTES, "ns", "r"))["spec"]["rules"][0]["backendRefs"][0]
         assert backend["name"] == "s"
         assert await applies(route, later=15) == 0
 
         changed = {**route, "spec": {"rules": [{**route["spec"]["rules"][0], "backendRefs": [
             {"name": "t", "port": 80}]}]}}  # fmt: skip
-        assert await applies(changed) == 1
+        assert await applies(changed) == 2
         assert await applies(changed, later=SETTLED_S - 1) == 0
-        assert await applies(changed, later=1) == 1  # tried again: a CRD upgraded meanwhile
+        assert await applies(changed, later=1) == 2  # tried again: a CRD upgraded meanwhile
         assert await applies(changed) == 0
     finally:
         await kube.close()
+
+
+UNDECLARED_MESSAGES = [
+    pytest.param(500, "failed to create typed patch object (ns/r; gateway.networking.k8s.io/v1, "
+                 "Kind=HTTPRoute): .spec.rules[0].retry: field not declared in schema",
+                 [".spec.rules[0].retry"], id="one-field"),
+    pytest.param(500, "failed to create typed patch object (ns/r; gateway.networking.k8s.io/v1, "
+                 "Kind=HTTPRoute): errors:\n  .spec.rules[0].retry: field not declared in "
+                 "schema\n  .spec.rules[1].timeouts: field not declared in schema",
+                 [".spec.rules[0].retry", ".spec.rules[1].timeouts"], id="several-fields"),
+    pytest.param(400, "failed to create typed patch object (ns/r; /v1, Kind=Service): "
+                 '.spec.ports[port=80,protocol="TCP"].x: field not declared in schema',
+                 ['.spec.ports[port=80,protocol="TCP"].x'], id="fixed-as-400"),
+    pytest.param(500, "etcdserver: request timed out", [], id="a-real-server-error"),
+    pytest.param(422, ".spec.rules[0].retry: field not declared in schema", [],
+                 id="not-an-apply-refusal"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("status", "message", "fields"), UNDECLARED_MESSAGES)
+def test_undeclared_fields_are_read_from_the_refusal(
+    status: int, message: str, fields: list[str]
+) -> None:
+    err = KubeError(status, "", message)
+    assert err.undeclared == fields
+    assert err.rejected is (bool(fields) or status in (400, 422))
 
 
 _JOB: dict[str, Any] = {

@@ -1,12 +1,12 @@
-"""On a cluster whose HTTPRoute CRD predates Gateway API v1.3, the API server prunes
-requestMirror.percent and the gateway copies every request to the candidate. The rollout says
-so (condition message and a Warning) instead of shadowing at a share it does not get. The
-emulator keeps every field, so a client wrapper prunes the field as such an API server does."""
+"""On a cluster whose HTTPRoute CRD predates Gateway API v1.3, the API server refuses an apply
+that sets requestMirror.percent ("field not declared in schema"); trimtab writes the route
+without it, and the gateway copies every request to the candidate. The rollout says so
+(condition message and a Warning) instead of shadowing at a share it does not get."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from pathlib import Path
 
 import pytest
 
@@ -15,33 +15,26 @@ from tests.kube_emulator import ApiServerEmulator
 from tests.test_modeldeployment_operator import DEPLOY_PATH, MD_PATH, NS, mark_ready, model
 from tests.test_rollout_fresh_replicas import NOW, _ts
 from tests.test_rollout_routers_operator import PARENTS, shadow_rollout
+from tests.validation import crd_without, thirdparty
 from trimtab import constants as C
 from trimtab.api.modeldeployment import ModelDeploymentSpec
 from trimtab.builders.common import Owner
 from trimtab.builders.serving import build_deployment, revision_of
 from trimtab.handlers import rollout as handler
-from trimtab.kube.client import KubeClient
 
-
-class OldRouteCrd(KubeClient):
-    """Applies HTTPRoutes as an API server with a pre-v1.3 CRD stores them: no mirror percent."""
-
-    def __init__(self, inner: KubeClient, prune: bool) -> None:
-        super().__init__(inner.host, ssl_context=False, keepalive=False)
-        self.prune = prune
-
-    async def apply(self, manifest: dict[str, Any], adopt: bool = False, **kwargs: Any) -> Any:
-        if self.prune and manifest.get("kind") == "HTTPRoute":
-            for rule in manifest.get("spec", {}).get("rules", []):
-                for f in rule.get("filters", []):
-                    f.get("requestMirror", {}).pop("percent", None)
-        return await super().apply(manifest, adopt=adopt, **kwargs)
+STANDARD_HTTPROUTE_CRD = thirdparty(
+    "gateway-api", "standard", "gateway.networking.k8s.io_httproutes.yaml"
+)
 
 
 @pytest.mark.parametrize("prune", [pytest.param(True, id="old-crd"),
                                    pytest.param(False, id="v1.3-crd")])  # fmt: skip
 async def test_a_mirror_percent_the_cluster_drops_is_reported(
-    api: ApiServerEmulator, cluster: Cluster, monkeypatch: pytest.MonkeyPatch, prune: bool
+    api: ApiServerEmulator,
+    cluster: Cluster,
+    monkeypatch: pytest.MonkeyPatch,
+    prune: bool,
+    tmp_path: Path,
 ) -> None:
     extra = {"slo": {"p99LatencyMs": 2000},
              "rollout": shadow_rollout({"type": "gatewayApi", "parentRefs": PARENTS}, 20, 30)}
@@ -64,13 +57,16 @@ async def test_a_mirror_percent_the_cluster_drops_is_reported(
     for name in ("event", "info"):
         monkeypatch.setattr(handler.kopf, name, lambda *_, **__: None)
 
-    kube = OldRouteCrd(cluster.kube, prune)
-    try:
-        await handler.rollout_once(
-            kube, None, NS, "llm", logging.getLogger("t"), now=NOW  # type: ignore[arg-type]
-        )
-    finally:
-        await kube.close()
+    if prune:  # a CRD before v1.3: a mirror filter without percent or fraction
+        api.crds[("gateway.networking.k8s.io", "httproutes")] = crd_without(
+            STANDARD_HTTPROUTE_CRD, tmp_path / "httproute-crd.yaml",
+            ("requestMirror", "percent"), ("requestMirror", "fraction"),
+        )  # fmt: skip
+    await handler.rollout_once(
+        cluster.kube, None, NS, "llm", logging.getLogger("t"), now=NOW  # type: ignore[arg-type]
+    )
+    refused = [w for w in api.writes if "httproutes" in w[1]]
+    assert len(refused) == (2 if prune else 1)  # refused whole, then sent without the percent
     status = ((await cluster.get(f"{MD_PATH}/llm")) or {})["status"]
     assert status["rollout"]["phase"] == "Shadow"
     progressing = {c["type"]: c for c in status["conditions"]}["RolloutProgressing"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,69 @@ def closed_schema(schema: Any) -> Any:
     if isinstance(schema, list):
         return [closed_schema(v) for v in schema]
     return schema
+
+
+def undeclared_fields(schema: Any, value: Any, path: str = "") -> Iterator[str]:
+    """The fields of `value` that a CRD's structural schema does not declare, as the API
+    server names them when it refuses a server-side apply ("field not declared in schema"):
+    `.spec.rules[0].retry`, an associative list's element by its keys
+    (`.ports[port=80,protocol="TCP"]`)."""
+    if not isinstance(schema, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            if path == "" and key in ("apiVersion", "kind", "metadata"):
+                continue
+            if props is not None and key in props:
+                yield from undeclared_fields(props[key], item, f"{path}.{key}")
+            elif isinstance(extra, dict):
+                yield from undeclared_fields(extra, item, f"{path}.{key}")
+            elif props is not None or extra is False:
+                yield f"{path}.{key}"
+    elif isinstance(value, list):
+        keys = schema.get("x-kubernetes-list-map-keys")
+        for i, item in enumerate(value):
+            if schema.get("x-kubernetes-list-type") == "map" and keys and isinstance(item, dict):
+                named = ",".join(
+                    f"{k}={json.dumps(item[k])}" for k in sorted(keys) if k in item
+                )
+                where = f"{path}[{named}]"
+            else:
+                where = f"{path}[{i}]"
+            yield from undeclared_fields(schema.get("items"), item, where)
+
+
+def crd_without(source: Path, dest: Path, *fields: tuple[str, ...]) -> Path:
+    """A copy of the CRD at `source` without the properties whose names end a chain of
+    `fields` (("requestMirror", "percent"): every requestMirror's percent), written to `dest`:
+    a CRD older than the published one, as a cluster may still run."""
+
+    def strip(schema: Any, chain: tuple[str, ...]) -> None:
+        if isinstance(schema, list):
+            for item in schema:
+                strip(item, chain)
+            return
+        if not isinstance(schema, dict):
+            return
+        props = schema.get("properties")
+        if isinstance(props, dict):
+            for name in list(props):
+                here = (*chain, name)
+                if any(here[-len(f) :] == f for f in fields):
+                    del props[name]
+                else:
+                    strip(props[name], here)
+        for key, value in schema.items():
+            if key != "properties":
+                strip(value, chain)
+
+    crd = copy.deepcopy(load_crd(source))
+    for version in crd["spec"]["versions"]:
+        strip(version["schema"]["openAPIV3Schema"], ())
+    dest.write_text(yaml.safe_dump(crd))
+    return dest
 
 
 @functools.cache

@@ -310,9 +310,10 @@ RULE_FIELDS_SINCE: dict[str, tuple[str, str, str]] = {
 
 def rule_fields_not_kept(asked: Manifest, stored: Manifest) -> list[str]:
     """The fields of the rules in the HTTPRoute trimtab applied (`asked`) that the route the
-    API server stored lacks, of those some CRDs do not have (RULE_FIELDS_SINCE): a CRD
-    without one prunes it without a word (`timeouts` came to the standard channel in Gateway
-    API v1.2, a rule's `retry` in v1.7).
+    API server stored lacks, of those some CRDs do not have (RULE_FIELDS_SINCE): the API
+    server refuses an apply that sets one its CRD lacks, and trimtab applies the route again
+    without it (`timeouts` came to the standard channel in Gateway API v1.2, a rule's `retry`
+    in v1.7).
 
     >>> rule = {"backendRefs": [{"name": "llm-a"}]}
     >>> asked = {"spec": {"rules": [{**rule, "retry": {"attempts": 1}}]}}

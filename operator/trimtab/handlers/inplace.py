@@ -89,7 +89,7 @@ def _failure(err: KubeError, pod: str) -> tuple[str, str]:
         return "unsupported", UNSUPPORTED
     if err.status == 403:
         return "forbidden", FORBIDDEN
-    if err.conflict or (err.invalid and "test" in err.message.lower()):
+    if err.conflict or err.test_failed:
         return "changed", ""  # changed since it was listed: the next pass sees the new value
     return "refused", f"{pod}: {err.message}"
 

@@ -335,7 +335,7 @@ async def _reconcile(
         await _degrade(body, patch, "NameTaken", [err.message], generation)
         raise kopf.TemporaryError(err.message, delay=NAME_TAKEN_RETRY_SECONDS) from err
     except KubeError as err:
-        if err.invalid or err.status == 400:
+        if err.rejected:
             await _degrade(body, patch, "ApplyRejected", [err.message], generation)
             raise kopf.PermanentError(err.message) from err
         raise kopf.TemporaryError(f"API server: {err}", delay=10) from err
@@ -549,6 +549,10 @@ async def restore_deleted_revision(
         await apply_revisions(kube, owner_of(cast(kopf.Body, body)), parsed, status)
     except NameTaken:
         return False  # the reconcile reports it and retries
+    except KubeError as err:
+        if err.namespace_terminating:
+            return False  # the namespace's deletion removed it, and removes the resource next
+        raise
     logger.info("revision %s of %s/%s was deleted; created again", revision, namespace, name)
     kopf.event(
         cast(kopf.Body, body),
@@ -604,6 +608,10 @@ async def restore_deleted_service(
         await kube.apply(build_service(owner_of(cast(kopf.Body, body)), parsed, pinned))
     except NameTaken:
         return False  # something else took the name meanwhile: the reconcile reports it
+    except KubeError as err:
+        if err.namespace_terminating:
+            return False  # the namespace's deletion removed it, and removes the resource next
+        raise
     logger.info("the Service of %s/%s was deleted; created again", namespace, name)
     kopf.event(
         cast(kopf.Body, body),

@@ -86,6 +86,7 @@ from trimtab.handlers.routes import (
     record_route,
     release_stale_route,
     route_lock,
+    route_refusal,
 )
 from trimtab.kube.client import KubeClient, KubeError, patch_status_from
 from trimtab.kube.resources import DEPLOYMENTS, MODELDEPLOYMENTS
@@ -406,6 +407,7 @@ async def rollout_once(
     check = _takeover_check(body, owner, rollout.router, posted, now, logger)
     written = _kept_check(body, rollout.router, posted, now, logger)
     client = KubeRouterClient(kube, route_read=check, route_written=written)
+    refused = False
     try:
         if moved:
             await apply_revisions(kube, owner, parsed, status_after)
@@ -426,6 +428,14 @@ async def rollout_once(
             route_health = await _route_as_status_says(
                 kube, client, parsed, rollout, owner, after, total, ready, handover
             )
+    except KubeError as err:
+        # A route the cluster cannot take as it is (its API not served, another's of that
+        # name, refused as written) says so in RouteAccepted, and the step is not recorded:
+        # the next loop tries again. Anything else is the loop's to log and retry.
+        route_health = route_refusal(client, err)
+        if route_health is None:
+            raise
+        refused = True
     finally:
         if client.applied:
             # Recorded at once (also when a later write of this loop failed), not with the
@@ -436,6 +446,17 @@ async def rollout_once(
                 await record_route(kube, body, record)
     _report_route(body, status, route_health, logger)
     _route_gauge(namespace, name, route_health, mesh)
+    if refused:  # _report_route has posted the Warning, once per reason
+        assert route_health is not None
+
+        def refusal_patch(current: dict[str, Any]) -> dict[str, Any]:
+            conditions = [Condition.model_validate(c) for c in current.get("conditions") or []]
+            wire = [c.to_wire() for c in route_condition(conditions, route_health, True,
+                                                         now_rfc3339())]  # fmt: skip
+            return {"conditions": wire} if wire != current.get("conditions") else {}
+
+        await write_rollout_status(kube, body, refusal_patch)
+        return interval
 
     def status_patch(current: dict[str, Any]) -> dict[str, Any]:
         """What to write over `current` status: the rollout part, and the conditions list
@@ -559,8 +580,8 @@ async def _route(
         moving = router(after.stable_revision, after.candidate_revision, w)
         stored = await moving.set_weights(w.stable, w.candidate, w.mirror_percent)
         if w.mirror_percent and stored is not None and stored.mirror_percent != w.mirror_percent:
-            # Gateway API CRDs before v1.3 drop requestMirror.percent (the API server prunes
-            # the unknown field): the gateway then copies every request.
+            # Gateway API CRDs before v1.3 lack requestMirror.percent (the route is written
+            # without it): the gateway then copies every request.
             return (
                 f"the route stored mirrors {stored.mirror_percent}% of requests, not the "
                 f"{w.mirror_percent}% asked: this cluster's route CRD does not keep the mirror "

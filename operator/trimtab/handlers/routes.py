@@ -27,6 +27,7 @@ from trimtab.api.rollout import GatewayApiRouterSpec, IstioRouterSpec
 from trimtab.builders.common import Owner, merge_patch, owner_labels
 from trimtab.builders.routing import ROUTE_KINDS, ROUTER, route_of, route_still_named
 from trimtab.builders.serving import serving_ports
+from trimtab.decisions.routing import RouteHealth
 from trimtab.kube.client import KubeClient, KubeError, NameTaken
 from trimtab.kube.resources import MODELDEPLOYMENTS, SERVICES, for_manifest
 from trimtab.routing.base import Json
@@ -61,15 +62,27 @@ class KubeRouterClient:
         self.route_read = route_read
         self.route_written = route_written
         self.applied: list[Json] = []
+        # The route apply that failed last, and how: see route_refusal.
+        self.refused: tuple[Json, KubeError] | None = None
 
     async def apply(self, manifest: Json) -> Json:
         # The route spec.rollout.router names is the user's request to write it: one without a
         # controller is adopted, one another resource controls is still refused. The per-revision
         # Services are named by trimtab and adopted only when labelled for this resource.
         route = manifest.get("kind") in ROUTE_KINDS
-        stored = await self.kube.apply(
-            manifest, adopt=route, before_write=self.route_read if route else None
-        )
+        # A rule field the cluster's route CRD does not declare is left out rather than
+        # failing the whole route; route_written sees what was stored and reports it.
+        try:
+            stored = await self.kube.apply(
+                manifest,
+                adopt=route,
+                before_write=self.route_read if route else None,
+                drop_undeclared=route,
+            )
+        except KubeError as err:
+            if route:
+                self.refused = (manifest, err)
+            raise
         if route:
             self.applied.append(manifest)
             if self.route_written is not None:
@@ -89,6 +102,42 @@ class KubeRouterClient:
     async def scale(self, kind: str, namespace: str, name: str, replicas: int) -> None:
         res = for_manifest({"apiVersion": "apps/v1", "kind": kind})
         await self.kube.scale(res, namespace, name, replicas)
+
+
+# What serves each route kind, for a cluster that does not.
+ROUTE_API_NEEDED = {
+    "HTTPRoute": "Gateway API's HTTPRoute CRD (gateway.networking.k8s.io/v1)",
+    "VirtualService": "Istio 1.22 or later (networking.istio.io/v1)",
+}
+
+
+def route_refusal(client: KubeRouterClient, err: Exception) -> RouteHealth | None:
+    """What to say in `RouteAccepted` when `err` is the API server refusing the route the
+    client last applied for good (None: not a route's refusal, or one worth trying again as it
+    is): its API not served (an apply that would create the route is answered 404 only when
+    the kind or the namespace is missing), another resource's route of that name, or a route
+    the API server refuses as written."""
+    if client.refused is None or client.refused[1] is not err or not isinstance(err, KubeError):
+        return None
+    manifest = client.refused[0]
+    kind = str(manifest.get("kind"))
+    what = f"{kind} {manifest['metadata']['name']}"
+    if isinstance(err, NameTaken):
+        return RouteHealth("False", "RouteNameTaken", f"{what} was not written: {err.message}")
+    if err.not_found:
+        return RouteHealth(
+            "False",
+            "RouteAPINotServed",
+            f"{what} was not written: this cluster does not serve {kind} "
+            f"{manifest.get('apiVersion')} ({err.message}); install "
+            f"{ROUTE_API_NEEDED.get(kind, 'its CRD')}, or use spec.rollout.router.type "
+            "replicas",
+        )
+    if err.rejected:
+        return RouteHealth(
+            "False", "RouteRejected", f"the API server refused {what}: {err.message}"
+        )
+    return None
 
 
 async def delete_revision_services(kube: KubeClient, owner: Owner, keep: frozenset[str]) -> None:
@@ -186,7 +235,7 @@ async def _release_one(
         logger.info("route not released: %s", err.message)
         return True
     except KubeError as err:
-        if not (err.invalid or err.status == 400):
+        if not err.rejected:
             raise  # the API server could not answer: tried again, the record kept
         # The API server refuses the route as the old router leaves it (its CRD changed
         # since): nothing better can be written, and the resource's own reconcile goes on.

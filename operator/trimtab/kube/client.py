@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import ssl
 import time
 from collections import Counter
@@ -31,6 +32,11 @@ USER_AGENT = f"trimtab/{__version__}"
 # CRD upgraded meanwhile (which does not rewrite stored objects) gets the fields it now keeps.
 SETTLED_S = 600.0
 Json = dict[str, Any]
+# A path in structured-merge-diff's notation: `.spec.rules[0].retry`, `.ports[port=80,...]`.
+UNDECLARED = re.compile(r"(\.[^\s:]+): field not declared in schema")
+_STEP = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]|\[([^\]]*)\]")
+# How many rounds of refused fields an apply drops before it gives up.
+DROP_ROUNDS = 4
 
 
 class KubeError(Exception):
@@ -54,6 +60,106 @@ class KubeError(Exception):
     @property
     def invalid(self) -> bool:
         return self.status == 422
+
+    @property
+    def namespace_terminating(self) -> bool:
+        """Refused because the namespace is being deleted (the NamespaceLifecycle admission
+        plugin: "unable to create new content in namespace ... because it is being
+        terminated"): everything in it goes, so there is nothing to create there."""
+        details = self.body.get("details") if isinstance(self.body, dict) else None
+        kinds = [c.get("reason") for c in (details or {}).get("causes") or []
+                 if isinstance(c, dict)] if isinstance(details, dict) else []  # fmt: skip
+        return self.status == 403 and (
+            "NamespaceTerminating" in kinds or "because it is being terminated" in self.message
+        )
+
+    @property
+    def causes(self) -> list[str]:
+        """The messages of the Status' details.causes: where the API server puts what went
+        wrong when its message is generic (a JSON patch that failed: "the server rejected our
+        request due to an error in our request")."""
+        details = self.body.get("details") if isinstance(self.body, dict) else None
+        causes = details.get("causes") if isinstance(details, dict) else None
+        return [
+            str(c.get("message"))
+            for c in causes or []
+            if isinstance(c, dict) and c.get("message")
+        ]
+
+    @property
+    def test_failed(self) -> bool:
+        """A JSON patch refused because its `test` operation did not hold (the object changed
+        since it was read): a 422 whose cause says so."""
+        return self.invalid and any(
+            "test failed" in m or "testing value" in m for m in (self.message, *self.causes)
+        )
+
+    @property
+    def undeclared(self) -> list[str]:
+        """The fields a server-side apply was refused for because the kind's schema does not
+        declare them (a CRD older than the object written). The API server refuses such an
+        apply whole, as 500 (400 where that is fixed), rather than pruning the fields as it
+        does for a create or a merge patch."""
+        if self.status not in (400, 500):
+            return []
+        return UNDECLARED.findall(self.message)
+
+    @property
+    def rejected(self) -> bool:
+        """The API server refused the request as written: sending it again changes nothing."""
+        return self.invalid or self.status == 400 or bool(self.undeclared)
+
+
+def drop_field(doc: Json, path: str) -> bool:
+    """Remove the field at `path`, in structured-merge-diff's notation (what the API server
+    names in "field not declared in schema"), from `doc`; False when it leads to no field.
+
+    >>> route = {"spec": {"rules": [{"retry": {"attempts": 2}, "backendRefs": []}]}}
+    >>> drop_field(route, ".spec.rules[0].retry"), route
+    (True, {'spec': {'rules': [{'backendRefs': []}]}})
+    >>> svc = {"spec": {"ports": [{"port": 80, "protocol": "TCP", "x": 1}]}}
+    >>> drop_field(svc, '.spec.ports[port=80,protocol="TCP"].x'), svc
+    (True, {'spec': {'ports': [{'port': 80, 'protocol': 'TCP'}]}})
+    >>> drop_field(route, ".spec.rules[3].retry"), drop_field(route, "spec.rules")
+    (False, False)
+    """
+    steps = list(_STEP.finditer(path))
+    if not steps or "".join(m.group(0) for m in steps) != path or steps[-1].group(1) is None:
+        return False
+    node: Any = doc
+    for step in steps[:-1]:
+        field, index, key = step.groups()
+        if field is not None:
+            node = node.get(field) if isinstance(node, dict) else None
+        elif index is not None:
+            i = int(index)
+            node = node[i] if isinstance(node, list) and i < len(node) else None
+        else:
+            node = _keyed(node, key)
+        if node is None:
+            return False
+    if not isinstance(node, dict) or steps[-1].group(1) not in node:
+        return False
+    del node[steps[-1].group(1)]
+    return True
+
+
+def _keyed(items: Any, key: str) -> Any:
+    """The element of an associative list that `key` (`port=80,protocol="TCP"`) names."""
+    if not isinstance(items, list):
+        return None
+    wanted = {}
+    for name, raw in re.findall(r'([^=,]+)=("(?:[^"\\]|\\.)*"|[^,]*)', key):
+        try:
+            wanted[name] = json.loads(raw)
+        except ValueError:
+            return None
+    if not wanted:
+        return None
+    for item in items:
+        if isinstance(item, dict) and all(item.get(k) == v for k, v in wanted.items()):
+            return item
+    return None
 
 
 class NameTaken(KubeError):
@@ -261,6 +367,7 @@ class KubeClient:
         manifest: Json,
         adopt: bool = False,
         before_write: Callable[[Json | None], None] | None = None,
+        drop_undeclared: bool = False,
     ) -> Json:
         """Server-side apply as field manager `trimtab`, unless the object already holds every
         field we would set and was last applied from this same manifest (the
@@ -270,13 +377,16 @@ class KubeClient:
         make for this one (unless `adopt`), raises NameTaken and is left as it is.
         `before_write` sees the object as read, before anything is written over it.
 
-        The API server may store an apply otherwise than sent: it prunes a field the cluster's
-        CRD does not declare (a rule's `retry` under a Gateway API CRD before v1.7). Such an
-        object never holds every field sent, and every loop would apply it again, to the same
-        result. So an apply stored otherwise is not sent again while the object keeps the
-        resourceVersion that apply left (nothing has changed it since) and the manifest is
-        the same, for SETTLED_S; an edit by anyone else changes the resourceVersion, and is
-        undone at once."""
+        The API server refuses a whole apply that sets a field the kind's schema does not
+        declare (a rule's `retry` under a Gateway API CRD before v1.7): "field not declared in
+        schema", as a 500. With `drop_undeclared`, the fields it names are left out and the
+        rest is applied (a few rounds at most); the object stored then lacks them, which the
+        caller can see and report. Such an object never holds every field sent, and every
+        loop would apply it again, to the same result; the API server also stores some
+        objects otherwise than sent. So an apply stored otherwise is not sent again while the
+        object keeps the resourceVersion that apply left (nothing has changed it since) and
+        the manifest is the same, for SETTLED_S; an edit by anyone else changes the
+        resourceVersion, and is undone at once."""
         manifest = with_applied_hash(manifest)
         res = for_manifest(manifest)
         _check(res, "patch")
@@ -293,14 +403,26 @@ class KubeClient:
             is_applied(manifest, current) or self._settled_as(path, applied_hash, current)
         ):
             return current
-        self._count("apply", res.kind)
-        stored = await self.request(
-            "PATCH",
-            path,
-            params={"fieldManager": C.FIELD_MANAGER, "force": "true"},
-            body=manifest,
-            content_type="application/apply-patch+yaml",
-        )
+        sent = manifest
+        for round_ in range(DROP_ROUNDS + 1):
+            self._count("apply", res.kind)
+            try:
+                stored = await self.request(
+                    "PATCH",
+                    path,
+                    params={"fieldManager": C.FIELD_MANAGER, "force": "true"},
+                    body=sent,
+                    content_type="application/apply-patch+yaml",
+                )
+                break
+            except KubeError as err:
+                if not drop_undeclared or round_ == DROP_ROUNDS or not err.undeclared:
+                    raise
+                sent = json.loads(json.dumps(sent))
+                if not all([drop_field(sent, field) for field in err.undeclared]):
+                    raise
+                log.info("%s: left out %s, which the API server does not declare",
+                         path, ", ".join(err.undeclared))  # fmt: skip
         self._settle(path, applied_hash, manifest, stored)
         return stored
 

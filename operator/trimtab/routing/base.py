@@ -63,7 +63,7 @@ class TrafficRouter(Protocol):
     async def set_weights(self, stable: int, candidate: int, mirror_percent: int) -> Weights | None:
         """Send `candidate` percent to the candidate and mirror `mirror_percent` to it. Returns
         the split the routing object the cluster stored carries (a field its schema does not
-        know is pruned), or None where there is no such object."""
+        know is left out), or None where there is no such object."""
 
     async def get_weights(self) -> Weights | None:
         """The split the cluster applies now; None when the routing object is missing."""
