@@ -217,6 +217,7 @@ class FakeNvml:
             return (pynvml.NVML_DEVICE_MIG_ENABLE, pynvml.NVML_DEVICE_MIG_ENABLE) if on else (0, 0)
 
         def mig_handle(handle: Any, index: int) -> Any:
+            self.fails("mig_handle", ("mig", handle[1], index))
             if (handle[1], index) not in self.migs:
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
             return ("mig", handle[1], index)
@@ -386,6 +387,8 @@ def _by_gpu(samples: list[Any]) -> dict[str, float]:
         pytest.param("name", ("gpu", 1), "1", id="name-of-a-lost-gpu"),
         pytest.param("name", ("mig", 1, 0), "1/mig0", id="name-of-a-lost-mig-device"),
         pytest.param("processes", ("mig", 1, 0), "1/mig0", id="processes-of-a-lost-mig-device"),
+        # Only NOT_FOUND is an empty slot; any other error is a device that does not answer.
+        pytest.param("mig_handle", ("mig", 1, 0), "1/mig0", id="handle-of-a-lost-mig-device"),
     ],
 )
 def test_a_lost_gpu_is_left_out_counted_and_logged_once(

@@ -159,6 +159,22 @@ PLANS = [
 ]  # fmt: skip
 
 
+# Going back to the revision's request (2 cores): every pod not there, however close.
+RESTORES = [
+    pytest.param(pod("a", cpu="1910m"), "resize", id="5pct-below-goes-back"),
+    pytest.param(pod("a", cpu="2"), "settled", id="at-the-request"),
+    pytest.param(pod("a", cpu="2000m"), "settled", id="at-the-request-in-millicores"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "outcome"), RESTORES)
+def test_pods_go_back_to_the_revision_request_exactly(body: dict[str, Any], outcome: str) -> None:
+    plan = plan_cpu_resizes([body], "server", 2.0, exact=True)
+    got = {"resize": [r.pod for r in plan.resizes], "settled": plan.settled}
+    assert got[outcome] == ["a"]
+    assert [r.target for r in plan.resizes] == (["2"] if outcome == "resize" else [])
+
+
 @pytest.mark.parametrize(("body", "outcome"), PLANS)
 def test_plan_cpu_resizes(body: dict[str, Any], outcome: str) -> None:
     plan = plan_cpu_resizes([body], "server", 0.6)
@@ -296,6 +312,11 @@ VERDICTS = [
     pytest.param(CpuResizePlan([RESIZE], pending=[("a", "Infeasible", "")]), 0,
                  {"refused": "a: QoS"}, ("False", "Refused"), "a: QoS",
                  id="a-refusal-outranks-pending"),
+    pytest.param(CpuResizePlan([], skipped=[("g", "Guaranteed QoS class cannot change"),
+                                            ("h", "Guaranteed QoS class cannot change")]),
+                 0, {}, ("False", "NotResizable"),
+                 "no pod can follow usage in place: 2 pod(s) left alone, e.g. g: Guaranteed",
+                 id="every-pod-left-alone-is-not-following"),
 ]  # fmt: skip
 
 

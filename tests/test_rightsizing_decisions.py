@@ -33,6 +33,7 @@ from trimtab.decisions.rightsizing import (
     GpuModel,
     MiB,
     Policy,
+    Recommendation,
     cpu_histogram,
     effective_resources,
     gpu_model_from_name,
@@ -337,6 +338,11 @@ def test_daily_peak_is_kept() -> None:
             [(0.0, 1000 * MiB), (300.0, 1000 * MiB), (900.0, 1200 * MiB)], 1728,
             id="killed-again-after-the-bump-chains",
         ),
+        pytest.param(
+            [(0.0, 1000 * MiB), (1500.0, 1000 * MiB), (3000.0, 1000 * MiB),
+             (3700.0, 1200 * MiB)], 1728,
+            id="a-crash-loop-longer-than-the-hour-chains-from-its-last-kill",
+        ),
     ],
 )
 def test_oom_floor(kills: list[tuple[float, float]], expected_mib: float) -> None:
@@ -385,6 +391,17 @@ GPU_POLICY = GpuPolicy()
                      id="mig-without-samples-keeps-its-slices"),
         pytest.param(6, None, 7, "H100-80GB", GPU_POLICY, "Whole", "nvidia.com/gpu", 1,
                      id="no-utilization-assumes-busy"),
+        # vLLM reserves gpu_memory_utilization (0.9) of the card up front: 0.9 x 81559 MiB.
+        pytest.param(76.97, 0.4, 7, "H100-80GB", GPU_POLICY, "Whole", "nvidia.com/gpu", 1,
+                     id="vllm-pool-on-one-h100-stays-one"),
+        pytest.param(81.2, 0.4, 7, "H100-80GB", GPU_POLICY, "Whole", "nvidia.com/gpu", 1,
+                     id="a-95-percent-pool-stays-one"),
+        pytest.param(150, 0.4, 14, "H100-80GB", GPU_POLICY, "Whole", "nvidia.com/gpu", 2,
+                     id="pools-on-two-gpus-stay-two"),
+        pytest.param(360, 0.2, 28, None, GPU_POLICY, "Whole", "nvidia.com/gpu", 4,
+                     id="unknown-card-four-gpus-never-fewer"),
+        pytest.param(8, 0.05, 28, None, GpuPolicy(allow_mig=False), "Whole", "nvidia.com/gpu",
+                     4, id="unknown-card-idle-ranks-kept"),
     ],
 )
 def test_suggest_gpu_shape(
@@ -741,3 +758,25 @@ async def test_an_apply_whose_status_write_is_refused_posts_no_event(
             SimpleNamespace(kube=Refusing()), logging.getLogger("t"), sizing, NOW,
         )  # type: ignore[arg-type]  # a plain dict and namespaces stand in for kopf's
     assert handler.EVENT_APPLIED not in told
+
+
+MOVES = [
+    # (memory now, recommended, OOM kills in the window, minChange) -> moved
+    pytest.param(2 * GiB, 2.64 * GiB, 1, 0.35, True, id="oom-raise-beats-a-large-min-change"),
+    pytest.param(2 * GiB, 2.4 * GiB, 1, 0.5, True, id="oom-bump-without-headroom"),
+    pytest.param(200 * MiB, 300 * MiB, 1, 0.9, True, id="oom-bump-of-100mib"),
+    pytest.param(2 * GiB, 2.1 * GiB, 1, 0.35, False, id="a-kill-long-answered-small-drift-waits"),
+    pytest.param(2 * GiB, 2.64 * GiB, 0, 0.35, False, id="no-kill-min-change-holds"),
+    pytest.param(2 * GiB, 2.64 * GiB, 0, 0.10, True, id="no-kill-beyond-min-change"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("now", "recommended", "kills", "min_change", "expected"), MOVES)
+def test_an_oom_raise_is_not_held_by_min_change(
+    now: float, recommended: float, kills: int, min_change: float, expected: bool
+) -> None:
+    """In Auto mode only a recommendation that `moved` is applied: a raise for a kill at the
+    limit the pod has now must be, or the pod is killed at that limit again and again."""
+    rec = Recommendation("server", "Recommended", "", CurrentResources(cpu=1.0, memory=now),
+                         cpu=1.0, memory=recommended, oom_kills=kills)  # fmt: skip
+    assert moved(rec, min_change) is expected

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 
 import trimtab.handlers.rightsizing as rightsizing_handler
 from tests.prometheus_fixture import (
@@ -419,3 +422,39 @@ def test_peaks_are_read_over_at_least_the_rate_window(
     queries = usage_queries(TARGET, step_s, rate_window)
     for key in ("memory", "gpu_memory_agent", "gpu_memory_dcgm"):
         assert f"{peak_range})" in queries[key], queries[key]
+
+
+# A container's CPU counter at one sample per 15 s: `values` in promtool's notation.
+CPU_BURSTS = [
+    pytest.param("0 0+60x10 600x10", 4.0, id="burst-between-two-steps"),
+    pytest.param("0x10 0+60x10", 4.0, id="burst-just-before-the-step"),
+    pytest.param("0+15x20", 1.0, id="steady-one-core"),
+    pytest.param("0x20", 0.0, id="idle"),
+]  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (prometheus) not installed")
+@pytest.mark.parametrize(("values", "peak"), CPU_BURSTS)
+def test_the_cpu_read_at_a_step_is_its_peak(values: str, peak: float, tmp_path: Path) -> None:
+    """Evaluated by Prometheus (promtool) at a 5-minute step: a burst of 4 cores from 0m15s to
+    2m45s, then idle. A 2-minute rate taken at the step alone reads 0 there, and the in-place
+    target ("what the busiest pod used in the last 15 minutes") would cut the pods below the
+    burst; the query reads the step's peak."""
+    query = usage_queries(TARGET, 300, "2m")["cpu"]
+    series = (f'container_cpu_usage_seconds_total{{namespace="{NS}",'
+              f'pod="chat-0123456789-7d9f8c6b5-x2x9z",container="server"}}')  # fmt: skip
+    test = {
+        "evaluation_interval": "15s",
+        "tests": [{
+            "interval": "15s",
+            "input_series": [{"series": series, "values": values}],
+            "promql_expr_test": [{"expr": query, "eval_time": "5m",
+                                  "exp_samples": [{"labels": "{}", "value": peak}]}],
+        }],
+    }  # fmt: skip
+    path = tmp_path / "cpu.test.yml"
+    path.write_text(yaml.safe_dump(test))
+    result = subprocess.run(
+        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

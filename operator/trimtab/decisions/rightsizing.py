@@ -201,7 +201,10 @@ MIG_PROFILES: dict[GpuModel, tuple[MigProfile, ...]] = {
     "A100-80GB": _MIG_80GB,
     "H100-80GB": _MIG_80GB,
 }
-GPU_MEMORY: dict[GpuModel, int] = {"A100-40GB": 40 * GB, "A100-80GB": 80 * GB, "H100-80GB": 80 * GB}
+# A whole card's memory as NVML reports it (memory.total): an 80 GB H100 has 81559 MiB.
+GPU_MEMORY: dict[GpuModel, int] = {
+    "A100-40GB": 40960 * MiB, "A100-80GB": 81920 * MiB, "H100-80GB": 81559 * MiB
+}  # fmt: skip
 WHOLE_GPU = "nvidia.com/gpu"
 # The NVIDIA device plugin's name for a time-sliced GPU when renameByDefault is on.
 SHARED_GPU = "nvidia.com/gpu.shared"
@@ -268,6 +271,10 @@ def suggest_gpu_shape(
         safely (time-slicing isolates no memory): 1 whole GPU, saying so
       - 4 GPUs (data or tensor parallel), 16 GB and 5% busy in all -> whole GPUs only: one
         process per GPU is the program's shape, not a slice of one
+      - 77 GB peak on one H100 (vLLM reserves 90% of the card up front) -> 1 whole GPU: what it
+        used on the GPU it has fits that GPU; headroom cannot ask for more than the card
+      - 4 GPUs of a model without a table, 360 GB -> 4: without a card's capacity the memory
+        cannot be judged, so never fewer GPUs than it has
     """
     needed_memory = peak_memory * (1 + policy.headroom)
     # Without utilization samples (MIG devices have none) keep the compute it has now.
@@ -286,9 +293,24 @@ def suggest_gpu_shape(
     # A container on several GPUs runs one process (rank, shard) per GPU: NCCL refuses two
     # ranks on one device, and tensor parallelism is set in its arguments. Whole GPUs only.
     multi_gpu = current_slices > 7
+    gpus_now = current_slices // 7  # whole GPUs it has (0 on a MIG slice)
 
     if gpu_memory is not None and needed_memory > gpu_memory:
         count = max(math.ceil(needed_memory / gpu_memory), math.ceil(needed_slices / 7))
+        if gpus_now and peak_memory <= gpu_memory * gpus_now:
+            # The peak fits the GPUs it has: a server that reserves a share of each card up
+            # front (vLLM's 90%) reads close to capacity, which says nothing of needing more.
+            count = min(count, max(gpus_now, math.ceil(needed_slices / 7)))
+            if count <= gpus_now:
+                return GpuShape(
+                    kind="Whole",
+                    resource_name=WHOLE_GPU,
+                    count=count,
+                    memory=format_bytes(gpu_memory),
+                    reason=f"peak GPU memory {format_bytes(peak_memory)} fits the {gpus_now} x "
+                    f"{model} it has (a server that reserves most of a card up front reads "
+                    f"near its capacity): {count} whole GPU(s)",
+                )
         return GpuShape(
             kind="Whole",
             resource_name=WHOLE_GPU,
@@ -335,10 +357,14 @@ def suggest_gpu_shape(
             f"{memory_text}: sharing a GPU would do{no_table}",
         )
     count = max(1, math.ceil(needed_slices / 7))
+    if multi_gpu and gpu_memory is None and count < gpus_now:
+        # Without a card's capacity the memory cannot be judged: fewer GPUs might not hold it.
+        count = gpus_now
+        no_table += f"; without the card's memory size, not fewer than its {gpus_now}"
     fewer = (
-        f"; on fewer GPUs than its {current_slices // 7} the program's parallelism (ranks, "
+        f"; on fewer GPUs than its {gpus_now} the program's parallelism (ranks, "
         "tensor-parallel size) must change too"
-        if multi_gpu and count < current_slices // 7
+        if multi_gpu and count < gpus_now
         else ""
     )
     return GpuShape(
@@ -600,13 +626,19 @@ def oom_floor(oom_kills: Iterable[Sample]) -> float:
     1728
     >>> oom_floor([(0.0, 1000 * MiB), (300.0, 1000 * MiB), (600.0, 1000 * MiB)]) / MiB
     1200.0
+    >>> crash_loop = [(0.0, 1000 * MiB), (1500.0, 1000 * MiB), (3000.0, 1000 * MiB)]
+    >>> round(oom_floor([*crash_loop, (3700.0, 1200 * MiB)]) / MiB)
+    1728
     """
     floor = 0.0
     ratio = OOM_BUMP_RATIO
     previous: Sample | None = None
     for t, memory in sorted(oom_kills):
         if previous is not None and t - previous[0] <= OOM_CHAIN_S and memory <= previous[1]:
-            continue  # the same limit killed again: the bump for it is not tried yet
+            # The same limit killed again: the bump for it is not tried yet. The chain runs
+            # from this latest kill, so a crash loop longer than the hour still chains.
+            previous = (t, previous[1])
+            continue
         chained = previous is not None and t - previous[0] <= OOM_CHAIN_S
         ratio = min(ratio * ratio, OOM_MAX_BUMP_RATIO) if chained else OOM_BUMP_RATIO
         floor = max(floor, memory * ratio, memory + OOM_MIN_BUMP)
@@ -855,9 +887,22 @@ def moved(rec: Recommendation, min_change: float) -> bool:
     ...                    cpu=1.05, memory=1.2e9)
     >>> moved(r, 0.10), moved(r, 0.25)
     (True, False)
+
+    A raise of memory for an OOM kill at the limit it has now (the bump, 1.2x or +100 MiB) moves
+    it whatever `min_change` says: the pod would be killed again at the same limit.
+
+    >>> from dataclasses import replace
+    >>> killed = replace(r, memory=1.2e9, oom_kills=1)
+    >>> moved(killed, 0.5), moved(replace(killed, oom_kills=0), 0.5)
+    (True, False)
     """
     if rec.state != "Recommended":
         return False
+    now = rec.current.memory
+    if rec.oom_kills and now and rec.memory is not None:
+        bump = max(now * OOM_BUMP_RATIO, now + OOM_MIN_BUMP)
+        if rec.memory >= bump * (1 - 1e-9):
+            return True
     return (
         relative_change(rec.current.cpu, rec.cpu) > min_change
         or relative_change(rec.current.memory, rec.memory) > min_change
@@ -1185,7 +1230,7 @@ def resize_pending(pod: Mapping[str, Any]) -> tuple[str, str] | None:
 
 
 def plan_cpu_resizes(
-    pods: Iterable[Mapping[str, Any]], container: str, target: float
+    pods: Iterable[Mapping[str, Any]], container: str, target: float, exact: bool = False
 ) -> CpuResizePlan:
     """Which running pods get their `container`'s CPU request set to `target` in place.
 
@@ -1194,7 +1239,8 @@ def plan_cpu_resizes(
     a container whose CPU resize policy restarts it (trimtab never restarts a pod to resize);
     a container without a CPU request (adding one changes the QoS class). A pod close enough to
     the target (`in_place_due`: 5% below it, 15% above it) is settled. Pending resizes are
-    reported, not retried differently.
+    reported, not retried differently. `exact` (pods going back to their revision's request)
+    resizes every pod not at the target: no hysteresis, since nothing follows afterwards.
 
     Worked examples (target 600m):
       - Running, request 2                         -> resize 2 -> 600m
@@ -1242,7 +1288,8 @@ def plan_cpu_resizes(
         waiting = resize_pending(pod)
         if waiting is not None:
             pending.append((name, *waiting))
-        if in_place_due(float(parse_quantity(str(current))), target):
+        now_cpu = float(parse_quantity(str(current)))
+        if abs(now_cpu - target) >= 0.0005 if exact else in_place_due(now_cpu, target):
             resizes.append(PodCpuResize(name, index, str(current), wanted))
         else:
             settled.append(name)
@@ -1266,6 +1313,7 @@ def in_place_verdict(
       - the API server has no pods/resize         -> False Unsupported (its message)
       - accepted, the kubelet defers it           -> False Deferred "1 pod(s) wait for ..."
       - accepted, a Guaranteed pod beside it      -> True  Following "...; 1 left alone (...)"
+      - every pod Guaranteed (none can follow)    -> False NotResizable "3 pod(s) left ..."
     """
     for kind, reason in IN_PLACE_REFUSALS.items():
         if kind in refusals:
@@ -1275,6 +1323,12 @@ def in_place_verdict(
         text = f"{len(plan.pending)} pod(s) wait for the kubelet, e.g. {pod}: {reason}"
         return "False", reason, text + (f" ({message})" if message else "")
     done = len(plan.settled) + resized
+    if done == 0 and not plan.resizes and plan.skipped:
+        pod, why = plan.skipped[0]
+        return "False", "NotResizable", (
+            f"no pod can follow usage in place: {len(plan.skipped)} pod(s) left alone, e.g. "
+            f"{pod}: {why}"
+        )
     cpu = format_cpu(target.request) if target.request is not None else "unset"
     skipped = f"; {len(plan.skipped)} left alone ({plan.skipped[0][1]})" if plan.skipped else ""
     return "True", "Following", f"{done} pod(s) at {cpu}: {target.reason}{skipped}"

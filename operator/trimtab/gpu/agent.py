@@ -205,8 +205,10 @@ class NvmlReader:
             for m in range(slots):
                 try:
                     mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, m)
-                except pynvml.NVMLError:
-                    continue  # an empty slot
+                except pynvml.NVMLError as err:
+                    if getattr(err, "value", None) != pynvml.NVML_ERROR_NOT_FOUND:
+                        self._device_failed(f"{i}/mig{m}", "cannot open it", err)
+                    continue  # NOT_FOUND: an empty slot
                 try:
                     profile = _mig_profile(_text(pynvml.nvmlDeviceGetName(mig)))
                 except pynvml.NVMLError as err:

@@ -157,7 +157,7 @@ async def cpu_in_place(
     pods = await kube.list(
         PODS, work.namespace, {C.LABEL_OWNER: work.name, C.LABEL_REVISION: revision}
     )
-    plan = plan_cpu_resizes(pods, CONTAINER_NAME, target.request)
+    plan = plan_cpu_resizes(pods, CONTAINER_NAME, target.request, exact=restore)
     resized = 0
     refusals: dict[str, str] = {}
     for refusal in IN_PLACE_REFUSALS:
@@ -188,6 +188,9 @@ async def cpu_in_place(
             kopf.event(body, type="Warning", reason=EVENT_IN_PLACE_FAILED, message=message)
         # What was set before stays: the next pass tries again.
         return InPlaceOutcome(previous, _set(conditions, status, reason, message, stamp))
+    if reason == "NotResizable":  # nothing runs at the target: no status or gauge says so
+        IN_PLACE_CPU.remove_by_labels({"namespace": work.namespace, "name": work.name})
+        return InPlaceOutcome(None, _set(conditions, status, reason, message, stamp))
     IN_PLACE_CPU.labels(work.namespace, work.name).set(target.request)
     in_place = InPlaceStatus(
         container=CONTAINER_NAME,

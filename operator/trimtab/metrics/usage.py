@@ -72,8 +72,10 @@ def step_for(window_s: float) -> int:
 def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[str, str]:
     """The PromQL for one container, evaluated at each step of a range query.
 
-    CPU: the busiest replica's rate; memory: the busiest replica's working-set peak within the
-    step (max_over_time, so a spike between points is not lost), and GPU memory the same way;
+    CPU: the busiest replica's peak rate within the step (the rate over the rate window, every
+    quarter of it: a point every 5 minutes would otherwise read 2 minutes of them and miss a
+    burst in between); memory: the busiest replica's working-set peak within the step
+    (max_over_time, so a spike between points is not lost), and GPU memory the same way;
     OOM kills, per pod: a restart
     whose last termination reason is OOMKilled (for Job pods: a pod terminated OOMKilled), and
     each pod's memory limit to value its kills at; kube-state-metrics: whether it reports the
@@ -91,6 +93,7 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
     # Peaks are read over the step, but never over less than the rate window: a step shorter
     # than the scrape interval (a short `window`) would hold no sample at most points.
     step = f"{max(step_s, _seconds(rate_window))}s"
+    resolution = f"{max(1, _seconds(rate_window) // 4)}s"
     # OOM kills of containers restarted in place, per pod: the restart counter at each point
     # ("restarts") and whether the last termination was an OOM kill ("oom"). `_restart_kills`
     # counts each rise of the counter: an increase() over windows as long as the step lost a
@@ -103,7 +106,10 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
         oom = f"max by (pod) ({TERMINATED_SERIES}{{{sel},reason=\"OOMKilled\"}} == 1)"
     limit = f"max by (pod) ({LIMITS_SERIES}{{{sel},resource=\"memory\"}})"
     return {
-        "cpu": f"max(rate({CPU_SERIES}{{{sel}}}[{rate_window}]))",
+        "cpu": (
+            f"max(max_over_time(rate({CPU_SERIES}{{{sel}}}[{rate_window}])"
+            f"[{step}:{resolution}]))"
+        ),
         "memory": f"max(max_over_time({MEMORY_SERIES}{{{sel}}}[{step}]))",
         "restarts": f"max by (pod) ({RESTARTS_SERIES}{{{sel}}})",
         "oom": oom,
@@ -121,7 +127,7 @@ def usage_queries(target: UsageTarget, step_s: int, rate_window: str) -> dict[st
             f"max(sum by (pod) (max by (pod, gpu) "
             f"(max_over_time({AGENT_GPU_MEMORY}{{{sel}}}[{step}]))))"
         ),
-        "gpu_util_agent": f"max(max by (pod) ({AGENT_GPU_UTIL}{{{sel}}}))",
+        "gpu_util_agent": f"max(avg by (pod) ({AGENT_GPU_UTIL}{{{sel}}}))",
         "gpu_model_agent": f"count by (gpu_model) ({AGENT_GPU_MEMORY}{{{sel}}})",
         # dcgm-exporter's pod labels as it writes them, or as a scrape with honorLabels false
         # renames them (exported_*): whichever has the series.
