@@ -271,6 +271,14 @@ def test_next_attempt_job_and_podgroup_carry_the_applied_resources() -> None:
                       "recommendations": {"updatedAt": "2025-06-01T11:58:00Z"}}, False,
                      id="not-an-oom-waits-for-the-interval"),
         pytest.param({}, False, id="no-failure"),
+        pytest.param({"lastFailure": {"reason": "OOMKilled", "time": "2025-06-01T12:00:10Z",
+                                      "recordedAt": "2025-06-01T12:00:40Z"},
+                      "recommendations": {"updatedAt": "2025-06-01T12:00:30Z"}}, True,
+                     id="a-pass-before-the-record-never-saw-the-kill-runs-now"),
+        pytest.param({"lastFailure": {"reason": "OOMKilled", "time": "2025-06-01T12:00:10Z",
+                                      "recordedAt": "2025-06-01T12:00:40Z"},
+                      "recommendations": {"updatedAt": "2025-06-01T12:00:41Z"}}, False,
+                     id="a-pass-after-the-record-answered-it"),
     ],
 )  # fmt: skip
 def test_oom_since_last_pass(status: dict[str, Any], want: bool) -> None:

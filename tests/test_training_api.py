@@ -276,3 +276,80 @@ def test_pod_metadata(pod_metadata: dict[str, Any], complaint: str | None) -> No
         assert complaint in rejection(obj)
         with pytest.raises(pydantic.ValidationError, match=complaint.rstrip(":*")):
             TrainingJobSpec.model_validate(obj["spec"])
+
+
+def checkpoint_on(volume: dict[str, Any], directory: str = "/ckpt/run1",
+                  **mount: Any) -> dict[str, Any]:
+    """A checkpoint directory under /ckpt, mounted from `volume` (named ckpt)."""
+    return {
+        "volumes": [{"name": "ckpt", **volume}],
+        "volumeMounts": [{"name": "ckpt", "mountPath": "/ckpt", **mount}],
+        "checkpoint": {"directory": directory},
+    }  # fmt: skip
+
+
+PVC = {"persistentVolumeClaim": {"claimName": "llama-ckpt"}}
+READ_ONLY = "is on a readOnly mount"
+NOT_PERSISTENT = "is on an emptyDir, configMap or secret volume"
+
+
+@pytest.mark.parametrize(
+    ("spec", "complaint"),
+    [
+        pytest.param(checkpoint_on(PVC), None, id="pvc"),
+        pytest.param(checkpoint_on(PVC, directory="/ckpt"), None, id="pvc-mount-itself"),
+        pytest.param(checkpoint_on(PVC, readOnly=False), None, id="pvc-readonly-false"),
+        pytest.param(checkpoint_on(PVC, subPath="runs"), None, id="pvc-sub-path"),
+        pytest.param(checkpoint_on({"emptyDir": {}}), NOT_PERSISTENT, id="emptydir"),
+        pytest.param(checkpoint_on({"emptyDir": {"medium": "Memory"}}), NOT_PERSISTENT,
+                     id="emptydir-in-memory"),
+        pytest.param(checkpoint_on({"configMap": {"name": "c"}}), NOT_PERSISTENT,
+                     id="configmap"),
+        pytest.param(checkpoint_on({"secret": {"secretName": "s"}}), NOT_PERSISTENT,
+                     id="secret"),
+        pytest.param(checkpoint_on(PVC, readOnly=True), READ_ONLY, id="readonly-mount"),
+        pytest.param(checkpoint_on({"persistentVolumeClaim": {"claimName": "c",
+                                                              "readOnly": True}}),
+                     READ_ONLY, id="readonly-claim"),
+        pytest.param({"volumes": [{"name": "ckpt", **PVC}, {"name": "tmp", "emptyDir": {}}],
+                      "volumeMounts": [{"name": "ckpt", "mountPath": "/ckpt"},
+                                       {"name": "tmp", "mountPath": "/ckpt/tmp"}],
+                      "checkpoint": {"directory": "/ckpt/tmp/run1"}},
+                     NOT_PERSISTENT, id="on-a-scratch-mount-inside-the-claim"),
+        pytest.param({"volumes": [{"name": "ckpt", **PVC}, {"name": "tmp", "emptyDir": {}}],
+                      "volumeMounts": [{"name": "tmp", "mountPath": "/scratch"},
+                                       {"name": "ckpt", "mountPath": "/scratch/ckpt"}],
+                      "checkpoint": {"directory": "/scratch/ckpt/run1"}},
+                     None, id="on-a-claim-mounted-inside-a-scratch-mount"),
+        pytest.param({"volumes": [{"name": "ckpt", **PVC}, {"name": "tmp", "emptyDir": {}}],
+                      "volumeMounts": [{"name": "ckpt", "mountPath": "/ckpt"},
+                                       {"name": "tmp", "mountPath": "/ckpt-tmp"}],
+                      "checkpoint": {"directory": "/ckpt/run1"}},
+                     None, id="a-mount-that-only-shares-a-prefix-does-not-count"),
+        pytest.param(checkpoint_on({"emptyDir": {}}, directory="s3://bucket/run"), None,
+                     id="a-uri-needs-no-volume"),
+    ],
+)  # fmt: skip
+def test_checkpoint_directory_must_be_writable_and_outlive_the_pods(
+    spec: dict[str, Any], complaint: str | None
+) -> None:
+    """Every restart is new pods: an emptyDir starts empty, a configMap or secret is a
+    read-only copy, and a readOnly mount cannot be written, so a restart would resume from
+    nothing. The mount that holds the directory is the deepest one whose path contains it."""
+    got = rejection(tj(**spec))
+    if complaint is None:
+        assert got == ""
+    else:
+        assert complaint in got and "checkpoint.directory" in got, got
+
+
+def test_every_volume_source_is_sorted_into_persistent_or_not() -> None:
+    """The checkpoint rule rejects the sources in NON_PERSISTENT_VOLUME_SOURCES and accepts
+    the others: a source added to Volume must be sorted here first (an ephemeral volume, a
+    projected or downwardAPI one is not persistent; nfs or csi is)."""
+    from trimtab.api.common import Volume
+    from trimtab.api.trainingjob import NON_PERSISTENT_VOLUME_SOURCES
+
+    persistent = {"persistentVolumeClaim"}
+    sources = {(f.alias or n) for n, f in Volume.model_fields.items() if n != "name"}
+    assert sources == persistent | set(NON_PERSISTENT_VOLUME_SOURCES)

@@ -496,9 +496,18 @@ def test_phase_machine(
     want: dict[str, Any],
 ) -> None:
     d = D.decide_training(D.TrainingInputs(s, st, j, failure, at(now), generation=1))
+    check(d, want)
+
+
+def check(d: D.TrainingDecision, want: dict[str, Any]) -> None:
+    """The decision has what `want` names (each key optional)."""
     out = d.status
     if "phase" in want:
         assert out.phase == want["phase"], out.message
+    if "message" in want:
+        assert want["message"] in (out.message or ""), out.message
+    if "workers" in want:
+        assert out.workers == want["workers"]
     if "create" in want:
         assert d.create_job is want["create"]
     if "restarts" in want:
@@ -506,7 +515,10 @@ def test_phase_machine(
     if "delete" in want:
         assert d.delete_job == want["delete"]
     if "requeue" in want:
-        assert d.requeue_after == pytest.approx(want["requeue"])
+        if want["requeue"] is None:
+            assert d.requeue_after is None
+        else:
+            assert d.requeue_after == pytest.approx(want["requeue"])
     if "next" in want:
         assert out.next_restart_time == want["next"]
     if "start" in want:
@@ -523,15 +535,19 @@ def test_phase_machine(
         assert d.active_deadline_seconds == want["deadline_left"]
     if "job_deadline" in want:
         assert d.job_deadline_seconds == want["job_deadline"]
-    if "cond" in want:
-        kind, cstatus, reason = want["cond"]
-        cond = get_condition(out.conditions, kind)
-        assert cond is not None, [c.type for c in out.conditions]
-        assert (cond.status, cond.reason) == (cstatus, reason), cond.message
+    for key in ("cond", "cond2"):
+        if key in want:
+            kind, cstatus, reason = want[key]
+            cond = get_condition(out.conditions, kind)
+            assert cond is not None, [c.type for c in out.conditions]
+            assert (cond.status, cond.reason) == (cstatus, reason), cond.message
     if "failure" in want:
         lf = out.last_failure
         assert lf is not None
         assert (lf.worker, lf.exit_code, lf.reason, lf.restart) == want["failure"]
+    if "recorded" in want:
+        assert out.last_failure is not None
+        assert out.last_failure.recorded_at == want["recorded"]
 
 
 TAKEN = "Service llama belongs to ModelDeployment llama, not to this TrainingJob"
@@ -821,3 +837,344 @@ def test_no_problems_in_a_good_spec() -> None:
 def test_docstring_examples() -> None:
     result = doctest.testmod(D)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --- the next attempt waits for the last one to be gone (review #1) -----------------------------
+
+# Attempt 0 failed; its Job is being deleted (Foreground) while a worker uses its grace period.
+R0_STOPPING = job(name="llama-r0", deleting=True, active=1, **FAILED)
+RESTARTING = status(phase="Restarting", restarts=1, next_restart_time=ts(10), start_time=ts(0))
+STOPPING_PODS = tuple(f"llama-r0-{i}-abcde" for i in range(5))
+
+
+@pytest.mark.parametrize(
+    ("st", "earlier_jobs", "earlier_pods", "now", "want"),
+    [
+        pytest.param(RESTARTING, (R0_STOPPING,), (), 20,
+                     {"phase": "Restarting", "create": False, "delete": None, "requeue": 5,
+                      "restarts": 1,
+                      "message": "before attempt 1 starts (its workers may still be writing the "
+                                 "checkpoint): Job llama-r0 not gone yet"},
+                     id="old-job-still-being-deleted-waits"),
+        pytest.param(RESTARTING, (), ("llama-r0-1-abcde",), 20,
+                     {"phase": "Restarting", "create": False, "delete": None, "requeue": 5,
+                      "message": "pod llama-r0-1-abcde not gone yet"},
+                     id="old-worker-still-stopping-waits"),
+        pytest.param(RESTARTING, (), STOPPING_PODS, 20,
+                     {"create": False, "message": "pod llama-r0-2-abcde and 2 more not gone yet"},
+                     id="many-left-are-counted-not-listed"),
+        pytest.param(RESTARTING, (job(name="llama-r0", **FAILED),), (), 20,
+                     {"phase": "Restarting", "create": False, "delete": "llama-r0", "requeue": 5},
+                     id="old-job-nobody-deletes-is-deleted-first"),
+        pytest.param(RESTARTING, (R0_STOPPING,), (), 5,
+                     {"phase": "Restarting", "create": False, "delete": None, "requeue": 5},
+                     id="backoff-first"),
+        pytest.param(RESTARTING, (), (), 20,
+                     {"phase": "Pending", "create": True, "restarts": 1},
+                     id="old-attempt-gone-starts-the-next"),
+        pytest.param(status(phase="Suspended", restarts=1, start_time=ts(0)), (),
+                     ("llama-r1-0-abcde",), 20,
+                     {"phase": "Pending", "create": False, "requeue": 5,
+                      "message": "pod llama-r1-0-abcde"},
+                     id="resume-waits-for-workers-a-background-delete-left"),
+        pytest.param(status(), (), (), 0, {"phase": "Pending", "create": True},
+                     id="first-attempt-has-nothing-to-wait-for"),
+    ],
+)  # fmt: skip
+def test_next_attempt_waits_until_the_earlier_one_is_gone(
+    st: TrainingJobStatus,
+    earlier_jobs: tuple[D.JobObservation, ...],
+    earlier_pods: tuple[str, ...],
+    now: float,
+    want: dict[str, Any],
+) -> None:
+    """A failed attempt's survivors get SIGTERM and a grace period to write a last checkpoint
+    to the directory the next attempt resumes from: it is created only once no Job and no
+    running worker of an earlier attempt is left (`previous_attempt_gone`)."""
+    inputs = D.TrainingInputs(
+        spec(), st, None, None, at(now), generation=1,
+        earlier_jobs=earlier_jobs, earlier_pods=earlier_pods,
+    )  # fmt: skip
+    assert inputs.previous_attempt_gone is (not earlier_jobs and not earlier_pods)
+    check(D.decide_training(inputs), want)
+
+
+def test_a_restart_waits_for_the_failed_attempts_workers_to_stop() -> None:
+    """The sequence the review reproduced: FailureTarget with a worker still active, the Job
+    deleted, the backoff over while that worker is in its 120 s grace period."""
+    s = spec()
+    target = job(active=1, ready=1, failed=1, failed_condition=True,
+                 failure_reason="BackoffLimitExceeded")  # fmt: skip
+    d = D.decide_training(D.TrainingInputs(s, status(phase="Running", start_time=ts(0)),
+                                           target, OOM, at(0)))  # fmt: skip
+    assert (d.status.phase, d.delete_job, d.status.restarts) == ("Restarting", "llama-r0", 1)
+    st = d.status
+    for now in (10, 60, 125):  # backoff over; llama-r0 still being deleted
+        d = D.decide_training(D.TrainingInputs(
+            s, st, None, None, at(now), earlier_jobs=(job(name="llama-r0", deleting=True),)
+        ))  # fmt: skip
+        assert not d.create_job and d.requeue_after == D.WAIT_SECONDS, now
+        st = d.status
+    d = D.decide_training(D.TrainingInputs(s, st, None, None, at(130)))
+    assert d.create_job and d.status.restarts == 1 and d.status.phase == "Pending"
+
+
+# --- the TTL after a start-over (review #4a) -------------------------------------------------
+
+
+INVALID = [{"type": "Failed", "status": "True", "reason": "InvalidSpec", "observedGeneration": 1}]
+
+
+@pytest.mark.parametrize(
+    ("st", "j", "now", "generation", "want"),
+    [
+        pytest.param(status(phase="Failed", completion_time=ts(0), cleaned_up=True,
+                            conditions=INVALID),
+                     None, 100, 2,
+                     {"phase": "Pending", "create": True, "cleaned": None, "completion": None,
+                      "cond": ("Failed", "False", "SpecFixed")},
+                     id="a-start-over-forgets-the-earlier-clean-up"),
+        pytest.param(status(phase="Failed", completion_time=ts(0), cleaned_up=True,
+                            conditions=INVALID),
+                     None, 100, 1, {"phase": "Failed", "create": False, "cleaned": True},
+                     id="same-generation-stays-failed"),
+        pytest.param(status(phase="Failed", conditions=INVALID), None, 100, 1,
+                     {"phase": "Failed", "cleanup": False, "requeue": None},
+                     id="no-completion-time-no-clean-up"),
+        pytest.param(status(phase="Failed", completion_time=ts(0), conditions=INVALID), None,
+                     60, 1, {"phase": "Failed", "cleanup": True, "cleaned": True},
+                     id="a-refused-job-with-its-completion-time-is-cleaned-up"),
+    ],
+)  # fmt: skip
+def test_ttl_around_an_invalid_spec(
+    st: TrainingJobStatus, j: D.JobObservation | None, now: float, generation: int,
+    want: dict[str, Any],
+) -> None:
+    d = D.decide_training(D.TrainingInputs(spec(ttlSecondsAfterFinished=60), st, j, None,
+                                           at(now), generation))  # fmt: skip
+    check(d, want)
+
+
+def test_a_start_over_gets_its_own_ttl_clean_up() -> None:
+    """InvalidSpec, cleaned up by its TTL, then fixed: the rerun that succeeds is cleaned up
+    ttlSecondsAfterFinished after it (cleanedUp from the first failure used to stop it)."""
+    s = spec(ttlSecondsAfterFinished=60)
+    st = status()
+
+    def step(j: D.JobObservation | None, now: float, gen: int, *problems: str) -> Any:
+        nonlocal st
+        d = D.decide_training(D.TrainingInputs(s, st, j, None, at(now), gen, problems))
+        st = d.status
+        return d
+
+    step(None, 0, 1, "spec.command: bad")
+    assert step(None, 100, 1, "spec.command: bad").cleanup
+    assert step(None, 200, 2).create_job
+    step(job(active=2, ready=2, completions=2), 210, 2)
+    done = job(complete=True, succeeded=2, completions=2, completion_time=ts(300))
+    assert step(done, 300, 2).status.phase == "Succeeded"
+    assert not step(done, 359, 2).cleanup
+    assert step(done, 360, 2).cleanup and st.cleaned_up is True
+
+
+# --- right-sizing answers an OOM kill only after it was recorded (review #5) -------------------
+
+
+def restarting_after_oom(pass_at: float | None = None, **failure: Any) -> TrainingJobStatus:
+    """Attempt 0 was OOM-killed at 10 s (the kubelet's time); a right-sizing pass ran at
+    `pass_at`, if given; the backoff ends at 40 s."""
+    return status(
+        phase="Restarting", restarts=1, next_restart_time=ts(40), start_time=ts(0),
+        last_failure={"reason": "OOMKilled", "time": ts(10), **failure},
+        **({} if pass_at is None else {"recommendations": {"updatedAt": ts(pass_at)}}),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("st", "now", "want"),
+    [
+        pytest.param(restarting_after_oom(recordedAt=ts(40)), 41,
+                     {"phase": "Restarting", "create": False, "requeue": 5},
+                     id="no-pass-yet-waits"),
+        pytest.param(restarting_after_oom(30, recordedAt=ts(40)), 41,
+                     {"phase": "Restarting", "create": False, "requeue": 5,
+                      "message": "waiting for right-sizing to answer the OOM kill"},
+                     id="a-pass-between-the-kill-and-the-record-does-not-answer"),
+        pytest.param(restarting_after_oom(40, recordedAt=ts(40)), 41, {"create": False},
+                     id="a-pass-in-the-second-of-the-record-does-not-answer"),
+        pytest.param(restarting_after_oom(45, recordedAt=ts(40)), 46,
+                     {"phase": "Pending", "create": True}, id="a-pass-after-the-record-answers"),
+        pytest.param(restarting_after_oom(recordedAt=ts(40)), 159, {"create": False},
+                     id="waits-up-to-120s-from-the-record"),
+        pytest.param(restarting_after_oom(recordedAt=ts(40)), 160, {"create": True},
+                     id="then-goes-on-without-the-pass"),
+        pytest.param(restarting_after_oom(30), 41, {"create": True},
+                     id="a-record-without-recordedAt-uses-the-kill-time"),
+    ],
+)  # fmt: skip
+def test_oom_is_answered_only_by_a_pass_after_the_record(
+    st: TrainingJobStatus, now: float, want: dict[str, Any]
+) -> None:
+    d = D.decide_training(
+        D.TrainingInputs(spec(rightsizing={"mode": "Auto"}), st, None, None, at(now), 1)
+    )
+    check(d, want)
+
+
+def test_a_failure_is_stamped_when_trimtab_records_it() -> None:
+    killed = OOM.model_copy(update={"time": ts(10)})
+    d = D.decide_training(D.TrainingInputs(
+        spec(), status(phase="Running", start_time=ts(0)), job(**FAILED), killed, at(40)
+    ))  # fmt: skip
+    check(d, {"phase": "Restarting", "recorded": ts(40)})
+    assert d.status.last_failure is not None and d.status.last_failure.time == ts(10)
+    assert D.oom_unanswered(d.status)
+
+
+# --- status counts the running Job's workers, not an edited spec.workers (review #6) ------------
+
+
+@pytest.mark.parametrize(
+    ("workers", "st", "j", "want"),
+    [
+        pytest.param(4, status(phase="Running", start_time=ts(0)),
+                     job(active=2, ready=2, completions=2),
+                     {"phase": "Running", "message": "2/2 workers running", "workers": 2,
+                      "cond": ("Running", "True", "AllWorkersRunning")},
+                     id="raised-mid-attempt-still-running"),
+        pytest.param(1, status(phase="Starting", start_time=ts(0)),
+                     job(active=2, ready=1, completions=2),
+                     {"phase": "Starting", "message": "1/2 workers running", "workers": 2},
+                     id="cut-mid-attempt-still-starting"),
+        pytest.param(4, status(phase="Running", start_time=ts(0)),
+                     job(complete=True, succeeded=2, completions=2),
+                     {"phase": "Succeeded", "message": "all 2 workers completed", "workers": 2},
+                     id="success-counts-the-attempts-workers"),
+        pytest.param(4, status(phase="Succeeded", completion_time=ts(0), workers=2), None,
+                     {"phase": "Succeeded", "workers": 2},
+                     id="a-finished-job-keeps-its-count"),
+        pytest.param(4, status(phase="Restarting", restarts=1, next_restart_time=ts(100),
+                               start_time=ts(0)), None,
+                     {"phase": "Restarting", "workers": 4},
+                     id="the-next-attempt-gets-the-new-count"),
+        pytest.param(4, status(phase="Running", start_time=ts(0)), job(active=4, ready=4),
+                     {"phase": "Running", "workers": 4},
+                     id="a-job-without-completions-uses-the-spec"),
+    ],
+)  # fmt: skip
+def test_workers_edited_mid_attempt(
+    workers: int, st: TrainingJobStatus, j: D.JobObservation | None, want: dict[str, Any]
+) -> None:
+    check(D.decide_training(D.TrainingInputs(spec(workers=workers), st, j, None, at(50), 2)),
+          want)  # fmt: skip
+
+
+def test_job_observation_reads_completions() -> None:
+    """The count the Job was built with, which the handler passes on (a Job as trimtab builds
+    it)."""
+    from trimtab.builders.common import Owner
+    from trimtab.builders.training import build_job
+
+    owner = Owner("trimtab.io/v1alpha1", "TrainingJob", "llama", "ml", "u")
+    manifest = build_job(owner, spec(workers=2), 0)
+    assert D.JobObservation.from_manifest(manifest).completions == 2
+    assert D.JobObservation.from_manifest({"metadata": {"name": "j"}}).completions is None
+
+
+# --- suspend with a failed attempt or a pending restart; the deadline while suspended (#7, #8) --
+
+
+@pytest.mark.parametrize(
+    ("s", "st", "j", "failure", "now", "want"),
+    [
+        pytest.param(spec(suspend=True), status(phase="Running", start_time=ts(0)),
+                     job(**FAILED), OOM, 100,
+                     {"phase": "Suspended", "restarts": 1, "delete": "llama-r0", "next": ts(110),
+                      "failure": (1, 137, "OOMKilled", 0),
+                      "cond": ("Restarting", "True", "WorkerFailed"),
+                      "cond2": ("Suspended", "True", "SuspendedBySpec"),
+                      "message": "attempt 1 follows a resume, not before 2025-06-01T12:01:50Z"},
+                     id="a-failed-attempt-seen-with-suspend-is-counted"),
+        pytest.param(spec(suspend=True, failurePolicy={"maxRestarts": 0}),
+                     status(phase="Running", start_time=ts(0)), job(**FAILED), OOM, 100,
+                     {"phase": "Failed", "restarts": 0, "create": False,
+                      "cond": ("Failed", "True", "RestartsExhausted")},
+                     id="a-failed-attempt-with-no-restart-left-fails-though-suspended"),
+        pytest.param(spec(suspend=True), status(phase="Running", start_time=ts(0)),
+                     job(deleting=True, **FAILED), None, 100,
+                     {"phase": "Suspended", "restarts": 0, "delete": None},
+                     id="a-job-already-being-deleted-is-not-counted"),
+        pytest.param(spec(suspend=True),
+                     status(phase="Restarting", restarts=1, next_restart_time=ts(600),
+                            start_time=ts(0)),
+                     None, None, 0, {"phase": "Suspended", "next": ts(600)},
+                     id="suspend-keeps-a-pending-backoff"),
+        pytest.param(spec(),
+                     status(phase="Suspended", restarts=1, next_restart_time=ts(600),
+                            start_time=ts(0)),
+                     None, None, 1,
+                     {"phase": "Restarting", "create": False, "requeue": 599,
+                      "cond": ("Suspended", "False", "Resumed")},
+                     id="resume-waits-out-the-backoff"),
+        pytest.param(spec(),
+                     status(phase="Restarting", restarts=1, next_restart_time=ts(600),
+                            start_time=ts(0)),
+                     None, None, 300, {"phase": "Restarting", "create": False, "requeue": 300},
+                     id="and-keeps-waiting-after-it"),
+        pytest.param(spec(),
+                     status(phase="Suspended", restarts=1, next_restart_time=ts(600),
+                            start_time=ts(0)),
+                     None, None, 700, {"phase": "Pending", "create": True, "restarts": 1},
+                     id="resume-after-the-backoff-starts-the-next-attempt"),
+        pytest.param(spec(suspend=True, activeDeadlineSeconds=3600),
+                     status(phase="Suspended", start_time=ts(0)), None, None, 600,
+                     {"phase": "Suspended", "requeue": 3000},
+                     id="suspended-looks-again-at-the-deadline"),
+        pytest.param(spec(suspend=True), status(phase="Suspended", start_time=ts(0)),
+                     None, None, 600, {"phase": "Suspended", "requeue": None},
+                     id="suspended-without-deadline-waits-for-a-change"),
+        pytest.param(spec(suspend=True, activeDeadlineSeconds=3600, ttlSecondsAfterFinished=60),
+                     status(phase="Suspended", start_time=ts(0),
+                            conditions=[{"type": "Suspended", "status": "True"}]),
+                     None, None, 3600,
+                     {"phase": "Failed", "cond": ("Failed", "True", "DeadlineExceeded"),
+                      "cond2": ("Suspended", "False", "DeadlineExceeded"),
+                      "completion": ts(3600), "requeue": None},
+                     id="the-deadline-fails-a-suspended-job"),
+        pytest.param(spec(suspend=True, activeDeadlineSeconds=3600),
+                     status(phase="Running", start_time=ts(0)), job(active=2, ready=2), None,
+                     3700,
+                     {"phase": "Failed", "delete": "llama-r0",
+                      "cond": ("Failed", "True", "DeadlineExceeded")},
+                     id="a-suspend-after-the-deadline-fails-and-stops-the-job"),
+        pytest.param(spec(suspend=True, activeDeadlineSeconds=3600),
+                     status(phase="Suspended", start_time=ts(0)), job(deleting=True), None,
+                     3700, {"phase": "Failed", "delete": None},
+                     id="a-job-already-being-deleted-is-not-deleted-again"),
+    ],
+)  # fmt: skip
+def test_suspend_counts_failures_keeps_the_backoff_and_the_deadline(
+    s: TrainingJobSpec,
+    st: TrainingJobStatus,
+    j: D.JobObservation | None,
+    failure: WorkerFailure | None,
+    now: float,
+    want: dict[str, Any],
+) -> None:
+    check(D.decide_training(D.TrainingInputs(s, st, j, failure, at(now), generation=1)), want)
+
+
+def test_suspend_and_resume_cannot_run_past_max_restarts() -> None:
+    """A GitOps tool toggling suspend: each failed attempt still counts, so maxRestarts 1
+    ends the job at the second failure, as it would without the suspensions."""
+    on, off = spec(suspend=True, failurePolicy={"maxRestarts": 1}), spec(
+        failurePolicy={"maxRestarts": 1, "backoffSeconds": 0, "maxBackoffSeconds": 0}
+    )
+    st = status(phase="Running", start_time=ts(0))
+    d = D.decide_training(D.TrainingInputs(on, st, job(**FAILED), OOM, at(10)))
+    assert (d.status.phase, d.status.restarts) == ("Suspended", 1)
+    d = D.decide_training(D.TrainingInputs(off, d.status, None, None, at(1000)))
+    assert d.create_job and d.status.restarts == 1
+    d = D.decide_training(D.TrainingInputs(on, d.status, job(name="llama-r1", **FAILED), OOM,
+                                           at(1010)))  # fmt: skip
+    assert d.status.phase == "Failed" and d.status.restarts == 1

@@ -91,6 +91,44 @@ async def test_dcgm_metrics_give_input_bound_and_memory_headroom(
     )
 
 
+def daemonset_exporter(factory: Callable[..., MetricsExporter]) -> MetricsExporter:
+    """dcgm-exporter as it runs: one pod per node, its series naming the workload's pod in
+    their own namespace/pod/container labels. Worker 0 at 20%, worker 1 at 26% utilization,
+    20 of 80 GiB used at peak; another job's worker on the same node at 100%."""
+    exporter = gpu_exporter(factory, *DCGM)
+    for gpu, pod, util in (("0", "llama-r0-0-abcde", 20.0), ("1", "llama-r0-1-abcde", 26.0),
+                           ("2", "other-r0-0-abcde", 100.0)):  # fmt: skip
+        labels = {"gpu": gpu, "namespace": "ml", "pod": pod, "container": "trainer"}
+        exporter.set_gauge("DCGM_FI_DEV_GPU_UTIL", util, **labels)
+        exporter.set_gauge("DCGM_FI_DEV_FB_USED", 20480.0, **labels)
+        exporter.set_gauge("DCGM_FI_DEV_FB_FREE", 61440.0, **labels)
+    return exporter
+
+
+async def test_dcgm_exporter_daemonset_read_through_its_renamed_labels(
+    metrics_exporter: Any, prometheus_server: Any  # noqa: F811
+) -> None:
+    """The scrape target is the exporter's own pod (gpu-monitoring/dcgm-exporter-...), and with
+    honor_labels false, the default, Prometheus renames the workload's labels exported_*.
+    The diagnosis reads that spelling too, as right-sizing does; it said "no GPU metrics"."""
+    exporter = daemonset_exporter(metrics_exporter)
+    # The fixture keeps targets that carry trimtab.io/owner; the exporter's is not a worker's.
+    target = PodTarget(exporter.address, namespace="gpu-monitoring", pod="dcgm-exporter-x1x2y",
+                       labels={"trimtab.io/owner": "dcgm-exporter"})  # fmt: skip
+    server = prometheus_server([target])
+    server.wait_for_scrapes()
+    provider = PrometheusProvider(server.url)
+    try:
+        d = await diagnosis_when_ready(provider, want_memory=True)
+    finally:
+        await provider.close()
+    stored = server.query('DCGM_FI_DEV_GPU_UTIL{exported_pod="llama-r0-0-abcde"}')
+    assert stored and stored[0]["metric"]["pod"] == "dcgm-exporter-x1x2y"
+    assert d.gpu_utilization == pytest.approx(0.23, abs=1e-6)
+    assert d.memory_used_ratio == pytest.approx(0.25, abs=1e-6)
+    assert d.message.startswith("input-bound: GPU utilization 23% over 10 min")
+
+
 async def test_trimtab_agent_metrics_when_there_is_no_dcgm(
     metrics_exporter: Any, prometheus_server: Any  # noqa: F811
 ) -> None:
@@ -125,6 +163,38 @@ async def test_no_metrics_is_said_in_status() -> None:
     await _refresh_diagnosis(provider, "ml", "llama-r0", again,
                              NOW + datetime.timedelta(minutes=5), LOG)
     assert again.diagnosis == status.diagnosis
+
+
+PODS_R3 = '"llama-r3-[0-9]+-[a-z0-9]{5}"'
+
+
+@pytest.mark.parametrize(
+    ("query", "selector"),
+    [
+        pytest.param("gpuUtilization", f'DCGM_FI_DEV_GPU_UTIL{{namespace="ml",pod=~{PODS_R3}}}',
+                     id="utilization-dcgm-as-written"),
+        pytest.param("gpuUtilization",
+                     f'DCGM_FI_DEV_GPU_UTIL{{exported_namespace="ml",exported_pod=~{PODS_R3}}}',
+                     id="utilization-dcgm-renamed-by-the-scrape"),
+        pytest.param("gpuUtilization",
+                     f'trimtab_gpu_utilization_ratio{{namespace="ml",pod=~{PODS_R3}}}',
+                     id="utilization-trimtab-agent"),
+        pytest.param("memoryUsedRatio", f'DCGM_FI_DEV_FB_USED{{namespace="ml",pod=~{PODS_R3}}}',
+                     id="memory-used-as-written"),
+        pytest.param("memoryUsedRatio",
+                     f'DCGM_FI_DEV_FB_USED{{exported_namespace="ml",exported_pod=~{PODS_R3}}}',
+                     id="memory-used-renamed-by-the-scrape"),
+        pytest.param("memoryUsedRatio", f'DCGM_FI_DEV_FB_FREE{{namespace="ml",pod=~{PODS_R3}}}',
+                     id="memory-free-as-written"),
+        pytest.param("memoryUsedRatio",
+                     f'DCGM_FI_DEV_FB_FREE{{exported_namespace="ml",exported_pod=~{PODS_R3}}}',
+                     id="memory-free-renamed-by-the-scrape"),
+    ],
+)  # fmt: skip
+def test_queries_read_both_spellings_of_the_pod_labels(query: str, selector: str) -> None:
+    """dcgm-exporter's pod labels as it writes them, or as a scrape with honorLabels false
+    renames them (exported_*), like metrics/usage.py's right-sizing queries."""
+    assert f"{selector}[600s]" in diagnosis_queries("ml", "llama-r3", 600)[query]
 
 
 def test_queries_select_only_the_attempts_pods() -> None:

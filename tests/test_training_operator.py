@@ -502,3 +502,72 @@ async def test_clean_up_takes_the_podgroups_of_a_gang_since_turned_off(
     now_off = TrainingJobSpec.model_validate(trainingjob()["spec"])
     deleted = await cleanup(cluster.kube, owner, now_off, logging.getLogger("t"))
     assert "PodGroup/llama-r0" in deleted
+
+
+@pytest.mark.parametrize(
+    "left",
+    [
+        pytest.param("job", id="old-job-kept-until-its-pods-are-gone"),
+        pytest.param("pod", id="old-worker-still-stopping"),
+    ],
+)
+async def test_the_next_attempt_waits_until_the_failed_one_is_gone(
+    api: ApiServerEmulator, cluster: Cluster, monkeypatch: pytest.MonkeyPatch, left: str
+) -> None:
+    """Attempt 0 fails; a worker is still in its grace period, writing a last checkpoint. A
+    Foreground delete keeps `llama-r0` until its pods are gone (played by a finalizer here), or
+    the worker pod outlives its Job: either way `llama-r1`, which resumes from that checkpoint,
+    is created only once it is gone, and status says what it waits for."""
+    import datetime
+    import logging
+
+    import kopf
+
+    from trimtab.builders.training import COMPONENT, LABEL_RESTART
+    from trimtab.handlers.trainingjob import sync_trainingjob
+
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # no operator runs: no poster
+    log = logging.getLogger("test")
+    t0 = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+    def at(seconds: float) -> datetime.datetime:
+        return t0 + datetime.timedelta(seconds=seconds)
+
+    await cluster.create(TJ_PATH, trainingjob())
+    await sync_trainingjob(cluster.kube, NS, "llama", log, now=at(0))
+    stopping = "llama-r0-1-abcde"
+    if left == "job":
+        await cluster.merge(f"{JOB_PATH}/llama-r0", {"metadata": {"finalizers": ["test/hold"]}})
+    else:
+        labels = {C.LABEL_MANAGED_BY: C.MANAGED_BY, C.LABEL_OWNER: "llama",
+                  C.LABEL_COMPONENT: COMPONENT, LABEL_RESTART: "0"}  # fmt: skip
+        await cluster.create(POD_PATH, {"metadata": {"name": stopping, "labels": labels},
+                                        "spec": {"containers": [{"name": "trainer",
+                                                                 "image": "x"}]}})  # fmt: skip
+        await cluster.merge(f"{POD_PATH}/{stopping}/status", {"status": {"phase": "Running"}})
+    await fail_worker(cluster, "llama-r0", index=0, code=1, reason="Error")
+    await sync_trainingjob(cluster.kube, NS, "llama", log, now=at(1))
+    status = await status_of(cluster)
+    assert (status["phase"], status["restarts"]) == ("Restarting", 1)
+
+    # The 4 s backoff is long over, and attempt 0 is not gone yet.
+    for seconds in (10, 60):
+        assert await sync_trainingjob(cluster.kube, NS, "llama", log, now=at(seconds)) == 5.0
+        assert await cluster.get(f"{JOB_PATH}/llama-r1") is None
+        status = await status_of(cluster)
+        assert status["phase"] == "Restarting"
+        what = "Job llama-r0" if left == "job" else f"pod {stopping}"
+        assert status["message"] == (
+            "waiting for the earlier attempt to stop before attempt 1 starts (its workers may "
+            f"still be writing the checkpoint): {what} not gone yet"
+        )
+
+    if left == "job":
+        await cluster.merge(f"{JOB_PATH}/llama-r0", {"metadata": {"finalizers": None}})
+        assert await cluster.get(f"{JOB_PATH}/llama-r0") is None
+    else:
+        await cluster.merge(f"{POD_PATH}/{stopping}/status", {"status": {"phase": "Failed"}})
+    await sync_trainingjob(cluster.kube, NS, "llama", log, now=at(70))
+    new = await cluster.get(f"{JOB_PATH}/llama-r1")
+    assert new is not None and env_of(new)["TRIMTAB_RESTART_COUNT"] == "1"
+    assert (await status_of(cluster))["phase"] == "Pending"

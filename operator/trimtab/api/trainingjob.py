@@ -148,6 +148,43 @@ class Checkpoint(StrictModel):
 
 # --- the spec ---------------------------------------------------------------------------------
 
+# Volume sources a checkpoint directory cannot be on: each attempt is new pods, and these
+# start empty (emptyDir) or are read-only copies of API objects (configMap, secret), so a
+# restart would resume from nothing. A deny-list: a persistent source added to Volume later
+# (nfs, csi) needs no change here, and tests/test_training_api.py makes whoever adds a source
+# say which kind it is (ephemeral, projected and downwardAPI volumes would belong here).
+NON_PERSISTENT_VOLUME_SOURCES = ("emptyDir", "configMap", "secret")
+
+
+def _checkpoint_mount_rule(mount_ok: str) -> str:
+    """A CEL rule: the mount that holds checkpoint.directory (the deepest whose mountPath
+    contains it) satisfies `mount_ok`, an expression of `m`."""
+
+    def holds(m: str) -> str:
+        return (
+            f"(self.checkpoint.directory == {m}.mountPath "
+            f"|| self.checkpoint.directory.startsWith({m}.mountPath + '/'))"
+        )
+
+    return (
+        "!has(self.checkpoint) || !self.checkpoint.directory.startsWith('/') "
+        f"|| !has(self.volumeMounts) || self.volumeMounts.all(m, !{holds('m')} "
+        f"|| self.volumeMounts.exists(n, n.mountPath.size() > m.mountPath.size() "
+        f"&& {holds('n')}) || ({mount_ok}))"
+    )
+
+
+_WRITABLE_CHECKPOINT_MOUNT = _checkpoint_mount_rule(
+    "!(has(m.readOnly) && m.readOnly) && (!has(self.volumes) || self.volumes.all(v, "
+    "v.name != m.name || !has(v.persistentVolumeClaim) "
+    "|| !(has(v.persistentVolumeClaim.readOnly) && v.persistentVolumeClaim.readOnly)))"
+)
+_PERSISTENT_CHECKPOINT_MOUNT = _checkpoint_mount_rule(
+    "!has(self.volumes) || self.volumes.all(v, v.name != m.name || !("
+    + " || ".join(f"has(v.{source})" for source in NON_PERSISTENT_VOLUME_SOURCES)
+    + "))"
+)
+
 
 # Worker pod labels trimtab's selectors and the gang scheduler rest on, those the Job
 # controller and Kueue set or read on pods, and the annotations they write.
@@ -267,6 +304,19 @@ class TrainingJobSpec(StrictModel):
                     "fieldPath": ".checkpoint.directory",
                 },
                 {
+                    "rule": _WRITABLE_CHECKPOINT_MOUNT,
+                    "message": "checkpoint.directory is on a readOnly mount (or a readOnly "
+                    "persistentVolumeClaim): the workers could not save a checkpoint there",
+                    "fieldPath": ".checkpoint.directory",
+                },
+                {
+                    "rule": _PERSISTENT_CHECKPOINT_MOUNT,
+                    "message": "checkpoint.directory is on an emptyDir, configMap or secret "
+                    "volume, which every restart's new pods get empty or read-only, so a restart "
+                    "would resume from nothing: put it on a persistentVolumeClaim",
+                    "fieldPath": ".checkpoint.directory",
+                },
+                {
                     "rule": "has(self.command) || (has(self.distributed) "
                     "&& self.distributed.launcher == 'none')",
                     "message": "command is what torchrun runs (e.g. [train.py]): set it, or set "
@@ -335,7 +385,15 @@ class WorkerFailure(StatusModel):
     reason: str = Field(default="", description='e.g. "Error", "OOMKilled", "DeadlineExceeded".')
     message: str = ""
     restart: int | None = Field(default=None, description="The attempt (restart count) it ended.")
-    time: str | None = None
+    time: str | None = Field(
+        default=None, description="When the worker ended, as the kubelet reported it."
+    )
+    recorded_at: str | None = Field(
+        default=None,
+        description="When trimtab recorded the failure. An OOM kill counts as answered by "
+        "right-sizing only once a pass has run after this: a pass between the kill and this "
+        "time could not see it.",
+    )
     memory_limit: str | None = Field(
         default=None,
         description="The failed container's memory limit: what an OOM kill is valued at when "

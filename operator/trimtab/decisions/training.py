@@ -1,8 +1,9 @@
 """The TrainingJob phase machine (Pending -> Queued -> Starting -> Running -> Succeeded | Failed,
 with Restarting and Suspended), the restart backoff, and the diagnosis from GPU metrics.
 
-Pure: the caller passes what it observed (the current attempt's Job, its failed pods) and the
-time; `decide_training` says what the status is and what to create or delete."""
+Pure: the caller passes what it observed (the current attempt's Job, its failed pods, what is
+left of earlier attempts) and the time; `decide_training` says what the status is and what to
+create or delete."""
 
 from __future__ import annotations
 
@@ -50,13 +51,22 @@ _POD_INDEX_RE = re.compile(r"-(?P<index>\d+)-[a-z0-9]{5}$")
 
 
 def oom_unanswered(status: TrainingJobStatus) -> bool:
-    """Whether the last worker failure is an OOM kill newer than the last right-sizing pass:
+    """Whether the last worker failure is an OOM kill that no right-sizing pass has answered:
     that pass runs at once, and in Auto mode the next attempt waits for it.
+
+    Only a pass that ran after trimtab recorded the failure (`recordedAt`) saw it: one that ran
+    between the kill (the kubelet's `time`) and the record had no `lastFailure` to add. A pass in
+    the very second of the record may have read the status before it, so it does not count.
+    A record without `recordedAt` (an older operator's) falls back to the kill's time.
 
     >>> from trimtab.api.rightsizing import RecommendationsStatus
     >>> from trimtab.api.trainingjob import WorkerFailure
-    >>> killed = WorkerFailure(reason="OOMKilled", time="2025-01-01T00:05:00Z")
+    >>> killed = WorkerFailure(reason="OOMKilled", time="2025-01-01T00:05:00Z",
+    ...                        recorded_at="2025-01-01T00:05:40Z")
     >>> oom_unanswered(TrainingJobStatus(last_failure=killed))
+    True
+    >>> between = RecommendationsStatus(updated_at="2025-01-01T00:05:30Z")
+    >>> oom_unanswered(TrainingJobStatus(last_failure=killed, recommendations=between))
     True
     >>> later = RecommendationsStatus(updated_at="2025-01-01T00:06:00Z")
     >>> oom_unanswered(TrainingJobStatus(last_failure=killed, recommendations=later))
@@ -65,9 +75,9 @@ def oom_unanswered(status: TrainingJobStatus) -> bool:
     failure = status.last_failure
     if failure is None or failure.reason != "OOMKilled":
         return False
-    killed = parse_time(failure.time)
+    seen = parse_time(failure.recorded_at or failure.time)
     last = parse_time(status.recommendations.updated_at if status.recommendations else None)
-    return killed is not None and (last is None or killed > last)
+    return seen is not None and (last is None or seen >= last)
 
 
 def parse_time(text: str | None) -> datetime.datetime | None:
@@ -103,6 +113,9 @@ class JobObservation:
     # spec.activeDeadlineSeconds: the Job controller counts it from status.startTime, which it
     # sets (again) when the Job is admitted (unsuspended).
     active_deadline_seconds: int | None = None
+    # spec.completions: the workers this attempt runs. A Job keeps the count it was built with,
+    # so status compares with it, not with a spec.workers edited since (the next attempt's).
+    completions: int | None = None
 
     @staticmethod
     def from_manifest(job: Mapping[str, Any]) -> JobObservation:
@@ -135,6 +148,9 @@ class JobObservation:
             ),
             failure_reason=str((failing or {}).get("reason") or ""),
             failure_message=str((failing or {}).get("message") or ""),
+            completions=(
+                int(spec["completions"]) if spec.get("completions") is not None else None
+            ),
         )
 
 
@@ -291,6 +307,18 @@ class TrainingInputs:
     # Why this attempt's objects cannot be created now: a name another resource holds
     # (`builders.common.claim_problem`). The attempt waits Pending and looks again.
     blocked: str | None = None
+    # What is left of earlier attempts: their Jobs that still exist (being deleted or not), and
+    # worker pods of earlier Jobs that have not stopped (phase neither Succeeded nor Failed).
+    # A failed attempt's surviving workers get a grace period to write a last checkpoint, and
+    # a Foreground delete keeps their Job until they are gone: the next attempt, which resumes
+    # from that checkpoint, is created only once nothing is left (`previous_attempt_gone`).
+    earlier_jobs: tuple[JobObservation, ...] = ()
+    earlier_pods: tuple[str, ...] = ()
+
+    @property
+    def previous_attempt_gone(self) -> bool:
+        """No Job or running worker of an earlier attempt is left."""
+        return not self.earlier_jobs and not self.earlier_pods
 
 
 @dataclass(frozen=True)
@@ -323,7 +351,12 @@ class _Builder:
         self.now_text = format_time(inputs.now)
         self.status = inputs.status.model_copy(deep=True)
         self.status.observed_generation = inputs.generation or self.status.observed_generation
-        self.status.workers = inputs.spec.workers
+        job = inputs.job
+        if job is not None and job.completions:
+            # The attempt's own count: a spec.workers edited since is the next attempt's.
+            self.status.workers = job.completions
+        elif inputs.status.phase not in TERMINAL_PHASES or self.status.workers is None:
+            self.status.workers = inputs.spec.workers
         self.events: list[tuple[str, str, str]] = []
 
     def cond(self, type_: str, status: ConditionStatus, reason: str, message: str = "") -> None:
@@ -392,6 +425,8 @@ def _finish(b: _Builder, phase: Phase, reason: str, message: str) -> None:
     b.clear(CONDITION_RUNNING, reason, message)
     b.clear(CONDITION_RESTARTING, reason, message)
     b.clear(CONDITION_QUEUED, reason, message)
+    # Nothing runs again, so a resume restarts nothing (a deadline can end a suspended job).
+    b.clear(CONDITION_SUSPENDED, reason, message)
 
 
 def _ttl(b: _Builder) -> TrainingDecision:
@@ -411,8 +446,11 @@ def _ttl(b: _Builder) -> TrainingDecision:
 
 
 def _create(b: _Builder, message: str) -> TrainingDecision:
-    """Create this attempt's Job, unless a name it needs is taken: then wait, Pending."""
+    """Create this attempt's Job, unless an earlier attempt is not gone yet, or a name it needs
+    is taken: then wait."""
     inputs = b.inputs
+    if not inputs.previous_attempt_gone:
+        return _wait_for_earlier_attempt(b)
     if inputs.blocked:
         text = f"waiting: {inputs.blocked}"
         if inputs.status.message != text:
@@ -421,6 +459,44 @@ def _create(b: _Builder, message: str) -> TrainingDecision:
         return b.done(requeue_after=BLOCKED_RETRY_SECONDS)
     b.phase("Pending", message)
     return b.done(create_job=True, active_deadline_seconds=_remaining_deadline(inputs))
+
+
+def _wait_for_earlier_attempt(b: _Builder) -> TrainingDecision:
+    """The next attempt waits until the last one's Job and workers are gone: the old workers
+    may still be writing the checkpoint it resumes from (their grace period after SIGTERM), and
+    they still hold their GPUs. A Job of theirs that nobody deletes (the operator stopped
+    between writing status and deleting it) is deleted now; one Job per step."""
+    inputs = b.inputs
+    left = [f"Job {j.name}" for j in inputs.earlier_jobs]
+    left += [f"pod {p}" for p in inputs.earlier_pods]
+    shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+    text = (
+        f"waiting for the earlier attempt to stop before attempt {b.status.restarts} starts "
+        f"(its workers may still be writing the checkpoint): {shown} not gone yet"
+    )
+    b.phase("Restarting" if inputs.status.phase == "Restarting" else "Pending", text)
+    delete = next((j.name for j in inputs.earlier_jobs if not j.deleting), None)
+    return b.done(delete_job=delete, requeue_after=WAIT_SECONDS)
+
+
+def starts_over(status: TrainingJobStatus, generation: int) -> bool:
+    """Whether a job that failed for its spec (InvalidSpec) runs again: the spec changed since
+    (a new generation; one the API server refused has no problem the model finds, and the same
+    generation would be refused again). The caller checks that the spec has no problem left.
+
+    >>> from trimtab.decisions.conditions import set_condition
+    >>> failed = TrainingJobStatus(phase="Failed", conditions=set_condition(
+    ...     [], CONDITION_FAILED, "True", "InvalidSpec", "bad", "2025-01-01T00:00:00Z", 3))
+    >>> starts_over(failed, 3), starts_over(failed, 4)
+    (False, True)
+    """
+    failed = get_condition(status.conditions, CONDITION_FAILED)
+    return (
+        status.phase == "Failed"
+        and failed is not None
+        and failed.reason == "InvalidSpec"
+        and (failed.observed_generation is None or failed.observed_generation < generation)
+    )
 
 
 def decide_training(inputs: TrainingInputs) -> TrainingDecision:
@@ -437,7 +513,12 @@ def decide_training(inputs: TrainingInputs) -> TrainingDecision:
       NonRetryableExitCode, whatever the restart count.
     - Job Complete -> Succeeded; ttlSecondsAfterFinished later -> cleanup.
     - spec.suspend -> Suspended, delete the Job; suspend false -> create it again (same
-      attempt: a suspension is not a failure).
+      attempt: a suspension is not a failure). A Job that failed when the suspend is seen is
+      counted first (Restarting, restarts 1), and the resume waits out that backoff.
+    - activeDeadlineSeconds passed, suspended or not -> Failed, reason DeadlineExceeded.
+    - the backoff is over but `llama-r0` (or one of its workers) is still there, stopping ->
+      Restarting, "waiting for the earlier attempt to stop ...", a look again in 5 s; attempt
+      1's Job is created only once it is gone.
     - a Job to create, but its Service's name is held by a ModelDeployment of the same name
       -> Pending, "waiting: Service llama belongs to ModelDeployment llama, ...", a NameTaken
       Event once, and a look again in 30 s; nothing is created.
@@ -453,15 +534,10 @@ def decide_training(inputs: TrainingInputs) -> TrainingDecision:
         if job is None and status.phase not in TERMINAL_PHASES:
             _finish(b, "Failed", "InvalidSpec", "; ".join(inputs.problems))
             return b.done()
-    elif (
-        status.phase == "Failed"
-        and failed is not None
-        and failed.reason == "InvalidSpec"
-        and (failed.observed_generation is None or failed.observed_generation < inputs.generation)
-    ):
-        # Fixed (a new generation: one the API server refused has no problem the model finds,
-        # and would be refused again): start over.
+    elif starts_over(status, inputs.generation):
+        # Fixed: start over. The run that follows gets its own TTL clean-up.
         b.status.completion_time = None
+        b.status.cleaned_up = None
         b.clear(CONDITION_FAILED, "SpecFixed", "the spec was corrected")
         status.phase = None
 
@@ -479,45 +555,59 @@ def decide_training(inputs: TrainingInputs) -> TrainingDecision:
             decision = replace(decision, delete_job=job.name)
         return decision
 
+    # The attempt's own worker count (a spec.workers edited since is the next attempt's).
+    workers = job.completions if job is not None and job.completions else spec.workers
+
     # A Job that completed has finished the training, whatever the spec says since (a suspend
     # set after it completed must not delete it and run the attempt again).
     if job is not None and job.complete:
         status.completion_time = job.completion_time or b.now_text
         status.workers_ready = 0
-        _finish(b, "Succeeded", "Completed", f"all {spec.workers} workers completed")
+        _finish(b, "Succeeded", "Completed", f"all {workers} workers completed")
         return _ttl(b)
 
-    # Suspend: stop the workers, keep everything else.
-    if spec.suspend:
-        b.phase("Suspended", "spec.suspend is true: workers stopped; the checkpoint is kept")
-        b.cond(CONDITION_SUSPENDED, "True", "SuspendedBySpec", "spec.suspend is true")
-        b.clear(CONDITION_RUNNING, "Suspended")
-        b.clear(CONDITION_QUEUED, "Suspended")
-        status.workers_ready = 0
-        status.next_restart_time = None
-        if job is not None and not job.deleting:
-            return b.done(delete_job=job.name)
-        return b.done()
-    if status.phase == "Suspended":
-        b.cond(CONDITION_SUSPENDED, "False", "Resumed", "spec.suspend is false")
-
-    # The overall deadline counts from the first start, across restarts.
+    # The overall deadline counts from the first start, across restarts and suspensions.
     due = _deadline(inputs)
-    if due is not None and now >= due and not (job is not None and job.complete):
+    if due is not None and now >= due:
         message = f"activeDeadlineSeconds {spec.active_deadline_seconds} passed"
         _finish(b, "Failed", REASON_DEADLINE, message)
         b.status.workers_ready = 0
         # Stop the workers; the Job controller has done so already if its own deadline hit.
-        delete = job.name if job is not None and not job.failed_condition else None
+        delete = None
+        if job is not None and not job.failed_condition and not job.deleting:
+            delete = job.name
         return b.done(delete_job=delete)
 
-    # Waiting out the backoff before the next attempt.
+    # Suspend: stop the workers, keep everything else.
+    if spec.suspend:
+        if job is not None and job.failed_condition and not job.deleting:
+            # The attempt failed before (or as) the suspend came: count it like any failure,
+            # so that a suspend and resume never runs a failed attempt again uncounted.
+            counted = _on_failure(b, inputs, job)
+            if status.phase in TERMINAL_PHASES:
+                return counted
+        return _suspend(b, due)
+    if status.phase == "Suspended":
+        b.cond(CONDITION_SUSPENDED, "False", "Resumed", "spec.suspend is false")
+
+    # Waiting out the backoff before the next attempt (also when a suspension came between
+    # the failure and the restart: the resume does not cut the backoff short).
     next_at = parse_time(status.next_restart_time)
-    if status.phase == "Restarting" and job is None:
+    pending_restart = status.phase == "Restarting" or (
+        status.phase == "Suspended" and next_at is not None
+    )
+    if pending_restart and job is None:
         if next_at is not None and now < next_at:
+            if status.phase != "Restarting":
+                b.phase(
+                    "Restarting",
+                    f"resumed: attempt {status.restarts} starts at {status.next_restart_time}, "
+                    "after the restart backoff",
+                )
             return b.done(requeue_after=(next_at - now).total_seconds())
         if spec.rightsizing.mode == "Auto" and oom_unanswered(status):
-            failed_at = parse_time(status.last_failure.time if status.last_failure else None)
+            last = status.last_failure
+            failed_at = parse_time((last.recorded_at or last.time) if last else None)
             if failed_at is not None and now < failed_at + OOM_RESIZE_WAIT:
                 # The right-sizing pass this kill started has not written yet: the next
                 # attempt is built from the resources it applies, so wait for it (bounded).
@@ -567,18 +657,39 @@ def decide_training(inputs: TrainingInputs) -> TrainingDecision:
         requeue = (left - now).total_seconds() if left is not None else None
         job_deadline = _job_deadline(job, left)
     running = job.ready + job.succeeded
-    if running >= spec.workers:
-        message = f"{spec.workers}/{spec.workers} workers running"
+    if running >= workers:
+        message = f"{workers}/{workers} workers running"
         if status.restarts:
             message += f" (attempt {status.restarts}, resumed from the checkpoint)"
         b.phase("Running", message)
         b.cond(CONDITION_RUNNING, "True", "AllWorkersRunning", message)
         b.clear(CONDITION_RESTARTING, "Recovered", message)
         return b.done(requeue_after=requeue, job_deadline_seconds=job_deadline)
-    message = f"{running}/{spec.workers} workers running"
+    message = f"{running}/{workers} workers running"
     b.phase("Starting", message)
     b.cond(CONDITION_RUNNING, "False", "WorkersStarting", message)
     return b.done(requeue_after=requeue, job_deadline_seconds=job_deadline)
+
+
+def _suspend(b: _Builder, due: datetime.datetime | None) -> TrainingDecision:
+    """spec.suspend: delete the attempt's Job (its workers stop; the checkpoint, Service and
+    restart count stay). A pending restart keeps its nextRestartTime, and the deadline, which
+    counts on while suspended, is looked at again when it falls due."""
+    status, job, now = b.status, b.inputs.job, b.inputs.now
+    message = "spec.suspend is true: workers stopped; the checkpoint is kept"
+    if status.next_restart_time is not None:
+        message += (
+            f"; attempt {status.restarts} follows a resume, not before "
+            f"{status.next_restart_time} (restart backoff)"
+        )
+    b.phase("Suspended", message)
+    b.cond(CONDITION_SUSPENDED, "True", "SuspendedBySpec", "spec.suspend is true")
+    b.clear(CONDITION_RUNNING, "Suspended")
+    b.clear(CONDITION_QUEUED, "Suspended")
+    status.workers_ready = 0
+    requeue = (due - now).total_seconds() if due is not None else None
+    delete = job.name if job is not None and not job.deleting else None
+    return b.done(delete_job=delete, requeue_after=requeue)
 
 
 def _job_deadline(job: JobObservation, due: datetime.datetime | None) -> int | None:
@@ -608,8 +719,14 @@ def _on_failure(b: _Builder, inputs: TrainingInputs, job: JobObservation) -> Tra
     from_job = failure_from_job(job)
     if failure.exit_code is None and from_job.exit_code is not None:
         failure = from_job
+    # recordedAt: when trimtab saw it, which is what a right-sizing pass is compared with
+    # (`oom_unanswered`); the kubelet's time of the kill can be well before.
     failure = failure.model_copy(
-        update={"restart": status.restarts, "time": failure.time or b.now_text}
+        update={
+            "restart": status.restarts,
+            "time": failure.time or b.now_text,
+            "recorded_at": b.now_text,
+        }
     )
     status.last_failure = failure
     status.workers_ready = 0

@@ -25,7 +25,7 @@ from trimtab.api.trainingjob import (
     TrainingJobSpec,
     TrainingJobStatus,
 )
-from trimtab.builders.common import Manifest, Owner, claim_problem, merge_patch, object_meta
+from trimtab.builders.common import Owner, claim_problem, merge_patch, object_meta
 from trimtab.builders.training import (
     COMPONENT,
     LABEL_RESTART,
@@ -46,6 +46,7 @@ from trimtab.decisions.training import (
     first_worker_failure,
     format_time,
     parse_time,
+    starts_over,
 )
 from trimtab.kube.client import KubeClient, KubeError
 from trimtab.kube.resources import JOBS, PODGROUPS, PODS, SERVICES, TRAININGJOBS, Resource
@@ -229,9 +230,22 @@ async def sync_trainingjob(
         )
         raw_job = None
     job = JobObservation.from_manifest(raw_job) if raw_job is not None else None
+    # This step may create the attempt's Job: none exists, and the job is not finished (or is
+    # about to start over, its spec fixed), so the checks below run on that very step.
+    may_create = (
+        raw_job is None
+        and not problems
+        and (status.phase not in TERMINAL_PHASES or starts_over(status, generation))
+    )
+    earlier_jobs: tuple[JobObservation, ...] = ()
+    earlier_pods: tuple[str, ...] = ()
+    if may_create:
+        # The next attempt waits until the last one's workers have stopped writing the
+        # checkpoint it resumes from (decide_training: previous_attempt_gone).
+        earlier_jobs, earlier_pods = await _earlier_attempts(kube, owner, status.restarts)
     # An attempt's Job is created only with its Service (and PodGroup): first make sure the
     # name is ours, and that the PodGroup API is there to gang-schedule it.
-    if raw_job is None and not blocked and not problems and status.phase not in TERMINAL_PHASES:
+    if may_create and not blocked:
         service = build_service(owner, spec)
         blocked = claim_problem(
             service, await kube.get(SERVICES, namespace, service["metadata"]["name"])
@@ -244,7 +258,18 @@ async def sync_trainingjob(
         failure = first_worker_failure(pods)
 
     decision = decide_training(
-        TrainingInputs(spec, status, job, failure, now, generation, tuple(problems), blocked)
+        TrainingInputs(
+            spec,
+            status,
+            job,
+            failure,
+            now,
+            generation,
+            tuple(problems),
+            blocked,
+            earlier_jobs=earlier_jobs,
+            earlier_pods=earlier_pods,
+        )
     )
     new_status = decision.status
     if metrics is not None and new_status.phase == "Running" and job is not None:
@@ -266,7 +291,7 @@ async def sync_trainingjob(
     try:
         await _act(kube, owner, effective_training_spec(spec, current_status), decision, logger)
     except KubeError as err:
-        if not (err.invalid or err.status == 400):
+        if not err.rejected:
             raise
         # The API server refused an object built from the spec (a value the CRD schema let
         # through, such as a node selector value that is not a label value): retrying would
@@ -307,6 +332,10 @@ async def _write_invalid(
     status.phase = "Failed"
     status.message = message
     status.observed_generation = generation
+    # Failed is finished: the TTL clean-up counts from here (the Service and PodGroup applied
+    # before a refused Job are deleted then too).
+    status.completion_time = status.completion_time or format_time(now)
+    status.next_restart_time = None
     status.conditions = set_condition(
         status.conditions, "Failed", "True", "InvalidSpec", message, format_time(now), generation
     )
@@ -329,18 +358,14 @@ async def _act(
 ) -> None:
     restarts = decision.status.restarts
     if decision.delete_job is not None:
+        # Foreground: the Job stays until its pods are gone, which is what the next attempt
+        # waits for (decide_training creates it only once no earlier Job is left).
         await _delete_owned(kube, JOBS, owner, decision.delete_job, "Foreground")
-        if spec.scheduling.gang.enabled:
-            await _delete_owned(kube, PODGROUPS, owner, decision.delete_job)
+        # Its PodGroup (named alike), even if gang was turned off since that attempt; a GET
+        # finds none where the API is not served.
+        await _delete_owned(kube, PODGROUPS, owner, decision.delete_job)
         logger.info("deleted Job %s", decision.delete_job)
     if decision.create_job:
-        # An earlier attempt left behind (the operator stopped between status and delete).
-        for old in await _owned_jobs(kube, owner):
-            label = (old["metadata"].get("labels") or {}).get(LABEL_RESTART, "")
-            if label.isdigit() and int(label) < restarts:
-                await _delete_owned(kube, JOBS, owner, old["metadata"]["name"], "Foreground")
-                # Its PodGroup (named alike); a GET finds none where the API is not served.
-                await _delete_owned(kube, PODGROUPS, owner, old["metadata"]["name"])
         attempt = build_attempt(owner, spec, restarts, decision.active_deadline_seconds)
         await kube.apply(attempt.service)
         if attempt.podgroup is not None:
@@ -388,9 +413,31 @@ async def _podgroups_missing(kube: KubeClient) -> str | None:
     )
 
 
-async def _owned_jobs(kube: KubeClient, owner: Owner) -> list[Manifest]:
+def _attempt_of(obj: Mapping[str, Any]) -> int | None:
+    label = ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_RESTART, "")
+    return int(label) if str(label).isdigit() else None
+
+
+async def _earlier_attempts(
+    kube: KubeClient, owner: Owner, restarts: int
+) -> tuple[tuple[JobObservation, ...], tuple[str, ...]]:
+    """What is left before attempt `restarts` is created (its Job does not exist): this
+    TrainingJob's Jobs of earlier attempts, and the worker pods of any earlier Job that have not
+    stopped, this attempt's included (a Job deleted without Foreground propagation leaves its
+    pods stopping). Pods are matched by trimtab's labels: their owner is their Job, maybe gone."""
     labels = {C.LABEL_MANAGED_BY: C.MANAGED_BY, C.LABEL_OWNER: owner.name}
-    return [j for j in await kube.list(JOBS, owner.namespace, labels) if owned_by(j, owner)]
+    jobs: list[JobObservation] = []
+    for raw in await kube.list(JOBS, owner.namespace, labels):
+        attempt = _attempt_of(raw)
+        if owned_by(raw, owner) and attempt is not None and attempt < restarts:
+            jobs.append(JobObservation.from_manifest(raw))
+    pods: list[str] = []
+    for pod in await kube.list(PODS, owner.namespace, {**labels, C.LABEL_COMPONENT: COMPONENT}):
+        attempt = _attempt_of(pod)
+        stopped = (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+        if attempt is not None and attempt <= restarts and not stopped:
+            pods.append(str(pod["metadata"]["name"]))
+    return tuple(jobs), tuple(pods)
 
 
 async def _delete_owned(
@@ -434,16 +481,29 @@ def diagnosis_queries(namespace: str, job: str, window_seconds: int) -> dict[str
     """PromQL for a Job's workers: mean GPU utilization (0..1), from dcgm-exporter or else
     trimtab's GPU agent, and peak GPU memory used over total (0..1), from dcgm-exporter only
     (the agent exports memory used but not the device's total)."""
-    sel = f"namespace={json.dumps(namespace)},pod=~{json.dumps(job_pod_regex(job))}"
+    pods = json.dumps(job_pod_regex(job))
+    sel = f"namespace={json.dumps(namespace)},pod=~{pods}"
+    # dcgm-exporter is a DaemonSet: scraped with honorLabels false (prometheus-operator's and
+    # its chart's default), its pod labels are renamed exported_* and namespace/pod name the
+    # exporter. Either spelling is read, as right-sizing does (metrics/usage.py).
+    exported = f"exported_namespace={json.dumps(namespace)},exported_pod=~{pods}"
     w = f"{window_seconds}s"
+
+    def dcgm_util(labels: str) -> str:
+        return f"avg(avg_over_time(DCGM_FI_DEV_GPU_UTIL{{{labels}}}[{w}]))"
+
     util = (
-        f"avg(avg_over_time(DCGM_FI_DEV_GPU_UTIL{{{sel}}}[{w}])) / 100"
+        f"({dcgm_util(sel)} or {dcgm_util(exported)}) / 100"
         f" or avg(avg_over_time(trimtab_gpu_utilization_ratio{{{sel}}}[{w}]))"
     )
+
     # used + free is the device's memory, so peak used over (peak used + least free) is the
     # peak share used, with no subquery (whose aligned steps would miss short peaks).
-    used = f"max_over_time(DCGM_FI_DEV_FB_USED{{{sel}}}[{w}])"
-    memory = f"max({used} / ({used} + min_over_time(DCGM_FI_DEV_FB_FREE{{{sel}}}[{w}])))"
+    def dcgm_memory(labels: str) -> str:
+        used = f"max_over_time(DCGM_FI_DEV_FB_USED{{{labels}}}[{w}])"
+        return f"max({used} / ({used} + min_over_time(DCGM_FI_DEV_FB_FREE{{{labels}}}[{w}])))"
+
+    memory = f"{dcgm_memory(sel)} or {dcgm_memory(exported)}"
     return {"gpuUtilization": util, "memoryUsedRatio": memory}
 
 
