@@ -5,7 +5,8 @@ arrives."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,25 @@ async def recorder() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
         seen.append(dict(request.headers))
         return web.json_response({})
 
+    async with serve(answer) as url:
+        yield url, seen
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """An HTTP server on 127.0.0.1 (a free port) where `handler` answers every request; its
+    base URL."""
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
+    app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # started above
     try:
-        yield f"http://127.0.0.1:{port}", seen
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
 

@@ -262,6 +262,7 @@ async def test_peering_without_its_crd_exits_naming_what_to_install(
     traceback, and the pod restarts until it is there."""
     from aiohttp import web
 
+    from tests.test_kube_client_auth import serve
     from trimtab.__main__ import _ensure_peering
 
     seen: list[tuple[str, str]] = []
@@ -274,20 +275,11 @@ async def test_peering_without_its_crd_exits_naming_what_to_install(
             status=404,
         )  # fmt: skip
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", not_served)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        host, port = runner.addresses[0][:2]
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path / "kc", f"http://{host}:{port}")))
+    async with serve(not_served) as url:
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path / "kc", url)))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         with pytest.raises(SystemExit) as exited:
             await _ensure_peering("trimtab", namespace)
-    finally:
-        await runner.cleanup()
     assert seen == [("POST", path)]
     message = str(exited.value)
     assert said in message and "could not find the requested resource" in message

@@ -46,20 +46,25 @@ def targets(exporters: list[MetricsExporter], job: str = "llama-r0") -> list[Pod
     ]
 
 
-async def diagnosis_when_ready(provider: PrometheusProvider, want_memory: bool) -> Diagnosis:
-    """Poll until both workers' samples are queryable (the first scrape takes ~5 s)."""
+async def diagnosis_when_ready(url: str, want_memory: bool) -> Diagnosis:
+    """The diagnosis read from the Prometheus at `url`, once both workers' samples are
+    queryable (the first scrape takes ~5 s; at most 30 s)."""
+    provider = PrometheusProvider(url)
     deadline = time.monotonic() + 30
-    while True:
-        status = TrainingJobStatus(phase="Running")
-        await _refresh_diagnosis(provider, "ml", "llama-r0", status, NOW, LOG)
-        d = status.diagnosis
-        assert d is not None
-        ready = d.gpu_utilization is not None and (
-            not want_memory or d.memory_used_ratio is not None
-        )
-        if ready or time.monotonic() > deadline:
-            return d
-        time.sleep(0.3)
+    try:
+        while True:
+            status = TrainingJobStatus(phase="Running")
+            await _refresh_diagnosis(provider, "ml", "llama-r0", status, NOW, LOG)
+            d = status.diagnosis
+            assert d is not None
+            ready = d.gpu_utilization is not None and (
+                not want_memory or d.memory_used_ratio is not None
+            )
+            if ready or time.monotonic() > deadline:
+                return d
+            time.sleep(0.3)
+    finally:
+        await provider.close()
 
 
 async def test_dcgm_metrics_give_input_bound_and_memory_headroom(
@@ -77,11 +82,7 @@ async def test_dcgm_metrics_give_input_bound_and_memory_headroom(
     other.set_gauge("DCGM_FI_DEV_GPU_UTIL", 100.0, gpu="0")
     server = prometheus_server([*targets(workers), *targets([other], job="other-r0")])
     server.wait_for_scrapes()
-    provider = PrometheusProvider(server.url)
-    try:
-        d = await diagnosis_when_ready(provider, want_memory=True)
-    finally:
-        await provider.close()
+    d = await diagnosis_when_ready(server.url, want_memory=True)
     assert d.gpu_utilization == pytest.approx(0.23, abs=1e-6)
     assert d.memory_used_ratio == pytest.approx(0.25, abs=1e-6)
     assert d.message == (
@@ -117,11 +118,7 @@ async def test_dcgm_exporter_daemonset_read_through_its_renamed_labels(
                        labels={"trimtab.io/owner": "dcgm-exporter"})  # fmt: skip
     server = prometheus_server([target])
     server.wait_for_scrapes()
-    provider = PrometheusProvider(server.url)
-    try:
-        d = await diagnosis_when_ready(provider, want_memory=True)
-    finally:
-        await provider.close()
+    d = await diagnosis_when_ready(server.url, want_memory=True)
     stored = server.query('DCGM_FI_DEV_GPU_UTIL{exported_pod="llama-r0-0-abcde"}')
     assert stored and stored[0]["metric"]["pod"] == "dcgm-exporter-x1x2y"
     assert d.gpu_utilization == pytest.approx(0.23, abs=1e-6)
@@ -139,11 +136,7 @@ async def test_trimtab_agent_metrics_when_there_is_no_dcgm(
         exporter.set_gauge("trimtab_gpu_utilization_ratio", 0.92, gpu="0", container="trainer")
     server = prometheus_server(targets(workers))
     server.wait_for_scrapes()
-    provider = PrometheusProvider(server.url)
-    try:
-        d = await diagnosis_when_ready(provider, want_memory=False)
-    finally:
-        await provider.close()
+    d = await diagnosis_when_ready(server.url, want_memory=False)
     assert d.gpu_utilization == pytest.approx(0.92)
     assert d.memory_used_ratio is None
     assert d.message == "GPU-bound: GPU utilization 92% over 10 min"

@@ -296,27 +296,23 @@ def suggest_gpu_shape(
     gpus_now = current_slices // 7  # whole GPUs it has (0 on a MIG slice)
 
     if gpu_memory is not None and needed_memory > gpu_memory:
-        count = max(math.ceil(needed_memory / gpu_memory), math.ceil(needed_slices / 7))
-        if gpus_now and peak_memory <= gpu_memory * gpus_now:
+        by_memory = math.ceil(needed_memory / gpu_memory)
+        why = f"peak GPU memory {memory_text} with headroom needs {by_memory} x {model}"
+        if gpus_now and by_memory > gpus_now and peak_memory <= gpu_memory * gpus_now:
             # The peak fits the GPUs it has: a server that reserves a share of each card up
             # front (vLLM's 90%) reads close to capacity, which says nothing of needing more.
-            count = min(count, max(gpus_now, math.ceil(needed_slices / 7)))
-            if count <= gpus_now:
-                return GpuShape(
-                    kind="Whole",
-                    resource_name=WHOLE_GPU,
-                    count=count,
-                    memory=format_bytes(gpu_memory),
-                    reason=f"peak GPU memory {format_bytes(peak_memory)} fits the {gpus_now} x "
-                    f"{model} it has (a server that reserves most of a card up front reads "
-                    f"near its capacity): {count} whole GPU(s)",
-                )
+            by_memory = gpus_now
+            why = (
+                f"peak GPU memory {format_bytes(peak_memory)} fits the {gpus_now} x {model} it "
+                "has (a server that reserves most of a card up front reads near its capacity)"
+            )
+        count = max(by_memory, math.ceil(needed_slices / 7))
         return GpuShape(
             kind="Whole",
             resource_name=WHOLE_GPU,
             count=count,
             memory=format_bytes(gpu_memory),
-            reason=f"peak GPU memory {memory_text} with headroom needs {count} x {model}",
+            reason=f"{why}: {count} whole GPU(s)",
         )
     if model is not None and policy.allow_mig and not multi_gpu:
         fits = [

@@ -352,11 +352,11 @@ class _Builder:
         self.status = inputs.status.model_copy(deep=True)
         self.status.observed_generation = inputs.generation or self.status.observed_generation
         job = inputs.job
-        if job is not None and job.completions:
-            # The attempt's own count: a spec.workers edited since is the next attempt's.
-            self.status.workers = job.completions
-        elif inputs.status.phase not in TERMINAL_PHASES or self.status.workers is None:
-            self.status.workers = inputs.spec.workers
+        # The attempt's own worker count: a spec.workers edited since is the next attempt's.
+        self.workers: int = (job.completions if job is not None else None) or inputs.spec.workers
+        # A finished job, its Job gone, keeps the count it recorded.
+        if job is not None or inputs.status.phase not in TERMINAL_PHASES or not self.status.workers:
+            self.status.workers = self.workers
         self.events: list[tuple[str, str, str]] = []
 
     def cond(self, type_: str, status: ConditionStatus, reason: str, message: str = "") -> None:
@@ -555,8 +555,7 @@ def decide_training(inputs: TrainingInputs) -> TrainingDecision:
             decision = replace(decision, delete_job=job.name)
         return decision
 
-    # The attempt's own worker count (a spec.workers edited since is the next attempt's).
-    workers = job.completions if job is not None and job.completions else spec.workers
+    workers = b.workers
 
     # A Job that completed has finished the training, whatever the spec says since (a suspend
     # set after it completed must not delete it and run the attempt again).

@@ -61,30 +61,28 @@ class KubeError(Exception):
     def invalid(self) -> bool:
         return self.status == 422
 
+    def _causes(self) -> list[dict[str, Any]]:
+        """The Status' details.causes: where the API server says what went wrong when its
+        message is generic (a JSON patch that failed: "the server rejected our request due to
+        an error in our request"), each with a `reason` and a `message`."""
+        details = self.body.get("details") if isinstance(self.body, dict) else None
+        causes = details.get("causes") if isinstance(details, dict) else None
+        return [c for c in causes or [] if isinstance(c, dict)]
+
+    @property
+    def causes(self) -> list[str]:
+        """The messages of the Status' details.causes."""
+        return [str(c["message"]) for c in self._causes() if c.get("message")]
+
     @property
     def namespace_terminating(self) -> bool:
         """Refused because the namespace is being deleted (the NamespaceLifecycle admission
         plugin: "unable to create new content in namespace ... because it is being
         terminated"): everything in it goes, so there is nothing to create there."""
-        details = self.body.get("details") if isinstance(self.body, dict) else None
-        kinds = [c.get("reason") for c in (details or {}).get("causes") or []
-                 if isinstance(c, dict)] if isinstance(details, dict) else []  # fmt: skip
         return self.status == 403 and (
-            "NamespaceTerminating" in kinds or "because it is being terminated" in self.message
+            any(c.get("reason") == "NamespaceTerminating" for c in self._causes())
+            or "because it is being terminated" in self.message
         )
-
-    @property
-    def causes(self) -> list[str]:
-        """The messages of the Status' details.causes: where the API server puts what went
-        wrong when its message is generic (a JSON patch that failed: "the server rejected our
-        request due to an error in our request")."""
-        details = self.body.get("details") if isinstance(self.body, dict) else None
-        causes = details.get("causes") if isinstance(details, dict) else None
-        return [
-            str(c.get("message"))
-            for c in causes or []
-            if isinstance(c, dict) and c.get("message")
-        ]
 
     @property
     def test_failed(self) -> bool:
